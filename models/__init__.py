@@ -1,0 +1,1 @@
+"""Exporters, the packaged tiny VLM and the onnxruntime evaluation pipeline."""

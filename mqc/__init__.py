@@ -1,0 +1,1 @@
+"""mqc: quantization compiler for multimodal LLM ONNX graphs."""

@@ -1,0 +1,1 @@
+"""Custom onnxruntime operator library (CPU and CUDA) and its loader."""
