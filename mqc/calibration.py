@@ -1,0 +1,349 @@
+"""Calibration: run the float model in onnxruntime and stream statistics of the values to be quantized.
+
+The model is augmented with the tapped values as extra graph outputs and only those are requested from each run,
+so logits and KV-cache outputs are never kept. Every statistic is streaming (running maxima, a histogram that
+doubles its range when needed, a fixed-size reservoir of rows, optional Gram matrices), so memory is bounded by
+the number of taps, not by the size of the calibration set.
+
+Statistics are kept per modality. Each token row carries a modality id (0 text, 1 image) taken from the decoder's
+``modality_ids`` input; a graph without that input (a vision encoder) sees only ``default_modality``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from mqc.errors import CalibrationError
+from mqc.quantizer import qrange
+
+TEXT, IMAGE = 0, 1
+MODALITY_NAMES = {TEXT: "text", IMAGE: "image"}
+MODALITY_INPUT = "modality_ids"
+HIST_BINS = 2048
+
+FeedSource = Callable[[], Iterable[dict[str, np.ndarray]]]
+
+
+@dataclass
+class TensorStats:
+    """Streaming statistics of one tapped value for one modality, over rows of its last axis."""
+
+    channels: int
+    sample_rows: int = 64
+    rows: int = 0
+    absmax: float = 0.0
+    channel_absmax: np.ndarray = field(init=False)
+    hist: np.ndarray = field(init=False)
+    hist_range: float = 0.0
+    sample: np.ndarray = field(init=False)
+    gram: np.ndarray | None = None
+    _rng: np.random.Generator = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.channel_absmax = np.zeros(self.channels, dtype=np.float32)
+        self.hist = np.zeros(HIST_BINS, dtype=np.int64)
+        self.sample = np.zeros((0, self.channels), dtype=np.float32)
+        self._rng = np.random.default_rng(0)
+
+    def track_gram(self) -> None:
+        if self.gram is None:
+            self.gram = np.zeros((self.channels, self.channels), dtype=np.float64)
+
+    def update(self, rows: np.ndarray) -> None:
+        if rows.shape[0] == 0:
+            return
+        rows = rows.astype(np.float32, copy=False)
+        magnitude = np.abs(rows)
+        self.channel_absmax = np.maximum(self.channel_absmax, magnitude.max(axis=0))
+        batch_max = float(magnitude.max())
+        self.absmax = max(self.absmax, batch_max)
+        self._grow_histogram(batch_max)
+        if self.hist_range > 0:
+            counts, _ = np.histogram(magnitude, bins=HIST_BINS, range=(0.0, self.hist_range))
+            self.hist += counts
+        self._reservoir(rows)
+        if self.gram is not None:
+            r64 = rows.astype(np.float64)
+            self.gram += r64.T @ r64
+        self.rows += rows.shape[0]
+
+    def _grow_histogram(self, needed: float) -> None:
+        if needed <= self.hist_range:
+            return
+        if self.hist_range == 0.0:
+            self.hist_range = float(2.0 ** np.ceil(np.log2(max(needed, 1e-8))))
+            return
+        while self.hist_range < needed:
+            # Doubling the range merges bin pairs into the lower half: counts stay exact.
+            self.hist = np.concatenate([self.hist.reshape(-1, 2).sum(axis=1), np.zeros(HIST_BINS // 2, np.int64)])
+            self.hist_range *= 2.0
+
+    def _reservoir(self, rows: np.ndarray) -> None:
+        """Reservoir sampling (vectorised): every row seen so far is kept with equal probability."""
+        free = self.sample_rows - self.sample.shape[0]
+        if free > 0:
+            self.sample = np.concatenate([self.sample, rows[:free]])
+        rest = rows[max(free, 0) :]
+        if rest.shape[0] == 0:
+            return
+        seen = self.rows + max(free, 0) + np.arange(rest.shape[0])
+        slots = (self._rng.random(rest.shape[0]) * (seen + 1)).astype(np.int64)
+        keep = slots < self.sample_rows
+        self.sample[slots[keep]] = rest[keep]
+
+    def merged(self, other: TensorStats) -> TensorStats:
+        """Statistics of the union of both row sets (used for one shared scale across modalities)."""
+        out = TensorStats(self.channels, self.sample_rows)
+        out.rows = self.rows + other.rows
+        out.absmax = max(self.absmax, other.absmax)
+        out.channel_absmax = np.maximum(self.channel_absmax, other.channel_absmax)
+        out.hist_range = max(self.hist_range, other.hist_range)
+        out.hist = _rebin(self, out.hist_range) + _rebin(other, out.hist_range)
+        out.sample = np.concatenate([self.sample, other.sample])[: 2 * self.sample_rows]
+        if self.gram is not None and other.gram is not None:
+            out.gram = self.gram + other.gram
+        return out
+
+    def clip_value(self, method: str, bits: int = 8, percentile: float = 99.99) -> float:
+        """The absolute clipping bound for a static symmetric scale: minmax, percentile or mse."""
+        if self.rows == 0 or self.absmax == 0.0:
+            return 0.0
+        if method == "minmax":
+            return self.absmax
+        centers = (np.arange(HIST_BINS) + 0.5) * (self.hist_range / HIST_BINS)
+        if method == "percentile":
+            cdf = np.cumsum(self.hist) / max(self.hist.sum(), 1)
+            index = int(np.searchsorted(cdf, percentile / 100.0))
+            return float(min(self.absmax, (index + 1) * self.hist_range / HIST_BINS))
+        if method == "mse":
+            return _mse_optimal_clip(self.hist, centers, self.absmax, bits)
+        raise ValueError(f"unknown activation calibration method {method!r}")
+
+
+def _rebin(stats: TensorStats, target_range: float) -> np.ndarray:
+    if stats.hist_range == 0.0:
+        return np.zeros(HIST_BINS, np.int64)
+    hist = stats.hist
+    current = stats.hist_range
+    while current < target_range:
+        hist = np.concatenate([hist.reshape(-1, 2).sum(axis=1), np.zeros(HIST_BINS // 2, np.int64)])
+        current *= 2.0
+    return hist
+
+
+def _mse_optimal_clip(hist: np.ndarray, centers: np.ndarray, absmax: float, bits: int, steps: int = 100) -> float:
+    """Clip bound minimising the expected squared error of rounding plus clipping, from the |x| histogram."""
+    qmax = qrange(bits)[1]
+    best_clip, best_err = absmax, np.inf
+    for step in range(steps):
+        clip = absmax * (1.0 - 0.7 * step / steps)
+        scale = clip / qmax
+        dequant = np.minimum(np.rint(centers / scale), qmax) * scale
+        err = float(np.sum(hist * (centers - dequant) ** 2))
+        if err < best_err:
+            best_clip, best_err = clip, err
+    return float(best_clip)
+
+
+@dataclass
+class TapStats:
+    """Per-modality statistics of one tapped value."""
+
+    name: str
+    by_modality: dict[int, TensorStats]
+
+    def combined(self) -> TensorStats:
+        stats = list(self.by_modality.values())
+        out = stats[0]
+        for other in stats[1:]:
+            out = out.merged(other)
+        return out
+
+    def modality(self, modality: int) -> TensorStats | None:
+        stats = self.by_modality.get(modality)
+        return stats if stats is not None and stats.rows > 0 else None
+
+
+def _row_modalities(feed: dict[str, np.ndarray], rows_shape: tuple[int, ...], default: int) -> np.ndarray:
+    ids = feed.get(MODALITY_INPUT)
+    if ids is not None and tuple(ids.shape) == tuple(rows_shape):
+        return ids.reshape(-1).astype(np.int64)
+    return np.full(int(np.prod(rows_shape)), default, dtype=np.int64)
+
+
+class Calibrator:
+    """Runs a model over feeds and collects :class:`TapStats` for the named values."""
+
+    def __init__(
+        self,
+        model: ir.Model,
+        taps: Sequence[str],
+        default_modality: int = TEXT,
+        gram_taps: Sequence[str] = (),
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+    ) -> None:
+        self.model = model
+        self.taps = list(dict.fromkeys(taps))
+        self.gram_taps = set(gram_taps)
+        self.default_modality = default_modality
+        self.providers = list(providers)
+
+    def run(self, feeds: Iterable[dict[str, np.ndarray]], progress: Callable[[], None] | None = None) -> dict[str, TapStats]:
+        from mqc.ir import temporary_model_file
+        from mqc.session import open_session
+
+        values = {v.name: v for v in _all_values(self.model.graph)}
+        missing = [t for t in self.taps if t not in values]
+        if missing:
+            raise CalibrationError(f"values to calibrate not found in the graph: {missing[:5]}")
+        added = [values[t] for t in self.taps if values[t] not in self.model.graph.outputs]
+        self.model.graph.outputs.extend(added)
+        try:
+            with temporary_model_file(self.model) as path:
+                session = open_session(path, self.providers, optimization_level="basic")
+        finally:
+            for value in added:
+                self.model.graph.outputs.remove(value)
+        stats: dict[str, TapStats] = {}
+        input_names = {i.name for i in session.get_inputs()}
+        for feed in feeds:
+            run_feed = {k: v for k, v in feed.items() if k in input_names}
+            outputs = session.run(self.taps, run_feed)
+            for name, array in zip(self.taps, outputs, strict=True):
+                self._accumulate(stats, name, array, feed)
+            if progress is not None:
+                progress()
+        return stats
+
+    def _accumulate(self, stats: dict[str, TapStats], name: str, array: np.ndarray, feed: dict[str, np.ndarray]) -> None:
+        if array.ndim == 0:
+            return
+        channels = array.shape[-1]
+        rows = array.reshape(-1, channels)
+        modalities = _row_modalities(feed, array.shape[:-1], self.default_modality)
+        tap = stats.setdefault(name, TapStats(name, {}))
+        for modality in np.unique(modalities):
+            entry = tap.by_modality.get(int(modality))
+            if entry is None:
+                entry = tap.by_modality[int(modality)] = TensorStats(channels)
+                if name in self.gram_taps:
+                    entry.track_gram()
+            entry.update(rows[modalities == modality])
+
+
+def _all_values(graph: ir.Graph) -> Iterator[ir.Value]:
+    yield from graph.inputs
+    for node in graph:
+        yield from node.outputs
+
+
+# ---------------------------------------------------------------------------------------------- calibration data
+
+
+def _dim(dim: object, default: int) -> int:
+    return dim if isinstance(dim, int) else default
+
+
+def random_feeds(model: ir.Model, num_samples: int, seed: int = 0, seq_len: int = 16) -> list[dict[str, np.ndarray]]:
+    """Synthetic feeds built from the graph's inputs, for graphs that come without calibration data.
+
+    Naming conventions of exported decoders are honoured: ``attention_mask`` is all ones over past + sequence,
+    ``position_ids`` count from 0, past key/value inputs are empty, ``modality_ids`` marks the first half of the
+    sequence as image tokens in every other sample, and integer ``input_ids`` stay below the embedding table size.
+    """
+    rng = np.random.default_rng(seed)
+    vocab = _embedding_rows(model)
+    feeds = []
+    for index in range(num_samples):
+        feed: dict[str, np.ndarray] = {}
+        for value in model.graph.inputs:
+            name = value.name or ""
+            dims = list(value.shape.dims) if value.shape is not None else []
+            dtype = value.dtype.numpy() if value.dtype is not None else np.float32
+            if "past" in name and len(dims) == 4:
+                shape = (_dim(dims[0], 1), _dim(dims[1], 1), 0, _dim(dims[3], 1))
+                feed[name] = np.zeros(shape, dtype=dtype)
+                continue
+            shape = tuple(_dim(d, 1 if i == 0 else seq_len) for i, d in enumerate(dims))
+            if name == "attention_mask":
+                feed[name] = np.ones(shape, dtype=dtype)
+            elif name == "position_ids":
+                feed[name] = np.broadcast_to(np.arange(shape[-1], dtype=dtype), shape).copy()
+            elif name == MODALITY_INPUT:
+                ids = np.zeros(shape, dtype=dtype)
+                if index % 2 == 1:
+                    ids[..., : shape[-1] // 2] = IMAGE
+                feed[name] = ids
+            elif np.issubdtype(dtype, np.integer):
+                feed[name] = rng.integers(0, vocab or 2, size=shape).astype(dtype)
+            elif dtype == np.bool_:
+                feed[name] = np.ones(shape, dtype=np.bool_)
+            else:
+                feed[name] = rng.standard_normal(shape).astype(dtype)
+        feeds.append(feed)
+    return feeds
+
+
+def _embedding_rows(model: ir.Model) -> int | None:
+    for node in model.graph:
+        if node.op_type == "Gather" and node.inputs[0] is not None and node.inputs[0].const_value is not None:
+            return int(node.inputs[0].shape[0])
+    return None
+
+
+def load_feeds(path: str | Path, model: ir.Model) -> list[dict[str, np.ndarray]]:
+    """Calibration samples from an ``.npz`` file (one sample) or a folder of them, checked against the graph.
+
+    Each archive maps graph input names to arrays. Missing past key/value inputs are filled with empty tensors
+    (prefill), anything else missing, unknown, or of the wrong type or rank is an error naming the input.
+    """
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.npz"))
+        if not files:
+            raise CalibrationError(f"no .npz calibration samples in {path}")
+    elif path.exists():
+        files = [path]
+    else:
+        raise CalibrationError(f"calibration data not found: {path}")
+    feeds = []
+    for file in files:
+        try:
+            with np.load(file, allow_pickle=False) as archive:
+                feed = {key: archive[key] for key in archive.files}
+        except Exception as exc:
+            raise CalibrationError(f"cannot read calibration sample {file}: {exc}") from exc
+        feeds.append(check_feed(feed, model, str(file)))
+    return feeds
+
+
+def check_feed(feed: dict[str, np.ndarray], model: ir.Model, origin: str) -> dict[str, np.ndarray]:
+    inputs = {v.name: v for v in model.graph.inputs}
+    unknown = sorted(set(feed) - set(inputs))
+    if unknown:
+        raise CalibrationError(f"{origin}: {unknown} are not inputs of the model (inputs: {sorted(inputs)})")
+    out = dict(feed)
+    for name, value in inputs.items():
+        dims = list(value.shape.dims) if value.shape is not None else None
+        expected = value.dtype.numpy() if value.dtype is not None else None
+        if name not in out:
+            if "past" in name and dims is not None and len(dims) == 4:
+                batch = next(iter(feed.values())).shape[0] if feed else 1
+                out[name] = np.zeros((batch, _dim(dims[1], 1), 0, _dim(dims[3], 1)), dtype=expected)
+                continue
+            raise CalibrationError(f"{origin}: calibration data lacks model input {name!r}")
+        array = out[name]
+        if expected is not None and array.dtype != expected:
+            raise CalibrationError(f"{origin}: input {name!r} is {array.dtype}, the model expects {expected}")
+        if dims is not None and array.ndim != len(dims):
+            raise CalibrationError(f"{origin}: input {name!r} has rank {array.ndim}, the model expects {len(dims)}")
+        if dims is not None:
+            for axis, (got, want) in enumerate(zip(array.shape, dims, strict=True)):
+                if isinstance(want, int) and got != want:
+                    raise CalibrationError(f"{origin}: input {name!r} axis {axis} is {got}, the model expects {want}")
+    return out

@@ -1,0 +1,160 @@
+"""The ``mqc`` command line: compile, explain, recipes, export, eval and demo."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+from mqc.errors import MqcError
+
+console = Console(stderr=True)
+
+
+class MqcGroup(click.Group):
+    """Turns every :class:`MqcError` into one line on stderr and exit code 2 (a traceback only with --debug)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except MqcError as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+            sys.exit(exc.exit_code)
+
+
+def progress_bar() -> Progress:
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console, transient=True)
+
+
+@click.group(cls=MqcGroup)
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """mqc: a compiler that statically quantizes multimodal LLM ONNX graphs for onnxruntime."""
+    ctx.obj = {"debug": debug}
+
+
+@main.command("compile")
+@click.argument("model")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Compiled .onnx file or directory.")
+@click.option("--recipe", default="w8a8", show_default=True, help="Recipe name (see `mqc recipes`) or a recipe .json file.")
+@click.option("--calib", type=click.Path(path_type=Path), help="Calibration samples: an .npz or a folder of .npz (single-file input).")
+@click.option("--samples", default=32, show_default=True, help="Calibration samples to use.")
+@click.option("--format", "fmt", type=click.Choice(["qdq", "mqc"]), default="qdq", show_default=True,
+              help="qdq: standard ONNX ops; mqc: the project's runtime-ops library.")
+@click.option("--exclude", multiple=True, help="Regex of layer names to keep in float (repeatable).")
+@click.option("--verify", is_flag=True, help="Check every function-preserving pass numerically in onnxruntime.")
+@click.option("--verify-rtol", default=1e-4, show_default=True, help="Allowed relative output drift under --verify.")
+def compile_command(model: str, output: Path, recipe: str, calib: Path | None, samples: int, fmt: str,
+                    exclude: tuple[str, ...], verify: bool, verify_rtol: float) -> None:
+    """Compile MODEL (an .onnx file, a model directory or a packaged model name) into OUTPUT."""
+    from mqc.compiler import compile as compile_model
+
+    with progress_bar() as progress:
+        result = compile_model(model, output, recipe, calib=calib, num_samples=samples, fmt=fmt, exclude=exclude,
+                               verify=verify, verify_rtol=verify_rtol, progress=progress)
+    reports = result if isinstance(result, dict) else {Path(model).name: result}
+    for name, report in reports.items():
+        _summary(name, report)
+    console.print(f"[green]wrote[/green] {output}")
+
+
+def _summary(name: str, report) -> None:
+    rows = report.layer_table()
+    sqnr = [r["sqnr_db"] for r in rows if isinstance(r.get("sqnr_db"), float)]
+    skipped = sum(len(p.skipped) for p in report.passes)
+    verified = [p for p in report.passes if p.verify is not None]
+    line = (f"[bold]{name}[/bold]: {report.recipe} ({report.format}) in {report.seconds:.1f}s, "
+            f"{len(rows)} layers quantized, {skipped} skipped")
+    if sqnr:
+        line += f", output SQNR median {sorted(sqnr)[len(sqnr) // 2]:.1f} dB (min {min(sqnr):.1f})"
+    if verified:
+        worst = max(p.verify["max_rel"] for p in verified)
+        line += f", {len(verified)} passes verified (max drift {worst:.1e})"
+    console.print(line)
+
+
+@main.command()
+@click.argument("target", type=str)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--recipe", help="Dry run: apply this recipe to a float model in memory and explain it.")
+@click.option("--calib", type=click.Path(path_type=Path), help="Calibration samples for a dry run.")
+def explain(target: str, as_json: bool, recipe: str | None, calib: Path | None) -> None:
+    """Explain what each pass did to TARGET (a compiled .onnx or compiled model directory)."""
+    from mqc.compiler import compile_file, is_model_dir
+    from mqc.errors import InputModelError
+    from mqc.explain import render, to_json
+    from mqc.ir import load_model
+    from mqc.report import read_report
+
+    path = Path(target)
+    reports = {}
+    if recipe is not None:
+        with progress_bar() as progress:
+            reports[path.name] = compile_file(path, path.with_suffix(".dry-run.onnx"), recipe, calib=calib,
+                                              progress=progress, write=False)
+    else:
+        files = [path]
+        if is_model_dir(path):
+            manifest = json.loads((path / "manifest.json").read_text())
+            files = [path / f for f in manifest.get("components", {}).values()]
+        for file in files:
+            load_model(file)  # one clear error for a missing or broken file
+            report = read_report(str(file))
+            if report is not None:
+                reports[file.name] = report
+        if not reports:
+            raise InputModelError(f"{target} was not compiled by mqc (no report in its metadata); "
+                                  "use --recipe NAME for a dry run on a float model")
+    if as_json:
+        click.echo(to_json(reports))
+        return
+    out = Console(width=None if sys.stdout.isatty() else 200)
+    for name, report in reports.items():
+        render(report, out, title=name)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+def recipes(as_json: bool) -> None:
+    """List the built-in recipes and their passes."""
+    from mqc.recipes import builtin_recipes
+
+    all_recipes = builtin_recipes()
+    if as_json:
+        click.echo(json.dumps({n: {"description": r.description, "passes": r.passes} for n, r in all_recipes.items()}, indent=2))
+        return
+    out = Console()
+    for recipe in all_recipes.values():
+        out.print(f"[bold cyan]{recipe.name}[/bold cyan]: {recipe.description}")
+        for step in recipe.passes:
+            params = ", ".join(f"{k}={v}" for k, v in step.items() if k != "pass")
+            out.print(f"    {step['pass']}" + (f" ({params})" if params else ""))
+
+
+def _register_model_commands() -> None:
+    try:
+        from mqc.models import commands
+    except ImportError:  # the models package is optional at import time of the compiler
+        return
+    for name in ("export", "eval", "demo"):
+        command = getattr(commands, f"{name}_command", None)
+        if command is not None:
+            main.add_command(command, name)
+
+
+_register_model_commands()

@@ -1,0 +1,205 @@
+"""Pass infrastructure: the compile context, the pass base classes and the manager that runs a recipe.
+
+Passes are ``onnx_ir`` in-place passes with one job each. A pass that must not change what the model computes
+declares ``function_preserving = True``; with ``--verify`` the manager runs the float model before and after such a
+pass in onnxruntime on fixed inputs and stops with an error when any output drifts beyond the tolerance (the idea
+of LLVM's ``-verify-each``). Everything a pass decides goes into its :class:`~mqc.report.PassRecord`.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript.rewriter import pattern
+from onnxscript.rewriter._basics import MatchingTracer, MatchStatus
+
+from mqc.calibration import TEXT, Calibrator, TapStats
+from mqc.errors import VerificationError
+from mqc.model_map import ModelMap, build_model_map
+from mqc.report import PassRecord
+
+#: Relative output drift (max |a - b| / max |a|) a function-preserving pass may cause in fp32.
+DEFAULT_VERIFY_RTOL = 1e-4
+
+
+class CompileContext:
+    """What passes share during one compile: calibration data, statistics, options and the model map cache."""
+
+    def __init__(
+        self,
+        feeds: Callable[[], Iterable[dict[str, np.ndarray]]],
+        *,
+        verify: bool = False,
+        verify_rtol: float = DEFAULT_VERIFY_RTOL,
+        verify_samples: int = 2,
+        default_modality: int = TEXT,
+        exclude: Sequence[str] = (),
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+        progress: Any = None,
+    ) -> None:
+        self._feeds = feeds
+        self.verify = verify
+        self.verify_rtol = verify_rtol
+        self.verify_samples = verify_samples
+        self.default_modality = default_modality
+        self.exclude = [re.compile(p) for p in exclude]
+        self.providers = list(providers)
+        self.progress = progress
+        self._map: ModelMap | None = None
+        self._verify_feeds: list[dict[str, np.ndarray]] | None = None
+        self.num_samples: int | None = None
+
+    def feeds(self) -> Iterable[dict[str, np.ndarray]]:
+        return self._feeds()
+
+    def excluded(self, name: str) -> bool:
+        return any(p.search(name) for p in self.exclude)
+
+    def model_map(self, model: ir.Model) -> ModelMap:
+        if self._map is None:
+            self._map = build_model_map(model)
+        return self._map
+
+    def invalidate(self) -> None:
+        self._map = None
+
+    def calibrate(self, model: ir.Model, taps: Sequence[str], gram_taps: Sequence[str] = (), label: str = "calibrating") -> dict[str, TapStats]:
+        """Stream the calibration set through the current model and return statistics for ``taps``."""
+        calibrator = Calibrator(model, taps, self.default_modality, gram_taps, self.providers)
+        task = None
+        if self.progress is not None:
+            task = self.progress.add_task(label, total=self.num_samples)
+        stats = calibrator.run(self.feeds(), progress=(lambda: self.progress.advance(task)) if task is not None else None)
+        if task is not None:
+            self.progress.remove_task(task)
+        return stats
+
+    def verify_feeds(self) -> list[dict[str, np.ndarray]]:
+        if self._verify_feeds is None:
+            feeds = []
+            for feed in self.feeds():
+                feeds.append(feed)
+                if len(feeds) >= self.verify_samples:
+                    break
+            self._verify_feeds = feeds
+        return self._verify_feeds
+
+    def run_outputs(self, model: ir.Model) -> list[list[np.ndarray]]:
+        """All graph outputs of ``model`` on the verification feeds."""
+        from mqc.ir import temporary_model_file
+        from mqc.session import open_session
+
+        with temporary_model_file(model) as path:
+            session = open_session(path, self.providers, optimization_level="disable")
+            names = {i.name for i in session.get_inputs()}
+            return [session.run(None, {k: v for k, v in feed.items() if k in names}) for feed in self.verify_feeds()]
+
+
+def output_drift(before: list[list[np.ndarray]], after: list[list[np.ndarray]]) -> dict[str, float]:
+    """Largest absolute and relative (to the output's own max magnitude) difference over all outputs."""
+    max_abs = max_rel = 0.0
+    for outs_a, outs_b in zip(before, after, strict=True):
+        for a, b in zip(outs_a, outs_b, strict=True):
+            if a.shape != b.shape:
+                return {"max_abs": float("inf"), "max_rel": float("inf")}
+            if a.size == 0 or not np.issubdtype(a.dtype, np.floating):
+                continue
+            diff = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
+            scale = max(float(np.max(np.abs(a))), 1e-12)
+            max_abs = max(max_abs, diff)
+            max_rel = max(max_rel, diff / scale)
+    return {"max_abs": max_abs, "max_rel": max_rel}
+
+
+class MqcPass(ir.passes.InPlacePass):
+    """Base of every mqc pass. Subclasses set ``name``, ``function_preserving`` and implement ``run``.
+
+    ``self.context`` and ``self.record`` are attached by the :class:`PassManager` before the pass runs.
+    """
+
+    name: ClassVar[str] = ""
+    function_preserving: ClassVar[bool] = False
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__()
+        self.params = params
+        self.context: CompileContext | None = None
+        self.record = PassRecord(self.name, dict(params), self.function_preserving)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = self.run(model)
+        return ir.passes.PassResult(model, modified=bool(modified))
+
+    def run(self, model: ir.Model) -> bool:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def ctx(self) -> CompileContext:
+        assert self.context is not None, "pass used outside a PassManager"
+        return self.context
+
+
+class RewriteRulesPass(MqcPass):
+    """A pass made of onnxscript rewrite rules. Rules whose ``check`` failed are recorded as skips with the reason."""
+
+    def rules(self) -> pattern.RewriteRuleSet:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def run(self, model: ir.Model) -> bool:
+        rules = self.rules()
+        tracer = MatchingTracer()
+        rules.apply_to_model(model, tracer=tracer)  # with a tracer nothing is rewritten: this only collects why
+        for rule, matches in tracer.best_matches_map.items():
+            for match in matches:
+                if match.status == MatchStatus.CONDITION_FAILED:
+                    self.record.skip(match.root_node.name or match.root_node.op_type, f"{rule.name}: {match.match_result.reason}")
+        count = rules.apply_to_model(model)
+        self.record.matched = count + len(self.record.skipped)
+        self.record.changed = count
+        if count:
+            ir.passes.common.RemoveUnusedNodesPass()(model)
+        return count > 0
+
+
+class PassManager:
+    """Runs passes in order, verifying function-preserving ones and collecting their records."""
+
+    def __init__(self, passes: Sequence[MqcPass], context: CompileContext) -> None:
+        self.passes = list(passes)
+        self.context = context
+
+    def run(self, model: ir.Model, on_pass: Callable[[MqcPass], None] | None = None) -> list[PassRecord]:
+        ctx = self.context
+        reference: list[list[np.ndarray]] | None = None
+        records = []
+        for mqc_pass in self.passes:
+            mqc_pass.context = ctx
+            if on_pass is not None:
+                on_pass(mqc_pass)
+            checking = ctx.verify and mqc_pass.function_preserving
+            if checking and reference is None:
+                reference = ctx.run_outputs(model)
+            start = time.perf_counter()
+            result = mqc_pass(model)
+            mqc_pass.record.seconds = round(time.perf_counter() - start, 3)
+            if result.modified:
+                ctx.invalidate()
+            if checking:
+                after = ctx.run_outputs(model)
+                drift = output_drift(reference, after)
+                mqc_pass.record.verify = {**drift, "rtol": ctx.verify_rtol, "samples": len(ctx.verify_feeds())}
+                if not drift["max_rel"] <= ctx.verify_rtol:
+                    raise VerificationError(
+                        f"--verify: pass {mqc_pass.name} changed the model's outputs by {drift['max_rel']:.3g} "
+                        f"relative (max abs {drift['max_abs']:.3g}), above the tolerance {ctx.verify_rtol:g}"
+                    )
+                reference = after
+            elif result.modified:
+                reference = None
+            records.append(mqc_pass.record)
+        return records

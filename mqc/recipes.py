@@ -1,0 +1,88 @@
+"""Recipes are data: a named, ordered list of passes with parameters, shipped as JSON or read from a user file.
+
+A pass is named by its ``name`` attribute; :data:`PASS_MODULES` says which module of ``mqc.passes`` defines it, so
+listing recipes never imports heavy passes (and never torch).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from mqc.errors import RecipeError
+from mqc.pass_manager import MqcPass
+
+#: pass name -> "module:Class" inside mqc.passes
+PASS_MODULES: dict[str, str] = {
+    "upgrade_opset": "canonicalize:UpgradeOpsetPass",
+    "fuse_norms": "canonicalize:FuseNormsPass",
+    "quantize_linears": "quantize_linears:QuantizeLinearsPass",
+}
+
+
+@dataclass
+class Recipe:
+    name: str
+    description: str
+    passes: list[dict[str, Any]] = field(default_factory=list)
+
+    def instantiate(self) -> list[MqcPass]:
+        return [pass_class(step["pass"])(**{k: v for k, v in step.items() if k != "pass"}) for step in self.passes]
+
+
+def pass_class(name: str) -> type[MqcPass]:
+    try:
+        module_name, class_name = PASS_MODULES[name].split(":")
+    except KeyError:
+        raise RecipeError(f"unknown pass {name!r}; known passes: {', '.join(sorted(PASS_MODULES))}") from None
+    module = importlib.import_module(f"mqc.passes.{module_name}")
+    return getattr(module, class_name)
+
+
+def _parse(text: str, origin: str) -> Recipe:
+    try:
+        data = json.loads(text)
+        recipe = Recipe(name=data["name"], description=data.get("description", ""), passes=list(data["passes"]))
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise RecipeError(f"recipe {origin} does not parse: {exc}") from exc
+    for step in recipe.passes:
+        if not isinstance(step, dict) or "pass" not in step:
+            raise RecipeError(f"recipe {origin}: every step needs a 'pass' name, got {step!r}")
+        if step["pass"] not in PASS_MODULES:
+            raise RecipeError(f"recipe {origin}: unknown pass {step['pass']!r}; known: {', '.join(sorted(PASS_MODULES))}")
+    return recipe
+
+
+def builtin_recipes() -> dict[str, Recipe]:
+    folder = resources.files("mqc") / "recipes"
+    recipes = {}
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".json"):
+            recipe = _parse(entry.read_text(), entry.name)
+            recipes[recipe.name] = recipe
+    return recipes
+
+
+def load_recipe(name_or_path: str) -> Recipe:
+    """A built-in recipe by name, or a recipe JSON file by path."""
+    builtin = builtin_recipes()
+    if name_or_path in builtin:
+        return builtin[name_or_path]
+    path = Path(name_or_path)
+    if path.suffix == ".json" and path.is_file():
+        return _parse(path.read_text(), str(path))
+    raise RecipeError(f"unknown recipe {name_or_path!r}; built-in recipes: {', '.join(builtin)} (or pass a .json file)")
+
+
+def with_overrides(recipe: Recipe, overrides: dict[str, dict[str, Any]]) -> Recipe:
+    """A copy of ``recipe`` with pass parameters replaced, e.g. ``{"quantize_linears": {"act_method": "mse"}}``."""
+    steps = []
+    for step in recipe.passes:
+        step = dict(step)
+        step.update(overrides.get(step["pass"], {}))
+        steps.append(step)
+    return Recipe(recipe.name, recipe.description, steps)

@@ -1,0 +1,202 @@
+"""Static QDQ quantization of linear layers (the foundation's lowering; spec/algorithms.md §1).
+
+Rules:
+1. Every linear of the model map is quantized, except roles in ``skip_roles`` (``lm_head`` by default: MQuant and
+   MASQuant leave it in float), names matching ``--exclude``, and layers whose input no calibration row reached.
+   Each refusal is recorded with its reason.
+2. Activations: one static symmetric int8 scale per input value, shared by all linears that read it (q/k/v read
+   one normed value), from the calibration statistics of all modalities together, clipped by ``act_method``
+   (``minmax``, ``percentile`` or ``mse``). Emitted as ``QuantizeLinear -> DequantizeLinear`` (zero point 0).
+3. Weights: symmetric round-to-nearest, per output channel (``group_size=None``) or per group of input rows,
+   optionally with an MSE clipping search. Per-channel weights are an int8/int4 initializer in the MatMul layout
+   [in, out] with ``DequantizeLinear(axis=1)``; Gemm with ``transB`` keeps [out, in] with ``axis=0``. Per-group
+   weights are stored [out, in] and blocked along axis 1, then transposed back: the int4 axis-0 blocked layout is
+   avoided because onnxruntime's MatMulNBits fusion miscomputes it.
+4. Each quantized layer records its scales, clip ratios and output SQNR on calibration rows (per modality too).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+
+from mqc.calibration import MODALITY_NAMES, TapStats
+from mqc.errors import NothingToQuantizeError
+from mqc.ir import add_initializer, ensure_opset, remove_unused_initializers
+from mqc.model_map import Linear
+from mqc.pass_manager import MqcPass
+from mqc.quantizer import QuantizedWeight, fake_quantize, qrange, quantize_weight_rtn, sqnr_db
+
+INT_TYPES = {8: (np.int8, ir.DataType.INT8), 4: (ml_dtypes.int4, ir.DataType.INT4)}
+
+
+def int_tensor(array: np.ndarray, bits: int) -> np.ndarray:
+    return array.astype(INT_TYPES[bits][0])
+
+
+def insert_activation_qdq(graph: ir.Graph, value: ir.Value, scale: float, bits: int, readers: Sequence[ir.Node]) -> ir.Value:
+    """``DequantizeLinear(QuantizeLinear(value))`` in front of ``readers``; returns the dequantized value."""
+    base = value.name or "act"
+    scale_value = add_initializer(graph, f"{base}_act_scale", np.array(scale, dtype=np.float32))
+    zero_value = add_initializer(graph, f"{base}_act_zero", int_tensor(np.array(0), bits))
+    quant = ir.node("QuantizeLinear", [value, scale_value, zero_value], name=f"{base}/act_quant")
+    quant.outputs[0].name = f"{base}_q"
+    dequant = ir.node("DequantizeLinear", [quant.outputs[0], scale_value, zero_value], name=f"{base}/act_dequant")
+    dequant.outputs[0].name = f"{base}_dq"
+    first = min(readers, key=_position(graph))
+    graph.insert_before(first, [quant, dequant])
+    for reader in readers:
+        for index, inp in enumerate(reader.inputs):
+            if inp is value:
+                reader.replace_input_with(index, dequant.outputs[0])
+    return dequant.outputs[0]
+
+
+def _position(graph: ir.Graph):
+    order = {id(node): i for i, node in enumerate(graph)}
+    return lambda node: order[id(node)]
+
+
+def insert_weight_dequant(graph: ir.Graph, linear: Linear, qweight: QuantizedWeight) -> None:
+    """Replace the float weight of ``linear`` by an integer initializer and a DequantizeLinear."""
+    bits = qweight.bits
+    base = linear.name
+    nodes: list[ir.Node] = []
+    if qweight.group_size is None:
+        stored = qweight.q.T if linear.transposed else qweight.q
+        axis = 0 if linear.transposed else 1
+        q_value = add_initializer(graph, f"{base}.weight_q", int_tensor(stored, bits))
+        s_value = add_initializer(graph, f"{base}.weight_scale", qweight.scale.astype(np.float32))
+        z_value = add_initializer(graph, f"{base}.weight_zero", int_tensor(np.zeros_like(qweight.scale, dtype=np.int8), bits))
+        dequant = ir.node("DequantizeLinear", [q_value, s_value, z_value], attributes={"axis": axis}, name=f"{base}/weight_dequant")
+        nodes.append(dequant)
+        weight_out = dequant.outputs[0]
+    else:
+        q_value = add_initializer(graph, f"{base}.weight_q", int_tensor(qweight.q.T, bits))  # [out, in]
+        s_value = add_initializer(graph, f"{base}.weight_scale", np.ascontiguousarray(qweight.scale.T).astype(np.float32))
+        z_value = add_initializer(graph, f"{base}.weight_zero", int_tensor(np.zeros(qweight.scale.T.shape, np.int8), bits))
+        dequant = ir.node(
+            "DequantizeLinear", [q_value, s_value, z_value],
+            attributes={"axis": 1, "block_size": qweight.group_size}, name=f"{base}/weight_dequant",
+        )
+        nodes.append(dequant)
+        weight_out = dequant.outputs[0]
+        if not linear.transposed:
+            transpose = ir.node("Transpose", [weight_out], attributes={"perm": [1, 0]}, name=f"{base}/weight_t")
+            nodes.append(transpose)
+            weight_out = transpose.outputs[0]
+    weight_out.name = f"{base}.weight_dq"
+    graph.insert_before(linear.node, nodes)
+    linear.node.replace_input_with(1, weight_out)
+
+
+def layer_sqnr(linear: Linear, stats: TapStats, act_scale: float, act_bits: int, weight: np.ndarray, qweight: QuantizedWeight) -> dict[str, float]:
+    """Output SQNR of the quantized layer on the calibration rows kept for its input, overall and per modality."""
+    w_hat = qweight.dequantize()
+    bias = linear.bias.const_value.numpy() if linear.bias is not None and linear.bias.const_value is not None else 0.0
+    figures = {}
+    refs, outs = [], []
+    for modality, entry in stats.by_modality.items():
+        if entry.sample.shape[0] == 0:
+            continue
+        x = entry.sample
+        ref = x @ weight + bias
+        out = fake_quantize(x, act_scale, act_bits) @ w_hat + bias
+        figures[f"sqnr_db_{MODALITY_NAMES.get(modality, modality)}"] = round(sqnr_db(ref, out), 2)
+        refs.append(ref)
+        outs.append(out)
+    if refs:
+        figures["sqnr_db"] = round(sqnr_db(np.concatenate(refs), np.concatenate(outs)), 2)
+    return figures
+
+
+class QuantizeLinearsPass(MqcPass):
+    """Static W{4,8}A8 QDQ quantization of every linear layer with one activation scale per input value."""
+
+    name = "quantize_linears"
+
+    def __init__(
+        self,
+        weight_bits: int = 8,
+        act_bits: int = 8,
+        act_method: str = "minmax",
+        act_percentile: float = 99.99,
+        weight_mse_clip: bool = False,
+        group_size: int | None = None,
+        skip_roles: Sequence[str] = ("lm_head",),
+    ) -> None:
+        super().__init__(
+            weight_bits=weight_bits, act_bits=act_bits, act_method=act_method, act_percentile=act_percentile,
+            weight_mse_clip=weight_mse_clip, group_size=group_size, skip_roles=list(skip_roles),
+        )
+        qrange(weight_bits)
+        qrange(act_bits)
+        if act_method not in ("minmax", "percentile", "mse"):
+            raise ValueError(f"act_method must be minmax, percentile or mse, not {act_method!r}")
+        self.weight_bits = weight_bits
+        self.act_bits = act_bits
+        self.act_method = act_method
+        self.act_percentile = act_percentile
+        self.weight_mse_clip = weight_mse_clip
+        self.group_size = group_size
+        self.skip_roles = set(skip_roles)
+
+    def select(self, linears: Sequence[Linear]) -> list[Linear]:
+        selected = []
+        for lin in linears:
+            if lin.role in self.skip_roles:
+                self.record.skip(lin.name, f"role {lin.role} stays in float (skip_roles)")
+            elif self.ctx.excluded(lin.name):
+                self.record.skip(lin.name, "name matches --exclude")
+            elif self.group_size and lin.in_features % self.group_size:
+                self.record.skip(lin.name, f"input size {lin.in_features} is not a multiple of group size {self.group_size}")
+            else:
+                selected.append(lin)
+        return selected
+
+    def run(self, model: ir.Model) -> bool:
+        model_map = self.ctx.model_map(model)
+        self.record.matched = len(model_map.linears)
+        for refusal in model_map.refused:
+            self.record.skip(refusal.node, refusal.reason)
+        selected = self.select(model_map.linears)
+        if not selected:
+            raise NothingToQuantizeError("the model has no linear layer with a constant float weight to quantize")
+        readers: dict[str, list[Linear]] = {}
+        for lin in selected:
+            readers.setdefault(lin.input.name, []).append(lin)
+        stats = self.ctx.calibrate(model, list(readers), label="calibrating activations")
+        graph = model.graph
+        qmax = qrange(self.act_bits)[1]
+        changed = 0
+        for value_name, group in readers.items():
+            tap = stats.get(value_name)
+            combined = tap.combined() if tap is not None else None
+            if combined is None or combined.rows == 0 or combined.absmax == 0.0:
+                for lin in group:
+                    self.record.skip(lin.name, "no calibration data reached its input (or it is all zeros)")
+                continue
+            clip = combined.clip_value(self.act_method, self.act_bits, self.act_percentile)
+            scale = clip / qmax
+            insert_activation_qdq(graph, group[0].input, scale, self.act_bits, [lin.node for lin in group])
+            for lin in group:
+                weight = lin.weight_array()
+                qweight = quantize_weight_rtn(weight, self.weight_bits, self.group_size, self.weight_mse_clip)
+                insert_weight_dequant(graph, lin, qweight)
+                self.record.layers.append({
+                    **lin.to_dict(),
+                    "w_bits": self.weight_bits,
+                    "a_bits": self.act_bits,
+                    "act_scale": float(scale),
+                    "act_absmax": float(combined.absmax),
+                    "act_clip_ratio": round(clip / combined.absmax, 4),
+                    **layer_sqnr(lin, tap, scale, self.act_bits, weight, qweight),
+                })
+                changed += 1
+        ensure_opset(model, "", 21)
+        remove_unused_initializers(graph)
+        self.record.changed = changed
+        return changed > 0
