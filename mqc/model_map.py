@@ -282,9 +282,13 @@ def _assign_structural_roles(linears: list[Linear]) -> None:
     outputs_by_role = {id(lin.output): lin for lin in linears if lin.role in ("gate", "up")}
     for lin in linears:
         producer = lin.input.producer()
-        if lin.role == "other" and producer is not None and producer.op_type == "Mul":
-            if any(id(v) in outputs_by_role for v in producer.inputs if v is not None):
-                lin.role = "down"
+        if (
+            lin.role == "other"
+            and producer is not None
+            and producer.op_type == "Mul"
+            and any(id(v) in outputs_by_role for v in producer.inputs if v is not None)
+        ):
+            lin.role = "down"
 
 
 def _norm_epsilon(node: ir.Node) -> float:
