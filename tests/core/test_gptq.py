@@ -1,0 +1,147 @@
+"""GPTQ (mqc.gptq, spec §2.6): error feedback beats RTN, exact OBS equivalence, options, Hessian streaming."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mqc.gptq import HessianAccumulator, gptq_quantize, relative_output_error
+from mqc.quantizer import qrange, quantize, quantize_weight_rtn, scale_from_absmax
+
+
+def _correlated(k: int, n: int, t: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Activations with strongly correlated, anisotropic channels, and a random weight."""
+    rng = np.random.default_rng(seed)
+    mix = rng.standard_normal((k, k)) * np.exp(rng.standard_normal(k))[:, None]
+    x = rng.standard_normal((t, k)) @ mix / np.sqrt(k)
+    w = rng.standard_normal((k, n)) / np.sqrt(k)
+    return x, w
+
+
+def _out_err(x: np.ndarray, w: np.ndarray, approx: np.ndarray) -> float:
+    return float(np.linalg.norm(x @ w - x @ approx) / np.linalg.norm(x @ w))
+
+
+def _hessian(x: np.ndarray) -> np.ndarray:
+    acc = HessianAccumulator(x.shape[1])
+    acc.update(x)
+    return acc.hessian()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("mse_clip", [False, True])
+def test_gptq_beats_rtn_on_output_error(bits: int, mse_clip: bool) -> None:
+    x, w = _correlated(96, 64, 1024, seed=bits)
+    res = gptq_quantize(w, _hessian(x), bits, mse_clip=mse_clip)
+    rtn = quantize_weight_rtn(w, bits, mse_clip=mse_clip).dequantize()
+    gptq_err, rtn_err = _out_err(x, w, res.quantized.dequantize()), _out_err(x, w, rtn)
+    assert gptq_err < 0.6 * rtn_err  # measured ≈ 0.35× on this data
+    assert res.rel_error == pytest.approx(gptq_err, rel=1e-4)
+
+
+def test_integer_weight_in_range_and_dequantize_reproduces() -> None:
+    x, w = _correlated(64, 32, 512, seed=1)
+    for bits in (4, 8):
+        q, rel = gptq_quantize(w, _hessian(x), bits, group_size=16)
+        lo, hi = qrange(bits)
+        assert q.q.dtype == np.int8 and q.q.shape == w.shape
+        assert q.q.min() >= lo and q.q.max() <= hi
+        assert q.scale.shape == (4, 32) and q.group_size == 16
+        deq = q.dequantize()
+        np.testing.assert_array_equal(deq, q.q.astype(np.float32) * np.repeat(q.scale, 16, axis=0))
+        assert rel == pytest.approx(relative_output_error(w, deq, _hessian(x)), rel=1e-12)
+
+
+def test_per_channel_scale_is_rtn_absmax_scale_without_clip() -> None:
+    x, w = _correlated(48, 20, 256, seed=2)
+    q, _ = gptq_quantize(w, _hessian(x), 4, mse_clip=False)
+    np.testing.assert_array_equal(q.scale, scale_from_absmax(np.abs(w.astype(np.float32)).max(axis=0), 4))
+    assert q.scale.shape == (20,)
+
+
+def _reference_obs_gptq(
+    w: np.ndarray, h: np.ndarray, scale: np.ndarray, bits: int, percdamp: float
+) -> np.ndarray:
+    """Unblocked, textbook OBS form: quantize row i, then W_F −= [H_F⁻¹]_{:,i} / [H_F⁻¹]_ii · (w_i − q_i), with the
+    inverse of the remaining rows' Hessian recomputed from scratch each step (no Cholesky, no blocks)."""
+    w = w.astype(np.float64).copy()
+    h = h + percdamp * np.mean(np.diag(h)) * np.eye(len(h))
+    k = len(w)
+    out = np.zeros_like(w)
+    for i in range(k):
+        rest = np.arange(i, k)
+        hinv = np.linalg.inv(h[np.ix_(rest, rest)])
+        q = quantize(w[i], scale, bits).astype(np.float64) * scale.astype(np.float64)
+        out[i] = q
+        w[rest] -= np.outer(hinv[:, 0] / hinv[0, 0], w[i] - q)
+    return out
+
+
+@pytest.mark.parametrize("block_size", [1, 5, 128])
+def test_blocked_cholesky_gptq_equals_textbook_obs(block_size: int) -> None:
+    x, w = _correlated(24, 7, 200, seed=3)
+    h = _hessian(x)
+    res = gptq_quantize(w, h, 4, act_order=False, mse_clip=False, block_size=block_size)
+    scale = scale_from_absmax(np.abs(w.astype(np.float32)).max(axis=0), 4)
+    ref = _reference_obs_gptq(w, h, scale, 4, 0.01)
+    np.testing.assert_allclose(res.quantized.dequantize(), ref, atol=1e-6)
+
+
+def test_act_order_processes_large_diagonal_first() -> None:
+    x, w = _correlated(24, 7, 200, seed=4)
+    h = _hessian(x)
+    perm = np.argsort(-np.diag(h), kind="stable")
+    res = gptq_quantize(w, h, 4, act_order=True, mse_clip=False)
+    # Same as running the ordered problem without act_order, then un-permuting.
+    plain = gptq_quantize(w[perm], h[np.ix_(perm, perm)], 4, act_order=False, mse_clip=False)
+    np.testing.assert_array_equal(res.quantized.q, plain.quantized.q[np.argsort(perm)])
+    no_order = gptq_quantize(w, h, 4, act_order=False, mse_clip=False)
+    assert not np.array_equal(res.quantized.q, no_order.quantized.q)
+
+
+def test_groups_reduce_error() -> None:
+    x, w = _correlated(128, 48, 1024, seed=5)
+    w[:8] *= 20.0  # a few large rows make a single per-channel scale coarse
+    h = _hessian(x)
+    per_channel = gptq_quantize(w, h, 4).rel_error
+    grouped = gptq_quantize(w, h, 4, group_size=32).rel_error
+    assert grouped < per_channel
+
+
+def test_dead_inputs() -> None:
+    x, w = _correlated(32, 16, 256, seed=6)
+    x[:, [3, 17]] = 0.0  # never-firing inputs: zero Hessian row/column
+    w[3] = 100.0  # a huge weight on a dead input must not inflate the scales
+    h = _hessian(x)
+    assert h[3, 3] == 0
+    q, rel = gptq_quantize(w, h, 4, mse_clip=False)
+    assert (q.q[[3, 17]] == 0).all()
+    assert q.scale.max() < 1.0
+    assert np.isfinite(rel) and rel < 0.1
+
+
+def test_refusals() -> None:
+    w = np.ones((8, 4))
+    with pytest.raises(ValueError):
+        gptq_quantize(w, np.eye(7), 4)
+    with pytest.raises(ValueError):
+        gptq_quantize(w, np.eye(8), 4, group_size=3)
+    with pytest.raises(ValueError):
+        gptq_quantize(w, np.eye(8), 5)
+    with pytest.raises(ValueError):
+        gptq_quantize(w, -np.eye(8), 4, percdamp=0.0)
+
+
+def test_hessian_accumulator_streams_exactly() -> None:
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((3, 50, 12)).astype(np.float32)
+    acc = HessianAccumulator(12, chunk_rows=7)
+    assert acc.num_rows == 0 and not acc.hessian().any()
+    acc.update(x[0])
+    acc.update(x[1:])
+    flat = x.reshape(-1, 12).astype(np.float64)
+    assert acc.num_rows == 150
+    np.testing.assert_allclose(acc.hessian(), 2.0 / 150 * flat.T @ flat, rtol=1e-12)
+    assert acc.hessian().dtype == np.float64
+    with pytest.raises(ValueError):
+        acc.update(np.zeros((2, 11)))
