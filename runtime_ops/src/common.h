@@ -1,0 +1,141 @@
+// Shared helpers of the ai.mqc runtime ops: errors, half floats, modality selection, packed-weight layout.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace mqc {
+
+constexpr const char* kDomain = "ai.mqc";
+constexpr int kOpsetVersion = 1;
+
+// Errors are thrown as mqc::Error inside kernels and turned into an OrtStatus at the C boundary.
+struct Error : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+template <typename... Args>
+[[noreturn]] inline void fail(const char* op, Args&&... args) {
+  std::ostringstream s;
+  s << "ai.mqc::" << op << ": ";
+  (s << ... << args);
+  throw Error(s.str());
+}
+
+// ---- IEEE half <-> float (round to nearest even), portable; the ISA-specific kernels use F16C. -------------
+inline float half_to_float(uint16_t h) {
+  uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1Fu;
+  uint32_t man = h & 0x3FFu;
+  uint32_t bits;
+  if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else {  // subnormal: renormalize
+      int e = -1;
+      do {
+        man <<= 1;
+        ++e;
+      } while ((man & 0x400u) == 0);
+      bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3FFu) << 13);
+    }
+  } else if (exp == 0x1F) {
+    bits = sign | 0x7F800000u | (man << 13);
+  } else {
+    bits = sign | ((exp + 112u) << 23) | (man << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline uint16_t float_to_half(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  uint32_t sign = (x >> 16) & 0x8000u;
+  uint32_t absx = x & 0x7FFFFFFFu;
+  if (absx >= 0x7F800000u) return (uint16_t)(sign | 0x7C00u | (absx > 0x7F800000u ? 0x200u : 0u));
+  if (absx >= 0x477FF000u) return (uint16_t)(sign | 0x7C00u);  // rounds to inf
+  if (absx < 0x38800000u) {                                        // result is subnormal or zero
+    if (absx < 0x33000001u) return (uint16_t)sign;
+    uint32_t e = absx >> 23;
+    uint32_t m = (absx & 0x7FFFFFu) | 0x800000u;
+    uint32_t shift = 126 - e;  // 14..24
+    uint32_t r = m >> shift;
+    uint32_t rem = m & ((1u << shift) - 1);
+    uint32_t half = 1u << (shift - 1);
+    if (rem > half || (rem == half && (r & 1u))) ++r;
+    return (uint16_t)(sign | r);
+  }
+  uint32_t r = absx + 0xC8000FFFu + ((absx >> 13) & 1u);  // rebias exponent and round to nearest even
+  return (uint16_t)(sign | (r >> 13));
+}
+
+// Round half to even then clip to int8, exactly like ONNX QuantizeLinear for a zero point of 0.
+inline int8_t quantize_rne(float v) {
+  float r = std::nearbyint(v);  // default FP environment rounds half to even
+  r = r < -128.f ? -128.f : (r > 127.f ? 127.f : r);
+  return (int8_t)(int)r;
+}
+
+// ---- Modality selection ----------------------------------------------------------------------------------
+// A token is "image" (index 1 of a two-entry activation scale) when modality_ids says 1, or, for the split-index
+// form, when its position in the sequence is below the split. Everything else (and every token when neither
+// is given) uses index 0, the text scale.
+struct ModalitySelector {
+  const int64_t* ids = nullptr;  // one per token, or null
+  int64_t split = -1;            // image tokens are positions [0, split) of each sequence; -1: unused
+  int64_t seq_len = 1;           // S of X [B, S, K] (for the split form)
+  inline int of(int64_t token) const {
+    if (ids) return ids[token] == 1 ? 1 : 0;
+    if (split >= 0) return (token % seq_len) < split ? 1 : 0;
+    return 0;
+  }
+  bool active() const { return ids != nullptr || split >= 0; }
+};
+
+inline std::string shape_str(const std::vector<int64_t>& s) {
+  std::ostringstream o;
+  o << "[";
+  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
+  o << "]";
+  return o.str();
+}
+
+inline int64_t numel(const std::vector<int64_t>& s) {
+  int64_t n = 1;
+  for (auto d : s) n *= d;
+  return n;
+}
+
+// ---- Packed weights (CPU) --------------------------------------------------------------------------------
+// Columns are grouped in panels of 16 (one 512-bit vector of int32 accumulators); inside a panel, k runs in
+// groups of 4 bytes per column, the operand layout of VPDPBUSD:
+//   W8: byte[((panel * G + g) * 16 + j) * 4 + t] = W[16 * panel + j][4 * g + t]          (int8), G = Kp / 4
+//   W4: byte[((panel * G2 + h) * 16 + j) * 4 + t] = (W[.][8h + t] + 8) | (W[.][8h + 4 + t] + 8) << 4, G2 = Kp / 8
+// W4 keeps the unsigned nibble w + 8, so the dot product with signed activations is sum((w + 8) x) and the
+// kernel subtracts 8 * sum(x). W8 uses unsigned activations x + 128 and subtracts 128 * colsum(W) (colcorr).
+struct PackedWeights {
+  int bits = 8;
+  int64_t N = 0, K = 0;   // logical shape of W [N, K]
+  int64_t Kp = 0;         // K padded to 4 (W8) or 8 (W4)
+  int64_t panels = 0;     // ceil(N / 16)
+  int64_t panel_bytes = 0;
+  std::vector<uint8_t> data;     // 64-byte aligned start (see aligned_data)
+  std::vector<int32_t> colcorr;  // W8 only: 128 * sum_k W[n][k], padded to panels * 16
+  const uint8_t* panel(int64_t p) const { return aligned() + p * panel_bytes; }
+  const uint8_t* aligned() const {
+    auto a = reinterpret_cast<uintptr_t>(data.data());
+    return data.data() + ((64 - (a & 63)) & 63);
+  }
+};
+
+// W8: w is [N, K] int8. W4: w is [N, ceil(K/2)] uint8, low nibble = even k, signed two's-complement nibbles.
+PackedWeights pack_weights(const void* w, int bits, int64_t N, int64_t K);
+
+}  // namespace mqc

@@ -1,0 +1,107 @@
+// Portable CPU kernels on the packed layout (common.h). This file is compiled twice: at the baseline ISA
+// (namespace mqc::generic) and with -mavx2 -mfma (namespace mqc::avx2); the inner loops over 16 columns and
+// 4 bytes are written so that the compiler vectorizes them (widening multiply-add of int8 into int32).
+#include "cpu/gemm.h"
+
+#ifndef MQC_GENERIC_NS
+#define MQC_GENERIC_NS generic
+#endif
+
+namespace mqc {
+namespace MQC_GENERIC_NS {
+namespace {
+
+template <int MR>
+void tile_w8(const GemmArgs& g, int64_t m, int64_t p) {
+  const PackedWeights& W = *g.W;
+  const int64_t G = W.Kp / 4;
+  alignas(64) int32_t acc[MR][16];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < 16; ++j) acc[r][j] = 0;
+  const int8_t* B = reinterpret_cast<const int8_t*>(W.panel(p));
+  for (int64_t q = 0; q < G; ++q) {
+    const int8_t* b = B + q * 64;
+    for (int r = 0; r < MR; ++r) {
+      const uint8_t* a = g.A + (m + r) * g.lda + q * 4;
+      const int32_t a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
+      for (int j = 0; j < 16; ++j)
+        acc[r][j] += a0 * b[j * 4] + a1 * b[j * 4 + 1] + a2 * b[j * 4 + 2] + a3 * b[j * 4 + 3];
+    }
+  }
+  const int64_t n0 = p * 16, cnt = std::min<int64_t>(16, g.N - n0);
+  for (int r = 0; r < MR; ++r)
+    epilogue_scalar(acc[r], n0, cnt, 0, W.colcorr.data(), g.row_scale[m + r], g, m + r);
+}
+
+template <int MR>
+void tile_w4(const GemmArgs& g, int64_t m, int64_t p) {
+  const PackedWeights& W = *g.W;
+  const int64_t G2 = W.Kp / 8;
+  alignas(64) int32_t acc[MR][16];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < 16; ++j) acc[r][j] = 0;
+  const uint8_t* B = W.panel(p);
+  for (int64_t h = 0; h < G2; ++h) {
+    const uint8_t* b = B + h * 64;
+    int32_t lo[64], hi[64];
+    for (int i = 0; i < 64; ++i) {
+      lo[i] = b[i] & 0x0F;
+      hi[i] = b[i] >> 4;
+    }
+    for (int r = 0; r < MR; ++r) {
+      const int8_t* a = reinterpret_cast<const int8_t*>(g.A + (m + r) * g.lda + h * 8);
+      for (int j = 0; j < 16; ++j) {
+        int32_t s = 0;
+        for (int t = 0; t < 4; ++t) s += lo[j * 4 + t] * a[t] + hi[j * 4 + t] * a[4 + t];
+        acc[r][j] += s;
+      }
+    }
+  }
+  const int64_t n0 = p * 16, cnt = std::min<int64_t>(16, g.N - n0);
+  for (int r = 0; r < MR; ++r)
+    epilogue_scalar(acc[r], n0, cnt, 8 * g.rowsum[m + r], nullptr, g.row_scale[m + r], g, m + r);
+}
+
+template <bool W4>
+void gemm(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+  for (int64_t p = p0; p < p1; ++p) {
+    int64_t m = m0;
+    for (; m + 4 <= m1; m += 4) W4 ? tile_w4<4>(g, m, p) : tile_w8<4>(g, m, p);
+    for (; m < m1; ++m) W4 ? tile_w4<1>(g, m, p) : tile_w8<1>(g, m, p);
+  }
+}
+
+void gemm_w8(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) { gemm<false>(g, m0, m1, p0, p1); }
+void gemm_w4(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) { gemm<true>(g, m0, m1, p0, p1); }
+
+void quantize_rows(const void* X, int src_kind, int64_t ldx, int64_t col0, int64_t K, int64_t Kp,
+                   const float* row_scale, bool offset128, uint8_t* A, int32_t* rowsum, int64_t m0, int64_t m1) {
+  for (int64_t m = m0; m < m1; ++m) {
+    uint8_t* a = A + m * Kp;
+    const float s = row_scale[m];
+    int32_t sum = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      int8_t q;
+      if (src_kind == 0) {
+        q = quantize_rne(static_cast<const float*>(X)[m * ldx + col0 + k] / s);
+      } else if (src_kind == 1) {
+        q = quantize_rne(half_to_float(static_cast<const uint16_t*>(X)[m * ldx + col0 + k]) / s);
+      } else {
+        q = static_cast<const int8_t*>(X)[m * ldx + col0 + k];
+      }
+      sum += q;
+      a[k] = offset128 ? (uint8_t)(q + 128) : (uint8_t)q;
+    }
+    for (int64_t k = K; k < Kp; ++k) a[k] = offset128 ? 128 : 0;
+    if (rowsum) rowsum[m] = sum;
+  }
+}
+
+}  // namespace
+
+#define MQC_STR2(x) #x
+#define MQC_STR(x) MQC_STR2(x)
+const CpuKernels kKernels = {MQC_STR(MQC_GENERIC_NS), gemm_w8, gemm_w4, quantize_rows};
+
+}  // namespace MQC_GENERIC_NS
+}  // namespace mqc

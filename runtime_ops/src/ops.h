@@ -1,0 +1,49 @@
+// Operator definitions of the ai.mqc domain (version 1) and their registration.
+//
+// QuantLinear  (attr bits = 8 | 4)
+//   inputs : X [..., Kx] float | float16 | int8 (int8: already quantized, e.g. by RMSNormQuant)
+//            W int8 [N, K] (bits 8) or uint8 [N, K/2] (bits 4; low nibble = even k; two's-complement nibbles)
+//            w_scale float [N]; act_scale float [1] or [2] = (text, image)
+//            bias float [N]?; modality_ids int64 (one per token, 1 = image)?; split int64 [] | [1] (positions
+//            < split of each sequence are image)?; lowrank_a float [K, r]?; lowrank_b float [r, N]?;
+//            side_row float [N]? (then K = Kx - 1: channel 0 of X bypasses quantization, y += x[..., 0] * side_row)
+//   output : Y [..., N], float for float/int8 X, float16 for float16 X
+//   math   : q = clip(rne(X[..., c0:] / s_tok), -128, 127); acc = q @ W^T (int32); Y = acc * (s_tok * w_scale) + bias
+//            + [tok is image or no modality given] (X[..., c0:] @ lowrank_a) @ lowrank_b + x[..., 0] * side_row
+// Hadamard: X [..., n] float | float16, H_m float [m, m]? -> Y = X @ kron(H_m, H_{2^k}) / sqrt(n), n = m 2^k
+// RMSNormQuant (attr epsilon = 1e-6): X [..., K] float | float16, gamma float [K], act_scale float [1]|[2],
+//            modality_ids?, split? -> int8 clip(rne(X / sqrt(mean(X^2) + eps) * gamma / s_tok))
+#pragma once
+
+#include "ort_util.h"
+
+namespace mqc {
+
+void add_cpu_ops(Ort::CustomOpDomain& domain);
+#if defined(MQC_WITH_CUDA)
+void add_cuda_ops(Ort::CustomOpDomain& domain);
+#endif
+
+// Input positions of QuantLinear.
+enum QuantLinearInput : size_t {
+  kQlX = 0,
+  kQlW,
+  kQlWScale,
+  kQlActScale,
+  kQlBias,
+  kQlModalityIds,
+  kQlSplit,
+  kQlLowrankA,
+  kQlLowrankB,
+  kQlSideRow,
+  kQlNumInputs
+};
+
+// Per-token modality from the optional inputs, validated against the token count.
+ModalitySelector modality_from_inputs(const char* op, const TensorView& ids, const TensorView& split,
+                                      const std::vector<int64_t>& x_shape, int64_t tokens);
+
+// Shared entry point, used by register_cpu.cc and register_cuda.cc.
+OrtStatus* register_domain(OrtSessionOptions* options, const OrtApiBase* api_base, bool with_cuda);
+
+}  // namespace mqc
