@@ -51,8 +51,8 @@ def _check_output(source: Path, output: Path) -> None:
     if output.resolve() == source.resolve():
         raise OutputPathError(f"refusing to overwrite the input model {source}; choose another -o path")
     parent = output.parent
-    if not parent.exists():
-        raise OutputPathError(f"output folder does not exist: {parent}")
+    if not parent.is_dir():
+        raise OutputPathError(f"output folder does not exist (or is not a folder): {parent}")
     if not os.access(parent, os.W_OK):
         raise OutputPathError(f"output folder is not writable: {parent}")
 

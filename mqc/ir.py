@@ -67,8 +67,8 @@ def save_model(model: ir.Model, path: str | Path) -> Path:
     parent = path.parent if str(path.parent) else Path(".")
     if path.exists() and path.is_dir():
         raise OutputPathError(f"output path is a directory: {path}")
-    if not parent.exists():
-        raise OutputPathError(f"output folder does not exist: {parent}")
+    if not parent.is_dir():
+        raise OutputPathError(f"output folder does not exist (or is not a folder): {parent}")
     if not os.access(parent, os.W_OK):
         raise OutputPathError(f"output folder is not writable: {parent}")
     data_name = path.name + ".data"

@@ -35,14 +35,21 @@ class UpgradeOpsetPass(MqcPass):
     def run(self, model: ir.Model) -> bool:
         current = default_opset(model)
         self.record.matched = 1
-        if current >= self.target:
+        if not upgrade_opset(model, self.target):
             self.record.notes.append(f"opset {current} kept (>= {self.target})")
             return False
-        version_converter.convert_version(model, target_version=self.target, fallback=True)
-        model.opset_imports[""] = self.target
         self.record.changed = 1
         self.record.notes.append(f"opset {current} -> {self.target}")
         return True
+
+
+def upgrade_opset(model: ir.Model, target: int = TARGET_OPSET) -> bool:
+    """Convert the default-domain opset up to ``target``; False when it already is at least that."""
+    if default_opset(model) >= target:
+        return False
+    version_converter.convert_version(model, target_version=target, fallback=True)
+    model.opset_imports[""] = target
+    return True
 
 
 class FuseNormsPass(RewriteRulesPass):
@@ -53,3 +60,9 @@ class FuseNormsPass(RewriteRulesPass):
 
     def rules(self) -> pattern.RewriteRuleSet:
         return pattern.RewriteRuleSet([*rms_normalization_rules, *layer_normalization_rules])
+
+    def run(self, model: ir.Model) -> bool:
+        upgraded = upgrade_opset(model)  # RMSNormalization exists from opset 23 on
+        if upgraded:
+            self.record.notes.append(f"opset raised to {TARGET_OPSET} for RMSNormalization")
+        return super().run(model) or upgraded

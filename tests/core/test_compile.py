@@ -1,0 +1,107 @@
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+import mqc
+from mqc.calibration import random_feeds
+from mqc.cli import main
+from mqc.errors import VerificationError
+from mqc.ir import load_model
+from mqc.pass_manager import CompileContext, MqcPass, PassManager
+from mqc.quantizer import sqnr_db
+from mqc.report import read_report
+
+
+def _logits(path, feed):
+    return mqc.open_session(path).run(["logits"], feed)[0]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize(("recipe", "min_sqnr", "int_type"), [("w8a8", 20.0, onnx.TensorProto.INT8), ("w4a8-rtn", 5.0, onnx.TensorProto.INT4)])
+def test_compile_runs_in_onnxruntime_and_reports_sqnr(tiny_models, tmp_path, family, recipe, min_sqnr, int_type):
+    source = tiny_models[family] / "decoder.onnx"
+    out = tmp_path / "q.onnx"
+    report = mqc.compile(source, out, recipe, verify=True)
+    feed = random_feeds(load_model(source), 1, seed=123)[0]
+    ref, got = _logits(source, feed), _logits(out, feed)
+    assert sqnr_db(ref, got) > min_sqnr
+    stored = read_report(str(out))
+    assert stored is not None and stored.recipe == recipe
+    layers = stored.layer_table()
+    assert len(layers) == 14 and all(np.isfinite(row["sqnr_db"]) for row in layers)
+    assert {p.name: p.verify is not None for p in stored.passes} == {"upgrade_opset": True, "fuse_norms": True, "quantize_linears": False}
+    assert report.passes[-1].skipped[0]["reason"].startswith("role lm_head")
+    weights = [t for t in onnx.load(str(out)).graph.initializer if t.name.endswith(".weight_q")]
+    assert len(weights) == 14 and {t.data_type for t in weights} == {int_type}
+    assert not any(n.op_type == "RMSNormalization" for n in onnx.load(str(source)).graph.node), "input untouched"
+
+
+def test_w8a8_is_closer_to_float_than_w4a8(llama_decoder, tmp_path):
+    feed = random_feeds(load_model(llama_decoder), 1, seed=7)[0]
+    ref = _logits(llama_decoder, feed)
+    sqnr = {}
+    for recipe in ("w8a8", "w4a8-rtn"):
+        mqc.compile(llama_decoder, tmp_path / f"{recipe}.onnx", recipe)
+        sqnr[recipe] = sqnr_db(ref, _logits(tmp_path / f"{recipe}.onnx", feed))
+    assert sqnr["w8a8"] > sqnr["w4a8-rtn"] + 6
+
+
+def test_calibration_file_exclude_and_recipe_file(llama_decoder, tmp_path):
+    feeds = random_feeds(load_model(llama_decoder), 3, seed=1)
+    for i, feed in enumerate(feeds):
+        np.savez(tmp_path / f"sample{i}.npz", **{k: v for k, v in feed.items() if "past" not in k})
+    recipe_file = tmp_path / "mine.json"
+    recipe_file.write_text(json.dumps({"name": "mine", "passes": [
+        {"pass": "fuse_norms"}, {"pass": "quantize_linears", "weight_bits": 8, "act_method": "mse", "group_size": 32}]}))
+    report = mqc.compile(llama_decoder, tmp_path / "q.onnx", str(recipe_file), calib=tmp_path, exclude=[r"mlp\.down_proj"])
+    assert report.calibration["samples"] == 3
+    names = {row["name"] for row in report.layer_table()}
+    assert not any("down_proj" in n for n in names) and len(names) == 12
+    assert sum("--exclude" in s["reason"] for s in report.passes[-1].skipped) == 2
+    feed = feeds[0]
+    assert sqnr_db(_logits(llama_decoder, feed), _logits(tmp_path / "q.onnx", feed)) > 20
+
+
+class _BreaksFunction(MqcPass):
+    """Claims to preserve function but scales one weight: --verify must catch it."""
+
+    name = "breaks_function"
+    function_preserving = True
+
+    def run(self, model):
+        from mqc.ir import replace_initializer
+        from mqc.model_map import build_model_map
+
+        lin = build_model_map(model).linears[0]
+        replace_initializer(lin.weight, lin.weight_array() * 1.01)
+        return True
+
+
+def test_verify_fails_loudly_on_drift(llama_decoder):
+    model = load_model(llama_decoder)
+    feeds = random_feeds(model, 2)
+    ctx = CompileContext(lambda: feeds, verify=True)
+    with pytest.raises(VerificationError, match="breaks_function changed the model's outputs"):
+        PassManager([_BreaksFunction()], ctx).run(model)
+    # without --verify the same pass goes through silently: the check is what catches it
+    PassManager([_BreaksFunction()], CompileContext(lambda: feeds)).run(load_model(llama_decoder))
+
+
+def test_cli_compile_explain_recipes(llama_decoder, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "cli.onnx"
+    result = runner.invoke(main, ["compile", str(llama_decoder), "-o", str(out), "--recipe", "w4a8-rtn", "--verify"])
+    assert result.exit_code == 0, result.output
+    explained = runner.invoke(main, ["explain", str(out)])
+    assert explained.exit_code == 0 and "SQNR" in explained.output and "self_attn.q_proj" in explained.output
+    data = json.loads(runner.invoke(main, ["explain", str(out), "--json"]).output)
+    layers = data["cli.onnx"]["passes"][-1]["layers"]
+    assert len(layers) == 14 and all("sqnr_db" in layer for layer in layers)
+    dry = runner.invoke(main, ["explain", str(llama_decoder), "--recipe", "w8a8"])
+    assert dry.exit_code == 0 and "quantize_linears" in dry.output
+    assert not (llama_decoder.parent / "decoder.dry-run.onnx").exists()
+    listed = runner.invoke(main, ["recipes"])
+    assert "w8a8" in listed.output and "w4a8-rtn" in listed.output and "quantize_linears" in listed.output
