@@ -19,7 +19,7 @@ MIN_SCALE = 1e-12
 
 def qrange(bits: int) -> tuple[int, int]:
     """Signed integer range of a ``bits``-wide symmetric quantizer."""
-    if bits not in (2, 3, 4, 8, 16):
+    if bits not in (2, 3, 4, 5, 6, 8, 16):
         raise ValueError(f"unsupported bit width {bits}")
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
