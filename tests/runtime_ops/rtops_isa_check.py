@@ -1,0 +1,37 @@
+"""Run in a subprocess by test_quant_linear.py with MQC_CPU_ISA set: exact checks of W8 and W4 on odd shapes."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+from onnx import TensorProto
+
+sys.path.insert(0, str(Path(__file__).parent))
+from rtops_models import int_reference, pack_int4, quant_linear_model, quantize, session  # noqa: E402
+
+
+def main() -> None:
+    rng = np.random.default_rng(1)
+    for bits in (8, 4):
+        for M, K, N in [(1, 40, 17), (7, 96, 130), (61, 264, 65)]:
+            lo, hi = (-128, 128) if bits == 8 else (-8, 8)
+            w = rng.integers(lo, hi, size=(N, K)).astype(np.int8)
+            packed = w if bits == 8 else pack_int4(w)
+            xq = rng.integers(-128, 128, size=(M, K)).astype(np.int8)
+            model = quant_linear_model(K, N, bits=bits, x_type=TensorProto.INT8, weight=packed)
+            y = session(model).run(None, {"X": xq, "w_scale": np.ones(N, np.float32),
+                                          "act_scale": np.ones(1, np.float32)})[0]
+            np.testing.assert_array_equal(y, int_reference(xq, w).astype(np.float32))
+            x = rng.standard_normal((M, K)).astype(np.float32)
+            model = quant_linear_model(K, N, bits=bits, weight=packed)
+            y = session(model).run(None, {"X": x, "w_scale": np.ones(N, np.float32),
+                                          "act_scale": np.full(1, 0.03, np.float32)})[0]
+            ref = int_reference(quantize(x, np.float32(0.03)), w) * np.float64(np.float32(0.03))
+            np.testing.assert_allclose(y, ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
+    print("ok")
+
+
+if __name__ == "__main__":
+    main()
