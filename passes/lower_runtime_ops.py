@@ -36,7 +36,7 @@ from onnxscript.rewriter import pattern
 from onnxscript.rewriter._basics import MatchResult
 
 from mqc.ir import constant_array, ensure_opset, remove_unused_initializers
-from mqc.pass_manager import RewriteRulesPass
+from mqc.pass_manager import MqcPass
 
 MQC_DOMAIN = "ai.mqc"
 MQC_OPSET = 1
@@ -128,18 +128,29 @@ def _weight(w_dq: ir.Value, result: MatchResult) -> tuple[np.ndarray, int, np.nd
 class _QdqLinearToQuantLinear(pattern.RewriteRuleClassBase):
     """``[Add(] MatMul(x_dq, DequantizeLinear(W_q, s_w, z_w)) [, bias)]`` -> ``ai.mqc::QuantLinear``."""
 
-    def __init__(self, name: str, with_bias: bool, bias_first: bool = False) -> None:
+    def __init__(self, name: str, skips: dict[str, str], with_bias: bool, bias_first: bool = False) -> None:
         super().__init__(name)
+        self.skips = skips
         self.with_bias = with_bias
         self.bias_first = bias_first
 
     def pattern(self, op, x_dq, w_q, w_scale, w_zero, bias):
-        y = op.MatMul(x_dq, op.DequantizeLinear(w_q, w_scale, w_zero, _outputs=["w_dq"]))
+        y = op.MatMul(x_dq, op.DequantizeLinear(w_q, w_scale, w_zero, _outputs=["w_dq"]), _outputs=["mm"])
         if not self.with_bias:
             return y
         return op.Add(bias, y) if self.bias_first else op.Add(y, bias)
 
-    def check(self, context, x_dq, w_dq, bias=None, **_):
+    def check(self, context, x_dq, w_dq, mm, bias=None, **_):
+        result = self._check(x_dq, w_dq, bias)
+        node = mm.producer()
+        key = node.name or f"MatMul->{mm.name}"
+        if result:
+            self.skips.pop(key, None)
+        else:
+            self.skips[key] = f"{self.name}: {result.reason}"
+        return result
+
+    def _check(self, x_dq, w_dq, bias) -> MatchResult:
         result = MatchResult()
         source = _activation_source(x_dq, result)
         if isinstance(source, MatchResult):
@@ -171,34 +182,44 @@ class _QdqLinearToQuantLinear(pattern.RewriteRuleClassBase):
         return op.QuantLinear(*inputs, bits=bits, _domain=MQC_DOMAIN, _version=MQC_OPSET)
 
 
-def rules() -> pattern.RewriteRuleSet:
-    return pattern.RewriteRuleSet(
-        [
-            _QdqLinearToQuantLinear.rule("qdq_linear_bias_to_quant_linear", with_bias=True),
-            _QdqLinearToQuantLinear.rule("qdq_bias_linear_to_quant_linear", with_bias=True, bias_first=True),
-            _QdqLinearToQuantLinear.rule("qdq_linear_to_quant_linear", with_bias=False),
-        ]
-    )
+def rule_sets(skips: dict[str, str]) -> list[pattern.RewriteRuleSet]:
+    """The rule sets in the order they run: the bias forms first (over the whole graph), then the bare MatMul."""
+    return [
+        pattern.RewriteRuleSet(
+            [
+                _QdqLinearToQuantLinear.rule("qdq_linear_bias_to_quant_linear", skips, with_bias=True),
+                _QdqLinearToQuantLinear.rule("qdq_bias_linear_to_quant_linear", skips, with_bias=True, bias_first=True),
+            ]
+        ),
+        pattern.RewriteRuleSet([_QdqLinearToQuantLinear.rule("qdq_linear_to_quant_linear", skips, with_bias=False)]),
+    ]
 
 
-class LowerRuntimeOpsPass(RewriteRulesPass):
-    """Rewrite QDQ linears into ``ai.mqc::QuantLinear`` (see the module docstring for the rules)."""
+class LowerRuntimeOpsPass(MqcPass):
+    """Rewrite QDQ linears into ``ai.mqc::QuantLinear`` (see the module docstring for the rules).
+
+    Each QDQ linear the rules looked at and refused is recorded as a skip with the rule's reason (keyed by its
+    MatMul node), unless another rule lowered it afterwards.
+    """
 
     name: ClassVar[str] = "lower_runtime_ops"
     function_preserving: ClassVar[bool] = False  # integer-exact, but the fp32 summation order changes
 
-    def rules(self) -> pattern.RewriteRuleSet:
-        return rules()
-
     def run(self, model: ir.Model) -> bool:
-        changed = super().run(model)
-        if changed:
+        skips: dict[str, str] = {}
+        count = sum(rules.apply_to_model(model) for rules in rule_sets(skips))
+        for node, reason in skips.items():
+            self.record.skip(node, reason)
+        self.record.matched = count + len(skips)
+        self.record.changed = count
+        if count:
+            ir.passes.common.RemoveUnusedNodesPass()(model)
             ensure_opset(model, MQC_DOMAIN, MQC_OPSET)
             removed = remove_unused_initializers(model.graph)
             self.record.notes.append(
-                f"{self.record.changed} linears lowered to {MQC_DOMAIN}::QuantLinear; {removed} dead initializers removed"
+                f"{count} linears lowered to {MQC_DOMAIN}::QuantLinear; {removed} dead initializers removed"
             )
-        return changed
+        return count > 0
 
 
 def lower_to_runtime_ops(model: ir.Model):

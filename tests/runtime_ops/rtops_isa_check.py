@@ -9,7 +9,7 @@ import numpy as np
 from onnx import TensorProto
 
 sys.path.insert(0, str(Path(__file__).parent))
-from rtops_models import int_reference, pack_int4, quant_linear_model, quantize, session  # noqa: E402
+from rtops_models import int_reference, pack_int4, quant_linear_model, quantize, session
 
 
 def main() -> None:

@@ -6,9 +6,8 @@ import ml_dtypes
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import TensorProto, helper, numpy_helper
-
 from mqc.runtime_ops import DOMAIN, register_library
+from onnx import TensorProto, helper, numpy_helper
 
 IR_VERSION = 10  # onnxruntime <= 1.31 reads IR <= 13; onnx 1.23 writes 14 by default
 

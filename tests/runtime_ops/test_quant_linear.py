@@ -144,7 +144,7 @@ def test_lowrank_branch_on_image_tokens_and_channel0_side_branch():
 def test_clear_errors(change, message):
     rng = np.random.default_rng(0)
     K, N = 64, 32
-    w, packed = _weights(rng, N, K, 8)
+    _w, packed = _weights(rng, N, K, 8)
     model = quant_linear_model(K, N, optional=("modality_ids",), weight=packed)
     feeds = {"X": rng.standard_normal((1, 4, K)).astype(np.float32), "w_scale": np.ones(N, np.float32),
              "act_scale": np.ones(1, np.float32), "modality_ids": np.zeros((1, 4), np.int64)}

@@ -1,0 +1,144 @@
+"""passes/lower_runtime_ops.py: QDQ linears -> ai.mqc::QuantLinear, outputs equal to the QDQ model's.
+
+Tolerance: the lowered op computes the same int8 codes and the same int32 dot products as the QDQ model; only the
+fp32 order of the final sum differs (QDQ: sum of dequantized products; op: acc * (s_x * s_w) + bias), so the
+outputs agree to ``RTOL`` = 1e-5 of the output's magnitude in fp32, and to one fp16 ulp scale in fp16.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from mqc.passes.lower_runtime_ops import (
+    LowerRuntimeOpsPass,
+    lower_to_runtime_ops,
+    pack_int4_rows,
+    unpack_int4_rows,
+)
+from onnx import helper
+from rtops_models import int_reference, qdq_linear_model, quantize, random_linear, session
+
+RTOL = 1e-5
+
+
+def lower(proto: onnx.ModelProto):
+    model = ir.serde.deserialize_model(proto)
+    record = lower_to_runtime_ops(model)
+    out = ir.serde.serialize_model(model)
+    out.ir_version = 10
+    return out, record
+
+
+def op_types(proto: onnx.ModelProto) -> list[str]:
+    return [n.op_type for n in proto.graph.node]
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_shared_activation_qdq_with_and_without_bias(bits):
+    rng = np.random.default_rng(bits)
+    K = 96
+    layers = [random_linear(rng, K, n, bits) for n in (64, 48, 80)]
+    biases = [rng.standard_normal(64).astype(np.float32), None, rng.standard_normal(80).astype(np.float32)]
+    s = 0.03
+    qdq = qdq_linear_model(layers, biases, s, bits=bits)
+    lowered, record = lower(qdq)
+    assert record.changed == 3 and not record.skipped
+    assert op_types(lowered) == ["QuantLinear"] * 3
+    assert any(o.domain == "ai.mqc" and o.version == 1 for o in lowered.opset_import)
+    names = {i.name for i in lowered.graph.initializer}
+    assert not names & {"w0_q", "w1_q", "w0_scale", "x_scale", "x_zero"}, names  # dead ones removed
+    x = (rng.standard_normal((2, 17, K)) * 2).astype(np.float32)
+    expected = session(qdq, custom=False).run(None, {"X": x})
+    got = session(lowered).run(None, {"X": x})
+    xq = quantize(x.reshape(-1, K), np.float32(s))
+    for (wq, ws), b, e, g in zip(layers, biases, expected, got, strict=True):
+        np.testing.assert_allclose(g, e, rtol=0, atol=RTOL * np.abs(e).max())
+        # the integer part: exactly numpy's int32 product of the same codes
+        ref = int_reference(xq, wq.T) * (np.float64(np.float32(s)) * ws) + (0 if b is None else b)
+        np.testing.assert_allclose(g.reshape(-1, wq.shape[1]), ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
+
+
+def test_unoptimized_qdq_session_agrees_too():
+    """With onnxruntime's QDQ fusions off, the QDQ model runs DQ -> fp32 MatMul: same tolerance."""
+    rng = np.random.default_rng(9)
+    K = 64
+    layers = [random_linear(rng, K, 40)]
+    qdq = qdq_linear_model(layers, [None], 0.05)
+    lowered, _ = lower(qdq)
+    x = rng.standard_normal((5, K)).astype(np.float32)
+    e = session(qdq, custom=False, optimize=False).run(None, {"X": x})[0]
+    g = session(lowered).run(None, {"X": x})[0]
+    np.testing.assert_allclose(g, e, rtol=0, atol=RTOL * np.abs(e).max())
+
+
+def test_float16_model():
+    rng = np.random.default_rng(12)
+    K = 64
+    layers = [random_linear(rng, K, 32)]
+    qdq = qdq_linear_model(layers, [rng.standard_normal(32).astype(np.float32)], 0.04, x_dtype=np.float16)
+    lowered, record = lower(qdq)
+    assert record.changed == 1
+    x = rng.standard_normal((6, K)).astype(np.float16)
+    e = session(qdq, custom=False, optimize=False).run(None, {"X": x})[0]
+    g = session(lowered).run(None, {"X": x})[0]
+    assert g.dtype == np.float16
+    np.testing.assert_allclose(g.astype(np.float32), e.astype(np.float32), rtol=0, atol=2e-3 * np.abs(e).max())
+
+
+def test_refusals_are_recorded_and_leave_the_qdq_form():
+    rng = np.random.default_rng(0)
+    K = 32
+    layers = [random_linear(rng, K, 16), random_linear(rng, K, 16)]
+    qdq = qdq_linear_model(layers, [None, None], 0.1, shared=False)
+    # make the second linear's activations asymmetric (zero point 3)
+    qdq.graph.initializer.append(onnx.numpy_helper.from_array(np.array(3, np.int8), "x_zero3"))
+    for node in qdq.graph.node:
+        if node.output[0] in ("x_q1", "x_dq1"):
+            node.input[2] = "x_zero3"
+    lowered, record = lower(qdq)
+    assert record.changed == 1
+    reasons = [s["reason"] for s in record.skipped]
+    assert any("zero point is not 0" in r for r in reasons), reasons
+    assert op_types(lowered).count("QuantLinear") == 1 and "MatMul" in op_types(lowered)
+    x = rng.standard_normal((3, K)).astype(np.float32)
+    e = session(qdq, custom=False).run(None, {"X": x})
+    g = session(lowered).run(None, {"X": x})
+    for a, b in zip(e, g, strict=True):
+        np.testing.assert_allclose(b, a, rtol=0, atol=RTOL * np.abs(a).max())
+
+
+def test_per_group_weights_are_refused():
+    rng = np.random.default_rng(1)
+    K, N = 64, 16
+    wq, _ = random_linear(rng, K, N, 4)
+    nodes = [helper.make_node("QuantizeLinear", ["X", "s", "z"], ["xq"]), helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xdq"]),
+             helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wdq"], axis=0, block_size=32),
+             helper.make_node("MatMul", ["xdq", "wdq"], ["Y"])]
+    import ml_dtypes
+
+    inits = [onnx.numpy_helper.from_array(np.array(0.1, np.float32), "s"), onnx.numpy_helper.from_array(np.array(0, np.int8), "z"),
+             onnx.numpy_helper.from_array(wq.astype(ml_dtypes.int4), "w"),
+             onnx.numpy_helper.from_array(np.full((2, N), 0.01, np.float32), "ws"),
+             onnx.numpy_helper.from_array(np.zeros((2, N), ml_dtypes.int4), "wz")]
+    from rtops_models import make_model
+
+    proto = make_model(nodes, [helper.make_tensor_value_info("X", onnx.TensorProto.FLOAT, None)],
+                       [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, None)], inits, mqc=False)
+    _lowered, record = lower(proto)
+    assert record.changed == 0
+    assert any("block_size" in s["reason"] for s in record.skipped)
+
+
+def test_int4_packing_roundtrip():
+    w = np.random.default_rng(0).integers(-8, 8, size=(5, 12)).astype(np.int8)
+    packed = pack_int4_rows(w)
+    assert packed.shape == (5, 6) and packed.dtype == np.uint8
+    assert (packed[0, 0] & 0x0F) == (w[0, 0] & 0x0F)  # low nibble = even k
+    np.testing.assert_array_equal(unpack_int4_rows(packed), w)
+
+
+def test_pass_class_contract():
+    assert LowerRuntimeOpsPass.name == "lower_runtime_ops"
+    assert LowerRuntimeOpsPass.function_preserving is False
