@@ -13,17 +13,22 @@ Rules:
    weights are stored [out, in] and blocked along axis 1, then transposed back: the int4 axis-0 blocked layout is
    avoided because onnxruntime's MatMulNBits fusion miscomputes it.
 4. Each quantized layer records its scales, clip ratios and output SQNR on calibration rows (per modality too).
+5. ``act_scales="per_modality"`` is MSQ (spec §2.3, ``passes/msq.py``): one static scale per modality per
+   quantization point, selected per token from ``modality_ids`` with standard ops (the exact pattern is in
+   ``passes/msq.py``). Records ``act_scale_text`` / ``act_scale_image`` and the SQNR of each modality under its own
+   scale. Without a ``modality_ids`` input it degenerates to the one modality present (recorded in the notes).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
+from mqc.passes.msq import insert_activation_msq, is_image_mask, modality_input, value_rank
 
-from mqc.calibration import MODALITY_NAMES, TapStats
+from mqc.calibration import IMAGE, MODALITY_NAMES, TEXT, TapStats
 from mqc.errors import NothingToQuantizeError
 from mqc.ir import add_initializer, ensure_opset, remove_unused_initializers
 from mqc.model_map import Linear
@@ -93,8 +98,15 @@ def insert_weight_dequant(graph: ir.Graph, linear: Linear, qweight: QuantizedWei
     linear.node.replace_input_with(1, weight_out)
 
 
-def layer_sqnr(linear: Linear, stats: TapStats, act_scale: float, act_bits: int, weight: np.ndarray, qweight: QuantizedWeight) -> dict[str, float]:
-    """Output SQNR of the quantized layer on the calibration rows kept for its input, overall and per modality."""
+def layer_sqnr(
+    linear: Linear, stats: TapStats, act_scale: float | Mapping[int, float], act_bits: int, weight: np.ndarray,
+    qweight: QuantizedWeight,
+) -> dict[str, float]:
+    """Output SQNR of the quantized layer on the calibration rows kept for its input, overall and per modality.
+
+    ``act_scale`` is one shared scale, or a mapping modality -> scale (MSQ): each modality's rows are then
+    fake-quantized with their own scale.
+    """
     w_hat = qweight.dequantize()
     bias = linear.bias.const_value.numpy() if linear.bias is not None and linear.bias.const_value is not None else 0.0
     figures = {}
@@ -104,7 +116,8 @@ def layer_sqnr(linear: Linear, stats: TapStats, act_scale: float, act_bits: int,
             continue
         x = entry.sample
         ref = x @ weight + bias
-        out = fake_quantize(x, act_scale, act_bits) @ w_hat + bias
+        scale = act_scale[modality] if isinstance(act_scale, Mapping) else act_scale
+        out = fake_quantize(x, scale, act_bits) @ w_hat + bias
         figures[f"sqnr_db_{MODALITY_NAMES.get(modality, modality)}"] = round(sqnr_db(ref, out), 2)
         refs.append(ref)
         outs.append(out)
@@ -127,11 +140,15 @@ class QuantizeLinearsPass(MqcPass):
         weight_mse_clip: bool = False,
         group_size: int | None = None,
         skip_roles: Sequence[str] = ("lm_head",),
+        act_scales: str = "shared",
     ) -> None:
         super().__init__(
             weight_bits=weight_bits, act_bits=act_bits, act_method=act_method, act_percentile=act_percentile,
-            weight_mse_clip=weight_mse_clip, group_size=group_size, skip_roles=list(skip_roles),
+            weight_mse_clip=weight_mse_clip, group_size=group_size, skip_roles=list(skip_roles), act_scales=act_scales,
         )
+        if act_scales not in ("shared", "per_modality"):
+            raise ValueError(f"act_scales must be shared or per_modality, not {act_scales!r}")
+        self.act_scales = act_scales
         qrange(weight_bits)
         qrange(act_bits)
         if act_method not in ("minmax", "percentile", "mse"):
@@ -171,6 +188,17 @@ class QuantizeLinearsPass(MqcPass):
         stats = self.ctx.calibrate(model, list(readers), label="calibrating activations")
         graph = model.graph
         qmax = qrange(self.act_bits)[1]
+        per_modality = self.act_scales == "per_modality"
+        is_image = None
+        if per_modality:
+            modality_ids = modality_input(graph)
+            if modality_ids is None:
+                name = MODALITY_NAMES.get(self.ctx.default_modality, self.ctx.default_modality)
+                self.record.notes.append(
+                    f"MSQ: the graph has no modality_ids input, so it has one modality ({name}): per_modality "
+                    "degenerates to one static per-tensor scale from that modality's statistics")
+            else:
+                is_image = is_image_mask(graph, modality_ids)
         changed = 0
         for value_name, group in readers.items():
             tap = stats.get(value_name)
@@ -181,7 +209,25 @@ class QuantizeLinearsPass(MqcPass):
                 continue
             clip = combined.clip_value(self.act_method, self.act_bits, self.act_percentile)
             scale = clip / qmax
-            insert_activation_qdq(graph, group[0].input, scale, self.act_bits, [lin.node for lin in group])
+            figures: dict = {"act_scale": float(scale), "act_absmax": float(combined.absmax),
+                             "act_clip_ratio": round(clip / combined.absmax, 4)}
+            sqnr_scale: float | dict[int, float] = scale
+            value = group[0].input
+            if per_modality and is_image is not None and value_rank(value) != 3:
+                self.record.skip(value_name, f"MSQ needs a [batch, seq, features] input, this one has rank "
+                                             f"{value_rank(value)}: shared per-tensor scale used")
+                insert_activation_qdq(graph, value, scale, self.act_bits, [lin.node for lin in group])
+            elif per_modality and is_image is not None:
+                scales = self._modality_scales(value_name, tap, qmax)
+                insert_activation_msq(graph, value, scales[TEXT], scales[IMAGE], self.act_bits,
+                                      [lin.node for lin in group], is_image)
+                figures = {"act_scale_text": scales[TEXT], "act_scale_image": scales[IMAGE],
+                           "act_absmax": float(combined.absmax)}
+                sqnr_scale = scales
+            else:
+                if per_modality:  # no modality_ids: the statistics hold one modality only
+                    figures["act_scale_" + str(MODALITY_NAMES.get(self.ctx.default_modality, "text"))] = float(scale)
+                insert_activation_qdq(graph, value, scale, self.act_bits, [lin.node for lin in group])
             for lin in group:
                 weight = lin.weight_array()
                 qweight = quantize_weight_rtn(weight, self.weight_bits, self.group_size, self.weight_mse_clip)
@@ -190,13 +236,26 @@ class QuantizeLinearsPass(MqcPass):
                     **lin.to_dict(),
                     "w_bits": self.weight_bits,
                     "a_bits": self.act_bits,
-                    "act_scale": float(scale),
-                    "act_absmax": float(combined.absmax),
-                    "act_clip_ratio": round(clip / combined.absmax, 4),
-                    **layer_sqnr(lin, tap, scale, self.act_bits, weight, qweight),
+                    **figures,
+                    **layer_sqnr(lin, tap, sqnr_scale, self.act_bits, weight, qweight),
                 })
                 changed += 1
         ensure_opset(model, "", 21)
         remove_unused_initializers(graph)
         self.record.changed = changed
         return changed > 0
+
+    def _modality_scales(self, value_name: str, tap: TapStats, qmax: int) -> dict[int, float]:
+        """One static scale per modality (spec §2.3); a modality without rows borrows the other's (recorded)."""
+        scales: dict[int, float] = {}
+        for modality in (TEXT, IMAGE):
+            entry = tap.modality(modality)
+            if entry is not None and entry.absmax > 0.0:
+                scales[modality] = float(entry.clip_value(self.act_method, self.act_bits, self.act_percentile) / qmax)
+        for modality, other in ((TEXT, IMAGE), (IMAGE, TEXT)):
+            if modality not in scales:
+                scales[modality] = scales[other]
+                self.record.notes.append(
+                    f"MSQ {value_name}: no {MODALITY_NAMES[modality]} calibration rows, "
+                    f"{MODALITY_NAMES[modality]} tokens use the {MODALITY_NAMES[other]} scale")
+        return scales
