@@ -21,6 +21,9 @@ PASS_MODULES: dict[str, str] = {
     "upgrade_opset": "canonicalize:UpgradeOpsetPass",
     "fuse_norms": "canonicalize:FuseNormsPass",
     "quantize_linears": "quantize_linears:QuantizeLinearsPass",
+    "norm_folding": "norm_folding:FoldNormsPass",
+    "hadamard_rotation": "hadamard_rotation:RotateResidualPass",
+    "gptq_weights": "gptq_weights:GptqWeightsPass",
 }
 
 

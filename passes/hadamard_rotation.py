@@ -1,0 +1,289 @@
+"""QuaRot-style Hadamard rotations of the LLM decoder (spec/algorithms.md §2.6), folded into the weights.
+
+With R1 = D_s·H (random ±1 diagonal times a normalised Hadamard matrix, orthogonal) the decoder computes the
+same function on a rotated residual stream x·R1, because an affine-free RMSNorm commutes with it:
+RMSNorm₀(x R1) = RMSNorm₀(x)·R1 (§2.5; the γ must be folded first by ``norm_folding``).
+
+Rules, in the order the pass applies them:
+
+1. Precondition: every RMSNorm of the model is affine-free (γ all ones, or no scale) and there is no
+   LayerNorm. Otherwise the whole pass is refused with the reason (run ``norm_folding`` / ``ln_to_rmsnorm``).
+2. The residual stream is traced from the graph input ``entry`` (``inputs_embeds``): its values may only be read
+   by ``Shape``, by residual ``Add`` nodes whose other operand is also on the stream or is the output of a
+   writer linear (o/down/fc2), and by RMSNorms whose output is read only by linears (the *readers*: q/k/v,
+   gate/up, lm_head). Any other consumer, a stream value that is a graph output, or a writer whose output
+   leaves the stream refuses the whole pass with the reason: nothing is changed then.
+3. Entry: one ``MatMul(inputs_embeds, R1)`` is inserted at the graph input. When a whole model folder is
+   compiled, the embedding table and the projector's last linear could absorb it (E ← E·R1, W ← W·R1); the
+   decoder graph alone takes its embeddings from outside, so the MatMul stays here.
+4. Readers: W ← R1ᵀ·W (input side). Writers: W ← W·R1 and b ← b·R1 (output side). Weights or biases shared
+   with another node (a tied embedding) are copied first.
+5. Online Hadamard before each down/fc2 (``online_down``): ``MatMul(x, H_n)`` with H_n = hadamard_matrix(n) of
+   the intermediate size n (deterministic, no random signs), and W_down ← H_nᵀ·W_down. If n is no Hadamard size,
+   the activation is zero-padded to ``padded_size(n)`` by ``Pad(axes=[-1])`` and W_down gets zero rows first.
+6. Per-head V/O Hadamard (``rotate_vo``, off by default): the exact H_hd (no random signs) on v_proj's output
+   columns per kv-head block (bias too) and H_hdᵀ on o_proj's input rows per attention head. Attention mixes V
+   rows within a kv head, so this is exact with GQA. It changes what the KV cache holds (``present.*.value``
+   is V·H_hd per head): consistent for a cache that this graph wrote itself, but ``--verify`` compares every
+   output and reports it, and a float cache fed from outside would be misread. The head size comes from
+   ``head_dim`` / ``num_kv_heads`` or else from the ``past_key_values.*.value`` input shape
+   [batch, kv_heads, past, head_dim]. Fused qkv linears are refused for it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from mqc.hadamard import hadamard_matrix, padded_size, random_hadamard, supported_size
+from mqc.ir import add_initializer, constant_array, remove_unused_initializers
+from mqc.model_map import WRITER_ROLES, Linear, ModelMap
+from mqc.pass_manager import MqcPass
+from mqc.passes.norm_folding import live_uses, own_bias, own_weight, set_bias, set_weight
+
+PLAIN_RMSNORM = {"RMSNormalization", "SimplifiedLayerNormalization"}
+
+
+class RotationRefused(Exception):
+    """The graph does not have the structure the rotation needs; the message is the recorded reason."""
+
+
+class RotateResidualPass(MqcPass):
+    """Rotate the decoder's residual stream by R1, add online Hadamards before down_proj, optionally V/O."""
+
+    name = "hadamard_rotation"
+    function_preserving = True
+
+    def __init__(
+        self,
+        seed: int = 0,
+        entry: str = "inputs_embeds",
+        online_down: bool = True,
+        rotate_vo: bool = False,
+        head_dim: int | None = None,
+        num_kv_heads: int | None = None,
+    ) -> None:
+        super().__init__(seed=seed, entry=entry, online_down=online_down, rotate_vo=rotate_vo,
+                         head_dim=head_dim, num_kv_heads=num_kv_heads)
+        self.seed = seed
+        self.entry = entry
+        self.online_down = online_down
+        self.rotate_vo = rotate_vo
+        self.head_dim = head_dim
+        self.num_kv_heads = num_kv_heads
+
+    def run(self, model: ir.Model) -> bool:
+        graph = model.graph
+        model_map = self.ctx.model_map(model)
+        try:
+            self._check_norms(model_map)
+            entry, readers, writers = self._trace(graph, model_map)
+            heads = self._head_layout(graph, model_map) if self.rotate_vo else None
+        except RotationRefused as exc:
+            self.record.skip("model", str(exc))
+            return False
+        hidden = readers[0].in_features
+        r1 = random_hadamard(hidden, self.seed)
+        layers: dict[Any, dict[str, Any]] = {}
+
+        def row(lin: Linear) -> dict[str, Any]:
+            return layers.setdefault(lin.layer, {"layer": lin.layer, "readers": [], "writers": []})
+
+        self._rotate_entry(graph, entry, r1)
+        for lin in readers:
+            own_weight(graph, lin)
+            set_weight(lin, r1.T @ lin.weight_array().astype(np.float64))
+            row(lin)["readers"].append(lin.name)
+        for lin in writers:
+            own_weight(graph, lin)
+            set_weight(lin, lin.weight_array().astype(np.float64) @ r1)
+            if lin.bias is not None:
+                own_bias(graph, lin)
+                set_bias(lin, constant_array(lin.bias).astype(np.float64) @ r1)
+            row(lin)["writers"].append(lin.name)
+        changed = len(readers) + len(writers)
+        if self.online_down:
+            for lin in model_map.linears:
+                if lin.role in ("down", "fc2") and lin.component == "language":
+                    row(lin)["online_hadamard"] = self._online_hadamard(graph, lin)
+                    changed += 1
+        if heads is not None:
+            head_dim, kv_heads = heads
+            for lin in model_map.linears:
+                if lin.role in ("v", "o") and lin.component == "language":
+                    row(lin)[f"vo_hadamard_{lin.role}"] = self._rotate_head(graph, lin, head_dim, kv_heads)
+                    changed += 1
+        remove_unused_initializers(graph)
+        self.record.matched = len(model_map.linears)
+        self.record.changed = changed
+        self.record.layers.extend(sorted(layers.values(), key=lambda r: (r["layer"] is None, r["layer"] or 0)))
+        self.record.notes.append(f"R1 = random_hadamard({hidden}, seed={self.seed})")
+        self.record.notes.append(
+            f"R1 applied by MatMul at graph input {entry.name!r}: the embedding table / projector output could absorb it "
+            "when a whole model folder is compiled"
+        )
+        if heads is not None:
+            self.record.notes.append(
+                f"per-head V/O Hadamard (head_dim {heads[0]}, {heads[1]} kv heads): present.*.value holds V·H per head"
+            )
+        return True
+
+    # --- analysis -------------------------------------------------------------------------------------------
+
+    def _check_norms(self, model_map: ModelMap) -> None:
+        for norm in model_map.norms:
+            if norm.kind == "layernorm":
+                raise RotationRefused(f"{norm.name} is a LayerNorm: run ln_to_rmsnorm first")
+            if norm.scale is None:
+                continue
+            gamma = constant_array(norm.scale)
+            if gamma is None or not np.all(gamma == 1.0):
+                raise RotationRefused(f"{norm.name} has a non-folded gamma: run norm_folding first")
+
+    def _trace(self, graph: ir.Graph, model_map: ModelMap) -> tuple[ir.Value, list[Linear], list[Linear]]:
+        entry = next((v for v in graph.inputs if v.name == self.entry), None)
+        if entry is None:
+            raise RotationRefused(f"graph input {self.entry!r} (the residual stream's entry) not found")
+        linear_nodes = {id(lin.node): lin for lin in model_map.linears}
+        writer_out = {id(lin.output): lin for lin in model_map.linears if lin.role in WRITER_ROLES}
+        stream: dict[int, ir.Value] = {id(entry): entry}
+        frontier = [entry]
+        readers: dict[int, Linear] = {}
+        adds: dict[int, ir.Node] = {}
+        while frontier:
+            value = frontier.pop()
+            if value in graph.outputs:
+                raise RotationRefused(f"residual stream value {value.name} is a graph output")
+            for use in live_uses(value, graph):
+                node = use.node
+                if node.op_type == "Shape":
+                    continue
+                if node.op_type == "Add" and node.domain in ("", "ai.onnx"):
+                    adds[id(node)] = node
+                    nxt = node.outputs[0]
+                elif node.op_type in PLAIN_RMSNORM and use.idx == 0:
+                    out = node.outputs[0]
+                    if out in graph.outputs or not live_uses(out, graph):
+                        raise RotationRefused(f"norm {node.name} output is a graph output or unused")
+                    for norm_use in live_uses(out, graph):
+                        lin = linear_nodes.get(id(norm_use.node))
+                        if lin is None or norm_use.idx != 0:
+                            raise RotationRefused(
+                                f"norm {node.name} output is read by {norm_use.node.op_type} {norm_use.node.name}, "
+                                "not a linear"
+                            )
+                        readers[id(lin.node)] = lin
+                    continue
+                else:
+                    raise RotationRefused(
+                        f"residual stream value {value.name} is read by {node.op_type} {node.name}, which does not "
+                        "commute with the rotation"
+                    )
+                if id(nxt) not in stream:
+                    stream[id(nxt)] = nxt
+                    frontier.append(nxt)
+        writers: dict[int, Linear] = {}
+        for add in adds.values():
+            for operand in add.inputs:
+                if operand is None:
+                    raise RotationRefused(f"Add {add.name} has a missing operand")
+                if id(operand) in writer_out:
+                    writers[id(operand)] = writer_out[id(operand)]
+                elif id(operand) not in stream:
+                    raise RotationRefused(f"Add {add.name} adds {operand.name}, which is neither stream nor a writer output")
+        for lin in writers.values():
+            for use in live_uses(lin.output, graph):
+                if id(use.node) not in adds:
+                    raise RotationRefused(f"writer {lin.name} output is also read by {use.node.op_type} {use.node.name}")
+        if not readers:
+            raise RotationRefused("no linear reads the residual stream through an RMSNorm")
+        for lin in [*readers.values(), *writers.values()]:
+            if self.ctx.excluded(lin.name):
+                raise RotationRefused(f"{lin.name} matches --exclude, but every stream reader/writer must be rotated")
+        return entry, list(readers.values()), list(writers.values())
+
+    def _head_layout(self, graph: ir.Graph, model_map: ModelMap) -> tuple[int, int]:
+        if model_map.by_role("qkv"):
+            raise RotationRefused("rotate_vo: fused qkv linears are not supported")
+        head_dim, kv_heads = self.head_dim, self.num_kv_heads
+        cache = next((v for v in graph.inputs if v.name and v.name.startswith("past_key_values") and v.name.endswith("value")), None)
+        if cache is not None and cache.shape is not None and len(cache.shape) == 4:
+            dims = cache.shape.dims
+            if head_dim is None and isinstance(dims[3], int):
+                head_dim = dims[3]
+            if kv_heads is None and isinstance(dims[1], int):
+                kv_heads = dims[1]
+        v_lins = model_map.by_role("v")
+        if head_dim is None and kv_heads is not None and v_lins:
+            head_dim = v_lins[0].out_features // kv_heads
+        if head_dim is None:
+            raise RotationRefused("rotate_vo: head_dim unknown (no past_key_values.*.value input); set head_dim")
+        if not supported_size(head_dim):
+            raise RotationRefused(f"rotate_vo: no Hadamard matrix of head_dim {head_dim}")
+        for lin in [*v_lins, *model_map.by_role("o")]:
+            width = lin.out_features if lin.role == "v" else lin.in_features
+            if width % head_dim:
+                raise RotationRefused(f"rotate_vo: {lin.name} width {width} is not a multiple of head_dim {head_dim}")
+        return head_dim, kv_heads or 0
+
+    # --- rewriting ------------------------------------------------------------------------------------------
+
+    def _rotate_entry(self, graph: ir.Graph, entry: ir.Value, r1: np.ndarray) -> None:
+        dtype = entry.dtype.numpy() if entry.dtype is not None else np.float32
+        r_value = add_initializer(graph, "mqc.R1", r1.astype(dtype))
+        uses = live_uses(entry, graph)
+        node = ir.node("MatMul", [entry, r_value], name="mqc/rotate_residual_entry")
+        node.outputs[0].name = f"{entry.name}_rotated"
+        node.outputs[0].dtype = entry.dtype
+        node.outputs[0].shape = entry.shape
+        graph.insert_before(next(iter(graph)), [node])
+        for use in uses:
+            use.node.replace_input_with(use.idx, node.outputs[0])
+
+    def _online_hadamard(self, graph: ir.Graph, lin: Linear) -> dict[str, Any]:
+        n = lin.in_features
+        size = n if supported_size(n) else padded_size(n)
+        x = lin.input
+        dtype = constant_array(lin.weight).dtype
+        name = f"mqc.H{size}"
+        h_value = graph.initializers.get(name)
+        if h_value is None:
+            h_value = add_initializer(graph, name, hadamard_matrix(size).astype(dtype))
+        nodes = []
+        if size != n:
+            pads = add_initializer(graph, f"{lin.name}/hadamard_pads", np.array([0, size - n], dtype=np.int64))
+            axes = add_initializer(graph, f"{lin.name}/hadamard_axes", np.array([-1], dtype=np.int64))
+            pad = ir.node("Pad", [x, pads, None, axes], name=f"{lin.name}/hadamard_pad")
+            pad.outputs[0].name = f"{lin.name}/hadamard_padded"
+            nodes.append(pad)
+            x = pad.outputs[0]
+        matmul = ir.node("MatMul", [x, h_value], name=f"{lin.name}/online_hadamard")
+        matmul.outputs[0].name = f"{lin.name}/hadamard_out"
+        nodes.append(matmul)
+        graph.insert_before(lin.node, nodes)
+        lin.node.replace_input_with(0, matmul.outputs[0])
+        weight = lin.weight_array().astype(np.float64)
+        if size != n:
+            weight = np.vstack([weight, np.zeros((size - n, weight.shape[1]))])
+        own_weight(graph, lin)
+        set_weight(lin, hadamard_matrix(size).T @ weight)
+        return {"size": n, "hadamard_size": size, "padded": size != n}
+
+    def _rotate_head(self, graph: ir.Graph, lin: Linear, head_dim: int, kv_heads: int) -> dict[str, Any]:
+        h = hadamard_matrix(head_dim)
+        own_weight(graph, lin)
+        weight = lin.weight_array().astype(np.float64)
+        if lin.role == "v":  # output columns, one H per kv-head block
+            blocks = weight.shape[1] // head_dim
+            weight = (weight.reshape(-1, blocks, head_dim) @ h).reshape(weight.shape)
+            if lin.bias is not None:
+                own_bias(graph, lin)
+                bias = constant_array(lin.bias).astype(np.float64)
+                set_bias(lin, (bias.reshape(blocks, head_dim) @ h).reshape(-1))
+        else:  # o: input rows, Hᵀ per attention head
+            blocks = weight.shape[0] // head_dim
+            weight = np.einsum("ji,bjo->bio", h, weight.reshape(blocks, head_dim, -1)).reshape(weight.shape)
+        set_weight(lin, weight)
+        return {"head_dim": head_dim, "blocks": blocks, "kv_heads": kv_heads}

@@ -1,0 +1,146 @@
+"""Fold RMSNorm gammas into the linears that read them (spec/algorithms.md §2.5 step 4, LLM side).
+
+An RMSNorm ``y = x / rms(x) · γ`` read only by linears ``y @ W`` computes the same as ``(x / rms(x)) @ (diag(γ) W)``:
+γ scales the input rows of W ([in, out] layout; the input columns of a Gemm ``transB`` weight [out, in]). After
+the fold the norm is affine-free (γ = 1), which is what the residual rotation (§2.6) needs, since
+RMSNorm₀(xR) = RMSNorm₀(x)·R only holds without γ.
+
+Rules, per normalization node of the model map:
+
+1. ``RMSNormalization`` / ``SimplifiedLayerNormalization`` (and the Skip variant, on its first output) whose
+   output is read *only* by linears of the model map is folded: every reader's weight gets W ← diag(γ)·W, then
+   the norm's scale input is replaced by a new all-ones initializer (the norm node stays, affine-free).
+2. A reader weight used by anything else (another node, a tied embedding ``Gather``) is copied first, so the
+   fold never changes another consumer ("untie"; recorded as a note).
+3. A shared γ initializer (exporters deduplicate equal gammas) is never modified in place: each folded norm
+   gets its own ones.
+4. Refused, with the reason recorded: ``LayerNormalization`` (it needs ``ln_to_rmsnorm`` first: LN does not
+   commute with the centering, §2.5), a norm whose output has a non-linear consumer or is a graph output, a γ that
+   is not a constant, and readers excluded by ``--exclude``. A γ already all ones is left as is (a note).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from mqc.ir import add_initializer, constant_array, remove_unused_initializers, replace_initializer
+from mqc.model_map import Linear, Norm
+from mqc.pass_manager import MqcPass
+
+
+def live_uses(value: ir.Value, graph: ir.Graph) -> list[ir.Usage]:
+    """Uses of ``value`` by nodes that are in ``graph`` (a rewriter's discarded candidates can linger as uses)."""
+    return [use for use in value.uses() if use.node.graph is graph]
+
+
+def own_weight(graph: ir.Graph, linear: Linear) -> bool:
+    """Make ``linear.weight`` an initializer only ``linear.node`` uses (copy it otherwise); True if copied."""
+    weight = linear.weight
+    users = {id(use.node) for use in live_uses(weight, graph)}
+    if users == {id(linear.node)} and weight not in graph.outputs and weight.const_value is not None:
+        return False
+    array = constant_array(weight)
+    assert array is not None
+    copy = add_initializer(graph, f"{linear.name}.weight", np.array(array, copy=True))
+    linear.node.replace_input_with(1, copy)
+    linear.weight = copy
+    return True
+
+
+def own_bias(graph: ir.Graph, linear: Linear) -> None:
+    """Make the bias initializer private to the linear (copy when shared)."""
+    bias = linear.bias
+    if bias is None:
+        return
+    holder = linear.bias_node if linear.bias_node is not None else linear.node
+    users = {id(use.node) for use in live_uses(bias, graph)}
+    if users == {id(holder)} and bias.const_value is not None:
+        return
+    array = constant_array(bias)
+    assert array is not None
+    copy = add_initializer(graph, f"{linear.name}.bias", np.array(array, copy=True))
+    for index, inp in enumerate(holder.inputs):
+        if inp is bias:
+            holder.replace_input_with(index, copy)
+    linear.bias = copy
+
+
+def set_weight(linear: Linear, weight_in_out: np.ndarray) -> None:
+    """Store a new [in, out] weight into the linear's (private) initializer, in the layout the graph uses."""
+    old = constant_array(linear.weight)
+    assert old is not None
+    stored = weight_in_out.T if linear.transposed else weight_in_out
+    replace_initializer(linear.weight, np.ascontiguousarray(stored).astype(old.dtype))
+
+
+def set_bias(linear: Linear, bias: np.ndarray) -> None:
+    old = constant_array(linear.bias)
+    assert old is not None and linear.bias is not None
+    replace_initializer(linear.bias, bias.astype(old.dtype))
+
+
+class FoldNormsPass(MqcPass):
+    """Fold each RMSNorm's γ into its reader linears and make the norm affine-free."""
+
+    name = "norm_folding"
+    function_preserving = True
+
+    def run(self, model: ir.Model) -> bool:
+        graph = model.graph
+        model_map = self.ctx.model_map(model)
+        linear_nodes = {id(lin.node): lin for lin in model_map.linears}
+        changed = 0
+        for norm in model_map.norms:
+            self.record.matched += 1
+            reason = self._refusal(graph, norm, linear_nodes)
+            if reason is not None:
+                self.record.skip(norm.name, reason)
+                continue
+            gamma = constant_array(norm.scale).astype(np.float64)
+            if np.all(gamma == 1.0):
+                self.record.notes.append(f"{norm.name}: gamma is already all ones, nothing to fold")
+                continue
+            readers = [linear_nodes[id(use.node)] for use in live_uses(norm.node.outputs[0], graph)]
+            readers = list({id(r): r for r in readers}.values())
+            for lin in readers:
+                if own_weight(graph, lin):
+                    self.record.notes.append(f"{lin.name}: weight shared with another node, copied before folding (untied)")
+                set_weight(lin, gamma[:, None] * lin.weight_array().astype(np.float64))
+            scale = norm.scale
+            ones = add_initializer(graph, f"{norm.name}.weight_folded", np.ones_like(constant_array(scale)))
+            index = 2 if norm.node.op_type.startswith("Skip") else 1
+            norm.node.replace_input_with(index, ones)
+            self.record.layers.append({
+                "name": norm.name, "op": norm.node.op_type, "readers": [r.name for r in readers],
+                "gamma_absmax": round(float(np.max(np.abs(gamma))), 6), "gamma_min": round(float(np.min(gamma)), 6),
+            })
+            changed += 1
+        if changed:
+            remove_unused_initializers(graph)
+        self.record.changed = changed
+        return changed > 0
+
+    def _refusal(self, graph: ir.Graph, norm: Norm, linear_nodes: dict[int, Linear]) -> str | None:
+        if norm.kind == "layernorm":
+            return "LayerNorm: needs ln_to_rmsnorm first"
+        output = norm.node.outputs[0]
+        if output in graph.outputs:
+            return "norm output is a graph output"
+        uses = live_uses(output, graph)
+        if not uses:
+            return "norm output has no consumer"
+        for use in uses:
+            lin = linear_nodes.get(id(use.node))
+            if lin is None or use.idx != 0:
+                return f"norm output has a non-linear consumer: {use.node.op_type} {use.node.name}"
+            if self.ctx.excluded(lin.name):
+                return f"reader {lin.name} matches --exclude"
+        if norm.scale is None:
+            return "norm has no scale input (already affine-free)"
+        gamma = constant_array(norm.scale)
+        if gamma is None:
+            return "gamma is not a constant"
+        if gamma.ndim != 1:
+            return f"gamma is {gamma.ndim}-D, not a vector"
+        return None
