@@ -24,6 +24,7 @@ PASS_MODULES: dict[str, str] = {
     "norm_folding": "norm_folding:FoldNormsPass",
     "hadamard_rotation": "hadamard_rotation:RotateResidualPass",
     "gptq_weights": "gptq_weights:GptqWeightsPass",
+    "smoothquant": "smoothquant:SmoothQuantPass",
 }
 
 
