@@ -232,7 +232,7 @@ class RotateResidualPass(MqcPass):
 
     def _rotate_entry(self, graph: ir.Graph, entry: ir.Value, r1: np.ndarray) -> None:
         dtype = entry.dtype.numpy() if entry.dtype is not None else np.float32
-        r_value = add_initializer(graph, "mqc.R1", r1.astype(dtype))
+        r_value = self._scaled_sign_matrix(graph, "mqc.R1", r1, dtype)
         uses = live_uses(entry, graph)
         node = ir.node("MatMul", [entry, r_value], name="mqc/rotate_residual_entry")
         node.outputs[0].name = f"{entry.name}_rotated"
@@ -242,15 +242,33 @@ class RotateResidualPass(MqcPass):
         for use in uses:
             use.node.replace_input_with(use.idx, node.outputs[0])
 
+    def _scaled_sign_matrix(self, graph: ir.Graph, name: str, matrix: np.ndarray, dtype: np.dtype) -> ir.Value:
+        """``Mul(Cast(S), 1/sqrt(n))`` for a matrix with entries ±1/sqrt(n), computed once per name.
+
+        Stored as ±1 int8, not as a float initializer: a ``MatMul`` with a constant float weight is a linear
+        layer of the model map, and the rotation must not be quantized as one.
+        """
+        cache = self.__dict__.setdefault("_matrices", {})
+        if name in cache:
+            return cache[name]
+        n = matrix.shape[0]
+        signs = np.rint(matrix * np.sqrt(n))
+        assert np.array_equal(np.abs(signs), np.ones_like(signs)), "not a scaled ±1 matrix"
+        s_value = add_initializer(graph, f"{name}.signs", signs.astype(np.int8))
+        f_value = add_initializer(graph, f"{name}.scale", np.array(1.0 / np.sqrt(n), dtype=dtype))
+        cast = ir.node("Cast", [s_value], attributes={"to": ir.DataType.from_numpy(np.dtype(dtype))}, name=f"{name}/cast")
+        mul = ir.node("Mul", [cast.outputs[0], f_value], name=f"{name}/scale")
+        mul.outputs[0].name = name
+        graph.insert_before(next(iter(graph)), [cast, mul])
+        cache[name] = mul.outputs[0]
+        return mul.outputs[0]
+
     def _online_hadamard(self, graph: ir.Graph, lin: Linear) -> dict[str, Any]:
         n = lin.in_features
         size = n if supported_size(n) else padded_size(n)
         x = lin.input
         dtype = constant_array(lin.weight).dtype
-        name = f"mqc.H{size}"
-        h_value = graph.initializers.get(name)
-        if h_value is None:
-            h_value = add_initializer(graph, name, hadamard_matrix(size).astype(dtype))
+        h_value = self._scaled_sign_matrix(graph, f"mqc.H{size}", hadamard_matrix(size), dtype)
         nodes = []
         if size != n:
             pads = add_initializer(graph, f"{lin.name}/hadamard_pads", np.array([0, size - n], dtype=np.int64))

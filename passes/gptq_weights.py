@@ -1,0 +1,163 @@
+"""Static W{4,8}A8 QDQ quantization with GPTQ weights (spec/algorithms.md §2.6, "Weights").
+
+The same QDQ form as ``quantize_linears`` (its ``insert_activation_qdq`` / ``insert_weight_dequant`` helpers), with
+the weights rounded by GPTQ (``mqc.gptq.gptq_quantize``: symmetric, per output channel, act_order, percdamp 0.01,
+MSE clip search) against the Hessian of the float activations of the current, already rotated, graph.
+
+Rules, in order:
+
+1. Linears are selected as in ``quantize_linears`` (``skip_roles``, default ``lm_head``; ``--exclude``; group
+   size divisibility), each refusal recorded.
+2. Hessians with bounded memory: the selected linears are grouped by block (``layers_per_group`` decoder
+   layers per calibration run; linears without a block index form one last group). Each run taps only that
+   group's input values with Gram matrices (Σxᵀx per modality, summed over modalities: one Hessian for both),
+   so at most one group's K×K matrices live at a time. H = 2/n·Σxᵀx.
+3. All Hessians come from the float graph: the graph is rewritten only after every group is quantized
+   (MQuant configures activation quantizers after GPTQ, §2.6).
+4. Activations: one static symmetric per-tensor scale per input value, shared by both modalities and by all
+   linears reading it, from ``act_method`` (minmax / percentile / mse) over the same calibration runs.
+5. Each layer records, next to the output SQNR, GPTQ's relative output error ‖X(W−Ŵ)‖/‖XW‖ and the same figure
+   for round-to-nearest with the same scales' search (``rtn_rel_error``), so the gain is visible.
+   A Hessian that is not positive definite after damping is a refusal for that linear (left in float).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from mqc.calibration import TapStats
+from mqc.errors import NothingToQuantizeError
+from mqc.gptq import gptq_quantize, relative_output_error
+from mqc.ir import ensure_opset, remove_unused_initializers
+from mqc.model_map import Linear
+from mqc.passes.quantize_linears import QuantizeLinearsPass, insert_activation_qdq, insert_weight_dequant, layer_sqnr
+from mqc.quantizer import QuantizedWeight, qrange, quantize_weight_rtn
+
+
+def _hessian(tap: TapStats) -> tuple[np.ndarray | None, int]:
+    grams = [s.gram for s in tap.by_modality.values() if s.gram is not None and s.rows > 0]
+    rows = sum(s.rows for s in tap.by_modality.values() if s.gram is not None)
+    if not grams or rows == 0:
+        return None, 0
+    return np.sum(grams, axis=0) * (2.0 / rows), rows
+
+
+class GptqWeightsPass(QuantizeLinearsPass):
+    """QDQ quantization like ``quantize_linears``, with GPTQ weights from per-group float Hessians."""
+
+    name = "gptq_weights"
+
+    def __init__(
+        self,
+        weight_bits: int = 4,
+        act_bits: int = 8,
+        act_method: str = "minmax",
+        act_percentile: float = 99.99,
+        weight_mse_clip: bool = True,
+        group_size: int | None = None,
+        skip_roles: Sequence[str] = ("lm_head",),
+        act_order: bool = True,
+        percdamp: float = 0.01,
+        block_size: int = 128,
+        layers_per_group: int = 1,
+    ) -> None:
+        super().__init__(weight_bits, act_bits, act_method, act_percentile, weight_mse_clip, group_size, skip_roles)
+        if layers_per_group < 1:
+            raise ValueError("layers_per_group must be at least 1")
+        self.params.update(act_order=act_order, percdamp=percdamp, block_size=block_size, layers_per_group=layers_per_group)
+        self.record.params = dict(self.params)
+        self.act_order = act_order
+        self.percdamp = percdamp
+        self.block_size = block_size
+        self.layers_per_group = layers_per_group
+
+    def _groups(self, linears: Sequence[Linear]) -> list[list[Linear]]:
+        by_block: dict[int | None, list[Linear]] = {}
+        for lin in linears:
+            key = None if lin.layer is None else lin.layer // self.layers_per_group
+            by_block.setdefault(key, []).append(lin)
+        keys = sorted(k for k in by_block if k is not None) + ([None] if None in by_block else [])
+        return [by_block[k] for k in keys]
+
+    def run(self, model: ir.Model) -> bool:
+        model_map = self.ctx.model_map(model)
+        self.record.matched = len(model_map.linears)
+        for refusal in model_map.refused:
+            self.record.skip(refusal.node, refusal.reason)
+        selected = self.select(model_map.linears)
+        if not selected:
+            raise NothingToQuantizeError("the model has no linear layer with a constant float weight to quantize")
+        stats: dict[str, TapStats] = {}
+        results: dict[int, tuple[QuantizedWeight, dict[str, float]]] = {}
+        groups = self._groups(selected)
+        for index, group in enumerate(groups):
+            taps = list(dict.fromkeys(lin.input.name for lin in group))
+            group_stats = self.ctx.calibrate(model, taps, gram_taps=taps, label=f"GPTQ Hessians {index + 1}/{len(groups)}")
+            for lin in group:
+                tap = group_stats.get(lin.input.name)
+                hessian, rows = _hessian(tap) if tap is not None else (None, 0)
+                if hessian is None:
+                    continue
+                weight = lin.weight_array()
+                try:
+                    qweight, rel = gptq_quantize(
+                        weight, hessian, self.weight_bits, self.group_size, act_order=self.act_order,
+                        percdamp=self.percdamp, block_size=self.block_size, mse_clip=self.weight_mse_clip,
+                    )
+                except ValueError as exc:
+                    self.record.skip(lin.name, f"GPTQ failed: {exc}")
+                    results[id(lin.node)] = (None, {})  # type: ignore[assignment]
+                    continue
+                rtn = quantize_weight_rtn(weight, self.weight_bits, self.group_size, self.weight_mse_clip)
+                rtn_rel = relative_output_error(weight, rtn.dequantize(), hessian)
+                results[id(lin.node)] = (qweight, {"gptq_rel_error": round(rel, 5), "rtn_rel_error": round(rtn_rel, 5), "hessian_rows": rows})
+            for name, tap in group_stats.items():
+                for entry in tap.by_modality.values():
+                    entry.gram = None  # keep the small statistics, drop the K×K matrices
+                stats[name] = tap
+        return self._emit(model, selected, stats, results)
+
+    def _emit(self, model: ir.Model, selected: Sequence[Linear], stats: dict[str, TapStats], results: dict) -> bool:
+        graph = model.graph
+        readers: dict[str, list[Linear]] = {}
+        for lin in selected:
+            if results.get(id(lin.node), (None,))[0] is None:
+                if id(lin.node) not in results:
+                    self.record.skip(lin.name, "no calibration data reached its input (or it is all zeros)")
+                continue
+            readers.setdefault(lin.input.name, []).append(lin)
+        qmax = qrange(self.act_bits)[1]
+        changed = 0
+        for value_name, group in readers.items():
+            tap = stats.get(value_name)
+            combined = tap.combined() if tap is not None else None
+            if combined is None or combined.rows == 0 or combined.absmax == 0.0:
+                for lin in group:
+                    self.record.skip(lin.name, "no calibration data reached its input (or it is all zeros)")
+                continue
+            clip = combined.clip_value(self.act_method, self.act_bits, self.act_percentile)
+            scale = clip / qmax
+            insert_activation_qdq(graph, group[0].input, scale, self.act_bits, [lin.node for lin in group])
+            for lin in group:
+                qweight, figures = results[id(lin.node)]
+                weight = lin.weight_array()
+                insert_weight_dequant(graph, lin, qweight)
+                self.record.layers.append({
+                    **lin.to_dict(),
+                    "w_bits": self.weight_bits,
+                    "a_bits": self.act_bits,
+                    "weight_method": "gptq",
+                    "act_scale": float(scale),
+                    "act_absmax": float(combined.absmax),
+                    "act_clip_ratio": round(clip / combined.absmax, 4),
+                    **figures,
+                    **layer_sqnr(lin, tap, scale, self.act_bits, weight, qweight),
+                })
+                changed += 1
+        ensure_opset(model, "", 21)
+        remove_unused_initializers(graph)
+        self.record.changed = changed
+        return changed > 0
