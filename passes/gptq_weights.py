@@ -27,13 +27,18 @@ from collections.abc import Sequence
 
 import numpy as np
 import onnx_ir as ir
+from mqc.passes.quantize_linears import (
+    QuantizeLinearsPass,
+    insert_activation_qdq,
+    insert_weight_dequant,
+    layer_sqnr,
+)
 
 from mqc.calibration import TapStats
 from mqc.errors import NothingToQuantizeError
 from mqc.gptq import gptq_quantize, relative_output_error
 from mqc.ir import ensure_opset, remove_unused_initializers
 from mqc.model_map import Linear
-from mqc.passes.quantize_linears import QuantizeLinearsPass, insert_activation_qdq, insert_weight_dequant, layer_sqnr
 from mqc.quantizer import QuantizedWeight, qrange, quantize_weight_rtn
 
 

@@ -36,12 +36,12 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+from mqc.passes.norm_folding import live_uses, own_bias, own_weight, set_bias, set_weight
 
 from mqc.hadamard import hadamard_matrix, padded_size, random_hadamard, supported_size
 from mqc.ir import add_initializer, constant_array, remove_unused_initializers
 from mqc.model_map import WRITER_ROLES, Linear, ModelMap
 from mqc.pass_manager import MqcPass
-from mqc.passes.norm_folding import live_uses, own_bias, own_weight, set_bias, set_weight
 
 PLAIN_RMSNORM = {"RMSNormalization", "SimplifiedLayerNormalization"}
 
