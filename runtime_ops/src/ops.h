@@ -20,9 +20,7 @@
 namespace mqc {
 
 void add_cpu_ops(Ort::CustomOpDomain& domain);
-#if defined(MQC_WITH_CUDA)
-void add_cuda_ops(Ort::CustomOpDomain& domain);
-#endif
+void add_cuda_ops(Ort::CustomOpDomain& domain);  // libmqc_ops_cuda.so only
 
 // Input positions of QuantLinear.
 enum QuantLinearInput : size_t {
@@ -39,11 +37,15 @@ enum QuantLinearInput : size_t {
   kQlNumInputs
 };
 
-// Per-token modality from the optional inputs, validated against the token count.
+// Per-token modality from the optional inputs, validated against the token count. The _shapes form checks
+// types and shapes only and reads no value (device inputs); the other one also reads the split index (host).
+ModalitySelector modality_from_inputs_shapes(const char* op, const TensorView& ids, const TensorView& split,
+                                             const std::vector<int64_t>& x_shape, int64_t tokens);
 ModalitySelector modality_from_inputs(const char* op, const TensorView& ids, const TensorView& split,
                                       const std::vector<int64_t>& x_shape, int64_t tokens);
 
-// Shared entry point, used by register_cpu.cc and register_cuda.cc.
-OrtStatus* register_domain(OrtSessionOptions* options, const OrtApiBase* api_base, bool with_cuda);
+// Shared entry point of register_cpu.cc and register_cuda.cc: the CPU ops, plus add_more's (the CUDA ones).
+OrtStatus* register_domain(OrtSessionOptions* options, const OrtApiBase* api_base,
+                           void (*add_more)(Ort::CustomOpDomain&));
 
 }  // namespace mqc

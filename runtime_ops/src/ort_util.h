@@ -89,6 +89,26 @@ inline TensorView view(const Ort::ConstValue& v) {
   return t;
 }
 
+template <typename T>
+constexpr ONNXTensorElementDataType onnx_type();
+template <>
+constexpr ONNXTensorElementDataType onnx_type<float>() { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+template <>
+constexpr ONNXTensorElementDataType onnx_type<Ort::Float16_t>() { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16; }
+template <>
+constexpr ONNXTensorElementDataType onnx_type<int8_t>() { return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8; }
+
+inline const char* type_name(ONNXTensorElementDataType t) {
+  switch (t) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return "float";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return "float16";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8: return "int8";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: return "uint8";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64: return "int64";
+    default: return "other";
+  }
+}
+
 // Run fn(i) for i in [0, total) on the session's intra-op thread pool.
 template <typename F>
 void parallel_for(Ort::KernelContext& ctx, size_t total, F&& fn) {

@@ -3,5 +3,5 @@
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
 RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api) {
-  return mqc::register_domain(options, api, /*with_cuda=*/false);
+  return mqc::register_domain(options, api, /*add_more=*/nullptr);
 }

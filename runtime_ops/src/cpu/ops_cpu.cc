@@ -9,8 +9,8 @@
 
 namespace mqc {
 
-ModalitySelector modality_from_inputs(const char* op, const TensorView& ids, const TensorView& split,
-                                      const std::vector<int64_t>& x_shape, int64_t tokens) {
+ModalitySelector modality_from_inputs_shapes(const char* op, const TensorView& ids, const TensorView& split,
+                                             const std::vector<int64_t>& x_shape, int64_t tokens) {
   ModalitySelector sel;
   if (ids.data) {
     if (ids.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64) fail(op, "modality_ids must be int64");
@@ -21,34 +21,23 @@ ModalitySelector modality_from_inputs(const char* op, const TensorView& ids, con
   } else if (split.data) {
     if (split.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 || split.size() != 1)
       fail(op, "split must be one int64 (the number of leading image tokens)");
-    sel.split = *static_cast<const int64_t*>(split.data);
+    sel.split = 0;  // present; the value is read by the caller (it may live on the device)
     sel.seq_len = x_shape.size() >= 3 ? x_shape[x_shape.size() - 2] : tokens;
+  }
+  return sel;
+}
+
+ModalitySelector modality_from_inputs(const char* op, const TensorView& ids, const TensorView& split,
+                                      const std::vector<int64_t>& x_shape, int64_t tokens) {
+  ModalitySelector sel = modality_from_inputs_shapes(op, ids, split, x_shape, tokens);
+  if (sel.split >= 0) {
+    sel.split = *static_cast<const int64_t*>(split.data);
     if (sel.split < 0) fail(op, "split must be >= 0, got ", sel.split);
   }
   return sel;
 }
 
 namespace {
-
-template <typename T>
-constexpr ONNXTensorElementDataType onnx_type();
-template <>
-constexpr ONNXTensorElementDataType onnx_type<float>() { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
-template <>
-constexpr ONNXTensorElementDataType onnx_type<Ort::Float16_t>() { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16; }
-template <>
-constexpr ONNXTensorElementDataType onnx_type<int8_t>() { return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8; }
-
-const char* type_name(ONNXTensorElementDataType t) {
-  switch (t) {
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return "float";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return "float16";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8: return "int8";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: return "uint8";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64: return "int64";
-    default: return "other";
-  }
-}
 
 void expect_float_vector(const char* op, const char* what, const TensorView& t, int64_t n) {
   if (t.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) fail(op, what, " must be float32, got ", type_name(t.type));
@@ -384,7 +373,7 @@ const OrtApi* any_api(const OrtApiBase* base) {
 }
 }  // namespace
 
-OrtStatus* register_domain(OrtSessionOptions* options, const OrtApiBase* api_base, bool with_cuda) {
+OrtStatus* register_domain(OrtSessionOptions* options, const OrtApiBase* api_base, void (*add_more)(Ort::CustomOpDomain&)) {
   const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
   if (!api) {
     const OrtApi* older = any_api(api_base);
@@ -400,9 +389,7 @@ OrtStatus* register_domain(OrtSessionOptions* options, const OrtApiBase* api_bas
   MQC_GUARD({
     auto domain = std::make_unique<Ort::CustomOpDomain>(kDomain);
     add_cpu_ops(*domain);
-#if defined(MQC_WITH_CUDA)
-    if (with_cuda) add_cuda_ops(*domain);
-#endif
+    if (add_more) add_more(*domain);
     Ort::UnownedSessionOptions(options).Add(*domain);
     keep.push_back(std::move(domain));
   })

@@ -1,0 +1,370 @@
+// CUDA QuantLinear: static activation quantization, int8 x int8 tensor-core GEMM (int4 weights unpacked to int8
+// while staging into shared memory), dequantizing epilogue with bias, optional low-rank and channel-0 branches.
+//
+// Why hand-written mma.sync kernels rather than CUTLASS or cuBLASLt: no extra multi-GB dependency at build or run
+// time (the CUDA 13 toolkit here has no cuBLAS, and a cuBLAS from PyPI would have to match onnxruntime-gpu's CUDA
+// major), a CUDA compile of a few small kernels instead of CUTLASS template instantiations (CI compiles the
+// library on two cores), and the W4 unpack and the per-token (modality) scale live in our own load and epilogue.
+//
+// Prefill (M > 16): 128x128x64 block tiles, 8 warps of 64x32, mma.sync.m16n8k32 s8 -> s32, double-buffered
+// shared memory staged through registers, rows padded by 16 bytes (conflict-free 32-bit fragment loads).
+// Decode (M <= 16): one warp per output column streams the weight row with 16-byte loads and __dp4a; the weight
+// bytes are read once, so W4 (half the bytes) is the faster format.
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "cuda/kernels.h"
+
+namespace mqc {
+namespace cuda {
+namespace {
+
+constexpr int BM = 128, BN = 128, BK = 64, PAD = 16, THREADS = 256;
+
+__device__ __forceinline__ int token_modality(const Modality& mo, int64_t m) {
+  if (mo.ids) return mo.ids[m] == 1 ? 1 : 0;
+  if (mo.split) return (m % mo.seq_len) < *mo.split ? 1 : 0;
+  return 0;
+}
+
+__device__ __forceinline__ float row_scale_of(const QuantLinearParams& p, int64_t m) {
+  return p.act_scale[p.n_act == 2 ? token_modality(p.modality, m) : 0];
+}
+
+template <int KIND>
+__global__ void quantize_kernel(QuantLinearParams p, int8_t* A, float* row_scale) {
+  const int64_t m = blockIdx.x;
+  const float s = row_scale_of(p, m);
+  if (threadIdx.x == 0) row_scale[m] = s;
+  int8_t* a = A + m * p.Kp;
+  for (int64_t k = threadIdx.x; k < p.Kp; k += blockDim.x) {
+    int8_t q = 0;
+    if (k < p.K) {
+      const int64_t idx = m * p.Kx + p.col0 + k;
+      if (KIND == 2) {
+        q = static_cast<const int8_t*>(p.x)[idx];
+      } else {
+        const float v = KIND == 0 ? static_cast<const float*>(p.x)[idx] : __half2float(static_cast<const __half*>(p.x)[idx]);
+        float r = rintf(__fdiv_rn(v, s));  // IEEE division and half-to-even, as onnxruntime's QuantizeLinear
+        r = fminf(fmaxf(r, -128.f), 127.f);
+        q = static_cast<int8_t>(static_cast<int>(r));
+      }
+    }
+    a[k] = q;
+  }
+}
+
+// 8 signed nibbles (4 packed bytes, low nibble = even k) -> 8 int8 in k order, as two 32-bit words.
+__device__ __forceinline__ void unpack_int4(uint32_t w, uint32_t& k0_3, uint32_t& k4_7) {
+  const uint32_t lo = __vsub4((w & 0x0F0F0F0Fu) ^ 0x08080808u, 0x08080808u);
+  const uint32_t hi = __vsub4(((w >> 4) & 0x0F0F0F0Fu) ^ 0x08080808u, 0x08080808u);
+  k0_3 = __byte_perm(lo, hi, 0x5140);
+  k4_7 = __byte_perm(lo, hi, 0x7362);
+}
+
+__device__ __forceinline__ void mma_s8(int32_t (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <typename T>
+__device__ __forceinline__ void store_out(T* y, int64_t idx, float v);
+template <>
+__device__ __forceinline__ void store_out<float>(float* y, int64_t idx, float v) { y[idx] = v; }
+template <>
+__device__ __forceinline__ void store_out<__half>(__half* y, int64_t idx, float v) { y[idx] = __float2half_rn(v); }
+
+template <bool W4, typename TOut>
+__global__ void __launch_bounds__(THREADS) gemm_kernel(QuantLinearParams p, const int8_t* __restrict__ A,
+                                                       const float* __restrict__ row_scale) {
+  __shared__ __align__(16) int8_t As[2][BM][BK + PAD];
+  __shared__ __align__(16) int8_t Bs[2][BN][BK + PAD];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int warp_m = warp >> 2, warp_n = warp & 3;  // 2 x 4 warps, each 64 x 32
+  const int g = lane >> 2, t = lane & 3;
+  const int64_t bm = static_cast<int64_t>(blockIdx.y) * BM, bn = static_cast<int64_t>(blockIdx.x) * BN;
+  const int64_t KT = p.Kp / BK;
+  const uint8_t* W = static_cast<const uint8_t*>(p.w);
+
+  uint4 ra[2], rb[2];
+  auto load_global = [&](int64_t kt) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int c = tid + i * THREADS, row = c >> 2, col = (c & 3) * 16;
+      const int64_t m = bm + row;
+      ra[i] = m < p.M ? *reinterpret_cast<const uint4*>(A + m * p.Kp + kt * BK + col) : make_uint4(0, 0, 0, 0);
+    }
+    if (!W4) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int c = tid + i * THREADS, row = c >> 2, col = (c & 3) * 16;
+        const int64_t n = bn + row;
+        rb[i] = n < p.N ? *reinterpret_cast<const uint4*>(W + n * p.Kp + kt * BK + col) : make_uint4(0, 0, 0, 0);
+      }
+    } else {
+      const int row = tid >> 1, half = tid & 1;
+      const int64_t n = bn + row;
+      rb[0] = n < p.N ? *reinterpret_cast<const uint4*>(W + n * (p.Kp / 2) + kt * (BK / 2) + half * 16)
+                      : make_uint4(0, 0, 0, 0);
+    }
+  };
+  auto store_shared = [&](int buf) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int c = tid + i * THREADS, row = c >> 2, col = (c & 3) * 16;
+      *reinterpret_cast<uint4*>(&As[buf][row][col]) = ra[i];
+    }
+    if (!W4) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int c = tid + i * THREADS, row = c >> 2, col = (c & 3) * 16;
+        *reinterpret_cast<uint4*>(&Bs[buf][row][col]) = rb[i];
+      }
+    } else {
+      const int row = tid >> 1, half = tid & 1;
+      uint4 lo, hi;
+      unpack_int4(rb[0].x, lo.x, lo.y);
+      unpack_int4(rb[0].y, lo.z, lo.w);
+      unpack_int4(rb[0].z, hi.x, hi.y);
+      unpack_int4(rb[0].w, hi.z, hi.w);
+      *reinterpret_cast<uint4*>(&Bs[buf][row][half * 32]) = lo;
+      *reinterpret_cast<uint4*>(&Bs[buf][row][half * 32 + 16]) = hi;
+    }
+  };
+
+  int32_t acc[4][4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[i][j][r] = 0;
+
+  load_global(0);
+  store_shared(0);
+  __syncthreads();
+  for (int64_t kt = 0; kt < KT; ++kt) {
+    const int cur = kt & 1;
+    if (kt + 1 < KT) load_global(kt + 1);
+#pragma unroll
+    for (int ks = 0; ks < BK / 32; ++ks) {
+      uint32_t a[4][4], b[4][2];
+#pragma unroll
+      for (int mt = 0; mt < 4; ++mt) {
+        const int r0 = warp_m * 64 + mt * 16 + g;
+        const int k0 = ks * 32 + t * 4;
+        a[mt][0] = *reinterpret_cast<const uint32_t*>(&As[cur][r0][k0]);
+        a[mt][1] = *reinterpret_cast<const uint32_t*>(&As[cur][r0 + 8][k0]);
+        a[mt][2] = *reinterpret_cast<const uint32_t*>(&As[cur][r0][k0 + 16]);
+        a[mt][3] = *reinterpret_cast<const uint32_t*>(&As[cur][r0 + 8][k0 + 16]);
+      }
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+        const int c0 = warp_n * 32 + nt * 8 + g;
+        const int k0 = ks * 32 + t * 4;
+        b[nt][0] = *reinterpret_cast<const uint32_t*>(&Bs[cur][c0][k0]);
+        b[nt][1] = *reinterpret_cast<const uint32_t*>(&Bs[cur][c0][k0 + 16]);
+      }
+#pragma unroll
+      for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) mma_s8(acc[mt][nt], a[mt], b[nt][0], b[nt][1]);
+    }
+    if (kt + 1 < KT) store_shared(cur ^ 1);
+    __syncthreads();
+  }
+
+  TOut* Y = static_cast<TOut*>(p.y);
+#pragma unroll
+  for (int mt = 0; mt < 4; ++mt) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int64_t m = bm + warp_m * 64 + mt * 16 + g + half * 8;
+      if (m >= p.M) continue;
+      const float s = row_scale[m];
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const int64_t n = bn + warp_n * 32 + nt * 8 + t * 2 + j;
+          if (n >= p.N) continue;
+          float v = static_cast<float>(acc[mt][nt][half * 2 + j]) * (s * p.w_scale[n]);
+          if (p.bias) v += p.bias[n];
+          store_out(Y, m * p.N + n, v);
+        }
+      }
+    }
+  }
+}
+
+// Decode: one warp per output column n, MMAX >= M rows.
+template <int MMAX, bool W4, typename TOut>
+__global__ void __launch_bounds__(256) gemv_kernel(QuantLinearParams p, const int8_t* __restrict__ A,
+                                                   const float* __restrict__ row_scale) {
+  const int lane = threadIdx.x & 31;
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + (threadIdx.x >> 5);
+  if (n >= p.N) return;
+  int32_t acc[MMAX];
+#pragma unroll
+  for (int r = 0; r < MMAX; ++r) acc[r] = 0;
+  const uint8_t* W = static_cast<const uint8_t*>(p.w);
+  if (!W4) {
+    const uint8_t* wrow = W + n * p.Kp;
+    for (int64_t k = lane * 16; k < p.Kp; k += 32 * 16) {
+      const uint4 w = __ldg(reinterpret_cast<const uint4*>(wrow + k));
+#pragma unroll
+      for (int r = 0; r < MMAX; ++r) {
+        if (r >= p.M) break;
+        const uint4 a = __ldg(reinterpret_cast<const uint4*>(A + r * p.Kp + k));
+        acc[r] = __dp4a(static_cast<int>(a.x), static_cast<int>(w.x), acc[r]);
+        acc[r] = __dp4a(static_cast<int>(a.y), static_cast<int>(w.y), acc[r]);
+        acc[r] = __dp4a(static_cast<int>(a.z), static_cast<int>(w.z), acc[r]);
+        acc[r] = __dp4a(static_cast<int>(a.w), static_cast<int>(w.w), acc[r]);
+      }
+    }
+  } else {
+    const uint8_t* wrow = W + n * (p.Kp / 2);
+    for (int64_t k = lane * 32; k < p.Kp; k += 32 * 32) {
+      const uint4 w = __ldg(reinterpret_cast<const uint4*>(wrow + k / 2));
+      uint32_t u[8];
+      unpack_int4(w.x, u[0], u[1]);
+      unpack_int4(w.y, u[2], u[3]);
+      unpack_int4(w.z, u[4], u[5]);
+      unpack_int4(w.w, u[6], u[7]);
+#pragma unroll
+      for (int r = 0; r < MMAX; ++r) {
+        if (r >= p.M) break;
+        const uint4 a0 = __ldg(reinterpret_cast<const uint4*>(A + r * p.Kp + k));
+        const uint4 a1 = __ldg(reinterpret_cast<const uint4*>(A + r * p.Kp + k + 16));
+        acc[r] = __dp4a(static_cast<int>(a0.x), static_cast<int>(u[0]), acc[r]);
+        acc[r] = __dp4a(static_cast<int>(a0.y), static_cast<int>(u[1]), acc[r]);
+        acc[r] = __dp4a(static_cast<int>(a0.z), static_cast<int>(u[2]), acc[r]);
+        acc[r] = __dp4a(static_cast<int>(a0.w), static_cast<int>(u[3]), acc[r]);
+        acc[r] = __dp4a(static_cast<int>(a1.x), static_cast<int>(u[4]), acc[r]);
+        acc[r] = __dp4a(static_cast<int>(a1.y), static_cast<int>(u[5]), acc[r]);
+        acc[r] = __dp4a(static_cast<int>(a1.z), static_cast<int>(u[6]), acc[r]);
+        acc[r] = __dp4a(static_cast<int>(a1.w), static_cast<int>(u[7]), acc[r]);
+      }
+    }
+  }
+  TOut* Y = static_cast<TOut*>(p.y);
+#pragma unroll
+  for (int r = 0; r < MMAX; ++r) {
+    if (r >= p.M) break;
+    int32_t v = acc[r];
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, off);
+    if (lane == 0) {
+      float y = static_cast<float>(v) * (row_scale[r] * p.w_scale[n]);
+      if (p.bias) y += p.bias[n];
+      store_out(Y, r * p.N + n, y);
+    }
+  }
+}
+
+template <int KIND>
+__global__ void lowrank_t_kernel(QuantLinearParams p, float* T) {
+  const int64_t m = blockIdx.x;
+  // CMC: the low-rank correction applies to non-text tokens; without modality inputs, to every token.
+  const bool has_modality = p.modality.ids != nullptr || p.modality.split != nullptr;
+  const bool on = !has_modality || token_modality(p.modality, m) != 0;
+  for (int64_t r = threadIdx.x; r < p.rank; r += blockDim.x) {
+    float s = 0.f;
+    if (on) {
+      for (int64_t k = 0; k < p.K; ++k) {
+        const int64_t idx = m * p.Kx + p.col0 + k;
+        const float x = KIND == 0 ? static_cast<const float*>(p.x)[idx] : __half2float(static_cast<const __half*>(p.x)[idx]);
+        s += x * p.lowrank_a[k * p.rank + r];
+      }
+    }
+    T[m * p.rank + r] = s;
+  }
+}
+
+template <int KIND, typename TOut>
+__global__ void branches_kernel(QuantLinearParams p, const float* T) {
+  const int64_t m = blockIdx.y;
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (n >= p.N) return;
+  TOut* Y = static_cast<TOut*>(p.y);
+  float y;
+  if constexpr (sizeof(TOut) == 2) y = __half2float(Y[m * p.N + n]); else y = Y[m * p.N + n];
+  if (T)
+    for (int64_t r = 0; r < p.rank; ++r) y += T[m * p.rank + r] * p.lowrank_b[r * p.N + n];
+  if (p.side_row) {
+    const int64_t idx = m * p.Kx;
+    const float x0 = KIND == 0 ? static_cast<const float*>(p.x)[idx] : __half2float(static_cast<const __half*>(p.x)[idx]);
+    y += x0 * p.side_row[n];
+  }
+  store_out(Y, m * p.N + n, y);
+}
+
+inline int64_t align256(int64_t v) { return (v + 255) / 256 * 256; }
+
+template <bool W4, typename TOut>
+void launch_gemm(const QuantLinearParams& p, const int8_t* A, const float* rs, cudaStream_t st) {
+  if (p.M <= 16) {
+    const dim3 grid(static_cast<unsigned>((p.N + 7) / 8));
+    if (p.M <= 1) gemv_kernel<1, W4, TOut><<<grid, 256, 0, st>>>(p, A, rs);
+    else if (p.M <= 4) gemv_kernel<4, W4, TOut><<<grid, 256, 0, st>>>(p, A, rs);
+    else if (p.M <= 8) gemv_kernel<8, W4, TOut><<<grid, 256, 0, st>>>(p, A, rs);
+    else gemv_kernel<16, W4, TOut><<<grid, 256, 0, st>>>(p, A, rs);
+  } else {
+    const dim3 grid(static_cast<unsigned>((p.N + BN - 1) / BN), static_cast<unsigned>((p.M + BM - 1) / BM));
+    gemm_kernel<W4, TOut><<<grid, THREADS, 0, st>>>(p, A, rs);
+  }
+}
+
+}  // namespace
+
+int64_t quant_linear_workspace_bytes(const QuantLinearParams& p) {
+  return align256(p.M * p.Kp) + align256(p.M * 4) + align256(p.M * p.rank * 4);
+}
+
+int quant_linear(const QuantLinearParams& p, void* workspace, void* stream) {
+  if (p.M == 0 || p.N == 0) return 0;
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  int8_t* A = static_cast<int8_t*>(workspace);
+  float* rs = reinterpret_cast<float*>(static_cast<char*>(workspace) + align256(p.M * p.Kp));
+  float* T = p.rank ? reinterpret_cast<float*>(reinterpret_cast<char*>(rs) + align256(p.M * 4)) : nullptr;
+  const dim3 qgrid(static_cast<unsigned>(p.M));
+  if (p.x_kind == 0) quantize_kernel<0><<<qgrid, 256, 0, st>>>(p, A, rs);
+  else if (p.x_kind == 1) quantize_kernel<1><<<qgrid, 256, 0, st>>>(p, A, rs);
+  else quantize_kernel<2><<<qgrid, 256, 0, st>>>(p, A, rs);
+  if (p.bits == 4) {
+    p.y_half ? launch_gemm<true, __half>(p, A, rs, st) : launch_gemm<true, float>(p, A, rs, st);
+  } else {
+    p.y_half ? launch_gemm<false, __half>(p, A, rs, st) : launch_gemm<false, float>(p, A, rs, st);
+  }
+  if ((p.rank || p.side_row) && p.x_kind != 2) {
+    if (p.rank) {
+      if (p.x_kind == 0) lowrank_t_kernel<0><<<qgrid, 128, 0, st>>>(p, T);
+      else lowrank_t_kernel<1><<<qgrid, 128, 0, st>>>(p, T);
+    }
+    const dim3 bgrid(static_cast<unsigned>((p.N + 255) / 256), static_cast<unsigned>(p.M));
+    if (p.x_kind == 0)
+      p.y_half ? branches_kernel<0, __half><<<bgrid, 256, 0, st>>>(p, T) : branches_kernel<0, float><<<bgrid, 256, 0, st>>>(p, T);
+    else
+      p.y_half ? branches_kernel<1, __half><<<bgrid, 256, 0, st>>>(p, T) : branches_kernel<1, float><<<bgrid, 256, 0, st>>>(p, T);
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+void prepack_weights_host(const void* w, int bits, int64_t N, int64_t K, uint8_t* out) {
+  const int64_t Kp = padded_k(K);
+  if (bits == 8) {
+    const int8_t* src = static_cast<const int8_t*>(w);
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t k = 0; k < Kp; ++k) out[n * Kp + k] = k < K ? static_cast<uint8_t>(src[n * K + k]) : 0;
+  } else {
+    const uint8_t* src = static_cast<const uint8_t*>(w);
+    const int64_t in_row = (K + 1) / 2, out_row = Kp / 2;
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t j = 0; j < out_row; ++j) out[n * out_row + j] = j < in_row ? src[n * in_row + j] : 0;
+  }
+}
+
+}  // namespace cuda
+}  // namespace mqc
