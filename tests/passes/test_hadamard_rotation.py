@@ -1,0 +1,126 @@
+"""RotateResidualPass: R1 residual rotation, online Hadamard before down_proj (padded too), optional V/O."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from mqc.passes.canonicalize import FuseNormsPass
+from mqc.passes.hadamard_rotation import RotateResidualPass
+from mqc.passes.norm_folding import FoldNormsPass
+
+from mqc.calibration import random_feeds
+from mqc.hadamard import hadamard_matrix
+from mqc.ir import add_initializer, constant_array, load_model
+from mqc.pass_manager import CompileContext, PassManager
+
+
+def tiny_decoder(tmp_path_factory: pytest.TempPathFactory, family: str) -> Path:
+    from mqc.models.testing import export_tiny
+
+    folder = tmp_path_factory.getbasetemp() / "tiny_passes" / family
+    if not (folder / "decoder.onnx").exists():
+        export_tiny(family, folder)
+    return folder / "decoder.onnx"
+
+
+def prepared(path: Path, seed: int = 0) -> tuple[ir.Model, CompileContext]:
+    model = load_model(path)
+    ctx = CompileContext(lambda: random_feeds(model, 2, seed=5), verify=True)
+    PassManager([FuseNormsPass()], ctx).run(model)
+    rng = np.random.default_rng(seed)
+    for norm in ctx.model_map(model).norms:
+        width = constant_array(norm.scale).shape[0]
+        gamma = add_initializer(model.graph, f"{norm.name}.gamma", (1 + 0.5 * rng.standard_normal(width)).astype(np.float32))
+        norm.node.replace_input_with(1, gamma)
+    ctx.invalidate()
+    return model, ctx
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_rotation_preserves_all_outputs(tmp_path_factory, family):
+    model, ctx = prepared(tiny_decoder(tmp_path_factory, family))
+    fold, rotate = PassManager([FoldNormsPass(), RotateResidualPass(seed=7)], ctx).run(model)  # verify=True
+    assert fold.verify["max_rel"] < 1e-4 and rotate.verify["max_rel"] < 1e-4
+    assert not rotate.skipped and rotate.changed == 15 + 2  # every linear reads or writes the stream, + 2 online Hadamards
+    assert "seed=7" in rotate.notes[0]
+    by_layer = {row["layer"]: row for row in rotate.layers}
+    assert len(by_layer[0]["readers"]) == 5 and len(by_layer[0]["writers"]) == 2
+    assert by_layer[1]["online_hadamard"] == {"size": 128, "hadamard_size": 128, "padded": False}
+    assert by_layer[None]["readers"] == ["lm_head"]
+    linears = ctx.model_map(model).linears
+    assert len(linears) == 15, "rotation matrices must not show up as linear layers"
+    assert not any(lin.name.startswith("mqc.") for lin in linears)
+
+
+def test_refuses_unfolded_norms(tmp_path_factory):
+    model, ctx = prepared(tiny_decoder(tmp_path_factory, "llama"))
+    (record,) = PassManager([RotateResidualPass()], ctx).run(model)
+    assert record.changed == 0 and "non-folded gamma: run norm_folding first" in record.skipped[0]["reason"]
+
+
+def test_rotate_vo_keeps_logits_and_rotates_cached_values_per_head(tmp_path_factory):
+    model, _ = prepared(tiny_decoder(tmp_path_factory, "qwen2"))
+    ctx = CompileContext(lambda: random_feeds(model, 1, seed=5))
+    PassManager([FoldNormsPass()], ctx).run(model)
+    before = ctx.run_outputs(model)[0]
+    (record,) = PassManager([RotateResidualPass(rotate_vo=True)], ctx).run(model)
+    after = ctx.run_outputs(model)[0]
+    assert record.layers[0]["vo_hadamard_v"] == {"head_dim": 16, "blocks": 2, "kv_heads": 2}
+    assert record.layers[0]["vo_hadamard_o"]["blocks"] == 4
+    h = hadamard_matrix(16)
+    for name, a, b in zip(("logits", "k0", "v0", "k1", "v1"), before, after, strict=True):
+        expected = a @ h if name.startswith("v") else a  # [batch, kv_heads, seq, head_dim]: V·H per head
+        np.testing.assert_allclose(b, expected, rtol=1e-4, atol=1e-4 * np.abs(a).max())
+
+
+def _mlp_graph(hidden: int, inter: int, seed: int = 0) -> ir.Model:
+    """inputs_embeds -> RMSNorm -> up -> Relu -> down -> + residual -> RMSNorm -> lm_head, with biases."""
+    x = ir.Value(name="inputs_embeds", shape=ir.Shape([1, 5, hidden]), type=ir.TensorType(ir.DataType.FLOAT))
+    graph = ir.Graph([x], [], nodes=[], opset_imports={"": 23}, name="mlp")
+    rng = np.random.default_rng(seed)
+
+    def init(name, *shape):
+        return add_initializer(graph, name, rng.standard_normal(shape).astype(np.float32))
+
+    ones = add_initializer(graph, "norm.weight", np.ones(hidden, np.float32))
+    n1 = ir.node("RMSNormalization", [x, ones], name="n1")
+    up = ir.node("MatMul", [n1.outputs[0], init("model.layers.0.mlp.up_proj.weight", hidden, inter)], name="up")
+    act = ir.node("Relu", [up.outputs[0]], name="act")
+    down = ir.node("MatMul", [act.outputs[0], init("model.layers.0.mlp.down_proj.weight", inter, hidden)], name="down")
+    bias = ir.node("Add", [down.outputs[0], init("model.layers.0.mlp.down_proj.bias", hidden)], name="down_bias")
+    res = ir.node("Add", [x, bias.outputs[0]], name="residual")
+    n2 = ir.node("RMSNormalization", [res.outputs[0], ones], name="n2")
+    head = ir.node("MatMul", [n2.outputs[0], init("lm_head.weight", hidden, 10)], name="lm_head")
+    for node in (n1, up, act, down, bias, res, n2, head):
+        graph.append(node)
+    head.outputs[0].name = "logits"
+    graph.outputs.append(head.outputs[0])
+    return ir.Model(graph, ir_version=10)
+
+
+def test_online_hadamard_pads_a_non_hadamard_intermediate_size():
+    model = _mlp_graph(hidden=8, inter=11)
+    feeds = [{"inputs_embeds": np.random.default_rng(i).standard_normal((1, 5, 8)).astype(np.float32)} for i in range(2)]
+    ctx = CompileContext(lambda: feeds, verify=True)
+    (record,) = PassManager([RotateResidualPass(seed=1)], ctx).run(model)
+    assert record.verify["max_rel"] < 1e-5
+    assert record.layers[0]["online_hadamard"] == {"size": 11, "hadamard_size": 12, "padded": True}
+    assert any(node.op_type == "Pad" for node in model.graph)
+    down = next(lin for lin in ctx.model_map(model).linears if lin.role == "down")
+    assert down.in_features == 12
+
+
+def test_refuses_a_stream_value_read_by_a_non_commuting_op():
+    model = _mlp_graph(hidden=8, inter=16)
+    x = model.graph.inputs[0]
+    probe = ir.node("ReduceMax", [x], name="probe")
+    model.graph.append(probe)
+    probe.outputs[0].name = "probe"
+    model.graph.outputs.append(probe.outputs[0])
+    feeds = [{"inputs_embeds": np.ones((1, 5, 8), np.float32)}]
+    (record,) = PassManager([RotateResidualPass()], CompileContext(lambda: feeds)).run(model)
+    assert record.changed == 0
+    assert "is read by ReduceMax probe, which does not commute with the rotation" in record.skipped[0]["reason"]
