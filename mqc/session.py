@@ -43,6 +43,10 @@ def open_session(
         "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[optimization_level]
+    # onnxruntime fuses an int4 weight DequantizeLinear + MatMul into MatMulNBits whenever the activation is plain
+    # float (the per-modality fake-quant form); its default accuracy level 4 then re-quantizes the activation to
+    # int8 blocks the graph never asked for. Level 1 keeps the graph's own numerics.
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
     if intra_op_threads:
         options.intra_op_num_threads = intra_op_threads
     if uses_runtime_ops(path):
