@@ -143,7 +143,10 @@ def compile_package(
     from mqc.models.packaged import resolve
 
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    model_dir = resolve(str(source))
+    try:
+        model_dir = resolve(str(source))
+    except FileNotFoundError as exc:
+        raise InputModelError(str(exc)) from exc
     output = Path(output)
     if output.resolve() == model_dir.resolve():
         raise OutputPathError(f"refusing to overwrite the input model directory {model_dir}")
