@@ -12,7 +12,7 @@ namespace avx512vnni {
 namespace {
 
 // Epilogue for NV panels of one row: y = float(acc - corr) * (s * w_scale) + bias, vectorized, masked tail.
-inline void store_row(const GemmArgs& g, int64_t m, int64_t n0, __m512i acc, __m512i corr) {
+__attribute__((always_inline)) inline void store_row(const GemmArgs& g, int64_t m, int64_t n0, __m512i acc, __m512i corr) {
   const int64_t cnt = std::min<int64_t>(16, g.N - n0);
   if (cnt <= 0) return;
   const __mmask16 mask = cnt == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << cnt) - 1);
@@ -29,74 +29,136 @@ inline void store_row(const GemmArgs& g, int64_t m, int64_t n0, __m512i acc, __m
   }
 }
 
+inline int32_t load32(const uint8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// The accumulators are named variables, not an array: GCC keeps an array of __m512i on the stack and stores it on
+// every iteration, which halves the speed of the loop. Unused variables (MR < 6 or NV == 1) are optimized away.
+#define MQC_ACC_ROW(r)                                                                                 \
+  __m512i c##r##0 = _mm512_setzero_si512(), c##r##1 = _mm512_setzero_si512(), c##r##2 = _mm512_setzero_si512(), \
+          c##r##3 = _mm512_setzero_si512();
+
+#define MQC_W8_ROW(r)                                                             \
+  if constexpr (MR > r) {                                                         \
+    const __m512i a = _mm512_set1_epi32(load32(A + (r) * lda + q * 4));           \
+    c##r##0 = _mm512_dpbusd_epi32(c##r##0, a, b0);                                \
+    if constexpr (NV > 1) {                                                       \
+      c##r##1 = _mm512_dpbusd_epi32(c##r##1, a, b1);                              \
+      c##r##2 = _mm512_dpbusd_epi32(c##r##2, a, b2);                              \
+      c##r##3 = _mm512_dpbusd_epi32(c##r##3, a, b3);                              \
+    }                                                                             \
+  }
+
+#define MQC_W4_ROW(r)                                                             \
+  if constexpr (MR > r) {                                                         \
+    const __m512i x0 = _mm512_set1_epi32(load32(A + (r) * lda + h * 8));          \
+    const __m512i x1 = _mm512_set1_epi32(load32(A + (r) * lda + h * 8 + 4));      \
+    c##r##0 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(c##r##0, lo0, x0), hi0, x1); \
+    if constexpr (NV > 1) {                                                       \
+      c##r##1 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(c##r##1, lo1, x0), hi1, x1); \
+      c##r##2 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(c##r##2, lo2, x0), hi2, x1); \
+      c##r##3 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(c##r##3, lo3, x0), hi3, x1); \
+    }                                                                             \
+  }
+
+// corr(v, r): the correction of panel v for row r (W8: per column, W4: per row).
+#define MQC_STORE_ROW(r)                                                                  \
+  if constexpr (MR > r) {                                                                 \
+    store_row(g, m + (r), n0, c##r##0, CORR(0, r));                                       \
+    if constexpr (NV > 1) {                                                               \
+      store_row(g, m + (r), n0 + 16, c##r##1, CORR(1, r));                                \
+      store_row(g, m + (r), n0 + 32, c##r##2, CORR(2, r));                                \
+      store_row(g, m + (r), n0 + 48, c##r##3, CORR(3, r));                                \
+    }                                                                                     \
+  }
+
 template <int MR, int NV>
 void tile_w8(const GemmArgs& g, int64_t m, int64_t p) {
+  static_assert(MR >= 1 && MR <= 6 && (NV == 1 || NV == 4), "tile shape");
   const PackedWeights& W = *g.W;
-  const int64_t G = W.Kp / 4;
-  __m512i acc[MR][NV];
-  for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_si512();
-  const uint8_t* B[NV];
-  for (int v = 0; v < NV; ++v) B[v] = W.panel(p + v);
-  const uint8_t* A = g.A + m * g.lda;
+  const int64_t G = W.Kp / 4, lda = g.lda;
+  const uint8_t* B0 = W.panel(p);
+  const uint8_t* B1 = NV > 1 ? W.panel(p + 1) : B0;
+  const uint8_t* B2 = NV > 1 ? W.panel(p + 2) : B0;
+  const uint8_t* B3 = NV > 1 ? W.panel(p + 3) : B0;
+  const uint8_t* A = g.A + m * lda;
+  MQC_ACC_ROW(0) MQC_ACC_ROW(1) MQC_ACC_ROW(2) MQC_ACC_ROW(3) MQC_ACC_ROW(4) MQC_ACC_ROW(5)
   for (int64_t q = 0; q < G; ++q) {
-    __m512i b[NV];
-    for (int v = 0; v < NV; ++v) b[v] = _mm512_load_si512(B[v] + q * 64);
-    for (int r = 0; r < MR; ++r) {
-      int32_t a32;
-      std::memcpy(&a32, A + r * g.lda + q * 4, 4);
-      const __m512i a = _mm512_set1_epi32(a32);
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], a, b[v]);
+    const __m512i b0 = _mm512_load_si512(B0 + q * 64);
+    __m512i b1 = b0, b2 = b0, b3 = b0;
+    if constexpr (NV > 1) {
+      b1 = _mm512_load_si512(B1 + q * 64);
+      b2 = _mm512_load_si512(B2 + q * 64);
+      b3 = _mm512_load_si512(B3 + q * 64);
     }
+    MQC_W8_ROW(0) MQC_W8_ROW(1) MQC_W8_ROW(2) MQC_W8_ROW(3) MQC_W8_ROW(4) MQC_W8_ROW(5)
   }
-  for (int v = 0; v < NV; ++v) {
-    const __m512i corr = _mm512_loadu_si512(W.colcorr.data() + (p + v) * 16);
-    for (int r = 0; r < MR; ++r) store_row(g, m + r, (p + v) * 16, acc[r][v], corr);
-  }
+  const int64_t n0 = p * 16;
+  const __m512i k0 = _mm512_loadu_si512(W.colcorr.data() + n0);
+  const __m512i k1 = NV > 1 ? _mm512_loadu_si512(W.colcorr.data() + n0 + 16) : k0;
+  const __m512i k2 = NV > 1 ? _mm512_loadu_si512(W.colcorr.data() + n0 + 32) : k0;
+  const __m512i k3 = NV > 1 ? _mm512_loadu_si512(W.colcorr.data() + n0 + 48) : k0;
+#define CORR(v, r) k##v
+  MQC_STORE_ROW(0) MQC_STORE_ROW(1) MQC_STORE_ROW(2) MQC_STORE_ROW(3) MQC_STORE_ROW(4) MQC_STORE_ROW(5)
+#undef CORR
 }
 
 template <int MR, int NV>
 void tile_w4(const GemmArgs& g, int64_t m, int64_t p) {
+  static_assert(MR >= 1 && MR <= 4 && (NV == 1 || NV == 4), "tile shape");
   const PackedWeights& W = *g.W;
-  const int64_t G2 = W.Kp / 8;
-  __m512i acc[MR][NV];
-  for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_si512();
-  const uint8_t* B[NV];
-  for (int v = 0; v < NV; ++v) B[v] = W.panel(p + v);
-  const uint8_t* A = g.A + m * g.lda;
+  const int64_t G2 = W.Kp / 8, lda = g.lda;
+  const uint8_t* B0 = W.panel(p);
+  const uint8_t* B1 = NV > 1 ? W.panel(p + 1) : B0;
+  const uint8_t* B2 = NV > 1 ? W.panel(p + 2) : B0;
+  const uint8_t* B3 = NV > 1 ? W.panel(p + 3) : B0;
+  const uint8_t* A = g.A + m * lda;
   const __m512i low4 = _mm512_set1_epi8(0x0F);
+  MQC_ACC_ROW(0) MQC_ACC_ROW(1) MQC_ACC_ROW(2) MQC_ACC_ROW(3)
   for (int64_t h = 0; h < G2; ++h) {
-    __m512i lo[NV], hi[NV];
-    for (int v = 0; v < NV; ++v) {
-      const __m512i raw = _mm512_load_si512(B[v] + h * 64);
-      lo[v] = _mm512_and_si512(raw, low4);
-      hi[v] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
+    const __m512i r0 = _mm512_load_si512(B0 + h * 64);
+    const __m512i lo0 = _mm512_and_si512(r0, low4), hi0 = _mm512_and_si512(_mm512_srli_epi16(r0, 4), low4);
+    __m512i lo1 = lo0, hi1 = hi0, lo2 = lo0, hi2 = hi0, lo3 = lo0, hi3 = hi0;
+    if constexpr (NV > 1) {
+      const __m512i r1 = _mm512_load_si512(B1 + h * 64), r2 = _mm512_load_si512(B2 + h * 64),
+                    r3 = _mm512_load_si512(B3 + h * 64);
+      lo1 = _mm512_and_si512(r1, low4);
+      hi1 = _mm512_and_si512(_mm512_srli_epi16(r1, 4), low4);
+      lo2 = _mm512_and_si512(r2, low4);
+      hi2 = _mm512_and_si512(_mm512_srli_epi16(r2, 4), low4);
+      lo3 = _mm512_and_si512(r3, low4);
+      hi3 = _mm512_and_si512(_mm512_srli_epi16(r3, 4), low4);
     }
-    for (int r = 0; r < MR; ++r) {
-      int32_t a0, a1;
-      std::memcpy(&a0, A + r * g.lda + h * 8, 4);
-      std::memcpy(&a1, A + r * g.lda + h * 8 + 4, 4);
-      const __m512i x0 = _mm512_set1_epi32(a0), x1 = _mm512_set1_epi32(a1);
-      for (int v = 0; v < NV; ++v) {
-        acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], lo[v], x0);
-        acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], hi[v], x1);
-      }
-    }
+    MQC_W4_ROW(0) MQC_W4_ROW(1) MQC_W4_ROW(2) MQC_W4_ROW(3)
   }
-  for (int r = 0; r < MR; ++r) {
-    const __m512i corr = _mm512_set1_epi32(8 * g.rowsum[m + r]);
-    for (int v = 0; v < NV; ++v) store_row(g, m + r, (p + v) * 16, acc[r][v], corr);
-  }
+  const int64_t n0 = p * 16;
+  const __m512i s0 = _mm512_set1_epi32(8 * g.rowsum[m]);
+  const __m512i s1 = MR > 1 ? _mm512_set1_epi32(8 * g.rowsum[m + 1]) : s0;
+  const __m512i s2 = MR > 2 ? _mm512_set1_epi32(8 * g.rowsum[m + 2]) : s0;
+  const __m512i s3 = MR > 3 ? _mm512_set1_epi32(8 * g.rowsum[m + 3]) : s0;
+#define CORR(v, r) s##r
+  MQC_STORE_ROW(0) MQC_STORE_ROW(1) MQC_STORE_ROW(2) MQC_STORE_ROW(3)
+#undef CORR
+}
+
+template <int MR, int NV, bool W4>
+inline void tile(const GemmArgs& g, int64_t m, int64_t p) {
+  if constexpr (W4)
+    tile_w4<MR, NV>(g, m, p);
+  else
+    tile_w8<MR, NV>(g, m, p);
 }
 
 template <int NV, bool W4>
 void run_panels(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p) {
   constexpr int MRB = W4 ? 4 : 6;
   int64_t m = m0;
-  for (; m + MRB <= m1; m += MRB) W4 ? tile_w4<MRB, NV>(g, m, p) : tile_w8<MRB, NV>(g, m, p);
-  for (; m + 2 <= m1; m += 2) W4 ? tile_w4<2, NV>(g, m, p) : tile_w8<2, NV>(g, m, p);
-  for (; m < m1; ++m) W4 ? tile_w4<1, NV>(g, m, p) : tile_w8<1, NV>(g, m, p);
+  for (; m + MRB <= m1; m += MRB) tile<MRB, NV, W4>(g, m, p);
+  for (; m + 2 <= m1; m += 2) tile<2, NV, W4>(g, m, p);
+  for (; m < m1; ++m) tile<1, NV, W4>(g, m, p);
 }
 
 template <bool W4>

@@ -1,0 +1,328 @@
+"""Kernel benchmarks of the ai.mqc runtime ops (issue 5).
+
+CPU (default): single linears at the tiny VLM's shapes (SmolLM2-135M decoder: hidden 576, kv 192, intermediate
+1536, vocab 49152; DINOv2-S vision tower: width 384, mlp 1536), prefill (M = 256 tokens, 257 for the vision
+tower) and decode (M = 1), in three formats measured side by side in one process, interleaved run by run:
+
+* ``float``: ``MatMul(X, W) [+ bias]`` in fp32;
+* ``qdq``: the foundation's QDQ form (QuantizeLinear/DequantizeLinear around the MatMul), which onnxruntime's CPU
+  EP fuses into its own int8 kernels (MatMulIntegerToFloat) at ``ORT_ENABLE_ALL``;
+* ``mqc w8`` / ``mqc w4``: the QDQ model lowered by passes/lower_runtime_ops.py to ``ai.mqc::QuantLinear``.
+
+    python benchmarks/bench_runtime_ops.py --threads 2 --repeat 50 --markdown
+    python benchmarks/bench_runtime_ops.py --gpu      # on a CUDA machine with torch: kernels vs torch fp16 matmul
+
+The GPU mode calls the CUDA kernels through libmqc_ops_cuda.so's C entry points (ctypes) on torch tensors, checks
+each against a float64 reference on random (never zero) inputs, and times them with CUDA events against
+``torch.matmul`` in fp16 (cuBLAS) at prefill (M = 512 to 8192) and decode (M = 1 to 16) shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+from mqc.passes.lower_runtime_ops import lower_to_runtime_ops
+from mqc.runtime_ops import library_path, register_library
+from onnx import TensorProto, helper, numpy_helper
+
+IR_VERSION = 10
+
+#: (component, layer, K, N, M prefill)
+CPU_SHAPES = [
+    ("decoder", "q_proj / o_proj", 576, 576, 256),
+    ("decoder", "k_proj / v_proj", 576, 192, 256),
+    ("decoder", "gate_proj / up_proj", 576, 1536, 256),
+    ("decoder", "down_proj", 1536, 576, 256),
+    ("decoder", "lm_head", 576, 49152, 256),
+    ("vision", "qkv", 384, 1152, 257),
+    ("vision", "fc1", 384, 1536, 257),
+    ("vision", "fc2", 1536, 384, 257),
+]
+
+
+def _float_model(w: np.ndarray, bias: np.ndarray) -> onnx.ModelProto:
+    nodes = [helper.make_node("MatMul", ["X", "W"], ["mm"]), helper.make_node("Add", ["mm", "b"], ["Y"])]
+    graph = helper.make_graph(nodes, "float", [helper.make_tensor_value_info("X", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w, "W"), numpy_helper.from_array(bias, "b")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=IR_VERSION)
+
+
+def _qdq_model(w: np.ndarray, bias: np.ndarray, act_scale: float, bits: int) -> onnx.ModelProto:
+    qmax = 127 if bits == 8 else 7
+    w_scale = (np.abs(w).max(axis=0) / qmax).astype(np.float32)
+    wq = np.clip(np.rint(w / w_scale), -qmax - 1, qmax)
+    int_type = np.int8 if bits == 8 else ml_dtypes.int4
+    inits = [numpy_helper.from_array(np.array(act_scale, np.float32), "xs"), numpy_helper.from_array(np.array(0, np.int8), "xz"),
+             numpy_helper.from_array(wq.astype(int_type), "wq"), numpy_helper.from_array(w_scale, "ws"),
+             numpy_helper.from_array(np.zeros(w.shape[1], int_type), "wz"), numpy_helper.from_array(bias, "b")]
+    nodes = [helper.make_node("QuantizeLinear", ["X", "xs", "xz"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xdq"]),
+             helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wdq"], axis=1),
+             helper.make_node("MatMul", ["xdq", "wdq"], ["mm"]), helper.make_node("Add", ["mm", "b"], ["Y"])]
+    graph = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("X", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=IR_VERSION)
+
+
+def _lowered(qdq: onnx.ModelProto) -> onnx.ModelProto:
+    model = ir.serde.deserialize_model(qdq)
+    record = lower_to_runtime_ops(model)
+    if record.changed != 1:
+        raise RuntimeError(f"lowering did not fire: {record.skipped}")
+    proto = ir.serde.serialize_model(model)
+    proto.ir_version = IR_VERSION
+    return proto
+
+
+def _session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if any(o.domain == "ai.mqc" for o in model.opset_import):
+        register_library(options, kind="cpu")
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _time_side_by_side(sessions: dict[str, ort.InferenceSession], feed: dict, repeat: int) -> dict[str, float]:
+    """Median milliseconds per run; the formats take turns run by run so load drift hits them alike."""
+    for s in sessions.values():
+        for _ in range(3):
+            s.run(None, feed)
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(repeat):
+        for name, s in sessions.items():
+            t0 = time.perf_counter()
+            s.run(None, feed)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def cpu_machine() -> str:
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    isa = "AVX512-VNNI" if "avx512_vnni" in flags else ("AVX2" if "avx2" in flags else "baseline")
+    return f"{model}, {os.cpu_count()} cores visible, {isa}; onnxruntime {ort.__version__}, Python {platform.python_version()}"
+
+
+def run_cpu(threads: int, repeat: int, shapes=CPU_SHAPES) -> list[dict]:
+    rng = np.random.default_rng(0)
+    rows = []
+    for component, layer, K, N, M_prefill in shapes:
+        w = (rng.standard_normal((K, N)) * 0.05).astype(np.float32)
+        bias = (rng.standard_normal(N) * 0.1).astype(np.float32)
+        models = {"float": _float_model(w, bias)}
+        qdq8 = _qdq_model(w, bias, 0.03, 8)
+        models["qdq w8"] = qdq8
+        models["mqc w8"] = _lowered(qdq8)
+        models["mqc w4"] = _lowered(_qdq_model(w, bias, 0.03, 4))
+        sessions = {k: _session(m, threads) for k, m in models.items()}
+        for phase, M in (("prefill", M_prefill), ("decode", 1)):
+            x = rng.standard_normal((1, M, K)).astype(np.float32)
+            ms = _time_side_by_side(sessions, {"X": x}, repeat if M > 1 or N < 10000 else max(repeat, 20))
+            rows.append({"component": component, "layer": layer, "K": K, "N": N, "M": M, "phase": phase, **ms})
+            print(f"{component:8s} {layer:22s} M={M:4d} K={K:5d} N={N:6d}  "
+                  + "  ".join(f"{k} {v:8.3f} ms" for k, v in ms.items()), flush=True)
+    return rows
+
+
+def markdown_cpu(rows: list[dict], threads: int, repeat: int) -> str:
+    out = [f"Machine: {cpu_machine()}; intra-op threads {threads}; median of {repeat} interleaved runs per cell.", "",
+           "| component | layer | M | K | N | float ms | QDQ W8A8 ms | mqc W8A8 ms | mqc W4A8 ms | mqc W8 / float | mqc W8 / QDQ | W4 / W8 |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        out.append(
+            f"| {r['component']} | {r['layer']} | {r['M']} | {r['K']} | {r['N']} | {r['float']:.3f} | {r['qdq w8']:.3f} | "
+            f"{r['mqc w8']:.3f} | {r['mqc w4']:.3f} | {r['mqc w8'] / r['float']:.2f} | {r['mqc w8'] / r['qdq w8']:.2f} | "
+            f"{r['mqc w4'] / r['mqc w8']:.2f} |"
+        )
+    for phase in ("prefill", "decode"):
+        sel = [r for r in rows if r["phase"] == phase]
+        tot = {k: sum(r[k] for r in sel) for k in ("float", "qdq w8", "mqc w8", "mqc w4")}
+        out.append(
+            f"| **sum, {phase}** | all layers above | | | | {tot['float']:.3f} | {tot['qdq w8']:.3f} | {tot['mqc w8']:.3f} | "
+            f"{tot['mqc w4']:.3f} | {tot['mqc w8'] / tot['float']:.2f} | {tot['mqc w8'] / tot['qdq w8']:.2f} | "
+            f"{tot['mqc w4'] / tot['mqc w8']:.2f} |"
+        )
+    return "\n".join(out)
+
+
+# ---- GPU --------------------------------------------------------------------------------------------------------
+
+GPU_PREFILL = [(m, k, n) for m in (512, 2048, 4096, 8192) for (k, n) in ((2048, 2048), (4096, 4096), (8192, 8192), (4096, 11008))]
+GPU_DECODE = [(m, k, n) for m in (1, 4, 16) for (k, n) in ((2048, 2048), (4096, 4096), (8192, 8192), (4096, 11008))]
+
+
+def _cuda_lib():
+    lib = ctypes.CDLL(str(library_path("cuda")))
+    i64, vp, fp = ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p
+    lib.mqc_cuda_padded_k.restype = i64
+    lib.mqc_cuda_padded_k.argtypes = [i64]
+    lib.mqc_cuda_quant_linear_workspace.restype = i64
+    lib.mqc_cuda_quant_linear_workspace.argtypes = [i64, i64, i64]
+    lib.mqc_cuda_quant_linear.argtypes = [ctypes.c_int, vp, ctypes.c_int, i64, i64, i64, vp, fp, fp, ctypes.c_int, vp, fp, vp,
+                                          ctypes.c_int, vp, vp]
+    lib.mqc_cuda_hadamard.argtypes = [vp, vp, ctypes.c_int, i64, i64, i64, fp, vp]
+    lib.mqc_cuda_rmsnorm_quant.argtypes = [vp, ctypes.c_int, i64, i64, fp, fp, ctypes.c_float, vp, vp]
+    return lib
+
+
+def _cuda_time(fn, repeat: int) -> float:
+    import torch
+
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(repeat):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def run_gpu(repeat: int) -> str:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("--gpu needs torch with CUDA and a GPU")
+    lib = _cuda_lib()
+    dev = torch.device("cuda")
+    stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    lines = [f"Machine: {torch.cuda.get_device_name()}; torch {torch.__version__}; median of {repeat} runs (CUDA events).", "",
+             "| phase | M | K | N | fp16 matmul ms | W8A8 ms | W4A8 ms | W8A8 speed-up | W4A8 speed-up | max rel err W8 | max rel err W4 |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for phase, shapes in (("prefill", GPU_PREFILL), ("decode", GPU_DECODE)):
+        for M, K, N in shapes:
+            x = torch.randn(M, K, generator=gen).to(dev, torch.float16)
+            w = (torch.randn(K, N, generator=gen) * 0.05).to(dev, torch.float16)
+            t_fp16 = _cuda_time(lambda x=x, w=w: torch.matmul(x, w), repeat)
+            act_scale = torch.tensor([float(x.abs().max()) / 127], device=dev)
+            Kp = lib.mqc_cuda_padded_k(K)
+            ws_bytes = lib.mqc_cuda_quant_linear_workspace(M, K, 0)
+            workspace = torch.empty(ws_bytes, dtype=torch.uint8, device=dev)
+            y = torch.empty(M, N, dtype=torch.float16, device=dev)
+            row = []
+            errs = []
+            for bits in (8, 4):
+                qmax = 127 if bits == 8 else 7
+                w_scale = (w.float().abs().amax(dim=0) / qmax).contiguous()
+                wq = torch.clamp(torch.round(w.float() / w_scale), -qmax - 1, qmax).to(torch.int8).t().contiguous()  # [N, K]
+                wq_pad = torch.zeros(N, Kp, dtype=torch.int8, device=dev)
+                wq_pad[:, :K] = wq
+                if bits == 4:
+                    u = (wq_pad.to(torch.int16) & 0xF).to(torch.uint8)
+                    packed = (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
+                else:
+                    packed = wq_pad
+
+                args = (bits, x.data_ptr(), 1, M, K, N, packed.data_ptr(), w_scale.data_ptr(), act_scale.data_ptr(), 1,
+                        None, None, y.data_ptr(), 1, workspace.data_ptr(), stream)
+
+                def call(args=args):
+                    err = lib.mqc_cuda_quant_linear(*args)
+                    if err:
+                        raise RuntimeError(f"mqc_cuda_quant_linear failed with cudaError {err}")
+
+                call()
+                torch.cuda.synchronize()
+                xq = torch.clamp(torch.round(x.double() / act_scale.double()), -128, 127)
+                ref = (xq @ wq.double().t()) * (act_scale.double() * w_scale.double())
+                errs.append(float((y.double() - ref).abs().max() / ref.abs().max()))
+                row.append(_cuda_time(call, repeat))
+            lines.append(f"| {phase} | {M} | {K} | {N} | {t_fp16:.4f} | {row[0]:.4f} | {row[1]:.4f} | {t_fp16 / row[0]:.2f} | "
+                         f"{t_fp16 / row[1]:.2f} | {errs[0]:.1e} | {errs[1]:.1e} |")
+            print(lines[-1], flush=True)
+    # Hadamard and RMSNorm+quant: effective bandwidth against a device-to-device copy of the same bytes.
+    lines += ["", "| kernel | rows | n | ms | GB/s | copy GB/s | fraction of copy | max abs err |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for rows, n in ((4096, 4096), (8192, 4096), (4096, 28 * 512)):
+        x = torch.randn(rows, n, generator=gen).to(dev, torch.float16)
+        y = torch.empty_like(x)
+        t_copy = _cuda_time(lambda x=x, y=y: y.copy_(x), repeat)
+        bw_copy = 2 * x.numel() * 2 / t_copy / 1e6
+        m = 1 if (n & (n - 1)) == 0 else 28 if n % 28 == 0 else 1
+        hm = torch.where(torch.rand(m, m, generator=gen) < 0.5, -1.0, 1.0).to(dev) if m > 1 else None
+
+        def had(x=x, y=y, m=m, hm=hm, n=n, rows=rows):
+            err = lib.mqc_cuda_hadamard(x.data_ptr(), y.data_ptr(), 1, rows, n, m, hm.data_ptr() if hm is not None else None, stream)
+            if err:
+                raise RuntimeError(f"mqc_cuda_hadamard failed with cudaError {err}")
+
+        had()
+        torch.cuda.synchronize()
+        L = n // m
+        hs = torch.ones(1, 1, dtype=torch.float64)
+        while hs.shape[0] < L:
+            hs = torch.cat([torch.cat([hs, hs], 1), torch.cat([hs, -hs], 1)], 0)
+        full = torch.kron(hm.double().cpu() if hm is not None else torch.ones(1, 1, dtype=torch.float64), hs) / n**0.5
+        sample = slice(0, 8)
+        ref = x[sample].double().cpu() @ full
+        err = float((y[sample].double().cpu() - ref).abs().max())
+        t = _cuda_time(had, repeat)
+        bw = 2 * x.numel() * 2 / t / 1e6
+        lines.append(f"| Hadamard fp16 (m={m}) | {rows} | {n} | {t:.4f} | {bw:.0f} | {bw_copy:.0f} | {bw / bw_copy:.2f} | {err:.1e} |")
+        gamma = (torch.rand(n, generator=gen) + 0.5).to(dev)
+        s = torch.tensor([0.05], device=dev)
+        q = torch.empty(rows, n, dtype=torch.int8, device=dev)
+
+        def norm(x=x, gamma=gamma, s=s, q=q, rows=rows, n=n):
+            err = lib.mqc_cuda_rmsnorm_quant(x.data_ptr(), 1, rows, n, gamma.data_ptr(), s.data_ptr(), 1e-6, q.data_ptr(), stream)
+            if err:
+                raise RuntimeError(f"mqc_cuda_rmsnorm_quant failed with cudaError {err}")
+
+        norm()
+        torch.cuda.synchronize()
+        xd = x.double()
+        refq = torch.clamp(torch.round(xd / torch.sqrt((xd * xd).mean(-1, keepdim=True) + 1e-6) * gamma.double() / 0.05), -128, 127)
+        qerr = float((q.double() - refq).abs().max())
+        t = _cuda_time(norm, repeat)
+        bw = (x.numel() * 2 + q.numel()) / t / 1e6
+        lines.append(f"| RMSNorm+quant fp16->int8 | {rows} | {n} | {t:.4f} | {bw:.0f} | {bw_copy:.0f} | {bw / bw_copy:.2f} | {qerr:.0f} code |")
+        print("\n".join(lines[-2:]), flush=True)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=30)
+    parser.add_argument("--markdown", action="store_true", help="print the BENCHMARKS.md table at the end")
+    parser.add_argument("--gpu", action="store_true", help="GPU kernels vs torch fp16 matmul (needs torch with CUDA)")
+    parser.add_argument("--quick", action="store_true", help="three shapes, few runs (a smoke test)")
+    args = parser.parse_args(argv)
+    if args.gpu:
+        print(run_gpu(args.repeat))
+        return 0
+    shapes = CPU_SHAPES[2:4] + CPU_SHAPES[4:5] if args.quick else CPU_SHAPES
+    rows = run_cpu(args.threads, 3 if args.quick else args.repeat, shapes)
+    if args.markdown:
+        print()
+        print(markdown_cpu(rows, args.threads, 3 if args.quick else args.repeat))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
