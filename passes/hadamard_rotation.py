@@ -86,39 +86,39 @@ class RotateResidualPass(MqcPass):
             return False
         hidden = readers[0].in_features
         r1 = random_hadamard(hidden, self.seed)
-        layers: dict[Any, dict[str, Any]] = {}
+        rows: dict[str, dict[str, Any]] = {}
 
         def row(lin: Linear) -> dict[str, Any]:
-            return layers.setdefault(lin.layer, {"layer": lin.layer, "readers": [], "writers": []})
+            return rows.setdefault(lin.name, {"name": lin.name, "role": lin.role, "layer": lin.layer})
 
         self._rotate_entry(graph, entry, r1)
         for lin in readers:
             own_weight(graph, lin)
             set_weight(lin, r1.T @ lin.weight_array().astype(np.float64))
-            row(lin)["readers"].append(lin.name)
+            row(lin)["r1"] = "input"
         for lin in writers:
             own_weight(graph, lin)
             set_weight(lin, lin.weight_array().astype(np.float64) @ r1)
             if lin.bias is not None:
                 own_bias(graph, lin)
                 set_bias(lin, constant_array(lin.bias).astype(np.float64) @ r1)
-            row(lin)["writers"].append(lin.name)
+            row(lin)["r1"] = "output"
         changed = len(readers) + len(writers)
         if self.online_down:
             for lin in model_map.linears:
                 if lin.role in ("down", "fc2") and lin.component == "language":
-                    row(lin)["online_hadamard"] = self._online_hadamard(graph, lin)
+                    row(lin).update(self._online_hadamard(graph, lin))
                     changed += 1
         if heads is not None:
             head_dim, kv_heads = heads
             for lin in model_map.linears:
                 if lin.role in ("v", "o") and lin.component == "language":
-                    row(lin)[f"vo_hadamard_{lin.role}"] = self._rotate_head(graph, lin, head_dim, kv_heads)
+                    row(lin).update(self._rotate_head(graph, lin, head_dim, kv_heads))
                     changed += 1
         remove_unused_initializers(graph)
         self.record.matched = len(model_map.linears)
         self.record.changed = changed
-        self.record.layers.extend(sorted(layers.values(), key=lambda r: (r["layer"] is None, r["layer"] or 0)))
+        self.record.layers.extend(rows.values())
         self.record.notes.append(f"R1 = random_hadamard({hidden}, seed={self.seed})")
         self.record.notes.append(
             f"R1 applied by MatMul at graph input {entry.name!r}: the embedding table / projector output could absorb it "
@@ -287,7 +287,7 @@ class RotateResidualPass(MqcPass):
             weight = np.vstack([weight, np.zeros((size - n, weight.shape[1]))])
         own_weight(graph, lin)
         set_weight(lin, hadamard_matrix(size).T @ weight)
-        return {"size": n, "hadamard_size": size, "padded": size != n}
+        return {"online_hadamard": size, "online_hadamard_padded_from": n if size != n else None}
 
     def _rotate_head(self, graph: ir.Graph, lin: Linear, head_dim: int, kv_heads: int) -> dict[str, Any]:
         h = hadamard_matrix(head_dim)
@@ -304,4 +304,4 @@ class RotateResidualPass(MqcPass):
             blocks = weight.shape[0] // head_dim
             weight = np.einsum("ji,bjo->bio", h, weight.reshape(blocks, head_dim, -1)).reshape(weight.shape)
         set_weight(lin, weight)
-        return {"head_dim": head_dim, "blocks": blocks, "kv_heads": kv_heads}
+        return {"vo_hadamard": f"H{head_dim} on {blocks} {'output' if lin.role == 'v' else 'input'} blocks"}

@@ -111,10 +111,11 @@ class FoldNormsPass(MqcPass):
             ones = add_initializer(graph, f"{norm.name}.weight_folded", np.ones_like(constant_array(scale)))
             index = 2 if norm.node.op_type.startswith("Skip") else 1
             norm.node.replace_input_with(index, ones)
-            self.record.layers.append({
-                "name": norm.name, "op": norm.node.op_type, "readers": [r.name for r in readers],
-                "gamma_absmax": round(float(np.max(np.abs(gamma))), 6), "gamma_min": round(float(np.min(gamma)), 6),
-            })
+            for lin in readers:  # rows keyed by linear name, so the report merges them with later passes
+                self.record.layers.append({
+                    "name": lin.name, "folded_norm": norm.name,
+                    "gamma_absmax": round(float(np.max(np.abs(gamma))), 6), "gamma_min": round(float(np.min(gamma)), 6),
+                })
             changed += 1
         if changed:
             remove_unused_initializers(graph)

@@ -46,10 +46,13 @@ def test_rotation_preserves_all_outputs(tmp_path_factory, family):
     assert fold.verify["max_rel"] < 1e-4 and rotate.verify["max_rel"] < 1e-4
     assert not rotate.skipped and rotate.changed == 15 + 2  # every linear reads or writes the stream, + 2 online Hadamards
     assert "seed=7" in rotate.notes[0]
-    by_layer = {row["layer"]: row for row in rotate.layers}
-    assert len(by_layer[0]["readers"]) == 5 and len(by_layer[0]["writers"]) == 2
-    assert by_layer[1]["online_hadamard"] == {"size": 128, "hadamard_size": 128, "padded": False}
-    assert by_layer[None]["readers"] == ["lm_head"]
+    rows = {row["name"]: row for row in rotate.layers}
+    assert sum(row["r1"] == "input" for row in rows.values()) == 11
+    assert {name for name, row in rows.items() if row["r1"] == "output"} == {
+        f"model.layers.{i}.{m}" for i in (0, 1) for m in ("self_attn.o_proj", "mlp.down_proj")}
+    assert rows["model.layers.1.mlp.down_proj"]["online_hadamard"] == 128
+    assert rows["model.layers.1.mlp.down_proj"]["online_hadamard_padded_from"] is None
+    assert rows["lm_head"]["r1"] == "input"
     linears = ctx.model_map(model).linears
     assert len(linears) == 15, "rotation matrices must not show up as linear layers"
     assert not any(lin.name.startswith("mqc.") for lin in linears)
@@ -68,8 +71,9 @@ def test_rotate_vo_keeps_logits_and_rotates_cached_values_per_head(tmp_path_fact
     before = ctx.run_outputs(model)[0]
     (record,) = PassManager([RotateResidualPass(rotate_vo=True)], ctx).run(model)
     after = ctx.run_outputs(model)[0]
-    assert record.layers[0]["vo_hadamard_v"] == {"head_dim": 16, "blocks": 2, "kv_heads": 2}
-    assert record.layers[0]["vo_hadamard_o"]["blocks"] == 4
+    rows = {row["name"]: row for row in record.layers}
+    assert rows["model.layers.0.self_attn.v_proj"]["vo_hadamard"] == "H16 on 2 output blocks"
+    assert rows["model.layers.0.self_attn.o_proj"]["vo_hadamard"] == "H16 on 4 input blocks"
     h = hadamard_matrix(16)
     for name, a, b in zip(("logits", "k0", "v0", "k1", "v1"), before, after, strict=True):
         expected = a @ h if name.startswith("v") else a  # [batch, kv_heads, seq, head_dim]: V·H per head
@@ -107,7 +111,8 @@ def test_online_hadamard_pads_a_non_hadamard_intermediate_size():
     ctx = CompileContext(lambda: feeds, verify=True)
     (record,) = PassManager([RotateResidualPass(seed=1)], ctx).run(model)
     assert record.verify["max_rel"] < 1e-5
-    assert record.layers[0]["online_hadamard"] == {"size": 11, "hadamard_size": 12, "padded": True}
+    down_row = next(row for row in record.layers if row["role"] == "down")
+    assert down_row["online_hadamard"] == 12 and down_row["online_hadamard_padded_from"] == 11
     assert any(node.op_type == "Pad" for node in model.graph)
     down = next(lin for lin in ctx.model_map(model).linears if lin.role == "down")
     assert down.in_features == 12

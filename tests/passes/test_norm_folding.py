@@ -46,7 +46,8 @@ def test_fold_preserves_outputs_and_makes_norms_affine_free(tmp_path_factory, fa
     (record,) = PassManager([FoldNormsPass()], ctx).run(model)  # verify=True: raises on drift > 1e-4
     assert record.verify["max_rel"] < 1e-5
     assert record.matched == 5 and record.changed == 5 and not record.skipped
-    assert record.layers[-1]["readers"] == ["lm_head"]
+    assert len(record.layers) == 11 and record.layers[-1]["name"] == "lm_head"  # 2 x (q, k, v, gate, up) + lm_head
+    assert record.layers[-1]["folded_norm"] == "model.norm"
     for norm in ctx.model_map(model).norms:
         assert np.all(constant_array(norm.scale) == 1.0)
     after = ctx.run_outputs(model)
