@@ -74,7 +74,7 @@ def compile_command(model: str, output: Path, recipe: str, calib: Path | None, s
 
 
 def _summary(name: str, report) -> None:
-    rows = report.layer_table()
+    rows = [r for r in report.layer_table() if "w_bits" in r]  # rotation/smoothing rows are not quantized layers
     sqnr = [r["sqnr_db"] for r in rows if isinstance(r.get("sqnr_db"), float)]
     skipped = sum(len(p.skipped) for p in report.passes)
     verified = [p for p in report.passes if p.verify is not None]
