@@ -16,9 +16,13 @@ products of dequantized values in another order): measured relative error below 
 Rules:
 1. ``MatMul(x_dq, w_dq)`` and ``Add(MatMul(x_dq, w_dq), bias)`` (either operand order) are lowered; the bias form
    first, so the Add is fused whenever it adds a constant ``[N]`` vector.
-2. ``x_dq`` must be ``DequantizeLinear(QuantizeLinear(X, s, z), s, z)`` with one positive fp32 scalar scale and
-   an int8 zero point of 0 (per-tensor symmetric int8). Several linears may share it (q/k/v): each is lowered
-   on its own and the Q/DQ pair is removed once no reader is left.
+2. ``x_dq`` must be ``DequantizeLinear(QuantizeLinear(X, s, z), s, z)`` with one positive scalar scale and
+   an int8 zero point of 0 (per-tensor symmetric int8), or MSQ's per-token fake-quant (passes/msq.py)
+   ``Mul(Clip(Round(Div(X, s)), -128, 127), s)`` with ``s = Where(Equal(Unsqueeze(modality_ids, [-1]), 1),
+   s_image, s_text)``, which becomes ``act_scale = [s_text, s_image]`` plus the ``modality_ids`` input (same
+   division, half-to-even rounding and clip as the op, so the int8 codes are identical). Several linears may
+   share one activation quantizer (q/k/v): each is lowered on its own and the quantizer is removed once no
+   reader is left.
 3. ``w_dq`` must dequantize a constant 2-D INT8 or INT4 weight per output channel (``axis`` 1 or -1, no
    ``block_size``) with zero points all 0. INT4 needs an even K.
 4. X must be float or float16 (the op's two float signatures); the output keeps X's type.
@@ -72,13 +76,65 @@ def _is_zero(value: ir.Value | None) -> bool:
     return array is not None and not np.any(array.astype(np.int64))
 
 
-def _activation_source(x_dq: ir.Value, result: MatchResult) -> tuple[ir.Value, np.ndarray] | MatchResult:
-    """(X, s_x) for ``x_dq = DQ(Q(X, s, 0), s, 0)``, else a failed match naming why."""
-    dq = x_dq.producer()
-    if dq is None or dq.op_type != "DequantizeLinear" or dq.domain not in ("", "ai.onnx"):
-        return result.fail("the MatMul input is not a DequantizeLinear output", x_dq)
-    q = dq.inputs[0].producer() if dq.inputs[0] is not None else None
-    if q is None or q.op_type != "QuantizeLinear" or q.domain not in ("", "ai.onnx"):
+def _producer(value: ir.Value | None, op_type: str) -> ir.Node | None:
+    node = value.producer() if value is not None else None
+    if node is None or node.op_type != op_type or node.domain not in ("", "ai.onnx"):
+        return None
+    return node
+
+
+def _scalar(value: ir.Value | None) -> float | None:
+    array = constant_array(value)
+    if array is None or array.size != 1:
+        return None
+    return float(array.reshape(()))
+
+
+def _msq_source(x_dq: ir.Value, result: MatchResult) -> tuple[ir.Value, np.ndarray, ir.Value] | MatchResult:
+    """(X, [s_text, s_image], modality_ids) for the MSQ per-token fake-quant of passes/msq.py."""
+    mul = _producer(x_dq, "Mul")
+    assert mul is not None
+    clip = next((c for c in (_producer(i, "Clip") for i in mul.inputs) if c is not None), None)
+    if clip is None:
+        return result.fail("the MatMul input is neither a DequantizeLinear nor the MSQ Mul(Clip(...), s)", x_dq)
+    s = mul.inputs[1] if mul.inputs[0] is clip.outputs[0] else mul.inputs[0]
+    where = _producer(s, "Where")
+    rnd = _producer(clip.inputs[0], "Round")
+    div = _producer(rnd.inputs[0], "Div") if rnd is not None else None
+    if where is None or div is None or div.inputs[1] is not s:
+        return result.fail("the MSQ fake-quant is not Mul(Clip(Round(Div(X, s))), s) with s = Where(...)", mul)
+    qmin, qmax = (_scalar(clip.inputs[i]) if len(clip.inputs) > i else None for i in (1, 2))
+    if qmin != -128.0 or qmax != 127.0:
+        return result.fail(f"the MSQ clip range [{qmin}, {qmax}] is not int8's [-128, 127]", clip)
+    s_image, s_text = _scalar(where.inputs[1]), _scalar(where.inputs[2])
+    if s_image is None or s_text is None or not (s_image > 0 and s_text > 0):
+        return result.fail("the MSQ scales are not two positive constant scalars", where)
+    equal = _producer(where.inputs[0], "Equal")
+    unsq = _producer(equal.inputs[0], "Unsqueeze") if equal is not None else None
+    axes = constant_array(unsq.inputs[1]) if unsq is not None and len(unsq.inputs) > 1 else None
+    if unsq is None or _scalar(equal.inputs[1]) != 1.0 or axes is None or axes.tolist() != [-1]:
+        return result.fail("the MSQ condition is not Equal(Unsqueeze(modality_ids, [-1]), 1)", where)
+    ids = unsq.inputs[0]
+    if ids is None or ids.dtype != ir.DataType.INT64:
+        return result.fail("modality_ids is not int64", unsq)
+    x = div.inputs[0]
+    if x is None or x.dtype not in _FLOAT_TYPES:
+        return result.fail("the quantized activation is not float or float16", div)
+    scales = np.array([np.float32(s_text), np.float32(s_image)], dtype=np.float32)
+    return x, scales, ids
+
+
+def _activation_source(
+    x_dq: ir.Value, result: MatchResult
+) -> tuple[ir.Value, np.ndarray, ir.Value | None] | MatchResult:
+    """(X, act_scale, modality_ids) for ``x_dq = DQ(Q(X, s, 0), s, 0)`` or the MSQ form, else a failed match."""
+    if _producer(x_dq, "Mul") is not None:
+        return _msq_source(x_dq, result)
+    dq = _producer(x_dq, "DequantizeLinear")
+    if dq is None:
+        return result.fail("the MatMul input is not a DequantizeLinear (or MSQ) output", x_dq)
+    q = _producer(dq.inputs[0], "QuantizeLinear")
+    if q is None:
         return result.fail("the activation DequantizeLinear does not read a QuantizeLinear", dq)
     q_scale = constant_array(q.inputs[1])
     dq_scale = constant_array(dq.inputs[1])
@@ -94,7 +150,7 @@ def _activation_source(x_dq: ir.Value, result: MatchResult) -> tuple[ir.Value, n
     x = q.inputs[0]
     if x is None or x.dtype not in _FLOAT_TYPES:
         return result.fail("the quantized activation is not float or float16", q)
-    return x, q_scale.astype(np.float32).reshape(1)
+    return x, q_scale.astype(np.float32).reshape(1), None
 
 
 def _weight(w_dq: ir.Value, result: MatchResult) -> tuple[np.ndarray, int, np.ndarray] | MatchResult:
@@ -166,7 +222,7 @@ class _QdqLinearToQuantLinear(pattern.RewriteRuleClassBase):
         return result
 
     def rewrite(self, op, x_dq, w_dq, bias=None, **_):
-        x, act_scale = _activation_source(x_dq, MatchResult())
+        x, act_scale, modality_ids = _activation_source(x_dq, MatchResult())
         w, bits, w_scale = _weight(w_dq, MatchResult())
         base = w_dq.producer().inputs[0].name or "linear"
         packed = np.ascontiguousarray(w.T) if bits == 8 else pack_int4_rows(np.ascontiguousarray(w.T))
@@ -179,6 +235,8 @@ class _QdqLinearToQuantLinear(pattern.RewriteRuleClassBase):
         if self.with_bias:
             b = constant_array(bias).astype(np.float32)
             inputs.append(op.initializer(ir.tensor(b, name=f"{base}.mqc_bias"), name=f"{base}.mqc_bias"))
+        if modality_ids is not None:
+            inputs += [None] * (5 - len(inputs)) + [modality_ids]
         return op.QuantLinear(*inputs, bits=bits, _domain=MQC_DOMAIN, _version=MQC_OPSET)
 
 

@@ -142,3 +142,56 @@ def test_int4_packing_roundtrip():
 def test_pass_class_contract():
     assert LowerRuntimeOpsPass.name == "lower_runtime_ops"
     assert LowerRuntimeOpsPass.function_preserving is False
+
+
+def _msq_qdq_model(rng, K, widths, scales, bits=8):
+    """The MSQ form built by passes/msq.py itself, in front of QDQ-weight linears reading one activation."""
+    from mqc.passes.msq import insert_activation_msq, is_image_mask
+
+    from mqc.calibration import MODALITY_INPUT
+
+    layers = [random_linear(rng, K, n, bits) for n in widths]
+    proto = qdq_linear_model(layers, [None] * len(layers), 1.0, bits=bits)
+    proto.graph.input.append(helper.make_tensor_value_info(MODALITY_INPUT, onnx.TensorProto.INT64, ["B", "S"]))
+    proto.graph.input[0].CopyFrom(helper.make_tensor_value_info("X", onnx.TensorProto.FLOAT, ["B", "S", K]))
+    model = ir.serde.deserialize_model(proto)
+    graph = model.graph
+    x = graph.inputs[0]
+    dq = next(n for n in graph if n.op_type == "DequantizeLinear" and n.name == "act_dequant")
+    readers = [u.node for u in dq.outputs[0].uses()]
+    for reader in readers:  # back to the float MatMul input, then MSQ in front of it
+        reader.replace_input_with(0, x)
+    mask = is_image_mask(graph, graph.inputs[1])
+    x_dq = insert_activation_msq(graph, x, scales[0], scales[1], 8, readers, mask)
+    assert all(r.inputs[0] is x_dq for r in readers)
+    ir.passes.common.RemoveUnusedNodesPass()(model)
+    out = ir.serde.serialize_model(model)
+    out.ir_version = 10
+    return out, layers
+
+
+def test_msq_per_modality_form_is_lowered_with_modality_ids():
+    rng = np.random.default_rng(21)
+    K, scales = 64, (0.02, 0.3)
+    qdq, layers = _msq_qdq_model(rng, K, (48, 32), scales)
+    assert "Where" in op_types(qdq) and "QuantizeLinear" not in op_types(qdq)
+    lowered, record = lower(qdq)
+    assert record.changed == 2, record.skipped
+    assert set(op_types(lowered)) == {"QuantLinear"}, op_types(lowered)
+    ql = next(n for n in lowered.graph.node if n.op_type == "QuantLinear")
+    assert ql.input[5] == "modality_ids"
+    B, S = 2, 9
+    ids = (rng.random((B, S)) < 0.5).astype(np.int64)
+    x = (rng.standard_normal((B, S, K)) * np.where(ids[..., None] == 1, 20.0, 1.0)).astype(np.float32)
+    feeds = {"X": x, "modality_ids": ids}
+    # Reference: the MSQ model as written. onnxruntime 1.31's CPU optimizer turns float-activation
+    # MatMul(., DequantizeLinear(int8 W, axis=1)) into com.microsoft::MatMulNBits, which re-quantizes the activation
+    # dynamically and moves outputs by ~10%; so the graph's own semantics are evaluated without graph optimizations.
+    expected = session(qdq, custom=False, optimize=False).run(None, feeds)
+    got = session(lowered).run(None, feeds)
+    s_tok = np.where(ids.reshape(-1) == 1, np.float32(scales[1]), np.float32(scales[0]))
+    xq = np.stack([quantize(r, s) for r, s in zip(x.reshape(-1, K), s_tok, strict=True)])
+    for (wq, ws), e, g in zip(layers, expected, got, strict=True):
+        np.testing.assert_allclose(g, e, rtol=0, atol=RTOL * np.abs(e).max())
+        ref = int_reference(xq, wq.T) * (s_tok.astype(np.float64)[:, None] * ws)
+        np.testing.assert_allclose(g.reshape(-1, wq.shape[1]), ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
