@@ -25,7 +25,12 @@ Rules:
    reader is left.
 3. ``w_dq`` must dequantize a constant 2-D INT8 or INT4 weight per output channel (``axis`` 1 or -1, no
    ``block_size``) with zero points all 0. INT4 needs an even K.
-4. X must be float or float16 (the op's two float signatures); the output keeps X's type.
+4. X must be float or float16 when its type is known (the op's float signatures; onnxruntime picks the one
+   matching X at session creation); the output keeps X's type.
+5. The online Hadamard of passes/hadamard_rotation.py, ``MatMul(X, Mul(Cast(S), 1/sqrt(n)))`` with S an int8
+   ±1 matrix equal to ``kron(H_m, Sylvester(n/m))`` (m from ``mqc.hadamard.hadamard_factor``), becomes
+   ``ai.mqc::Hadamard(X, H_m)``: an O(n log n + m n) transform instead of an n x n MatMul, equal up to fp32
+   rounding. Randomized rotations (R1: signs times a random ±1 diagonal) fail the Kronecker check and stay.
 Refused (recorded with the reason, the QDQ form stays): per-group weights, asymmetric or non-int8 activations,
 non-constant weights or scales, uint8 activations, transposed (Gemm-style, ``axis=0``) weights.
 """
@@ -118,7 +123,7 @@ def _msq_source(x_dq: ir.Value, result: MatchResult) -> tuple[ir.Value, np.ndarr
     if ids is None or ids.dtype != ir.DataType.INT64:
         return result.fail("modality_ids is not int64", unsq)
     x = div.inputs[0]
-    if x is None or x.dtype not in _FLOAT_TYPES:
+    if x is None or (x.dtype is not None and x.dtype not in _FLOAT_TYPES):
         return result.fail("the quantized activation is not float or float16", div)
     scales = np.array([np.float32(s_text), np.float32(s_image)], dtype=np.float32)
     return x, scales, ids
@@ -148,7 +153,7 @@ def _activation_source(
     if not (_is_zero(zero) and _is_zero(dq.inputs[2] if len(dq.inputs) > 2 else None)):
         return result.fail("the activation zero point is not 0 (asymmetric)", q)
     x = q.inputs[0]
-    if x is None or x.dtype not in _FLOAT_TYPES:
+    if x is None or (x.dtype is not None and x.dtype not in _FLOAT_TYPES):
         return result.fail("the quantized activation is not float or float16", q)
     return x, q_scale.astype(np.float32).reshape(1), None
 
@@ -221,10 +226,10 @@ class _QdqLinearToQuantLinear(pattern.RewriteRuleClassBase):
                 return result.fail(f"the Add operand is not a constant [{w.shape[1]}] bias", bias)
         return result
 
-    def rewrite(self, op, x_dq, w_dq, bias=None, **_):
+    def rewrite(self, op, x_dq, w_dq, mm, bias=None, **_):
         x, act_scale, modality_ids = _activation_source(x_dq, MatchResult())
         w, bits, w_scale = _weight(w_dq, MatchResult())
-        base = w_dq.producer().inputs[0].name or "linear"
+        base = mm.name or w_dq.producer().inputs[0].name or "linear"  # unique per linear, even for shared weights
         packed = np.ascontiguousarray(w.T) if bits == 8 else pack_int4_rows(np.ascontiguousarray(w.T))
         inputs = [
             x,
@@ -240,9 +245,76 @@ class _QdqLinearToQuantLinear(pattern.RewriteRuleClassBase):
         return op.QuantLinear(*inputs, bits=bits, _domain=MQC_DOMAIN, _version=MQC_OPSET)
 
 
+def _hadamard_base(h: ir.Value, result: MatchResult) -> np.ndarray | MatchResult:
+    """H_m (float32) when ``h`` is ``Mul(Cast(S), 1/sqrt(n))`` with S = kron(H_m, Sylvester(n/m)), the online
+    Hadamard matrix of passes/hadamard_rotation.py; else a failed match."""
+    from mqc.hadamard import hadamard_factor, sylvester
+
+    mul = _producer(h, "Mul")
+    if mul is None:
+        return result.fail("the MatMul's right operand is not Mul(Cast(signs), scale)", h)
+    cast = next((c for c in (_producer(i, "Cast") for i in mul.inputs) if c is not None), None)
+    if cast is None:
+        return result.fail("the MatMul's right operand is not Mul(Cast(signs), scale)", h)
+    scale_value = mul.inputs[1] if mul.inputs[0] is cast.outputs[0] else mul.inputs[0]
+    signs, scale = constant_array(cast.inputs[0]), _scalar(scale_value)
+    if signs is None or scale is None or signs.ndim != 2 or signs.shape[0] != signs.shape[1]:
+        return result.fail("not a constant square sign matrix with a scalar scale", mul)
+    n = signs.shape[0]
+    if not np.isclose(scale, 1.0 / np.sqrt(n), rtol=1e-6, atol=0):
+        return result.fail(f"the scale {scale} is not 1/sqrt({n})", mul)
+    try:
+        m, size = hadamard_factor(n)
+    except ValueError as exc:
+        return result.fail(f"size {n}: {exc}", mul)
+    s = signs.astype(np.int64)
+    base = s[::size, ::size]
+    if not np.array_equal(s, np.kron(base, sylvester(size))):
+        return result.fail(f"the {n}x{n} sign matrix is not kron(H_{m}, Sylvester({size})) (a randomized rotation?)", mul)
+    return base.astype(np.float32)
+
+
+class _MatMulHadamardToHadamard(pattern.RewriteRuleClassBase):
+    """``MatMul(X, Mul(Cast(kron(H_m, H_2^k) signs), 1/sqrt(n)))`` -> ``ai.mqc::Hadamard(X, H_m)``."""
+
+    def __init__(self, name: str, skips: dict[str, str]) -> None:
+        super().__init__(name)
+        self.skips = skips
+
+    def pattern(self, op, x, h):
+        return op.MatMul(x, h, _outputs=["mm"])
+
+    def check(self, context, x, h, mm, **_):
+        result = MatchResult()
+        if _producer(h, "Mul") is None or not any(_producer(i, "Cast") for i in h.producer().inputs):
+            return result.fail("not an online Hadamard MatMul")  # an ordinary MatMul: not recorded
+        cast = next(c for c in (_producer(i, "Cast") for i in h.producer().inputs) if c is not None)
+        to = cast.attributes.get_int("to", 0)
+        if to not in _FLOAT_TYPES or (x.dtype is not None and to != x.dtype):
+            result = result.fail("the Hadamard input is not float/float16 (or differs from the matrix type)", x)
+        else:
+            base = _hadamard_base(h, result)
+            result = base if isinstance(base, MatchResult) else result
+        key = mm.producer().name or f"MatMul->{mm.name}"
+        if result:
+            self.skips.pop(key, None)
+        else:
+            self.skips[key] = f"{self.name}: {result.reason}"
+        return result
+
+    def rewrite(self, op, x, h, mm, **_):
+        base = _hadamard_base(h, MatchResult())
+        name = f"{mm.name}.mqc_hadamard_base"
+        if base.shape[0] == 1:
+            return op.Hadamard(x, _domain=MQC_DOMAIN, _version=MQC_OPSET)
+        return op.Hadamard(x, op.initializer(ir.tensor(base, name=name), name=name), _domain=MQC_DOMAIN, _version=MQC_OPSET)
+
+
 def rule_sets(skips: dict[str, str]) -> list[pattern.RewriteRuleSet]:
-    """The rule sets in the order they run: the bias forms first (over the whole graph), then the bare MatMul."""
+    """The rule sets in the order they run: online Hadamards, then the linears with a bias (over the whole graph),
+    then the bare MatMuls."""
     return [
+        pattern.RewriteRuleSet([_MatMulHadamardToHadamard.rule("online_hadamard_to_hadamard", skips)]),
         pattern.RewriteRuleSet(
             [
                 _QdqLinearToQuantLinear.rule("qdq_linear_bias_to_quant_linear", skips, with_bias=True),
@@ -265,7 +337,8 @@ class LowerRuntimeOpsPass(MqcPass):
 
     def run(self, model: ir.Model) -> bool:
         skips: dict[str, str] = {}
-        count = sum(rules.apply_to_model(model) for rules in rule_sets(skips))
+        counts = [rules.apply_to_model(model) for rules in rule_sets(skips)]
+        count = sum(counts)
         for node, reason in skips.items():
             self.record.skip(node, reason)
         self.record.matched = count + len(skips)
@@ -275,7 +348,8 @@ class LowerRuntimeOpsPass(MqcPass):
             ensure_opset(model, MQC_DOMAIN, MQC_OPSET)
             removed = remove_unused_initializers(model.graph)
             self.record.notes.append(
-                f"{count} linears lowered to {MQC_DOMAIN}::QuantLinear; {removed} dead initializers removed"
+                f"{counts[1] + counts[2]} linears lowered to {MQC_DOMAIN}::QuantLinear, {counts[0]} online Hadamard "
+                f"MatMuls to {MQC_DOMAIN}::Hadamard; {removed} dead initializers removed"
             )
         return count > 0
 

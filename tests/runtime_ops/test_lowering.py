@@ -195,3 +195,46 @@ def test_msq_per_modality_form_is_lowered_with_modality_ids():
         np.testing.assert_allclose(g, e, rtol=0, atol=RTOL * np.abs(e).max())
         ref = int_reference(xq, wq.T) * (s_tok.astype(np.float64)[:, None] * ws)
         np.testing.assert_allclose(g.reshape(-1, wq.shape[1]), ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("n", [576, 1536, 64])
+def test_online_hadamard_matmul_is_lowered(n):
+    """passes/hadamard_rotation.py's online Hadamard (MatMul by Mul(Cast(int8 signs), 1/sqrt(n))) -> ai.mqc::Hadamard."""
+    from mqc.hadamard import hadamard_matrix
+
+    h = hadamard_matrix(n)
+    signs = np.rint(h * np.sqrt(n)).astype(np.int8)
+    nodes = [helper.make_node("Cast", ["signs"], ["hf"], to=onnx.TensorProto.FLOAT),
+             helper.make_node("Mul", ["hf", "scale"], ["H"]),
+             helper.make_node("MatMul", ["X", "H"], ["Y"], name="down/online_hadamard")]
+    inits = [onnx.numpy_helper.from_array(signs, "signs"),
+             onnx.numpy_helper.from_array(np.array(1 / np.sqrt(n), np.float32), "scale")]
+    from rtops_models import make_model
+
+    proto = make_model(nodes, [helper.make_tensor_value_info("X", onnx.TensorProto.FLOAT, None)],
+                       [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, None)], inits, mqc=False)
+    lowered, record = lower(proto)
+    assert op_types(lowered) == ["Hadamard"], record.skipped
+    x = np.random.default_rng(n).standard_normal((2, 5, n)).astype(np.float32)
+    e = session(proto, custom=False).run(None, {"X": x})[0]
+    g = session(lowered).run(None, {"X": x})[0]
+    np.testing.assert_allclose(g, x.astype(np.float64) @ h, rtol=0, atol=1e-5 * np.abs(e).max())
+    np.testing.assert_allclose(g, e, rtol=0, atol=1e-5 * np.abs(e).max())
+
+
+def test_randomized_rotation_is_not_a_hadamard_op():
+    from mqc.hadamard import hadamard_matrix
+
+    n = 64
+    d = np.where(np.random.default_rng(0).random(n) < 0.5, -1, 1)
+    signs = (np.rint(hadamard_matrix(n) * np.sqrt(n)) * d).astype(np.int8)
+    nodes = [helper.make_node("Cast", ["signs"], ["hf"], to=onnx.TensorProto.FLOAT),
+             helper.make_node("Mul", ["hf", "scale"], ["H"]), helper.make_node("MatMul", ["X", "H"], ["Y"], name="r1")]
+    inits = [onnx.numpy_helper.from_array(signs, "signs"), onnx.numpy_helper.from_array(np.array(1 / 8, np.float32), "scale")]
+    from rtops_models import make_model
+
+    proto = make_model(nodes, [helper.make_tensor_value_info("X", onnx.TensorProto.FLOAT, None)],
+                       [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, None)], inits, mqc=False)
+    lowered, record = lower(proto)
+    assert "MatMul" in op_types(lowered)
+    assert any("kron" in s["reason"] for s in record.skipped), record.skipped

@@ -1,0 +1,70 @@
+"""End to end on the tiny llama decoder: each recipe's QDQ output lowered to the ai.mqc ops gives the same outputs.
+
+Reference: the QDQ model without onnxruntime graph optimizations (its CPU optimizer rewrites some float-activation
+QDQ MatMuls into MatMulNBits, which re-quantizes activations dynamically and is not the graph's semantics).
+Tolerance: 1e-5 of each output's magnitude (same int8 codes and int32 sums; fp32 summation order differs).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from mqc.passes.lower_runtime_ops import lower_to_runtime_ops
+from mqc.runtime_ops import register_library
+
+from mqc.calibration import random_feeds
+from mqc.compiler import compile_file
+from mqc.ir import save_model
+from mqc.recipes import PASS_MODULES
+
+RTOL = 1e-5
+
+
+def _outputs(path: Path, feeds: dict, custom: bool) -> dict[str, np.ndarray]:
+    options = ort.SessionOptions()
+    if custom:
+        register_library(options)
+    else:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
+    values = session.run(None, {k: v for k, v in feeds.items() if k in names})
+    return {o.name: v for o, v in zip(session.get_outputs(), values, strict=True)}
+
+
+@pytest.mark.parametrize("recipe", ["w8a8", "w4a8-msq", "quarot"])
+def test_recipe_lowered_to_runtime_ops_matches_qdq(recipe, tiny_decoder, tmp_path):
+    decoder = tiny_decoder("llama")
+    qdq_path = tmp_path / f"{recipe}.qdq.onnx"
+    compile_file(decoder, qdq_path, recipe=recipe, fmt="qdq")
+    model = ir.load(str(qdq_path))
+    record = lower_to_runtime_ops(model)
+    mqc_path = tmp_path / f"{recipe}.mqc.onnx"
+    save_model(model, mqc_path)
+    ops = [n.op_type for n in model.graph]
+    assert "QuantizeLinear" not in ops and "DequantizeLinear" not in ops, (ops, record.skipped)
+    assert ops.count("QuantLinear") == record.changed - ops.count("Hadamard")
+    if recipe == "quarot":
+        assert ops.count("Hadamard") >= 1
+    feeds = random_feeds(model, 1)[0]
+    expected = _outputs(qdq_path, feeds, custom=False)
+    got = _outputs(mqc_path, feeds, custom=True)
+    for name, e in expected.items():
+        if np.issubdtype(e.dtype, np.floating) and e.size:
+            np.testing.assert_allclose(got[name], e, rtol=0, atol=RTOL * max(np.abs(e).max(), 1e-6), err_msg=name)
+
+
+@pytest.mark.skipif("lower_runtime_ops" not in PASS_MODULES, reason="the compiler does not list the lowering pass yet")
+def test_compile_format_mqc(tiny_decoder, tmp_path):
+    out = tmp_path / "w4.mqc.onnx"
+    report = compile_file(tiny_decoder("llama"), out, recipe="w4a8-rtn", fmt="mqc")
+    lowering = next(p for p in report.passes if p.name == "lower_runtime_ops")
+    assert lowering.changed > 0
+    from mqc.session import open_session
+
+    session = open_session(out, ["CPUExecutionProvider"])
+    assert session.get_outputs()
