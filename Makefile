@@ -10,7 +10,10 @@ ORT ?= cpu
 
 setup: $(VENV)/.mqc-installed
 
-$(VENV)/.mqc-installed: pyproject.toml Makefile
+# The editable install also builds the runtime-ops libraries (setup.py runs CMake), so their sources are inputs.
+RUNTIME_OPS_SOURCES := setup.py runtime_ops/CMakeLists.txt $(shell find runtime_ops/src -type f 2>/dev/null)
+
+$(VENV)/.mqc-installed: pyproject.toml Makefile $(RUNTIME_OPS_SOURCES)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
