@@ -108,7 +108,7 @@ void tile_w8(const GemmArgs& g, int64_t m, int64_t p) {
 
 template <int MR, int NV>
 void tile_w4(const GemmArgs& g, int64_t m, int64_t p) {
-  static_assert(MR >= 1 && MR <= 4 && (NV == 1 || NV == 4), "tile shape");
+  static_assert(MR >= 1 && MR <= 5 && (NV == 1 || NV == 4), "tile shape");
   const PackedWeights& W = *g.W;
   const int64_t G2 = W.Kp / 8, lda = g.lda;
   const uint8_t* B0 = W.panel(p);
@@ -117,7 +117,7 @@ void tile_w4(const GemmArgs& g, int64_t m, int64_t p) {
   const uint8_t* B3 = NV > 1 ? W.panel(p + 3) : B0;
   const uint8_t* A = g.A + m * lda;
   const __m512i low4 = _mm512_set1_epi8(0x0F);
-  MQC_ACC_ROW(0) MQC_ACC_ROW(1) MQC_ACC_ROW(2) MQC_ACC_ROW(3)
+  MQC_ACC_ROW(0) MQC_ACC_ROW(1) MQC_ACC_ROW(2) MQC_ACC_ROW(3) MQC_ACC_ROW(4)
   for (int64_t h = 0; h < G2; ++h) {
     const __m512i r0 = _mm512_load_si512(B0 + h * 64);
     const __m512i lo0 = _mm512_and_si512(r0, low4), hi0 = _mm512_and_si512(_mm512_srli_epi16(r0, 4), low4);
@@ -132,15 +132,16 @@ void tile_w4(const GemmArgs& g, int64_t m, int64_t p) {
       lo3 = _mm512_and_si512(r3, low4);
       hi3 = _mm512_and_si512(_mm512_srli_epi16(r3, 4), low4);
     }
-    MQC_W4_ROW(0) MQC_W4_ROW(1) MQC_W4_ROW(2) MQC_W4_ROW(3)
+    MQC_W4_ROW(0) MQC_W4_ROW(1) MQC_W4_ROW(2) MQC_W4_ROW(3) MQC_W4_ROW(4)
   }
   const int64_t n0 = p * 16;
   const __m512i s0 = _mm512_set1_epi32(8 * g.rowsum[m]);
   const __m512i s1 = MR > 1 ? _mm512_set1_epi32(8 * g.rowsum[m + 1]) : s0;
   const __m512i s2 = MR > 2 ? _mm512_set1_epi32(8 * g.rowsum[m + 2]) : s0;
   const __m512i s3 = MR > 3 ? _mm512_set1_epi32(8 * g.rowsum[m + 3]) : s0;
+  const __m512i s4 = MR > 4 ? _mm512_set1_epi32(8 * g.rowsum[m + 4]) : s0;
 #define CORR(v, r) s##r
-  MQC_STORE_ROW(0) MQC_STORE_ROW(1) MQC_STORE_ROW(2) MQC_STORE_ROW(3)
+  MQC_STORE_ROW(0) MQC_STORE_ROW(1) MQC_STORE_ROW(2) MQC_STORE_ROW(3) MQC_STORE_ROW(4)
 #undef CORR
 }
 
@@ -154,7 +155,7 @@ inline void tile(const GemmArgs& g, int64_t m, int64_t p) {
 
 template <int NV, bool W4>
 void run_panels(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p) {
-  constexpr int MRB = W4 ? 4 : 6;
+  constexpr int MRB = W4 ? 5 : 6;  // W4 needs 8 registers of unpacked nibbles: 5 x 4 accumulators
   int64_t m = m0;
   for (; m + MRB <= m1; m += MRB) tile<MRB, NV, W4>(g, m, p);
   for (; m + 2 <= m1; m += 2) tile<2, NV, W4>(g, m, p);
