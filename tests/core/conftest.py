@@ -1,25 +1,18 @@
-"""Tiny random-weight decoders exported with the project's own exporter (torch dynamo), shared by core tests."""
+"""Core tests use the tiny llama and qwen2 decoders from the shared fixtures in tests/conftest.py."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 
 @pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from mqc.models.testing import export_tiny
-
-    root = tmp_path_factory.mktemp("tiny")
-    return {family: export_tiny(family, root / family) for family in ("llama", "qwen2")}
+def tiny_models(tiny_model_dir: Callable[[str], Path]) -> dict[str, Path]:
+    return {family: tiny_model_dir(family) for family in ("llama", "qwen2")}
 
 
 @pytest.fixture(scope="session")
 def llama_decoder(tiny_models: dict[str, Path]) -> Path:
     return tiny_models["llama"] / "decoder.onnx"
-
-
-@pytest.fixture(scope="session")
-def qwen2_decoder(tiny_models: dict[str, Path]) -> Path:
-    return tiny_models["qwen2"] / "decoder.onnx"

@@ -127,7 +127,7 @@ def test_refusals() -> None:
     with pytest.raises(ValueError):
         gptq_quantize(w, np.eye(8), 4, group_size=3)
     with pytest.raises(ValueError):
-        gptq_quantize(w, np.eye(8), 5)
+        gptq_quantize(w, np.eye(8), 7)  # no such grid
     with pytest.raises(ValueError):
         gptq_quantize(w, -np.eye(8), 4, percdamp=0.0)
 

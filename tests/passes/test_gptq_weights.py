@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import onnx
-import pytest
 from mqc.passes.gptq_weights import GptqWeightsPass
 
 import mqc
@@ -16,22 +13,13 @@ from mqc.pass_manager import CompileContext, PassManager
 from mqc.quantizer import sqnr_db
 
 
-def tiny_decoder(tmp_path_factory: pytest.TempPathFactory, family: str) -> Path:
-    from mqc.models.testing import export_tiny
-
-    folder = tmp_path_factory.getbasetemp() / "tiny_passes" / family
-    if not (folder / "decoder.onnx").exists():
-        export_tiny(family, folder)
-    return folder / "decoder.onnx"
-
-
 def _logits(path, feeds):
     session = mqc.open_session(path)
     return np.concatenate([session.run(["logits"], feed)[0] for feed in feeds])
 
 
-def test_quarot_recipe_verifies_and_beats_w4a8_rtn(tmp_path_factory, tmp_path):
-    source = tiny_decoder(tmp_path_factory, "llama")
+def test_quarot_recipe_verifies_and_beats_w4a8_rtn(tiny_decoder, tmp_path):
+    source = tiny_decoder("llama")
     feeds = random_feeds(load_model(source), 3, seed=123)
     ref = _logits(source, feeds)
     sqnr = {}
@@ -50,8 +38,8 @@ def test_quarot_recipe_verifies_and_beats_w4a8_rtn(tmp_path_factory, tmp_path):
     assert len(weights) == 14 and {t.data_type for t in weights} == {onnx.TensorProto.INT4}
 
 
-def test_hessians_are_collected_one_layer_group_at_a_time(tmp_path_factory):
-    model = load_model(tiny_decoder(tmp_path_factory, "llama"))
+def test_hessians_are_collected_one_layer_group_at_a_time(tiny_decoder):
+    model = load_model(tiny_decoder("llama"))
     ctx = CompileContext(lambda: random_feeds(model, 2, seed=1))
     calls = []
     calibrate = ctx.calibrate

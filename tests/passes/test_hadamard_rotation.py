@@ -17,15 +17,6 @@ from mqc.ir import add_initializer, constant_array, load_model
 from mqc.pass_manager import CompileContext, PassManager
 
 
-def tiny_decoder(tmp_path_factory: pytest.TempPathFactory, family: str) -> Path:
-    from mqc.models.testing import export_tiny
-
-    folder = tmp_path_factory.getbasetemp() / "tiny_passes" / family
-    if not (folder / "decoder.onnx").exists():
-        export_tiny(family, folder)
-    return folder / "decoder.onnx"
-
-
 def prepared(path: Path, seed: int = 0) -> tuple[ir.Model, CompileContext]:
     model = load_model(path)
     ctx = CompileContext(lambda: random_feeds(model, 2, seed=5), verify=True)
@@ -40,8 +31,8 @@ def prepared(path: Path, seed: int = 0) -> tuple[ir.Model, CompileContext]:
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_rotation_preserves_all_outputs(tmp_path_factory, family):
-    model, ctx = prepared(tiny_decoder(tmp_path_factory, family))
+def test_rotation_preserves_all_outputs(tiny_decoder, family):
+    model, ctx = prepared(tiny_decoder(family))
     fold, rotate = PassManager([FoldNormsPass(), RotateResidualPass(seed=7)], ctx).run(model)  # verify=True
     assert fold.verify["max_rel"] < 1e-4 and rotate.verify["max_rel"] < 1e-4
     assert not rotate.skipped and rotate.changed == 15 + 2  # every linear reads or writes the stream, + 2 online Hadamards
@@ -58,14 +49,14 @@ def test_rotation_preserves_all_outputs(tmp_path_factory, family):
     assert not any(lin.name.startswith("mqc.") for lin in linears)
 
 
-def test_refuses_unfolded_norms(tmp_path_factory):
-    model, ctx = prepared(tiny_decoder(tmp_path_factory, "llama"))
+def test_refuses_unfolded_norms(tiny_decoder):
+    model, ctx = prepared(tiny_decoder("llama"))
     (record,) = PassManager([RotateResidualPass()], ctx).run(model)
     assert record.changed == 0 and "non-folded gamma: run norm_folding first" in record.skipped[0]["reason"]
 
 
-def test_rotate_vo_keeps_logits_and_rotates_cached_values_per_head(tmp_path_factory):
-    model, _ = prepared(tiny_decoder(tmp_path_factory, "qwen2"))
+def test_rotate_vo_keeps_logits_and_rotates_cached_values_per_head(tiny_decoder):
+    model, _ = prepared(tiny_decoder("qwen2"))
     ctx = CompileContext(lambda: random_feeds(model, 1, seed=5))
     PassManager([FoldNormsPass()], ctx).run(model)
     before = ctx.run_outputs(model)[0]

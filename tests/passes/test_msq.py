@@ -15,10 +15,8 @@ from mqc.recipes import load_recipe, with_overrides
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from mqc.models.testing import export_tiny
-
-    return export_tiny("llama", tmp_path_factory.mktemp("msq") / "llama") / "decoder.onnx"
+def llama(tiny_decoder) -> Path:
+    return tiny_decoder("llama")
 
 
 def _gap_feeds(model_path: Path, n: int, seed: int) -> list[dict[str, np.ndarray]]:

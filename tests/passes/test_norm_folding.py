@@ -15,16 +15,6 @@ from mqc.ir import add_initializer, constant_array, load_model
 from mqc.pass_manager import CompileContext, PassManager
 
 
-def tiny_decoder(tmp_path_factory: pytest.TempPathFactory, family: str) -> Path:
-    """Export once per session, shared by the pass test modules through the session's base temp folder."""
-    from mqc.models.testing import export_tiny
-
-    folder = tmp_path_factory.getbasetemp() / "tiny_passes" / family
-    if not (folder / "decoder.onnx").exists():
-        export_tiny(family, folder)
-    return folder / "decoder.onnx"
-
-
 def prepared(path: Path, seed: int = 0) -> tuple[ir.Model, CompileContext]:
     """The decoder with fused norms and a distinct random gamma per norm (exported gammas are all ones)."""
     model = load_model(path)
@@ -40,8 +30,8 @@ def prepared(path: Path, seed: int = 0) -> tuple[ir.Model, CompileContext]:
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_fold_preserves_outputs_and_makes_norms_affine_free(tmp_path_factory, family):
-    model, ctx = prepared(tiny_decoder(tmp_path_factory, family))
+def test_fold_preserves_outputs_and_makes_norms_affine_free(tiny_decoder, family):
+    model, ctx = prepared(tiny_decoder(family))
     before = ctx.run_outputs(model)
     (record,) = PassManager([FoldNormsPass()], ctx).run(model)  # verify=True: raises on drift > 1e-4
     assert record.verify["max_rel"] < 1e-5
@@ -55,8 +45,8 @@ def test_fold_preserves_outputs_and_makes_norms_affine_free(tmp_path_factory, fa
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * np.abs(a).max())
 
 
-def test_refusals_are_recorded(tmp_path_factory):
-    model, ctx = prepared(tiny_decoder(tmp_path_factory, "llama"))
+def test_refusals_are_recorded(tiny_decoder):
+    model, ctx = prepared(tiny_decoder("llama"))
     norms = ctx.model_map(model).norms
     # 1. a non-linear consumer of the first norm's output
     relu = ir.node("Relu", [norms[0].node.outputs[0]], name="probe_relu")

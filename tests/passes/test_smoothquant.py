@@ -13,11 +13,8 @@ from mqc.quantizer import sqnr_db
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from mqc.models.testing import export_tiny
-
-    root = tmp_path_factory.mktemp("sq")
-    return {family: export_tiny(family, root / family) / "decoder.onnx" for family in ("llama", "qwen2")}
+def tiny(tiny_decoder) -> dict[str, Path]:
+    return {family: tiny_decoder(family) for family in ("llama", "qwen2")}
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
