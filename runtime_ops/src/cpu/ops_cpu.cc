@@ -132,8 +132,18 @@ struct QuantLinearKernel {
     std::vector<uint8_t> A(static_cast<size_t>(M * Kp));
     std::vector<int32_t> rowsum(bits == 4 ? M : 0);
     const int src_kind = std::is_same<Tin, float>::value ? 0 : (std::is_same<Tin, int8_t>::value ? 2 : 1);
+    // Below about a million multiply-adds (a decode step of a small linear) the thread-pool hand-off costs more
+    // than it saves: run on the calling thread.
+    const bool serial = M * K * N < (int64_t{1} << 20);
+    auto run = [&](size_t total, auto&& fn) {
+      if (serial) {
+        for (size_t i = 0; i < total; ++i) fn(i);
+      } else {
+        parallel_for(ctx, total, fn);
+      }
+    };
     const int64_t qblock = 16;
-    parallel_for(ctx, static_cast<size_t>((M + qblock - 1) / qblock), [&](size_t b) {
+    run(static_cast<size_t>((M + qblock - 1) / qblock), [&](size_t b) {
       const int64_t m0 = b * qblock, m1 = std::min(M, m0 + qblock);
       kern.quantize(x.data, src_kind, Kx, c0, K, Kp, row_scale.data(), bits == 8, A.data(),
                     bits == 4 ? rowsum.data() : nullptr, m0, m1);
@@ -158,7 +168,7 @@ struct QuantLinearKernel {
     while (ppt > 1 && ((W->panels + ppt - 1) / ppt) * mblocks < 16) ppt /= 2;
     const int64_t tiles = (W->panels + ppt - 1) / ppt;
     GemmTileFn fn = bits == 8 ? kern.gemm_w8 : kern.gemm_w4;
-    parallel_for(ctx, static_cast<size_t>(tiles * mblocks), [&](size_t t) {
+    run(static_cast<size_t>(tiles * mblocks), [&](size_t t) {
       const int64_t tile = t / mblocks, mblk = t % mblocks;
       const int64_t p0 = tile * ppt, p1 = std::min(W->panels, p0 + ppt);
       fn(g, mblk * mb, std::min(M, (mblk + 1) * mb), p0, p1);
