@@ -173,6 +173,95 @@ def markdown_cpu(rows: list[dict], threads: int, repeat: int) -> str:
     return "\n".join(out)
 
 
+# ---- Whole decoder ---------------------------------------------------------------------------------------------
+
+def _decoder_feed(session: ort.InferenceSession, seq: int, past: int, rng: np.random.Generator) -> dict:
+    """Feeds for one step of an exported decoder: ``seq`` new tokens after ``past`` cached ones (text tokens)."""
+    sizes = {"batch": 1, "seq": seq, "past": past, "total": past + seq}
+    feed = {}
+    for inp in session.get_inputs():
+        shape = [d if isinstance(d, int) else sizes.get(d, 1) for d in inp.shape]
+        if "past" in inp.name and len(shape) == 4:
+            shape[2] = past
+        if inp.name == "attention_mask":
+            feed[inp.name] = np.ones(shape, np.int64)
+        elif inp.name == "position_ids":
+            feed[inp.name] = np.broadcast_to(np.arange(past, past + seq, dtype=np.int64), shape).copy()
+        elif inp.type == "tensor(int64)":
+            feed[inp.name] = np.zeros(shape, np.int64)
+        else:
+            feed[inp.name] = rng.standard_normal(shape).astype(np.float16 if "float16" in inp.type else np.float32)
+    return feed
+
+
+def run_decoder(name: str, threads: int, repeat: int, workdir: Path, samples: int = 4) -> str:
+    """float vs QDQ vs mqc for a packaged model's decoder: prefill of 256 tokens and one decode step after 256."""
+    import json
+
+    from mqc.models.packaged import resolve
+
+    from mqc.compiler import compile_file
+    from mqc.ir import save_model
+
+    model_dir = resolve(name)
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    decoder = model_dir / manifest["components"]["decoder"]
+    workdir.mkdir(parents=True, exist_ok=True)
+    paths = {"float": decoder}
+    from mqc.recipes import Recipe
+
+    def all_linears(bits: int) -> Recipe:  # the recipes leave lm_head in float; these variants quantize it too
+        return Recipe(name=f"w{bits}a8-with-head", description="", passes=[
+            {"pass": "upgrade_opset"}, {"pass": "fuse_norms"},
+            {"pass": "quantize_linears", "weight_bits": bits, "act_bits": 8, "act_method": "minmax", "skip_roles": []}])
+
+    for recipe, tag, lower_only in (("w8a8", "w8", False), ("w4a8-rtn", "w4", False), (all_linears(8), "w8+head", True),
+                                    (all_linears(4), "w4+head", True)):
+        stem = recipe if isinstance(recipe, str) else recipe.name
+        qdq = workdir / f"decoder.{stem}.qdq.onnx"
+        if not qdq.exists():
+            compile_file(decoder, qdq, recipe=recipe, fmt="qdq", num_samples=samples)
+        lowered = workdir / f"decoder.{stem}.mqc.onnx"
+        if not lowered.exists():
+            model = ir.load(str(qdq))
+            record = lower_to_runtime_ops(model)
+            print(f"{stem}: {record.notes} skipped={record.skipped[:3]}", flush=True)
+            save_model(model, lowered)
+        if not lower_only:
+            paths[f"qdq {tag}"] = qdq
+        paths[f"mqc {tag}"] = lowered
+    sessions = {}
+    for key, path in paths.items():
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        if key.startswith("mqc"):
+            register_library(options, kind="cpu")
+        sessions[key] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    lines = [f"Decoder of `{name}` ({manifest.get('num_layers')} layers, hidden {manifest.get('hidden_size')}); "
+             f"machine: {cpu_machine()}; intra-op threads {threads}; {repeat} interleaved runs per cell: median "
+             "(best) ms. QDQ and mqc come from the same compile (recipes w8a8 / w4a8-rtn, synthetic calibration; "
+             "lm_head stays float in both recipes; the +head columns also quantize lm_head, 576 x 49152).", "",
+             "| step | float | QDQ W8A8 | mqc W8A8 | QDQ W4A8 | mqc W4A8 | mqc W8A8 +head | mqc W4A8 +head | mqc W8 / float | "
+             "mqc W8 / QDQ W8 | mqc W4 / QDQ W4 | mqc W4 / mqc W8 | +head: W8 / float | +head: W4 / W8 |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for step, seq, past in (("prefill 256", 256, 0), ("decode (past 256)", 1, 256)):
+        feed = _decoder_feed(next(iter(sessions.values())), seq, past, rng)
+        ms = _time_side_by_side(sessions, feed, repeat)
+
+        def cell(k, ms=ms):
+            return f"{ms[k]:.1f} ({ms[k + ' min']:.1f})"
+
+        lines.append(f"| {step} | {cell('float')} | {cell('qdq w8')} | {cell('mqc w8')} | {cell('qdq w4')} | {cell('mqc w4')} | "
+                     f"{cell('mqc w8+head')} | {cell('mqc w4+head')} | "
+                     f"{ms['mqc w8'] / ms['float']:.2f} | {ms['mqc w8'] / ms['qdq w8']:.2f} | {ms['mqc w4'] / ms['qdq w4']:.2f} | "
+                     f"{ms['mqc w4'] / ms['mqc w8']:.2f} | {ms['mqc w8+head'] / ms['float']:.2f} | "
+                     f"{ms['mqc w4+head'] / ms['mqc w8+head']:.2f} |")
+        print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
 # ---- GPU --------------------------------------------------------------------------------------------------------
 
 GPU_PREFILL = [(m, k, n) for m in (512, 2048, 4096, 8192) for (k, n) in ((2048, 2048), (4096, 4096), (8192, 8192), (4096, 11008))]
@@ -318,7 +407,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", action="store_true", help="print the BENCHMARKS.md table at the end")
     parser.add_argument("--gpu", action="store_true", help="GPU kernels vs torch fp16 matmul (needs torch with CUDA)")
     parser.add_argument("--quick", action="store_true", help="three shapes, few runs (a smoke test)")
+    parser.add_argument("--decoder", metavar="MODEL", help="whole-decoder benchmark of a packaged model (e.g. tiny-vlm)")
+    parser.add_argument("--workdir", type=Path, default=Path("build/bench_runtime_ops"), help="compiled decoders go here")
     args = parser.parse_args(argv)
+    if args.decoder:
+        print(run_decoder(args.decoder, args.threads, args.repeat, args.workdir))
+        return 0
     if args.gpu:
         print(run_gpu(args.repeat))
         return 0
