@@ -33,7 +33,10 @@ def _worker(args: argparse.Namespace) -> None:
     """Runs one compile and prints its time and this process's peak RSS as JSON."""
     model_dir = Path(args.model_dir)
     source = model_dir / "decoder.onnx"
-    feeds = _feeds(model_dir, args.samples)
+    feeds = []
+    for file in sorted(Path(args.feeds).glob("*.npz")):
+        with np.load(file) as archive:
+            feeds.append({key: archive[key] for key in archive.files})
     start = time.perf_counter()
     if args.tool == "mqc":
         import mqc
@@ -99,6 +102,7 @@ def main() -> None:
     parser.add_argument("--tool", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)
+    parser.add_argument("--feeds", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         _worker(args)
@@ -110,11 +114,16 @@ def main() -> None:
     eval_feeds = _feeds(model_dir, args.eval_samples, offset=args.samples)
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
+        # Calibration samples are built once here, so the workers' peak memory is the compile's own.
+        feed_dir = Path(tmp) / "feeds"
+        feed_dir.mkdir()
+        for index, feed in enumerate(_feeds(model_dir, args.samples)):
+            np.savez(feed_dir / f"{index:04d}.npz", **feed)
         outputs = {"mqc w8a8": Path(tmp) / "mqc.onnx", "ort quantize_static": Path(tmp) / "ort.onnx"}
         for label, output in outputs.items():
             tool = "mqc" if label.startswith("mqc") else "ort"
             cmd = [sys.executable, __file__, "--worker", "--tool", tool, "--model-dir", str(model_dir),
-                   "--output", str(output), "--samples", str(args.samples)]
+                   "--output", str(output), "--feeds", str(feed_dir)]
             line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
             results[label] = json.loads(line)
         feed = eval_feeds[0]

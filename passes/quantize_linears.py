@@ -43,21 +43,29 @@ def int_tensor(array: np.ndarray, bits: int) -> np.ndarray:
 
 
 def insert_activation_qdq(graph: ir.Graph, value: ir.Value, scale: float, bits: int, readers: Sequence[ir.Node]) -> ir.Value:
-    """``DequantizeLinear(QuantizeLinear(value))`` in front of ``readers``; returns the dequantized value."""
+    """``QuantizeLinear(value)`` once, then one ``DequantizeLinear`` per reader; returns the first reader's value.
+
+    Every reader gets its own DequantizeLinear because onnxruntime's QDQ fusions (QDQ MatMul -> int8 kernels) only
+    take a DequantizeLinear with a single consumer.
+    """
     base = value.name or "act"
     scale_value = add_initializer(graph, f"{base}_act_scale", np.array(scale, dtype=np.float32))
     zero_value = add_initializer(graph, f"{base}_act_zero", int_tensor(np.array(0), bits))
     quant = ir.node("QuantizeLinear", [value, scale_value, zero_value], name=f"{base}/act_quant")
     quant.outputs[0].name = f"{base}_q"
-    dequant = ir.node("DequantizeLinear", [quant.outputs[0], scale_value, zero_value], name=f"{base}/act_dequant")
-    dequant.outputs[0].name = f"{base}_dq"
-    first = min(readers, key=_position(graph))
-    graph.insert_before(first, [quant, dequant])
-    for reader in readers:
-        for index, inp in enumerate(reader.inputs):
+    ordered = sorted(readers, key=_position(graph))
+    graph.insert_before(ordered[0], quant)
+    dequantized = []
+    for index, reader in enumerate(ordered):
+        suffix = "" if len(ordered) == 1 else f"_{index}"
+        dequant = ir.node("DequantizeLinear", [quant.outputs[0], scale_value, zero_value], name=f"{base}/act_dequant{suffix}")
+        dequant.outputs[0].name = f"{base}_dq{suffix}"
+        graph.insert_before(reader, dequant)
+        for slot, inp in enumerate(reader.inputs):
             if inp is value:
-                reader.replace_input_with(index, dequant.outputs[0])
-    return dequant.outputs[0]
+                reader.replace_input_with(slot, dequant.outputs[0])
+        dequantized.append(dequant.outputs[0])
+    return dequantized[0]
 
 
 def _position(graph: ir.Graph):
