@@ -1,5 +1,6 @@
 // CPU kernels of ai.mqc::QuantLinear, and the shared registration of the domain.
 #include <algorithm>
+#include <cstdlib>
 #include <memory>
 #include <mutex>
 
@@ -132,9 +133,13 @@ struct QuantLinearKernel {
     std::vector<uint8_t> A(static_cast<size_t>(M * Kp));
     std::vector<int32_t> rowsum(bits == 4 ? M : 0);
     const int src_kind = std::is_same<Tin, float>::value ? 0 : (std::is_same<Tin, int8_t>::value ? 2 : 1);
-    // Below about a million multiply-adds (a decode step of a small linear) the thread-pool hand-off costs more
+    // Below about 128K multiply-adds (a decode step of a k/v projection) the thread-pool hand-off costs more
     // than it saves: run on the calling thread.
-    const bool serial = M * K * N < (int64_t{1} << 20);
+    static const int64_t serial_macs = [] {
+      const char* v = std::getenv("MQC_CPU_SERIAL_MACS");  // tuning knob, read once
+      return v ? std::atoll(v) : (int64_t{1} << 17);
+    }();
+    const bool serial = M * K * N < serial_macs;
     auto run = [&](size_t total, auto&& fn) {
       if (serial) {
         for (size_t i = 0; i < total; ++i) fn(i);

@@ -29,6 +29,17 @@ std::vector<uint8_t> host_bytes(const TensorView& t, size_t elem_size) {
   return out;
 }
 
+// Stream-ordered scratch comes from the device's default memory pool; keep freed blocks in the pool instead of
+// returning them to the driver at every synchronization (the default threshold of 0 would).
+void keep_pool_memory() {
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return;
+  cudaMemPool_t pool;
+  if (cudaDeviceGetDefaultMemPool(&pool, device) != cudaSuccess) return;
+  uint64_t threshold = UINT64_MAX;
+  cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &threshold);
+}
+
 struct StreamScratch {
   void* ptr = nullptr;
   cudaStream_t stream = nullptr;
@@ -73,6 +84,7 @@ struct CudaQuantLinearKernel {
     std::vector<uint8_t> host = host_bytes(w, 1);
     std::vector<uint8_t> packed(static_cast<size_t>(bits == 8 ? N * Kp : N * Kp / 2));
     cuda::prepack_weights_host(host.data(), bits, N, K, packed.data());
+    keep_pool_memory();
     check_cuda(cudaMalloc(&w_dev, packed.size()), op, "allocating W");
     check_cuda(cudaMemcpy(w_dev, packed.data(), packed.size(), cudaMemcpyHostToDevice), op, "uploading W");
   }
