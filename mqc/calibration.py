@@ -186,8 +186,12 @@ class Calibrator:
         default_modality: int = TEXT,
         gram_taps: Sequence[str] = (),
         providers: Sequence[str] = ("CPUExecutionProvider",),
+        sample_rows: int = 64,
     ) -> None:
+        """``sample_rows``: size of each per-modality row reservoir (:class:`TensorStats`); passes that learn from
+        calibration rows (MAS) ask for more than the default 64."""
         self.model = model
+        self.sample_rows = sample_rows
         self.taps = list(dict.fromkeys(taps))
         self.gram_taps = set(gram_taps)
         self.default_modality = default_modality
@@ -230,7 +234,7 @@ class Calibrator:
         for modality in np.unique(modalities):
             entry = tap.by_modality.get(int(modality))
             if entry is None:
-                entry = tap.by_modality[int(modality)] = TensorStats(channels)
+                entry = tap.by_modality[int(modality)] = TensorStats(channels, self.sample_rows)
                 if name in self.gram_taps:
                     entry.track_gram()
             entry.update(rows[modalities == modality])

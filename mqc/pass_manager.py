@@ -68,9 +68,15 @@ class CompileContext:
     def invalidate(self) -> None:
         self._map = None
 
-    def calibrate(self, model: ir.Model, taps: Sequence[str], gram_taps: Sequence[str] = (), label: str = "calibrating") -> dict[str, TapStats]:
-        """Stream the calibration set through the current model and return statistics for ``taps``."""
-        calibrator = Calibrator(model, taps, self.default_modality, gram_taps, self.providers)
+    def calibrate(
+        self, model: ir.Model, taps: Sequence[str], gram_taps: Sequence[str] = (), label: str = "calibrating",
+        sample_rows: int = 64,
+    ) -> dict[str, TapStats]:
+        """Stream the calibration set through the current model and return statistics for ``taps``.
+
+        ``sample_rows`` is the per-modality row reservoir size of every tap (64 by default).
+        """
+        calibrator = Calibrator(model, taps, self.default_modality, gram_taps, self.providers, sample_rows=sample_rows)
         task = None
         if self.progress is not None:
             task = self.progress.add_task(label, total=self.num_samples)
