@@ -22,9 +22,14 @@ PASS_MODULES: dict[str, str] = {
     "fuse_norms": "canonicalize:FuseNormsPass",
     "quantize_linears": "quantize_linears:QuantizeLinearsPass",
     "norm_folding": "norm_folding:FoldNormsPass",
+    "ln_to_rmsnorm": "ln_to_rmsnorm:LayerNormToRMSNormPass",
     "hadamard_rotation": "hadamard_rotation:RotateResidualPass",
     "gptq_weights": "gptq_weights:GptqWeightsPass",
     "smoothquant": "smoothquant:SmoothQuantPass",
+    "mas": "mas:MasPass",
+    "cmc": "cmc:CmcPass",
+    "aifs": "aifs:AifsPass",
+    "rms_split": "rms_split:RmsSplitPass",
 }
 
 
