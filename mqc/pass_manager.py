@@ -4,6 +4,11 @@ Passes are ``onnx_ir`` in-place passes with one job each. A pass that must not c
 declares ``function_preserving = True``; with ``--verify`` the manager runs the float model before and after such a
 pass in onnxruntime on fixed inputs and stops with an error when any output drifts beyond the tolerance (the idea
 of LLVM's ``-verify-each``). Everything a pass decides goes into its :class:`~mqc.report.PassRecord`.
+
+A pass that preserves some outputs exactly but legitimately changes the layout of others (AIFS keeps ``logits``
+but leaves the KV cache in its permuted token order) overrides :meth:`MqcPass.verify_outputs` to name the outputs
+to compare; the manager then compares only those and records the excluded ones with ``verify_exclusion_reason``
+in ``record.verify``. Later passes are verified against this pass's outputs, all of them.
 """
 
 from __future__ import annotations
@@ -130,6 +135,8 @@ class MqcPass(ir.passes.InPlacePass):
 
     name: ClassVar[str] = ""
     function_preserving: ClassVar[bool] = False
+    #: Why the outputs left out by :meth:`verify_outputs` may differ (recorded under ``--verify``).
+    verify_exclusion_reason: ClassVar[str] = ""
 
     def __init__(self, **params: Any) -> None:
         super().__init__()
@@ -143,6 +150,13 @@ class MqcPass(ir.passes.InPlacePass):
 
     def run(self, model: ir.Model) -> bool:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def verify_outputs(self, model: ir.Model) -> list[str] | None:
+        """Names of the graph outputs ``--verify`` compares after this pass ran (``model`` is the rewritten one).
+
+        ``None`` (the default) compares every output. A name must exist before and after the pass.
+        """
+        return None
 
     @property
     def ctx(self) -> CompileContext:
@@ -182,6 +196,7 @@ class PassManager:
     def run(self, model: ir.Model, on_pass: Callable[[MqcPass], None] | None = None) -> list[PassRecord]:
         ctx = self.context
         reference: list[list[np.ndarray]] | None = None
+        reference_names: list[str] = []
         records = []
         for mqc_pass in self.passes:
             mqc_pass.context = ctx
@@ -190,6 +205,7 @@ class PassManager:
             checking = ctx.verify and mqc_pass.function_preserving
             if checking and reference is None:
                 reference = ctx.run_outputs(model)
+                reference_names = _output_names(model)
             start = time.perf_counter()
             result = mqc_pass(model)
             mqc_pass.record.seconds = round(time.perf_counter() - start, 3)
@@ -197,15 +213,36 @@ class PassManager:
                 ctx.invalidate()
             if checking:
                 after = ctx.run_outputs(model)
-                drift = output_drift(reference, after)
-                mqc_pass.record.verify = {**drift, "rtol": ctx.verify_rtol, "samples": len(ctx.verify_feeds())}
+                after_names = _output_names(model)
+                compared = mqc_pass.verify_outputs(model)
+                if compared is None:
+                    drift = output_drift(reference, after)
+                    excluded: dict[str, Any] = {}
+                else:
+                    drift = output_drift(_select(reference, reference_names, compared), _select(after, after_names, compared))
+                    excluded = {"compared": list(compared),
+                                "excluded": [n for n in after_names if n not in compared],
+                                "excluded_reason": mqc_pass.verify_exclusion_reason}
+                mqc_pass.record.verify = {**drift, "rtol": ctx.verify_rtol, "samples": len(ctx.verify_feeds()), **excluded}
                 if not drift["max_rel"] <= ctx.verify_rtol:
                     raise VerificationError(
                         f"--verify: pass {mqc_pass.name} changed the model's outputs by {drift['max_rel']:.3g} "
                         f"relative (max abs {drift['max_abs']:.3g}), above the tolerance {ctx.verify_rtol:g}"
                     )
-                reference = after
+                reference, reference_names = after, after_names
             elif result.modified:
                 reference = None
             records.append(mqc_pass.record)
         return records
+
+
+def _output_names(model: ir.Model) -> list[str]:
+    return [value.name or "" for value in model.graph.outputs]
+
+
+def _select(outputs: list[list[np.ndarray]], names: list[str], wanted: Sequence[str]) -> list[list[np.ndarray]]:
+    """The ``wanted`` outputs, by name, of every verification run (``verify_outputs``)."""
+    missing = [n for n in wanted if n not in names]
+    if missing:
+        raise VerificationError(f"--verify: outputs {missing} to compare are not graph outputs ({names})")
+    return [[outs[names.index(n)] for n in wanted] for outs in outputs]

@@ -29,7 +29,6 @@ PASS_MODULES: dict[str, str] = {
     "mas": "mas:MasPass",
     "cmc": "cmc:CmcPass",
     "aifs": "aifs:AifsPass",
-    "rms_split": "rms_split:RmsSplitPass",
 }
 
 

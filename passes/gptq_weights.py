@@ -15,7 +15,9 @@ Rules, in order:
 3. All Hessians come from the float graph: the graph is rewritten only after every group is quantized
    (MQuant configures activation quantizers after GPTQ, §2.6).
 4. Activations: one static symmetric per-tensor scale per input value, shared by both modalities and by all
-   linears reading it, from ``act_method`` (minmax / percentile / mse) over the same calibration runs.
+   linears reading it, from ``act_method`` (minmax / percentile / mse) over the same calibration runs; with
+   ``act_scales="per_modality"`` one scale per modality (MSQ, spec §2.3), exactly as ``quantize_linears`` rule 5
+   (the same ``insert_activation``). The Hessian stays one for both modalities.
 5. Each layer records, next to the output SQNR, GPTQ's relative output error ‖X(W−Ŵ)‖/‖XW‖ and the same figure
    for round-to-nearest with the same scales' search (``rtn_rel_error``), so the gain is visible.
    A Hessian that is not positive definite after damping is a refusal for that linear (left in float).
@@ -27,19 +29,14 @@ from collections.abc import Sequence
 
 import numpy as np
 import onnx_ir as ir
-from mqc.passes.quantize_linears import (
-    QuantizeLinearsPass,
-    insert_activation_qdq,
-    insert_weight_dequant,
-    layer_sqnr,
-)
+from mqc.passes.quantize_linears import QuantizeLinearsPass, insert_weight_dequant, layer_sqnr
 
 from mqc.calibration import TapStats
 from mqc.errors import NothingToQuantizeError
 from mqc.gptq import gptq_quantize, relative_output_error
 from mqc.ir import ensure_opset, remove_unused_initializers
 from mqc.model_map import Linear
-from mqc.quantizer import QuantizedWeight, qrange, quantize_weight_rtn
+from mqc.quantizer import QuantizedWeight, quantize_weight_rtn
 
 
 def _hessian(tap: TapStats) -> tuple[np.ndarray | None, int]:
@@ -64,12 +61,14 @@ class GptqWeightsPass(QuantizeLinearsPass):
         weight_mse_clip: bool = True,
         group_size: int | None = None,
         skip_roles: Sequence[str] = ("lm_head",),
+        act_scales: str = "shared",
         act_order: bool = True,
         percdamp: float = 0.01,
         block_size: int = 128,
         layers_per_group: int = 1,
     ) -> None:
-        super().__init__(weight_bits, act_bits, act_method, act_percentile, weight_mse_clip, group_size, skip_roles)
+        super().__init__(weight_bits, act_bits, act_method, act_percentile, weight_mse_clip, group_size, skip_roles,
+                         act_scales)
         if layers_per_group < 1:
             raise ValueError("layers_per_group must be at least 1")
         self.params.update(act_order=act_order, percdamp=percdamp, block_size=block_size, layers_per_group=layers_per_group)
@@ -134,7 +133,7 @@ class GptqWeightsPass(QuantizeLinearsPass):
                     self.record.skip(lin.name, "no calibration data reached its input (or it is all zeros)")
                 continue
             readers.setdefault(lin.input.name, []).append(lin)
-        qmax = qrange(self.act_bits)[1]
+        is_image = self._is_image(graph)
         changed = 0
         for value_name, group in readers.items():
             tap = stats.get(value_name)
@@ -143,9 +142,7 @@ class GptqWeightsPass(QuantizeLinearsPass):
                 for lin in group:
                     self.record.skip(lin.name, "no calibration data reached its input (or it is all zeros)")
                 continue
-            clip = combined.clip_value(self.act_method, self.act_bits, self.act_percentile)
-            scale = clip / qmax
-            insert_activation_qdq(graph, group[0].input, scale, self.act_bits, [lin.node for lin in group])
+            act_figures, sqnr_scale = self.insert_activation(graph, value_name, group, tap, is_image)
             for lin in group:
                 qweight, figures = results[id(lin.node)]
                 weight = lin.weight_array()
@@ -155,11 +152,9 @@ class GptqWeightsPass(QuantizeLinearsPass):
                     "w_bits": self.weight_bits,
                     "a_bits": self.act_bits,
                     "weight_method": "gptq",
-                    "act_scale": float(scale),
-                    "act_absmax": float(combined.absmax),
-                    "act_clip_ratio": round(clip / combined.absmax, 4),
+                    **act_figures,
                     **figures,
-                    **layer_sqnr(lin, tap, scale, self.act_bits, weight, qweight),
+                    **layer_sqnr(lin, tap, sqnr_scale, self.act_bits, weight, qweight),
                 })
                 changed += 1
         ensure_opset(model, "", 21)

@@ -2,7 +2,8 @@
 
 Rules:
 1. Every linear of the model map is quantized, except roles in ``skip_roles`` (``lm_head`` by default: MQuant and
-   MASQuant leave it in float), names matching ``--exclude``, and layers whose input no calibration row reached.
+   MASQuant leave it in float), names matching ``--exclude``, layers whose input no calibration row reached, and
+   1-row weights (``in_features == 1``: the float rank-1 side branch ``passes/rms_split.py`` leaves, spec §2.7).
    Each refusal is recorded with its reason.
 2. Activations: one static symmetric int8 scale per input value, shared by all linears that read it (q/k/v read
    one normed value), from the calibration statistics of all modalities together, clipped by ``act_method``
@@ -17,6 +18,8 @@ Rules:
    quantization point, selected per token from ``modality_ids`` with standard ops (the exact pattern is in
    ``passes/msq.py``). Records ``act_scale_text`` / ``act_scale_image`` and the SQNR of each modality under its own
    scale. Without a ``modality_ids`` input it degenerates to the one modality present (recorded in the notes).
+   After ``aifs`` has permuted the tokens it is refused (an error): the calibrator labels rows in the feed's
+   original order. Run ``aifs`` after the quantization pass; MSQ's mask then reads the permuted modality ids.
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ from collections.abc import Mapping, Sequence
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
+from mqc.passes.aifs import aifs_applied
 from mqc.passes.msq import insert_activation_msq, is_image_mask, modality_input, value_rank
 
 from mqc.calibration import IMAGE, MODALITY_NAMES, TEXT, TapStats
-from mqc.errors import NothingToQuantizeError
+from mqc.errors import NothingToQuantizeError, RecipeError
 from mqc.ir import add_initializer, ensure_opset, remove_unused_initializers
 from mqc.model_map import Linear
 from mqc.pass_manager import MqcPass
@@ -176,6 +180,8 @@ class QuantizeLinearsPass(MqcPass):
                 self.record.skip(lin.name, f"role {lin.role} stays in float (skip_roles)")
             elif self.ctx.excluded(lin.name):
                 self.record.skip(lin.name, "name matches --exclude")
+            elif lin.in_features == 1:
+                self.record.skip(lin.name, "a 1-row weight (the float rank-1 side branch of rms_split) stays in float")
             elif self.group_size and lin.in_features % self.group_size:
                 self.record.skip(lin.name, f"input size {lin.in_features} is not a multiple of group size {self.group_size}")
             else:
@@ -195,18 +201,7 @@ class QuantizeLinearsPass(MqcPass):
             readers.setdefault(lin.input.name, []).append(lin)
         stats = self.ctx.calibrate(model, list(readers), label="calibrating activations")
         graph = model.graph
-        qmax = qrange(self.act_bits)[1]
-        per_modality = self.act_scales == "per_modality"
-        is_image = None
-        if per_modality:
-            modality_ids = modality_input(graph)
-            if modality_ids is None:
-                name = MODALITY_NAMES.get(self.ctx.default_modality, self.ctx.default_modality)
-                self.record.notes.append(
-                    f"MSQ: the graph has no modality_ids input, so it has one modality ({name}): per_modality "
-                    "degenerates to one static per-tensor scale from that modality's statistics")
-            else:
-                is_image = is_image_mask(graph, modality_ids)
+        is_image = self._is_image(graph)
         changed = 0
         for value_name, group in readers.items():
             tap = stats.get(value_name)
@@ -215,27 +210,7 @@ class QuantizeLinearsPass(MqcPass):
                 for lin in group:
                     self.record.skip(lin.name, "no calibration data reached its input (or it is all zeros)")
                 continue
-            clip = combined.clip_value(self.act_method, self.act_bits, self.act_percentile)
-            scale = clip / qmax
-            figures: dict = {"act_scale": float(scale), "act_absmax": float(combined.absmax),
-                             "act_clip_ratio": round(clip / combined.absmax, 4)}
-            sqnr_scale: float | dict[int, float] = scale
-            value = group[0].input
-            if per_modality and is_image is not None and value_rank(value) != 3:
-                self.record.skip(value_name, f"MSQ needs a [batch, seq, features] input, this one has rank "
-                                             f"{value_rank(value)}: shared per-tensor scale used")
-                insert_activation_qdq(graph, value, scale, self.act_bits, [lin.node for lin in group])
-            elif per_modality and is_image is not None:
-                scales = self._modality_scales(value_name, tap, qmax)
-                insert_activation_msq(graph, value, scales[TEXT], scales[IMAGE], self.act_bits,
-                                      [lin.node for lin in group], is_image)
-                figures = {"act_scale_text": scales[TEXT], "act_scale_image": scales[IMAGE],
-                           "act_absmax": float(combined.absmax)}
-                sqnr_scale = scales
-            else:
-                if per_modality:  # no modality_ids: the statistics hold one modality only
-                    figures["act_scale_" + str(MODALITY_NAMES.get(self.ctx.default_modality, "text"))] = float(scale)
-                insert_activation_qdq(graph, value, scale, self.act_bits, [lin.node for lin in group])
+            figures, sqnr_scale = self.insert_activation(graph, value_name, group, tap, is_image)
             for lin in group:
                 weight = lin.weight_array()
                 qweight = quantize_weight_rtn(weight, self.weight_bits, self.group_size, self.weight_mse_clip)
@@ -252,6 +227,52 @@ class QuantizeLinearsPass(MqcPass):
         remove_unused_initializers(graph)
         self.record.changed = changed
         return changed > 0
+
+    def _is_image(self, graph: ir.Graph) -> ir.Value | None:
+        """MSQ's shared is_image mask (``act_scales="per_modality"`` and a ``modality_ids`` input), else None."""
+        if self.act_scales != "per_modality":
+            return None
+        if aifs_applied(graph):
+            raise RecipeError(
+                f"{self.name}: act_scales=per_modality after AIFS: calibration labels token rows in the feed's original "
+                "order, the graph computes them permuted; run aifs after the quantization pass")
+        modality_ids = modality_input(graph)
+        if modality_ids is None:
+            name = MODALITY_NAMES.get(self.ctx.default_modality, self.ctx.default_modality)
+            self.record.notes.append(
+                f"MSQ: the graph has no modality_ids input, so it has one modality ({name}): per_modality "
+                "degenerates to one static per-tensor scale from that modality's statistics")
+            return None
+        return is_image_mask(graph, modality_ids)
+
+    def insert_activation(
+        self, graph: ir.Graph, value_name: str, group: Sequence[Linear], tap: TapStats, is_image: ir.Value | None,
+    ) -> tuple[dict, float | dict[int, float]]:
+        """The activation fake-quant of ``group`` (readers of one value): shared QDQ or MSQ (rules 2 and 5).
+
+        Returns the figures to record and the scale(s) ``layer_sqnr`` uses.
+        """
+        combined = tap.combined()
+        qmax = qrange(self.act_bits)[1]
+        per_modality = self.act_scales == "per_modality"
+        clip = combined.clip_value(self.act_method, self.act_bits, self.act_percentile)
+        scale = clip / qmax
+        figures: dict = {"act_scale": float(scale), "act_absmax": float(combined.absmax),
+                         "act_clip_ratio": round(clip / combined.absmax, 4)}
+        value = group[0].input
+        readers = [lin.node for lin in group]
+        if is_image is not None and value_rank(value) != 3:
+            self.record.skip(value_name, f"MSQ needs a [batch, seq, features] input, this one has rank "
+                                         f"{value_rank(value)}: shared per-tensor scale used")
+        elif is_image is not None:
+            scales = self._modality_scales(value_name, tap, qmax)
+            insert_activation_msq(graph, value, scales[TEXT], scales[IMAGE], self.act_bits, readers, is_image)
+            return ({"act_scale_text": scales[TEXT], "act_scale_image": scales[IMAGE],
+                     "act_absmax": float(combined.absmax)}, scales)
+        elif per_modality:  # no modality_ids: the statistics hold one modality only
+            figures["act_scale_" + str(MODALITY_NAMES.get(self.ctx.default_modality, "text"))] = float(scale)
+        insert_activation_qdq(graph, value, scale, self.act_bits, readers)
+        return figures, scale
 
     def _modality_scales(self, value_name: str, tap: TapStats, qmax: int) -> dict[int, float]:
         """One static scale per modality (spec §2.3); a modality without rows borrows the other's (recorded)."""
