@@ -28,6 +28,18 @@ Rules, in the order the pass applies them:
    output and reports it, and a float cache fed from outside would be misread. The head size comes from
    ``head_dim`` / ``num_kv_heads`` or else from the ``past_key_values.*.value`` input shape
    [batch, kv_heads, past, head_dim]. Fused qkv linears are refused for it.
+7. Vision tower (``tower="vision"``, or ``"auto"`` when the graph has no ``entry`` input): after ``ln_to_rmsnorm``
+   the encoder's stream is zero-mean and normalized by affine-free RMSNorms, so it is rotated by R_v =
+   random_hadamard(d, seed) (§2.6 "Vision residual"). What writes the stream is found by walking back from every
+   RMSNorm input (``ln_to_rmsnorm.trace_stream``: residual Adds, Concat, Expand, Transpose, shape-proven Reshape)
+   and absorbs R_v on its channel axis: the patch-embedding ``Conv`` output channels (weight [out, in, kh, kw]
+   contracted over ``out``, bias too), the class-token and position-embedding constants, and the writers' output
+   side (o/fc2, the centring linear of a ``ln_pre``; W ← W·R_v, b ← b·R_v; a LayerScale left in the graph is
+   folded first). Readers of a norm whose output is read only by linears (q/k/v, fc1, the projector's first
+   linear) get W ← R_vᵀ·W. A norm whose output has other readers (token pooling, a graph output) gets an online
+   ``MatMul(·, R_vᵀ)`` after it, recorded, so what follows sees the unrotated value. Each fc2/down writer gets the
+   online Hadamard of rule 5 (1536 = 12·128 for DINOv2-small). Anything the walk cannot prove (a stream value read
+   by something else, a graph output on the stream, a writer it cannot absorb R_v into) refuses the whole pass.
 """
 
 from __future__ import annotations
@@ -36,6 +48,7 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+from mqc.passes.ln_to_rmsnorm import StreamRefused, apply_transform, norm_output_readers, trace_stream
 from mqc.passes.norm_folding import live_uses, own_bias, own_weight, set_bias, set_weight
 
 from mqc.hadamard import hadamard_matrix, padded_size, random_hadamard, supported_size
@@ -64,9 +77,13 @@ class RotateResidualPass(MqcPass):
         rotate_vo: bool = False,
         head_dim: int | None = None,
         num_kv_heads: int | None = None,
+        tower: str = "auto",
     ) -> None:
         super().__init__(seed=seed, entry=entry, online_down=online_down, rotate_vo=rotate_vo,
-                         head_dim=head_dim, num_kv_heads=num_kv_heads)
+                         head_dim=head_dim, num_kv_heads=num_kv_heads, tower=tower)
+        if tower not in ("auto", "decoder", "vision"):
+            raise ValueError(f"tower must be auto, decoder or vision, not {tower!r}")
+        self.tower = tower
         self.seed = seed
         self.entry = entry
         self.online_down = online_down
@@ -77,6 +94,9 @@ class RotateResidualPass(MqcPass):
     def run(self, model: ir.Model) -> bool:
         graph = model.graph
         model_map = self.ctx.model_map(model)
+        has_entry = any(v.name == self.entry for v in graph.inputs)
+        if self.tower == "vision" or (self.tower == "auto" and not has_entry):
+            return self._run_vision(graph, model_map)
         try:
             self._check_norms(model_map)
             entry, readers, writers = self._trace(graph, model_map)
@@ -129,6 +149,81 @@ class RotateResidualPass(MqcPass):
                 f"per-head V/O Hadamard (head_dim {heads[0]}, {heads[1]} kv heads): present.*.value holds V·H per head"
             )
         return True
+
+    # --- vision tower (rule 7) ------------------------------------------------------------------------------
+
+    def _run_vision(self, graph: ir.Graph, model_map: ModelMap) -> bool:
+        norms = [n for n in model_map.norms if n.node.op_type in PLAIN_RMSNORM]
+        try:
+            self._check_norms(model_map)
+            if not norms:
+                raise RotationRefused("vision tower: no RMSNorm in the graph (run ln_to_rmsnorm first)")
+            width = int(constant_array(norms[0].scale).reshape(-1).shape[0]) if norms[0].scale is not None else None
+            if width is None or not supported_size(width):
+                raise RotationRefused(f"vision tower: no Hadamard matrix of the stream width {width}")
+            try:
+                closure = trace_stream(graph, model_map, [n.node.inputs[0] for n in norms], width,
+                                       PLAIN_RMSNORM, allow_norm_outputs=False)
+            except StreamRefused as exc:
+                raise RotationRefused(f"vision tower: {exc}") from None
+            linear_nodes = {id(lin.node): lin for lin in model_map.linears}
+            readers = {id(n.node): norm_output_readers(graph, n.node, linear_nodes) for n in norms}
+            for lin in [*closure.writers, *(r for rs in readers.values() if rs for r in rs)]:
+                if self.ctx.excluded(lin.name):
+                    raise RotationRefused(f"{lin.name} matches --exclude, but every stream reader/writer must be rotated")
+        except RotationRefused as exc:
+            self.record.skip("model", str(exc))
+            return False
+        r_v = random_hadamard(width, self.seed)
+        rows: dict[str, dict[str, Any]] = {}
+        apply_transform(graph, closure, r_v, "r_v", rows)
+        unrotated = []
+        for norm in norms:
+            lins = readers[id(norm.node)]
+            if lins:
+                for lin in lins:
+                    own_weight(graph, lin)
+                    set_weight(lin, r_v.T @ lin.weight_array().astype(np.float64))
+                    row = rows.setdefault(lin.name, {"name": lin.name})
+                    row["r_v"] = "both sides" if "r_v" in row else "input side"  # e.g. ln_pre's centring linear
+            else:
+                self._unrotate(graph, norm.node, r_v)
+                unrotated.append(norm.name)
+        hadamards = 0
+        if self.online_down:
+            for lin in closure.writers:
+                if lin.role in ("fc2", "down"):
+                    rows.setdefault(lin.name, {"name": lin.name}).update(self._online_hadamard(graph, lin))
+                    hadamards += 1
+        remove_unused_initializers(graph)
+        for row in rows.values():
+            row.pop("kind", None)  # apply_transform's kind: the r_v value already says it
+        self.record.matched = len(model_map.linears)
+        self.record.changed = len(rows) + len(unrotated)
+        self.record.layers.extend(rows.values())
+        self.record.notes.append(f"R_v = random_hadamard({width}, seed={self.seed}) on the vision residual stream")
+        self.record.notes.append(
+            f"vision stream writers rotated: {len(closure.writers)} linears, {len(closure.convs)} convs, "
+            f"{len(closure.constants)} constants; {hadamards} online Hadamards before fc2"
+        )
+        for name in unrotated:
+            self.record.notes.append(f"{name}: output is read by more than linears, un-rotated online by MatMul(R_vᵀ)")
+        return True
+
+    def _unrotate(self, graph: ir.Graph, node: ir.Node, r_v: np.ndarray) -> None:
+        out = node.outputs[0]
+        dtype = out.dtype.numpy() if out.dtype is not None else np.float32
+        r_t = self._scaled_sign_matrix(graph, "mqc.Rv_T", r_v.T, dtype)
+        uses = live_uses(out, graph)
+        matmul = ir.node("MatMul", [out, r_t], name=f"{node.name}/unrotate")
+        matmul.outputs[0].name = f"{out.name}_unrotated"
+        matmul.outputs[0].dtype, matmul.outputs[0].shape = out.dtype, out.shape
+        graph.insert_after(node, [matmul])
+        for use in uses:
+            use.node.replace_input_with(use.idx, matmul.outputs[0])
+        if out in graph.outputs:
+            graph.outputs[graph.outputs.index(out)] = matmul.outputs[0]
+            matmul.outputs[0].name, out.name = out.name, f"{out.name}_rotated"
 
     # --- analysis -------------------------------------------------------------------------------------------
 

@@ -9,7 +9,9 @@ import onnx_ir as ir
 import pytest
 from mqc.passes.canonicalize import FuseNormsPass
 from mqc.passes.hadamard_rotation import RotateResidualPass
+from mqc.passes.ln_to_rmsnorm import LayerNormToRMSNormPass
 from mqc.passes.norm_folding import FoldNormsPass
+from vision_models import dinov2_vlm, export
 
 from mqc.calibration import random_feeds
 from mqc.hadamard import hadamard_matrix
@@ -120,3 +122,66 @@ def test_refuses_a_stream_value_read_by_a_non_commuting_op():
     (record,) = PassManager([RotateResidualPass()], CompileContext(lambda: feeds)).run(model)
     assert record.changed == 0
     assert "is read by ReduceMax probe, which does not commute with the rotation" in record.skipped[0]["reason"]
+
+
+# --- vision tower (rule 7): R_v after ln_to_rmsnorm ------------------------------------------------------------
+
+REAL_TOWER = Path.home() / ".cache/mqc/tiny-vlm-features/dinov2_pooled.onnx"
+
+
+@pytest.fixture(scope="module")
+def towers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("towers")
+    return {
+        "dinov2": export(*dinov2_vlm(), root / "dinov2.onnx"),
+        "dinov2_pooled": export(*dinov2_vlm(projector=False, pool=True), root / "dinov2_pooled.onnx"),
+    }
+
+
+def rotate_tower(path: Path, convert: bool = True) -> tuple[ir.Model, CompileContext, list]:
+    model = load_model(path)
+    ctx = CompileContext(lambda: random_feeds(model, 2, seed=5), verify=True)
+    passes = [FuseNormsPass(), *([LayerNormToRMSNormPass()] if convert else []), RotateResidualPass(seed=7)]
+    return model, ctx, PassManager(passes, ctx).run(model)
+
+
+def test_vision_tower_rotation_is_exact(towers):
+    model, ctx, records = rotate_tower(towers["dinov2"])
+    rotate = records[-1]
+    assert rotate.verify["max_rel"] < 1e-5 and not rotate.skipped
+    assert rotate.params["tower"] == "auto" and "random_hadamard(32, seed=7)" in rotate.notes[0]
+    rows = {row["name"]: row for row in rotate.layers}
+    assert rows["node_conv2d"]["r_v"] == "output channels"
+    assert rows["vision_tower.embeddings.position_embeddings.centred"]["r_v"] == "axis 2"
+    assert rows["multi_modal_projector.0"]["r_v"] == "input side"
+    for i in (0, 1):
+        layer = f"vision_tower.encoder.layer.{i}"
+        assert rows[f"{layer}.attention.o_proj"]["r_v"] == "output side"
+        assert rows[f"{layer}.mlp.fc2"]["r_v"] == "output side" and rows[f"{layer}.mlp.fc2"]["online_hadamard"] == 128
+        for reader in ("attention.q_proj", "attention.k_proj", "attention.v_proj", "mlp.fc1"):
+            assert rows[f"{layer}.{reader}"]["r_v"] == "input side"
+    assert "multi_modal_projector.2" not in rows
+    linears = ctx.model_map(model).linears
+    assert len(linears) == 14 and not any(lin.name.startswith("mqc.") for lin in linears)
+
+
+def test_vision_norm_with_pooling_reader_is_unrotated_online(towers):
+    _, _, records = rotate_tower(towers["dinov2_pooled"])
+    rotate = records[-1]
+    assert rotate.verify["max_rel"] < 1e-5 and not rotate.skipped
+    assert any("vision_tower.layernorm: output is read by more than linears, un-rotated" in n for n in rotate.notes)
+
+
+def test_vision_tower_with_layernorm_is_refused(towers):
+    _, _, (_, rotate) = rotate_tower(towers["dinov2"], convert=False)
+    assert rotate.changed == 0 and rotate.verify["max_abs"] == 0.0
+    assert "is a LayerNorm: run ln_to_rmsnorm first" in rotate.skipped[0]["reason"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REAL_TOWER.exists(), reason="the tiny VLM's DINOv2 feature graph is not in the cache")
+def test_real_dinov2_small_tower_rotation():
+    _, _, records = rotate_tower(REAL_TOWER)
+    print(f"real DINOv2-small: ln_to_rmsnorm drift {records[1].verify}, rotation drift {records[2].verify}")
+    assert records[2].verify["max_rel"] < 1e-4 and "random_hadamard(384" in records[2].notes[0]
+    assert sum(row.get("online_hadamard") == 1536 for row in records[2].layers) == 12
