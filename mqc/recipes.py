@@ -29,6 +29,7 @@ PASS_MODULES: dict[str, str] = {
     "mas": "mas:MasPass",
     "cmc": "cmc:CmcPass",
     "aifs": "aifs:AifsPass",
+    "rms_split": "rms_split:RmsSplitPass",
 }
 
 

@@ -96,7 +96,7 @@ def learn_scales(
     lr: float = 5e-2,
     scale_floor: float = 1e-2,
     seed: int = 0,
-    threads: int = 2,
+    threads: int = 1,
 ) -> tuple[dict[int, np.ndarray], dict[str, Any]]:
     """Learn per-modality smoothing vectors minimising the MBR loss of the module docstring (torch, CPU).
 
@@ -205,7 +205,7 @@ class MasPass(MqcPass):
         image_weight: float = 1.0,
         smooth_down: bool = False,
         scale_floor: float = 1e-2,
-        torch_threads: int = 2,
+        torch_threads: int = 1,
         seed: int = 0,
         skip_roles: Sequence[str] = ("lm_head",),
     ) -> None:
