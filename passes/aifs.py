@@ -215,7 +215,6 @@ class AifsPass(MqcPass):
         axes = [i for i in range(1, rank) if i != long_axes[0]]
         axes_value = add_initializer(graph, f"{PREFIX}_{tag}_axes", np.array(axes, dtype=np.int64))
         value = b("Unsqueeze", [orig, axes_value], f"{tag}_index") if axes else orig
-        value.dtype = old.dtype
         uses = list(old.uses())
         for use in uses:
             use.node.replace_input_with(use.idx, value)

@@ -1,0 +1,209 @@
+"""RMS: rotation magnitude suppression, the first-channel split (spec/algorithms.md §2.7; graph form §5 item 3).
+
+After ``hadamard_rotation`` an online Hadamard H (deterministic, normalised, first row all +1/√n) sits before each
+down_proj / fc2 and Hᵀ is folded into its weight: B' = HᵀB. Channel 0 of the layer input x' = xH is √n·mean(x)
+and row 0 of B' is √n times the column means of B. A non-zero column mean makes row 0 an outlier that dominates
+the per-output-channel weight scale (and channel 0 the per-tensor activation scale).
+
+Rules:
+1. Candidates: linears of role ``roles`` (down, fc2) whose input is the output of an online Hadamard
+   (``MatMul(x, mqc.H<n>)`` of ``hadamard_rotation``), not matching ``--exclude``; others are recorded as skips.
+   ``require_online_hadamard=False`` takes every linear of those roles.
+2. Flag rule, both figures recorded per layer (and one note per flagged layer, which ``mqc explain`` prints):
+   * activation: on calibration data, absmax of input channel 0 > ``ratio`` × the median over channels ≥ 1 of
+     the per-channel absmax (``act_ch0_absmax``, ``act_rest_median``, ``act_ratio``);
+   * weight (the spec's implementable test): max_j |B'[0, j]| > max_{i≥1, j} |B'[i, j]|
+     (``w_row0_absmax``, ``w_rest_absmax``, ``w_ratio``).
+   A layer is flagged when either test fires (``criterion="either"``), or only by ``"weight"`` / ``"activation"``.
+3. Split of a flagged layer ``Y = X·B' (+ b)``::
+
+        Y = MatMul(Slice(X, 1:, axis -1), B'[1:, :]) + MatMul(Slice(X, 0:1, axis -1), B'[0:1, :])  (+ b)
+
+   The main MatMul keeps the original node (its name, role and block in the model map), so the quantization pass
+   that follows quantizes it as usual: W4 over rows 1:, and its activation scale is computed on the sliced
+   input, i.e. without channel 0. The side branch (``side_branch``):
+   * ``"float"`` (default; the released code's variant): a [1, N] float weight, left unquantized because the
+     quantization passes refuse 1-row weights (``quantize_linears`` rule 1). The pass is function-preserving.
+   * ``"w8"`` (closer to the paper's Fig. 5 GEMV): channel 0 gets its own static int8 per-tensor QDQ (scale from
+     the calibration absmax of channel 0) and the row is stored int8 per output column with a DequantizeLinear.
+     Not function-preserving.
+   The Add's output takes over every reader of the old output, so the residual Add and any bias are unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+from mqc.passes.norm_folding import live_uses, own_weight, set_weight
+from mqc.passes.quantize_linears import insert_activation_qdq, int_tensor
+
+from mqc.ir import add_initializer, constant_array, ensure_opset, remove_unused_initializers
+from mqc.model_map import Linear
+from mqc.pass_manager import MqcPass
+from mqc.quantizer import qrange
+
+INT64_MAX = np.iinfo(np.int64).max
+
+
+def online_hadamard_input(lin: Linear) -> bool:
+    """Whether ``lin`` reads ``MatMul(x, mqc.H<n>)``, the online Hadamard of ``hadamard_rotation``."""
+    producer = lin.input.producer()
+    if producer is None or producer.op_type != "MatMul" or len(producer.inputs) < 2 or producer.inputs[1] is None:
+        return False
+    return (producer.inputs[1].name or "").startswith("mqc.H")
+
+
+class RmsSplitPass(MqcPass):
+    """Split the outlier first input channel of rotated down_proj/fc2 layers into a rank-1 side branch."""
+
+    name = "rms_split"
+    function_preserving = True
+
+    def __init__(
+        self,
+        ratio: float = 4.0,
+        criterion: str = "either",
+        side_branch: str = "float",
+        roles: tuple[str, ...] | list[str] = ("down", "fc2"),
+        require_online_hadamard: bool = True,
+    ) -> None:
+        if side_branch not in ("float", "w8"):
+            raise ValueError(f"side_branch must be float or w8, not {side_branch!r}")
+        if criterion not in ("either", "weight", "activation"):
+            raise ValueError(f"criterion must be either, weight or activation, not {criterion!r}")
+        self.function_preserving = side_branch == "float"  # read by the base class and the manager
+        super().__init__(ratio=ratio, criterion=criterion, side_branch=side_branch, roles=list(roles),
+                         require_online_hadamard=require_online_hadamard)
+        self.ratio = ratio
+        self.criterion = criterion
+        self.side_branch = side_branch
+        self.roles = set(roles)
+        self.require_online_hadamard = require_online_hadamard
+
+    def run(self, model: ir.Model) -> bool:
+        graph = model.graph
+        model_map = self.ctx.model_map(model)
+        candidates = []
+        for lin in model_map.linears:
+            if lin.role not in self.roles:
+                continue
+            if self.ctx.excluded(lin.name):
+                self.record.skip(lin.name, "name matches --exclude")
+            elif lin.in_features < 2:
+                self.record.skip(lin.name, "fewer than 2 input channels")
+            elif self.require_online_hadamard and not online_hadamard_input(lin):
+                self.record.skip(lin.name, "no online Hadamard before it (run hadamard_rotation with online_down)")
+            else:
+                candidates.append(lin)
+        self.record.matched = len(candidates)
+        if not candidates:
+            return False
+        taps = list(dict.fromkeys(lin.input.name for lin in candidates))
+        stats = self.ctx.calibrate(model, taps, label="RMS channel statistics")
+        changed = 0
+        for lin in candidates:
+            tap = stats.get(lin.input.name)
+            channel_absmax = tap.combined().channel_absmax if tap is not None else None
+            figures = self._figures(lin.weight_array(), channel_absmax)
+            flagged = {"either": figures["w_flag"] or figures["act_flag"], "weight": figures["w_flag"],
+                       "activation": figures["act_flag"]}[self.criterion]
+            row: dict[str, Any] = {"name": lin.name, "role": lin.role, "layer": lin.layer, **figures,
+                                   "rms_split": bool(flagged)}
+            if flagged:
+                row.update(self._split(graph, lin, float(channel_absmax[0]) if channel_absmax is not None else None))
+                changed += 1
+                self.record.notes.append(
+                    f"{lin.name}: split channel 0 ({self.side_branch} side branch): activation ch0 absmax "
+                    f"{_fmt(figures['act_ch0_absmax'])} = {_fmt(figures['act_ratio'])}x the median channel "
+                    f"(limit {self.ratio:g}x); weight row 0 absmax {figures['w_row0_absmax']:.4g} = "
+                    f"{figures['w_ratio']:.3g}x the other rows' absmax")
+            self.record.layers.append(row)
+        if changed:
+            remove_unused_initializers(graph)
+            if self.side_branch == "w8":
+                ensure_opset(model, "", 21)
+        self.record.changed = changed
+        self.record.notes.insert(0, f"rule: flag when ({self.criterion}) activation ch0 absmax > {self.ratio:g} x median "
+                                    "of the other channels' absmax, or weight max|B'[0,:]| > max|B'[1:,:]|; "
+                                    f"{changed} of {len(candidates)} layers split")
+        return changed > 0
+
+    def _figures(self, weight: np.ndarray, channel_absmax: np.ndarray | None) -> dict[str, Any]:
+        row0 = float(np.max(np.abs(weight[0])))
+        rest = float(np.max(np.abs(weight[1:])))
+        figures: dict[str, Any] = {"w_row0_absmax": round(row0, 6), "w_rest_absmax": round(rest, 6),
+                                   "w_ratio": round(row0 / max(rest, 1e-30), 4), "w_flag": row0 > rest}
+        if channel_absmax is None:
+            figures.update(act_ch0_absmax=None, act_rest_median=None, act_ratio=None, act_flag=False)
+            return figures
+        ch0 = float(channel_absmax[0])
+        median = float(np.median(channel_absmax[1:]))
+        ratio = ch0 / max(median, 1e-30)
+        figures.update(act_ch0_absmax=round(ch0, 6), act_rest_median=round(median, 6), act_ratio=round(ratio, 4),
+                       act_flag=ratio > self.ratio)
+        return figures
+
+    def _split(self, graph: ir.Graph, lin: Linear, ch0_absmax: float | None) -> dict[str, Any]:
+        base = lin.name
+        x = lin.input
+        weight = lin.weight_array()
+        dtype = constant_array(lin.weight).dtype
+        i64 = lambda name, v: add_initializer(graph, f"{base}/rms_{name}", np.array(v, dtype=np.int64))  # noqa: E731
+        axes = i64("axes", [-1])
+        main_slice = ir.node("Slice", [x, i64("main_start", [1]), i64("main_end", [INT64_MAX]), axes], name=f"{base}/rms_main_slice")
+        main_slice.outputs[0].name = f"{base}/rms_main_in"
+        side_slice = ir.node("Slice", [x, i64("side_start", [0]), i64("side_end", [1]), axes], name=f"{base}/rms_side_slice")
+        side_slice.outputs[0].name = f"{base}/rms_side_in"
+        if x.dtype is not None:
+            for out in (main_slice.outputs[0], side_slice.outputs[0]):
+                out.dtype = x.dtype
+        nodes: list[ir.Node] = [main_slice, side_slice]
+        side_x = side_slice.outputs[0]
+        row = weight[0:1, :].astype(dtype)
+        figures: dict[str, Any] = {"rms_side_branch": self.side_branch}
+        if self.side_branch == "w8":
+            lo, hi = qrange(8)
+            col_scale = np.maximum(np.abs(row[0]), 1e-30) / hi
+            q = np.clip(np.rint(row / col_scale), lo, hi)
+            w_q = add_initializer(graph, f"{base}.rms_side.weight_q", int_tensor(q, 8))
+            w_s = add_initializer(graph, f"{base}.rms_side.weight_scale", col_scale.astype(np.float32))
+            w_z = add_initializer(graph, f"{base}.rms_side.weight_zero", np.zeros_like(col_scale, dtype=np.int8))
+            dq = ir.node("DequantizeLinear", [w_q, w_s, w_z], attributes={"axis": 1}, name=f"{base}/rms_side_weight_dequant")
+            dq.outputs[0].name = f"{base}.rms_side.weight_dq"
+            nodes.append(dq)
+            side_w = dq.outputs[0]
+        else:
+            side_w = add_initializer(graph, f"{base}.rms_side.weight", row)
+        side = ir.node("MatMul", [side_x, side_w], name=f"{base}/rms_side")
+        side.outputs[0].name = f"{base}/rms_side_out"
+        nodes.append(side)
+        graph.insert_before(lin.node, nodes)
+        if self.side_branch == "w8":
+            scale = max(ch0_absmax or 0.0, 1e-12) / qrange(8)[1]
+            insert_activation_qdq(graph, side_x, scale, 8, [side])
+            figures["rms_side_act_scale"] = scale
+        # the main branch: the original node, rows 1: only
+        own_weight(graph, lin)
+        set_weight(lin, weight[1:, :])
+        lin.node.replace_input_with(0, main_slice.outputs[0])
+        out = lin.node.outputs[0]
+        uses = live_uses(out, graph)
+        add = ir.node("Add", [out, side.outputs[0]], name=f"{base}/rms_add")
+        old_name = out.name
+        out.name = f"{base}/rms_main_out"
+        add.outputs[0].name = old_name
+        if out.dtype is not None:
+            add.outputs[0].dtype = out.dtype
+        add.outputs[0].shape = out.shape
+        graph.insert_after(lin.node, [add])
+        for use in uses:
+            use.node.replace_input_with(use.idx, add.outputs[0])
+        if out in graph.outputs:
+            graph.outputs[list(graph.outputs).index(out)] = add.outputs[0]
+        return figures
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
