@@ -68,3 +68,27 @@ def test_compile_format_mqc(tiny_decoder, tmp_path):
 
     session = open_session(out, ["CPUExecutionProvider"])
     assert session.get_outputs()
+
+
+@pytest.mark.parametrize("recipe", ["w4a8-msq", "quarot"])
+def test_norms_fused_into_rmsnorm_quant(recipe, tiny_decoder, tmp_path):
+    """Opt-in rule 6: the norms in front of the quantized linears become ai.mqc::RMSNormQuant.
+
+    Not bit-exact (the norm is recomputed inside the op): an activation within fp32 rounding of a .5 boundary may
+    take the neighbouring int8 code, so the outputs agree to 1e-3 of their magnitude instead of 1e-5.
+    """
+    qdq_path = tmp_path / "qdq.onnx"
+    compile_file(tiny_decoder("llama"), qdq_path, recipe=recipe, fmt="qdq")
+    model = ir.load(str(qdq_path))
+    record = lower_to_runtime_ops(model, fuse_norms=True)
+    ops = [n.op_type for n in model.graph]
+    assert ops.count("RMSNormQuant") >= 2, (ops, record.skipped)
+    assert "RMSNormalization" in ops  # the final norm feeds the float lm_head and stays
+    mqc_path = tmp_path / "fused.onnx"
+    save_model(model, mqc_path)
+    feeds = random_feeds(model, 2)[1]  # the sample with image tokens, for the modality-selected scales
+    expected = _outputs(qdq_path, feeds, custom=False)
+    got = _outputs(mqc_path, feeds, custom=True)
+    for name, e in expected.items():
+        if np.issubdtype(e.dtype, np.floating) and e.size:
+            np.testing.assert_allclose(got[name], e, rtol=0, atol=1e-3 * max(np.abs(e).max(), 1e-6), err_msg=name)
