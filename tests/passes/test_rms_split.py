@@ -111,7 +111,7 @@ def test_table7_ablation_recipes(biased, tmp_path):
         reports[recipe] = mqc.compile(path, tmp_path / f"{recipe}.onnx", recipe, feeds=lambda: calib, verify=True)
         session = mqc.open_session(tmp_path / f"{recipe}.onnx")
         sqnr[recipe] = sqnr_db(refs, np.concatenate([session.run(["logits"], f)[0].ravel() for f in evals]))
-    # measured (logits dB): static 18.44, +MSQ+AIFS 18.45, +RMS 24.07. R1 spreads the one-channel image outlier over R1 spreads the one-channel image outlier over
+    # measured (logits dB): static 18.44, +MSQ+AIFS 18.45, +RMS 24.07. R1 spreads the one-channel image outlier over
     # all channels and RMSNorm equalises rows, so on random weights MSQ has no modality gap left to exploit.
     assert sqnr["mquant"] > sqnr["mquant-msq-aifs"] + 3.0, sqnr
     assert sqnr["mquant-msq-aifs"] > sqnr["mquant-static"] - 0.5, sqnr
