@@ -136,7 +136,8 @@ def recipes(as_json: bool) -> None:
 
     all_recipes = builtin_recipes()
     if as_json:
-        click.echo(json.dumps({n: {"description": r.description, "passes": r.passes} for n, r in all_recipes.items()}, indent=2))
+        click.echo(json.dumps({n: {"description": r.description, "passes": r.passes, "components": r.components}
+                               for n, r in all_recipes.items()}, indent=2))
         return
     out = Console()
     for recipe in all_recipes.values():
@@ -144,6 +145,8 @@ def recipes(as_json: bool) -> None:
         for step in recipe.passes:
             params = ", ".join(f"{k}={v}" for k, v in step.items() if k != "pass")
             out.print(f"    {step['pass']}" + (f" ({params})" if params else ""))
+        for component, entry in recipe.components.items():
+            out.print(f"    [italic]{component}[/italic]: {json.dumps(entry)}")
 
 
 #: The recipe `mqc demo` compiles the packaged model with: the best one that exists today.

@@ -171,7 +171,7 @@ def compile_package(
             file = components[component]
             samples = list(calibration_feeds(model_dir, component, num_samples))
             reports[component] = compile_file(
-                model_dir / file, staging / file, recipe, feeds=lambda s=samples: s, fmt=fmt, exclude=exclude,
+                model_dir / file, staging / file, recipe.for_component(component), feeds=lambda s=samples: s, fmt=fmt, exclude=exclude,
                 verify=verify, verify_rtol=verify_rtol, default_modality=modality, progress=progress,
             )
             reports[component].calibration = {"source": f"{manifest.get('name', model_dir.name)} calibration set "

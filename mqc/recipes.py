@@ -2,6 +2,16 @@
 
 A pass is named by its ``name`` attribute; :data:`PASS_MODULES` says which module of ``mqc.passes`` defines it, so
 listing recipes never imports heavy passes (and never torch).
+
+Per-component settings (a model folder compiles its ``vision`` and ``decoder`` graphs with one recipe): an optional
+top-level ``"components"`` map gives a component its own recipe and/or pass-parameter overrides, e.g. MQuant's
+"W8A8 vision / W4A8 LLM"::
+
+    "components": {"vision": {"recipe": "vision-w8a8-rot", "overrides": {"gptq_weights": {"weight_bits": 8}}}}
+
+``recipe`` (a built-in name or a .json path) replaces the pass list for that component; ``overrides`` (pass name ->
+parameters, as :func:`with_overrides`) then applies to the component's passes. A component that is not listed uses
+the recipe's own passes. :meth:`Recipe.for_component` resolves it; ``compile_package`` calls it per component.
 """
 
 from __future__ import annotations
@@ -38,9 +48,20 @@ class Recipe:
     name: str
     description: str
     passes: list[dict[str, Any]] = field(default_factory=list)
+    components: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def instantiate(self) -> list[MqcPass]:
         return [pass_class(step["pass"])(**{k: v for k, v in step.items() if k != "pass"}) for step in self.passes]
+
+    def for_component(self, component: str) -> Recipe:
+        """The recipe a model folder's ``component`` (``vision``, ``decoder``) compiles with (module docstring)."""
+        entry = self.components.get(component)
+        if not entry:
+            return self
+        base = load_recipe(entry["recipe"]) if "recipe" in entry else self
+        recipe = with_overrides(base, entry.get("overrides", {}))
+        return Recipe(f"{self.name}[{component}: {base.name}]" if base is not self else f"{self.name}[{component}]",
+                      base.description, recipe.passes)
 
 
 def pass_class(name: str) -> type[MqcPass]:
@@ -55,9 +76,19 @@ def pass_class(name: str) -> type[MqcPass]:
 def _parse(text: str, origin: str) -> Recipe:
     try:
         data = json.loads(text)
-        recipe = Recipe(name=data["name"], description=data.get("description", ""), passes=list(data["passes"]))
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        recipe = Recipe(name=data["name"], description=data.get("description", ""), passes=list(data["passes"]),
+                        components=dict(data.get("components", {})))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise RecipeError(f"recipe {origin} does not parse: {exc}") from exc
+    for component, entry in recipe.components.items():
+        if not isinstance(entry, dict) or set(entry) - {"recipe", "overrides"}:
+            raise RecipeError(f"recipe {origin}: components.{component} takes 'recipe' and/or 'overrides', got {entry!r}")
+        overrides = entry.get("overrides", {})
+        if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
+            raise RecipeError(f"recipe {origin}: components.{component}.overrides maps pass names to parameter objects")
+        unknown = [name for name in overrides if name not in PASS_MODULES]
+        if unknown:
+            raise RecipeError(f"recipe {origin}: components.{component}.overrides names unknown passes {unknown}")
     for step in recipe.passes:
         if not isinstance(step, dict) or "pass" not in step:
             raise RecipeError(f"recipe {origin}: every step needs a 'pass' name, got {step!r}")

@@ -118,3 +118,20 @@ def test_table7_ablation_recipes(biased, tmp_path):
     aifs = reports["mquant"].passes[-1]
     assert aifs.name == "aifs" and aifs.verify["max_rel"] <= 1e-4 and aifs.verify["compared"] == ["logits"]
     assert next(r for r in reports["mquant"].passes if r.name == "rms_split").changed == 1
+
+
+def test_component_recipes_mixed_bits(tmp_path):
+    """A recipe's "components" map: W8A8 vision / W4A8 decoder (mquant-w8a8-vision), and its validation."""
+    from mqc.errors import RecipeError
+    from mqc.recipes import load_recipe
+
+    recipe = load_recipe("mquant-w8a8-vision")
+    bits = {c: next(s["weight_bits"] for s in recipe.for_component(c).passes if s["pass"] == "gptq_weights")
+            for c in ("vision", "decoder")}
+    assert bits == {"vision": 8, "decoder": 4}
+    vision = [s["pass"] for s in recipe.for_component("vision").passes]
+    assert "ln_to_rmsnorm" in vision and "aifs" not in vision and "rms_split" in vision
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"name": "b", "passes": [{"pass": "aifs"}], "components": {"vision": {"overrides": {"nope": {}}}}}')
+    with pytest.raises(RecipeError, match="unknown passes"):
+        load_recipe(str(bad))
