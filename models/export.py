@@ -333,7 +333,9 @@ def export_model(
     if plan.vision is not None:
         say("exporting vision.onnx")
         t = time.perf_counter()
-        export_vision(plan.vision, plan.image_size, out_dir / "vision.onnx")
+        static = plan.extra.get("vision_batch") == 1
+        with _vision_patches(plan.family):
+            export_vision(plan.vision, plan.image_size, out_dir / "vision.onnx", dynamic_batch=not static)
         components["vision"] = "vision.onnx"
         timings["vision"] = time.perf_counter() - t
     say("exporting embed.onnx")
@@ -364,7 +366,7 @@ def export_model(
         vocab_size=cfg.vocab_size,
         intermediate_size=cfg.intermediate_size,
         eos_token_ids=eos,
-        prompt=prompt or default_prompt(tokenizer),
+        prompt={**(prompt or default_prompt(tokenizer)), **plan.extra.get("prompt", {})},
         layer_hints=mf.layer_hints(plan.family, plan.decoder.num_layers, plan.vision is not None),
         tokenizer=tok_file,
         position_ids="mrope" if plan.decoder.mrope else "1d",
@@ -374,11 +376,22 @@ def export_model(
         export={"torch_dynamo": True, "seconds": {k: round(v, 1) for k, v in timings.items()}},
     )
     if plan.extra:
-        manifest.extra.update({k: v for k, v in plan.extra.items() if k != "resample"})
+        manifest.extra.update({k: v for k, v in plan.extra.items() if k not in ("resample", "prompt")})
     if extra_manifest:
         manifest.extra.update(extra_manifest)
     manifest.save(out_dir)
     return out_dir
+
+
+def _vision_patches(family: str):
+    """Family-specific export-time patches of the vision tower (numerically identical for one image)."""
+    import contextlib
+
+    if family == "qwen2_vl":
+        from mqc.models.qwen2_vl import single_image_attention
+
+        return single_image_attention()
+    return contextlib.nullcontext()
 
 
 def _eos_ids(model, tokenizer) -> list[int]:

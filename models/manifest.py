@@ -60,9 +60,8 @@ def _vision_hints(family: str) -> dict:
         return {
             "tower": "dinov2",
             "layer_prefix": p,
-            "attn_in": [f"{p}.attention.attention.query", f"{p}.attention.attention.key",
-                        f"{p}.attention.attention.value"],
-            "attn_out": f"{p}.attention.output.dense",
+            "attn_in": [f"{p}.attention.q_proj", f"{p}.attention.k_proj", f"{p}.attention.v_proj"],
+            "attn_out": f"{p}.attention.o_proj",
             "mlp_in": [f"{p}.mlp.fc1"],
             "mlp_out": f"{p}.mlp.fc2",
             "norm1": f"{p}.norm1",

@@ -102,3 +102,92 @@ def test_manifest_and_names(family, tiny_dir):
     matmul_weights = {n.input[1] for n in dec.graph.node if n.op_type == "MatMul"}
     assert q in matmul_weights
     assert "model.layers.1.mlp.down_proj.weight" in matmul_weights
+
+
+def test_llava_fidelity(tiny_dir):
+    """vision.onnx against the torch vision path, then the whole ONNX pipeline against the torch VLM."""
+    from mqc.models.pipeline import Pipeline
+
+    model_dir = tiny_dir("llava")
+    man = load_manifest(model_dir)
+    assert set(man["components"]) == {"vision", "embed", "decoder"}
+    model, _ = build_tiny("llava")
+    pipe = Pipeline(model_dir, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(1)
+    pixels = rng.standard_normal((2, 3, *man["image"]["size"])).astype(np.float32)
+    emb = pipe.image_embeds(pixels)
+    with torch.no_grad():
+        ref = model.model.get_image_features(torch.from_numpy(pixels), vision_feature_layer=-2,
+                                             vision_feature_select_strategy="default").pooler_output
+    ref = torch.stack(list(ref)).numpy()
+    assert emb.shape == (2, man["num_image_tokens"], man["hidden_size"])
+    assert np.abs(emb - ref).max() <= TOL
+
+    # The ONNX pipeline (left-padded batch of two prompts of different lengths) against torch, one row at a time.
+    questions = ["what is the shape?", "is there a red circle in the image?"]
+    gen = pipe.generate(questions, pixel_values=pixels, max_new_tokens=4)
+    for r, q in enumerate(questions):
+        prompt = pipe.prompt(q)
+        ids = torch.from_numpy(prompt.ids)[None]
+        with torch.no_grad():
+            ref_logits = model(input_ids=ids, pixel_values=torch.from_numpy(pixels[r : r + 1])).logits[0, -1].numpy()
+        assert np.abs(gen.first_logits[r] - ref_logits).max() <= TOL
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, pixel_values=torch.from_numpy(pixels[r : r + 1]), max_new_tokens=4,
+                                 do_sample=False, eos_token_id=man["eos_token_ids"], pad_token_id=0)
+        ref_tokens = [t for t in out[0, ids.shape[1] :].tolist() if t not in man["eos_token_ids"]]
+        assert gen.token_ids[r] == ref_tokens[: len(gen.token_ids[r])]
+        assert len(gen.token_ids[r]) == len(ref_tokens) or len(gen.token_ids[r]) == 4
+
+
+def _qwen2_vl_patchify(pixels: np.ndarray, vcfg) -> np.ndarray:
+    """Qwen2VLImageProcessor's flattening of one normalized image [3, H, W] (numpy, independent of the graph)."""
+    p, m, t = vcfg.patch_size, vcfg.spatial_merge_size, vcfg.temporal_patch_size
+    c, h, w = pixels.shape
+    gh, gw = h // p, w // p
+    x = np.tile(pixels[None], (t, 1, 1, 1))
+    x = x.reshape(1, t, c, gh // m, m, p, gw // m, m, p).transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return x.reshape(gh * gw, c * t * p * p), np.array([[1, gh, gw]])
+
+
+def test_qwen2_vl_fidelity(tiny_dir):
+    """Qwen2-VL: vision at a fixed size, M-RoPE positions against get_rope_index, pipeline logits and tokens."""
+    from mqc.models.pipeline import Pipeline
+    from mqc.models.qwen2_vl import mrope_positions
+
+    model_dir = tiny_dir("qwen2_vl")
+    man = load_manifest(model_dir)
+    assert man["position_ids"] == "mrope"
+    model, _ = build_tiny("qwen2_vl")
+    vcfg = model.config.vision_config
+    pipe = Pipeline(model_dir, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(2)
+    pixels = rng.standard_normal((2, 3, *man["image"]["size"])).astype(np.float32)
+    emb = pipe.image_embeds(pixels)
+    assert emb.shape == (2, man["num_image_tokens"], man["hidden_size"])
+    flat = [_qwen2_vl_patchify(px, vcfg) for px in pixels]
+    for r in range(2):
+        with torch.no_grad():
+            ref = model.model.get_image_features(torch.from_numpy(flat[r][0]),
+                                                 image_grid_thw=torch.from_numpy(flat[r][1])).pooler_output[0]
+        assert np.abs(emb[r] - ref.numpy()).max() <= TOL
+
+    questions = ["what is the shape?", "is there a red circle in the image?"]
+    gen = pipe.generate(questions, pixel_values=pixels, max_new_tokens=4)
+    for r, q in enumerate(questions):
+        prompt = pipe.prompt(q)
+        ids = torch.from_numpy(prompt.ids)[None]
+        mm = torch.from_numpy(prompt.modality)[None].int()
+        grid = torch.from_numpy(flat[r][1])
+        ref_pos, _ = model.model.get_rope_index(ids, mm_token_type_ids=mm, image_grid_thw=grid)
+        ours = mrope_positions(np.ones((1, len(prompt.ids)), np.int64), prompt.modality[None], man)
+        np.testing.assert_array_equal(ours, ref_pos.numpy())
+        kwargs = dict(pixel_values=torch.from_numpy(flat[r][0]), image_grid_thw=grid, mm_token_type_ids=mm)
+        with torch.no_grad():
+            ref_logits = model(input_ids=ids, **kwargs).logits[0, -1].numpy()
+        assert np.abs(gen.first_logits[r] - ref_logits).max() <= TOL
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
+                                 do_sample=False, eos_token_id=man["eos_token_ids"], pad_token_id=0, **kwargs)
+        ref_tokens = [t for t in out[0, ids.shape[1] :].tolist() if t not in man["eos_token_ids"]]
+        assert gen.token_ids[r] == ref_tokens[: len(gen.token_ids[r])]
