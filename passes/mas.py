@@ -20,7 +20,7 @@ of ``rows`` rows per modality, ``CompileContext.calibrate(sample_rows=...)``), t
 One step draws ``batch_rows`` rows per modality; ``epochs`` × ``steps_per_epoch`` steps (by default one step per
 calibration sample, the paper's batch 1 over 128 samples, 2 epochs). If learning ends with a higher loss on all
 rows than the initialisation, the initialisation is kept (recorded). torch is imported only inside this pass, with
-``torch_threads`` threads.
+``torch_threads`` CPU threads, on ``device`` ("cpu", or "cuda" where torch has it).
 
 Graph form (function-preserving in float; ``passes.cmc`` lowers it). Shared ``is_image`` is MSQ's mask
 (``passes.msq.is_image_mask``). Per group with input X::
@@ -97,6 +97,7 @@ def learn_scales(
     scale_floor: float = 1e-2,
     seed: int = 0,
     threads: int = 1,
+    device: str = "cpu",
 ) -> tuple[dict[int, np.ndarray], dict[str, Any]]:
     """Learn per-modality smoothing vectors minimising the MBR loss of the module docstring (torch, CPU).
 
@@ -111,11 +112,11 @@ def learn_scales(
     try:
         lambdas = lambdas or {}
         gen = torch.Generator().manual_seed(seed)
-        w = torch.tensor(np.asarray(weight, np.float32))
-        xs = {m: torch.tensor(np.asarray(r, np.float32)) for m, r in rows.items() if r.shape[0] > 0}
+        w = torch.tensor(np.asarray(weight, np.float32), device=device)
+        xs = {m: torch.tensor(np.asarray(r, np.float32), device=device) for m, r in rows.items() if r.shape[0] > 0}
         targets = {m: x @ w for m, x in xs.items()}
-        rng_t = {m: torch.tensor(np.asarray(ranges[m], np.float32)) for m in xs}
-        params = {m: torch.nn.Parameter(torch.tensor(np.asarray(init[m], np.float32))) for m in xs}
+        rng_t = {m: torch.tensor(np.asarray(ranges[m], np.float32), device=device) for m in xs}
+        params = {m: torch.nn.Parameter(torch.tensor(np.asarray(init[m], np.float32), device=device)) for m in xs}
         w_lo, w_hi = qrange(w_bits)
         a_lo, a_hi = qrange(a_bits)
 
@@ -152,10 +153,10 @@ def learn_scales(
                 for p in params.values():
                     p.clamp_(min=scale_floor)
             optimizer.zero_grad()
-            loss = torch.zeros(())
+            loss = torch.zeros((), device=device)
             for m, x in xs.items():
                 n = x.shape[0]
-                pick = torch.randperm(n, generator=gen)[: min(batch_rows, n)]
+                pick = torch.randperm(n, generator=gen)[: min(batch_rows, n)].to(device)
                 loss = loss + lambdas.get(m, 1.0) * shares[m] * loss_of(m, x[pick], targets[m][pick], params[m])
             loss.backward()
             optimizer.step()
@@ -165,7 +166,7 @@ def learn_scales(
         seconds = time.perf_counter() - start
         final_loss, final_per = full_loss()
         kept_init = not final_loss < init_loss
-        learned = {m: (np.asarray(init[m], np.float64) if kept_init else params[m].detach().double().numpy()) for m in xs}
+        learned = {m: (np.asarray(init[m], np.float64) if kept_init else params[m].detach().double().cpu().numpy()) for m in xs}
         info = {
             "mas_loss_init": init_loss,
             "mas_loss_learned": min(final_loss, init_loss),
@@ -206,13 +207,14 @@ class MasPass(MqcPass):
         smooth_down: bool = False,
         scale_floor: float = 1e-2,
         torch_threads: int = 1,
+        device: str = "cpu",
         seed: int = 0,
         skip_roles: Sequence[str] = ("lm_head",),
     ) -> None:
         super().__init__(
             w_bits=w_bits, a_bits=a_bits, acts=acts, init=init, alpha=alpha, learn=learn, epochs=epochs, lr=lr,
             steps_per_epoch=steps_per_epoch, batch_rows=batch_rows, rows=rows, image_weight=image_weight,
-            smooth_down=smooth_down, scale_floor=scale_floor, torch_threads=torch_threads, seed=seed,
+            smooth_down=smooth_down, scale_floor=scale_floor, torch_threads=torch_threads, device=device, seed=seed,
             skip_roles=list(skip_roles),
         )
         if acts not in ACT_MODES:
@@ -313,7 +315,7 @@ class MasPass(MqcPass):
                 weight, init, w_bits=p["w_bits"], a_bits=p["a_bits"], acts=p["acts"],
                 lambdas={TEXT: 1.0, IMAGE: p["image_weight"]}, epochs=p["epochs"],
                 steps_per_epoch=p["steps_per_epoch"] or int(self.ctx.num_samples or 32), batch_rows=p["batch_rows"],
-                lr=p["lr"], scale_floor=p["scale_floor"], seed=p["seed"], threads=p["torch_threads"],
+                lr=p["lr"], scale_floor=p["scale_floor"], seed=p["seed"], threads=p["torch_threads"], device=p["device"],
             )
             info["mas_rows"] = {MODALITY_NAMES[m]: int(e.sample.shape[0]) for m, e in present.items()}
             info["process_peak_rss_mb"] = round(max(start_rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024, 1)
