@@ -1,0 +1,44 @@
+"""Compiling a whole model folder: every quantizable component, calibrated from the package's own data."""
+
+import json
+
+import pytest
+from mqc.models.calibration import calibration_feeds
+
+import mqc
+from mqc.errors import InputModelError, OutputPathError
+from mqc.quantizer import sqnr_db
+from mqc.report import read_report
+
+
+def test_llava_folder_compiles_vision_and_decoder(tiny_model_dir, tmp_path):
+    source = tiny_model_dir("llava")
+    out = tmp_path / "llava.w8a8"
+    reports = mqc.compile(source, out, "w8a8", num_samples=4, verify=True)
+    assert set(reports) == {"vision", "decoder"}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["compiled"]["recipe"] == "w8a8" and manifest["compiled"]["components"] == ["decoder", "vision"]
+    for component in ("vision", "decoder"):
+        report = read_report(str(out / manifest["components"][component]))
+        assert report is not None and report.layer_table(), component
+    vision_rows = reports["vision"].layer_table()
+    assert all("sqnr_db_image" in row and "sqnr_db_text" not in row for row in vision_rows), "vision tokens are image"
+    # the compiled folder runs: vision features feed the decoder like the float one
+    vision = mqc.open_session(out / "vision.onnx")
+    pixel = next(iter(calibration_feeds(source, "vision", 1, seed=7)))["pixel_values"]  # a real easy-vqa image
+    embeds = vision.run(None, {"pixel_values": pixel})[0]
+    reference = mqc.open_session(source / "vision.onnx").run(None, {"pixel_values": pixel})[0]
+    assert sqnr_db(reference, embeds) > 20
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir()), "staging folder left behind"
+
+
+def test_folder_errors(tiny_model_dir, tmp_path):
+    source = tiny_model_dir("llava")
+    with pytest.raises(OutputPathError, match="refusing to overwrite the input"):
+        mqc.compile(source, source, "w8a8")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OutputPathError, match="not a model directory"):
+        mqc.compile(source, blocker, "w8a8")
+    with pytest.raises(InputModelError, match="neither a packaged model"):
+        mqc.compile("no-such-model", tmp_path / "x", "w8a8")
