@@ -41,9 +41,10 @@ Rules:
    names matching ``--exclude`` stay in float (recorded). In static mode a value that is not [batch, seq, features]
    cannot take MSQ's per-token scale and is refused (recorded).
 3. A group with no image calibration rows, or a rank of 0, gets no branch (recorded): image tokens then use B.
-4. Records per linear: bits, act mode, compensation, rank, rank ratio, retained whitened energy (Theorem 2's
-   1 − Σ_{i>r}σ_i²/Σσ_i²), low-rank parameter count, and the output SQNR of the emitted form on calibration rows per
-   modality (bias excluded), with ``sqnr_db_image_uncompensated`` (image rows through B alone) next to it.
+4. Records per linear: bits, CMC rank and retained energy (Theorem 2's 1 − Σ_{i>r}σ_i²/Σσ_i², in the whitened norm
+   unless ``whiten=False``), and the output SQNR of the emitted form on the calibration rows per modality (bias
+   excluded; in-sample: the same rows fitted the Gram), with ``sqnr_db_image_uncompensated`` (image rows through B
+   alone) next to it. Act mode, compensation, rank ratio and floor are the pass parameters.
 5. ``--format mqc`` lowering of these patterns is not implemented: compile with the QDQ format.
 """
 
@@ -247,8 +248,7 @@ class CmcPass(MqcPass):
                 insert_weight_dequant(graph, lin, qweight)
                 w_hat = qweight.dequantize()
                 figures = self._sqnr(tap, scales, lambda x, m, w=weight: x @ w, lambda x, m, xq, b=w_hat: xq @ b)
-                self.record.layers.append({**lin.to_dict(), "w_bits": p["w_bits"], "a_bits": p["a_bits"],
-                                           "acts": p["acts"], "smoothed": False, **figures})
+                self.record.layers.append({**lin.to_dict(), "w_bits": p["w_bits"], "a_bits": p["a_bits"], **figures})
                 changed += 1
         ir.passes.common.RemoveUnusedNodesPass()(model)
         ensure_opset(model, "", 21)
@@ -308,12 +308,10 @@ class CmcPass(MqcPass):
         qb = quantize_weight_rtn(ml.w_text.astype(np.float32), p["w_bits"])
         insert_weight_dequant(graph, ml.as_linear(), qb)
         b = qb.dequantize().astype(np.float64)
-        figures: dict[str, Any] = {"w_bits": p["w_bits"], "a_bits": p["a_bits"], "acts": p["acts"], "smoothed": True,
-                                   "compensation": p["compensation"]}
+        figures: dict[str, Any] = {"w_bits": p["w_bits"], "a_bits": p["a_bits"]}
         image = tap.modality(IMAGE)
         mode = p["compensation"]
         if mode != "none" and (image is None or is_image is None):
-            figures["compensation"] = "none"
             self.record.skip(ml.name, "no image calibration rows at this input: no image-token compensation")
             mode = "none"
         l1 = l2 = qv = None
@@ -322,15 +320,13 @@ class CmcPass(MqcPass):
             if p["quant_cmc"]:
                 target = quantize_weight_rtn(ml.w_image.astype(np.float32), p["w_bits"]).dequantize().astype(np.float64)
             rank = rank_for(p["rank_ratio"], k, n, p["min_rank"])
-            figures.update({"cmc_rank": rank, "cmc_rank_ratio": p["rank_ratio"], "cmc_min_rank": p["min_rank"],
-                            "cmc_whitened": p["whiten"], "cmc_quant_target": p["quant_cmc"]})
+            figures["cmc_rank"] = rank
             if rank == 0:
                 self.record.skip(ml.name, "CMC rank is 0 at this rank ratio: no image-token compensation")
                 mode = "none"
             else:
                 l1, l2, info = lowrank_compensation(target - b, image.gram, rank, whiten=p["whiten"], damp=p["damp"])
-                figures.update({"cmc_retained_energy": round(info.retained, 4), "cmc_params": int(l1.size + l2.size),
-                                "cmc_params_ratio": round((l1.size + l2.size) / (k * n), 4)})
+                figures["cmc_retained_energy"] = round(info.retained, 4)
                 self._emit_lowrank(graph, ml, l1.astype(np.float32), l2.astype(np.float32))
         elif mode == "per_modality_weights":
             qv = quantize_weight_rtn(ml.w_image.astype(np.float32), p["w_bits"])

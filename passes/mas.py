@@ -46,10 +46,12 @@ Rules:
 3. A modality without calibration rows at a group takes the other modality's vector (recorded).
 4. ``init="unified"`` starts both modalities from the one SmoothQuant vector of the pooled ranges (Eq. 11); with
    ``learn=False`` that is the SmoothQuant (dynamic) baseline of MASQuant's table in this graph form.
-5. Records per linear: s ranges per modality, init and learned loss (total and per modality), steps, seconds,
-   and the Theorem 1 diagnostic: the predicted SQNR penalty Δ of unified smoothing for the non-dominant modality
-   (``theorem1_sqnr_loss_db``, from the per-modality channel ranges) next to the measured per-token SQNR of that
-   modality's rows under unified and under its own smoothing.
+5. Records per linear: init and learned loss (``mas_loss_init``/``mas_loss_learned``), learning seconds, the
+   largest s_v/s_t, and the Theorem 1 diagnostic: the predicted SQNR penalty Δ of unified smoothing for the
+   non-dominant modality (``theorem1_sqnr_loss_db``, from the per-modality channel ranges; ``theorem1_dominant``
+   names the dominant one) next to the measured mean per-token SQNR of that modality's rows under unified and under
+   its own smoothing (``theorem1_sqnr_unified_db``, ``theorem1_sqnr_own_db``). Steps, rows and the process peak RSS
+   go to the notes.
 """
 
 from __future__ import annotations
@@ -279,6 +281,7 @@ class MasPass(MqcPass):
             f"{p['epochs']} epochs x {steps_per_epoch} steps, {p['batch_rows']} rows per modality per step, "
             f"lambda text 1.0 / image {p['image_weight']}, acts {p['acts']}, W{p['w_bits']}A{p['a_bits']}")
         changed = 0
+        self.peak_rss_mb = 0.0
         for value_name, group in groups.items():
             tap = stats.get(value_name)
             if tap is None or all(e.rows == 0 for e in tap.by_modality.values()):
@@ -291,6 +294,8 @@ class MasPass(MqcPass):
                 self.record.layers.append({**lin.to_dict(), **figures})
                 changed += 1
         remove_unused_initializers(graph)
+        if self.peak_rss_mb:
+            self.record.notes.append(f"process peak RSS after learning: {self.peak_rss_mb:.0f} MB")
         self.record.changed = changed
         return changed > 0
 
@@ -304,8 +309,7 @@ class MasPass(MqcPass):
             init = {m: smoothquant_scales(pooled, weight, p["alpha"]) for m in ranges}
         else:
             init = mas_init_scales(ranges, weight, p["alpha"])
-        figures: dict[str, Any] = {"mas_init": p["init"], "mas_alpha": p["alpha"], "mas_group": [lin.name for lin in group]}
-        figures.update(self._theorem1(ranges, present, weight))
+        figures: dict[str, Any] = self._theorem1(ranges, present, weight)
         learned = dict(init)
         if p["learn"] and p["epochs"] > 0:
             total_rows = sum(e.rows for e in present.values())
@@ -317,19 +321,16 @@ class MasPass(MqcPass):
                 steps_per_epoch=p["steps_per_epoch"] or int(self.ctx.num_samples or 32), batch_rows=p["batch_rows"],
                 lr=p["lr"], scale_floor=p["scale_floor"], seed=p["seed"], threads=p["torch_threads"], device=p["device"],
             )
-            info["mas_rows"] = {MODALITY_NAMES[m]: int(e.sample.shape[0]) for m, e in present.items()}
-            info["process_peak_rss_mb"] = round(max(start_rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024, 1)
-            figures.update(info)
+            self.peak_rss_mb = max(self.peak_rss_mb, start_rss / 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+            figures.update({key: info[key] for key in ("mas_loss_init", "mas_loss_learned", "mas_learn_seconds")})
+            if info["mas_kept_init"]:
+                self.record.notes.append(f"MAS {value_name}: learning did not lower the loss, the initialisation is kept")
         for m, other in ((TEXT, IMAGE), (IMAGE, TEXT)):
             if m not in learned:
                 learned[m] = learned[other]
                 self.record.notes.append(
                     f"MAS {value_name}: no {MODALITY_NAMES[m]} calibration rows, {MODALITY_NAMES[m]} tokens use the "
                     f"{MODALITY_NAMES[other]} vector")
-        for m in (TEXT, IMAGE):
-            name = MODALITY_NAMES[m]
-            figures[f"s_{name}_min"] = float(learned[m].min())
-            figures[f"s_{name}_max"] = float(learned[m].max())
         figures["s_image_over_text_max"] = float(np.max(learned[IMAGE] / learned[TEXT]))
         return learned, figures
 
@@ -351,8 +352,8 @@ class MasPass(MqcPass):
             unified = smoothquant_scales(np.maximum(rd, ro), weight, self.params["alpha"])
             own = smoothquant_scales(ro, weight, self.params["alpha"])
             bits = self.params["a_bits"]
-            out["theorem1_measured_sqnr_unified_db"] = round(sqnr_under_smoothing(rows, unified, bits), 3)
-            out["theorem1_measured_sqnr_own_db"] = round(sqnr_under_smoothing(rows, own, bits), 3)
+            out["theorem1_sqnr_unified_db"] = round(sqnr_under_smoothing(rows, unified, bits), 3)
+            out["theorem1_sqnr_own_db"] = round(sqnr_under_smoothing(rows, own, bits), 3)
         return out
 
     # ------------------------------------------------------------------------------------------------ graph
