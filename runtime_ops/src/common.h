@@ -127,7 +127,7 @@ struct PackedWeights {
   int64_t panels = 0;     // ceil(N / 16)
   int64_t panel_bytes = 0;
   std::vector<uint8_t> data;     // 64-byte aligned start (see aligned_data)
-  std::vector<int32_t> colcorr;  // W8 only: 128 * sum_k W[n][k], padded to panels * 16
+  std::vector<int32_t> colcorr;  // 128 * sum_k W[n][k], padded to panels * 16 (W4: for the unpacked prefill path)
   const uint8_t* panel(int64_t p) const { return aligned() + p * panel_bytes; }
   const uint8_t* aligned() const {
     auto a = reinterpret_cast<uintptr_t>(data.data());
@@ -137,5 +137,9 @@ struct PackedWeights {
 
 // W8: w is [N, K] int8. W4: w is [N, ceil(K/2)] uint8, low nibble = even k, signed two's-complement nibbles.
 PackedWeights pack_weights(const void* w, int bits, int64_t N, int64_t K);
+
+// W4 panels [p0, p1) rewritten in the W8 layout (signed bytes) at out, (p1 - p0) * Kp * 16 bytes, 64-aligned.
+// Prefill unpacks each tile once per task and runs the W8 kernel on it; decode keeps reading nibbles.
+void unpack_w4_panels(const PackedWeights& W, int64_t p0, int64_t p1, uint8_t* out);
 
 }  // namespace mqc

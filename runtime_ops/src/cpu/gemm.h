@@ -29,11 +29,14 @@ using QuantizeRowsFn = void (*)(const void* X, int src_kind, int64_t ldx, int64_
                                 const float* row_scale, bool offset128, uint8_t* A, int32_t* rowsum, int64_t m0,
                                 int64_t m1);
 
+using UnpackW4Fn = void (*)(const PackedWeights& W, int64_t p0, int64_t p1, uint8_t* out);
+
 struct CpuKernels {
   const char* name;
   GemmTileFn gemm_w8;
   GemmTileFn gemm_w4;
   QuantizeRowsFn quantize;
+  UnpackW4Fn unpack_w4;  // see unpack_w4_panels in common.h
 };
 
 // Best implementation for the running CPU (MQC_CPU_ISA=generic|avx2|avx512vnni overrides, for tests).

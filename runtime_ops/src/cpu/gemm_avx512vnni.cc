@@ -207,9 +207,23 @@ void quantize_rows(const void* X, int src_kind, int64_t ldx, int64_t col0, int64
   }
 }
 
+void unpack_w4(const PackedWeights& W, int64_t p0, int64_t p1, uint8_t* out) {
+  const int64_t G2 = W.Kp / 8;
+  const __m512i low4 = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi8(8);
+  for (int64_t p = p0; p < p1; ++p) {
+    const uint8_t* src = W.panel(p);
+    uint8_t* dst = out + (p - p0) * W.Kp * 16;
+    for (int64_t h = 0; h < G2; ++h) {
+      const __m512i raw = _mm512_load_si512(src + h * 64);
+      _mm512_store_si512(dst + h * 128, _mm512_sub_epi8(_mm512_and_si512(raw, low4), eight));
+      _mm512_store_si512(dst + h * 128 + 64, _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(raw, 4), low4), eight));
+    }
+  }
+}
+
 }  // namespace
 
-const CpuKernels kKernels = {"avx512vnni", gemm_w8, gemm_w4, quantize_rows};
+const CpuKernels kKernels = {"avx512vnni", gemm_w8, gemm_w4, quantize_rows, unpack_w4};
 
 }  // namespace avx512vnni
 }  // namespace mqc

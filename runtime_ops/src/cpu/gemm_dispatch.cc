@@ -31,19 +31,39 @@ PackedWeights pack_weights(const void* w, int bits, int64_t N, int64_t K) {
   } else {
     const uint8_t* W = static_cast<const uint8_t*>(w);
     const int64_t row_bytes = (K + 1) / 2;
+    P.colcorr.assign(P.panels * 16, 0);
     for (int64_t n = 0; n < N; ++n) {
       const int64_t p = n / 16, j = n % 16;
+      int32_t sum = 0;
       for (int64_t k = 0; k < K; ++k) {
         const uint8_t byte = W[n * row_bytes + k / 2];
         const int nib = (k % 2 == 0) ? (byte & 0x0F) : (byte >> 4);
         const int val = ((nib ^ 8) - 8) + 8;  // signed nibble, stored as w + 8
+        sum += val - 8;
         const int64_t h = k / 8, t = k % 8;
         uint8_t& dst = out[p * P.panel_bytes + (h * 16 + j) * 4 + (t % 4)];
         dst = t < 4 ? (uint8_t)((dst & 0xF0) | val) : (uint8_t)((dst & 0x0F) | (val << 4));
       }
+      P.colcorr[n] = 128 * sum;
     }
   }
   return P;
+}
+
+void unpack_w4_panels(const PackedWeights& W, int64_t p0, int64_t p1, uint8_t* out) {
+  const int64_t G2 = W.Kp / 8;
+  for (int64_t p = p0; p < p1; ++p) {
+    const uint8_t* src = W.panel(p);
+    uint8_t* dst = out + (p - p0) * W.Kp * 16;
+    for (int64_t h = 0; h < G2; ++h) {
+      const uint8_t* s = src + h * 64;
+      uint8_t* d = dst + h * 128;
+      for (int i = 0; i < 64; ++i) {
+        d[i] = static_cast<uint8_t>((s[i] & 0x0F) - 8);
+        d[64 + i] = static_cast<uint8_t>((s[i] >> 4) - 8);
+      }
+    }
+  }
 }
 
 namespace {

@@ -101,7 +101,7 @@ void quantize_rows(const void* X, int src_kind, int64_t ldx, int64_t col0, int64
 
 #define MQC_STR2(x) #x
 #define MQC_STR(x) MQC_STR2(x)
-const CpuKernels kKernels = {MQC_STR(MQC_GENERIC_NS), gemm_w8, gemm_w4, quantize_rows};
+const CpuKernels kKernels = {MQC_STR(MQC_GENERIC_NS), gemm_w8, gemm_w4, quantize_rows, unpack_w4_panels};
 
 }  // namespace MQC_GENERIC_NS
 }  // namespace mqc

@@ -130,8 +130,12 @@ struct QuantLinearKernel {
 
     const CpuKernels& kern = cpu_kernels();
     const int64_t Kp = W->Kp;
+    // W4 prefill: each task unpacks its weight tile to int8 once and runs the W8 kernel (the nibble kernel
+    // unpacks in registers for every 5 rows, which costs more than it saves once the weights sit in cache).
+    const bool w4_unpacked = bits == 4 && M >= 16;
+    const bool offset128 = bits == 8 || w4_unpacked;
     std::vector<uint8_t> A(static_cast<size_t>(M * Kp));
-    std::vector<int32_t> rowsum(bits == 4 ? M : 0);
+    std::vector<int32_t> rowsum(bits == 4 && !w4_unpacked ? M : 0);
     const int src_kind = std::is_same<Tin, float>::value ? 0 : (std::is_same<Tin, int8_t>::value ? 2 : 1);
     // Below about 128K multiply-adds (a decode step of a k/v projection) the thread-pool hand-off costs more
     // than it saves: run on the calling thread.
@@ -150,14 +154,14 @@ struct QuantLinearKernel {
     const int64_t qblock = 16;
     run(static_cast<size_t>((M + qblock - 1) / qblock), [&](size_t b) {
       const int64_t m0 = b * qblock, m1 = std::min(M, m0 + qblock);
-      kern.quantize(x.data, src_kind, Kx, c0, K, Kp, row_scale.data(), bits == 8, A.data(),
-                    bits == 4 ? rowsum.data() : nullptr, m0, m1);
+      kern.quantize(x.data, src_kind, Kx, c0, K, Kp, row_scale.data(), offset128, A.data(),
+                    rowsum.empty() ? nullptr : rowsum.data(), m0, m1);
     });
 
     GemmArgs g;
     g.A = A.data();
     g.lda = Kp;
-    g.rowsum = bits == 4 ? rowsum.data() : nullptr;
+    g.rowsum = rowsum.empty() ? nullptr : rowsum.data();
     g.W = W.get();
     g.row_scale = row_scale.data();
     g.w_scale = static_cast<const float*>(ws.data);
@@ -167,16 +171,40 @@ struct QuantLinearKernel {
     g.y_half = std::is_same<Tout, Ort::Float16_t>::value;
     g.M = M;
     g.N = N;
+    // Row blocks of 48 keep a block of A in L2 next to a 64-column weight tile (the unpacked-W4 path unpacks a
+    // tile once per row block: 2 vector ops per 128 weight bytes, small next to 48 rows of multiply-adds).
     const int64_t mb = M <= 48 ? M : 48;
     const int64_t mblocks = (M + mb - 1) / mb;
     int64_t ppt = 4;  // panels (16 columns) per task
     while (ppt > 1 && ((W->panels + ppt - 1) / ppt) * mblocks < 16) ppt /= 2;
     const int64_t tiles = (W->panels + ppt - 1) / ppt;
     GemmTileFn fn = bits == 8 ? kern.gemm_w8 : kern.gemm_w4;
+    const size_t y_elem = g.y_half ? 2 : 4;
     run(static_cast<size_t>(tiles * mblocks), [&](size_t t) {
       const int64_t tile = t / mblocks, mblk = t % mblocks;
       const int64_t p0 = tile * ppt, p1 = std::min(W->panels, p0 + ppt);
-      fn(g, mblk * mb, std::min(M, (mblk + 1) * mb), p0, p1);
+      const int64_t m0 = mblk * mb, m1 = std::min(M, (mblk + 1) * mb);
+      if (!w4_unpacked) {
+        fn(g, m0, m1, p0, p1);
+        return;
+      }
+      thread_local PackedWeights tile_w;  // this tile of W4 as W8 panels, reused across calls
+      tile_w.bits = 8;
+      tile_w.K = W->K;
+      tile_w.Kp = Kp;
+      tile_w.panels = p1 - p0;
+      tile_w.panel_bytes = Kp * 16;
+      tile_w.N = std::min<int64_t>(N - p0 * 16, tile_w.panels * 16);
+      tile_w.data.resize(static_cast<size_t>(tile_w.panels * tile_w.panel_bytes + 64));
+      kern.unpack_w4(*W, p0, p1, const_cast<uint8_t*>(tile_w.aligned()));
+      tile_w.colcorr.assign(W->colcorr.begin() + p0 * 16, W->colcorr.begin() + p1 * 16);
+      GemmArgs gt = g;
+      gt.W = &tile_w;
+      gt.N = N - p0 * 16;
+      gt.Y = static_cast<char*>(Y) + p0 * 16 * y_elem;
+      gt.w_scale = g.w_scale + p0 * 16;
+      gt.bias = g.bias ? g.bias + p0 * 16 : nullptr;
+      kern.gemm_w8(gt, m0, m1, 0, p1 - p0);
     });
 
     if (rank || side.data) {
