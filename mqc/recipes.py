@@ -40,6 +40,7 @@ PASS_MODULES: dict[str, str] = {
     "cmc": "cmc:CmcPass",
     "aifs": "aifs:AifsPass",
     "rms_split": "rms_split:RmsSplitPass",
+    "lower_runtime_ops": "lower_runtime_ops:LowerRuntimeOpsPass",
 }
 
 

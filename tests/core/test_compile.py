@@ -105,3 +105,15 @@ def test_cli_compile_explain_recipes(llama_decoder, tmp_path):
     assert not (llama_decoder.parent / "decoder.dry-run.onnx").exists()
     listed = runner.invoke(main, ["recipes"])
     assert "w8a8" in listed.output and "w4a8-rtn" in listed.output and "quantize_linears" in listed.output
+
+
+@pytest.mark.parametrize("recipe", ["w8a8", "w4a8-rtn"])
+def test_format_mqc_matches_qdq(llama_decoder, tmp_path, recipe):
+    """`--format mqc` lowers the QDQ linears into the runtime-ops library and computes the same logits."""
+    feed = random_feeds(load_model(llama_decoder), 1, seed=11)[0]
+    mqc.compile(llama_decoder, tmp_path / "qdq.onnx", recipe)
+    report = mqc.compile(llama_decoder, tmp_path / "mqc.onnx", recipe, fmt="mqc")
+    assert report.format == "mqc" and report.passes[-1].name == "lower_runtime_ops"
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "mqc.onnx")).graph.node if n.domain == "ai.mqc"}
+    assert ops == {"QuantLinear"}
+    np.testing.assert_allclose(_logits(tmp_path / "mqc.onnx", feed), _logits(tmp_path / "qdq.onnx", feed), atol=1e-5)
