@@ -36,7 +36,8 @@ Rules, in the order the pass applies them:
    contracted over ``out``, bias too), the class-token and position-embedding constants, and the writers' output
    side (o/fc2, the centring linear of a ``ln_pre``; W ← W·R_v, b ← b·R_v; a LayerScale left in the graph is
    folded first). Readers of a norm whose output is read only by linears (q/k/v, fc1, the projector's first
-   linear) get W ← R_vᵀ·W. A norm whose output has other readers (token pooling, a graph output) gets an online
+   linear), directly or through token-only ops (``ln_to_rmsnorm.TOKEN_OPS``: CLS split, patch pooling), get
+   W ← R_vᵀ·W. A norm whose output has other readers (token pooling, a graph output) gets an online
    ``MatMul(·, R_vᵀ)`` after it, recorded, so what follows sees the unrotated value. Each fc2/down writer gets the
    online Hadamard of rule 5 (1536 = 12·128 for DINOv2-small). Anything the walk cannot prove (a stream value read
    by something else, a graph output on the stream, a writer it cannot absorb R_v into) refuses the whole pass.

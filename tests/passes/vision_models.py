@@ -102,3 +102,36 @@ def export(model, example, path: Path, input_name: str = "pixel_values") -> Path
                                     output_names=["image_embeds"], verbose=False)
     program.save(str(path))
     return path
+
+
+def with_projector(model, hidden: int = 1024, out: int = 576, seed: int = 0):
+    """``model`` (an onnx_ir vision graph with one [B, T, C] output) followed by a random LLaVA-style MLP projector
+    ``linear_1 -> Gelu -> linear_2``, as the tiny VLM's vision.onnx has it (for graphs cut before the projector)."""
+    import numpy as np
+    import onnx_ir as ir
+
+    from mqc.ir import add_initializer
+
+    graph = model.graph
+    feats = graph.outputs[0]
+    width = feats.shape[-1]
+    rng = np.random.default_rng(seed)
+    x = feats
+    nodes = []
+    for name, (n_in, n_out) in (("linear_1", (width, hidden)), ("linear_2", (hidden, out))):
+        w = add_initializer(graph, f"multi_modal_projector.{name}.weight",
+                            (rng.standard_normal((n_in, n_out)) / np.sqrt(n_in)).astype(np.float32))
+        b = add_initializer(graph, f"multi_modal_projector.{name}.bias", (0.1 * rng.standard_normal(n_out)).astype(np.float32))
+        matmul = ir.node("MatMul", [x, w], name=f"multi_modal_projector.{name}/MatMul")
+        add = ir.node("Add", [matmul.outputs[0], b], name=f"multi_modal_projector.{name}/Add")
+        nodes += [matmul, add]
+        x = add.outputs[0]
+        if name == "linear_1":
+            gelu = ir.node("Gelu", [x], name="multi_modal_projector.act")
+            nodes.append(gelu)
+            x = gelu.outputs[0]
+    graph.extend(nodes)
+    x.name, feats.name = feats.name, f"{feats.name}_features"
+    x.dtype, x.shape = feats.dtype, ir.Shape([*feats.shape.dims[:-1], out])
+    graph.outputs[0] = x
+    return model
