@@ -244,7 +244,8 @@ def trace_stream(graph: ir.Graph, model_map: ModelMap, starts: list[ir.Value], w
             if node.op_type in norm_ops and use.idx == 0:
                 continue
             raise StreamRefused(f"stream value {value.name} is also read by {node.op_type} {node.name}, which would "
-                                "see the transformed stream")
+                                "see the transformed stream (it is on no path into a norm: the stream is read without "
+                                "a norm, e.g. a hidden state taken before the final norm)")
     closure.writers = list({id(lin.node): lin for lin in closure.writers}.values())
     return closure
 
