@@ -13,6 +13,10 @@ import onnx
 
 #: The custom operator domain of the runtime-ops library.
 MQC_DOMAIN = "ai.mqc"
+#: onnxruntime optimizers that break valid QDQ graphs: with a static 3-D activation, MatMulAddFusion reshapes a
+#: QDQ MatMul + bias into a Gemm and builds a QuantizeLinear whose int8 output type contradicts its uint8 zero
+#: point ("output_dtype INT8 does not match y_zero_point type UINT8"), so the session cannot be created.
+DISABLED_OPTIMIZERS = ["MatMulAddFusion"]
 
 
 def uses_runtime_ops(path: str | Path) -> bool:
@@ -53,4 +57,6 @@ def open_session(
         from mqc.runtime_ops import register_library
 
         register_library(options)
-    return ort.InferenceSession(str(path), options, providers=list(providers or default_providers()))
+    return ort.InferenceSession(
+        str(path), options, providers=list(providers or default_providers()), disabled_optimizers=DISABLED_OPTIMIZERS
+    )

@@ -117,3 +117,24 @@ def test_format_mqc_matches_qdq(llama_decoder, tmp_path, recipe):
     ops = {n.op_type for n in onnx.load(str(tmp_path / "mqc.onnx")).graph.node if n.domain == "ai.mqc"}
     assert ops == {"QuantLinear"}
     np.testing.assert_allclose(_logits(tmp_path / "mqc.onnx", feed), _logits(tmp_path / "qdq.onnx", feed), atol=1e-5)
+
+
+def test_static_shape_linear_with_bias_opens_at_full_optimization(tmp_path):
+    """A static 3-D input with a biased linear used to break onnxruntime's MatMulAddFusion on QDQ graphs."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((64, 32)).astype(np.float32)
+    bias = rng.standard_normal(32).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 32])],
+        [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "b")],
+    )
+    source = tmp_path / "static.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9), source)
+    mqc.compile(source, tmp_path / "q.onnx", "w8a8")
+    x = rng.standard_normal((1, 16, 64)).astype(np.float32)
+    out = mqc.open_session(tmp_path / "q.onnx").run(None, {"x": x})[0]
+    assert sqnr_db(x @ weight + bias, out) > 30
