@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import shutil
+from pathlib import Path
 
 import mqc.runtime_ops as rt
 import numpy as np
@@ -18,6 +20,17 @@ def test_cpu_library_is_built_and_exports_only_the_entry_point():
     lib = ctypes.CDLL(str(path))
     assert hasattr(lib, "RegisterCustomOps")
     assert not hasattr(lib, "_ZN3mqc12pack_weightsEPKvill")  # internal symbols stay hidden
+
+
+def test_default_cpu_kernels_match_the_cpu():
+    lib = ctypes.CDLL(str(rt.library_path("cpu")))
+    lib.mqc_cpu_isa.restype = ctypes.c_char_p
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text() if cpuinfo.exists() else ""
+    want = "avx512vnni" if "avx512_vnni" in flags and "avx512bw" in flags else ("avx2" if " avx2" in flags else "generic")
+    if os.environ.get("MQC_CPU_ISA"):
+        pytest.skip("MQC_CPU_ISA overrides the choice")
+    assert lib.mqc_cpu_isa().decode() == want
 
 
 def test_missing_library_names_the_build_command(monkeypatch, tmp_path):
@@ -36,7 +49,7 @@ def test_register_twice_is_harmless():
     assert first == second
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None and not __import__("os").path.exists("/usr/local/cuda/bin/nvcc"),
+@pytest.mark.skipif(shutil.which("nvcc") is None and not os.path.exists("/usr/local/cuda/bin/nvcc"),
                     reason="the CUDA library is only built where nvcc exists")
 def test_cuda_library_is_built_and_runs_its_cpu_kernels_without_a_gpu():
     """CI has nvcc but no GPU: the CUDA library must build, load in a CPU-only onnxruntime, and serve the CPU EP."""

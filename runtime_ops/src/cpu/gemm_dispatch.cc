@@ -90,3 +90,6 @@ const CpuKernels& cpu_kernels() {
 }
 
 }  // namespace mqc
+
+// Which CPU kernel variant this process uses ("avx512vnni", "avx2" or "generic"), for tests and benchmarks.
+extern "C" __attribute__((visibility("default"))) const char* mqc_cpu_isa() { return mqc::cpu_kernels().name; }
