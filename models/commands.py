@@ -86,7 +86,8 @@ def eval_cmd(float_dir: str, compiled: tuple[Path, ...], limit: int | None, json
     console.print(f"[dim]wrote {json_out}[/dim]")
 
 
-__all__ = ["eval_cmd", "export_cmd"]
-# Names the lead's CLI registers: cli.add_command(export) / cli.add_command(eval_)
-export = export_cmd
-eval_ = eval_cmd
+# The names mqc/cli.py registers (``main.add_command(commands.export_command, "export")``).
+export_command = export_cmd
+eval_command = eval_cmd
+
+__all__ = ["eval_cmd", "eval_command", "export_cmd", "export_command"]

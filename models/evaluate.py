@@ -120,6 +120,23 @@ def _latency(pipe: Pipeline, item, runs: int, decode_steps: int = 16) -> dict:
             "prefill_tokens": len(prompts[0].ids)}
 
 
+def modality_gap(pipe: Pipeline, items, max_images: int = 32) -> dict:
+    """Scale of the decoder's input per modality: per-token RMS and max |x| of image vs text embeddings."""
+    items = list(items)[:max_images]
+    if pipe.vision is None or not items:
+        return {}
+    img = pipe.image_embeds(pipe.pixel_values([it.image_path for it in items]))
+    ids = np.concatenate([pipe.prompt(it.question, with_image=False).ids for it in items])
+    txt = pipe.embed_ids(ids[None])[0]
+
+    def stats(x):
+        rms = np.sqrt((x.astype(np.float64) ** 2).mean(-1)).reshape(-1)
+        return {"rms_median": float(np.median(rms)), "abs_max": float(np.abs(x).max())}
+
+    i, t = stats(img), stats(txt)
+    return {"image": i, "text": t, "rms_ratio": i["rms_median"] / t["rms_median"]}
+
+
 def evaluate(
     float_dir: Path,
     compiled_dirs: Sequence[Path] = (),
@@ -233,6 +250,8 @@ def evaluate(
             if test:
                 entry["vqa_answer_agreement"] = float(np.mean(
                     [a == b for a, b in zip(per[0]["answers"], per[m]["answers"], strict=True)]))
+        if m == 0 and has_vision:
+            entry["modality_gap"] = modality_gap(pipe, test or vqa_test_set())
         models.append(entry)
     result = {
         "format": "mqc-eval/1",

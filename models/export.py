@@ -233,7 +233,7 @@ def export_vision(module, image_size: tuple[int, int], path: Path, dynamic_batch
     """Export ``module(pixel_values) -> image_embeds`` at a fixed image size (dynamic batch)."""
     torch = _torch()
     h, w = image_size
-    x = torch.randn(2, 3, h, w)
+    x = torch.randn(2 if dynamic_batch else 1, 3, h, w)
     dyn = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
     return _export(module.eval(), (x,), ["pixel_values"], ["image_embeds"], dyn, path,
                    {"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}})

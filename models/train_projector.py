@@ -173,6 +173,7 @@ def main(argv=None):
     ap.add_argument("--holdout-images", type=int, default=60)
     ap.add_argument("--out", type=Path, default=assemble.PROJECTOR_FILE)
     ap.add_argument("--checkpoint-dir", type=Path, default=None)
+    ap.add_argument("--init", type=Path, default=None, help="start from these projector weights (a continuation)")
     ap.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this much wall time")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -203,7 +204,7 @@ def main(argv=None):
                 packer.prefix_len)
     prefix_kv = _prefix_cache(model, packer.prefix)
 
-    projector = assemble.new_projector()
+    projector = assemble.load_projector(args.init).train() if args.init else assemble.new_projector()
     opt = torch.optim.AdamW(projector.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.98))
 
     def lr_at(step):
@@ -257,7 +258,7 @@ def main(argv=None):
             break
 
     minutes = (time.perf_counter() - t_start) / 60
-    meta = {"seed": args.seed, "steps": step + 1, "images_per_step": args.images,
+    meta = {"seed": args.seed, "steps": step + 1, "init": str(args.init) if args.init else None, "images_per_step": args.images,
             "questions_per_image": args.questions_per_image, "lr": args.lr, "warmup": args.warmup,
             "min_lr_ratio": args.min_lr_ratio, "weight_decay": args.weight_decay, "bf16_autocast": args.bf16,
             "threads": args.threads, "train_questions": len(train_items), "holdout_images_mod": HOLDOUT_MOD,
