@@ -165,26 +165,31 @@ def compile_package(
             if entry.name in {components.get(c) for c in QUANTIZED_COMPONENTS} or entry.name.endswith(".onnx.data"):
                 continue
             (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, staging / entry.name)
+        kept_float = []
         for component, modality in QUANTIZED_COMPONENTS.items():
             if component not in components:
                 continue
             file = components[component]
+            component_recipe = recipe.for_component(component)
+            if component_recipe is None:
+                shutil.copy2(model_dir / file, staging / file)  # its weights are copied with the pass-through data
+                kept_float.append(component)
+                continue
             samples = list(calibration_feeds(model_dir, component, num_samples))
             reports[component] = compile_file(
-                model_dir / file, staging / file, recipe.for_component(component), feeds=lambda s=samples: s, fmt=fmt, exclude=exclude,
+                model_dir / file, staging / file, component_recipe, feeds=lambda s=samples: s, fmt=fmt, exclude=exclude,
                 verify=verify, verify_rtol=verify_rtol, default_modality=modality, progress=progress,
             )
             reports[component].calibration = {"source": f"{manifest.get('name', model_dir.name)} calibration set "
                                                "(easy-vqa train split + text)", "samples": len(samples)}
-        for component in [c for c in QUANTIZED_COMPONENTS if c not in components]:
-            components.pop(component, None)
         # Pass-through components (the embedding table) whose data lived beside them are copied with their data.
         for file in components.values():
             data = model_dir / f"{file}.data"
             if data.exists() and not (staging / data.name).exists():
                 shutil.copy2(data, staging / data.name)
         manifest["compiled"] = {"recipe": recipe.name, "format": fmt, "source": str(model_dir),
-                                "components": sorted(reports), "mqc_version": _version()}
+                                "components": sorted(reports), "float_components": kept_float,
+                                "mqc_version": _version()}
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
         if output.exists():
             retired = output.with_name(f".{output.name}.old")

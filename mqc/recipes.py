@@ -10,8 +10,9 @@ top-level ``"components"`` map gives a component its own recipe and/or pass-para
     "components": {"vision": {"recipe": "vision-w8a8-rot", "overrides": {"gptq_weights": {"weight_bits": 8}}}}
 
 ``recipe`` (a built-in name or a .json path) replaces the pass list for that component; ``overrides`` (pass name ->
-parameters, as :func:`with_overrides`) then applies to the component's passes. A component that is not listed uses
-the recipe's own passes. :meth:`Recipe.for_component` resolves it; ``compile_package`` calls it per component.
+parameters, as :func:`with_overrides`) then applies to the component's passes; ``"float": true`` leaves the
+component unquantized (MASQuant quantizes only the language model). A component that is not listed uses the
+recipe's own passes. :meth:`Recipe.for_component` resolves it; ``compile_package`` calls it per component.
 """
 
 from __future__ import annotations
@@ -54,11 +55,13 @@ class Recipe:
     def instantiate(self) -> list[MqcPass]:
         return [pass_class(step["pass"])(**{k: v for k, v in step.items() if k != "pass"}) for step in self.passes]
 
-    def for_component(self, component: str) -> Recipe:
-        """The recipe a model folder's ``component`` (``vision``, ``decoder``) compiles with (module docstring)."""
+    def for_component(self, component: str) -> Recipe | None:
+        """The recipe a model folder's ``component`` compiles with, or None to keep it in float (module docstring)."""
         entry = self.components.get(component)
         if not entry:
             return self
+        if entry.get("float"):
+            return None
         base = load_recipe(entry["recipe"]) if "recipe" in entry else self
         recipe = with_overrides(base, entry.get("overrides", {}))
         return Recipe(f"{self.name}[{component}: {base.name}]" if base is not self else f"{self.name}[{component}]",
@@ -82,8 +85,8 @@ def _parse(text: str, origin: str) -> Recipe:
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise RecipeError(f"recipe {origin} does not parse: {exc}") from exc
     for component, entry in recipe.components.items():
-        if not isinstance(entry, dict) or set(entry) - {"recipe", "overrides"}:
-            raise RecipeError(f"recipe {origin}: components.{component} takes 'recipe' and/or 'overrides', got {entry!r}")
+        if not isinstance(entry, dict) or set(entry) - {"recipe", "overrides", "float"}:
+            raise RecipeError(f"recipe {origin}: components.{component} takes 'recipe', 'overrides' or 'float', got {entry!r}")
         overrides = entry.get("overrides", {})
         if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
             raise RecipeError(f"recipe {origin}: components.{component}.overrides maps pass names to parameter objects")

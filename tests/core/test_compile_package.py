@@ -42,3 +42,16 @@ def test_folder_errors(tiny_model_dir, tmp_path):
         mqc.compile(source, blocker, "w8a8")
     with pytest.raises(InputModelError, match="neither a packaged model"):
         mqc.compile("no-such-model", tmp_path / "x", "w8a8")
+
+
+def test_component_kept_in_float(tiny_model_dir, tmp_path):
+    source = tiny_model_dir("llava")
+    recipe = tmp_path / "llm-only.json"
+    recipe.write_text(json.dumps({"name": "llm-only", "components": {"vision": {"float": True}},
+                                  "passes": [{"pass": "quantize_linears", "weight_bits": 8}]}))
+    reports = mqc.compile(source, tmp_path / "out", str(recipe), num_samples=2)
+    assert set(reports) == {"decoder"}
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["compiled"]["float_components"] == ["vision"]
+    assert read_report(str(tmp_path / "out" / "vision.onnx")) is None
+    assert (tmp_path / "out" / "vision.onnx").read_bytes() == (source / "vision.onnx").read_bytes()

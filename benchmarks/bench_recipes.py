@@ -1,0 +1,81 @@
+"""Results table: compile the packaged tiny VLM with several recipes and evaluate them against the float model.
+
+Every recipe is compiled with the package's own calibration set (easy-vqa train split + text), then all compiled
+folders are evaluated in one `mqc.models.evaluate.evaluate` run next to the float model: easy-vqa accuracy,
+perplexity, top-1 agreement and KL vs float, size, latency. Compile time and peak RSS are measured per recipe in a
+subprocess of its own.
+
+    python benchmarks/bench_recipes.py --limit 200 --recipes w8a8 w4a8-rtn smoothquant quarot mquant \
+        --out benchmarks/results/recipes_tiny_vlm.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_RECIPES = [
+    "w8a8", "w4a8-rtn", "smoothquant", "quarot", "mquant-static", "mquant-msq-aifs", "mquant", "mquant-w8a8-vision",
+    "masquant", "masquant-static", "masquant-no-cmc", "masquant-cmc-nowhite",
+]
+
+
+def _compile_worker(args: argparse.Namespace) -> None:
+    from mqc.compiler import compile_package
+
+    start = time.perf_counter()
+    compile_package(args.model, args.output, args.recipe, num_samples=args.samples)
+    seconds = time.perf_counter() - start
+    print(json.dumps({"compile_s": round(seconds, 1),
+                      "compile_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny-vlm")
+    parser.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES)
+    parser.add_argument("--samples", type=int, default=32, help="calibration samples per component")
+    parser.add_argument("--limit", type=int, default=200, help="easy-vqa test questions (1000 = all)")
+    parser.add_argument("--workdir", type=Path, default=Path("out/bench_recipes"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/recipes_tiny_vlm.json"))
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--recipe", help=argparse.SUPPRESS)
+    parser.add_argument("--output", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        _compile_worker(args)
+        return
+    from mqc.models.evaluate import evaluate, table_text
+    from mqc.models.packaged import resolve
+
+    float_dir = resolve(args.model)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    compile_figures: dict[str, dict] = {}
+    compiled = []
+    for recipe in args.recipes:
+        output = args.workdir / recipe
+        cmd = [sys.executable, __file__, "--worker", "--model", str(float_dir), "--recipe", recipe,
+               "--output", str(output), "--samples", str(args.samples)]
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        if run.returncode != 0:
+            compile_figures[recipe] = {"error": run.stderr.strip().splitlines()[-1] if run.stderr.strip() else "failed"}
+            print(f"{recipe}: compile failed: {compile_figures[recipe]['error']}", flush=True)
+            continue
+        compile_figures[recipe] = json.loads(run.stdout.strip().splitlines()[-1])
+        compiled.append(output)
+        print(f"{recipe}: compiled in {compile_figures[recipe]['compile_s']} s", flush=True)
+    result = evaluate(float_dir, compiled, limit=args.limit, progress=True)
+    result["compile"] = compile_figures
+    result["calibration_samples"] = args.samples
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2, default=str))
+    print(table_text(result))
+
+
+if __name__ == "__main__":
+    main()
