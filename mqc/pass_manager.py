@@ -23,7 +23,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter._basics import MatchingTracer, MatchStatus
 
-from mqc.calibration import TEXT, Calibrator, TapStats
+from mqc.calibration import TEXT, Calibrator, TapStats, TensorStats
 from mqc.errors import VerificationError
 from mqc.model_map import ModelMap, build_model_map
 from mqc.report import PassRecord
@@ -157,6 +157,15 @@ class MqcPass(ir.passes.InPlacePass):
         ``None`` (the default) compares every output. A name must exist before and after the pass.
         """
         return None
+
+    def usable_stats(self, tap: TapStats | None, linears: Iterable[Any]) -> TensorStats | None:
+        """All-modality statistics of ``tap``; None, with each of ``linears`` recorded as skipped, when no data came."""
+        combined = tap.combined() if tap is not None else None
+        if combined is None or combined.rows == 0 or combined.absmax == 0.0:
+            for lin in linears:
+                self.record.skip(lin.name, "no calibration data reached its input (or it is all zeros)")
+            return None
+        return combined
 
     @property
     def ctx(self) -> CompileContext:

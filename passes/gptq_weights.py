@@ -137,10 +137,7 @@ class GptqWeightsPass(QuantizeLinearsPass):
         changed = 0
         for value_name, group in readers.items():
             tap = stats.get(value_name)
-            combined = tap.combined() if tap is not None else None
-            if combined is None or combined.rows == 0 or combined.absmax == 0.0:
-                for lin in group:
-                    self.record.skip(lin.name, "no calibration data reached its input (or it is all zeros)")
+            if self.usable_stats(tap, group) is None:
                 continue
             act_figures, sqnr_scale = self.insert_activation(graph, value_name, group, tap, is_image)
             for lin in group:

@@ -107,10 +107,8 @@ class SmoothQuantPass(MqcPass):
         changed = 0
         for value_name, group in selected.items():
             tap = stats.get(value_name)
-            combined = tap.combined() if tap is not None else None
-            if combined is None or combined.rows == 0 or combined.absmax == 0.0:
-                for lin in group:
-                    self.record.skip(lin.name, "no calibration data reached its input (or it is all zeros)")
+            combined = self.usable_stats(tap, group)
+            if combined is None:
                 continue
             weights = np.concatenate([lin.weight_array() for lin in group], axis=1)
             s = smoothquant_scales(combined.channel_absmax, weights, self.alpha)

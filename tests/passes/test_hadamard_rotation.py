@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 import pytest
+from decoder_helpers import with_random_gammas
 from mqc.passes.canonicalize import FuseNormsPass
 from mqc.passes.hadamard_rotation import RotateResidualPass
 from mqc.passes.ln_to_rmsnorm import LayerNormToRMSNormPass
@@ -15,26 +16,13 @@ from vision_models import dinov2_vlm, export, with_projector
 
 from mqc.calibration import random_feeds
 from mqc.hadamard import hadamard_matrix
-from mqc.ir import add_initializer, constant_array, load_model
+from mqc.ir import add_initializer, load_model
 from mqc.pass_manager import CompileContext, PassManager
-
-
-def prepared(path: Path, seed: int = 0) -> tuple[ir.Model, CompileContext]:
-    model = load_model(path)
-    ctx = CompileContext(lambda: random_feeds(model, 2, seed=5), verify=True)
-    PassManager([FuseNormsPass()], ctx).run(model)
-    rng = np.random.default_rng(seed)
-    for norm in ctx.model_map(model).norms:
-        width = constant_array(norm.scale).shape[0]
-        gamma = add_initializer(model.graph, f"{norm.name}.gamma", (1 + 0.5 * rng.standard_normal(width)).astype(np.float32))
-        norm.node.replace_input_with(1, gamma)
-    ctx.invalidate()
-    return model, ctx
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_rotation_preserves_all_outputs(tiny_decoder, family):
-    model, ctx = prepared(tiny_decoder(family))
+    model, ctx = with_random_gammas(tiny_decoder(family))
     fold, rotate = PassManager([FoldNormsPass(), RotateResidualPass(seed=7)], ctx).run(model)  # verify=True
     assert fold.verify["max_rel"] < 1e-4 and rotate.verify["max_rel"] < 1e-4
     assert not rotate.skipped and rotate.changed == 15 + 2  # every linear reads or writes the stream, + 2 online Hadamards
@@ -52,13 +40,13 @@ def test_rotation_preserves_all_outputs(tiny_decoder, family):
 
 
 def test_refuses_unfolded_norms(tiny_decoder):
-    model, ctx = prepared(tiny_decoder("llama"))
+    model, ctx = with_random_gammas(tiny_decoder("llama"))
     (record,) = PassManager([RotateResidualPass()], ctx).run(model)
     assert record.changed == 0 and "non-folded gamma: run norm_folding first" in record.skipped[0]["reason"]
 
 
 def test_rotate_vo_keeps_logits_and_rotates_cached_values_per_head(tiny_decoder):
-    model, _ = prepared(tiny_decoder("qwen2"))
+    model, _ = with_random_gammas(tiny_decoder("qwen2"))
     ctx = CompileContext(lambda: random_feeds(model, 1, seed=5))
     PassManager([FoldNormsPass()], ctx).run(model)
     before = ctx.run_outputs(model)[0]

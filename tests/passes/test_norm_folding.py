@@ -2,36 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import onnx_ir as ir
 import pytest
-from mqc.passes.canonicalize import FuseNormsPass
+from decoder_helpers import with_random_gammas
 from mqc.passes.norm_folding import FoldNormsPass
 
-from mqc.calibration import random_feeds
-from mqc.ir import add_initializer, constant_array, load_model
+from mqc.ir import add_initializer, constant_array
 from mqc.pass_manager import CompileContext, PassManager
-
-
-def prepared(path: Path, seed: int = 0) -> tuple[ir.Model, CompileContext]:
-    """The decoder with fused norms and a distinct random gamma per norm (exported gammas are all ones)."""
-    model = load_model(path)
-    ctx = CompileContext(lambda: random_feeds(model, 2, seed=5), verify=True)
-    PassManager([FuseNormsPass()], ctx).run(model)
-    rng = np.random.default_rng(seed)
-    for norm in ctx.model_map(model).norms:
-        width = constant_array(norm.scale).shape[0]
-        gamma = add_initializer(model.graph, f"{norm.name}.gamma", (1 + 0.5 * rng.standard_normal(width)).astype(np.float32))
-        norm.node.replace_input_with(1, gamma)
-    ctx.invalidate()
-    return model, ctx
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_fold_preserves_outputs_and_makes_norms_affine_free(tiny_decoder, family):
-    model, ctx = prepared(tiny_decoder(family))
+    model, ctx = with_random_gammas(tiny_decoder(family))
     before = ctx.run_outputs(model)
     (record,) = PassManager([FoldNormsPass()], ctx).run(model)  # verify=True: raises on drift > 1e-4
     assert record.verify["max_rel"] < 1e-5
@@ -46,7 +29,7 @@ def test_fold_preserves_outputs_and_makes_norms_affine_free(tiny_decoder, family
 
 
 def test_refusals_are_recorded(tiny_decoder):
-    model, ctx = prepared(tiny_decoder("llama"))
+    model, ctx = with_random_gammas(tiny_decoder("llama"))
     norms = ctx.model_map(model).norms
     # 1. a non-linear consumer of the first norm's output
     relu = ir.node("Relu", [norms[0].node.outputs[0]], name="probe_relu")

@@ -1,0 +1,27 @@
+"""Test helper shared by the decoder pass tests: a tiny decoder whose norms carry distinct random gammas."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+from mqc.passes.canonicalize import FuseNormsPass
+
+from mqc.calibration import random_feeds
+from mqc.ir import add_initializer, constant_array, load_model
+from mqc.pass_manager import CompileContext, PassManager
+
+
+def with_random_gammas(path: Path, seed: int = 0) -> tuple[ir.Model, CompileContext]:
+    """The decoder with fused norms and a distinct random gamma per norm (exported gammas are all ones)."""
+    model = load_model(path)
+    ctx = CompileContext(lambda: random_feeds(model, 2, seed=5), verify=True)
+    PassManager([FuseNormsPass()], ctx).run(model)
+    rng = np.random.default_rng(seed)
+    for norm in ctx.model_map(model).norms:
+        width = constant_array(norm.scale).shape[0]
+        gamma = add_initializer(model.graph, f"{norm.name}.gamma", (1 + 0.5 * rng.standard_normal(width)).astype(np.float32))
+        norm.node.replace_input_with(1, gamma)
+    ctx.invalidate()
+    return model, ctx
