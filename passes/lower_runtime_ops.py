@@ -24,7 +24,8 @@ Rules:
    share one activation quantizer (q/k/v): each is lowered on its own and the quantizer is removed once no
    reader is left.
 3. ``w_dq`` must dequantize a constant 2-D INT8 or INT4 weight per output channel (``axis`` 1 or -1, no
-   ``block_size``) with zero points all 0. INT4 needs an even K.
+   ``block_size``) with zero points all 0. An INT4 weight with an odd K gets a zero pad nibble (the op accepts a
+   packed W one column longer than X's K).
 4. X must be float or float16 when its type is known (the op's float signatures; onnxruntime picks the one
    matching X at session creation); the output keeps X's type.
 5. The online Hadamard of passes/hadamard_rotation.py, ``MatMul(X, Mul(Cast(S), 1/sqrt(n)))`` with S an int8
@@ -36,6 +37,14 @@ Rules:
    channel-0 branch becomes ``ai.mqc::RMSNormQuant``, and the readers take its int8 output. Not bit-exact with
    the QDQ model: the norm is computed inside the op, so an activation within fp32 rounding of a .5 boundary
    may get the neighbouring code (measured: under 0.1% of codes, never more than one step).
+7. RMS (passes/rms_split.py, float side branch): ``Add(QuantLinear(Slice(X, 1:)), MatMul(Slice(X, 0:1), row))``
+   becomes one ``QuantLinear(X, ..., side_row=row)``: channel 0 bypasses quantization inside the op. The w8 side
+   branch (a quantized row) is refused and stays as it is.
+8. CMC (passes/cmc.py, static activations): ``Add(QuantLinear(x_s, B, ..., modality_ids),
+   Where(Equal(Unsqueeze(modality_ids, [-1]), 1), MatMul(MatMul(x_s, L1), L2), 0))`` becomes one
+   ``QuantLinear(x_s, B, ..., modality_ids, lowrank_a=L1, lowrank_b=L2)``: the op adds the fp32 low-rank
+   correction on image tokens. The dynamic-activation form of passes/cmc.py has no static scale and is not
+   lowered (its linears stay in the graph's own ops).
 Refused (recorded with the reason, the QDQ form stays): per-group weights, asymmetric or non-int8 activations,
 non-constant weights or scales, uint8 activations, transposed (Gemm-style, ``axis=0``) weights.
 """
@@ -186,8 +195,6 @@ def _weight(w_dq: ir.Value, result: MatchResult) -> tuple[np.ndarray, int, np.nd
     if not _is_zero(zero):
         return result.fail("the weight zero point is not 0", dq)
     bits = 4 if w_q.dtype == ir.DataType.INT4 else 8
-    if bits == 4 and w.shape[0] % 2:
-        return result.fail(f"int4 packing needs an even K, got K={w.shape[0]}", dq)
     return w.astype(np.int8), bits, scale.astype(np.float32)
 
 
@@ -235,6 +242,8 @@ class _QdqLinearToQuantLinear(pattern.RewriteRuleClassBase):
         x, act_scale, modality_ids = _activation_source(x_dq, MatchResult())
         w, bits, w_scale = _weight(w_dq, MatchResult())
         base = mm.name or w_dq.producer().inputs[0].name or "linear"  # unique per linear, even for shared weights
+        if bits == 4 and w.shape[0] % 2:  # odd K (e.g. 2^k - 1 after the RMS split): a zero nibble pads the row
+            w = np.vstack([w, np.zeros((1, w.shape[1]), np.int8)])
         packed = np.ascontiguousarray(w.T) if bits == 8 else pack_int4_rows(np.ascontiguousarray(w.T))
         inputs = [
             x,
@@ -330,6 +339,126 @@ def rule_sets(skips: dict[str, str]) -> list[pattern.RewriteRuleSet]:
     ]
 
 
+def _int_list(value: ir.Value | None) -> list[int] | None:
+    array = constant_array(value)
+    return None if array is None else [int(v) for v in array.reshape(-1)]
+
+
+def _slice_of(value: ir.Value | None, start: int, end: int) -> ir.Value | None:
+    """X when ``value = Slice(X, [start], [end], [-1])`` (end >= 2**62 stands for "to the end")."""
+    node = _producer(value, "Slice")
+    if node is None or len(node.inputs) < 4:
+        return None
+    starts, ends, axes = (_int_list(node.inputs[i]) for i in (1, 2, 3))
+    steps = _int_list(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else [1]
+    rank = len(node.inputs[0].shape) if node.inputs[0] is not None and node.inputs[0].shape is not None else None
+    if starts != [start] or steps != [1] or axes not in ([-1], [rank - 1] if rank else [-1]):
+        return None
+    if ends is None or len(ends) != 1 or not (ends[0] == end or (end >= 2**62 and ends[0] >= 2**62)):
+        return None
+    return node.inputs[0]
+
+
+def _quant_linear(value: ir.Value | None) -> ir.Node | None:
+    node = value.producer() if value is not None else None
+    if node is None or node.op_type != "QuantLinear" or node.domain != MQC_DOMAIN or len(value.uses()) != 1:
+        return None
+    return node
+
+
+def _input(node: ir.Node, index: int) -> ir.Value | None:
+    return node.inputs[index] if len(node.inputs) > index else None
+
+
+def _branch_replacement(add: ir.Node) -> tuple[ir.Node, dict[int, ir.Value]] | str | None:
+    """For ``Add(QuantLinear(...), branch)``: the QuantLinear and the inputs that absorb the branch, a refusal
+    reason, or None when the Add is not a branch of a QuantLinear."""
+    for main_value, other in ((add.inputs[0], add.inputs[1]), (add.inputs[1], add.inputs[0])):
+        ql = _quant_linear(main_value)
+        if ql is None or other is None:
+            continue
+        x = ql.inputs[0]
+        side = _producer(other, "MatMul")
+        where = _producer(other, "Where")
+        if side is not None and _producer(side.inputs[0], "Slice") is not None:
+            # RMS: Add(QuantLinear(Slice(X, 1:)), MatMul(Slice(X, 0:1), row))
+            full = _slice_of(x, 1, 2**62)
+            if full is None or _slice_of(side.inputs[0], 0, 1) is not full:
+                return "the side MatMul and the QuantLinear do not read channel 0 / channels 1: of one value"
+            row = constant_array(side.inputs[1])
+            if row is None or row.ndim != 2 or row.shape[0] != 1:
+                return "the channel-0 side weight is not a constant [1, N] float row (a quantized w8 side branch?)"
+            if _input(ql, 9) is not None or _input(ql, 7) is not None:
+                return "the QuantLinear already has a side or low-rank branch"
+            return ql, {0: full, 9: row.reshape(-1).astype(np.float32)}
+        if where is not None and _producer(where.inputs[1], "MatMul") is not None:
+            # CMC: Add(QuantLinear(x_s), Where(is_image, MatMul(MatMul(x_s, L1), L2), 0))
+            ids = _input(ql, 5)
+            equal = _producer(where.inputs[0], "Equal")
+            unsq = _producer(equal.inputs[0], "Unsqueeze") if equal is not None else None
+            if ids is None or unsq is None or unsq.inputs[0] is not ids or _scalar(equal.inputs[1]) != 1.0:
+                return "the low-rank branch is not selected by the QuantLinear's own modality_ids == 1"
+            if _scalar(where.inputs[2]) != 0.0:
+                return "the low-rank branch's else-value is not 0"
+            mm2 = _producer(where.inputs[1], "MatMul")
+            mm1 = _producer(mm2.inputs[0], "MatMul") if mm2 is not None else None
+            if mm1 is None or mm1.inputs[0] is not x:
+                return "the low-rank branch does not read the QuantLinear's unquantized input"
+            l1, l2 = constant_array(mm1.inputs[1]), constant_array(mm2.inputs[1])
+            if l1 is None or l2 is None or l1.ndim != 2 or l2.ndim != 2 or l1.shape[1] != l2.shape[0]:
+                return "the low-rank factors are not constant [K, r] / [r, N] matrices"
+            if _input(ql, 7) is not None:
+                return "the QuantLinear already has a low-rank branch"
+            return ql, {7: l1.astype(np.float32), 8: l2.astype(np.float32)}
+    return None
+
+
+def _fold_branches(graph: ir.Graph, skips: dict[str, str]) -> int:
+    """Rules 7 and 8: the RMS channel-0 side branch and the CMC low-rank branch join their QuantLinear."""
+    folded = 0
+    for add in list(graph):
+        if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
+            continue
+        found = _branch_replacement(add)
+        if found is None:
+            continue
+        if isinstance(found, str):
+            skips[add.name or f"Add->{add.outputs[0].name}"] = f"fold_branches: {found}"
+            continue
+        ql, extra = found
+        inputs = list(ql.inputs) + [None] * (_QL_INPUTS - len(ql.inputs))
+        base = add.outputs[0].name or ql.outputs[0].name or "linear"
+        for index, value in extra.items():
+            if isinstance(value, np.ndarray):
+                name = f"{base}.mqc_{'side_row' if index == 9 else ('lowrank_a' if index == 7 else 'lowrank_b')}"
+                init = ir.Value(name=name, shape=ir.Shape(value.shape), type=ir.TensorType(ir.DataType.FLOAT))
+                init.const_value = ir.tensor(value, name=name)
+                graph.register_initializer(init)
+                value = init
+            inputs[index] = value
+        while inputs and inputs[-1] is None:
+            inputs.pop()
+        node = ir.node("QuantLinear", inputs, attributes={"bits": ql.attributes.get_int("bits", 8)}, domain=MQC_DOMAIN,
+                       version=MQC_OPSET, name=f"{ql.name or base}/mqc_with_branch")
+        out = add.outputs[0]
+        node.outputs[0].dtype, node.outputs[0].shape = out.dtype, out.shape
+        graph.insert_after(add, node)
+        out.replace_all_uses_with(node.outputs[0])
+        for i, graph_out in enumerate(graph.outputs):
+            if graph_out is out:
+                graph.outputs[i] = node.outputs[0]
+        name = out.name
+        out.name = None
+        node.outputs[0].name = name
+        graph.remove([add, ql], safe=True)
+        skips.pop(add.name or f"Add->{name}", None)
+        folded += 1
+    return folded
+
+
+_QL_INPUTS = 10  # QuantLinear input count (runtime_ops README)
+
+
 _NORM_OPS = {("RMSNormalization", ""), ("RMSNormalization", "ai.onnx"), ("SimplifiedLayerNormalization", ""),
              ("SimplifiedLayerNormalization", "ai.onnx"), ("SimplifiedLayerNormalization", "com.microsoft")}
 
@@ -408,11 +537,12 @@ class LowerRuntimeOpsPass(MqcPass):
     def run(self, model: ir.Model) -> bool:
         skips: dict[str, str] = {}
         counts = [rules.apply_to_model(model) for rules in rule_sets(skips)]
+        branches = _fold_branches(model.graph, skips) if counts[1] + counts[2] else 0
         norms = 0
         if self.fuse_norms and counts[1] + counts[2]:
             ir.passes.common.RemoveUnusedNodesPass()(model)  # the dead Q/DQ nodes still read the norms
             norms = _fuse_norm_quant(model.graph, skips)
-        count = sum(counts) + norms
+        count = sum(counts) + norms + branches
         for node, reason in skips.items():
             self.record.skip(node, reason)
         self.record.matched = count + len(skips)
@@ -423,7 +553,8 @@ class LowerRuntimeOpsPass(MqcPass):
             removed = remove_unused_initializers(model.graph)
             self.record.notes.append(
                 f"{counts[1] + counts[2]} linears lowered to {MQC_DOMAIN}::QuantLinear, {counts[0]} online Hadamard "
-                f"MatMuls to {MQC_DOMAIN}::Hadamard, {norms} norms fused into {MQC_DOMAIN}::RMSNormQuant; "
+                f"MatMuls to {MQC_DOMAIN}::Hadamard, {branches} side/low-rank branches folded into their QuantLinear, "
+                f"{norms} norms fused into {MQC_DOMAIN}::RMSNormQuant; "
                 f"{removed} dead initializers removed"
             )
         return count > 0

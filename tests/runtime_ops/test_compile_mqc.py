@@ -19,7 +19,7 @@ from mqc.runtime_ops import register_library
 from mqc.calibration import random_feeds
 from mqc.compiler import compile_file
 from mqc.ir import save_model
-from mqc.recipes import PASS_MODULES
+from mqc.recipes import PASS_MODULES, Recipe, load_recipe
 
 RTOL = 1e-5
 
@@ -56,6 +56,36 @@ def test_recipe_lowered_to_runtime_ops_matches_qdq(recipe, tiny_decoder, tmp_pat
     for name, e in expected.items():
         if np.issubdtype(e.dtype, np.floating) and e.size:
             np.testing.assert_allclose(got[name], e, rtol=0, atol=RTOL * max(np.abs(e).max(), 1e-6), err_msg=name)
+
+
+def _rms_everywhere() -> Recipe:
+    """``mquant`` with the RMS split forced on every down_proj (ratio 0), so the side-branch rule has work."""
+    base = load_recipe("mquant")
+    passes = [dict(p, ratio=0.0) if p["pass"] == "rms_split" else p for p in base.passes]
+    return Recipe(name="mquant-rms-everywhere", description=base.description, passes=passes)
+
+
+@pytest.mark.parametrize(("recipe", "folded"), [("masquant-static", "CMC low-rank"), ("mquant-rms-everywhere", "RMS side")])
+def test_branches_folded_into_quant_linear(recipe, folded, tiny_decoder, tmp_path):
+    """passes/cmc.py's low-rank branch and passes/rms_split.py's channel-0 branch join their QuantLinear."""
+    qdq_path = tmp_path / "qdq.onnx"
+    compile_file(tiny_decoder("llama"), qdq_path, recipe=_rms_everywhere() if recipe.startswith("mquant-rms") else recipe,
+                 fmt="qdq")
+    model = ir.load(str(qdq_path))
+    record = lower_to_runtime_ops(model)
+    note = record.notes[0]
+    assert " 0 side/low-rank branches" not in note, (note, record.skipped)
+    nodes = [n for n in model.graph if n.op_type == "QuantLinear"]
+    index = 7 if folded.startswith("CMC") else 9
+    assert any(len(n.inputs) > index and n.inputs[index] is not None for n in nodes), folded
+    mqc_path = tmp_path / "mqc.onnx"
+    save_model(model, mqc_path)
+    for feeds in random_feeds(model, 2):  # sample 1 has image tokens: the low-rank branch is live
+        expected = _outputs(qdq_path, feeds, custom=False)
+        got = _outputs(mqc_path, feeds, custom=True)
+        for name, e in expected.items():
+            if np.issubdtype(e.dtype, np.floating) and e.size:
+                np.testing.assert_allclose(got[name], e, rtol=0, atol=RTOL * max(np.abs(e).max(), 1e-6), err_msg=name)
 
 
 @pytest.mark.skipif("lower_runtime_ops" not in PASS_MODULES, reason="the compiler does not list the lowering pass yet")

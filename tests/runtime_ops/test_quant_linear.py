@@ -186,3 +186,26 @@ def test_every_cpu_kernel_variant(isa):
     out = subprocess.run([sys.executable, str(ISA_SCRIPT)], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "ok" in out.stdout
+
+
+@pytest.mark.parametrize("M", [1, 5, 40])
+@pytest.mark.parametrize("side", [False, True])
+def test_int4_odd_k_with_pad_nibble(M, side):
+    """K = 127 (the RMS split leaves 2^k - 1 quantized channels): W4 rows end with one zero pad nibble."""
+    rng = np.random.default_rng(M + side)
+    K, N = 127, 40
+    w = rng.integers(-8, 8, size=(N, K)).astype(np.int8)
+    packed = pack_int4(np.hstack([w, np.zeros((N, 1), np.int8)]))
+    optional = ("side_row",) if side else ()
+    model = quant_linear_model(K, N, bits=4, optional=optional, weight=packed)
+    x = rng.standard_normal((M, K + side)).astype(np.float32)
+    s = np.float32(0.02)
+    feeds = {"X": x, "w_scale": np.ones(N, np.float32), "act_scale": np.array([s])}
+    row = rng.standard_normal(N).astype(np.float32)
+    if side:
+        feeds["side_row"] = row
+    y = session(model).run(None, feeds)[0]
+    ref = int_reference(quantize(x[:, int(side):], s), w) * np.float64(s)
+    if side:
+        ref = ref + x[:, :1].astype(np.float64) * row
+    np.testing.assert_allclose(y, ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
