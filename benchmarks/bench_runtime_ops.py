@@ -194,8 +194,11 @@ def _decoder_feed(session: ort.InferenceSession, seq: int, past: int, rng: np.ra
     return feed
 
 
-def run_decoder(name: str, threads: int, repeat: int, workdir: Path, samples: int = 4) -> str:
-    """float vs QDQ vs mqc for a packaged model's decoder: prefill of 256 tokens and one decode step after 256."""
+def run_decoder(name: str, threads: int, repeat: int, workdir: Path, samples: int = 4, recipes: list[str] | None = None) -> str:
+    """float vs QDQ vs mqc for a packaged model's decoder: prefill of 256 tokens and one decode step after 256.
+
+    ``recipes``: compare float, QDQ and mqc for these recipes instead of the standard W8A8/W4A8 (+head) set.
+    """
     import json
 
     from mqc.models.packaged import resolve
@@ -215,8 +218,11 @@ def run_decoder(name: str, threads: int, repeat: int, workdir: Path, samples: in
             {"pass": "upgrade_opset"}, {"pass": "fuse_norms"},
             {"pass": "quantize_linears", "weight_bits": bits, "act_bits": 8, "act_method": "minmax", "skip_roles": []}])
 
-    for recipe, tag, lower_only in (("w8a8", "w8", False), ("w4a8-rtn", "w4", False), (all_linears(8), "w8+head", True),
-                                    (all_linears(4), "w4+head", True)):
+    variants = [("w8a8", "w8", False), ("w4a8-rtn", "w4", False), (all_linears(8), "w8+head", True),
+                (all_linears(4), "w4+head", True)]
+    if recipes:
+        variants = [(r, r, False) for r in recipes]
+    for recipe, tag, lower_only in variants:
         stem = recipe if isinstance(recipe, str) else recipe.name
         qdq = workdir / f"decoder.{stem}.qdq.onnx"
         if not qdq.exists():
@@ -239,6 +245,19 @@ def run_decoder(name: str, threads: int, repeat: int, workdir: Path, samples: in
             register_library(options, kind="cpu")
         sessions[key] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
+    if recipes:
+        lines = [f"Decoder of `{name}`; machine: {cpu_machine()}; intra-op threads {threads}; {repeat} interleaved runs "
+                 "per cell: median (best) ms; synthetic calibration.", "",
+                 "| step | recipe | float | QDQ | mqc | mqc / float | mqc / QDQ |", "|---|---|---:|---:|---:|---:|---:|"]
+        for step, seq, past in (("prefill 256", 256, 0), ("decode (past 256)", 1, 256)):
+            feed = _decoder_feed(next(iter(sessions.values())), seq, past, rng)
+            ms = _time_side_by_side(sessions, feed, repeat)
+            for r in recipes:
+                q, m = f"qdq {r}", f"mqc {r}"
+                lines.append(f"| {step} | {r} | {ms['float']:.1f} ({ms['float min']:.1f}) | {ms[q]:.1f} ({ms[q + ' min']:.1f}) | "
+                             f"{ms[m]:.1f} ({ms[m + ' min']:.1f}) | {ms[m] / ms['float']:.2f} | {ms[m] / ms[q]:.2f} |")
+                print(lines[-1], flush=True)
+        return "\n".join(lines)
     lines = [f"Decoder of `{name}` ({manifest.get('num_layers')} layers, hidden {manifest.get('hidden_size')}); "
              f"machine: {cpu_machine()}; intra-op threads {threads}; {repeat} interleaved runs per cell: median "
              "(best) ms. QDQ and mqc come from the same compile (recipes w8a8 / w4a8-rtn, synthetic calibration; "
@@ -409,9 +428,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="three shapes, few runs (a smoke test)")
     parser.add_argument("--decoder", metavar="MODEL", help="whole-decoder benchmark of a packaged model (e.g. tiny-vlm)")
     parser.add_argument("--workdir", type=Path, default=Path("build/bench_runtime_ops"), help="compiled decoders go here")
+    parser.add_argument("--recipes", help="with --decoder: comma-separated recipes to compare instead of W8A8/W4A8")
     args = parser.parse_args(argv)
     if args.decoder:
-        print(run_decoder(args.decoder, args.threads, args.repeat, args.workdir))
+        recipes = args.recipes.split(",") if args.recipes else None
+        print(run_decoder(args.decoder, args.threads, args.repeat, args.workdir, recipes=recipes))
         return 0
     if args.gpu:
         print(run_gpu(args.repeat))
