@@ -26,7 +26,7 @@ import numpy as np
 
 from mqc.calibration import IMAGE, TEXT, load_feeds, random_feeds
 from mqc.errors import InputModelError, OutputPathError
-from mqc.ir import load_model, save_model
+from mqc.ir import load_model, remove_unused_initializers, save_model
 from mqc.model_map import build_model_map
 from mqc.pass_manager import DEFAULT_VERIFY_RTOL, CompileContext, PassManager
 from mqc.recipes import Recipe, load_recipe, pass_class
@@ -116,6 +116,7 @@ def compile_file(
     report.passes = PassManager(passes, context).run(model, on_pass=on_pass)
     if task is not None:
         progress.remove_task(task)
+    remove_unused_initializers(model.graph)  # e.g. norm gammas a fold replaced; onnxruntime warns about each
     report.seconds = round(time.perf_counter() - start, 2)
     model.metadata_props[REPORT_KEY] = report.to_json()
     if write:

@@ -45,7 +45,8 @@ Rules:
    unless ``whiten=False``), and the output SQNR of the emitted form on the calibration rows per modality (bias
    excluded; in-sample: the same rows fitted the Gram), with ``sqnr_db_image_uncompensated`` (image rows through B
    alone) next to it. Act mode, compensation, rank ratio and floor are the pass parameters.
-5. ``--format mqc`` lowering of these patterns is not implemented: compile with the QDQ format.
+5. ``--format mqc`` lowers the static-activation form (``acts="static"``) into ``ai.mqc::QuantLinear`` with its
+   low-rank option; the dynamic per-token form has no static scale and stays in QDQ.
 """
 
 from __future__ import annotations
