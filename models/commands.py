@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import click
@@ -81,7 +82,7 @@ def eval_cmd(float_dir: str, compiled: tuple[Path, ...], limit: int | None, json
     result = evaluate(float_path, list(compiled), limit=limit, providers=list(providers) or None,
                       json_out=json_out, progress=True, batch_size=batch_size, ppl_tokens=ppl_tokens,
                       threads=threads)
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 132)
     console.print(format_table(result))
     console.print(f"[dim]wrote {json_out}[/dim]")
 

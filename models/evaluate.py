@@ -229,8 +229,8 @@ def evaluate(
             "role": "float" if m == 0 else "compiled",
             "name": pipe.manifest.get("name", d.name),
             "dir": str(d),
-            "recipe": pipe.manifest.get("recipe", {}).get("name") if isinstance(pipe.manifest.get("recipe"), dict)
-            else pipe.manifest.get("recipe"),
+            "recipe": (pipe.manifest.get("compiled") or {}).get("recipe"),
+            "format": (pipe.manifest.get("compiled") or {}).get("format"),
             "vqa_accuracy": per[m]["correct"] / len(test) if test else None,
             "vqa_by_type": {k: v[0] / v[1] for k, v in sorted(per[m]["by_type"].items())},
             "vqa_questions": len(test),
@@ -280,17 +280,17 @@ def format_table(result: dict):
         title += (f"  (easy-vqa n={prior['num_questions']}; answer-prior baseline {100 * prior['per_question']:.1f}%"
                   f", always-yes {100 * prior['always_yes']:.1f}%)")
     table = Table(title=title)
-    for col in ("model", "VQA acc", "PPL", "top-1 agr", "KL", "size MB", "prefill ms", "decode ms/tok"):
-        table.add_column(col, justify="left" if col == "model" else "right")
+    for col in ("model", "kind", "VQA acc %", "PPL", "top-1 agr %", "KL", "size MB", "prefill ms", "decode ms/tok"):
+        table.add_column(col, justify="left" if col in ("model", "kind") else "right", no_wrap=col == "model")
 
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
 
     for m in result["models"]:
-        label = m["name"] if m["role"] == "float" else f"{m['name']} ({m.get('recipe') or 'compiled'})"
+        kind = "float" if m["role"] == "float" else " ".join(x for x in (m.get("recipe"), m.get("format")) if x)
         acc = None if m["vqa_accuracy"] is None else 100 * m["vqa_accuracy"]
         agr = m.get("top1_agreement")
-        table.add_row(f"{label} [{m['role']}]", f(acc, ".1f"), f(m["perplexity"], ".2f"),
+        table.add_row(Path(m["dir"]).name, kind or "compiled", f(acc, ".1f"), f(m["perplexity"], ".2f"),
                       f(None if agr is None else 100 * agr, ".1f"), f(m.get("kl"), ".4f"), f(m["size_mb"], ".1f"),
                       f(m["prefill_ms"], ".1f"), f(m["decode_ms_per_token"], ".1f"))
     return table

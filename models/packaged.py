@@ -30,9 +30,17 @@ EXPORT_VERSION = 1
 
 
 def _projector_digest() -> str:
+    """Digest of the projector's weight arrays (not of the file, whose metadata may be edited)."""
+    import numpy as np
     from mqc.models.assemble import PROJECTOR_FILE
 
-    return hashlib.sha256(PROJECTOR_FILE.read_bytes()).hexdigest()[:16]
+    h = hashlib.sha256()
+    with np.load(PROJECTOR_FILE) as z:
+        for k in sorted(z.files):
+            if not k.startswith("meta."):
+                h.update(k.encode())
+                h.update(np.ascontiguousarray(z[k], dtype=np.float32).tobytes())
+    return h.hexdigest()[:16]
 
 
 def _fingerprint(name: str) -> dict:

@@ -174,6 +174,8 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=assemble.PROJECTOR_FILE)
     ap.add_argument("--checkpoint-dir", type=Path, default=None)
     ap.add_argument("--init", type=Path, default=None, help="start from these projector weights (a continuation)")
+    ap.add_argument("--stop-at-step", type=int, default=None,
+                    help="stop after this many steps of the --steps schedule (reproduces a run cut by --max-minutes)")
     ap.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this much wall time")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -245,6 +247,7 @@ def main(argv=None):
                         (time.perf_counter() - t_start) / 60)
         last = step == args.steps - 1
         out_of_time = bool(args.max_minutes and (time.perf_counter() - t_start) / 60 > args.max_minutes)
+        out_of_time = out_of_time or bool(args.stop_at_step and step + 1 >= args.stop_at_step)
         if (step + 1) % args.eval_every == 0 or last or out_of_time:
             acc = evaluate_holdout(model, projector, prefix_kv, held, held_groups, feats, args.bf16)
             history.append({"step": step + 1, "questions_seen": seen, "holdout_acc": round(acc, 4),
@@ -258,7 +261,8 @@ def main(argv=None):
             break
 
     minutes = (time.perf_counter() - t_start) / 60
-    meta = {"seed": args.seed, "steps": step + 1, "init": str(args.init) if args.init else None, "images_per_step": args.images,
+    meta = {"seed": args.seed, "steps": step + 1, "schedule_steps": args.steps,
+            "stopped_early": bool(out_of_time), "init": str(args.init) if args.init else None, "images_per_step": args.images,
             "questions_per_image": args.questions_per_image, "lr": args.lr, "warmup": args.warmup,
             "min_lr_ratio": args.min_lr_ratio, "weight_decay": args.weight_decay, "bf16_autocast": args.bf16,
             "threads": args.threads, "train_questions": len(train_items), "holdout_images_mod": HOLDOUT_MOD,
