@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=200, help="easy-vqa test questions (1000 = all)")
     parser.add_argument("--workdir", type=Path, default=Path("out/bench_recipes"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/recipes_tiny_vlm.json"))
+    parser.add_argument("--reuse", action="store_true", help="evaluate folders already compiled by an earlier run")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--recipe", help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)
@@ -59,6 +60,12 @@ def main() -> None:
     compiled = []
     for recipe in args.recipes:
         output = args.workdir / recipe
+        manifest = output / "manifest.json"
+        if args.reuse and manifest.exists() and json.loads(manifest.read_text()).get("compiled", {}).get("recipe") == recipe:
+            compile_figures[recipe] = {"reused": str(output)}
+            compiled.append(output)
+            print(f"{recipe}: reusing {output}", flush=True)
+            continue
         cmd = [sys.executable, __file__, "--worker", "--model", str(float_dir), "--recipe", recipe,
                "--output", str(output), "--samples", str(args.samples)]
         run = subprocess.run(cmd, capture_output=True, text=True)

@@ -65,7 +65,7 @@ class GptqWeightsPass(QuantizeLinearsPass):
         act_order: bool = True,
         percdamp: float = 0.01,
         block_size: int = 128,
-        layers_per_group: int = 1,
+        layers_per_group: int = 4,
     ) -> None:
         super().__init__(weight_bits, act_bits, act_method, act_percentile, weight_mse_clip, group_size, skip_roles,
                          act_scales)
