@@ -477,8 +477,25 @@ def load_checkpoint(folder: Path):
     return model.eval(), tokenizer
 
 
+def _image_processor_overrides(folder: Path, plan: ExportPlan) -> None:
+    """Take mean/std (and the crop size of a fixed-size model) from the checkpoint's preprocessor_config.json."""
+    path = Path(folder) / "preprocessor_config.json"
+    if plan.vision is None or not path.exists():
+        return
+    import json
+
+    cfg = json.loads(path.read_text())
+    if cfg.get("image_mean"):
+        plan.image_mean = [float(x) for x in cfg["image_mean"]]
+    if cfg.get("image_std"):
+        plan.image_std = [float(x) for x in cfg["image_std"]]
+
+
 def export_checkpoint(folder: Path, out_dir: Path, progress: Callable[[str], None] | None = None) -> Path:
+    """Export a local Hugging Face checkpoint folder (config + safetensors + tokenizer, or one GGUF file)."""
     model, tokenizer = load_checkpoint(folder)
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = True
-    return export_model(model, tokenizer, out_dir, name=Path(folder).name, progress=progress)
+    plan = plan_for(model)
+    _image_processor_overrides(folder, plan)
+    return export_model(model, tokenizer, out_dir, name=Path(folder).name, plan=plan, progress=progress)

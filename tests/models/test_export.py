@@ -191,3 +191,27 @@ def test_qwen2_vl_fidelity(tiny_dir):
                                  do_sample=False, eos_token_id=man["eos_token_ids"], pad_token_id=0, **kwargs)
         ref_tokens = [t for t in out[0, ids.shape[1] :].tolist() if t not in man["eos_token_ids"]]
         assert gen.token_ids[r] == ref_tokens[: len(gen.token_ids[r])]
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llava"])
+def test_export_command_from_checkpoint_folder(family, tmp_path):
+    """`mqc export FOLDER -o DIR` on a saved Hugging Face checkpoint (offline) reproduces the torch model."""
+    from click.testing import CliRunner
+    from mqc.models.commands import export_command
+    from mqc.models.pipeline import Pipeline
+
+    model, tok = build_tiny(family, seed=3)
+    ckpt = tmp_path / f"ckpt-{family}"
+    model.save_pretrained(ckpt)
+    tok.save_pretrained(ckpt)
+    out = tmp_path / "out"
+    r = CliRunner().invoke(export_command, [str(ckpt), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    man = load_manifest(out)
+    assert man["family"] == family and man["name"] == ckpt.name
+    pipe = Pipeline(out, providers=["CPUExecutionProvider"])
+    prompt = pipe.prompt("is there a circle?", with_image=False)
+    logits = pipe.text_logits(prompt.ids[None])
+    with torch.no_grad():
+        ref = model(input_ids=torch.from_numpy(prompt.ids)[None]).logits.numpy()
+    assert np.abs(logits - ref).max() <= TOL
