@@ -136,6 +136,8 @@ def _kv_names(num_layers: int, prefix: str) -> list[str]:
 def _export(module, args: tuple, input_names, output_names, dynamic_shapes, path: Path, dim_names, extra_inputs=()):
     """dynamo export -> fold transposes -> optimize -> (extra inputs) -> save with IR version 10."""
     torch = _torch()
+    # "torchvision is not installed. Skipping torchvision::nms" and similar registration notes are noise here.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
