@@ -176,7 +176,7 @@ def demo(model: str, recipe: str, limit: int, samples: int, workdir: Path) -> No
         _summary(name, report)
     console.print(f"[bold]3/3[/bold] evaluating float vs {recipe} on {limit} easy-vqa test questions")
     result = evaluate(float_dir, [compiled], limit=limit, json_out=workdir / f"eval.{recipe}.json", progress=True)
-    Console().print(format_table(result))
+    Console(width=None if sys.stdout.isatty() else 160).print(format_table(result))
 
 
 def _register_model_commands() -> None:
