@@ -149,15 +149,15 @@ def recipes(as_json: bool) -> None:
             out.print(f"    [italic]{component}[/italic]: {json.dumps(entry)}")
 
 
-#: The recipe `mqc demo` compiles the packaged model with: the best one that exists today.
-DEMO_RECIPE = "w8a8"
+#: The recipe `mqc demo` compiles the packaged model with: the best one measured so far (BENCHMARKS.md, tiny VLM).
+DEMO_RECIPE = "quarot"
 
 
 @main.command()
 @click.option("--model", default="tiny-vlm", show_default=True, help="Packaged model name or model directory.")
 @click.option("--recipe", default=DEMO_RECIPE, show_default=True)
-@click.option("--limit", default=200, show_default=True, help="easy-vqa test questions to evaluate (1000 = all).")
-@click.option("--samples", default=32, show_default=True, help="Calibration samples.")
+@click.option("--limit", default=100, show_default=True, help="easy-vqa test questions to evaluate (1000 = all).")
+@click.option("--samples", default=16, show_default=True, help="Calibration samples.")
 @click.option("--workdir", type=click.Path(path_type=Path), default=Path("out"), show_default=True)
 def demo(model: str, recipe: str, limit: int, samples: int, workdir: Path) -> None:
     """The main job: export the packaged model (cached), compile it, evaluate float vs compiled, print the table."""
