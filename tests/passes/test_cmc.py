@@ -3,8 +3,8 @@
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
+from decoder_helpers import with_outputs
 from mqc.passes.cmc import dynamic_fake_quant
 
 import mqc
@@ -37,12 +37,6 @@ def _gap_feeds(model_path: Path, n: int, seed: int, rank: int = 8) -> list[dict[
     return feeds
 
 
-def _with_outputs(path: Path, names: list[str], out: Path) -> Path:
-    model = onnx.load(str(path))
-    for name in names:
-        model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    onnx.save(model, str(out))
-    return out
 
 
 def test_cmc_graph_matches_numpy_reference_and_text_tokens_take_the_text_path(llama, tmp_path):
@@ -61,7 +55,7 @@ def test_cmc_graph_matches_numpy_reference_and_text_tokens_take_the_text_path(ll
     assert init[f"{LAYER}.weight_q"].dtype.itemsize == 1 and "int4" in str(init[f"{LAYER}.weight_q"].dtype)
     assert sum(n.op_type == "ReduceMax" for n in model.graph) == 8  # per-token dynamic: 4 points x 2 layers
 
-    session = mqc.open_session(_with_outputs(tmp_path / "mq.onnx", [x_s, y], tmp_path / "probe.onnx"))
+    session = mqc.open_session(with_outputs(tmp_path / "mq.onnx", [x_s, y], tmp_path / "probe.onnx"))
     names = [o.name for o in session.get_outputs()]
     prefill = _gap_feeds(llama, 2, 5)[1]  # the first half of the tokens are image tokens
     out = dict(zip(names, session.run(None, prefill), strict=True))

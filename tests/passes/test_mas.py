@@ -5,11 +5,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from decoder_helpers import channel_gap_feeds
 from mqc.passes.mas import learn_scales
 
 import mqc
-from mqc.calibration import random_feeds
-from mqc.ir import load_model
 from mqc.quantizer import sqnr_db
 from mqc.recipes import Recipe, load_recipe, with_overrides
 from mqc.smoothing import mas_init_scales
@@ -20,14 +19,6 @@ def llama(tiny_decoder) -> Path:
     return tiny_decoder("llama")
 
 
-def _gap_feeds(model_path: Path, n: int, seed: int) -> list[dict[str, np.ndarray]]:
-    """random_feeds with channel 0 of every image row x30 (the modality gap of tests/passes/test_msq.py)."""
-    feeds = []
-    for feed in random_feeds(load_model(model_path), n, seed=seed):
-        embeds = feed["inputs_embeds"].copy()
-        embeds[feed["modality_ids"] == 1, :1] *= 30.0
-        feeds.append({**feed, "inputs_embeds": embeds})
-    return feeds
 
 
 def test_learning_lowers_the_mbr_loss_below_the_smoothquant_style_init():
@@ -55,7 +46,7 @@ def _mas_only(**params) -> Recipe:
 
 
 def test_mas_graph_form_is_exact_and_records_losses_and_theorem1(llama, tmp_path):
-    calib = _gap_feeds(llama, 8, 0)
+    calib = channel_gap_feeds(llama, 8, 0)
     report = mqc.compile(llama, tmp_path / "mas.onnx", _mas_only(steps_per_epoch=8), feeds=lambda: calib, verify=True)
     record = next(p for p in report.passes if p.name == "mas")
     assert record.verify is not None and record.verify["max_rel"] < 1e-4  # measured ~5e-7
@@ -79,7 +70,7 @@ def test_mas_graph_form_is_exact_and_records_losses_and_theorem1(llama, tmp_path
 
 
 def test_masquant_static_uses_per_modality_scales_and_runs(llama, tmp_path):
-    calib, evals = _gap_feeds(llama, 8, 0), _gap_feeds(llama, 2, 99)
+    calib, evals = channel_gap_feeds(llama, 8, 0), channel_gap_feeds(llama, 2, 99)
     recipe = with_overrides(load_recipe("masquant-static"), {"mas": {"steps_per_epoch": 4}})
     report = mqc.compile(llama, tmp_path / "static.onnx", recipe, feeds=lambda: calib)
     graph = onnx.load(str(tmp_path / "static.onnx")).graph

@@ -6,10 +6,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from decoder_helpers import channel_gap_feeds, with_outputs
 
 import mqc
-from mqc.calibration import random_feeds
-from mqc.ir import load_model
 from mqc.quantizer import fake_quantize, sqnr_db
 from mqc.recipes import load_recipe, with_overrides
 
@@ -19,19 +18,6 @@ def llama(tiny_decoder) -> Path:
     return tiny_decoder("llama")
 
 
-def _gap_feeds(model_path: Path, n: int, seed: int) -> list[dict[str, np.ndarray]]:
-    """random_feeds with a modality gap that survives RMSNorm: channel 0 of every image row x30.
-
-    Scaling whole image rows x30 is normalised away by the first RMSNorm (every linear reads a normed value), so
-    the gap is made the way real visual tokens show it: an outlier channel, which after the norm makes the image
-    rows' absmax about 2x the text rows'.
-    """
-    feeds = []
-    for feed in random_feeds(load_model(model_path), n, seed=seed):
-        embeds = feed["inputs_embeds"].copy()
-        embeds[feed["modality_ids"] == 1, :1] *= 30.0
-        feeds.append({**feed, "inputs_embeds": embeds})
-    return feeds
 
 
 def _text_sqnr(source: Path, compiled: Path, feeds: list[dict[str, np.ndarray]]) -> float:
@@ -45,7 +31,7 @@ def _text_sqnr(source: Path, compiled: Path, feeds: list[dict[str, np.ndarray]])
 
 
 def test_per_modality_scales_beat_shared_on_text_tokens(llama, tmp_path):
-    calib, evals = _gap_feeds(llama, 8, 0), [f for f in _gap_feeds(llama, 4, 99) if (f["modality_ids"] == 1).any()]
+    calib, evals = channel_gap_feeds(llama, 8, 0), [f for f in channel_gap_feeds(llama, 4, 99) if (f["modality_ids"] == 1).any()]
     sqnr, reports = {}, {}
     for mode in ("shared", "per_modality"):
         recipe = with_overrides(load_recipe("w8a8"), {"quantize_linears": {"act_scales": mode}})
@@ -59,16 +45,10 @@ def test_per_modality_scales_beat_shared_on_text_tokens(llama, tmp_path):
     assert q_proj["act_scale_text"] < reports["shared"].passes[-1].layers[0]["act_scale"]
 
 
-def _with_outputs(path: Path, names: list[str], out: Path) -> Path:
-    model = onnx.load(str(path))
-    for name in names:
-        model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    onnx.save(model, str(out))
-    return out
 
 
 def test_msq_graph_runs_at_every_ort_level_and_decode_uses_text_scale(llama, tmp_path):
-    calib = _gap_feeds(llama, 4, 0)
+    calib = channel_gap_feeds(llama, 4, 0)
     compiled = tmp_path / "msq.onnx"
     mqc.compile(llama, compiled, "w4a8-msq", feeds=lambda: calib)
     graph = onnx.load(str(compiled)).graph
@@ -79,7 +59,7 @@ def test_msq_graph_runs_at_every_ort_level_and_decode_uses_text_scale(llama, tmp
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
     s_text, s_image = float(inits[f"{x_name}_act_scale_text"]), float(inits[f"{x_name}_act_scale_image"])
     assert s_image > s_text
-    probe = _with_outputs(compiled, [x_name, f"{x_name}_dq"], tmp_path / "probe.onnx")
+    probe = with_outputs(compiled, [x_name, f"{x_name}_dq"], tmp_path / "probe.onnx")
 
     sessions = {}
     for level in (ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_DISABLE_ALL):
@@ -90,7 +70,7 @@ def test_msq_graph_runs_at_every_ort_level_and_decode_uses_text_scale(llama, tmp
         # of 2.6 here). accuracy_level 1 keeps the activation in fp32: the graph then computes exactly what it says.
         options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
         sessions[level] = ort.InferenceSession(str(probe), options, providers=["CPUExecutionProvider"])
-    prefill = _gap_feeds(llama, 2, 5)[1]  # sample 1: the first half of the tokens are image tokens
+    prefill = channel_gap_feeds(llama, 2, 5)[1]  # sample 1: the first half of the tokens are image tokens
     names = [o.name for o in sessions[ort.GraphOptimizationLevel.ORT_DISABLE_ALL].get_outputs()]
     outs = {level: s.run(None, prefill) for level, s in sessions.items()}
     for a, b in zip(*outs.values(), strict=True):
