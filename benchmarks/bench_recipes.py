@@ -62,7 +62,9 @@ def main() -> None:
         output = args.workdir / recipe
         manifest = output / "manifest.json"
         if args.reuse and manifest.exists() and json.loads(manifest.read_text()).get("compiled", {}).get("recipe") == recipe:
-            compile_figures[recipe] = {"reused": str(output)}
+            figures_file = output / "compile_figures.json"
+            compile_figures[recipe] = json.loads(figures_file.read_text()) if figures_file.exists() else {}
+            compile_figures[recipe]["reused"] = str(output)
             compiled.append(output)
             print(f"{recipe}: reusing {output}", flush=True)
             continue
@@ -74,6 +76,7 @@ def main() -> None:
             print(f"{recipe}: compile failed: {compile_figures[recipe]['error']}", flush=True)
             continue
         compile_figures[recipe] = json.loads(run.stdout.strip().splitlines()[-1])
+        (output / "compile_figures.json").write_text(json.dumps(compile_figures[recipe]))
         compiled.append(output)
         print(f"{recipe}: compiled in {compile_figures[recipe]['compile_s']} s", flush=True)
     result = evaluate(float_dir, compiled, limit=args.limit, progress=True)

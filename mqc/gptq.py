@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from mqc.quantizer import QuantizedWeight, mse_clip_ratios, qrange, quantize, scale_from_absmax
+from mqc.quantizer import QuantizedWeight, qrange, quantize, weight_scales
 
 
 class HessianAccumulator:
@@ -69,17 +69,6 @@ class GPTQResult(NamedTuple):
     rel_error: float
 
 
-def _scales(weight: np.ndarray, bits: int, group_size: int | None, mse_clip: bool) -> np.ndarray:
-    """Per-channel [N] or per-(group, channel) [G, N] scales, absmax optionally shrunk by the MSE clip search."""
-    k, n = weight.shape
-    g = k if group_size is None else group_size
-    absmax = np.abs(weight.reshape(k // g, g, n)).max(axis=1)  # [G, N]
-    if mse_clip:
-        ratios = mse_clip_ratios(weight, bits, group_size)
-        absmax = absmax * (ratios if group_size is not None else ratios[None, :])
-    return scale_from_absmax(absmax, bits)  # float32 [G, N]
-
-
 def relative_output_error(weight: np.ndarray, approx: np.ndarray, hessian: np.ndarray) -> float:
     """‖X(W − Ŵ)‖_F / ‖X W‖_F computed through H ∝ XᵀX (0 when both are 0)."""
     w = np.asarray(weight, dtype=np.float64)
@@ -101,6 +90,7 @@ def gptq_quantize(
     percdamp: float = 0.01,
     block_size: int = 128,
     mse_clip: bool = True,
+    scale: np.ndarray | None = None,
 ) -> GPTQResult:
     """Quantize W [K, N] with GPTQ against H [K, K] (see the module docstring for the rules). Spec §2.6."""
     w_orig = np.asarray(weight, dtype=np.float64)
@@ -124,7 +114,8 @@ def gptq_quantize(
     w[dead, :] = 0.0
 
     # Rule 2: fixed scales, expanded to one scale row per input row.
-    scale = _scales(w.astype(np.float32), bits, group_size, mse_clip)  # float32 [G, N]
+    if scale is None:  # a caller that also needs the RTN baseline passes the scales it searched once
+        scale = weight_scales(w.astype(np.float32), bits, group_size, mse_clip)  # float32 [G, N]
     row_scale = np.repeat(scale, k if group_size is None else group_size, axis=0).astype(np.float64)  # [K, N]
 
     # Rule 3: act-order permutation.

@@ -143,7 +143,13 @@ def ensure_opset(model: ir.Model, domain: str, version: int) -> None:
 
 
 def remove_unused_initializers(graph: ir.Graph) -> int:
-    unused = [name for name, value in graph.initializers.items() if not value.uses() and value not in graph.outputs]
+    """Drop initializers no node of the graph (or its subgraphs) reads.
+
+    Reads are collected from the nodes themselves, not from ``value.uses()``: a node a pass detached from the graph
+    can still be registered as a user and would keep a replaced initializer alive.
+    """
+    read = {id(value) for node in ir.traversal.RecursiveGraphIterator(graph) for value in node.inputs if value is not None}
+    unused = [name for name, value in graph.initializers.items() if id(value) not in read and value not in graph.outputs]
     for name in unused:
         graph.initializers.pop(name)
     return len(unused)

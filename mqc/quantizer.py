@@ -94,17 +94,36 @@ def mse_clip_ratios(
     0.2 x absmax, L_2.4 norm). Returns ratios shaped like the scale ([N] or [G, N]).
     """
     w = _grouped(np.asarray(weight, dtype=np.float32), group_size)
+    lo, hi = qrange(bits)
     absmax = np.abs(w).max(axis=1)  # [G, N]
     best_err = np.full(absmax.shape, np.inf)
     best_ratio = np.ones(absmax.shape, dtype=np.float32)
+    buf = np.empty_like(w)  # fake_quantize(w) - w in place: the search is the slowest step of a GPTQ compile
     for step in range(int(max_shrink * grid) + 1):
         ratio = 1.0 - step / grid
-        scale = scale_from_absmax(absmax * ratio, bits)
-        err = (np.abs(fake_quantize(w, scale[:, None, :], bits) - w) ** norm).sum(axis=1)
+        scale = scale_from_absmax(absmax * ratio, bits)[:, None, :]
+        np.divide(w, scale, out=buf)
+        np.rint(buf, out=buf)
+        np.clip(buf, lo, hi, out=buf)
+        np.multiply(buf, scale, out=buf)
+        np.subtract(buf, w, out=buf)
+        np.abs(buf, out=buf)
+        np.power(buf, np.float32(norm), out=buf)
+        err = buf.sum(axis=1)
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best_ratio = np.where(better, ratio, best_ratio)
     return best_ratio if group_size is not None else best_ratio[0]
+
+
+def weight_scales(weight: np.ndarray, bits: int, group_size: int | None = None, mse_clip: bool = False) -> np.ndarray:
+    """Per-channel or per-(group, channel) scales, [G, N], absmax optionally shrunk by the MSE clip search."""
+    w = np.asarray(weight, dtype=np.float32)
+    absmax = np.abs(_grouped(w, group_size)).max(axis=1)  # [G, N]
+    if mse_clip:
+        ratios = mse_clip_ratios(w, bits, group_size)
+        absmax = absmax * (ratios if group_size is not None else ratios[None, :])
+    return scale_from_absmax(absmax, bits)
 
 
 def quantize_weight_rtn(
@@ -112,15 +131,16 @@ def quantize_weight_rtn(
     bits: int,
     group_size: int | None = None,
     mse_clip: bool = False,
+    scale: np.ndarray | None = None,
 ) -> QuantizedWeight:
-    """Round-to-nearest per-channel (or per-group) symmetric weight quantization, optional MSE clipping."""
+    """Round-to-nearest per-channel (or per-group) symmetric weight quantization, optional MSE clipping.
+
+    ``scale`` ([G, N], from ``weight_scales``) skips the scale search when the caller already ran it.
+    """
     w = np.asarray(weight, dtype=np.float32)
     grouped = _grouped(w, group_size)
-    absmax = np.abs(grouped).max(axis=1)  # [G, N]
-    if mse_clip:
-        ratios = mse_clip_ratios(w, bits, group_size)
-        absmax = absmax * (ratios if group_size is not None else ratios[None, :])
-    scale = scale_from_absmax(absmax, bits)
+    if scale is None:
+        scale = weight_scales(w, bits, group_size, mse_clip)
     q = quantize(grouped, scale[:, None, :], bits).reshape(w.shape)
     return QuantizedWeight(q=q, scale=scale if group_size is not None else scale[0], bits=bits, group_size=group_size)
 

@@ -36,7 +36,7 @@ from mqc.errors import NothingToQuantizeError
 from mqc.gptq import gptq_quantize, relative_output_error
 from mqc.ir import ensure_opset, remove_unused_initializers
 from mqc.model_map import Linear
-from mqc.quantizer import QuantizedWeight, quantize_weight_rtn
+from mqc.quantizer import QuantizedWeight, quantize_weight_rtn, weight_scales
 
 
 def _hessian(tap: TapStats) -> tuple[np.ndarray | None, int]:
@@ -106,16 +106,17 @@ class GptqWeightsPass(QuantizeLinearsPass):
                 if hessian is None:
                     continue
                 weight = lin.weight_array()
+                scale = weight_scales(weight, self.weight_bits, self.group_size, self.weight_mse_clip)
                 try:
                     qweight, rel = gptq_quantize(
                         weight, hessian, self.weight_bits, self.group_size, act_order=self.act_order,
-                        percdamp=self.percdamp, block_size=self.block_size, mse_clip=self.weight_mse_clip,
+                        percdamp=self.percdamp, block_size=self.block_size, scale=scale,
                     )
                 except ValueError as exc:
                     self.record.skip(lin.name, f"GPTQ failed: {exc}")
                     results[id(lin.node)] = (None, {})  # type: ignore[assignment]
                     continue
-                rtn = quantize_weight_rtn(weight, self.weight_bits, self.group_size, self.weight_mse_clip)
+                rtn = quantize_weight_rtn(weight, self.weight_bits, self.group_size, scale=scale)
                 rtn_rel = relative_output_error(weight, rtn.dequantize(), hessian)
                 results[id(lin.node)] = (qweight, {"gptq_rel_error": round(rel, 5), "rtn_rel_error": round(rtn_rel, 5), "hessian_rows": rows})
             for name, tap in group_stats.items():

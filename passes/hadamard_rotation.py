@@ -375,6 +375,11 @@ class RotateResidualPass(MqcPass):
             x = pad.outputs[0]
         matmul = ir.node("MatMul", [x, h_value], name=f"{lin.name}/online_hadamard")
         matmul.outputs[0].name = f"{lin.name}/hadamard_out"
+        # The rotated value keeps the input's rank (and its width when unpadded): MSQ needs the [batch, seq, K] form.
+        matmul.outputs[0].dtype = ir.DataType.from_numpy(np.dtype(dtype))
+        if lin.input.shape is not None:
+            dims = list(lin.input.shape)
+            matmul.outputs[0].shape = ir.Shape([*dims[:-1], size if size != n else dims[-1]])
         nodes.append(matmul)
         graph.insert_before(lin.node, nodes)
         lin.node.replace_input_with(0, matmul.outputs[0])

@@ -159,6 +159,11 @@ class RmsSplitPass(MqcPass):
         if x.dtype is not None:
             for out in (main_slice.outputs[0], side_slice.outputs[0]):
                 out.dtype = x.dtype
+        if x.shape is not None:  # keep the rank: MSQ quantizes the main branch per modality
+            lead = list(x.shape)[:-1]
+            width = x.shape[-1]
+            main_slice.outputs[0].shape = ir.Shape([*lead, width - 1 if isinstance(width, int) else None])
+            side_slice.outputs[0].shape = ir.Shape([*lead, 1])
         nodes: list[ir.Node] = [main_slice, side_slice]
         side_x = side_slice.outputs[0]
         row = weight[0:1, :].astype(dtype)

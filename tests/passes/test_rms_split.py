@@ -118,6 +118,9 @@ def test_table7_ablation_recipes(biased, tmp_path):
     aifs = reports["mquant"].passes[-1]
     assert aifs.name == "aifs" and aifs.verify["max_rel"] <= 1e-4 and aifs.verify["compared"] == ["logits"]
     assert next(r for r in reports["mquant"].passes if r.name == "rms_split").changed == 1
+    for recipe in ("mquant-msq-aifs", "mquant"):  # MSQ reaches every linear, down_proj after its online Hadamard too
+        gptq = next(r for r in reports[recipe].passes if r.name == "gptq_weights")
+        assert all("act_scale_image" in layer for layer in gptq.layers), [s for s in gptq.skipped]
 
 
 def test_component_recipes_mixed_bits(tmp_path):
