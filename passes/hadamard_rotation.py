@@ -24,8 +24,8 @@ Rules, in the order the pass applies them:
 6. Per-head V/O Hadamard (``rotate_vo``, off by default): the exact H_hd (no random signs) on v_proj's output
    columns per kv-head block (bias too) and H_hdᵀ on o_proj's input rows per attention head. Attention mixes V
    rows within a kv head, so this is exact with GQA. It changes what the KV cache holds (``present.*.value``
-   is V·H_hd per head): consistent for a cache that this graph wrote itself, but ``--verify`` compares every
-   output and reports it, and a float cache fed from outside would be misread. The head size comes from
+   is V·H_hd per head): consistent for a cache that this graph wrote itself (decode steps), so ``--verify``
+   compares every output except ``present.*.value`` (recorded); a float cache fed from outside would be misread. The head size comes from
    ``head_dim`` / ``num_kv_heads`` or else from the ``past_key_values.*.value`` input shape
    [batch, kv_heads, past, head_dim]. Fused qkv linears are refused for it.
 7. Vision tower (``tower="vision"``, or ``"auto"`` when the graph has no ``entry`` input): after ``ln_to_rmsnorm``
@@ -60,6 +60,10 @@ from mqc.pass_manager import MqcPass
 PLAIN_RMSNORM = {"RMSNormalization", "SimplifiedLayerNormalization"}
 
 
+def _is_value_cache(name: str) -> bool:
+    return name.startswith("present") and name.endswith("value")
+
+
 class RotationRefused(Exception):
     """The graph does not have the structure the rotation needs; the message is the recorded reason."""
 
@@ -69,6 +73,10 @@ class RotateResidualPass(MqcPass):
 
     name = "hadamard_rotation"
     function_preserving = True
+    verify_exclusion_reason = (
+        "rotate_vo stores V·H_hd per head in present.*.value: decode steps read back the cache this graph wrote, "
+        "so logits and keys are compared and the value cache is not"
+    )
 
     def __init__(
         self,
@@ -91,6 +99,11 @@ class RotateResidualPass(MqcPass):
         self.rotate_vo = rotate_vo
         self.head_dim = head_dim
         self.num_kv_heads = num_kv_heads
+
+    def verify_outputs(self, model: ir.Model) -> list[str] | None:
+        if not self.rotate_vo:
+            return None
+        return [v.name for v in model.graph.outputs if v.name and not _is_value_cache(v.name)]
 
     def run(self, model: ir.Model) -> bool:
         graph = model.graph

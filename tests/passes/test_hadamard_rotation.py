@@ -18,6 +18,7 @@ from mqc.calibration import random_feeds
 from mqc.hadamard import hadamard_matrix
 from mqc.ir import add_initializer, load_model
 from mqc.pass_manager import CompileContext, PassManager
+from mqc.session import open_session
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
@@ -59,6 +60,35 @@ def test_rotate_vo_keeps_logits_and_rotates_cached_values_per_head(tiny_decoder)
     for name, a, b in zip(("logits", "k0", "v0", "k1", "v1"), before, after, strict=True):
         expected = a @ h if name.startswith("v") else a  # [batch, kv_heads, seq, head_dim]: V·H per head
         np.testing.assert_allclose(b, expected, rtol=1e-4, atol=1e-4 * np.abs(a).max())
+
+
+def test_rotate_vo_verifies_and_decodes_from_its_own_cache(tiny_decoder, tmp_path):
+    """Under --verify the value cache is left out (recorded); a decode step fed this graph's cache matches float."""
+    path = tiny_decoder("llama")
+    model, ctx = with_random_gammas(path)
+    _, rotate = PassManager([FoldNormsPass(), RotateResidualPass(rotate_vo=True)], ctx).run(model)
+    assert rotate.changed and rotate.verify["max_rel"] < 1e-4
+    assert rotate.verify["excluded"] == ["present.0.value", "present.1.value"]
+    assert "present.*.value" in rotate.verify["excluded_reason"]
+    reference, _ = with_random_gammas(path)
+    PassManager([FoldNormsPass()], CompileContext(lambda: random_feeds(reference, 1))).run(reference)
+    sessions = []
+    for name, graph in (("float", reference), ("rotated", model)):
+        ir.save(graph, tmp_path / f"{name}.onnx")
+        sessions.append(open_session(tmp_path / f"{name}.onnx"))
+    prefill = random_feeds(model, 1, seed=3)[0]
+    seq = prefill["inputs_embeds"].shape[1]
+    step = {**prefill, "inputs_embeds": np.random.default_rng(4).standard_normal(prefill["inputs_embeds"][:, :1].shape).astype(np.float32),
+            "attention_mask": np.ones((1, seq + 1), prefill["attention_mask"].dtype),
+            "position_ids": np.full((1, 1), seq, prefill["position_ids"].dtype),
+            "modality_ids": np.zeros((1, 1), prefill["modality_ids"].dtype)}
+    logits = []
+    for session in sessions:
+        names = [o.name for o in session.get_outputs()]
+        outs = dict(zip(names, session.run(None, prefill), strict=True))
+        past = {n.replace("present", "past_key_values"): v for n, v in outs.items() if n.startswith("present")}
+        logits.append(session.run(["logits"], {**step, **past})[0])
+    np.testing.assert_allclose(logits[1], logits[0], rtol=1e-4, atol=1e-4 * np.abs(logits[0]).max())
 
 
 def _mlp_graph(hidden: int, inter: int, seed: int = 0) -> ir.Model:
