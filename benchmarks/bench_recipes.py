@@ -7,6 +7,10 @@ subprocess of its own.
 
     python benchmarks/bench_recipes.py --limit 200 --recipes w8a8 w4a8-rtn smoothquant quarot mquant \
         --out benchmarks/results/recipes_tiny_vlm.json
+
+A recipe may carry parameter overrides, ``NAME:PASS.PARAM=VALUE:...`` (values parsed as JSON), e.g. the CMC rank
+curve ``masquant:cmc.min_rank=0:cmc.rank_ratio=0.2``; its folder is named after the whole spec.
+``--compile-only`` compiles into ``--workdir`` and stops; a later ``--reuse`` run evaluates every folder side by side.
 """
 
 from __future__ import annotations
@@ -25,11 +29,29 @@ DEFAULT_RECIPES = [
 ]
 
 
+def recipe_from_spec(spec: str):
+    """``NAME[:PASS.PARAM=VALUE...]`` -> the recipe with those overrides, renamed to the spec."""
+    from mqc.recipes import Recipe, load_recipe, with_overrides
+
+    name, *assignments = spec.split(":")
+    overrides: dict[str, dict] = {}
+    for assignment in assignments:
+        key, _, value = assignment.partition("=")
+        pass_name, _, param = key.partition(".")
+        overrides.setdefault(pass_name, {})[param] = json.loads(value)
+    recipe = with_overrides(load_recipe(name), overrides)
+    return Recipe(spec, recipe.description, recipe.passes, recipe.components) if assignments else recipe
+
+
+def folder_name(spec: str) -> str:
+    return spec.replace(":", "_").replace("=", "-")
+
+
 def _compile_worker(args: argparse.Namespace) -> None:
     from mqc.compiler import compile_package
 
     start = time.perf_counter()
-    compile_package(args.model, args.output, args.recipe, num_samples=args.samples)
+    compile_package(args.model, args.output, recipe_from_spec(args.recipe), num_samples=args.samples)
     seconds = time.perf_counter() - start
     print(json.dumps({"compile_s": round(seconds, 1),
                       "compile_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
@@ -44,6 +66,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("out/bench_recipes"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/recipes_tiny_vlm.json"))
     parser.add_argument("--reuse", action="store_true", help="evaluate folders already compiled by an earlier run")
+    parser.add_argument("--compile-only", action="store_true", help="compile into --workdir, do not evaluate")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--recipe", help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)
@@ -59,7 +82,7 @@ def main() -> None:
     compile_figures: dict[str, dict] = {}
     compiled = []
     for recipe in args.recipes:
-        output = args.workdir / recipe
+        output = args.workdir / folder_name(recipe)
         manifest = output / "manifest.json"
         if args.reuse and manifest.exists() and json.loads(manifest.read_text()).get("compiled", {}).get("recipe") == recipe:
             figures_file = output / "compile_figures.json"
@@ -79,6 +102,8 @@ def main() -> None:
         (output / "compile_figures.json").write_text(json.dumps(compile_figures[recipe]))
         compiled.append(output)
         print(f"{recipe}: compiled in {compile_figures[recipe]['compile_s']} s", flush=True)
+    if args.compile_only:
+        return
     result = evaluate(float_dir, compiled, limit=args.limit, progress=True)
     result["compile"] = compile_figures
     result["calibration_samples"] = args.samples

@@ -48,7 +48,7 @@ def render(report: CompileReport, console: Console, title: str = "") -> None:
     for record in report.passes:
         verify = "-" if record.verify is None else f"{record.verify['max_rel']:.2e} (tol {record.verify['rtol']:g})"
         passes.add_row(record.name, str(record.matched), str(record.changed), str(len(record.skipped)), verify,
-                       f"{record.seconds:.2f}", "; ".join(record.notes))
+                       f"{record.seconds:.2f}", "; ".join([f"variant: {record.variant}"] * bool(record.variant) + record.notes))
     console.print(passes)
     rows = report.layer_table()
     if rows:

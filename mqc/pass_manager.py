@@ -146,7 +146,12 @@ class MqcPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = self.run(model)
+        self.record.variant = self.variant()
         return ir.passes.PassResult(model, modified=bool(modified))
+
+    def variant(self) -> str:
+        """Which variant ran where the paper and its released code differ ("" where they agree); ``mqc explain``."""
+        return ""
 
     def run(self, model: ir.Model) -> bool:  # pragma: no cover - abstract
         raise NotImplementedError

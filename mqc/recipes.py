@@ -129,4 +129,4 @@ def with_overrides(recipe: Recipe, overrides: dict[str, dict[str, Any]]) -> Reci
         step = dict(step)
         step.update(overrides.get(step["pass"], {}))
         steps.append(step)
-    return Recipe(recipe.name, recipe.description, steps)
+    return Recipe(recipe.name, recipe.description, steps, dict(recipe.components))

@@ -29,6 +29,8 @@ class PassRecord:
     notes: list[str] = field(default_factory=list)
     verify: dict[str, Any] | None = None
     seconds: float = 0.0
+    #: Which variant ran where the paper and its public code differ (empty where they agree).
+    variant: str = ""
 
     def skip(self, node: str, reason: str) -> None:
         self.skipped.append({"node": node, "reason": reason})

@@ -81,6 +81,10 @@ class AifsPass(MqcPass):
         self.logits = logits
         self.cache_prefix = cache_prefix
 
+    def variant(self) -> str:
+        return ("the paper's AIFS (§2.4; the released code has none), applied after quantization: calibration labels "
+                "rows in the feed's order and static scales do not depend on token order")
+
     def verify_outputs(self, model: ir.Model) -> list[str] | None:
         return [v.name for v in model.graph.outputs if v.name and not v.name.startswith(self.cache_prefix)]
 

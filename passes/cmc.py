@@ -162,6 +162,12 @@ class CmcPass(MqcPass):
         qrange(a_bits)
         self.skip_roles = set(skip_roles)
 
+    def variant(self) -> str:
+        p = self.params
+        white = "whitened (the paper)" if p["whiten"] else "not whitened (ablation)"
+        return (f"{p['compensation']}, {white}, rank {p['rank_ratio']:g} x min(in, out) with a floor of "
+                f"{p['min_rank']} (the floor is the released code's); {p['acts']} activations")
+
     # ---------------------------------------------------------------------------------------------- discovery
 
     def _mas_groups(self, graph: ir.Graph) -> dict[str, tuple[ir.Value, list[_MasLinear]]]:

@@ -78,6 +78,10 @@ class GptqWeightsPass(QuantizeLinearsPass):
         self.block_size = block_size
         self.layers_per_group = layers_per_group
 
+    def variant(self) -> str:
+        return (f"{super().variant()}; GPTQ Hessians from the float activations of the rotated graph, "
+                f"{self.layers_per_group} decoder layers per calibration run (paper and code agree)")
+
     def _groups(self, linears: Sequence[Linear]) -> list[list[Linear]]:
         by_block: dict[int | None, list[Linear]] = {}
         for lin in linears:

@@ -100,6 +100,11 @@ class RotateResidualPass(MqcPass):
         self.head_dim = head_dim
         self.num_kv_heads = num_kv_heads
 
+    def variant(self) -> str:
+        vo = "per-head V/O Hadamard on (the released code)" if self.rotate_vo else "per-head V/O Hadamard off"
+        down = "online Hadamard before down_proj/fc2, zero-padded where no size fits (the released code)"
+        return f"{vo}; {down}" if self.online_down else vo
+
     def verify_outputs(self, model: ir.Model) -> list[str] | None:
         if not self.rotate_vo:
             return None

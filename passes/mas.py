@@ -228,6 +228,14 @@ class MasPass(MqcPass):
         self.roles = set(SMOOTH_ROLES) | ({"down"} if smooth_down else set())
         self.skip_roles = set(skip_roles)
 
+    def variant(self) -> str:
+        p = self.params
+        weight = "the paper's" if p["image_weight"] == 1.0 else ("the released code's" if p["image_weight"] == 0.5 else "custom")
+        down = "down_proj smoothed too" if p["smooth_down"] else "down_proj not smoothed (the released code)"
+        learn = ("learned per linear group on float calibration rows (deviation: the paper learns block-wise on the "
+                 "outputs of already-quantized blocks)") if p["learn"] else "not learned (initial scales)"
+        return f"{learn}; λ_image {p['image_weight']:g} ({weight}); {down}; {p['acts']} activations"
+
     # -------------------------------------------------------------------------------------------- selection
 
     def _refusal(self, lin: Linear) -> str | None:

@@ -173,6 +173,12 @@ class QuantizeLinearsPass(MqcPass):
         self.group_size = group_size
         self.skip_roles = set(skip_roles)
 
+    def variant(self) -> str:
+        if self.act_scales == "per_modality":
+            return ("MSQ: one static scale per modality per activation (the paper, §2.3; the released code calibrates "
+                    "one shared scale on mixed tokens)")
+        return "one static activation scale shared by both modalities (the released code's form)"
+
     def select(self, linears: Sequence[Linear]) -> list[Linear]:
         selected = []
         for lin in linears:

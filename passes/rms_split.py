@@ -82,6 +82,13 @@ class RmsSplitPass(MqcPass):
         self.roles = set(roles)
         self.require_online_hadamard = require_online_hadamard
 
+    def variant(self) -> str:
+        if self.side_branch == "float":
+            return ("side branch in float (the released code; the paper's Fig. 5 W4A8 GEMV is side_branch='w8': a "
+                    "1-row weight with per-column scales is exact at any bit width, so only channel 0's int8 "
+                    "activation differs)")
+        return "side branch int8 activation x per-column weight (the paper's GEMV)"
+
     def run(self, model: ir.Model) -> bool:
         graph = model.graph
         model_map = self.ctx.model_map(model)

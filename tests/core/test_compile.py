@@ -97,6 +97,7 @@ def test_cli_compile_explain_recipes(llama_decoder, tmp_path):
     assert result.exit_code == 0, result.output
     explained = runner.invoke(main, ["explain", str(out)])
     assert explained.exit_code == 0 and "SQNR" in explained.output and "self_attn.q_proj" in explained.output
+    assert "variant: one static activation scale shared" in " ".join(explained.output.split())
     data = json.loads(runner.invoke(main, ["explain", str(out), "--json"]).output)
     layers = data["cli.onnx"]["passes"][-1]["layers"]
     assert len(layers) == 14 and all("sqnr_db" in layer for layer in layers)

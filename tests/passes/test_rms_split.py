@@ -121,6 +121,10 @@ def test_table7_ablation_recipes(biased, tmp_path):
     for recipe in ("mquant-msq-aifs", "mquant"):  # MSQ reaches every linear, down_proj after its online Hadamard too
         gptq = next(r for r in reports[recipe].passes if r.name == "gptq_weights")
         assert all("act_scale_image" in layer for layer in gptq.layers), [s for s in gptq.skipped]
+    variants = {r.name: r.variant for r in reports["mquant"].passes}  # what `mqc explain` prints per pass
+    assert variants["gptq_weights"].startswith("MSQ") and "paper" in variants["aifs"]
+    assert "float" in variants["rms_split"] and variants["upgrade_opset"] == ""
+    assert "shared" in next(r for r in reports["mquant-static"].passes if r.name == "gptq_weights").variant
 
 
 def test_component_recipes_mixed_bits(tmp_path):
