@@ -9,7 +9,8 @@ subprocess of its own.
         --out benchmarks/results/recipes_tiny_vlm.json
 
 A recipe may carry parameter overrides, ``NAME:PASS.PARAM=VALUE:...`` (values parsed as JSON), e.g. the CMC rank
-curve ``masquant:cmc.min_rank=0:cmc.rank_ratio=0.2``; its folder is named after the whole spec.
+curve ``masquant:cmc.min_rank=0:cmc.rank_ratio=0.2``, or a component setting such as
+``components.vision.float=true`` (the decoder alone quantized); its folder is named after the whole spec.
 ``--compile-only`` compiles into ``--workdir`` and stops; a later ``--reuse`` run evaluates every folder side by side.
 """
 
@@ -35,16 +36,23 @@ def recipe_from_spec(spec: str):
 
     name, *assignments = spec.split(":")
     overrides: dict[str, dict] = {}
+    components: dict[str, dict] = {}
     for assignment in assignments:
         key, _, value = assignment.partition("=")
         pass_name, _, param = key.partition(".")
-        overrides.setdefault(pass_name, {})[param] = json.loads(value)
+        if pass_name == "components":  # components.vision.float=true
+            component, _, field = param.partition(".")
+            components.setdefault(component, {})[field] = json.loads(value)
+        else:
+            overrides.setdefault(pass_name, {})[param] = json.loads(value)
     recipe = with_overrides(load_recipe(name), overrides)
-    return Recipe(spec, recipe.description, recipe.passes, recipe.components) if assignments else recipe
+    if not assignments:
+        return recipe
+    return Recipe(spec, recipe.description, recipe.passes, {**recipe.components, **components})
 
 
 def folder_name(spec: str) -> str:
-    return spec.replace(":", "_").replace("=", "-")
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in spec.replace("=", "-"))
 
 
 def _compile_worker(args: argparse.Namespace) -> None:
