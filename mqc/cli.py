@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -22,10 +23,16 @@ from mqc.errors import MqcError
 console = Console(stderr=True)
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 class MqcGroup(click.Group):
     """Turns every :class:`MqcError` into one line on stderr and exit code 2 (a traceback only with --debug)."""
 
     def invoke(self, ctx: click.Context):
+        # SIGTERM (a job scheduler, `kill`) unwinds like Ctrl-C, so staged outputs are removed by their `finally`.
+        signal.signal(signal.SIGTERM, _terminate)
         try:
             return super().invoke(ctx)
         except MqcError as exc:
@@ -191,3 +198,7 @@ def _register_model_commands() -> None:
 
 
 _register_model_commands()
+
+
+if __name__ == "__main__":
+    main()

@@ -127,3 +127,24 @@ def test_failed_compile_leaves_previous_output_intact(model_copy, tmp_path):
     before = _digest(out)
     code, _ = _run(["compile", str(model_copy), "-o", str(out), "--recipe", "nope"])
     assert code == 2 and _digest(out) == before
+
+
+def test_sigterm_mid_compile_leaves_no_staging(tiny_model_dir, tmp_path):
+    """A killed package compile (SIGTERM, as a scheduler sends) unwinds and removes its staging folder."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    source, output = tiny_model_dir("llava"), tmp_path / "out" / "compiled"
+    output.parent.mkdir()
+    process = subprocess.Popen([sys.executable, "-m", "mqc.cli", "compile", str(source), "-o", str(output),
+                                "--recipe", "quarot", "--samples", "8"], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not any(p.name.startswith(".") for p in output.parent.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None, "the compile ended before it could be interrupted"
+    process.send_signal(signal.SIGTERM)
+    # 143 = 128 + SIGTERM; 1 when the signal lands inside an import, whose machinery re-raises it as ImportError
+    assert process.wait(timeout=60) in (128 + signal.SIGTERM, 1)
+    assert list(output.parent.iterdir()) == []
