@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -55,6 +57,38 @@ def folder_name(spec: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in spec.replace("=", "-"))
 
 
+def lower_folder(source: Path, target: Path) -> Path:
+    """A copy of the compiled folder ``source`` with every quantized component lowered to ``--format mqc``.
+
+    The same QDQ graphs (no second calibration): ``passes/lower_runtime_ops.py`` rewrites them to the ai.mqc ops,
+    and its record joins each component's compile report.
+    """
+    import onnx_ir as ir
+    from mqc.passes.lower_runtime_ops import lower_to_runtime_ops
+
+    from mqc.ir import save_model
+    from mqc.report import REPORT_KEY, CompileReport
+
+    staging = target.with_name(f".{target.name}.staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging)
+    manifest = json.loads((source / "manifest.json").read_text())
+    for component in manifest["compiled"]["components"]:
+        file = manifest["components"][component]
+        model = ir.load(str(source / file))
+        record = lower_to_runtime_ops(model)
+        report = CompileReport.from_json(model.metadata_props[REPORT_KEY])
+        report.passes.append(record)
+        report.format = "mqc"
+        model.metadata_props[REPORT_KEY] = report.to_json()
+        save_model(model, staging / file)
+    manifest["compiled"]["format"] = "mqc"
+    (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+    return target
+
+
 def _compile_worker(args: argparse.Namespace) -> None:
     from mqc.compiler import compile_package
 
@@ -75,6 +109,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/recipes_tiny_vlm.json"))
     parser.add_argument("--reuse", action="store_true", help="evaluate folders already compiled by an earlier run")
     parser.add_argument("--compile-only", action="store_true", help="compile into --workdir, do not evaluate")
+    parser.add_argument("--mqc-format", nargs="*", default=[], metavar="RECIPE",
+                        help="also evaluate these recipes lowered to --format mqc (folder NAME.mqc)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--recipe", help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)
@@ -112,6 +148,10 @@ def main() -> None:
         print(f"{recipe}: compiled in {compile_figures[recipe]['compile_s']} s", flush=True)
     if args.compile_only:
         return
+    for recipe in args.mqc_format:
+        source = args.workdir / folder_name(recipe)
+        if source in compiled:
+            compiled.append(lower_folder(source, source.with_name(source.name + ".mqc")))
     result = evaluate(float_dir, compiled, limit=args.limit, progress=True)
     result["compile"] = compile_figures
     result["calibration_samples"] = args.samples
