@@ -66,13 +66,17 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--exclude", multiple=True, help="Regex of layer names to keep in float (repeatable).")
 @click.option("--verify", is_flag=True, help="Check every function-preserving pass numerically in onnxruntime.")
 @click.option("--verify-rtol", default=1e-4, show_default=True, help="Allowed relative output drift under --verify.")
+@click.option("--bits", type=click.Choice(["w4a8", "w8a8", "w8a8-vision"]),
+              help="Override the recipe's bit widths: both towers W4A8 or W8A8, or W8A8 vision with a W4A8 LLM.")
 def compile_command(model: str, output: Path, recipe: str, calib: Path | None, samples: int, fmt: str,
-                    exclude: tuple[str, ...], verify: bool, verify_rtol: float) -> None:
+                    exclude: tuple[str, ...], verify: bool, verify_rtol: float, bits: str | None) -> None:
     """Compile MODEL (an .onnx file, a model directory or a packaged model name) into OUTPUT."""
     from mqc.compiler import compile as compile_model
+    from mqc.recipes import load_recipe, with_bits
 
+    chosen = with_bits(load_recipe(recipe), bits) if bits else recipe
     with progress_bar() as progress:
-        result = compile_model(model, output, recipe, calib=calib, num_samples=samples, fmt=fmt, exclude=exclude,
+        result = compile_model(model, output, chosen, calib=calib, num_samples=samples, fmt=fmt, exclude=exclude,
                                verify=verify, verify_rtol=verify_rtol, progress=progress)
     reports = result if isinstance(result, dict) else {Path(model).name: result}
     for name, report in reports.items():

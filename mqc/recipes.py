@@ -130,3 +130,41 @@ def with_overrides(recipe: Recipe, overrides: dict[str, dict[str, Any]]) -> Reci
         step.update(overrides.get(step["pass"], {}))
         steps.append(step)
     return Recipe(recipe.name, recipe.description, steps, dict(recipe.components))
+
+
+#: ``--bits`` settings: (weight bits, activation bits) of the language side and of the vision tower.
+BIT_SETTINGS: dict[str, dict[str, tuple[int, int]]] = {
+    "w4a8": {"language": (4, 8), "vision": (4, 8)},
+    "w8a8": {"language": (8, 8), "vision": (8, 8)},
+    "w8a8-vision": {"language": (4, 8), "vision": (8, 8)},  # MQuant's "vision W8A8 / LLM W4A8"
+}
+_WEIGHT_PARAMS, _ACT_PARAMS = ("weight_bits", "w_bits"), ("act_bits", "a_bits")
+
+
+def _bit_overrides(passes: list[dict[str, Any]], bits: tuple[int, int]) -> dict[str, dict[str, int]]:
+    overrides: dict[str, dict[str, int]] = {}
+    for step in passes:
+        params = {k: bits[0] for k in _WEIGHT_PARAMS if k in step} | {k: bits[1] for k in _ACT_PARAMS if k in step}
+        if params:
+            overrides[step["pass"]] = params
+    return overrides
+
+
+def with_bits(recipe: Recipe, setting: str) -> Recipe:
+    """``recipe`` at the bit widths of ``setting`` (``BIT_SETTINGS``), for every quantizing pass of every component.
+
+    A component kept in float stays in float. For a single .onnx file the language setting applies.
+    """
+    if setting not in BIT_SETTINGS:
+        raise RecipeError(f"unknown bit setting {setting!r}; choose one of {', '.join(BIT_SETTINGS)}")
+    bits = BIT_SETTINGS[setting]
+    language = with_overrides(recipe, _bit_overrides(recipe.passes, bits["language"]))
+    components = {name: dict(entry) for name, entry in recipe.components.items()}
+    vision = components.setdefault("vision", {})
+    if not vision.get("float"):
+        base = load_recipe(vision["recipe"]) if "recipe" in vision else recipe
+        overrides = {name: dict(params) for name, params in vision.get("overrides", {}).items()}
+        for name, params in _bit_overrides(base.passes, bits["vision"]).items():
+            overrides.setdefault(name, {}).update(params)
+        vision["overrides"] = overrides
+    return Recipe(f"{recipe.name} --bits {setting}", recipe.description, language.passes, components)

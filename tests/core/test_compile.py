@@ -101,6 +101,11 @@ def test_cli_compile_explain_recipes(llama_decoder, tmp_path):
     data = json.loads(runner.invoke(main, ["explain", str(out), "--json"]).output)
     layers = data["cli.onnx"]["passes"][-1]["layers"]
     assert len(layers) == 14 and all("sqnr_db" in layer for layer in layers)
+    wide = tmp_path / "w8.onnx"
+    result = runner.invoke(main, ["compile", str(llama_decoder), "-o", str(wide), "--recipe", "w4a8-rtn", "--bits", "w8a8"])
+    assert result.exit_code == 0 and "w4a8-rtn --bits w8a8" in result.output, result.output
+    wide_layers = json.loads(runner.invoke(main, ["explain", str(wide), "--json"]).output)["w8.onnx"]["passes"][-1]["layers"]
+    assert {layer["w_bits"] for layer in wide_layers} == {8}
     dry = runner.invoke(main, ["explain", str(llama_decoder), "--recipe", "w8a8"])
     assert dry.exit_code == 0 and "quantize_linears" in dry.output
     assert not (llama_decoder.parent / "decoder.dry-run.onnx").exists()

@@ -130,7 +130,7 @@ def test_table7_ablation_recipes(biased, tmp_path):
 def test_component_recipes_mixed_bits(tmp_path):
     """A recipe's "components" map: W8A8 vision / W4A8 decoder (mquant-w8a8-vision), and its validation."""
     from mqc.errors import RecipeError
-    from mqc.recipes import load_recipe
+    from mqc.recipes import load_recipe, with_bits
 
     recipe = load_recipe("mquant-w8a8-vision")
     bits = {c: next(s["weight_bits"] for s in recipe.for_component(c).passes if s["pass"] == "gptq_weights")
@@ -138,6 +138,16 @@ def test_component_recipes_mixed_bits(tmp_path):
     assert bits == {"vision": 8, "decoder": 4}
     vision = [s["pass"] for s in recipe.for_component("vision").passes]
     assert "ln_to_rmsnorm" in vision and "aifs" not in vision and "rms_split" in vision
+    for setting, expected in (("w8a8-vision", {"vision": 8, "decoder": 4}), ("w4a8", {"vision": 4, "decoder": 4})):
+        chosen = with_bits(load_recipe("mquant"), setting)  # `mqc compile --bits`
+        got = {c: next(s["weight_bits"] for s in chosen.for_component(c).passes if s["pass"] == "gptq_weights")
+               for c in ("vision", "decoder")}
+        assert got == expected, (setting, got)
+    masquant = with_bits(load_recipe("masquant"), "w8a8")
+    assert masquant.for_component("vision") is None  # float stays float
+    assert {s["w_bits"] for s in masquant.for_component("decoder").passes if "w_bits" in s} == {8}
+    with pytest.raises(RecipeError, match="unknown bit setting"):
+        with_bits(recipe, "w2a2")
     bad = tmp_path / "bad.json"
     bad.write_text('{"name": "b", "passes": [{"pass": "aifs"}], "components": {"vision": {"overrides": {"nope": {}}}}}')
     with pytest.raises(RecipeError, match="unknown passes"):
