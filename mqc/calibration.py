@@ -67,9 +67,8 @@ class TensorStats:
             counts, _ = np.histogram(magnitude, bins=HIST_BINS, range=(0.0, self.hist_range))
             self.hist += counts
         self._reservoir(rows)
-        if self.gram is not None:
-            r64 = rows.astype(np.float64)
-            self.gram += r64.T @ r64
+        if self.gram is not None:  # one batch's product in fp32 (twice the BLAS rate), the running sum in fp64
+            self.gram += (rows.T @ rows).astype(np.float64)
         self.rows += rows.shape[0]
 
     def _grow_histogram(self, needed: float) -> None:
