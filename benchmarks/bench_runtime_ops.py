@@ -7,9 +7,11 @@ tower) and decode (M = 1), in three formats measured side by side in one process
 * ``float``: ``MatMul(X, W) [+ bias]`` in fp32;
 * ``qdq``: the foundation's QDQ form (QuantizeLinear/DequantizeLinear around the MatMul), which onnxruntime's CPU
   EP fuses into its own int8 kernels (MatMulIntegerToFloat) at ``ORT_ENABLE_ALL``;
-* ``mqc w8`` / ``mqc w4``: the QDQ model lowered by passes/lower_runtime_ops.py to ``ai.mqc::QuantLinear``.
+* ``mqc w8`` / ``mqc w4``: the QDQ model lowered by passes/lower_runtime_ops.py to ``ai.mqc::QuantLinear``;
+* with ``--dynamic`` also ``qdq w8 dyn`` (the per-token dynamic activation fake-quant of passes/cmc.py, MASQuant's
+  setting, in front of the same QDQ weight) and ``mqc w8 dyn`` / ``mqc w4 dyn`` (it lowered, ``dynamic=1``).
 
-    python benchmarks/bench_runtime_ops.py --threads 2 --repeat 50 --markdown
+    python benchmarks/bench_runtime_ops.py --threads 2 --repeat 50 --markdown [--dynamic]
     python benchmarks/bench_runtime_ops.py --gpu      # on a CUDA machine with torch: kernels vs torch fp16 matmul
 
 The GPU mode calls the CUDA kernels through libmqc_ops_cuda.so's C entry points (ctypes) on torch tensors, checks
@@ -77,6 +79,21 @@ def _qdq_model(w: np.ndarray, bias: np.ndarray, act_scale: float, bits: int) -> 
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=IR_VERSION)
 
 
+def _dynamic_qdq_model(w: np.ndarray, bias: np.ndarray, bits: int) -> onnx.ModelProto:
+    """``_qdq_model`` with X's Q/DQ replaced by passes/cmc.py's dynamic per-token quantizer (built by cmc.py)."""
+    from mqc.passes.cmc import insert_activation_dynamic
+
+    model = ir.serde.deserialize_model(_qdq_model(w, bias, 1.0, bits))
+    x = model.graph.inputs[0]
+    matmul = next(n for n in model.graph if n.op_type == "MatMul")
+    matmul.replace_input_with(0, x)
+    insert_activation_dynamic(model.graph, x, 8, [matmul])
+    ir.passes.common.RemoveUnusedNodesPass()(model)
+    proto = ir.serde.serialize_model(model)
+    proto.ir_version = IR_VERSION
+    return proto
+
+
 def _lowered(qdq: onnx.ModelProto) -> onnx.ModelProto:
     model = ir.serde.deserialize_model(qdq)
     record = lower_to_runtime_ops(model)
@@ -126,7 +143,7 @@ def cpu_machine() -> str:
     return f"{model}, {os.cpu_count()} cores visible, {isa}; onnxruntime {ort.__version__}, Python {platform.python_version()}"
 
 
-def run_cpu(threads: int, repeat: int, shapes=CPU_SHAPES) -> list[dict]:
+def run_cpu(threads: int, repeat: int, shapes=CPU_SHAPES, dynamic: bool = False) -> list[dict]:
     rng = np.random.default_rng(0)
     rows = []
     for component, layer, K, N, M_prefill in shapes:
@@ -137,6 +154,10 @@ def run_cpu(threads: int, repeat: int, shapes=CPU_SHAPES) -> list[dict]:
         models["qdq w8"] = qdq8
         models["mqc w8"] = _lowered(qdq8)
         models["mqc w4"] = _lowered(_qdq_model(w, bias, 0.03, 4))
+        if dynamic:
+            models["qdq w8 dyn"] = _dynamic_qdq_model(w, bias, 8)
+            models["mqc w8 dyn"] = _lowered(models["qdq w8 dyn"])
+            models["mqc w4 dyn"] = _lowered(_dynamic_qdq_model(w, bias, 4))
         sessions = {k: _session(m, threads) for k, m in models.items()}
         for phase, M in (("prefill", M_prefill), ("decode", 1)):
             x = rng.standard_normal((1, M, K)).astype(np.float32)
@@ -170,6 +191,16 @@ def markdown_cpu(rows: list[dict], threads: int, repeat: int) -> str:
             f"{tot['mqc w4']:.3f} | {tot['mqc w8'] / tot['float']:.2f} | {tot['mqc w8'] / tot['qdq w8']:.2f} | "
             f"{tot['mqc w4'] / tot['mqc w8']:.2f} |"
         )
+    if "mqc w8 dyn" in rows[0]:
+        out += ["", "Dynamic per-token activations (MASQuant's setting), same runs:", "",
+                "| component | layer | M | K | N | QDQ W8A8 dyn | mqc W8A8 dyn | mqc W4A8 dyn | mqc W8 dyn / QDQ dyn | "
+                "mqc W8 dyn / static | mqc W4 dyn / static |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            out.append(
+                f"| {r['component']} | {r['layer']} | {r['M']} | {r['K']} | {r['N']} | {cell(r, 'qdq w8 dyn')} | "
+                f"{cell(r, 'mqc w8 dyn')} | {cell(r, 'mqc w4 dyn')} | {r['mqc w8 dyn'] / r['qdq w8 dyn']:.2f} | "
+                f"{r['mqc w8 dyn'] / r['mqc w8']:.2f} | {r['mqc w4 dyn'] / r['mqc w4']:.2f} |"
+            )
     return "\n".join(out)
 
 
@@ -426,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", action="store_true", help="print the BENCHMARKS.md table at the end")
     parser.add_argument("--gpu", action="store_true", help="GPU kernels vs torch fp16 matmul (needs torch with CUDA)")
     parser.add_argument("--quick", action="store_true", help="three shapes, few runs (a smoke test)")
+    parser.add_argument("--dynamic", action="store_true", help="also per-token dynamic activations (QDQ and mqc)")
     parser.add_argument("--decoder", metavar="MODEL", help="whole-decoder benchmark of a packaged model (e.g. tiny-vlm)")
     parser.add_argument("--workdir", type=Path, default=Path("build/bench_runtime_ops"), help="compiled decoders go here")
     parser.add_argument("--recipes", help="with --decoder: comma-separated recipes to compare instead of W8A8/W4A8")
@@ -438,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         print(run_gpu(args.repeat))
         return 0
     shapes = CPU_SHAPES[2:4] + CPU_SHAPES[4:5] if args.quick else CPU_SHAPES
-    rows = run_cpu(args.threads, 3 if args.quick else args.repeat, shapes)
+    rows = run_cpu(args.threads, 3 if args.quick else args.repeat, shapes, dynamic=args.dynamic)
     if args.markdown:
         print()
         print(markdown_cpu(rows, args.threads, 3 if args.quick else args.repeat))

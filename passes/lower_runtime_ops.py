@@ -20,7 +20,12 @@ Rules:
    an int8 zero point of 0 (per-tensor symmetric int8), or MSQ's per-token fake-quant (passes/msq.py)
    ``Mul(Clip(Round(Div(X, s)), -128, 127), s)`` with ``s = Where(Equal(Unsqueeze(modality_ids, [-1]), 1),
    s_image, s_text)``, which becomes ``act_scale = [s_text, s_image]`` plus the ``modality_ids`` input (same
-   division, half-to-even rounding and clip as the op, so the int8 codes are identical). Several linears may
+   division, half-to-even rounding and clip as the op, so the int8 codes are identical), or the dynamic per-token
+   fake-quant of passes/cmc.py (``acts="dynamic"``), the same Mul/Clip/Round/Div with
+   ``s = Max(Div(ReduceMax(Abs(X), axes=[-1], keepdims=1), 127), 1e-12)``, which becomes ``dynamic=1`` with an
+   empty ``act_scale``: the op computes the same fp32 scale per token (division, then the floor), so its codes
+   are bit-identical to the graph's. The dynamic form is lowered only when the graph computes its scale in
+   float32 (an fp16 graph rounds the scale to fp16, and its 1e-12 floor underflows to 0). Several linears may
    share one activation quantizer (q/k/v): each is lowered on its own and the quantizer is removed once no
    reader is left.
 3. ``w_dq`` must dequantize a constant 2-D INT8 or INT4 weight per output channel (``axis`` 1 or -1, no
@@ -33,25 +38,27 @@ Rules:
    ``ai.mqc::Hadamard(X, H_m)``: an O(n log n + m n) transform instead of an n x n MatMul, equal up to fp32
    rounding. Randomized rotations (R1: signs times a random ±1 diagonal) fail the Kronecker check and stay.
 6. Opt-in (``fuse_norms=True``): an fp32 ``RMSNormalization`` / ``SimplifiedLayerNormalization`` whose every
-   reader is a lowered ``QuantLinear`` with the same activation scale(s), modality input and no low-rank or
+   reader is a lowered static ``QuantLinear`` with the same activation scale(s), modality input and no low-rank or
    channel-0 branch becomes ``ai.mqc::RMSNormQuant``, and the readers take its int8 output. Not bit-exact with
    the QDQ model: the norm is computed inside the op, so an activation within fp32 rounding of a .5 boundary
    may get the neighbouring code (measured: under 0.1% of codes, never more than one step).
 7. RMS (passes/rms_split.py, float side branch): ``Add(QuantLinear(Slice(X, 1:)), MatMul(Slice(X, 0:1), row))``
-   becomes one ``QuantLinear(X, ..., side_row=row)``: channel 0 bypasses quantization inside the op. The w8 side
-   branch (a quantized row) is refused and stays as it is.
-8. CMC (passes/cmc.py, static activations): ``Add(QuantLinear(x_s, B, ..., modality_ids),
+   becomes one ``QuantLinear(X, ..., side_row=row)``: channel 0 bypasses quantization inside the op (a dynamic
+   scale is then the absmax of channels 1:, as in the graph). The w8 side branch (a quantized row) is refused and
+   stays as it is.
+8. CMC (passes/cmc.py): ``Add(QuantLinear(x_s, B, ..., modality_ids),
    Where(Equal(Unsqueeze(modality_ids, [-1]), 1), MatMul(MatMul(x_s, L1), L2), 0))`` becomes one
    ``QuantLinear(x_s, B, ..., modality_ids, lowrank_a=L1, lowrank_b=L2)``: the op adds the fp32 low-rank
-   correction on image tokens. The dynamic-activation form of passes/cmc.py has no static scale and is not
-   lowered (its linears stay in the graph's own ops).
+   correction on image tokens. With dynamic activations the branch has the same form but the QuantLinear has no
+   modality input (its scale is per token): the branch's ``modality_ids`` becomes its input 5, which then only
+   selects the low-rank tokens.
 Refused (recorded with the reason, the QDQ form stays): per-group weights, asymmetric or non-int8 activations,
 non-constant weights or scales, uint8 activations, transposed (Gemm-style, ``axis=0``) weights.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 import onnx_ir as ir
@@ -60,6 +67,7 @@ from onnxscript.rewriter._basics import MatchResult
 
 from mqc.ir import constant_array, ensure_opset, remove_unused_initializers
 from mqc.pass_manager import MqcPass
+from mqc.quantizer import MIN_SCALE
 
 MQC_DOMAIN = "ai.mqc"
 MQC_OPSET = 1
@@ -109,22 +117,81 @@ def _scalar(value: ir.Value | None) -> float | None:
     return float(array.reshape(()))
 
 
-def _msq_source(x_dq: ir.Value, result: MatchResult) -> tuple[ir.Value, np.ndarray, ir.Value] | MatchResult:
-    """(X, [s_text, s_image], modality_ids) for the MSQ per-token fake-quant of passes/msq.py."""
+class _ActSource(NamedTuple):
+    """What a QuantLinear needs from an activation quantizer."""
+
+    x: ir.Value  # the float activation
+    act_scale: np.ndarray  # [1] or [2] (text, image); empty when dynamic
+    modality_ids: ir.Value | None
+    dynamic: bool = False
+
+
+def _reduce_axes(node: ir.Node) -> list[int] | None:
+    """A ReduceMax's axes, from its input (opset >= 18) or its attribute."""
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        return _int_list(node.inputs[1])
+    attr = node.attributes.get("axes")
+    return None if attr is None else [int(a) for a in attr.as_ints()]
+
+
+def _dynamic_scale_check(s: ir.Value, x: ir.Value, result: MatchResult) -> MatchResult:
+    """``s = Max(Div(ReduceMax(Abs(X), [-1], keepdims=1), 127), 1e-12)`` in float32, passes/cmc.py's per-token
+    scale: the op recomputes exactly this in fp32, so the graph must compute it in fp32 too (an fp16 graph rounds
+    the scale to fp16 and its 1e-12 floor underflows to 0)."""
+    floor_node = _producer(s, "Max")
+    assert floor_node is not None
+    raw = next((d for d in (_producer(i, "Div") for i in floor_node.inputs) if d is not None), None)
+    floor = floor_node.inputs[1] if raw is not None and floor_node.inputs[0] is raw.outputs[0] else floor_node.inputs[0]
+    reduce = _producer(raw.inputs[0], "ReduceMax") if raw is not None else None
+    absolute = _producer(reduce.inputs[0], "Abs") if reduce is not None else None
+    if raw is None or absolute is None or absolute.inputs[0] is not x:
+        return result.fail("the dynamic scale is not Max(Div(ReduceMax(Abs(X)), qmax), floor) of the quantized X",
+                           floor_node)
+    rank = len(x.shape) if x.shape is not None else None
+    axes = _reduce_axes(reduce)
+    if axes not in ([-1], [rank - 1] if rank else [-1]) or reduce.attributes.get_int("keepdims", 1) != 1:
+        return result.fail(f"the dynamic absmax reduces axes {axes}, not the last axis with keepdims=1", reduce)
+    constants = {"qmax": constant_array(raw.inputs[1]), "floor": constant_array(floor)}
+    if any(c is None or c.size != 1 or c.dtype != np.float32 for c in constants.values()):
+        return result.fail("the dynamic scale's qmax and floor are not float32 constant scalars (an fp16 graph?)",
+                           floor_node)
+    qmax, low = (float(c.reshape(())) for c in constants.values())
+    if qmax != 127.0 or np.float32(low) != np.float32(MIN_SCALE):
+        return result.fail(f"the dynamic scale is absmax / {qmax} floored at {low}, not the op's / 127 and 1e-12",
+                           floor_node)
+    return result
+
+
+def _fake_quant_source(x_dq: ir.Value, result: MatchResult) -> _ActSource | MatchResult:
+    """The source of ``Mul(Clip(Round(Div(X, s)), -128, 127), s)``: MSQ's per-token form (passes/msq.py), with
+    ``s = Where(Equal(Unsqueeze(modality_ids, [-1]), 1), s_image, s_text)``, or the dynamic per-token form of
+    passes/cmc.py, with ``s = Max(Div(ReduceMax(Abs(X)), 127), 1e-12)``."""
     mul = _producer(x_dq, "Mul")
     assert mul is not None
     clip = next((c for c in (_producer(i, "Clip") for i in mul.inputs) if c is not None), None)
     if clip is None:
-        return result.fail("the MatMul input is neither a DequantizeLinear nor the MSQ Mul(Clip(...), s)", x_dq)
+        return result.fail("the MatMul input is neither a DequantizeLinear nor a fake-quant Mul(Clip(...), s)", x_dq)
     s = mul.inputs[1] if mul.inputs[0] is clip.outputs[0] else mul.inputs[0]
-    where = _producer(s, "Where")
+    where, floor = _producer(s, "Where"), _producer(s, "Max")
     rnd = _producer(clip.inputs[0], "Round")
     div = _producer(rnd.inputs[0], "Div") if rnd is not None else None
-    if where is None or div is None or div.inputs[1] is not s:
-        return result.fail("the MSQ fake-quant is not Mul(Clip(Round(Div(X, s))), s) with s = Where(...)", mul)
+    if (where is None and floor is None) or div is None or div.inputs[1] is not s:
+        return result.fail("the fake-quant is not Mul(Clip(Round(Div(X, s))), s) with s = Where(...) (MSQ) "
+                           "or Max(...) (dynamic per token)", mul)
     qmin, qmax = (_scalar(clip.inputs[i]) if len(clip.inputs) > i else None for i in (1, 2))
     if qmin != -128.0 or qmax != 127.0:
-        return result.fail(f"the MSQ clip range [{qmin}, {qmax}] is not int8's [-128, 127]", clip)
+        return result.fail(f"the fake-quant clip range [{qmin}, {qmax}] is not int8's [-128, 127]", clip)
+    x = div.inputs[0]
+    if x is None or (x.dtype is not None and x.dtype not in _FLOAT_TYPES):
+        return result.fail("the quantized activation is not float or float16", div)
+    if floor is not None:
+        if x.dtype not in (None, ir.DataType.FLOAT):
+            return result.fail("the dynamic per-token quantizer of a float16 activation computes its scale in fp16; "
+                               "the op's fp32 scale would give other codes", div)
+        check = _dynamic_scale_check(s, x, result)
+        if not check:
+            return check
+        return _ActSource(x, np.zeros(0, np.float32), None, dynamic=True)
     s_image, s_text = _scalar(where.inputs[1]), _scalar(where.inputs[2])
     if s_image is None or s_text is None or not (s_image > 0 and s_text > 0):
         return result.fail("the MSQ scales are not two positive constant scalars", where)
@@ -136,22 +203,16 @@ def _msq_source(x_dq: ir.Value, result: MatchResult) -> tuple[ir.Value, np.ndarr
     ids = unsq.inputs[0]
     if ids is None or ids.dtype != ir.DataType.INT64:
         return result.fail("modality_ids is not int64", unsq)
-    x = div.inputs[0]
-    if x is None or (x.dtype is not None and x.dtype not in _FLOAT_TYPES):
-        return result.fail("the quantized activation is not float or float16", div)
-    scales = np.array([np.float32(s_text), np.float32(s_image)], dtype=np.float32)
-    return x, scales, ids
+    return _ActSource(x, np.array([np.float32(s_text), np.float32(s_image)], dtype=np.float32), ids)
 
 
-def _activation_source(
-    x_dq: ir.Value, result: MatchResult
-) -> tuple[ir.Value, np.ndarray, ir.Value | None] | MatchResult:
-    """(X, act_scale, modality_ids) for ``x_dq = DQ(Q(X, s, 0), s, 0)`` or the MSQ form, else a failed match."""
+def _activation_source(x_dq: ir.Value, result: MatchResult) -> _ActSource | MatchResult:
+    """The activation source of ``x_dq = DQ(Q(X, s, 0), s, 0)`` or of a fake-quant Mul, else a failed match."""
     if _producer(x_dq, "Mul") is not None:
-        return _msq_source(x_dq, result)
+        return _fake_quant_source(x_dq, result)
     dq = _producer(x_dq, "DequantizeLinear")
     if dq is None:
-        return result.fail("the MatMul input is not a DequantizeLinear (or MSQ) output", x_dq)
+        return result.fail("the MatMul input is not a DequantizeLinear (or fake-quant Mul) output", x_dq)
     q = _producer(dq.inputs[0], "QuantizeLinear")
     if q is None:
         return result.fail("the activation DequantizeLinear does not read a QuantizeLinear", dq)
@@ -169,7 +230,7 @@ def _activation_source(
     x = q.inputs[0]
     if x is None or (x.dtype is not None and x.dtype not in _FLOAT_TYPES):
         return result.fail("the quantized activation is not float or float16", q)
-    return x, q_scale.astype(np.float32).reshape(1), None
+    return _ActSource(x, q_scale.astype(np.float32).reshape(1), None)
 
 
 def _weight(w_dq: ir.Value, result: MatchResult) -> tuple[np.ndarray, int, np.ndarray] | MatchResult:
@@ -239,24 +300,25 @@ class _QdqLinearToQuantLinear(pattern.RewriteRuleClassBase):
         return result
 
     def rewrite(self, op, x_dq, w_dq, mm, bias=None, **_):
-        x, act_scale, modality_ids = _activation_source(x_dq, MatchResult())
+        source = _activation_source(x_dq, MatchResult())
         w, bits, w_scale = _weight(w_dq, MatchResult())
         base = mm.name or w_dq.producer().inputs[0].name or "linear"  # unique per linear, even for shared weights
         if bits == 4 and w.shape[0] % 2:  # odd K (e.g. 2^k - 1 after the RMS split): a zero nibble pads the row
             w = np.vstack([w, np.zeros((1, w.shape[1]), np.int8)])
         packed = np.ascontiguousarray(w.T) if bits == 8 else pack_int4_rows(np.ascontiguousarray(w.T))
         inputs = [
-            x,
+            source.x,
             op.initializer(ir.tensor(packed, name=f"{base}.mqc_packed"), name=f"{base}.mqc_packed"),
             op.initializer(ir.tensor(w_scale, name=f"{base}.mqc_w_scale"), name=f"{base}.mqc_w_scale"),
-            op.initializer(ir.tensor(act_scale, name=f"{base}.mqc_act_scale"), name=f"{base}.mqc_act_scale"),
+            op.initializer(ir.tensor(source.act_scale, name=f"{base}.mqc_act_scale"), name=f"{base}.mqc_act_scale"),
         ]
         if self.with_bias:
             b = constant_array(bias).astype(np.float32)
             inputs.append(op.initializer(ir.tensor(b, name=f"{base}.mqc_bias"), name=f"{base}.mqc_bias"))
-        if modality_ids is not None:
-            inputs += [None] * (5 - len(inputs)) + [modality_ids]
-        return op.QuantLinear(*inputs, bits=bits, _domain=MQC_DOMAIN, _version=MQC_OPSET)
+        if source.modality_ids is not None:
+            inputs += [None] * (5 - len(inputs)) + [source.modality_ids]
+        attributes = {"bits": bits, **({"dynamic": 1} if source.dynamic else {})}
+        return op.QuantLinear(*inputs, **attributes, _domain=MQC_DOMAIN, _version=MQC_OPSET)
 
 
 def _hadamard_base(h: ir.Value, result: MatchResult) -> np.ndarray | MatchResult:
@@ -370,7 +432,7 @@ def _input(node: ir.Node, index: int) -> ir.Value | None:
     return node.inputs[index] if len(node.inputs) > index else None
 
 
-def _branch_replacement(add: ir.Node) -> tuple[ir.Node, dict[int, ir.Value]] | str | None:
+def _branch_replacement(add: ir.Node) -> tuple[ir.Node, dict[int, ir.Value | np.ndarray]] | str | None:
     """For ``Add(QuantLinear(...), branch)``: the QuantLinear and the inputs that absorb the branch, a refusal
     reason, or None when the Add is not a branch of a QuantLinear."""
     for main_value, other in ((add.inputs[0], add.inputs[1]), (add.inputs[1], add.inputs[0])):
@@ -396,7 +458,16 @@ def _branch_replacement(add: ir.Node) -> tuple[ir.Node, dict[int, ir.Value]] | s
             ids = _input(ql, 5)
             equal = _producer(where.inputs[0], "Equal")
             unsq = _producer(equal.inputs[0], "Unsqueeze") if equal is not None else None
-            if ids is None or unsq is None or unsq.inputs[0] is not ids or _scalar(equal.inputs[1]) != 1.0:
+            if unsq is None or _scalar(equal.inputs[1]) != 1.0 or _int_list(_input(unsq, 1)) != [-1]:
+                return "the low-rank branch is not selected by Equal(Unsqueeze(modality_ids, [-1]), 1)"
+            extra: dict[int, ir.Value | np.ndarray] = {}
+            if ids is None and ql.attributes.get_int("dynamic", 0) and _input(ql, 6) is None:
+                # A dynamic QuantLinear takes no modality input for its scale: the branch's mask supplies it.
+                ids = unsq.inputs[0]
+                if ids is None or ids.dtype != ir.DataType.INT64:
+                    return "the low-rank branch's modality_ids is not int64"
+                extra[5] = ids
+            if ids is None or unsq.inputs[0] is not ids:
                 return "the low-rank branch is not selected by the QuantLinear's own modality_ids == 1"
             if _scalar(where.inputs[2]) != 0.0:
                 return "the low-rank branch's else-value is not 0"
@@ -409,7 +480,7 @@ def _branch_replacement(add: ir.Node) -> tuple[ir.Node, dict[int, ir.Value]] | s
                 return "the low-rank factors are not constant [K, r] / [r, N] matrices"
             if _input(ql, 7) is not None:
                 return "the QuantLinear already has a low-rank branch"
-            return ql, {7: l1.astype(np.float32), 8: l2.astype(np.float32)}
+            return ql, {**extra, 7: l1.astype(np.float32), 8: l2.astype(np.float32)}
     return None
 
 
@@ -438,8 +509,9 @@ def _fold_branches(graph: ir.Graph, skips: dict[str, str]) -> int:
             inputs[index] = value
         while inputs and inputs[-1] is None:
             inputs.pop()
-        node = ir.node("QuantLinear", inputs, attributes={"bits": ql.attributes.get_int("bits", 8)}, domain=MQC_DOMAIN,
-                       version=MQC_OPSET, name=f"{ql.name or base}/mqc_with_branch")
+        attributes = {k: a.value for k, a in ql.attributes.items()}  # bits, and dynamic when set
+        node = ir.node("QuantLinear", inputs, attributes=attributes, domain=MQC_DOMAIN, version=MQC_OPSET,
+                       name=f"{ql.name or base}/mqc_with_branch")
         out = add.outputs[0]
         node.outputs[0].dtype, node.outputs[0].shape = out.dtype, out.shape
         graph.insert_after(add, node)
@@ -486,6 +558,8 @@ def _fuse_norm_quant(graph: ir.Graph, skips: dict[str, str]) -> int:
             reason = "not every reader of the norm is a QuantLinear"  # e.g. a float lm_head, or a residual
         elif any(len(r.inputs) > 7 and any(v is not None for v in r.inputs[7:]) for r in readers):
             reason = "a reader has a low-rank or channel-0 branch (those need the float input)"
+        elif any(r.attributes.get_int("dynamic", 0) for r in readers):
+            reason = "a reader quantizes dynamically per token (its scale comes from the float input)"
         elif any(not _same_constant(r.inputs[3], readers[0].inputs[3]) for r in readers):
             reason = "the readers quantize with different activation scales"
         elif any((r.inputs[5] if len(r.inputs) > 5 else None) is not (readers[0].inputs[5] if len(readers[0].inputs) > 5 else None)

@@ -83,6 +83,18 @@ inline int8_t quantize_rne(float v) {
   return (int8_t)(int)r;
 }
 
+// ---- Dynamic per-token scale (QuantLinear dynamic=1) -------------------------------------------------------
+// The graph's per-token quantizer (passes/cmc.py, insert_activation_dynamic) takes
+// scale = Max(Div(ReduceMax(Abs(x)), 127), 1e-12) in fp32; the op repeats it (division first, then the floor, no
+// reciprocal) so its int8 codes equal the graph's.
+constexpr float kDynamicQmax = 127.f;
+constexpr float kDynamicMinScale = 1e-12f;  // mqc.quantizer.MIN_SCALE: an all-zero row keeps scale > 0, codes 0
+
+inline float dynamic_scale(float absmax) {
+  const float s = absmax / kDynamicQmax;
+  return s < kDynamicMinScale ? kDynamicMinScale : s;
+}
+
 // ---- Modality selection ----------------------------------------------------------------------------------
 // A token is "image" (index 1 of a two-entry activation scale) when modality_ids says 1, or, for the split-index
 // form, when its position in the sequence is below the split. Everything else (and every token when neither

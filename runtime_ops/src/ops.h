@@ -1,15 +1,16 @@
 // Operator definitions of the ai.mqc domain (version 1) and their registration.
 //
-// QuantLinear  (attr bits = 8 | 4)
-//   inputs : X [..., Kx] float | float16 | int8 (int8: already quantized, e.g. by RMSNormQuant)
+// QuantLinear  (attr bits = 8 | 4, dynamic = 0 | 1)
+//   inputs : X [..., Kx] float | float16 | int8 (int8: already quantized, e.g. by RMSNormQuant; not with dynamic=1)
 //            W int8 [N, K] (bits 8) or uint8 [N, K/2] (bits 4; low nibble = even k; two's-complement nibbles)
-//            w_scale float [N]; act_scale float [1] or [2] = (text, image)
+//            w_scale float [N]; act_scale float [1] or [2] = (text, image), or [0] (or an unread [1]) when dynamic
 //            bias float [N]?; modality_ids int64 (one per token, 1 = image)?; split int64 [] | [1] (positions
 //            < split of each sequence are image)?; lowrank_a float [K, r]?; lowrank_b float [r, N]?;
 //            side_row float [N]? (then K = Kx - 1: channel 0 of X bypasses quantization, y += x[..., 0] * side_row)
 //   output : Y [..., N], float for float/int8 X, float16 for float16 X
 //   math   : q = clip(rne(X[..., c0:] / s_tok), -128, 127); acc = q @ W^T (int32); Y = acc * (s_tok * w_scale) + bias
 //            + [tok is image or no modality given] (X[..., c0:] @ lowrank_a) @ lowrank_b + x[..., 0] * side_row
+//            dynamic=1: s_tok = max(max_k |X[tok, c0 + k]| / 127, 1e-12) in fp32 (the graph's per-token quantizer)
 // Hadamard: X [..., n] float | float16, H_m float [m, m]? -> Y = X @ kron(H_m, H_{2^k}) / sqrt(n), n = m 2^k
 // RMSNormQuant (attr epsilon = 1e-6): X [..., K] float | float16, gamma float [K], act_scale float [1]|[2],
 //            modality_ids?, split? -> int8 clip(rne(X / sqrt(mean(X^2) + eps) * gamma / s_tok))
@@ -43,6 +44,11 @@ ModalitySelector modality_from_inputs_shapes(const char* op, const TensorView& i
                                              const std::vector<int64_t>& x_shape, int64_t tokens);
 ModalitySelector modality_from_inputs(const char* op, const TensorView& ids, const TensorView& split,
                                       const std::vector<int64_t>& x_shape, int64_t tokens);
+
+// QuantLinear's attribute dynamic (0 or 1), refused for the int8-X signature (no float row to take a scale from).
+bool quant_linear_dynamic_attr(const OrtKernelInfo* info, bool int8_x);
+// act_scale's type and entry count: [1] or [2] (text, image); with dynamic=1 it is not read, so [0] or [1].
+void check_act_scale_shape(const char* op, const TensorView& as, bool dynamic);
 
 // Shared entry point of register_cpu.cc and register_cuda.cc: the CPU ops, plus add_more's (the CUDA ones).
 OrtStatus* register_domain(OrtSessionOptions* options, const OrtApiBase* api_base,

@@ -65,7 +65,10 @@ def _rms_everywhere() -> Recipe:
     return Recipe(name="mquant-rms-everywhere", description=base.description, passes=passes)
 
 
-@pytest.mark.parametrize(("recipe", "folded"), [("masquant-static", "CMC low-rank"), ("mquant-rms-everywhere", "RMS side")])
+@pytest.mark.parametrize(
+    ("recipe", "folded"),
+    [("masquant-static", "CMC low-rank"), ("masquant", "CMC low-rank"), ("mquant-rms-everywhere", "RMS side")],
+)
 def test_branches_folded_into_quant_linear(recipe, folded, tiny_decoder, tmp_path):
     """passes/cmc.py's low-rank branch and passes/rms_split.py's channel-0 branch join their QuantLinear."""
     qdq_path = tmp_path / "qdq.onnx"

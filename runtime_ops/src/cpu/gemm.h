@@ -29,6 +29,12 @@ using QuantizeRowsFn = void (*)(const void* X, int src_kind, int64_t ldx, int64_
                                 const float* row_scale, bool offset128, uint8_t* A, int32_t* rowsum, int64_t m0,
                                 int64_t m1);
 
+// Dynamic mode: row_scale[m] = dynamic_scale(max_k |X[m, col0 + k]|) for rows [m0, m1), X float (src_kind 0) or
+// half (1). The absmax compares the magnitude bits as unsigned integers (the numeric order of non-NaN floats), so
+// every variant vectorizes it without fast-math and returns the same value, a NaN in the row included.
+using DynamicScalesFn = void (*)(const void* X, int src_kind, int64_t ldx, int64_t col0, int64_t K, float* row_scale,
+                                 int64_t m0, int64_t m1);
+
 using UnpackW4Fn = void (*)(const PackedWeights& W, int64_t p0, int64_t p1, uint8_t* out);
 
 struct CpuKernels {
@@ -36,6 +42,7 @@ struct CpuKernels {
   GemmTileFn gemm_w8;
   GemmTileFn gemm_w4;
   QuantizeRowsFn quantize;
+  DynamicScalesFn dynamic_scales;
   UnpackW4Fn unpack_w4;  // see unpack_w4_panels in common.h
 };
 

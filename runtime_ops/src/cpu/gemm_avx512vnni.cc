@@ -207,6 +207,27 @@ void quantize_rows(const void* X, int src_kind, int64_t ldx, int64_t col0, int64
   }
 }
 
+void dynamic_scales(const void* X, int src_kind, int64_t ldx, int64_t col0, int64_t K, float* row_scale, int64_t m0,
+                    int64_t m1) {
+  const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF);
+  for (int64_t m = m0; m < m1; ++m) {
+    __m512i top = _mm512_setzero_si512();
+    for (int64_t k = 0; k < K; k += 16) {
+      const int64_t cnt = std::min<int64_t>(16, K - k);
+      const __mmask16 mask = cnt == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << cnt) - 1);
+      const __m512i bits =
+          src_kind == 0 ? _mm512_maskz_loadu_epi32(mask, static_cast<const float*>(X) + m * ldx + col0 + k)
+                        : _mm512_castps_si512(_mm512_cvtph_ps(
+                              _mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(X) + m * ldx + col0 + k)));
+      top = _mm512_max_epu32(top, _mm512_and_si512(bits, magnitude));  // masked-off lanes load 0
+    }
+    const uint32_t t = _mm512_reduce_max_epu32(top);
+    float absmax;
+    std::memcpy(&absmax, &t, 4);
+    row_scale[m] = dynamic_scale(absmax);
+  }
+}
+
 void unpack_w4(const PackedWeights& W, int64_t p0, int64_t p1, uint8_t* out) {
   const int64_t G2 = W.Kp / 8;
   const __m512i low4 = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi8(8);
@@ -223,7 +244,7 @@ void unpack_w4(const PackedWeights& W, int64_t p0, int64_t p1, uint8_t* out) {
 
 }  // namespace
 
-const CpuKernels kKernels = {"avx512vnni", gemm_w8, gemm_w4, quantize_rows, unpack_w4};
+const CpuKernels kKernels = {"avx512vnni", gemm_w8, gemm_w4, quantize_rows, dynamic_scales, unpack_w4};
 
 }  // namespace avx512vnni
 }  // namespace mqc

@@ -97,11 +97,35 @@ void quantize_rows(const void* X, int src_kind, int64_t ldx, int64_t col0, int64
   }
 }
 
+void dynamic_scales(const void* X, int src_kind, int64_t ldx, int64_t col0, int64_t K, float* row_scale, int64_t m0,
+                    int64_t m1) {
+  for (int64_t m = m0; m < m1; ++m) {
+    float absmax;
+    if (src_kind == 0) {
+      const float* row = static_cast<const float*>(X) + m * ldx + col0;
+      uint32_t top = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        uint32_t bits;
+        std::memcpy(&bits, row + k, 4);
+        top = std::max(top, bits & 0x7FFFFFFFu);
+      }
+      std::memcpy(&absmax, &top, 4);
+    } else {  // half: the same order on the 16-bit patterns; one exact conversion of the maximum
+      const uint16_t* row = static_cast<const uint16_t*>(X) + m * ldx + col0;
+      uint16_t top = 0;
+      for (int64_t k = 0; k < K; ++k) top = std::max<uint16_t>(top, row[k] & 0x7FFFu);
+      absmax = half_to_float(top);
+    }
+    row_scale[m] = dynamic_scale(absmax);
+  }
+}
+
 }  // namespace
 
 #define MQC_STR2(x) #x
 #define MQC_STR(x) MQC_STR2(x)
-const CpuKernels kKernels = {MQC_STR(MQC_GENERIC_NS), gemm_w8, gemm_w4, quantize_rows, unpack_w4_panels};
+const CpuKernels kKernels = {MQC_STR(MQC_GENERIC_NS), gemm_w8, gemm_w4, quantize_rows, dynamic_scales,
+                             unpack_w4_panels};
 
 }  // namespace MQC_GENERIC_NS
 }  // namespace mqc

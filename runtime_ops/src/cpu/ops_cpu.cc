@@ -38,6 +38,24 @@ ModalitySelector modality_from_inputs(const char* op, const TensorView& ids, con
   return sel;
 }
 
+bool quant_linear_dynamic_attr(const OrtKernelInfo* info, bool int8_x) {
+  const int64_t dynamic = attr_int(info, "dynamic", 0);
+  if (dynamic != 0 && dynamic != 1) fail("QuantLinear", "attribute dynamic must be 0 or 1, got ", dynamic);
+  if (dynamic && int8_x)
+    fail("QuantLinear", "dynamic=1 takes each token's scale from its float row, but X is int8 (already quantized, ",
+         "e.g. by RMSNormQuant): give float or float16 X");
+  return dynamic == 1;
+}
+
+void check_act_scale_shape(const char* op, const TensorView& as, bool dynamic) {
+  if (as.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) fail(op, "act_scale must be float32, got ", type_name(as.type));
+  if (dynamic && as.size() > 1)
+    fail(op, "with dynamic=1 act_scale is not read: give an empty float32 tensor (or a one-entry placeholder), got ",
+         shape_str(as.shape));
+  if (!dynamic && as.size() != 1 && as.size() != 2)
+    fail(op, "act_scale must be float32 with 1 or 2 entries (text, image), got ", shape_str(as.shape));
+}
+
 namespace {
 
 void expect_float_vector(const char* op, const char* what, const TensorView& t, int64_t n) {
@@ -61,11 +79,13 @@ PackedWeights pack_checked(const TensorView& w, int bits) {
 template <typename Tin, typename Tout>
 struct QuantLinearKernel {
   int bits = 8;
+  bool dynamic = false;                   // per-token scale from the row's absmax; act_scale ignored
   std::shared_ptr<PackedWeights> packed;  // from a constant W at creation, else packed on each call
 
   QuantLinearKernel(const OrtApi&, const OrtKernelInfo* info) {
     bits = static_cast<int>(attr_int(info, "bits", 8));
     if (bits != 8 && bits != 4) fail("QuantLinear", "attribute bits must be 8 or 4, got ", bits);
+    dynamic = quant_linear_dynamic_attr(info, std::is_same<Tin, int8_t>::value);
     Ort::ConstValue w = constant_input(info, kQlW);
     if (present(w)) packed = std::make_shared<PackedWeights>(pack_checked(view(w), bits));
   }
@@ -93,11 +113,9 @@ struct QuantLinearKernel {
     TensorView ws = view(ctx.GetInput(kQlWScale));
     expect_float_vector(op, "w_scale", ws, N);
     TensorView as = view(ctx.GetInput(kQlActScale));
-    if (as.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || (as.size() != 1 && as.size() != 2))
-      fail(op, "act_scale must be float32 with 1 or 2 entries (text, image), got ", type_name(as.type), " ",
-           shape_str(as.shape));
+    check_act_scale_shape(op, as, dynamic);
     const float* act = static_cast<const float*>(as.data);
-    for (int64_t i = 0; i < as.size(); ++i)
+    for (int64_t i = 0; !dynamic && i < as.size(); ++i)
       if (!(act[i] > 0.f)) fail(op, "act_scale entries must be > 0, got ", act[i]);
     TensorView bias = view(optional_input(ctx, kQlBias));
     if (bias.data) expect_float_vector(op, "bias", bias, N);
@@ -125,8 +143,9 @@ struct QuantLinearKernel {
     if (M == 0 || N == 0) return;
     void* Y = yv.GetTensorMutableRawData();
 
-    std::vector<float> row_scale(M);
-    for (int64_t m = 0; m < M; ++m) row_scale[m] = act[as.size() == 2 ? sel.of(m) : 0];
+    std::vector<float> row_scale(M);  // dynamic: filled per row block by the quantization stage
+    if (!dynamic)
+      for (int64_t m = 0; m < M; ++m) row_scale[m] = act[as.size() == 2 ? sel.of(m) : 0];
 
     const CpuKernels& kern = cpu_kernels();
     const int64_t Kp = W->Kp;
@@ -154,6 +173,7 @@ struct QuantLinearKernel {
     const int64_t qblock = 16;
     run(static_cast<size_t>((M + qblock - 1) / qblock), [&](size_t b) {
       const int64_t m0 = b * qblock, m1 = std::min(M, m0 + qblock);
+      if (dynamic) kern.dynamic_scales(x.data, src_kind, Kx, c0, K, row_scale.data(), m0, m1);
       kern.quantize(x.data, src_kind, Kx, c0, K, Kp, row_scale.data(), offset128, A.data(),
                     rowsum.empty() ? nullptr : rowsum.data(), m0, m1);
     });

@@ -29,8 +29,9 @@ struct QuantLinearParams {
   int64_t col0 = 0;          // 1 when channel 0 goes to the side branch
   const void* w = nullptr;   // device layout above
   const float* w_scale = nullptr;
-  const float* act_scale = nullptr;
+  const float* act_scale = nullptr;  // unused when dynamic
   int n_act = 1;
+  bool dynamic = false;  // s_tok = max(absmax of the row's K channels / 127, 1e-12), computed per row in fp32
   Modality modality;
   const float* bias = nullptr;
   const float* lowrank_a = nullptr;  // [K, r]

@@ -65,6 +65,7 @@ cuda::Modality device_modality(const char* op, Ort::KernelContext& ctx, size_t i
 template <typename Tin, typename Tout>
 struct CudaQuantLinearKernel {
   int bits = 8;
+  bool dynamic = false;  // per-token scale from the row's absmax (in the quantize kernel); act_scale ignored
   int64_t N = 0, K = 0, Kp = 0;
   void* w_dev = nullptr;
 
@@ -72,6 +73,7 @@ struct CudaQuantLinearKernel {
     const char* op = "QuantLinear";
     bits = static_cast<int>(attr_int(info, "bits", 8));
     if (bits != 8 && bits != 4) fail(op, "attribute bits must be 8 or 4, got ", bits);
+    dynamic = quant_linear_dynamic_attr(info, std::is_same<Tin, int8_t>::value);
     Ort::ConstValue wv = constant_input(info, kQlW);
     if (!present(wv)) fail(op, "the CUDA kernel needs W as a constant initializer (it is prepacked once)");
     TensorView w = view(wv);
@@ -114,9 +116,10 @@ struct CudaQuantLinearKernel {
     p.w = w_dev;
     TensorView ws = view(ctx.GetInput(kQlWScale)), as = view(ctx.GetInput(kQlActScale));
     if (ws.size() != N) fail(op, "w_scale must have ", N, " entries, got shape ", shape_str(ws.shape));
-    if (as.size() != 1 && as.size() != 2) fail(op, "act_scale must have 1 or 2 entries (text, image), got ", shape_str(as.shape));
+    check_act_scale_shape(op, as, dynamic);
     p.w_scale = static_cast<const float*>(ws.data);
-    p.act_scale = static_cast<const float*>(as.data);
+    p.dynamic = dynamic;
+    p.act_scale = dynamic ? nullptr : static_cast<const float*>(as.data);
     p.n_act = static_cast<int>(as.size());
     TensorView bias = view(optional_input(ctx, kQlBias));
     if (bias.data && bias.size() != N) fail(op, "bias must have ", N, " entries");

@@ -1,5 +1,6 @@
-// CUDA QuantLinear: static activation quantization, int8 x int8 tensor-core GEMM (int4 weights unpacked to int8
-// while staging into shared memory), dequantizing epilogue with bias, optional low-rank and channel-0 branches.
+// CUDA QuantLinear: static or dynamic per-token activation quantization, int8 x int8 tensor-core GEMM (int4
+// weights unpacked to int8 while staging into shared memory), dequantizing epilogue with bias, optional low-rank and
+// channel-0 branches.
 //
 // Why hand-written mma.sync kernels rather than CUTLASS or cuBLASLt: no extra multi-GB dependency at build or run
 // time (the CUDA 13 toolkit here has no cuBLAS, and a cuBLAS from PyPI would have to match onnxruntime-gpu's CUDA
@@ -13,6 +14,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "common.h"
 #include "cuda/kernels.h"
 
 namespace mqc {
@@ -31,10 +33,45 @@ __device__ __forceinline__ float row_scale_of(const QuantLinearParams& p, int64_
   return p.act_scale[p.n_act == 2 ? token_modality(p.modality, m) : 0];
 }
 
+// Block-wide max of |x| over row m's K quantized channels (blockDim a multiple of 32). It compares the magnitude
+// bits as unsigned integers, the numeric order of non-NaN floats, as the CPU kernels do.
+template <int KIND>
+__device__ float row_absmax(const QuantLinearParams& p, int64_t m) {
+  __shared__ unsigned warp_top[32];
+  unsigned top = 0;
+  for (int64_t k = threadIdx.x; k < p.K; k += blockDim.x) {
+    const int64_t idx = m * p.Kx + p.col0 + k;
+    const float v =
+        KIND == 0 ? static_cast<const float*>(p.x)[idx] : __half2float(static_cast<const __half*>(p.x)[idx]);
+    top = max(top, __float_as_uint(v) & 0x7FFFFFFFu);
+  }
+  top = __reduce_max_sync(0xFFFFFFFFu, top);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (lane == 0) warp_top[warp] = top;
+  __syncthreads();
+  if (warp == 0) {
+    top = __reduce_max_sync(0xFFFFFFFFu, lane < static_cast<int>(blockDim.x / 32) ? warp_top[lane] : 0u);
+    if (lane == 0) warp_top[0] = top;
+  }
+  __syncthreads();
+  return __uint_as_float(warp_top[0]);
+}
+
+// mqc::dynamic_scale on the device: IEEE division, then the floor.
+template <int KIND>
+__device__ float dynamic_row_scale(const QuantLinearParams& p, int64_t m) {
+  const float s = __fdiv_rn(row_absmax<KIND>(p, m), kDynamicQmax);
+  return s < kDynamicMinScale ? kDynamicMinScale : s;
+}
+
 template <int KIND>
 __global__ void quantize_kernel(QuantLinearParams p, int8_t* A, float* row_scale) {
   const int64_t m = blockIdx.x;
-  const float s = row_scale_of(p, m);
+  float s;
+  if constexpr (KIND != 2)
+    s = p.dynamic ? dynamic_row_scale<KIND>(p, m) : row_scale_of(p, m);  // p.dynamic is uniform: one block, one row
+  else
+    s = row_scale_of(p, m);
   if (threadIdx.x == 0) row_scale[m] = s;
   int8_t* a = A + m * p.Kp;
   for (int64_t k = threadIdx.x; k < p.Kp; k += blockDim.x) {
