@@ -45,8 +45,9 @@ Rules:
    unless ``whiten=False``), and the output SQNR of the emitted form on the calibration rows per modality (bias
    excluded; in-sample: the same rows fitted the Gram), with ``sqnr_db_image_uncompensated`` (image rows through B
    alone) next to it. Act mode, compensation, rank ratio and floor are the pass parameters.
-5. ``--format mqc`` lowers the static-activation form (``acts="static"``) into ``ai.mqc::QuantLinear`` with its
-   low-rank option; the dynamic per-token form has no static scale and stays in QDQ.
+5. ``--format mqc`` lowers both forms into ``ai.mqc::QuantLinear`` with its low-rank option: the static one with
+   its per-modality scales, the dynamic one with ``dynamic=1`` (the op computes each token's scale as the graph
+   does, so the int8 codes are identical); fp16 dynamic graphs stay in QDQ (their 1e-12 floor rounds to 0).
 """
 
 from __future__ import annotations
