@@ -178,7 +178,8 @@ def compile_package(
                 continue
             samples = list(calibration_feeds(model_dir, component, num_samples))
             reports[component] = compile_file(
-                model_dir / file, staging / file, component_recipe, feeds=lambda s=samples: s, fmt=fmt, exclude=exclude,
+                model_dir / file, staging / file, component_recipe, feeds=lambda s=samples: s, num_samples=len(samples),
+                fmt=fmt, exclude=exclude,
                 verify=verify, verify_rtol=verify_rtol, default_modality=modality, progress=progress,
             )
             reports[component].calibration = {"source": f"{manifest.get('name', model_dir.name)} calibration set "
