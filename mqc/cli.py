@@ -160,8 +160,8 @@ def recipes(as_json: bool) -> None:
             out.print(f"    [italic]{component}[/italic]: {json.dumps(entry)}")
 
 
-#: The recipe `mqc demo` compiles the packaged model with: the best one measured so far (BENCHMARKS.md, tiny VLM).
-DEMO_RECIPE = "quarot"
+#: The recipe `mqc demo` compiles the packaged model with: MQuant, level with the best measured (BENCHMARKS.md).
+DEMO_RECIPE = "mquant"
 
 
 @main.command()
