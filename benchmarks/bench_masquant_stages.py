@@ -24,20 +24,13 @@ from bench_recipes import folder_name, recipe_from_spec
 
 
 def _run_stage(source: str, output: Path, recipe: dict, samples: int) -> dict:
-    """Compile ``source`` with ``recipe`` in a process of its own (its peak RSS is the stage's)."""
-    code = (
-        "import json, resource, sys, time\n"
-        "from mqc.compiler import compile_package\n"
-        "start = time.perf_counter()\n"
-        "compile_package(sys.argv[1], sys.argv[2], sys.argv[3], num_samples=int(sys.argv[4]))\n"
-        "print(json.dumps({'compile_s': round(time.perf_counter() - start, 1),\n"
-        "                  'compile_peak_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))\n"
-    )
+    """Compile ``source`` with ``recipe`` through ``bench_recipes.py``'s worker (its own process and peak RSS)."""
     with tempfile.TemporaryDirectory() as tmp:
         recipe_file = Path(tmp) / "recipe.json"
         recipe_file.write_text(json.dumps(recipe))
-        run = subprocess.run([sys.executable, "-c", code, source, str(output), str(recipe_file), str(samples)],
-                             capture_output=True, text=True)
+        run = subprocess.run([sys.executable, str(Path(__file__).with_name("bench_recipes.py")), "--worker",
+                              "--model", source, "--recipe", str(recipe_file), "--output", str(output),
+                              "--samples", str(samples)], capture_output=True, text=True)
     if run.returncode != 0:
         raise SystemExit(f"{output.name}: {run.stderr.strip().splitlines()[-1]}")
     return json.loads(run.stdout.strip().splitlines()[-1])

@@ -50,12 +50,7 @@ def test_recipe_lowered_to_runtime_ops_matches_qdq(recipe, tiny_decoder, tmp_pat
     assert ops.count("QuantLinear") == record.changed - ops.count("Hadamard")
     if recipe == "quarot":
         assert ops.count("Hadamard") >= 1
-    feeds = random_feeds(model, 1)[0]
-    expected = _outputs(qdq_path, feeds, custom=False)
-    got = _outputs(mqc_path, feeds, custom=True)
-    for name, e in expected.items():
-        if np.issubdtype(e.dtype, np.floating) and e.size:
-            np.testing.assert_allclose(got[name], e, rtol=0, atol=RTOL * max(np.abs(e).max(), 1e-6), err_msg=name)
+    assert_lowered_matches_qdq(qdq_path, mqc_path, random_feeds(model, 1))
 
 
 def _rms_everywhere() -> Recipe:
@@ -83,12 +78,18 @@ def test_branches_folded_into_quant_linear(recipe, folded, tiny_decoder, tmp_pat
     assert any(len(n.inputs) > index and n.inputs[index] is not None for n in nodes), folded
     mqc_path = tmp_path / "mqc.onnx"
     save_model(model, mqc_path)
-    for feeds in random_feeds(model, 2):  # sample 1 has image tokens: the low-rank branch is live
-        expected = _outputs(qdq_path, feeds, custom=False)
-        got = _outputs(mqc_path, feeds, custom=True)
+    # sample 1 has image tokens: the low-rank branch is live
+    assert_lowered_matches_qdq(qdq_path, mqc_path, random_feeds(model, 2), hadamard_fed=folded == "RMS side")
+
+
+def assert_lowered_matches_qdq(qdq_path: Path, mqc_path: Path, feeds: list[dict], hadamard_fed: bool = False) -> None:
+    """Every float output of the lowered model matches the QDQ model's on each feed (``_assert_rows_match``)."""
+    for feed in feeds:
+        expected = _outputs(qdq_path, feed, custom=False)
+        got = _outputs(mqc_path, feed, custom=True)
         for name, e in expected.items():
             if np.issubdtype(e.dtype, np.floating) and e.size:
-                _assert_rows_match(got[name], e, name, hadamard_fed=folded == "RMS side")
+                _assert_rows_match(got[name], e, name, hadamard_fed)
 
 
 def _assert_rows_match(got: np.ndarray, expected: np.ndarray, name: str, hadamard_fed: bool) -> None:

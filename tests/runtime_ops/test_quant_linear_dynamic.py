@@ -260,7 +260,7 @@ def test_float16_dynamic_form_is_refused():
 def test_masquant_lowered_matches_qdq(tiny_decoder, tmp_path):
     """The masquant recipe (dynamic W4A8, CMC): every dynamic quantizer and low-rank branch goes into a
     QuantLinear, and the outputs equal the QDQ model's (text-only and image-token samples)."""
-    from test_compile_mqc import _assert_rows_match, _outputs
+    from test_compile_mqc import assert_lowered_matches_qdq
 
     from mqc.calibration import random_feeds
     from mqc.compiler import compile_file
@@ -281,12 +281,7 @@ def test_masquant_lowered_matches_qdq(tiny_decoder, tmp_path):
     assert sum(len(n.inputs) > 7 and n.inputs[7] is not None for n in linears) == 12  # q/k/v, o, gate/up x 2
     mqc_path = tmp_path / "masquant.mqc.onnx"
     save_model(model, mqc_path)
-    for feeds in random_feeds(model, 2):  # sample 1 has image tokens: the low-rank branch is live
-        expected = _outputs(qdq_path, feeds, custom=False)
-        got = _outputs(mqc_path, feeds, custom=True)
-        for name, e in expected.items():
-            if np.issubdtype(e.dtype, np.floating) and e.size:
-                _assert_rows_match(got[name], e, name, hadamard_fed=False)
+    assert_lowered_matches_qdq(qdq_path, mqc_path, random_feeds(model, 2))  # sample 1 has image tokens
 
 
 if __name__ == "__main__":
