@@ -197,26 +197,8 @@ class Calibrator:
         self.providers = list(providers)
 
     def run(self, feeds: Iterable[dict[str, np.ndarray]], progress: Callable[[], None] | None = None) -> dict[str, TapStats]:
-        from mqc.ir import temporary_model_file
-        from mqc.session import open_session
-
-        values = {v.name: v for v in _all_values(self.model.graph)}
-        missing = [t for t in self.taps if t not in values]
-        if missing:
-            raise CalibrationError(f"values to calibrate not found in the graph: {missing[:5]}")
-        added = [values[t] for t in self.taps if values[t] not in self.model.graph.outputs]
-        self.model.graph.outputs.extend(added)
-        try:
-            with temporary_model_file(self.model) as path:
-                session = open_session(path, self.providers, optimization_level="basic")
-        finally:
-            for value in added:
-                self.model.graph.outputs.remove(value)
         stats: dict[str, TapStats] = {}
-        input_names = {i.name for i in session.get_inputs()}
-        for feed in feeds:
-            run_feed = {k: v for k, v in feed.items() if k in input_names}
-            outputs = session.run(self.taps, run_feed)
+        for feed, outputs in capture(self.model, self.taps, feeds, self.providers):
             for name, array in zip(self.taps, outputs, strict=True):
                 self._accumulate(stats, name, array, feed)
             if progress is not None:
@@ -237,6 +219,32 @@ class Calibrator:
                 if name in self.gram_taps:
                     entry.track_gram()
             entry.update(rows[modalities == modality])
+
+
+def capture(
+    model: ir.Model, taps: Sequence[str], feeds: Iterable[dict[str, np.ndarray]],
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+) -> Iterator[tuple[dict[str, np.ndarray], list[np.ndarray]]]:
+    """Run ``model`` on each feed and yield (feed, the values of ``taps``); the taps are extra graph outputs only
+    while the session is built, so ``model`` is left as it was."""
+    from mqc.ir import temporary_model_file
+    from mqc.session import open_session
+
+    values = {v.name: v for v in _all_values(model.graph)}
+    missing = [t for t in taps if t not in values]
+    if missing:
+        raise CalibrationError(f"values to calibrate not found in the graph: {missing[:5]}")
+    added = [values[t] for t in dict.fromkeys(taps) if values[t] not in model.graph.outputs]
+    model.graph.outputs.extend(added)
+    try:
+        with temporary_model_file(model) as path:
+            session = open_session(path, list(providers), optimization_level="basic")
+    finally:
+        for value in added:
+            model.graph.outputs.remove(value)
+    input_names = {i.name for i in session.get_inputs()}
+    for feed in feeds:
+        yield feed, session.run(list(taps), {k: v for k, v in feed.items() if k in input_names})
 
 
 def _all_values(graph: ir.Graph) -> Iterator[ir.Value]:

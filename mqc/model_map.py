@@ -314,18 +314,33 @@ def _residual_adds(graph: ir.Graph, linears: list[Linear]) -> list[ir.Node]:
 
 def _reaches_writer(add: ir.Node, writer_outputs: set[int], depth: int = 4) -> bool:
     """Whether one operand of ``add`` comes from a linear through at most ``depth`` elementwise/reshape ops."""
+    return any(_value_reaches(v, writer_outputs, depth) for v in add.inputs if v is not None)
+
+
+def _value_reaches(value: ir.Value, targets: set[int], depth: int) -> bool:
     passthrough = {"Mul", "Reshape", "Transpose", "Cast", "Identity"}
-    frontier = [v for v in add.inputs if v is not None]
+    frontier = [value]
     for _ in range(depth):
         nxt = []
-        for value in frontier:
-            if id(value) in writer_outputs:
+        for v in frontier:
+            if id(v) in targets:
                 return True
-            producer = value.producer()
+            producer = v.producer()
             if producer is not None and producer.op_type in passthrough:
-                nxt.extend(v for v in producer.inputs if v is not None and constant_array(v) is None)
+                nxt.extend(u for u in producer.inputs if u is not None and constant_array(u) is None)
         frontier = nxt
     return False
+
+
+def residual_add_after(model_map: ModelMap, linear: Linear) -> tuple[ir.Node, ir.Value] | None:
+    """The residual Add that ``linear`` (an o/down/fc2 writer) writes into and its other operand (the residual
+    stream coming in), or None."""
+    target = {id(linear.output)}
+    for add in model_map.residual_adds:
+        writes = [_value_reaches(v, target, 4) for v in add.inputs]
+        if len(add.inputs) == 2 and sum(writes) == 1:
+            return add, add.inputs[writes.index(False)]
+    return None
 
 
 def build_model_map(model: ir.Model) -> ModelMap:

@@ -13,14 +13,20 @@ all tokens / number of tokens" normalisation; λ_image is ``image_weight`` (1.0 
 Q_w is per-output-channel symmetric RTN; Q_a is per-token dynamic (``acts="dynamic"``, the paper) or one static
 scale per modality from that modality's calibration range max_i R_i^m / s_i (``acts="static"``).
 
-**Deviation (documented behaviour): learning is layer-wise on float inputs.** The paper trains block by block
-(a whole decoder layer, inputs from the already-quantized previous blocks, loss on the block output). Here each
-linear group is trained on its own: X_m are calibration rows of the group's input in the float model (a reservoir
-of ``rows`` rows per modality, ``CompileContext.calibrate(sample_rows=...)``), the loss is on the group's output.
-One step draws ``batch_rows`` rows per modality; ``epochs`` × ``steps_per_epoch`` steps (by default one step per
-calibration sample, the paper's batch 1 over 128 samples, 2 epochs). If learning ends with a higher loss on all
-rows than the initialisation, the initialisation is kept (recorded). torch is imported only inside this pass, with
-``torch_threads`` CPU threads, on ``device`` ("cpu", or "cuda" where torch has it).
+Learning (``learning``):
+- ``"block"`` (default; the paper's and the released code's procedure, ``mqc.mas_learning.learn_blocks``): decoder
+  layer by layer, the layer replayed in torch from this graph (``mqc.torch_replay``), its input the output of the
+  already-quantized previous layers, the loss the modality-balanced L1 of the layer output against the float
+  layer's output, one calibration sample per step, ``epochs`` passes over the samples. The other quantized linears
+  of the layer (down_proj, which ``cmc`` quantizes plainly) are fake-quantized in the replay too. Before learning,
+  the float replay of the first layer is checked against onnxruntime (relative drift at most ``REPLAY_RTOL``); a
+  graph whose layers cannot be replayed (an op without a torch form, layers that do not chain) falls back to
+  ``"linear"``, and the note says why.
+- ``"linear"``: each linear group on its own, on float calibration rows of its input (a reservoir of ``rows`` rows
+  per modality), the loss on the group's output; ``batch_rows`` rows per modality per step, ``epochs`` ×
+  ``steps_per_epoch`` steps (by default one step per calibration sample).
+If learning ends with a higher loss on all samples than the initialisation, the initialisation is kept (recorded).
+torch is imported only inside this pass, with ``torch_threads`` CPU threads (``device`` applies to ``"linear"``).
 
 Graph form (function-preserving in float; ``passes.cmc`` lowers it). Shared ``is_image`` is MSQ's mask
 (``passes.msq.is_image_mask``). Per group with input X::
@@ -46,7 +52,8 @@ Rules:
 3. A modality without calibration rows at a group takes the other modality's vector (recorded).
 4. ``init="unified"`` starts both modalities from the one SmoothQuant vector of the pooled ranges (Eq. 11); with
    ``learn=False`` that is the SmoothQuant (dynamic) baseline of MASQuant's table in this graph form.
-5. Records per linear: init and learned loss (``mas_loss_init``/``mas_loss_learned``), learning seconds, the
+5. Records per linear: init and learned loss (``mas_loss_init``/``mas_loss_learned``; with block-wise learning the
+   loss of the linear's layer output, and ``mas_block``), learning seconds, the
    largest s_v/s_t, and the Theorem 1 diagnostic: the predicted SQNR penalty Δ of unified smoothing for the
    non-dominant modality (``theorem1_sqnr_loss_db``, from the per-modality channel ranges; ``theorem1_dominant``
    names the dominant one) next to the measured mean per-token SQNR of that modality's rows under unified and under
@@ -56,6 +63,7 @@ Rules:
 
 from __future__ import annotations
 
+import itertools
 import resource
 import time
 from collections.abc import Sequence
@@ -65,17 +73,20 @@ import numpy as np
 import onnx_ir as ir
 from mqc.passes.msq import is_image_mask, modality_input
 
-from mqc.calibration import IMAGE, MODALITY_NAMES, TEXT, TapStats
+from mqc.calibration import IMAGE, MODALITY_NAMES, TEXT, TapStats, TensorStats
 from mqc.ir import add_initializer, remove_unused_initializers
 from mqc.model_map import Linear
 from mqc.pass_manager import MqcPass
 from mqc.quantizer import qrange
 from mqc.smoothing import mas_init_scales, smoothquant_scales, sqnr_under_smoothing, theorem1_sqnr_loss_db
 
+#: Largest relative drift of the torch replay of the first layer against onnxruntime before learning trusts it.
+REPLAY_RTOL = 1e-4
 MAS_SMOOTH_KEY = "mqc.mas"
 MAS_LINEAR_KEY = "mqc.mas_linear"
 SMOOTH_ROLES = ("q", "k", "v", "o", "gate", "up")
 ACT_MODES = ("dynamic", "static")
+LEARNING_MODES = ("block", "linear")
 
 
 # ------------------------------------------------------------------------------------------------------ learning
@@ -200,6 +211,7 @@ class MasPass(MqcPass):
         init: str = "per_modality",
         alpha: float = 0.5,
         learn: bool = True,
+        learning: str = "block",
         epochs: int = 2,
         lr: float = 5e-2,
         steps_per_epoch: int | None = None,
@@ -214,26 +226,34 @@ class MasPass(MqcPass):
         skip_roles: Sequence[str] = ("lm_head",),
     ) -> None:
         super().__init__(
-            w_bits=w_bits, a_bits=a_bits, acts=acts, init=init, alpha=alpha, learn=learn, epochs=epochs, lr=lr,
+            w_bits=w_bits, a_bits=a_bits, acts=acts, init=init, alpha=alpha, learn=learn, learning=learning,
+            epochs=epochs, lr=lr,
             steps_per_epoch=steps_per_epoch, batch_rows=batch_rows, rows=rows, image_weight=image_weight,
             smooth_down=smooth_down, scale_floor=scale_floor, torch_threads=torch_threads, device=device, seed=seed,
             skip_roles=list(skip_roles),
         )
         if acts not in ACT_MODES:
             raise ValueError(f"acts must be one of {ACT_MODES}, not {acts!r}")
+        if learning not in LEARNING_MODES:
+            raise ValueError(f"learning must be one of {LEARNING_MODES}, not {learning!r}")
         if init not in ("per_modality", "unified"):
             raise ValueError(f"init must be per_modality or unified, not {init!r}")
         qrange(w_bits)
         qrange(a_bits)
         self.roles = set(SMOOTH_ROLES) | ({"down"} if smooth_down else set())
         self.skip_roles = set(skip_roles)
+        self.learning_ran = learning
 
     def variant(self) -> str:
         p = self.params
         weight = "the paper's" if p["image_weight"] == 1.0 else ("the released code's" if p["image_weight"] == 0.5 else "custom")
         down = "down_proj smoothed too" if p["smooth_down"] else "down_proj not smoothed (the released code)"
-        learn = ("learned per linear group on float calibration rows (deviation: the paper learns block-wise on the "
-                 "outputs of already-quantized blocks)") if p["learn"] else "not learned (initial scales)"
+        if not p["learn"]:
+            learn = "not learned (initial scales)"
+        elif self.learning_ran == "block":
+            learn = "learned block-wise on the outputs of the already-quantized layers (the paper)"
+        else:
+            learn = "learned per linear group on float calibration rows (deviation: the paper learns block-wise)"
         return f"{learn}; λ_image {p['image_weight']:g} ({weight}); {down}; {p['acts']} activations"
 
     # -------------------------------------------------------------------------------------------- selection
@@ -281,25 +301,43 @@ class MasPass(MqcPass):
         if not groups:
             return False
         p = self.params
-        stats = self.ctx.calibrate(model, list(groups), label="calibrating MAS", sample_rows=p["rows"])
-        is_image = is_image_mask(graph, modality_ids)
-        steps_per_epoch = p["steps_per_epoch"] or int(self.ctx.num_samples or 32)
-        self.record.notes.append(
-            f"MAS learning is layer-wise on float calibration rows (deviation from the paper's block-wise training); "
-            f"{p['epochs']} epochs x {steps_per_epoch} steps, {p['batch_rows']} rows per modality per step, "
-            f"lambda text 1.0 / image {p['image_weight']}, acts {p['acts']}, W{p['w_bits']}A{p['a_bits']}")
-        changed = 0
-        self.peak_rss_mb = 0.0
-        for value_name, group in groups.items():
+        plain = self._plain_linears(model, groups)
+        stats = self.ctx.calibrate(model, [*groups, *(lin.input.name for lin in plain)], label="calibrating MAS",
+                                   sample_rows=p["rows"])
+        present = {}
+        for value_name, group in list(groups.items()):
             tap = stats.get(value_name)
             if tap is None or all(e.rows == 0 for e in tap.by_modality.values()):
                 for lin in group:
                     self.record.skip(lin.name, "no calibration data reached its input")
+                del groups[value_name]
                 continue
-            scales, figures = self._scales(value_name, tap, group)
+            present[value_name] = {m: e for m, e in ((TEXT, tap.modality(TEXT)), (IMAGE, tap.modality(IMAGE))) if e is not None}
+        if not groups:
+            return False
+        weights = {v: np.concatenate([lin.weight_array() for lin in g], axis=1).astype(np.float64) for v, g in groups.items()}
+        inits = {v: self._init_scales(present[v], weights[v]) for v in groups}
+        figures = {v: self._theorem1({m: e.channel_absmax.astype(np.float64) for m, e in present[v].items()}, present[v], weights[v])
+                   for v in groups}
+        learned = inits
+        self.peak_rss_mb = 0.0
+        if p["learn"] and p["epochs"] > 0:
+            start_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            learned = None
+            if p["learning"] == "block":
+                learned = self._learn_blockwise(model, groups, plain, inits, stats, figures)
+            if learned is None:
+                self.learning_ran = "linear"
+                learned = {v: self._learn_linear(v, present[v], weights[v], inits[v], figures[v]) for v in groups}
+            self.peak_rss_mb = max(start_rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
+        is_image = is_image_mask(graph, modality_ids)
+        changed = 0
+        for value_name, group in groups.items():
+            scales = self._complete(value_name, learned[value_name])
+            figures[value_name]["s_image_over_text_max"] = float(np.max(scales[IMAGE] / scales[TEXT]))
             self._rewrite(graph, group, scales, is_image)
             for lin in group:
-                self.record.layers.append({**lin.to_dict(), **figures})
+                self.record.layers.append({**lin.to_dict(), **figures[value_name]})
                 changed += 1
         remove_unused_initializers(graph)
         if self.peak_rss_mb:
@@ -307,40 +345,161 @@ class MasPass(MqcPass):
         self.record.changed = changed
         return changed > 0
 
-    def _scales(self, value_name: str, tap: TapStats, group: list[Linear]) -> tuple[dict[int, np.ndarray], dict[str, Any]]:
-        p = self.params
-        weight = np.concatenate([lin.weight_array() for lin in group], axis=1).astype(np.float64)
-        present = {m: e for m, e in ((TEXT, tap.modality(TEXT)), (IMAGE, tap.modality(IMAGE))) if e is not None}
+    def _plain_linears(self, model: ir.Model, groups: dict[str, list[Linear]]) -> list[Linear]:
+        """The language linears ``cmc`` quantizes without smoothing (down_proj): fake-quantized in block replays."""
+        smoothed = {id(lin.node) for g in groups.values() for lin in g}
+        return [lin for lin in self.ctx.model_map(model).linears
+                if id(lin.node) not in smoothed and lin.component == "language" and lin.role not in self.skip_roles
+                and not self.ctx.excluded(lin.name) and lin.node.op_type == "MatMul" and not lin.transposed]
+
+    def _init_scales(self, present: dict[int, TensorStats], weight: np.ndarray) -> dict[int, np.ndarray]:
         ranges = {m: e.channel_absmax.astype(np.float64) for m, e in present.items()}
-        if p["init"] == "unified":
+        if self.params["init"] == "unified":
             pooled = np.max(np.stack(list(ranges.values())), axis=0)
-            init = {m: smoothquant_scales(pooled, weight, p["alpha"]) for m in ranges}
-        else:
-            init = mas_init_scales(ranges, weight, p["alpha"])
-        figures: dict[str, Any] = self._theorem1(ranges, present, weight)
-        learned = dict(init)
-        if p["learn"] and p["epochs"] > 0:
-            total_rows = sum(e.rows for e in present.values())
-            start_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            learned, info = learn_scales(
-                {m: e.sample for m, e in present.items()}, ranges, {m: e.rows / total_rows for m, e in present.items()},
-                weight, init, w_bits=p["w_bits"], a_bits=p["a_bits"], acts=p["acts"],
-                lambdas={TEXT: 1.0, IMAGE: p["image_weight"]}, epochs=p["epochs"],
-                steps_per_epoch=p["steps_per_epoch"] or int(self.ctx.num_samples or 32), batch_rows=p["batch_rows"],
-                lr=p["lr"], scale_floor=p["scale_floor"], seed=p["seed"], threads=p["torch_threads"], device=p["device"],
-            )
-            self.peak_rss_mb = max(self.peak_rss_mb, start_rss / 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-            figures.update({key: info[key] for key in ("mas_loss_init", "mas_loss_learned", "mas_learn_seconds")})
-            if info["mas_kept_init"]:
-                self.record.notes.append(f"MAS {value_name}: learning did not lower the loss, the initialisation is kept")
+            return {m: smoothquant_scales(pooled, weight, self.params["alpha"]) for m in ranges}
+        return mas_init_scales(ranges, weight, self.params["alpha"])
+
+    def _complete(self, value_name: str, scales: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+        """Both modalities' vectors: a modality without calibration rows takes the other's (recorded)."""
+        scales = dict(scales)
         for m, other in ((TEXT, IMAGE), (IMAGE, TEXT)):
-            if m not in learned:
-                learned[m] = learned[other]
+            if m not in scales:
+                scales[m] = scales[other]
                 self.record.notes.append(
                     f"MAS {value_name}: no {MODALITY_NAMES[m]} calibration rows, {MODALITY_NAMES[m]} tokens use the "
                     f"{MODALITY_NAMES[other]} vector")
-        figures["s_image_over_text_max"] = float(np.max(learned[IMAGE] / learned[TEXT]))
-        return learned, figures
+        return scales
+
+    def _learn_linear(self, value_name: str, present: dict[int, TensorStats], weight: np.ndarray,
+                      init: dict[int, np.ndarray], figures: dict[str, Any]) -> dict[int, np.ndarray]:
+        p = self.params
+        total_rows = sum(e.rows for e in present.values())
+        steps_per_epoch = p["steps_per_epoch"] or int(self.ctx.num_samples or 32)
+        learned, info = learn_scales(
+            {m: e.sample for m, e in present.items()}, {m: e.channel_absmax.astype(np.float64) for m, e in present.items()},
+            {m: e.rows / total_rows for m, e in present.items()}, weight, init, w_bits=p["w_bits"], a_bits=p["a_bits"],
+            acts=p["acts"], lambdas={TEXT: 1.0, IMAGE: p["image_weight"]}, epochs=p["epochs"],
+            steps_per_epoch=steps_per_epoch, batch_rows=p["batch_rows"], lr=p["lr"], scale_floor=p["scale_floor"],
+            seed=p["seed"], threads=p["torch_threads"], device=p["device"],
+        )
+        figures.update({key: info[key] for key in ("mas_loss_init", "mas_loss_learned", "mas_learn_seconds")})
+        if info["mas_kept_init"]:
+            self.record.notes.append(f"MAS {value_name}: learning did not lower the loss, the initialisation is kept")
+        if not any("per linear group" in n for n in self.record.notes):
+            self.record.notes.append(
+                f"MAS learning per linear group on float calibration rows: {p['epochs']} epochs x {steps_per_epoch} "
+                f"steps, {p['batch_rows']} rows per modality per step, lambda text 1.0 / image {p['image_weight']}, "
+                f"acts {p['acts']}, W{p['w_bits']}A{p['a_bits']}")
+        return learned
+
+    # ------------------------------------------------------------------------------------------- block-wise
+
+    def _learn_blockwise(self, model: ir.Model, groups: dict[str, list[Linear]], plain: list[Linear],
+                         inits: dict[str, dict[int, np.ndarray]], stats: dict[str, TapStats],
+                         figures: dict[str, dict[str, Any]]) -> dict[str, dict[int, np.ndarray]] | None:
+        """Block-wise learning (module docstring); None, with the reason in the notes, when the graph cannot take it."""
+        import torch
+
+        from mqc.mas_learning import BlockSettings, learn_blocks, replay_drift
+
+        p = self.params
+        blocks, why = self._blocks(model, groups, plain)
+        if why is not None:
+            self.record.notes.append(f"MAS block-wise learning refused ({why}): learning per linear group instead")
+            return None
+        previous_threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, p["torch_threads"]))
+        try:
+            samples = self._block_samples(model, blocks)
+            drift = replay_drift(blocks[:1], samples[:4])
+            if not drift <= REPLAY_RTOL:
+                self.record.notes.append(f"MAS block-wise learning refused (the torch replay of the first layer drifts "
+                                         f"{drift:.2e} from onnxruntime): learning per linear group instead")
+                return None
+            ranges = {name: {m: e.channel_absmax.astype(np.float64) for m, e in tap.by_modality.items()}
+                      for name, tap in stats.items()}
+            settings = BlockSettings(w_bits=p["w_bits"], a_bits=p["a_bits"], acts=p["acts"], image_weight=p["image_weight"],
+                                     epochs=p["epochs"], lr=p["lr"], scale_floor=p["scale_floor"], seed=p["seed"], ranges=ranges)
+            task = self.ctx.progress.add_task("learning MAS blocks", total=len(blocks)) if self.ctx.progress else None
+            learned, block_figures, end_drift = learn_blocks(
+                blocks, samples, inits, settings,
+                progress=(lambda: self.ctx.progress.advance(task)) if task is not None else None)
+            if task is not None:
+                self.ctx.progress.remove_task(task)
+        finally:
+            torch.set_num_threads(previous_threads)
+        by_block = {f["block"]: f for f in block_figures}
+        for block in blocks:
+            f = by_block[block.index]
+            for value_name in block.groups:
+                figures[value_name].update({"mas_block": block.index, **{k: f[k] for k in (
+                    "mas_loss_init", "mas_loss_learned", "mas_learn_seconds")}})
+            if f["mas_kept_init"]:
+                self.record.notes.append(f"MAS layer {block.index}: learning did not lower its loss, the initialisation is kept")
+        seconds = [f["mas_learn_seconds"] for f in block_figures]
+        self.record.notes.append(
+            f"MAS learned block-wise: {len(blocks)} layers, {p['epochs']} epochs x {len(samples)} samples (batch 1), "
+            f"lambda text 1.0 / image {p['image_weight']}, acts {p['acts']}, W{p['w_bits']}A{p['a_bits']}; torch replay "
+            f"of layer {blocks[0].index} vs onnxruntime {drift:.1e}, of all {len(blocks)} layers {end_drift:.1e}; {np.median(seconds):.1f} s per layer (median), "
+            f"{sum(seconds):.0f} s in all")
+        return learned
+
+    def _blocks(self, model: ir.Model, groups: dict[str, list[Linear]], plain: list[Linear]) -> tuple[list, str | None]:
+        """One :class:`mqc.mas_learning.Block` per decoder layer holding smoothed groups, or the reason there is none."""
+        from mqc.mas_learning import Block
+        from mqc.model_map import residual_add_after
+        from mqc.torch_replay import GraphSlice
+
+        model_map = self.ctx.model_map(model)
+        layer_of = {v: {lin.layer for lin in g} for v, g in groups.items()}
+        if any(len(ls) != 1 or None in ls for ls in layer_of.values()):
+            return [], "a smoothed group has no single decoder layer index"
+        writers = {(lin.layer, lin.role): lin for lin in model_map.linears if lin.component == "language"}
+        blocks = []
+        for layer in sorted({next(iter(ls)) for ls in layer_of.values()}):
+            o, down = writers.get((layer, "o")), writers.get((layer, "down"))
+            into_o = residual_add_after(model_map, o) if o is not None else None
+            into_down = residual_add_after(model_map, down) if down is not None else None
+            if into_o is None or into_down is None:
+                return [], f"layer {layer}: no residual adds after o_proj and down_proj to bound the block"
+            graph_slice = GraphSlice(model.graph, into_o[1], into_down[0].outputs[0])
+            why = graph_slice.check()
+            if why is not None:
+                return [], f"layer {layer}: {why}"
+            inside = {id(n) for n in graph_slice.nodes}
+            members = {v: [(lin.node, lin.weight_array()) for lin in g] for v, g in groups.items() if layer in layer_of[v]}
+            if any(id(node) not in inside for ms in members.values() for node, _ in ms):
+                return [], f"layer {layer}: a smoothed linear lies outside the layer's slice"
+            blocks.append(Block(layer, graph_slice, members,
+                                [(lin.node, lin.weight_array()) for lin in plain if id(lin.node) in inside]))
+        for before, after in itertools.pairwise(blocks):
+            if before.graph_slice.output is not after.graph_slice.input:
+                return [], f"layers {before.index} and {after.index} do not chain (nodes between them)"
+        return blocks, None
+
+    def _block_samples(self, model: ir.Model, blocks: list) -> list:
+        """Per calibration sample: the first block's input, every slice's externals, the image-row mask, references."""
+        import torch
+
+        from mqc.calibration import capture
+        from mqc.mas_learning import Sample
+
+        graph_inputs = {v.name for v in model.graph.inputs}
+        first, last = blocks[0].graph_slice, blocks[-1].graph_slice
+        externals = list(dict.fromkeys(name for b in blocks for name in b.graph_slice.externals))
+        wanted = [first.input.name, *externals]
+        references = list(dict.fromkeys([first.output.name, last.output.name]))
+        taps = [n for n in dict.fromkeys([*wanted, *references]) if n not in graph_inputs]
+        samples = []
+        for feed, outputs in capture(model, taps, self.ctx.feeds(), self.ctx.providers):
+            values = {**{n: feed[n] for n in wanted if n in graph_inputs}, **dict(zip(taps, outputs, strict=True))}
+            tensors = {n: torch.from_numpy(np.array(values[n])) for n in [*wanted, *references]}
+            image_rows = torch.from_numpy(np.asarray(feed[modality_input(model.graph).name]).reshape(-1) == IMAGE)
+            samples.append(Sample(tensors[first.input.name], {n: tensors[n] for n in externals}, image_rows,
+                                  {n: tensors[n] for n in references}))
+        return samples
+
+    # ------------------------------------------------------------------------------------------ diagnostics
 
     def _theorem1(self, ranges: dict[int, np.ndarray], present: dict, weight: np.ndarray) -> dict[str, Any]:
         """Theorem 1 (§3.3): predicted and measured SQNR cost of unified smoothing for the non-dominant modality."""
