@@ -68,13 +68,18 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--verify-rtol", default=1e-4, show_default=True, help="Allowed relative output drift under --verify.")
 @click.option("--bits", type=click.Choice(["w4a8", "w8a8", "w8a8-vision"]),
               help="Override the recipe's bit widths: both towers W4A8 or W8A8, or W8A8 vision with a W4A8 LLM.")
+@click.option("--acts", type=click.Choice(["dynamic", "static"]),
+              help="Activation scales of recipes that offer the choice (masquant): per-token dynamic or static per modality.")
 def compile_command(model: str, output: Path, recipe: str, calib: Path | None, samples: int, fmt: str,
-                    exclude: tuple[str, ...], verify: bool, verify_rtol: float, bits: str | None) -> None:
+                    exclude: tuple[str, ...], verify: bool, verify_rtol: float, bits: str | None,
+                    acts: str | None) -> None:
     """Compile MODEL (an .onnx file, a model directory or a packaged model name) into OUTPUT."""
     from mqc.compiler import compile as compile_model
-    from mqc.recipes import load_recipe, with_bits
+    from mqc.recipes import load_recipe, with_acts, with_bits
 
     chosen = with_bits(load_recipe(recipe), bits) if bits else recipe
+    if acts:
+        chosen = with_acts(load_recipe(chosen) if isinstance(chosen, str) else chosen, acts)
     with progress_bar() as progress:
         result = compile_model(model, output, chosen, calib=calib, num_samples=samples, fmt=fmt, exclude=exclude,
                                verify=verify, verify_rtol=verify_rtol, progress=progress)

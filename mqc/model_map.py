@@ -332,14 +332,21 @@ def _value_reaches(value: ir.Value, targets: set[int], depth: int) -> bool:
     return False
 
 
-def residual_add_after(model_map: ModelMap, linear: Linear) -> tuple[ir.Node, ir.Value] | None:
-    """The residual Add that ``linear`` (an o/down/fc2 writer) writes into and its other operand (the residual
-    stream coming in), or None."""
-    target = {id(linear.output)}
-    for add in model_map.residual_adds:
-        writes = [_value_reaches(v, target, 4) for v in add.inputs]
-        if len(add.inputs) == 2 and sum(writes) == 1:
-            return add, add.inputs[writes.index(False)]
+def residual_add_after(linear: Linear, depth: int = 4) -> tuple[ir.Node, ir.Value] | None:
+    """The residual Add that ``linear`` (an o/down/fc2 writer) writes into, and its other operand (the residual
+    stream coming in); None if there is none within ``depth`` elementwise, reshape or norm ops (Gemma's post-norms)."""
+    passthrough = {"Mul", "Reshape", "Transpose", "Cast", "Identity", *(op for _, op in NORM_OPS)}
+    frontier = [linear.output]
+    for _ in range(depth):
+        nxt = []
+        for value in frontier:
+            for use in value.uses():
+                node = use.node
+                if node.op_type == "Add" and len(node.inputs) == 2 and all(constant_array(v) is None for v in node.inputs):
+                    return node, node.inputs[1 - use.idx]
+                if node.op_type in passthrough:
+                    nxt.append(node.outputs[0])
+        frontier = nxt
     return None
 
 

@@ -168,3 +168,21 @@ def with_bits(recipe: Recipe, setting: str) -> Recipe:
             overrides.setdefault(name, {}).update(params)
         vision["overrides"] = overrides
     return Recipe(f"{recipe.name} --bits {setting}", recipe.description, language.passes, components)
+
+
+ACT_MODES = ("dynamic", "static")
+
+
+def with_acts(recipe: Recipe, mode: str) -> Recipe:
+    """``recipe`` with activation mode ``mode`` in every pass that has one (MASQuant's ``mas`` and ``cmc``).
+
+    The static recipes (w8a8, mquant, ...) have no such choice: asking one for a mode is an error, not a no-op.
+    """
+    if mode not in ACT_MODES:
+        raise RecipeError(f"unknown activation mode {mode!r}; choose one of {', '.join(ACT_MODES)}")
+    overrides = {step["pass"]: {"acts": mode} for step in recipe.passes if "acts" in step}
+    if not overrides:
+        raise RecipeError(f"recipe {recipe.name!r} has no activation mode to choose (its activation scales are "
+                          f"static); --acts applies to recipes whose passes take an 'acts' parameter (masquant)")
+    chosen = with_overrides(recipe, overrides)
+    return Recipe(f"{recipe.name} --acts {mode}", recipe.description, chosen.passes, chosen.components)

@@ -53,7 +53,8 @@ Rules:
 4. ``init="unified"`` starts both modalities from the one SmoothQuant vector of the pooled ranges (Eq. 11); with
    ``learn=False`` that is the SmoothQuant (dynamic) baseline of MASQuant's table in this graph form.
 5. Records per linear: init and learned loss (``mas_loss_init``/``mas_loss_learned``; with block-wise learning the
-   loss of the linear's layer output, and ``mas_block``), learning seconds, the
+   loss of the linear's layer output, ``mas_block`` and ``mas_replay_drift``, the relative drift of the float replay
+   of all layers from onnxruntime), learning seconds, the
    largest s_v/s_t, and the Theorem 1 diagnostic: the predicted SQNR penalty Δ of unified smoothing for the
    non-dominant modality (``theorem1_sqnr_loss_db``, from the per-modality channel ranges; ``theorem1_dominant``
    names the dominant one) next to the measured mean per-token SQNR of that modality's rows under unified and under
@@ -432,7 +433,7 @@ class MasPass(MqcPass):
         for block in blocks:
             f = by_block[block.index]
             for value_name in block.groups:
-                figures[value_name].update({"mas_block": block.index, **{k: f[k] for k in (
+                figures[value_name].update({"mas_block": block.index, "mas_replay_drift": end_drift, **{k: f[k] for k in (
                     "mas_loss_init", "mas_loss_learned", "mas_learn_seconds")}})
             if f["mas_kept_init"]:
                 self.record.notes.append(f"MAS layer {block.index}: learning did not lower its loss, the initialisation is kept")
@@ -458,8 +459,8 @@ class MasPass(MqcPass):
         blocks = []
         for layer in sorted({next(iter(ls)) for ls in layer_of.values()}):
             o, down = writers.get((layer, "o")), writers.get((layer, "down"))
-            into_o = residual_add_after(model_map, o) if o is not None else None
-            into_down = residual_add_after(model_map, down) if down is not None else None
+            into_o = residual_add_after(o) if o is not None else None
+            into_down = residual_add_after(down) if down is not None else None
             if into_o is None or into_down is None:
                 return [], f"layer {layer}: no residual adds after o_proj and down_proj to bound the block"
             graph_slice = GraphSlice(model.graph, into_o[1], into_down[0].outputs[0])
