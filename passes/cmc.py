@@ -17,6 +17,12 @@ s_v), T = Λ^{1/2}Pᵀ, L1 = T⁻¹U_r, L2 = Σ_r V_rᵀ from SVD(TΔW). ``white
 Rank r = ``rank_for(rank_ratio, in, out, min_rank)``: a ratio of min(in, out), floored, at least ``min_rank`` (32 in
 the public code), at most min(in, out). Calibration inputs are the float model's (a deviation, as MAS's).
 
+``weights`` selects how B (and every plainly quantized linear) is rounded:
+- ``"rtn"`` (default, the paper and its code): per-output-channel round to nearest.
+- ``"gptq"`` (an extension, ``masquant-gptq``): ``mqc.gptq.gptq_quantize`` against the Hessian of the text rows of
+  x_s (B is the text tokens' whole path; image tokens get the low-rank correction towards S_v W computed against
+  this B), of all rows for the plain linears. The record gives GPTQ's and RTN's relative output error per linear.
+
 ``compensation`` selects the image-token path:
 - ``"cmc"`` (default): the low-rank branch above.
 - ``"per_modality_weights"`` (ablation "MAS without CMC", the paper's Eq. 21 / the code's training forward): image
@@ -63,6 +69,7 @@ from mqc.passes.quantize_linears import insert_weight_dequant
 
 from mqc.calibration import IMAGE, MODALITY_NAMES, TEXT, TapStats
 from mqc.errors import NothingToQuantizeError
+from mqc.gptq import gptq_quantize, relative_output_error
 from mqc.ir import add_initializer, constant_array, ensure_opset, remove_unused_initializers
 from mqc.lowrank import lowrank_compensation, rank_for
 from mqc.model_map import Linear
@@ -70,6 +77,7 @@ from mqc.pass_manager import MqcPass
 from mqc.quantizer import MIN_SCALE, fake_quantize, qrange, quantize_weight_rtn, sqnr_db
 
 COMPENSATIONS = ("cmc", "per_modality_weights", "none")
+WEIGHT_METHODS = ("rtn", "gptq")
 
 
 def insert_activation_dynamic(graph: ir.Graph, value: ir.Value, bits: int, readers: Sequence[ir.Node]) -> ir.Value:
@@ -146,13 +154,17 @@ class CmcPass(MqcPass):
         whiten: bool = True,
         damp: float = 0.0,
         quant_cmc: bool = False,
+        weights: str = "rtn",
         rows: int = 256,
         skip_roles: Sequence[str] = ("lm_head",),
     ) -> None:
         super().__init__(
             w_bits=w_bits, a_bits=a_bits, acts=acts, compensation=compensation, rank_ratio=rank_ratio,
-            min_rank=min_rank, whiten=whiten, damp=damp, quant_cmc=quant_cmc, rows=rows, skip_roles=list(skip_roles),
+            min_rank=min_rank, whiten=whiten, damp=damp, quant_cmc=quant_cmc, weights=weights, rows=rows,
+            skip_roles=list(skip_roles),
         )
+        if weights not in WEIGHT_METHODS:
+            raise ValueError(f"weights must be one of {WEIGHT_METHODS}, not {weights!r}")
         if acts not in ACT_MODES:
             raise ValueError(f"acts must be one of {ACT_MODES}, not {acts!r}")
         if compensation not in COMPENSATIONS:
@@ -166,8 +178,10 @@ class CmcPass(MqcPass):
     def variant(self) -> str:
         p = self.params
         white = "whitened (the paper)" if p["whiten"] else "not whitened (ablation)"
+        weights = ("B by RTN (the paper)" if p["weights"] == "rtn"
+                   else "B by GPTQ on the text rows' Hessian (an extension: the paper rounds B to nearest)")
         return (f"{p['compensation']}, {white}, rank {p['rank_ratio']:g} x min(in, out) with a floor of "
-                f"{p['min_rank']} (the floor is the released code's); {p['acts']} activations")
+                f"{p['min_rank']} (the floor is the released code's); {weights}; {p['acts']} activations")
 
     # ---------------------------------------------------------------------------------------------- discovery
 
@@ -224,6 +238,8 @@ class CmcPass(MqcPass):
         if p["acts"] == "static" and is_image is None:
             self.record.notes.append("static acts without modality_ids: one modality, so one static scale per point")
         gram = list(mas_groups) if p["compensation"] == "cmc" and p["whiten"] else []
+        if p["weights"] == "gptq":
+            gram = list(mas_groups) + list(plain_groups)
         stats = self.ctx.calibrate(model, list(mas_groups) + list(plain_groups), gram_taps=gram,
                                    label="calibrating CMC", sample_rows=p["rows"])
         changed = 0
@@ -252,11 +268,12 @@ class CmcPass(MqcPass):
             scales = self._act_quant(graph, value, tap, [lin.node for lin in group], is_image)
             for lin in group:
                 weight = lin.weight_array()
-                qweight = quantize_weight_rtn(weight, p["w_bits"])
+                qweight, weight_figures = self._quantize_weight(lin.name, weight, tap, None)
                 insert_weight_dequant(graph, lin, qweight)
                 w_hat = qweight.dequantize()
                 figures = self._sqnr(tap, scales, lambda x, m, w=weight: x @ w, lambda x, m, xq, b=w_hat: xq @ b)
-                self.record.layers.append({**lin.to_dict(), "w_bits": p["w_bits"], "a_bits": p["a_bits"], **figures})
+                self.record.layers.append({**lin.to_dict(), "w_bits": p["w_bits"], "a_bits": p["a_bits"],
+                                           **weight_figures, **figures})
                 changed += 1
         ir.passes.common.RemoveUnusedNodesPass()(model)
         ensure_opset(model, "", 21)
@@ -287,6 +304,23 @@ class CmcPass(MqcPass):
             insert_activation_msq(graph, value, scales[TEXT], scales[IMAGE], p["a_bits"], readers, is_image)
         return scales
 
+    def _quantize_weight(self, name: str, weight: np.ndarray, tap: TapStats, modality: int | None) -> tuple[Any, dict]:
+        """RTN per output channel, or GPTQ against the Gram of ``modality``'s rows of the input (all rows if None)."""
+        bits = self.params["w_bits"]
+        if self.params["weights"] == "rtn":
+            return quantize_weight_rtn(weight, bits), {"weight_method": "rtn"}
+        entries = [e for m, e in tap.by_modality.items() if e.gram is not None and e.rows and modality in (None, m)]
+        if not entries:
+            entries = [e for e in tap.by_modality.values() if e.gram is not None and e.rows]
+        hessian = np.sum([e.gram for e in entries], axis=0) * (2.0 / sum(e.rows for e in entries))
+        try:
+            qweight, rel = gptq_quantize(weight, hessian, bits)
+        except ValueError as exc:
+            self.record.skip(name, f"GPTQ failed ({exc}): RTN weights instead")
+            return quantize_weight_rtn(weight, bits), {"weight_method": "rtn"}
+        rtn_rel = relative_output_error(weight, quantize_weight_rtn(weight, bits).dequantize(), hessian)
+        return qweight, {"weight_method": "gptq", "gptq_rel_error": round(rel, 5), "rtn_rel_error": round(rtn_rel, 5)}
+
     def _qa(self, x: np.ndarray, m: int, scales: dict[int, float] | None) -> np.ndarray:
         if scales is None:
             return dynamic_fake_quant(x, self.params["a_bits"])
@@ -313,10 +347,10 @@ class CmcPass(MqcPass):
     ) -> dict[str, Any]:
         p = self.params
         k, n = ml.w_text.shape
-        qb = quantize_weight_rtn(ml.w_text.astype(np.float32), p["w_bits"])
+        qb, weight_figures = self._quantize_weight(ml.name, ml.w_text.astype(np.float32), tap, TEXT)
         insert_weight_dequant(graph, ml.as_linear(), qb)
         b = qb.dequantize().astype(np.float64)
-        figures: dict[str, Any] = {"w_bits": p["w_bits"], "a_bits": p["a_bits"]}
+        figures: dict[str, Any] = {"w_bits": p["w_bits"], "a_bits": p["a_bits"], **weight_figures}
         image = tap.modality(IMAGE)
         mode = p["compensation"]
         if mode != "none" and (image is None or is_image is None):

@@ -26,7 +26,8 @@ Learning (``learning``):
   per modality), the loss on the group's output; ``batch_rows`` rows per modality per step, ``epochs`` ×
   ``steps_per_epoch`` steps (by default one step per calibration sample).
 If learning ends with a higher loss on all samples than the initialisation, the initialisation is kept (recorded).
-torch is imported only inside this pass, with ``torch_threads`` CPU threads (``device`` applies to ``"linear"``).
+torch is imported only inside this pass, with ``torch_threads`` CPU threads (default: torch's own, all cores;
+``device`` applies to ``"linear"``).
 
 Graph form (function-preserving in float; ``passes.cmc`` lowers it). Shared ``is_image`` is MSQ's mask
 (``passes.msq.is_image_mask``). Per group with input X::
@@ -110,7 +111,7 @@ def learn_scales(
     lr: float = 5e-2,
     scale_floor: float = 1e-2,
     seed: int = 0,
-    threads: int = 1,
+    threads: int = 0,
     device: str = "cpu",
 ) -> tuple[dict[int, np.ndarray], dict[str, Any]]:
     """Learn per-modality smoothing vectors minimising the MBR loss of the module docstring (torch, CPU).
@@ -122,7 +123,7 @@ def learn_scales(
     import torch
 
     previous_threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads))
+    torch.set_num_threads(threads or previous_threads)
     try:
         lambdas = lambdas or {}
         gen = torch.Generator().manual_seed(seed)
@@ -221,7 +222,7 @@ class MasPass(MqcPass):
         image_weight: float = 1.0,
         smooth_down: bool = False,
         scale_floor: float = 1e-2,
-        torch_threads: int = 1,
+        torch_threads: int | None = None,
         device: str = "cpu",
         seed: int = 0,
         skip_roles: Sequence[str] = ("lm_head",),
@@ -381,7 +382,7 @@ class MasPass(MqcPass):
             {m: e.rows / total_rows for m, e in present.items()}, weight, init, w_bits=p["w_bits"], a_bits=p["a_bits"],
             acts=p["acts"], lambdas={TEXT: 1.0, IMAGE: p["image_weight"]}, epochs=p["epochs"],
             steps_per_epoch=steps_per_epoch, batch_rows=p["batch_rows"], lr=p["lr"], scale_floor=p["scale_floor"],
-            seed=p["seed"], threads=p["torch_threads"], device=p["device"],
+            seed=p["seed"], threads=p["torch_threads"] or 0, device=p["device"],
         )
         figures.update({key: info[key] for key in ("mas_loss_init", "mas_loss_learned", "mas_learn_seconds")})
         if info["mas_kept_init"]:
@@ -409,7 +410,7 @@ class MasPass(MqcPass):
             self.record.notes.append(f"MAS block-wise learning refused ({why}): learning per linear group instead")
             return None
         previous_threads = torch.get_num_threads()
-        torch.set_num_threads(max(1, p["torch_threads"]))
+        torch.set_num_threads(p["torch_threads"] or previous_threads)
         try:
             samples = self._block_samples(model, blocks)
             drift = replay_drift(blocks[:1], samples[:4])
