@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from decoder_helpers import with_outputs
 from mqc.passes.cmc import dynamic_fake_quant
@@ -132,3 +133,17 @@ def test_masquant_gptq_rounds_b_with_gptq_and_beats_rtn(llama, tmp_path):
     # measured (logits SQNR dB, all / text / image): masquant 24.5 / 23.3 / 34.7, masquant-gptq 25.2 / 24.0 / 34.7
     assert sqnr["masquant-gptq"]["text"] > sqnr["masquant"]["text"] + 0.3, sqnr
     assert sqnr["masquant-gptq"]["all"] > sqnr["masquant"]["all"] + 0.3, sqnr
+
+
+def test_masquant_rot_composes_mquant_rotations_with_mas_and_cmc(llama, tmp_path):
+    """R1 + V/O + online Hadamard, then block-wise MAS on the rotated graph: every float stage verifies."""
+    calib, evals = _gap_feeds(llama, 8, 0), _gap_feeds(llama, 4, 99)
+    report = mqc.compile(llama, tmp_path / "rot.onnx", "masquant-rot", feeds=lambda: calib, verify=True)
+    verified = {p.name: p.verify["max_rel"] for p in report.passes if p.verify is not None}
+    assert {"norm_folding", "hadamard_rotation", "mas"} <= set(verified) and max(verified.values()) < 1e-4
+    mas = next(p for p in report.passes if p.name == "mas")
+    assert mas.variant.startswith("learned block-wise") and len(mas.layers) == 12
+    graph = onnx.load(str(tmp_path / "rot.onnx")).graph
+    assert sum(n.name.endswith("/online_hadamard") for n in graph.node) == 2
+    # measured: logits SQNR 25.1 dB overall (masquant-gptq 24.7, quarot 24.9 on this random-weight model)
+    assert _logits_sqnr(llama, tmp_path / "rot.onnx", evals)["all"] > 20.0
