@@ -1,7 +1,9 @@
 """MAS — Modality-Aware Smoothing (spec/algorithms.md §3.4, Eqs. 12–14; Theorem 1 of §3.3 as a diagnostic).
 
 Each group of LLM linears that reads one value X (q/k/v; gate/up; o alone) gets one smoothing vector per modality,
-s_t for text tokens and s_v for image tokens. They start SmoothQuant-style per modality (Eq. 12, square-root form,
+s_t for text tokens and s_v for image tokens. (The released code learns separate vectors for q, k and v, each
+linear dividing its own copy of X; one vector per group keeps one smoothed, quantized activation per group in the
+graph, which is what a deployed kernel wants.) They start SmoothQuant-style per modality (Eq. 12, square-root form,
 ``mqc.smoothing.mas_init_scales``) and are learned to minimise the modality-balanced reconstruction loss (Eq. 13–14)
 
     L = Σ_m λ_m · (n_m / n) · mean_rows_m |Q_a(X_m S_m⁻¹) · Q_w(S_m W) − X_m W|        (W: the group's weights side
