@@ -13,16 +13,22 @@ tower) and decode (M = 1), in three formats measured side by side in one process
 
     python benchmarks/bench_runtime_ops.py --threads 2 --repeat 50 --markdown [--dynamic]
     python benchmarks/bench_runtime_ops.py --gpu      # on a CUDA machine with torch: kernels vs torch fp16 matmul
+    bash benchmarks/gpu_check.sh                      # the same from a bare checkout: builds the library first
 
 The GPU mode calls the CUDA kernels through libmqc_ops_cuda.so's C entry points (ctypes) on torch tensors, checks
 each against a float64 reference on random (never zero) inputs, and times them with CUDA events against
-``torch.matmul`` in fp16 (cuBLAS) at prefill (M = 512 to 8192) and decode (M = 1 to 16) shapes.
+``torch.matmul`` in fp16 (cuBLAS) at prefill (M = 512 to 8192) and decode (M = 1 to 16) shapes: QuantLinear with
+static and with dynamic per-token activation scales (W8A8, W4A8), dynamic with the CMC low-rank branch, Hadamard
+and RMSNorm+quant. It needs only torch and numpy (not mqc installed: the library is found through
+``$MQC_RUNTIME_OPS_DIR`` or the checkout), exits with status 1 when a check fails, and ``--tables FILE`` also writes
+the markdown tables to FILE.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib.util
 import os
 import platform
 import statistics
@@ -30,14 +36,22 @@ import sys
 import time
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
-import onnx
-import onnx_ir as ir
-import onnxruntime as ort
-from mqc.passes.lower_runtime_ops import lower_to_runtime_ops
-from mqc.runtime_ops import library_path, register_library
-from onnx import TensorProto, helper, numpy_helper
+
+# The GPU mode runs from a bare checkout (benchmarks/gpu_check.sh: torch, numpy, onnx, a CPU onnxruntime, no mqc
+# install, maybe no onnx_ir) and needs none of these; a failed import only disables the CPU modes.
+try:
+    import ml_dtypes
+    import onnx
+    import onnx_ir as ir
+    import onnxruntime as ort
+    from mqc.passes.lower_runtime_ops import lower_to_runtime_ops
+    from mqc.runtime_ops import register_library
+    from onnx import TensorProto, helper, numpy_helper
+except Exception as exc:  # ImportError, or an installed package that fails on import
+    _CPU_IMPORT_ERROR: Exception | None = exc
+else:
+    _CPU_IMPORT_ERROR = None
 
 IR_VERSION = 10
 
@@ -316,19 +330,54 @@ def run_decoder(name: str, threads: int, repeat: int, workdir: Path, samples: in
 
 GPU_PREFILL = [(m, k, n) for m in (512, 2048, 4096, 8192) for (k, n) in ((2048, 2048), (4096, 4096), (8192, 8192), (4096, 11008))]
 GPU_DECODE = [(m, k, n) for m in (1, 4, 16) for (k, n) in ((2048, 2048), (4096, 4096), (8192, 8192), (4096, 11008))]
+#: (phase, M, K, N, rank) of the dynamic QuantLinear with MASQuant's CMC low-rank branch; prefill marks its first
+#: half as image tokens (modality_ids), decode passes no modality (the branch applies to every token).
+GPU_CMC = [("prefill", 2048, 4096, 4096, 64), ("decode", 1, 4096, 4096, 64), ("decode", 16, 4096, 4096, 64)]
+
+#: Bound on max |Y - ref| / max |ref| for QuantLinear with fp16 Y against the float64 reference. The reference
+#: recomputes the int8 codes as the kernel must (fp32 IEEE division, half-to-even; the codes and row scales the
+#: kernel left in its workspace are compared separately and must match exactly), and the int32 accumulation is
+#: exact (|acc| <= K * 128 * 127 < 2^31), so only the epilogue rounds: int32 -> fp32, s_t * w_scale and the
+#: product (three fp32 roundings, 3 * 2^-24) and the fp16 store (half an ulp, 2^-11 of the element, so at most
+#: 2^-11 of max |ref|): 4.9e-4 in all; 1e-3 leaves a 2x margin.
+GPU_REL_TOL = 1e-3
+#: The same with the CMC branch: the GEMM's fp16 Y is read back, the branch added in fp32 and the sum stored in
+#: fp16 again (two fp16 roundings, 9.8e-4), plus the fp32 sums over K of the branch (at most K * 2^-24 = 2.4e-4 of
+#: the branch, which is about a tenth of Y here): 2e-3.
+GPU_CMC_REL_TOL = 2e-3
+
+
+def _cuda_library_path() -> Path:
+    """``mqc.runtime_ops.library_path("cuda")`` ($MQC_RUNTIME_OPS_DIR first). When mqc is not importable (a bare
+    checkout on a GPU machine, benchmarks/gpu_check.sh), runtime_ops/__init__.py is loaded from its file: it only
+    needs the standard library."""
+    try:
+        from mqc.runtime_ops import library_path
+    except Exception:  # not installed, or the package's own dependencies are missing
+        spec = importlib.util.spec_from_file_location(
+            "_mqc_runtime_ops", Path(__file__).resolve().parents[1] / "runtime_ops" / "__init__.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        library_path = module.library_path
+    return library_path("cuda")
 
 
 def _cuda_lib():
-    lib = ctypes.CDLL(str(library_path("cuda")))
-    i64, vp, fp = ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p
+    path = _cuda_library_path()
+    print(f"CUDA library: {path}", flush=True)
+    lib = ctypes.CDLL(str(path))
+    i64, vp, fp, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int
     lib.mqc_cuda_padded_k.restype = i64
     lib.mqc_cuda_padded_k.argtypes = [i64]
     lib.mqc_cuda_quant_linear_workspace.restype = i64
     lib.mqc_cuda_quant_linear_workspace.argtypes = [i64, i64, i64]
-    lib.mqc_cuda_quant_linear.argtypes = [ctypes.c_int, vp, ctypes.c_int, i64, i64, i64, vp, fp, fp, ctypes.c_int, vp, fp, vp,
-                                          ctypes.c_int, vp, vp]
-    lib.mqc_cuda_hadamard.argtypes = [vp, vp, ctypes.c_int, i64, i64, i64, fp, vp]
-    lib.mqc_cuda_rmsnorm_quant.argtypes = [vp, ctypes.c_int, i64, i64, fp, fp, ctypes.c_float, vp, vp]
+    lib.mqc_cuda_quant_linear.argtypes = [c_int, vp, c_int, i64, i64, i64, vp, fp, fp, c_int, vp, fp, vp, c_int, vp, vp]
+    # bits, x, x_kind, M, K, N, w, w_scale, act_scale, n_act, ids, bias, dynamic, lowrank_a, lowrank_b, rank, y,
+    # y_half, workspace, stream
+    lib.mqc_cuda_quant_linear_ex.argtypes = [c_int, vp, c_int, i64, i64, i64, vp, fp, fp, c_int, vp, fp, c_int, fp, fp,
+                                             i64, vp, c_int, vp, vp]
+    lib.mqc_cuda_hadamard.argtypes = [vp, vp, c_int, i64, i64, i64, fp, vp]
+    lib.mqc_cuda_rmsnorm_quant.argtypes = [vp, c_int, i64, i64, fp, fp, ctypes.c_float, vp, vp]
     return lib
 
 
@@ -348,7 +397,72 @@ def _cuda_time(fn, repeat: int) -> float:
     return statistics.median(times)
 
 
-def run_gpu(repeat: int) -> str:
+def _nonzero_randn(shape: tuple[int, ...], gen, scale: float = 1.0):
+    """Normal values moved 0.01 away from zero (fp32, on gen's device): no input is 0, in fp16 either, so a kernel
+    that drops or zeroes a term cannot pass unnoticed."""
+    import torch
+
+    v = torch.randn(*shape, generator=gen, device=gen.device)
+    return torch.where(v >= 0, v + 0.01, v - 0.01) * scale
+
+
+def _dynamic_scales(x):
+    """mqc's per-token scale ``max(absmax / 127, 1e-12)`` in fp32, as float64 [M, 1]."""
+    return (x.double().abs().amax(dim=1, keepdim=True) / 127).float().clamp_min(1e-12).double()
+
+
+def _fp32_codes(x, s):
+    """int8 codes (as float64) of x for per-row scales s [M, 1] (fp32 values), as the kernel computes them: the
+    float64 quotient of two fp32 values rounded once to fp32 is the IEEE fp32 quotient (53 >= 2 * 24 + 2 bits),
+    then half-to-even rounding and the int8 clip."""
+    import torch
+
+    return torch.clamp(torch.round((x.double() / s).float().double()), -128, 127)
+
+
+def _quantized_weights(w, bits: int, Kp: int):
+    """Symmetric per-output-channel weights of w [K, N]: codes [N, K] int8, scales [N] fp32, and the device layout
+    (int8 [N, Kp], or int4 two per byte [N, Kp / 2] with the low nibble the even k), zero-padded to Kp."""
+    import torch
+
+    N, K = w.shape[1], w.shape[0]
+    qmax = 127 if bits == 8 else 7
+    w_scale = (w.float().abs().amax(dim=0) / qmax).contiguous()
+    wq = torch.clamp(torch.round(w.float() / w_scale), -qmax - 1, qmax).to(torch.int8).t().contiguous()
+    wq_pad = torch.zeros(N, Kp, dtype=torch.int8, device=w.device)
+    wq_pad[:, :K] = wq
+    if bits == 8:
+        return wq, w_scale, wq_pad
+    u = (wq_pad.to(torch.int16) & 0xF).to(torch.uint8)
+    return wq, w_scale, (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
+
+
+def _workspace_mismatches(workspace, M: int, K: int, Kp: int, codes, scales) -> int:
+    """Codes and row scales in quant_linear.cu's workspace (int8 codes [M, Kp], then fp32 scales [M] at the next
+    256-byte boundary) that differ from the reference ones: the dynamic mode promises bit-identical codes."""
+    import torch
+
+    offset = (M * Kp + 255) // 256 * 256
+    got_codes = workspace[: M * Kp].view(torch.int8).view(M, Kp)[:, :K]
+    got_scales = workspace[offset : offset + 4 * M].view(torch.float32)
+    return int((got_codes.double() != codes).sum()) + int((got_scales.double() != scales.reshape(-1)).sum())
+
+
+def _launcher(fn, args: tuple, name: str):
+    def call():
+        err = fn(*args)
+        if err:
+            raise RuntimeError(f"{name} failed with cudaError {err}")
+
+    return call
+
+
+def _rel_err(y, ref) -> float:
+    return float((y.double() - ref).abs().max() / ref.abs().max())
+
+
+def run_gpu(repeat: int) -> tuple[str, list[str]]:
+    """GPU kernel tables (markdown) and the list of failed correctness checks (empty when all pass)."""
     import torch
 
     if not torch.cuda.is_available():
@@ -356,60 +470,120 @@ def run_gpu(repeat: int) -> str:
     lib = _cuda_lib()
     dev = torch.device("cuda")
     stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    lines = [f"Machine: {torch.cuda.get_device_name()}; torch {torch.__version__}; median of {repeat} runs (CUDA events).", "",
-             "| phase | M | K | N | fp16 matmul ms | W8A8 ms | W4A8 ms | W8A8 speed-up | W4A8 speed-up | max rel err W8 | max rel err W4 |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    gen = torch.Generator(device=dev).manual_seed(0)
+    failures: list[str] = []
+    checks = 0
+
+    def check(what: str, err: float, tol: float, mismatches: int = 0) -> None:
+        nonlocal checks
+        checks += 1
+        if not (err <= tol and mismatches == 0):
+            failures.append(f"{what}: max rel err {err:.1e} (tolerance {tol:.0e}), {mismatches} code/scale mismatches")
+
+    lines = [f"Machine: {torch.cuda.get_device_name()}; torch {torch.__version__} (CUDA {torch.version.cuda}); median of "
+             f"{repeat} runs (CUDA events). Errors: max |Y - ref| / max |ref| against float64 (tolerance {GPU_REL_TOL:.0e}, "
+             f"{GPU_CMC_REL_TOL:.0e} with CMC); code/scale mismatches: the kernel's int8 codes and row scales against "
+             "the reference's, both calls of the row (must be 0).", "",
+             "Static per-tensor activation scale (`mqc_cuda_quant_linear`), fp16 X and Y:", "",
+             "| phase | M | K | N | fp16 matmul ms | W8A8 ms | W4A8 ms | W8A8 speed-up | W4A8 speed-up | max rel err W8 | "
+             "max rel err W4 | code/scale mismatches |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    dyn_lines = ["", "Dynamic per-token activation scale (`mqc_cuda_quant_linear_ex`, dynamic = 1; MASQuant's setting), "
+                 "same weights and X:", "",
+                 "| phase | M | K | N | fp16 matmul ms | W8A8 dyn ms | W4A8 dyn ms | W8A8 dyn speed-up | W4A8 dyn speed-up | "
+                 "W8 dyn / static | W4 dyn / static | max rel err W8 | max rel err W4 | code/scale mismatches |",
+                 "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for phase, shapes in (("prefill", GPU_PREFILL), ("decode", GPU_DECODE)):
         for M, K, N in shapes:
-            x = torch.randn(M, K, generator=gen).to(dev, torch.float16)
-            w = (torch.randn(K, N, generator=gen) * 0.05).to(dev, torch.float16)
+            x = _nonzero_randn((M, K), gen).half()
+            w = _nonzero_randn((K, N), gen, 0.05).half()
             t_fp16 = _cuda_time(lambda x=x, w=w: torch.matmul(x, w), repeat)
             act_scale = torch.tensor([float(x.abs().max()) / 127], device=dev)
             Kp = lib.mqc_cuda_padded_k(K)
-            ws_bytes = lib.mqc_cuda_quant_linear_workspace(M, K, 0)
-            workspace = torch.empty(ws_bytes, dtype=torch.uint8, device=dev)
+            workspace = torch.empty(lib.mqc_cuda_quant_linear_workspace(M, K, 0), dtype=torch.uint8, device=dev)
             y = torch.empty(M, N, dtype=torch.float16, device=dev)
-            row = []
-            errs = []
+            static_s = act_scale.double().view(1, 1).expand(M, 1)
+            dyn_s = _dynamic_scales(x)
+            scales_codes = {0: (static_s, _fp32_codes(x, static_s)), 1: (dyn_s, _fp32_codes(x, dyn_s))}
+            res: dict[tuple[int, int], tuple[float, float]] = {}
+            mism = {0: 0, 1: 0}
             for bits in (8, 4):
-                qmax = 127 if bits == 8 else 7
-                w_scale = (w.float().abs().amax(dim=0) / qmax).contiguous()
-                wq = torch.clamp(torch.round(w.float() / w_scale), -qmax - 1, qmax).to(torch.int8).t().contiguous()  # [N, K]
-                wq_pad = torch.zeros(N, Kp, dtype=torch.int8, device=dev)
-                wq_pad[:, :K] = wq
-                if bits == 4:
-                    u = (wq_pad.to(torch.int16) & 0xF).to(torch.uint8)
-                    packed = (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
-                else:
-                    packed = wq_pad
-
-                args = (bits, x.data_ptr(), 1, M, K, N, packed.data_ptr(), w_scale.data_ptr(), act_scale.data_ptr(), 1,
-                        None, None, y.data_ptr(), 1, workspace.data_ptr(), stream)
-
-                def call(args=args):
-                    err = lib.mqc_cuda_quant_linear(*args)
-                    if err:
-                        raise RuntimeError(f"mqc_cuda_quant_linear failed with cudaError {err}")
-
+                wq, w_scale, packed = _quantized_weights(w, bits, Kp)
+                wqt = wq.double().t()
+                for dynamic in (0, 1):
+                    if dynamic:
+                        args = (bits, x.data_ptr(), 1, M, K, N, packed.data_ptr(), w_scale.data_ptr(), None, 0, None,
+                                None, 1, None, None, 0, y.data_ptr(), 1, workspace.data_ptr(), stream)
+                        call = _launcher(lib.mqc_cuda_quant_linear_ex, args, "mqc_cuda_quant_linear_ex")
+                    else:
+                        args = (bits, x.data_ptr(), 1, M, K, N, packed.data_ptr(), w_scale.data_ptr(),
+                                act_scale.data_ptr(), 1, None, None, y.data_ptr(), 1, workspace.data_ptr(), stream)
+                        call = _launcher(lib.mqc_cuda_quant_linear, args, "mqc_cuda_quant_linear")
+                    call()
+                    torch.cuda.synchronize()
+                    s, q = scales_codes[dynamic]
+                    n_bad = _workspace_mismatches(workspace, M, K, Kp, q, s)
+                    err = _rel_err(y, (q @ wqt) * (s * w_scale.double()))
+                    check(f"{phase} M={M} K={K} N={N} W{bits}A8{' dyn' if dynamic else ''}", err, GPU_REL_TOL, n_bad)
+                    mism[dynamic] += n_bad
+                    res[(bits, dynamic)] = (_cuda_time(call, repeat), err)
+            (t8, e8), (t4, e4), (d8, f8), (d4, f4) = res[(8, 0)], res[(4, 0)], res[(8, 1)], res[(4, 1)]
+            lines.append(f"| {phase} | {M} | {K} | {N} | {t_fp16:.4f} | {t8:.4f} | {t4:.4f} | {t_fp16 / t8:.2f} | "
+                         f"{t_fp16 / t4:.2f} | {e8:.1e} | {e4:.1e} | {mism[0]} |")
+            dyn_lines.append(f"| {phase} | {M} | {K} | {N} | {t_fp16:.4f} | {d8:.4f} | {d4:.4f} | {t_fp16 / d8:.2f} | "
+                             f"{t_fp16 / d4:.2f} | {d8 / t8:.2f} | {d4 / t4:.2f} | {f8:.1e} | {f4:.1e} | {mism[1]} |")
+            print(lines[-1], dyn_lines[-1], sep="\n", flush=True)
+    lines += dyn_lines
+    # Dynamic activations with the CMC low-rank branch, checked against float64 (x @ L1) @ L2 on the image tokens.
+    lines += ["", "Dynamic activations with MASQuant's CMC low-rank branch (`mqc_cuda_quant_linear_ex`, rank r; prefill: "
+              "the first half of the tokens are image tokens via modality ids, decode: no modality, every token):", "",
+              "| phase | M | K | N | r | W8A8 dyn ms | W8A8 dyn + CMC ms | W4A8 dyn + CMC ms | CMC cost W8 ms | "
+              "max rel err W8 | max rel err W4 | code/scale mismatches |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for phase, M, K, N, rank in GPU_CMC:
+        x = _nonzero_randn((M, K), gen).half()
+        w = _nonzero_randn((K, N), gen, 0.05).half()
+        la = _nonzero_randn((K, rank), gen, 0.025).contiguous()
+        lb = _nonzero_randn((rank, N), gen, 0.025).contiguous()
+        image = torch.zeros(M, dtype=torch.int64, device=dev)
+        image[: M // 2] = 1
+        ids = image if phase == "prefill" else None
+        on = image.double() if ids is not None else torch.ones(M, dtype=torch.float64, device=dev)
+        Kp = lib.mqc_cuda_padded_k(K)
+        workspace = torch.empty(lib.mqc_cuda_quant_linear_workspace(M, K, rank), dtype=torch.uint8, device=dev)
+        y = torch.empty(M, N, dtype=torch.float16, device=dev)
+        s = _dynamic_scales(x)
+        q = _fp32_codes(x, s)
+        branch = ((x.double() @ la.double()) @ lb.double()) * on.view(M, 1)
+        times, errs, n_bad = {}, {}, 0
+        for bits in (8, 4):
+            wq, w_scale, packed = _quantized_weights(w, bits, Kp)
+            for r in ((0, rank) if bits == 8 else (rank,)):
+                args = (bits, x.data_ptr(), 1, M, K, N, packed.data_ptr(), w_scale.data_ptr(), None, 0,
+                        ids.data_ptr() if ids is not None else None, None, 1, la.data_ptr() if r else None,
+                        lb.data_ptr() if r else None, r, y.data_ptr(), 1, workspace.data_ptr(), stream)
+                call = _launcher(lib.mqc_cuda_quant_linear_ex, args, "mqc_cuda_quant_linear_ex")
                 call()
                 torch.cuda.synchronize()
-                xq = torch.clamp(torch.round(x.double() / act_scale.double()), -128, 127)
-                ref = (xq @ wq.double().t()) * (act_scale.double() * w_scale.double())
-                errs.append(float((y.double() - ref).abs().max() / ref.abs().max()))
-                row.append(_cuda_time(call, repeat))
-            lines.append(f"| {phase} | {M} | {K} | {N} | {t_fp16:.4f} | {row[0]:.4f} | {row[1]:.4f} | {t_fp16 / row[0]:.2f} | "
-                         f"{t_fp16 / row[1]:.2f} | {errs[0]:.1e} | {errs[1]:.1e} |")
-            print(lines[-1], flush=True)
+                if r:
+                    bad = _workspace_mismatches(workspace, M, K, Kp, q, s)
+                    errs[bits] = _rel_err(y, (q @ wq.double().t()) * (s * w_scale.double()) + branch)
+                    check(f"CMC {phase} M={M} K={K} N={N} r={rank} W{bits}A8 dyn", errs[bits], GPU_CMC_REL_TOL, bad)
+                    n_bad += bad
+                times[(bits, r)] = _cuda_time(call, repeat)
+        base, t8, t4 = times[(8, 0)], times[(8, rank)], times[(4, rank)]
+        lines.append(f"| {phase} | {M} | {K} | {N} | {rank} | {base:.4f} | {t8:.4f} | {t4:.4f} | {t8 - base:.4f} | "
+                     f"{errs[8]:.1e} | {errs[4]:.1e} | {n_bad} |")
+        print(lines[-1], flush=True)
     # Hadamard and RMSNorm+quant: effective bandwidth against a device-to-device copy of the same bytes.
     lines += ["", "| kernel | rows | n | ms | GB/s | copy GB/s | fraction of copy | max abs err |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for rows, n in ((4096, 4096), (8192, 4096), (4096, 28 * 512)):
-        x = torch.randn(rows, n, generator=gen).to(dev, torch.float16)
+        x = _nonzero_randn((rows, n), gen).half()
         y = torch.empty_like(x)
         t_copy = _cuda_time(lambda x=x, y=y: y.copy_(x), repeat)
         bw_copy = 2 * x.numel() * 2 / t_copy / 1e6
         m = 1 if (n & (n - 1)) == 0 else 28 if n % 28 == 0 else 1
-        hm = torch.where(torch.rand(m, m, generator=gen) < 0.5, -1.0, 1.0).to(dev) if m > 1 else None
+        hm = torch.where(torch.rand(m, m, generator=gen, device=dev) < 0.5, -1.0, 1.0) if m > 1 else None
 
         def had(x=x, y=y, m=m, hm=hm, n=n, rows=rows):
             err = lib.mqc_cuda_hadamard(x.data_ptr(), y.data_ptr(), 1, rows, n, m, hm.data_ptr() if hm is not None else None, stream)
@@ -429,7 +603,7 @@ def run_gpu(repeat: int) -> str:
         t = _cuda_time(had, repeat)
         bw = 2 * x.numel() * 2 / t / 1e6
         lines.append(f"| Hadamard fp16 (m={m}) | {rows} | {n} | {t:.4f} | {bw:.0f} | {bw_copy:.0f} | {bw / bw_copy:.2f} | {err:.1e} |")
-        gamma = (torch.rand(n, generator=gen) + 0.5).to(dev)
+        gamma = torch.rand(n, generator=gen, device=dev) + 0.5
         s = torch.tensor([0.05], device=dev)
         q = torch.empty(rows, n, dtype=torch.int8, device=dev)
 
@@ -447,7 +621,11 @@ def run_gpu(repeat: int) -> str:
         bw = (x.numel() * 2 + q.numel()) / t / 1e6
         lines.append(f"| RMSNorm+quant fp16->int8 | {rows} | {n} | {t:.4f} | {bw:.0f} | {bw_copy:.0f} | {bw / bw_copy:.2f} | {qerr:.0f} code |")
         print("\n".join(lines[-2:]), flush=True)
-    return "\n".join(lines)
+    verdict = (f"Correctness: all {checks} QuantLinear checks passed." if not failures else
+               f"Correctness: {len(failures)} of {checks} QuantLinear checks FAILED: " + "; ".join(failures[:8])
+               + ("; ..." if len(failures) > 8 else ""))
+    lines += ["", verdict]
+    return "\n".join(lines), failures
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -461,13 +639,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decoder", metavar="MODEL", help="whole-decoder benchmark of a packaged model (e.g. tiny-vlm)")
     parser.add_argument("--workdir", type=Path, default=Path("build/bench_runtime_ops"), help="compiled decoders go here")
     parser.add_argument("--recipes", help="with --decoder: comma-separated recipes to compare instead of W8A8/W4A8")
+    parser.add_argument("--tables", type=Path, help="with --gpu: also write the markdown tables to this file")
     args = parser.parse_args(argv)
+    if args.gpu:
+        text, failures = run_gpu(args.repeat)
+        print(text)
+        if args.tables:
+            args.tables.parent.mkdir(parents=True, exist_ok=True)
+            args.tables.write_text(text + "\n")
+        return 1 if failures else 0
+    if _CPU_IMPORT_ERROR is not None:
+        raise SystemExit(f"the CPU benchmarks need onnx, onnx_ir, onnxruntime and mqc installed: {_CPU_IMPORT_ERROR!r}")
     if args.decoder:
         recipes = args.recipes.split(",") if args.recipes else None
         print(run_decoder(args.decoder, args.threads, args.repeat, args.workdir, recipes=recipes))
-        return 0
-    if args.gpu:
-        print(run_gpu(args.repeat))
         return 0
     shapes = CPU_SHAPES[2:4] + CPU_SHAPES[4:5] if args.quick else CPU_SHAPES
     rows = run_cpu(args.threads, 3 if args.quick else args.repeat, shapes, dynamic=args.dynamic)
