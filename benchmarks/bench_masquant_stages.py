@@ -1,9 +1,10 @@
 """MASQuant variants of the tiny-VLM results table, sharing one MAS learning run per (bits, acts) setting.
 
 MAS (the expensive, learned step) writes a float, function-preserving graph; CMC (and its ablations) then only
-lower that graph. So each MAS setting is learned once into ``WORKDIR/_mas-{acts}-w{bits}`` and every variant that
-shares it compiles ``cmc`` from there: the same passes in the same order as the one-recipe compile, on the same
-calibration samples. Compile time and peak RSS are recorded per stage in each folder's ``compile_figures.json``;
+lower that graph. So each MAS setting (the passes up to and including ``mas``) is learned once into
+``WORKDIR/_mas-{acts}-w{bits}-{hash}`` and every variant that shares it compiles ``cmc`` from there; a later run
+with the same setting reuses that folder (``stage_figures.json``). The same passes in the same order as the
+one-recipe compile, on the same calibration samples. Compile time and peak RSS are recorded per stage in each folder's ``compile_figures.json``;
 evaluate the folders with ``bench_recipes.py --reuse`` (the folder and manifest recipe name is the variant spec).
 
     python benchmarks/bench_masquant_stages.py --samples 64 --workdir out/final \
@@ -13,6 +14,7 @@ evaluate the folders with ``bench_recipes.py --reuse`` (the folder and manifest 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
@@ -36,6 +38,13 @@ def _run_stage(source: str, output: Path, recipe: dict, samples: int) -> dict:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
+def _stage_key(stage_recipe: dict) -> str:
+    """A folder name per MAS setting: acts, bits and a hash of the passes up to MAS (rotations, overrides)."""
+    mas = stage_recipe["passes"][-1]
+    digest = hashlib.sha1(json.dumps(stage_recipe, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{mas['acts']}-w{mas['w_bits']}-{digest}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny-vlm")
@@ -57,10 +66,16 @@ def main() -> None:
             mas["steps_per_epoch"] = args.steps_per_epoch
         key = json.dumps(mas, sort_keys=True)
         if key not in learned:
-            stage = args.workdir / f"_mas-{mas['acts']}-w{mas['w_bits']}"
-            stage_recipe = {"name": stage.name, "passes": [*recipe.passes[:-2], mas], "components": recipe.components}
-            figures = _run_stage(args.model, stage, stage_recipe, args.samples)
-            print(f"{stage.name}: MAS learned in {figures['compile_s']} s", flush=True)
+            stage_recipe = {"passes": [*recipe.passes[:-2], mas], "components": recipe.components}
+            stage = args.workdir / f"_mas-{_stage_key(stage_recipe)}"
+            saved = stage / "stage_figures.json"
+            if saved.is_file() and json.loads(saved.read_text())["recipe"] == stage_recipe:
+                figures = json.loads(saved.read_text())["figures"]
+                print(f"{stage.name}: MAS stage reused ({figures['compile_s']} s when learned)", flush=True)
+            else:
+                figures = _run_stage(args.model, stage, {"name": stage.name, **stage_recipe}, args.samples)
+                saved.write_text(json.dumps({"recipe": stage_recipe, "figures": figures}))
+                print(f"{stage.name}: MAS learned in {figures['compile_s']} s", flush=True)
             learned[key] = (stage, figures)
         stage, mas_figures = learned[key]
         output = args.workdir / folder_name(spec)
