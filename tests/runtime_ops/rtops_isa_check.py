@@ -15,7 +15,7 @@ from rtops_models import int_reference, pack_int4, quant_linear_model, quantize,
 def main() -> None:
     rng = np.random.default_rng(1)
     for bits in (8, 4):
-        for M, K, N in [(1, 40, 17), (7, 96, 130), (61, 264, 65)]:
+        for M, K, N in [(1, 40, 17), (1, 200, 1040), (7, 96, 130), (61, 264, 65)]:
             lo, hi = (-128, 128) if bits == 8 else (-8, 8)
             w = rng.integers(lo, hi, size=(N, K)).astype(np.int8)
             packed = w if bits == 8 else pack_int4(w)

@@ -48,6 +48,28 @@ def test_integer_accumulation_is_exact(bits, M, K, N):
     np.testing.assert_array_equal(y, acc.astype(np.float32))
 
 
+@pytest.mark.parametrize(("M", "K", "N"), [(1, 8, 16), (1, 24, 16), (1, 576, 192), (1, 576, 576), (1, 1536, 576),
+                                       (1, 576, 1536), (1, 136, 1040), (6, 200, 70), (1, 160000, 16)])
+@pytest.mark.parametrize("extreme", [False, True])
+def test_int4_one_row_is_exact(M, K, N, extreme):
+    """W4 rows computed one at a time (decode, and the last row of a batch of 6) are exact. The one-row kernel
+    keeps the high nibbles as 16 * hi in their own accumulator and shifts it back per K chunk: odd step counts
+    (K = 24, 136), 1 and 4 panels per call (N = 1040 = 16 x 4 + 1 panels), the decoder's shapes; ``extreme`` gives
+    every product its largest magnitude (w = 7, stored nibble 15, times x = -128), where K = 160000 would overflow
+    that accumulator in int32 without the chunks. The accumulators may exceed 2^24: Y is their one
+    round-to-nearest conversion to fp32, as numpy's."""
+    rng = np.random.default_rng(K + N + M + extreme)
+    if extreme:
+        w = np.where(np.arange(N)[:, None] % 2 == 0, 7, -8).astype(np.int8).repeat(K, axis=1)
+        xq = np.full((M, K), -128, np.int8)
+    else:
+        w = rng.integers(-8, 8, size=(N, K)).astype(np.int8)
+        xq = rng.integers(-128, 128, size=(M, K)).astype(np.int8)
+    model = quant_linear_model(K, N, bits=4, x_type=TensorProto.INT8, weight=pack_int4(w))
+    y = session(model).run(None, {"X": xq, "w_scale": np.ones(N, np.float32), "act_scale": np.ones(1, np.float32)})[0]
+    np.testing.assert_array_equal(y, int_reference(xq, w).astype(np.float32))
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("const_weight", [True, False])
 def test_float_path_with_bias(bits, const_weight):

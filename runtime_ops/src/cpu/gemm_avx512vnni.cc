@@ -2,7 +2,8 @@
 // adds them into each int32 lane, so one instruction does 64 multiply-adds for 16 output columns.
 // W8: unsigned activations (x + 128) x signed weights, minus 128 * colsum(W) in the epilogue.
 // W4: unsigned weight nibbles (w + 8) x signed activations, minus 8 * rowsum(x); nibbles are unpacked in
-//     registers (one AND, one shift + AND per 64 bytes), so W4 reads half the weight bytes of W8.
+//     registers (one AND, one shift + AND per 64 bytes; one row: two ANDs, see gemv_w4), so W4 reads half the
+//     weight bytes of W8.
 #include <immintrin.h>
 
 #include "cpu/gemm.h"
@@ -145,9 +146,87 @@ void tile_w4(const GemmArgs& g, int64_t m, int64_t p) {
 #undef CORR
 }
 
+// W4, one row (decode). tile_w4<1, NV> chains its two VPDPBUSDs per step into one accumulator per panel, so a
+// panel costs 2 x Kp/8 instruction latencies, as many as W8's Kp/4: with the weights in cache W4 was no faster
+// than W8, and the decode shapes with N <= 576 run one panel per call (tasks of 1 or 2 panels), a single
+// dependency chain. Here the low and the high nibbles accumulate in separate registers and one panel is unrolled
+// over two steps (4 chains, 8 for 4 panels); the high nibble is used in place as 16 * hi (one AND instead of
+// shift + AND): its sum, a multiple of 16, is shifted back exactly once per chunk of kChunk steps, before it could
+// leave int32 (|16 hi x| <= 240 * 128, 4 products per lane and step: under 2^29 per chunk). The int32 result
+// equals tile_w4's. Panel pairs stay one panel after the other: interleaving the two weight streams was slower
+// with the weights in DRAM (a decode step's case) on the AMD EPYC test machine.
+template <int NV>
+void gemv_w4(const GemmArgs& g, int64_t m, int64_t p) {
+  static_assert(NV == 1 || NV == 4, "panels per call");
+  constexpr int64_t kChunk = 4096;
+  const PackedWeights& W = *g.W;
+  const int64_t G2 = W.Kp / 8;
+  const uint8_t* B0 = W.panel(p);
+  const uint8_t* B1 = NV > 1 ? W.panel(p + 1) : B0;
+  const uint8_t* B2 = NV > 1 ? W.panel(p + 2) : B0;
+  const uint8_t* B3 = NV > 1 ? W.panel(p + 3) : B0;
+  const uint8_t* A = g.A + m * g.lda;
+  const __m512i low4 = _mm512_set1_epi8(0x0F), high4 = _mm512_set1_epi8(static_cast<char>(0xF0));
+  const __m512i zero = _mm512_setzero_si512();
+  __m512i c0 = zero, c1 = zero, c2 = zero, c3 = zero;
+#define MQC_GEMV_STEP(B, hh, l, u)                                        \
+  {                                                                       \
+    const __m512i r = _mm512_load_si512((B) + (hh) * 64);                 \
+    l = _mm512_dpbusd_epi32(l, _mm512_and_si512(r, low4), x0);            \
+    u = _mm512_dpbusd_epi32(u, _mm512_and_si512(r, high4), x1);           \
+  }
+  for (int64_t hc = 0; hc < G2; hc += kChunk) {
+    const int64_t he = std::min(G2, hc + kChunk);
+    // l: low nibbles x x[0:4], u: 16 x high nibbles x x[4:8] of each step (NV == 1: l1, u1 take the odd steps)
+    __m512i l0 = zero, l1 = zero, l2 = zero, l3 = zero, u0 = zero, u1 = zero, u2 = zero, u3 = zero;
+    int64_t h = hc;
+    if constexpr (NV == 1) {
+      for (; h + 2 <= he; h += 2) {
+        {
+          const __m512i x0 = _mm512_set1_epi32(load32(A + h * 8)), x1 = _mm512_set1_epi32(load32(A + h * 8 + 4));
+          MQC_GEMV_STEP(B0, h, l0, u0)
+        }
+        {
+          const __m512i x0 = _mm512_set1_epi32(load32(A + h * 8 + 8)), x1 = _mm512_set1_epi32(load32(A + h * 8 + 12));
+          MQC_GEMV_STEP(B0, h + 1, l1, u1)
+        }
+      }
+    }
+    for (; h < he; ++h) {
+      const __m512i x0 = _mm512_set1_epi32(load32(A + h * 8)), x1 = _mm512_set1_epi32(load32(A + h * 8 + 4));
+      MQC_GEMV_STEP(B0, h, l0, u0)
+      if constexpr (NV > 1) {
+        MQC_GEMV_STEP(B1, h, l1, u1)
+        MQC_GEMV_STEP(B2, h, l2, u2)
+        MQC_GEMV_STEP(B3, h, l3, u3)
+      }
+    }
+    if constexpr (NV == 1) {
+      const __m512i lo = _mm512_add_epi32(l0, l1), hi = _mm512_srai_epi32(_mm512_add_epi32(u0, u1), 4);
+      c0 = _mm512_add_epi32(c0, _mm512_add_epi32(lo, hi));
+    } else {
+      c0 = _mm512_add_epi32(c0, _mm512_add_epi32(l0, _mm512_srai_epi32(u0, 4)));
+      c1 = _mm512_add_epi32(c1, _mm512_add_epi32(l1, _mm512_srai_epi32(u1, 4)));
+      c2 = _mm512_add_epi32(c2, _mm512_add_epi32(l2, _mm512_srai_epi32(u2, 4)));
+      c3 = _mm512_add_epi32(c3, _mm512_add_epi32(l3, _mm512_srai_epi32(u3, 4)));
+    }
+  }
+#undef MQC_GEMV_STEP
+  const int64_t n0 = p * 16;
+  const __m512i s = _mm512_set1_epi32(8 * g.rowsum[m]);
+  store_row(g, m, n0, c0, s);
+  if constexpr (NV > 1) {
+    store_row(g, m, n0 + 16, c1, s);
+    store_row(g, m, n0 + 32, c2, s);
+    store_row(g, m, n0 + 48, c3, s);
+  }
+}
+
 template <int MR, int NV, bool W4>
 inline void tile(const GemmArgs& g, int64_t m, int64_t p) {
-  if constexpr (W4)
+  if constexpr (W4 && MR == 1)  // decode, and the last row of a small batch
+    gemv_w4<NV>(g, m, p);
+  else if constexpr (W4)
     tile_w4<MR, NV>(g, m, p);
   else
     tile_w8<MR, NV>(g, m, p);
