@@ -55,7 +55,8 @@ def test_cuda_library_is_built_and_runs_its_cpu_kernels_without_a_gpu():
     """CI has nvcc but no GPU: the CUDA library must build, load in a CPU-only onnxruntime, and serve the CPU EP."""
     path = rt.library_path("cuda")
     lib = ctypes.CDLL(str(path))
-    for symbol in ("RegisterCustomOps", "mqc_cuda_quant_linear", "mqc_cuda_hadamard", "mqc_cuda_rmsnorm_quant"):
+    for symbol in ("RegisterCustomOps", "mqc_cuda_quant_linear", "mqc_cuda_quant_linear_ex", "mqc_cuda_hadamard",
+                   "mqc_cuda_rmsnorm_quant"):
         assert hasattr(lib, symbol), symbol
     assert lib.mqc_cuda_padded_k(ctypes.c_int64(100)) == 128
     rng = np.random.default_rng(0)
