@@ -77,9 +77,11 @@ def compile_command(model: str, output: Path, recipe: str, calib: Path | None, s
     from mqc.compiler import compile as compile_model
     from mqc.recipes import load_recipe, with_acts, with_bits
 
-    chosen = with_bits(load_recipe(recipe), bits) if bits else recipe
+    chosen = load_recipe(recipe)
+    if bits:
+        chosen = with_bits(chosen, bits)
     if acts:
-        chosen = with_acts(load_recipe(chosen) if isinstance(chosen, str) else chosen, acts)
+        chosen = with_acts(chosen, acts)
     with progress_bar() as progress:
         result = compile_model(model, output, chosen, calib=calib, num_samples=samples, fmt=fmt, exclude=exclude,
                                verify=verify, verify_rtol=verify_rtol, progress=progress)

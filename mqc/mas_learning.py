@@ -106,11 +106,15 @@ class _QuantizedBlockForward:
                       for node, w in block.plain}
         self.ranges = {name: {m: torch.from_numpy(r.astype(np.float32)) for m, r in by_m.items()}
                        for name, by_m in settings.ranges.items()}
-        self.image_rows: Any = None
+        self._rows_by_modality: list[tuple[int, Any]] = []
         self._acts: dict[str, dict[int, Any]] = {}
 
     def start(self, image_rows: Any) -> None:
-        self.image_rows = image_rows
+        """Begin one forward pass of a sample: its row indices per modality present; no cached activations."""
+        import torch
+
+        picks = [(m, torch.nonzero(image_rows == (m == IMAGE)).reshape(-1)) for m in (TEXT, IMAGE)]
+        self._rows_by_modality = [(m, idx) for m, idx in picks if idx.numel()]
         self._acts = {}
 
     def _delta(self, value: str, modality: int, s: Any) -> Any:
@@ -128,8 +132,7 @@ class _QuantizedBlockForward:
         if key not in self.smoothed and key not in self.plain:
             return None
         rows = x.reshape(-1, x.shape[-1])
-        modalities = [(m, torch.nonzero(self.image_rows == (m == IMAGE)).reshape(-1)) for m in (TEXT, IMAGE)]
-        modalities = [(m, idx) for m, idx in modalities if idx.numel()]
+        modalities = self._rows_by_modality
         parts, order = [], []
         if key in self.plain:
             value, wq = self.plain[key]
@@ -244,9 +247,14 @@ def learn_blocks(
         if progress is not None:
             progress()
     last = blocks[-1].graph_slice.output.name
-    drift = max((float((y - s.references[last]).abs().max() / s.references[last].abs().max().clamp_min(1e-12))
-                 for y, s in zip(fp_in, samples, strict=True) if last in s.references), default=0.0)
+    drift = max((_relative_drift(y, s.references[last]) for y, s in zip(fp_in, samples, strict=True)
+                 if last in s.references), default=0.0)
     return learned, figures, drift
+
+
+def _relative_drift(x: Any, ref: Any) -> float:
+    """max |x - ref| / max |ref|."""
+    return float((x - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
 
 
 def replay_drift(blocks: Sequence[Block], samples: Sequence[Sample]) -> float:
@@ -260,6 +268,5 @@ def replay_drift(blocks: Sequence[Block], samples: Sequence[Sample]) -> float:
             x = s.x
             for block in blocks:
                 x = block.graph_slice.run(x, s.externals)
-            ref = s.references[blocks[-1].graph_slice.output.name]
-            worst = max(worst, float((x - ref).abs().max() / ref.abs().max().clamp_min(1e-12)))
+            worst = max(worst, _relative_drift(x, s.references[blocks[-1].graph_slice.output.name]))
     return worst

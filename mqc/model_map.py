@@ -317,8 +317,11 @@ def _reaches_writer(add: ir.Node, writer_outputs: set[int], depth: int = 4) -> b
     return any(_value_reaches(v, writer_outputs, depth) for v in add.inputs if v is not None)
 
 
+#: Ops a linear's output may pass through on its way into the residual Add.
+_PASSTHROUGH_OPS = {"Mul", "Reshape", "Transpose", "Cast", "Identity"}
+
+
 def _value_reaches(value: ir.Value, targets: set[int], depth: int) -> bool:
-    passthrough = {"Mul", "Reshape", "Transpose", "Cast", "Identity"}
     frontier = [value]
     for _ in range(depth):
         nxt = []
@@ -326,7 +329,7 @@ def _value_reaches(value: ir.Value, targets: set[int], depth: int) -> bool:
             if id(v) in targets:
                 return True
             producer = v.producer()
-            if producer is not None and producer.op_type in passthrough:
+            if producer is not None and producer.op_type in _PASSTHROUGH_OPS:
                 nxt.extend(u for u in producer.inputs if u is not None and constant_array(u) is None)
         frontier = nxt
     return False
@@ -335,7 +338,7 @@ def _value_reaches(value: ir.Value, targets: set[int], depth: int) -> bool:
 def residual_add_after(linear: Linear, depth: int = 4) -> tuple[ir.Node, ir.Value] | None:
     """The residual Add that ``linear`` (an o/down/fc2 writer) writes into, and its other operand (the residual
     stream coming in); None if there is none within ``depth`` elementwise, reshape or norm ops (Gemma's post-norms)."""
-    passthrough = {"Mul", "Reshape", "Transpose", "Cast", "Identity", *(op for _, op in NORM_OPS)}
+    passthrough = _PASSTHROUGH_OPS | {op for _, op in NORM_OPS}
     frontier = [linear.output]
     for _ in range(depth):
         nxt = []

@@ -13,6 +13,7 @@ they are the slice's *externals* (captured per sample from onnxruntime), and con
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -98,7 +99,9 @@ def _cast(node: ir.Node, x: Any) -> Any:
     return x.to(getattr(torch, name))
 
 
+@functools.cache
 def _ops() -> dict[str, Callable]:
+    """The torch form of each supported op (built once: torch is imported only when a slice runs)."""
     import torch
     import torch.nn.functional as F
 

@@ -63,6 +63,7 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+from mqc.passes.gptq_weights import hessian_from_tap
 from mqc.passes.mas import ACT_MODES, MAS_LINEAR_KEY, MAS_SMOOTH_KEY
 from mqc.passes.msq import insert_activation_msq, is_image_mask, modality_input, value_rank
 from mqc.passes.quantize_linears import insert_weight_dequant
@@ -309,10 +310,9 @@ class CmcPass(MqcPass):
         bits = self.params["w_bits"]
         if self.params["weights"] == "rtn":
             return quantize_weight_rtn(weight, bits), {"weight_method": "rtn"}
-        entries = [e for m, e in tap.by_modality.items() if e.gram is not None and e.rows and modality in (None, m)]
-        if not entries:
-            entries = [e for e in tap.by_modality.values() if e.gram is not None and e.rows]
-        hessian = np.sum([e.gram for e in entries], axis=0) * (2.0 / sum(e.rows for e in entries))
+        hessian, _ = hessian_from_tap(tap, None if modality is None else [modality])
+        if hessian is None:
+            hessian, _ = hessian_from_tap(tap)
         try:
             qweight, rel = gptq_quantize(weight, hessian, bits)
         except ValueError as exc:

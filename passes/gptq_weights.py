@@ -25,7 +25,7 @@ Rules, in order:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -39,9 +39,12 @@ from mqc.model_map import Linear
 from mqc.quantizer import QuantizedWeight, quantize_weight_rtn, weight_scales
 
 
-def _hessian(tap: TapStats) -> tuple[np.ndarray | None, int]:
-    grams = [s.gram for s in tap.by_modality.values() if s.gram is not None and s.rows > 0]
-    rows = sum(s.rows for s in tap.by_modality.values() if s.gram is not None)
+def hessian_from_tap(tap: TapStats, modalities: Iterable[int] | None = None) -> tuple[np.ndarray | None, int]:
+    """GPTQ's H = 2/n · Σ xᵀx from the Gram matrices of ``tap`` (of ``modalities`` only, when given), and n."""
+    wanted = set(tap.by_modality) if modalities is None else set(modalities)
+    entries = [s for m, s in tap.by_modality.items() if m in wanted and s.gram is not None]
+    grams = [s.gram for s in entries if s.rows > 0]
+    rows = sum(s.rows for s in entries)
     if not grams or rows == 0:
         return None, 0
     return np.sum(grams, axis=0) * (2.0 / rows), rows
@@ -106,7 +109,7 @@ class GptqWeightsPass(QuantizeLinearsPass):
             group_stats = self.ctx.calibrate(model, taps, gram_taps=taps, label=f"GPTQ Hessians {index + 1}/{len(groups)}")
             for lin in group:
                 tap = group_stats.get(lin.input.name)
-                hessian, rows = _hessian(tap) if tap is not None else (None, 0)
+                hessian, rows = hessian_from_tap(tap) if tap is not None else (None, 0)
                 if hessian is None:
                     continue
                 weight = lin.weight_array()

@@ -79,6 +79,15 @@ from mqc.passes.msq import is_image_mask, modality_input
 
 from mqc.calibration import IMAGE, MODALITY_NAMES, TEXT, TapStats, TensorStats
 from mqc.ir import add_initializer, remove_unused_initializers
+from mqc.mas_learning import (
+    Block,
+    BlockSettings,
+    Sample,
+    fake_quant_act,
+    fake_quant_weight,
+    learn_blocks,
+    replay_drift,
+)
 from mqc.model_map import Linear
 from mqc.pass_manager import MqcPass
 from mqc.quantizer import qrange
@@ -134,25 +143,14 @@ def learn_scales(
         targets = {m: x @ w for m, x in xs.items()}
         rng_t = {m: torch.tensor(np.asarray(ranges[m], np.float32), device=device) for m in xs}
         params = {m: torch.nn.Parameter(torch.tensor(np.asarray(init[m], np.float32), device=device)) for m in xs}
-        w_lo, w_hi = qrange(w_bits)
-        a_lo, a_hi = qrange(a_bits)
-
-        def ste_round(t: torch.Tensor) -> torch.Tensor:
-            return (torch.round(t) - t).detach() + t
-
-        def q_weight(t: torch.Tensor) -> torch.Tensor:
-            delta = t.abs().amax(dim=0, keepdim=True).clamp_min(1e-12) / w_hi
-            return torch.clamp(ste_round(t / delta), w_lo, w_hi) * delta
+        _, a_hi = qrange(a_bits)
 
         def q_act(t: torch.Tensor, s: torch.Tensor, m: int) -> torch.Tensor:
-            if acts == "dynamic":
-                delta = t.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / a_hi
-            else:
-                delta = (rng_t[m] / s).max().clamp_min(1e-12) / a_hi
-            return torch.clamp(ste_round(t / delta), a_lo, a_hi) * delta
+            delta = None if acts == "dynamic" else (rng_t[m] / s).max().clamp_min(1e-12) / a_hi
+            return fake_quant_act(t, a_bits, delta)
 
         def loss_of(m: int, x: torch.Tensor, y: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-            out = q_act(x / s, s, m) @ q_weight(s[:, None] * w)
+            out = q_act(x / s, s, m) @ fake_quant_weight(s[:, None] * w, w_bits)
             return (out - y).abs().mean()
 
         def full_loss() -> tuple[float, dict[str, float]]:
@@ -333,6 +331,10 @@ class MasPass(MqcPass):
             if learned is None:
                 self.learning_ran = "linear"
                 learned = {v: self._learn_linear(v, present[v], weights[v], inits[v], figures[v]) for v in groups}
+                self.record.notes.append(
+                    f"MAS learning per linear group on float calibration rows: {p['epochs']} epochs x "
+                    f"{self._steps_per_epoch()} steps, {p['batch_rows']} rows per modality per step, lambda text 1.0 / "
+                    f"image {p['image_weight']}, acts {p['acts']}, W{p['w_bits']}A{p['a_bits']}")
             self.peak_rss_mb = max(start_rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
         is_image = is_image_mask(graph, modality_ids)
         changed = 0
@@ -378,23 +380,21 @@ class MasPass(MqcPass):
                       init: dict[int, np.ndarray], figures: dict[str, Any]) -> dict[int, np.ndarray]:
         p = self.params
         total_rows = sum(e.rows for e in present.values())
-        steps_per_epoch = p["steps_per_epoch"] or int(self.ctx.num_samples or 32)
         learned, info = learn_scales(
             {m: e.sample for m, e in present.items()}, {m: e.channel_absmax.astype(np.float64) for m, e in present.items()},
             {m: e.rows / total_rows for m, e in present.items()}, weight, init, w_bits=p["w_bits"], a_bits=p["a_bits"],
             acts=p["acts"], lambdas={TEXT: 1.0, IMAGE: p["image_weight"]}, epochs=p["epochs"],
-            steps_per_epoch=steps_per_epoch, batch_rows=p["batch_rows"], lr=p["lr"], scale_floor=p["scale_floor"],
+            steps_per_epoch=self._steps_per_epoch(), batch_rows=p["batch_rows"], lr=p["lr"], scale_floor=p["scale_floor"],
             seed=p["seed"], threads=p["torch_threads"] or 0, device=p["device"],
         )
         figures.update({key: info[key] for key in ("mas_loss_init", "mas_loss_learned", "mas_learn_seconds")})
         if info["mas_kept_init"]:
             self.record.notes.append(f"MAS {value_name}: learning did not lower the loss, the initialisation is kept")
-        if not any("per linear group" in n for n in self.record.notes):
-            self.record.notes.append(
-                f"MAS learning per linear group on float calibration rows: {p['epochs']} epochs x {steps_per_epoch} "
-                f"steps, {p['batch_rows']} rows per modality per step, lambda text 1.0 / image {p['image_weight']}, "
-                f"acts {p['acts']}, W{p['w_bits']}A{p['a_bits']}")
         return learned
+
+    def _steps_per_epoch(self) -> int:
+        """Layer-wise learning: one step per calibration sample unless ``steps_per_epoch`` is set."""
+        return self.params["steps_per_epoch"] or int(self.ctx.num_samples or 32)
 
     # ------------------------------------------------------------------------------------------- block-wise
 
@@ -403,8 +403,6 @@ class MasPass(MqcPass):
                          figures: dict[str, dict[str, Any]]) -> dict[str, dict[int, np.ndarray]] | None:
         """Block-wise learning (module docstring); None, with the reason in the notes, when the graph cannot take it."""
         import torch
-
-        from mqc.mas_learning import BlockSettings, learn_blocks, replay_drift
 
         p = self.params
         blocks, why = self._blocks(model, groups, plain)
@@ -450,7 +448,6 @@ class MasPass(MqcPass):
 
     def _blocks(self, model: ir.Model, groups: dict[str, list[Linear]], plain: list[Linear]) -> tuple[list, str | None]:
         """One :class:`mqc.mas_learning.Block` per decoder layer holding smoothed groups, or the reason there is none."""
-        from mqc.mas_learning import Block
         from mqc.model_map import residual_add_after
         from mqc.torch_replay import GraphSlice
 
@@ -486,7 +483,6 @@ class MasPass(MqcPass):
         import torch
 
         from mqc.calibration import capture
-        from mqc.mas_learning import Sample
 
         graph_inputs = {v.name for v in model.graph.inputs}
         first, last = blocks[0].graph_slice, blocks[-1].graph_slice
