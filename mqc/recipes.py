@@ -170,6 +170,7 @@ def with_bits(recipe: Recipe, setting: str) -> Recipe:
     return Recipe(f"{recipe.name} --bits {setting}", recipe.description, language.passes, components)
 
 
+#: Activation modes of the passes that offer one (``mas``, ``cmc``) and of ``--acts``.
 ACT_MODES = ("dynamic", "static")
 
 

@@ -91,6 +91,7 @@ from mqc.mas_learning import (
 from mqc.model_map import Linear
 from mqc.pass_manager import MqcPass
 from mqc.quantizer import qrange
+from mqc.recipes import ACT_MODES
 from mqc.smoothing import mas_init_scales, smoothquant_scales, sqnr_under_smoothing, theorem1_sqnr_loss_db
 
 #: Largest relative drift of the torch replay of the first layer against onnxruntime before learning trusts it.
@@ -98,7 +99,6 @@ REPLAY_RTOL = 1e-4
 MAS_SMOOTH_KEY = "mqc.mas"
 MAS_LINEAR_KEY = "mqc.mas_linear"
 SMOOTH_ROLES = ("q", "k", "v", "o", "gate", "up")
-ACT_MODES = ("dynamic", "static")
 LEARNING_MODES = ("block", "linear")
 
 
