@@ -23,6 +23,10 @@ the public code), at most min(in, out). Calibration inputs are the float model's
   x_s (B is the text tokens' whole path; image tokens get the low-rank correction towards S_v W computed against
   this B), of all rows for the plain linears. The record gives GPTQ's and RTN's relative output error per linear.
 
+``group_size`` (an extension; default None, per output channel as the paper): one scale per group of that many input
+rows for B, the plain linears and the image weight of the ablations (``DequantizeLinear`` with ``block_size``). A
+linear whose input size it does not divide stays per channel (noted). Per-group weights have no ``--format mqc`` form.
+
 ``compensation`` selects the image-token path:
 - ``"cmc"`` (default): the low-rank branch above.
 - ``"per_modality_weights"`` (ablation "MAS without CMC", the paper's Eq. 21 / the code's training forward): image
@@ -75,7 +79,7 @@ from mqc.ir import add_initializer, constant_array, ensure_opset, remove_unused_
 from mqc.lowrank import lowrank_compensation, rank_for
 from mqc.model_map import Linear
 from mqc.pass_manager import MqcPass
-from mqc.quantizer import MIN_SCALE, fake_quantize, qrange, quantize_weight_rtn, sqnr_db
+from mqc.quantizer import MIN_SCALE, QuantizedWeight, fake_quantize, qrange, quantize_weight_rtn, sqnr_db
 
 COMPENSATIONS = ("cmc", "per_modality_weights", "none")
 WEIGHT_METHODS = ("rtn", "gptq")
@@ -156,14 +160,17 @@ class CmcPass(MqcPass):
         damp: float = 0.0,
         quant_cmc: bool = False,
         weights: str = "rtn",
+        group_size: int | None = None,
         rows: int = 256,
         skip_roles: Sequence[str] = ("lm_head",),
     ) -> None:
         super().__init__(
             w_bits=w_bits, a_bits=a_bits, acts=acts, compensation=compensation, rank_ratio=rank_ratio,
-            min_rank=min_rank, whiten=whiten, damp=damp, quant_cmc=quant_cmc, weights=weights, rows=rows,
-            skip_roles=list(skip_roles),
+            min_rank=min_rank, whiten=whiten, damp=damp, quant_cmc=quant_cmc, weights=weights,
+            group_size=group_size, rows=rows, skip_roles=list(skip_roles),
         )
+        if group_size is not None and group_size < 1:
+            raise ValueError(f"group_size must be a positive number of input rows, got {group_size}")
         if weights not in WEIGHT_METHODS:
             raise ValueError(f"weights must be one of {WEIGHT_METHODS}, not {weights!r}")
         if acts not in ACT_MODES:
@@ -175,14 +182,18 @@ class CmcPass(MqcPass):
         qrange(w_bits)
         qrange(a_bits)
         self.skip_roles = set(skip_roles)
+        self._per_channel_fallbacks: set[str] = set()
 
     def variant(self) -> str:
         p = self.params
         white = "whitened (the paper)" if p["whiten"] else "not whitened (ablation)"
         weights = ("B by RTN (the paper)" if p["weights"] == "rtn"
                    else "B by GPTQ on the text rows' Hessian (an extension: the paper rounds B to nearest)")
+        grouping = ("per output channel (the paper)" if p["group_size"] is None
+                    else f"per group of {p['group_size']} input rows (an extension: the paper quantizes per channel)")
         return (f"{p['compensation']}, {white}, rank {p['rank_ratio']:g} x min(in, out) with a floor of "
-                f"{p['min_rank']} (the floor is the released code's); {weights}; {p['acts']} activations")
+                f"{p['min_rank']} (the floor is the released code's); {weights}; weights {grouping}; "
+                f"{p['acts']} activations")
 
     # ---------------------------------------------------------------------------------------------- discovery
 
@@ -305,20 +316,37 @@ class CmcPass(MqcPass):
             insert_activation_msq(graph, value, scales[TEXT], scales[IMAGE], p["a_bits"], readers, is_image)
         return scales
 
+    def _group_size(self, name: str, weight: np.ndarray) -> int | None:
+        """The pass's group size, or None (per channel, recorded) where it does not divide the input size."""
+        group = self.params["group_size"]
+        if group is not None and weight.shape[0] % group:
+            if name in self._per_channel_fallbacks:
+                return None
+            self._per_channel_fallbacks.add(name)
+            self.record.notes.append(f"{name}: input size {weight.shape[0]} is not a multiple of group size {group}: "
+                                     f"per-channel weights")
+            return None
+        return group
+
+    def _rtn(self, name: str, weight: np.ndarray) -> QuantizedWeight:
+        return quantize_weight_rtn(weight, self.params["w_bits"], self._group_size(name, weight))
+
     def _quantize_weight(self, name: str, weight: np.ndarray, tap: TapStats, modality: int | None) -> tuple[Any, dict]:
-        """RTN per output channel, or GPTQ against the Gram of ``modality``'s rows of the input (all rows if None)."""
+        """RTN (per output channel or per group), or GPTQ against the Gram of ``modality``'s rows (all rows if None)."""
         bits = self.params["w_bits"]
+        group = self._group_size(name, weight)
+        rtn = quantize_weight_rtn(weight, bits, group)
         if self.params["weights"] == "rtn":
-            return quantize_weight_rtn(weight, bits), {"weight_method": "rtn"}
+            return rtn, {"weight_method": "rtn"}
         hessian, _ = hessian_from_tap(tap, None if modality is None else [modality])
         if hessian is None:
             hessian, _ = hessian_from_tap(tap)
         try:
-            qweight, rel = gptq_quantize(weight, hessian, bits)
+            qweight, rel = gptq_quantize(weight, hessian, bits, group_size=group)
         except ValueError as exc:
             self.record.skip(name, f"GPTQ failed ({exc}): RTN weights instead")
-            return quantize_weight_rtn(weight, bits), {"weight_method": "rtn"}
-        rtn_rel = relative_output_error(weight, quantize_weight_rtn(weight, bits).dequantize(), hessian)
+            return rtn, {"weight_method": "rtn"}
+        rtn_rel = relative_output_error(weight, rtn.dequantize(), hessian)
         return qweight, {"weight_method": "gptq", "gptq_rel_error": round(rel, 5), "rtn_rel_error": round(rtn_rel, 5)}
 
     def _qa(self, x: np.ndarray, m: int, scales: dict[int, float] | None) -> np.ndarray:
@@ -360,7 +388,7 @@ class CmcPass(MqcPass):
         if mode == "cmc":
             target = ml.w_image
             if p["quant_cmc"]:
-                target = quantize_weight_rtn(ml.w_image.astype(np.float32), p["w_bits"]).dequantize().astype(np.float64)
+                target = self._rtn(ml.name, ml.w_image.astype(np.float32)).dequantize().astype(np.float64)
             rank = rank_for(p["rank_ratio"], k, n, p["min_rank"])
             figures["cmc_rank"] = rank
             if rank == 0:
@@ -371,7 +399,7 @@ class CmcPass(MqcPass):
                 figures["cmc_retained_energy"] = round(info.retained, 4)
                 self._emit_lowrank(graph, ml, l1.astype(np.float32), l2.astype(np.float32))
         elif mode == "per_modality_weights":
-            qv = quantize_weight_rtn(ml.w_image.astype(np.float32), p["w_bits"])
+            qv = self._rtn(ml.name, ml.w_image.astype(np.float32))
             self._emit_image_weight(graph, ml, qv, is_image)
         if mode == "none":
             for use in list(ml.add.outputs[0].uses()):
