@@ -70,6 +70,25 @@ def test_int4_one_row_is_exact(M, K, N, extreme):
     np.testing.assert_array_equal(y, int_reference(xq, w).astype(np.float32))
 
 
+@pytest.mark.parametrize(("M", "K", "N"), [(1, 4, 16), (1, 12, 16), (1, 576, 192), (1, 576, 576), (1, 1536, 576),
+                                       (1, 136, 1040), (7, 200, 70)])
+@pytest.mark.parametrize("extreme", [False, True])
+def test_int8_one_row_is_exact(M, K, N, extreme):
+    """W8 rows computed one at a time: the one-row, one-panel kernel splits K over four accumulators (step counts
+    1, 3 and 34 leave a tail; N = 1040 ends in a single panel; a batch of 7 leaves one row). ``extreme``: every
+    product at its largest magnitude (w = 127 or -128, x = 127)."""
+    rng = np.random.default_rng(K + N + M + extreme + 8)
+    if extreme:
+        w = np.where(np.arange(N)[:, None] % 2 == 0, 127, -128).astype(np.int8).repeat(K, axis=1)
+        xq = np.full((M, K), 127, np.int8)
+    else:
+        w = rng.integers(-128, 128, size=(N, K)).astype(np.int8)
+        xq = rng.integers(-128, 128, size=(M, K)).astype(np.int8)
+    model = quant_linear_model(K, N, bits=8, x_type=TensorProto.INT8, weight=w)
+    y = session(model).run(None, {"X": xq, "w_scale": np.ones(N, np.float32), "act_scale": np.ones(1, np.float32)})[0]
+    np.testing.assert_array_equal(y, int_reference(xq, w).astype(np.float32))
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("const_weight", [True, False])
 def test_float_path_with_bias(bits, const_weight):
