@@ -74,9 +74,9 @@ def test_int4_one_row_is_exact(M, K, N, extreme):
                                        (1, 136, 1040), (7, 200, 70)])
 @pytest.mark.parametrize("extreme", [False, True])
 def test_int8_one_row_is_exact(M, K, N, extreme):
-    """W8 rows computed one at a time: the one-row, one-panel kernel splits K over four accumulators (step counts
-    1, 3 and 34 leave a tail; N = 1040 ends in a single panel; a batch of 7 leaves one row). ``extreme``: every
-    product at its largest magnitude (w = 127 or -128, x = 127)."""
+    """W8 rows computed one at a time (decode, the last row of a batch of 7), with K of 1, 3 and 34 four-byte steps
+    (a kernel that unrolls K must handle the tail) and N = 1040 ending in a single panel. ``extreme``: every product
+    at its largest magnitude (w = 127 or -128, x = 127)."""
     rng = np.random.default_rng(K + N + M + extreme + 8)
     if extreme:
         w = np.where(np.arange(N)[:, None] % 2 == 0, 127, -128).astype(np.int8).repeat(K, axis=1)
