@@ -118,13 +118,22 @@ def _lowered(qdq: onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
-def _session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
+def _options(threads: int, custom: bool, spin: bool) -> ort.SessionOptions:
+    """``spin=False`` stops onnxruntime's worker threads from busy-waiting between ops: on a shared VM the spinning
+    threads compete with the one doing the work, which can make a decode step several times its kernel time."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if any(o.domain == "ai.mqc" for o in model.opset_import):
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if custom:
         register_library(options, kind="cpu")
+    return options
+
+
+def _session(model: onnx.ModelProto, threads: int, spin: bool = True) -> ort.InferenceSession:
+    options = _options(threads, any(o.domain == "ai.mqc" for o in model.opset_import), spin)
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
@@ -157,7 +166,7 @@ def cpu_machine() -> str:
     return f"{model}, {os.cpu_count()} cores visible, {isa}; onnxruntime {ort.__version__}, Python {platform.python_version()}"
 
 
-def run_cpu(threads: int, repeat: int, shapes=CPU_SHAPES, dynamic: bool = False) -> list[dict]:
+def run_cpu(threads: int, repeat: int, shapes=CPU_SHAPES, dynamic: bool = False, spin: bool = True) -> list[dict]:
     rng = np.random.default_rng(0)
     rows = []
     for component, layer, K, N, M_prefill in shapes:
@@ -172,7 +181,7 @@ def run_cpu(threads: int, repeat: int, shapes=CPU_SHAPES, dynamic: bool = False)
             models["qdq w8 dyn"] = _dynamic_qdq_model(w, bias, 8)
             models["mqc w8 dyn"] = _lowered(models["qdq w8 dyn"])
             models["mqc w4 dyn"] = _lowered(_dynamic_qdq_model(w, bias, 4))
-        sessions = {k: _session(m, threads) for k, m in models.items()}
+        sessions = {k: _session(m, threads, spin) for k, m in models.items()}
         for phase, M in (("prefill", M_prefill), ("decode", 1)):
             x = rng.standard_normal((1, M, K)).astype(np.float32)
             ms = _time_side_by_side(sessions, {"X": x}, repeat if M > 1 or N < 10000 else max(repeat, 20))
@@ -239,7 +248,8 @@ def _decoder_feed(session: ort.InferenceSession, seq: int, past: int, rng: np.ra
     return feed
 
 
-def run_decoder(name: str, threads: int, repeat: int, workdir: Path, samples: int = 4, recipes: list[str] | None = None) -> str:
+def run_decoder(name: str, threads: int, repeat: int, workdir: Path, samples: int = 4, recipes: list[str] | None = None,
+                spin: bool = True) -> str:
     """float vs QDQ vs mqc for a packaged model's decoder: prefill of 256 tokens and one decode step after 256.
 
     ``recipes``: compare float, QDQ and mqc for these recipes instead of the standard W8A8/W4A8 (+head) set.
@@ -283,15 +293,12 @@ def run_decoder(name: str, threads: int, repeat: int, workdir: Path, samples: in
         paths[f"mqc {tag}"] = lowered
     sessions = {}
     for key, path in paths.items():
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        if key.startswith("mqc"):
-            register_library(options, kind="cpu")
+        options = _options(threads, key.startswith("mqc"), spin)
         sessions[key] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
+    spinning = "" if spin else " (spinning off)"
     if recipes:
-        lines = [f"Decoder of `{name}`; machine: {cpu_machine()}; intra-op threads {threads}; {repeat} interleaved runs "
+        lines = [f"Decoder of `{name}`; machine: {cpu_machine()}; intra-op threads {threads}{spinning}; {repeat} interleaved runs "
                  "per cell: median (best) ms; synthetic calibration.", "",
                  "| step | recipe | float | QDQ | mqc | mqc / float | mqc / QDQ |", "|---|---|---:|---:|---:|---:|---:|"]
         for step, seq, past in (("prefill 256", 256, 0), ("decode (past 256)", 1, 256)):
@@ -304,7 +311,7 @@ def run_decoder(name: str, threads: int, repeat: int, workdir: Path, samples: in
                 print(lines[-1], flush=True)
         return "\n".join(lines)
     lines = [f"Decoder of `{name}` ({manifest.get('num_layers')} layers, hidden {manifest.get('hidden_size')}); "
-             f"machine: {cpu_machine()}; intra-op threads {threads}; {repeat} interleaved runs per cell: median "
+             f"machine: {cpu_machine()}; intra-op threads {threads}{spinning}; {repeat} interleaved runs per cell: median "
              "(best) ms. QDQ and mqc come from the same compile (recipes w8a8 / w4a8-rtn, synthetic calibration; "
              "lm_head stays float in both recipes; the +head columns also quantize lm_head, 576 x 49152).", "",
              "| step | float | QDQ W8A8 | mqc W8A8 | QDQ W4A8 | mqc W4A8 | mqc W8A8 +head | mqc W4A8 +head | mqc W8 / float | "
@@ -640,6 +647,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=Path("build/bench_runtime_ops"), help="compiled decoders go here")
     parser.add_argument("--recipes", help="with --decoder: comma-separated recipes to compare instead of W8A8/W4A8")
     parser.add_argument("--tables", type=Path, help="with --gpu: also write the markdown tables to this file")
+    parser.add_argument("--no-spin", action="store_true",
+                        help="CPU: set session.intra_op.allow_spinning=0 (worker threads sleep between ops)")
     args = parser.parse_args(argv)
     if args.gpu:
         text, failures = run_gpu(args.repeat)
@@ -652,10 +661,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"the CPU benchmarks need onnx, onnx_ir, onnxruntime and mqc installed: {_CPU_IMPORT_ERROR!r}")
     if args.decoder:
         recipes = args.recipes.split(",") if args.recipes else None
-        print(run_decoder(args.decoder, args.threads, args.repeat, args.workdir, recipes=recipes))
+        print(run_decoder(args.decoder, args.threads, args.repeat, args.workdir, recipes=recipes, spin=not args.no_spin))
         return 0
     shapes = CPU_SHAPES[2:4] + CPU_SHAPES[4:5] if args.quick else CPU_SHAPES
-    rows = run_cpu(args.threads, 3 if args.quick else args.repeat, shapes, dynamic=args.dynamic)
+    rows = run_cpu(args.threads, 3 if args.quick else args.repeat, shapes, dynamic=args.dynamic, spin=not args.no_spin)
     if args.markdown:
         print()
         print(markdown_cpu(rows, args.threads, 3 if args.quick else args.repeat))
