@@ -12,6 +12,7 @@ from mqc.errors import VerificationError
 from mqc.ir import load_model
 from mqc.pass_manager import CompileContext, MqcPass, PassManager
 from mqc.quantizer import sqnr_db
+from mqc.recipes import Recipe, load_recipe, with_overrides
 from mqc.report import read_report
 
 
@@ -144,3 +145,34 @@ def test_static_shape_linear_with_bias_opens_at_full_optimization(tmp_path):
     x = rng.standard_normal((1, 16, 64)).astype(np.float32)
     out = mqc.open_session(tmp_path / "q.onnx").run(None, {"x": x})[0]
     assert sqnr_db(x @ weight + bias, out) > 30
+
+
+def test_grouped_int4_weights_fuse_into_matmulnbits_and_keep_the_graphs_numerics(llama_decoder, tmp_path):
+    """Per-group int4 weights stay [in, out], blocked on axis 0 with no Transpose: onnxruntime fuses them into
+    MatMulNBits (instead of dequantizing every weight on each call), and at mqc.open_session's accuracy level the
+    fused model computes what the unfused graph does. Float activations (masquant's dynamic form), as the fusion
+    needs: the quantizer is cmc's here."""
+    recipe = with_overrides(load_recipe("masquant-no-cmc"), {"cmc": {"group_size": 16}})
+    recipe = Recipe("g16", "", [p for p in recipe.passes if p["pass"] != "mas"], {})
+    mqc.compile(llama_decoder, tmp_path / "q.onnx", recipe)
+    graph = onnx.load(str(tmp_path / "q.onnx")).graph
+    dequants = [n for n in graph.node if n.name.endswith("/weight_dequant")]
+    assert dequants and not any(n.op_type == "Transpose" and n.name.endswith("/weight_t") for n in graph.node)
+    assert {(a.name, a.i) for n in dequants for a in n.attribute} == {("axis", 0), ("block_size", 16)}
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tmp_path / "q.onnx"), options, providers=["CPUExecutionProvider"])
+    fused = [n for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node if n.op_type == "MatMulNBits"]
+    assert len(fused) == len(dequants)
+    feed = random_feeds(load_model(llama_decoder), 1, seed=3)[0]
+    unfused = mqc.open_session(tmp_path / "q.onnx", optimization_level="disable").run(["logits"], feed)[0]
+    assert sqnr_db(unfused, _logits(tmp_path / "q.onnx", feed)) > 80
+    for bits in (4, 8):  # behind static QDQ activations, in both layouts
+        static = Recipe(f"w{bits}-g16", "", [{"pass": "fuse_norms"}, {"pass": "quantize_linears", "weight_bits": bits,
+                                                                      "group_size": 16}], {})
+        mqc.compile(llama_decoder, tmp_path / f"s{bits}.onnx", static)
+        unfused = mqc.open_session(tmp_path / f"s{bits}.onnx", optimization_level="disable").run(["logits"], feed)[0]
+        assert sqnr_db(unfused, _logits(tmp_path / f"s{bits}.onnx", feed)) > 80, bits
