@@ -182,7 +182,7 @@ class CmcPass(MqcPass):
         qrange(w_bits)
         qrange(a_bits)
         self.skip_roles = set(skip_roles)
-        self._per_channel_fallbacks: set[str] = set()
+        self._per_channel_fallbacks: set[str] = set()  # linears noted as per channel in this run
 
     def variant(self) -> str:
         p = self.params
@@ -232,6 +232,7 @@ class CmcPass(MqcPass):
     def run(self, model: ir.Model) -> bool:
         graph = model.graph
         p = self.params
+        self._per_channel_fallbacks = set()
         mas_groups = self._mas_groups(graph)
         mas_nodes = {id(n) for _, lins in mas_groups.values() for ml in lins for n in (ml.main, ml.delta)}
         plain_groups = self._plain_groups(model, mas_nodes)
