@@ -11,10 +11,13 @@ Rules:
 3. Weights: symmetric round-to-nearest, per output channel (``group_size=None``) or per group of input rows,
    optionally with an MSE clipping search. Per-channel weights are an int8/int4 initializer in the MatMul layout
    [in, out] with ``DequantizeLinear(axis=1)``; Gemm with ``transB`` keeps [out, in] with ``axis=0``. Per-group
-   weights keep the same layouts, blocked along the input axis (``axis=0``, or ``axis=1`` for ``transB``, with
-   ``block_size``). onnxruntime fuses the int4 MatMul form into MatMulNBits (72x faster than dequantizing the
-   weight on every call at 576 x 1536, one token); like the per-channel int4 fusion it needs
-   ``session.qdq_matmulnbits_accuracy_level=1`` (``mqc.open_session`` sets it) to keep float activations.
+   weights are blocked along the input axis (``block_size``). int4 MatMul weights stay [in, out] on ``axis=0``,
+   which onnxruntime fuses into MatMulNBits (72x faster than dequantizing the weight on every call at 576 x 1536,
+   one token; like the per-channel int4 fusion it needs ``session.qdq_matmulnbits_accuracy_level=1``, which
+   ``mqc.open_session`` sets, to keep float activations). int8 MatMul weights are stored [out, in] on ``axis=1``
+   and transposed back, and Gemm with ``transB`` keeps [out, in] on ``axis=1`` at either width: onnxruntime 1.32
+   fuses an axis-0 blocked int8 weight behind a static QDQ activation into MatMulIntegerToFloat, which reads the
+   blocked scale as per-column and fails at run time.
 4. Each quantized layer records its scales, clip ratios and output SQNR on calibration rows (per modality too).
 5. ``act_scales="per_modality"`` is MSQ (spec §2.3, ``passes/msq.py``): one static scale per modality per
    quantization point, selected per token from ``modality_ids`` with standard ops (the exact pattern is in
