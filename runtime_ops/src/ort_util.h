@@ -7,6 +7,7 @@
 #include "onnxruntime_cxx_api.h"
 
 #include "common.h"
+#include "validate.h"
 
 namespace mqc {
 
@@ -72,42 +73,71 @@ inline Ort::ConstValue optional_input(Ort::KernelContext& ctx, size_t index) {
 
 inline bool present(const Ort::ConstValue& v) { return static_cast<const OrtValue*>(v) != nullptr; }
 
-struct TensorView {
-  std::vector<int64_t> shape;
-  ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
-  const void* data = nullptr;
-  int64_t size() const { return numel(shape); }
-};
-
-inline TensorView view(const Ort::ConstValue& v) {
-  TensorView t;
+// An input as the shared validators see it (validate.h): presence, element type, shape and data pointer.
+inline TensorDesc describe(const Ort::ConstValue& v) {
+  TensorDesc t;
   if (!present(v)) return t;
   auto info = v.GetTensorTypeAndShapeInfo();
+  t.present = true;
   t.shape = info.GetShape();
-  t.type = info.GetElementType();
+  t.type = static_cast<DType>(info.GetElementType());
   t.data = v.GetTensorRawData();
   return t;
 }
 
-template <typename T>
-constexpr ONNXTensorElementDataType onnx_type();
-template <>
-constexpr ONNXTensorElementDataType onnx_type<float>() { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
-template <>
-constexpr ONNXTensorElementDataType onnx_type<Ort::Float16_t>() { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16; }
-template <>
-constexpr ONNXTensorElementDataType onnx_type<int8_t>() { return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8; }
-
-inline const char* type_name(ONNXTensorElementDataType t) {
-  switch (t) {
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return "float";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return "float16";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8: return "int8";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: return "uint8";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64: return "int64";
-    default: return "other";
-  }
+// Every input of a call in schema order; absent optional inputs have present = false.
+inline std::vector<TensorDesc> describe_inputs(Ort::KernelContext& ctx, const OpSchema& schema) {
+  std::vector<TensorDesc> in(schema.inputs.size());
+  for (size_t i = 0; i < in.size(); ++i) in[i] = describe(optional_input(ctx, i));
+  return in;
 }
+
+static_assert(static_cast<int>(DType::kFloat) == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT &&
+                  static_cast<int>(DType::kUInt8) == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 &&
+                  static_cast<int>(DType::kInt8) == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 &&
+                  static_cast<int>(DType::kInt64) == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 &&
+                  static_cast<int>(DType::kFloat16) == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16,
+              "mqc::DType follows onnxruntime's element type values");
+
+template <typename T>
+constexpr DType dtype_of();
+template <>
+constexpr DType dtype_of<float>() { return DType::kFloat; }
+template <>
+constexpr DType dtype_of<Ort::Float16_t>() { return DType::kFloat16; }
+template <>
+constexpr DType dtype_of<int8_t>() { return DType::kInt8; }
+
+// The onnxruntime operator of one kernel variant, declared from the op's schema (validate.h): name, inputs and
+// their types, required/optional, host residence (OrtMemTypeCPUInput) and output type. The CPU and the CUDA
+// libraries register their kernels through this one class, so their declarations cannot drift.
+template <typename Kernel>
+struct SchemaOp : Ort::CustomOpBase<SchemaOp<Kernel>, Kernel, true> {
+  SchemaOp(const OpSchema& schema, const char* provider) : schema_(schema), provider_(provider) {}
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+    MQC_GUARD(*kernel = new Kernel(api, info));
+  }
+  const char* GetName() const { return schema_.name; }
+  const char* GetExecutionProviderType() const { return provider_; }
+  size_t GetInputTypeCount() const { return schema_.inputs.size(); }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    return static_cast<ONNXTensorElementDataType>(schema_.input_type(i, Kernel::kXType));
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return schema_.inputs[i].optional ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+  OrtMemType GetInputMemoryType(size_t i) const {
+    return schema_.inputs[i].host ? OrtMemTypeCPUInput : OrtMemTypeDefault;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const {
+    return static_cast<ONNXTensorElementDataType>(schema_.output_type(Kernel::kXType));
+  }
+
+ private:
+  const OpSchema& schema_;
+  const char* provider_;
+};
 
 // Run fn(i) for i in [0, total) on the session's intra-op thread pool.
 template <typename F>
