@@ -27,24 +27,40 @@ inline OrtStatusPtr to_status(const std::exception& e, OrtErrorCode code = ORT_I
     return ::mqc::to_status(e, ORT_FAIL);                      \
   }
 
-inline int64_t attr_int(const OrtKernelInfo* info, const char* name, int64_t dflt) {
-  int64_t v = dflt;
-  OrtStatus* st = Ort::GetApi().KernelInfoGetAttribute_int64(info, name, &v);
-  if (st) {
-    Ort::GetApi().ReleaseStatus(st);
-    return dflt;
-  }
-  return v;
+// True when the node carries attribute `name` as a float (probed to tell a wrongly typed attribute from an
+// absent one, which onnxruntime reports alike).
+inline bool has_float_attr(const OrtKernelInfo* info, const char* name) {
+  float v = 0.f;
+  OrtStatus* st = Ort::GetApi().KernelInfoGetAttribute_float(info, name, &v);
+  if (st) Ort::GetApi().ReleaseStatus(st);
+  return st == nullptr;
 }
 
-inline float attr_float(const OrtKernelInfo* info, const char* name, float dflt) {
+inline bool has_int_attr(const OrtKernelInfo* info, const char* name) {
+  int64_t v = 0;
+  OrtStatus* st = Ort::GetApi().KernelInfoGetAttribute_int64(info, name, &v);
+  if (st) Ort::GetApi().ReleaseStatus(st);
+  return st == nullptr;
+}
+
+// An int64 attribute, dflt when absent; given as a float it is refused (it would otherwise read as absent).
+inline int64_t attr_int(const OrtKernelInfo* info, const char* op, const char* name, int64_t dflt) {
+  int64_t v = dflt;
+  OrtStatus* st = Ort::GetApi().KernelInfoGetAttribute_int64(info, name, &v);
+  if (!st) return v;
+  Ort::GetApi().ReleaseStatus(st);
+  if (has_float_attr(info, name)) fail(op, "attribute ", name, " must be an integer, got a float");
+  return dflt;
+}
+
+// A float attribute, dflt when absent; given as an integer it is refused.
+inline float attr_float(const OrtKernelInfo* info, const char* op, const char* name, float dflt) {
   float v = dflt;
   OrtStatus* st = Ort::GetApi().KernelInfoGetAttribute_float(info, name, &v);
-  if (st) {
-    Ort::GetApi().ReleaseStatus(st);
-    return dflt;
-  }
-  return v;
+  if (!st) return v;
+  Ort::GetApi().ReleaseStatus(st);
+  if (has_int_attr(info, name)) fail(op, "attribute ", name, " must be a float, got an integer");
+  return dflt;
 }
 
 inline size_t node_input_count(const OrtKernelInfo* info) {

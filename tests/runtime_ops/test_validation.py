@@ -181,6 +181,17 @@ def test_validator_entry_point_gives_the_session_message(case, node, message, sc
         assert got in _session_error(node)
 
 
+@pytest.mark.parametrize(("node", "message"), [
+    (quant_linear(attrs={"bits": 4.0}), "ai.mqc::QuantLinear: attribute bits must be an integer, got a float"),
+    (quant_linear(attrs={"dynamic": 1.0}), "ai.mqc::QuantLinear: attribute dynamic must be an integer, got a float"),
+    (rmsnorm_quant(attrs={"epsilon": 1}), "ai.mqc::RMSNormQuant: attribute epsilon must be a float, got an integer"),
+], ids=["bits-float", "dynamic-float", "epsilon-int"])
+def test_wrongly_typed_attribute_is_refused_not_defaulted(node, message):
+    """An attribute of the wrong type is refused at session creation (onnxruntime reports it like an absent one,
+    which used to fall back to the default silently)."""
+    assert message in _session_error(node)
+
+
 @pytest.mark.parametrize(("case", "node"), VALID, ids=[v[0] for v in VALID])
 def test_valid_edges_pass_both(case, node):
     assert validator("cpu")(node) == ""

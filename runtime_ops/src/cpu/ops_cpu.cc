@@ -38,7 +38,8 @@ struct QuantLinearKernel {
   std::shared_ptr<PackedWeights> packed;  // from a constant W at creation, else packed on each call
 
   QuantLinearKernel(const OrtApi&, const OrtKernelInfo* info) {
-    attrs = check_quant_linear_attrs(attr_int(info, "bits", 8), attr_int(info, "dynamic", 0), kXType);
+    attrs = check_quant_linear_attrs(attr_int(info, "QuantLinear", "bits", 8),
+                                     attr_int(info, "QuantLinear", "dynamic", 0), kXType);
     Ort::ConstValue w = constant_input(info, kQlW);
     if (present(w)) packed = std::make_shared<PackedWeights>(pack_checked(attrs, describe(w)));
   }
@@ -167,38 +168,38 @@ struct QuantLinearKernel {
     const ModalitySelector sel = call.modality.host_selector();
     const bool y_half = std::is_same<Tout, Ort::Float16_t>::value;
     parallel_for(ctx, static_cast<size_t>((M + 7) / 8), [&](size_t b) {
-        std::vector<float> xr(Kx), t(rank), y(N);
-        for (int64_t m = b * 8; m < std::min(M, int64_t(b * 8 + 8)); ++m) {
-          for (int64_t k = 0; k < Kx; ++k) {
-            if constexpr (std::is_same<Tin, float>::value)
-              xr[k] = static_cast<const float*>(x.data)[m * Kx + k];
-            else
-              xr[k] = half_to_float(static_cast<const uint16_t*>(x.data)[m * Kx + k]);
-          }
-          const bool lowrank_here = rank && (!sel.active() || sel.of(m) != 0);
-          if (!lowrank_here && !srow) continue;
-          for (int64_t n = 0; n < N; ++n) {
-            y[n] = y_half ? half_to_float(static_cast<uint16_t*>(Y)[m * N + n]) : static_cast<float*>(Y)[m * N + n];
-          }
-          if (lowrank_here) {
-            std::fill(t.begin(), t.end(), 0.f);
-            for (int64_t k = 0; k < K; ++k) {
-              const float xv = xr[c0 + k];
-              for (int64_t r = 0; r < rank; ++r) t[r] += xv * L1[k * rank + r];
-            }
-            for (int64_t r = 0; r < rank; ++r)
-              for (int64_t n = 0; n < N; ++n) y[n] += t[r] * L2[r * N + n];
-          }
-          if (srow)
-            for (int64_t n = 0; n < N; ++n) y[n] += xr[0] * srow[n];
-          for (int64_t n = 0; n < N; ++n) {
-            if (y_half)
-              static_cast<uint16_t*>(Y)[m * N + n] = float_to_half(y[n]);
-            else
-              static_cast<float*>(Y)[m * N + n] = y[n];
-          }
+      std::vector<float> xr(Kx), t(rank), y(N);
+      for (int64_t m = b * 8; m < std::min(M, int64_t(b * 8 + 8)); ++m) {
+        for (int64_t k = 0; k < Kx; ++k) {
+          if constexpr (std::is_same<Tin, float>::value)
+            xr[k] = static_cast<const float*>(x.data)[m * Kx + k];
+          else
+            xr[k] = half_to_float(static_cast<const uint16_t*>(x.data)[m * Kx + k]);
         }
-      });
+        const bool lowrank_here = rank && (!sel.active() || sel.of(m) != 0);
+        if (!lowrank_here && !srow) continue;
+        for (int64_t n = 0; n < N; ++n) {
+          y[n] = y_half ? half_to_float(static_cast<uint16_t*>(Y)[m * N + n]) : static_cast<float*>(Y)[m * N + n];
+        }
+        if (lowrank_here) {
+          std::fill(t.begin(), t.end(), 0.f);
+          for (int64_t k = 0; k < K; ++k) {
+            const float xv = xr[c0 + k];
+            for (int64_t r = 0; r < rank; ++r) t[r] += xv * L1[k * rank + r];
+          }
+          for (int64_t r = 0; r < rank; ++r)
+            for (int64_t n = 0; n < N; ++n) y[n] += t[r] * L2[r * N + n];
+        }
+        if (srow)
+          for (int64_t n = 0; n < N; ++n) y[n] += xr[0] * srow[n];
+        for (int64_t n = 0; n < N; ++n) {
+          if (y_half)
+            static_cast<uint16_t*>(Y)[m * N + n] = float_to_half(y[n]);
+          else
+            static_cast<float*>(Y)[m * N + n] = y[n];
+        }
+      }
+    });
   }
 };
 
@@ -241,7 +242,7 @@ struct RMSNormQuantKernel {
   static constexpr DType kXType = dtype_of<T>();
   float epsilon = 1e-6f;
   RMSNormQuantKernel(const OrtApi&, const OrtKernelInfo* info) {
-    epsilon = check_rmsnorm_quant_epsilon(attr_float(info, "epsilon", 1e-6f));
+    epsilon = check_rmsnorm_quant_epsilon(attr_float(info, "RMSNormQuant", "epsilon", 1e-6f));
   }
   OrtStatusPtr ComputeV2(OrtKernelContext* context) { MQC_GUARD(compute(context)); }
   void compute(OrtKernelContext* context) {

@@ -67,7 +67,8 @@ struct CudaQuantLinearKernel {
 
   CudaQuantLinearKernel(const OrtApi&, const OrtKernelInfo* info) {
     const char* op = "QuantLinear";
-    attrs = check_quant_linear_attrs(attr_int(info, "bits", 8), attr_int(info, "dynamic", 0), kXType);
+    attrs = check_quant_linear_attrs(attr_int(info, "QuantLinear", "bits", 8),
+                                     attr_int(info, "QuantLinear", "dynamic", 0), kXType);
     Ort::ConstValue wv = constant_input(info, kQlW);
     if (!present(wv)) fail(op, "the CUDA kernel needs W as a constant initializer (it is prepacked once)");
     const TensorDesc w = describe(wv);
@@ -164,7 +165,7 @@ struct CudaRMSNormQuantKernel {
   static constexpr DType kXType = dtype_of<T>();
   float epsilon = 1e-6f;
   CudaRMSNormQuantKernel(const OrtApi&, const OrtKernelInfo* info) {
-    epsilon = check_rmsnorm_quant_epsilon(attr_float(info, "epsilon", 1e-6f));
+    epsilon = check_rmsnorm_quant_epsilon(attr_float(info, "RMSNormQuant", "epsilon", 1e-6f));
   }
   OrtStatusPtr ComputeV2(OrtKernelContext* context) { MQC_GUARD(compute(context)); }
   void compute(OrtKernelContext* context) {
