@@ -379,13 +379,20 @@ def _cuda_lib():
     lib.mqc_cuda_quant_linear_workspace.restype = i64
     lib.mqc_cuda_quant_linear_workspace.argtypes = [i64, i64, i64]
     lib.mqc_cuda_quant_linear.argtypes = [c_int, vp, c_int, i64, i64, i64, vp, fp, fp, c_int, vp, fp, vp, c_int, vp, vp]
-    # bits, x, x_kind, M, K, N, w, w_scale, act_scale, n_act, ids, bias, dynamic, lowrank_a, lowrank_b, rank, y,
+    # bits, x, x_kind, M, K, N, w, w_scale, act_scale (host), n_act, ids, bias, dynamic, lowrank_a, lowrank_b, rank, y,
     # y_half, workspace, stream
     lib.mqc_cuda_quant_linear_ex.argtypes = [c_int, vp, c_int, i64, i64, i64, vp, fp, fp, c_int, vp, fp, c_int, fp, fp,
                                              i64, vp, c_int, vp, vp]
     lib.mqc_cuda_hadamard.argtypes = [vp, vp, c_int, i64, i64, i64, fp, vp]
     lib.mqc_cuda_rmsnorm_quant.argtypes = [vp, c_int, i64, i64, fp, fp, ctypes.c_float, vp, vp]
+    lib.mqc_cuda_last_error.restype = ctypes.c_char_p
     return lib
+
+
+def _host_scales(*values: float):
+    """Activation scales for the C entry points: HOST fp32 values (they are validated there, then passed to the
+    kernels by value), kept alive by the caller as long as the call can run."""
+    return (ctypes.c_float * len(values))(*values)
 
 
 def _cuda_time(fn, repeat: int) -> float:
@@ -455,11 +462,12 @@ def _workspace_mismatches(workspace, M: int, K: int, Kp: int, codes, scales) -> 
     return int((got_codes.double() != codes).sum()) + int((got_scales.double() != scales.reshape(-1)).sum())
 
 
-def _launcher(fn, args: tuple, name: str):
+def _launcher(fn, args: tuple, name: str, lib=None):
     def call():
         err = fn(*args)
         if err:
-            raise RuntimeError(f"{name} failed with cudaError {err}")
+            why = lib.mqc_cuda_last_error().decode() if lib is not None else ""
+            raise RuntimeError(f"{name} failed with cudaError {err}" + (f": {why}" if why else ""))
 
     return call
 
@@ -506,6 +514,7 @@ def run_gpu(repeat: int) -> tuple[str, list[str]]:
             w = _nonzero_randn((K, N), gen, 0.05).half()
             t_fp16 = _cuda_time(lambda x=x, w=w: torch.matmul(x, w), repeat)
             act_scale = torch.tensor([float(x.abs().max()) / 127], device=dev)
+            act_host = _host_scales(float(act_scale))
             Kp = lib.mqc_cuda_padded_k(K)
             workspace = torch.empty(lib.mqc_cuda_quant_linear_workspace(M, K, 0), dtype=torch.uint8, device=dev)
             y = torch.empty(M, N, dtype=torch.float16, device=dev)
@@ -521,11 +530,11 @@ def run_gpu(repeat: int) -> tuple[str, list[str]]:
                     if dynamic:
                         args = (bits, x.data_ptr(), 1, M, K, N, packed.data_ptr(), w_scale.data_ptr(), None, 0, None,
                                 None, 1, None, None, 0, y.data_ptr(), 1, workspace.data_ptr(), stream)
-                        call = _launcher(lib.mqc_cuda_quant_linear_ex, args, "mqc_cuda_quant_linear_ex")
+                        call = _launcher(lib.mqc_cuda_quant_linear_ex, args, "mqc_cuda_quant_linear_ex", lib)
                     else:
-                        args = (bits, x.data_ptr(), 1, M, K, N, packed.data_ptr(), w_scale.data_ptr(),
-                                act_scale.data_ptr(), 1, None, None, y.data_ptr(), 1, workspace.data_ptr(), stream)
-                        call = _launcher(lib.mqc_cuda_quant_linear, args, "mqc_cuda_quant_linear")
+                        args = (bits, x.data_ptr(), 1, M, K, N, packed.data_ptr(), w_scale.data_ptr(), act_host, 1,
+                                None, None, y.data_ptr(), 1, workspace.data_ptr(), stream)
+                        call = _launcher(lib.mqc_cuda_quant_linear, args, "mqc_cuda_quant_linear", lib)
                     call()
                     torch.cuda.synchronize()
                     s, q = scales_codes[dynamic]
@@ -569,7 +578,7 @@ def run_gpu(repeat: int) -> tuple[str, list[str]]:
                 args = (bits, x.data_ptr(), 1, M, K, N, packed.data_ptr(), w_scale.data_ptr(), None, 0,
                         ids.data_ptr() if ids is not None else None, None, 1, la.data_ptr() if r else None,
                         lb.data_ptr() if r else None, r, y.data_ptr(), 1, workspace.data_ptr(), stream)
-                call = _launcher(lib.mqc_cuda_quant_linear_ex, args, "mqc_cuda_quant_linear_ex")
+                call = _launcher(lib.mqc_cuda_quant_linear_ex, args, "mqc_cuda_quant_linear_ex", lib)
                 call()
                 torch.cuda.synchronize()
                 if r:
@@ -595,7 +604,7 @@ def run_gpu(repeat: int) -> tuple[str, list[str]]:
         def had(x=x, y=y, m=m, hm=hm, n=n, rows=rows):
             err = lib.mqc_cuda_hadamard(x.data_ptr(), y.data_ptr(), 1, rows, n, m, hm.data_ptr() if hm is not None else None, stream)
             if err:
-                raise RuntimeError(f"mqc_cuda_hadamard failed with cudaError {err}")
+                raise RuntimeError(f"mqc_cuda_hadamard failed with cudaError {err}: {lib.mqc_cuda_last_error().decode()}")
 
         had()
         torch.cuda.synchronize()
@@ -611,13 +620,13 @@ def run_gpu(repeat: int) -> tuple[str, list[str]]:
         bw = 2 * x.numel() * 2 / t / 1e6
         lines.append(f"| Hadamard fp16 (m={m}) | {rows} | {n} | {t:.4f} | {bw:.0f} | {bw_copy:.0f} | {bw / bw_copy:.2f} | {err:.1e} |")
         gamma = torch.rand(n, generator=gen, device=dev) + 0.5
-        s = torch.tensor([0.05], device=dev)
+        s = _host_scales(0.05)
         q = torch.empty(rows, n, dtype=torch.int8, device=dev)
 
         def norm(x=x, gamma=gamma, s=s, q=q, rows=rows, n=n):
-            err = lib.mqc_cuda_rmsnorm_quant(x.data_ptr(), 1, rows, n, gamma.data_ptr(), s.data_ptr(), 1e-6, q.data_ptr(), stream)
+            err = lib.mqc_cuda_rmsnorm_quant(x.data_ptr(), 1, rows, n, gamma.data_ptr(), s, 1e-6, q.data_ptr(), stream)
             if err:
-                raise RuntimeError(f"mqc_cuda_rmsnorm_quant failed with cudaError {err}")
+                raise RuntimeError(f"mqc_cuda_rmsnorm_quant failed with cudaError {err}: {lib.mqc_cuda_last_error().decode()}")
 
         norm()
         torch.cuda.synchronize()

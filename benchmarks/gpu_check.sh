@@ -86,12 +86,14 @@ build_cmake() {
     [[ -f $BUILD_DIR/libmqc_ops_cuda.so ]] && LIB_DIR=$BUILD_DIR
 }
 
-# The kernels and the mqc_cuda_* entry points only (they need no onnxruntime header): enough for the benchmark.
+# The kernels, the shared validators and the mqc_cuda_* entry points only (no onnxruntime header): enough for the
+# benchmark.
 build_nvcc_only() {
   mkdir -p "$BUILD_DIR/nvcc_only"
   run_step 150 "$NVCC" -shared -Xcompiler -fPIC -std=c++17 -O3 --expt-relaxed-constexpr -Xptxas=-O3 \
     -arch="sm_${ARCH%%;*}" -I runtime_ops/src runtime_ops/src/cuda/quant_linear.cu runtime_ops/src/cuda/hadamard.cu \
-    runtime_ops/src/cuda/norm_quant.cu runtime_ops/src/cuda/c_api.cu -o "$BUILD_DIR/nvcc_only/libmqc_ops_cuda.so" &&
+    runtime_ops/src/cuda/norm_quant.cu runtime_ops/src/cuda/c_api.cu runtime_ops/src/validate.cc \
+    -o "$BUILD_DIR/nvcc_only/libmqc_ops_cuda.so" &&
     LIB_DIR=$BUILD_DIR/nvcc_only
 }
 

@@ -1,4 +1,5 @@
-// Operator definitions of the ai.mqc domain (version 1) and their registration.
+// Operator definitions of the ai.mqc domain (version 1) and their registration. The schemas and input checks
+// both libraries use are in validate.h; the summary below is the contract.
 //
 // QuantLinear  (attr bits = 8 | 4, dynamic = 0 | 1)
 //   inputs : X [..., Kx] float | float16 | int8 (int8: already quantized, e.g. by RMSNormQuant; not with dynamic=1)
@@ -22,33 +23,6 @@ namespace mqc {
 
 void add_cpu_ops(Ort::CustomOpDomain& domain);
 void add_cuda_ops(Ort::CustomOpDomain& domain);  // libmqc_ops_cuda.so only
-
-// Input positions of QuantLinear.
-enum QuantLinearInput : size_t {
-  kQlX = 0,
-  kQlW,
-  kQlWScale,
-  kQlActScale,
-  kQlBias,
-  kQlModalityIds,
-  kQlSplit,
-  kQlLowrankA,
-  kQlLowrankB,
-  kQlSideRow,
-  kQlNumInputs
-};
-
-// Per-token modality from the optional inputs, validated against the token count. The _shapes form checks
-// types and shapes only and reads no value (device inputs); the other one also reads the split index (host).
-ModalitySelector modality_from_inputs_shapes(const char* op, const TensorView& ids, const TensorView& split,
-                                             const std::vector<int64_t>& x_shape, int64_t tokens);
-ModalitySelector modality_from_inputs(const char* op, const TensorView& ids, const TensorView& split,
-                                      const std::vector<int64_t>& x_shape, int64_t tokens);
-
-// QuantLinear's attribute dynamic (0 or 1), refused for the int8-X signature (no float row to take a scale from).
-bool quant_linear_dynamic_attr(const OrtKernelInfo* info, bool int8_x);
-// act_scale's type and entry count: [1] or [2] (text, image); with dynamic=1 it is not read, so [0] or [1].
-void check_act_scale_shape(const char* op, const TensorView& as, bool dynamic);
 
 // Shared entry point of register_cpu.cc and register_cuda.cc: the CPU ops, plus add_more's (the CUDA ones).
 OrtStatus* register_domain(OrtSessionOptions* options, const OrtApiBase* api_base,

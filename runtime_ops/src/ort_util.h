@@ -7,6 +7,7 @@
 #include "onnxruntime_cxx_api.h"
 
 #include "common.h"
+#include "validate.h"
 
 namespace mqc {
 
@@ -26,24 +27,40 @@ inline OrtStatusPtr to_status(const std::exception& e, OrtErrorCode code = ORT_I
     return ::mqc::to_status(e, ORT_FAIL);                      \
   }
 
-inline int64_t attr_int(const OrtKernelInfo* info, const char* name, int64_t dflt) {
-  int64_t v = dflt;
-  OrtStatus* st = Ort::GetApi().KernelInfoGetAttribute_int64(info, name, &v);
-  if (st) {
-    Ort::GetApi().ReleaseStatus(st);
-    return dflt;
-  }
-  return v;
+// True when the node carries attribute `name` as a float (probed to tell a wrongly typed attribute from an
+// absent one, which onnxruntime reports alike).
+inline bool has_float_attr(const OrtKernelInfo* info, const char* name) {
+  float v = 0.f;
+  OrtStatus* st = Ort::GetApi().KernelInfoGetAttribute_float(info, name, &v);
+  if (st) Ort::GetApi().ReleaseStatus(st);
+  return st == nullptr;
 }
 
-inline float attr_float(const OrtKernelInfo* info, const char* name, float dflt) {
+inline bool has_int_attr(const OrtKernelInfo* info, const char* name) {
+  int64_t v = 0;
+  OrtStatus* st = Ort::GetApi().KernelInfoGetAttribute_int64(info, name, &v);
+  if (st) Ort::GetApi().ReleaseStatus(st);
+  return st == nullptr;
+}
+
+// An int64 attribute, dflt when absent; given as a float it is refused (it would otherwise read as absent).
+inline int64_t attr_int(const OrtKernelInfo* info, const char* op, const char* name, int64_t dflt) {
+  int64_t v = dflt;
+  OrtStatus* st = Ort::GetApi().KernelInfoGetAttribute_int64(info, name, &v);
+  if (!st) return v;
+  Ort::GetApi().ReleaseStatus(st);
+  if (has_float_attr(info, name)) fail(op, "attribute ", name, " must be an integer, got a float");
+  return dflt;
+}
+
+// A float attribute, dflt when absent; given as an integer it is refused.
+inline float attr_float(const OrtKernelInfo* info, const char* op, const char* name, float dflt) {
   float v = dflt;
   OrtStatus* st = Ort::GetApi().KernelInfoGetAttribute_float(info, name, &v);
-  if (st) {
-    Ort::GetApi().ReleaseStatus(st);
-    return dflt;
-  }
-  return v;
+  if (!st) return v;
+  Ort::GetApi().ReleaseStatus(st);
+  if (has_int_attr(info, name)) fail(op, "attribute ", name, " must be a float, got an integer");
+  return dflt;
 }
 
 inline size_t node_input_count(const OrtKernelInfo* info) {
@@ -72,42 +89,71 @@ inline Ort::ConstValue optional_input(Ort::KernelContext& ctx, size_t index) {
 
 inline bool present(const Ort::ConstValue& v) { return static_cast<const OrtValue*>(v) != nullptr; }
 
-struct TensorView {
-  std::vector<int64_t> shape;
-  ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
-  const void* data = nullptr;
-  int64_t size() const { return numel(shape); }
-};
-
-inline TensorView view(const Ort::ConstValue& v) {
-  TensorView t;
+// An input as the shared validators see it (validate.h): presence, element type, shape and data pointer.
+inline TensorDesc describe(const Ort::ConstValue& v) {
+  TensorDesc t;
   if (!present(v)) return t;
   auto info = v.GetTensorTypeAndShapeInfo();
+  t.present = true;
   t.shape = info.GetShape();
-  t.type = info.GetElementType();
+  t.type = static_cast<DType>(info.GetElementType());
   t.data = v.GetTensorRawData();
   return t;
 }
 
-template <typename T>
-constexpr ONNXTensorElementDataType onnx_type();
-template <>
-constexpr ONNXTensorElementDataType onnx_type<float>() { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
-template <>
-constexpr ONNXTensorElementDataType onnx_type<Ort::Float16_t>() { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16; }
-template <>
-constexpr ONNXTensorElementDataType onnx_type<int8_t>() { return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8; }
-
-inline const char* type_name(ONNXTensorElementDataType t) {
-  switch (t) {
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return "float";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return "float16";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8: return "int8";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: return "uint8";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64: return "int64";
-    default: return "other";
-  }
+// Every input of a call in schema order; absent optional inputs have present = false.
+inline std::vector<TensorDesc> describe_inputs(Ort::KernelContext& ctx, const OpSchema& schema) {
+  std::vector<TensorDesc> in(schema.inputs.size());
+  for (size_t i = 0; i < in.size(); ++i) in[i] = describe(optional_input(ctx, i));
+  return in;
 }
+
+static_assert(static_cast<int>(DType::kFloat) == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT &&
+                  static_cast<int>(DType::kUInt8) == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 &&
+                  static_cast<int>(DType::kInt8) == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 &&
+                  static_cast<int>(DType::kInt64) == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 &&
+                  static_cast<int>(DType::kFloat16) == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16,
+              "mqc::DType follows onnxruntime's element type values");
+
+template <typename T>
+constexpr DType dtype_of();
+template <>
+constexpr DType dtype_of<float>() { return DType::kFloat; }
+template <>
+constexpr DType dtype_of<Ort::Float16_t>() { return DType::kFloat16; }
+template <>
+constexpr DType dtype_of<int8_t>() { return DType::kInt8; }
+
+// The onnxruntime operator of one kernel variant, declared from the op's schema (validate.h): name, inputs and
+// their types, required/optional, host residence (OrtMemTypeCPUInput) and output type. The CPU and the CUDA
+// libraries register their kernels through this one class, so their declarations cannot drift.
+template <typename Kernel>
+struct SchemaOp : Ort::CustomOpBase<SchemaOp<Kernel>, Kernel, true> {
+  SchemaOp(const OpSchema& schema, const char* provider) : schema_(schema), provider_(provider) {}
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+    MQC_GUARD(*kernel = new Kernel(api, info));
+  }
+  const char* GetName() const { return schema_.name; }
+  const char* GetExecutionProviderType() const { return provider_; }
+  size_t GetInputTypeCount() const { return schema_.inputs.size(); }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    return static_cast<ONNXTensorElementDataType>(schema_.input_type(i, Kernel::kXType));
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return schema_.inputs[i].optional ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+  OrtMemType GetInputMemoryType(size_t i) const {
+    return schema_.inputs[i].host ? OrtMemTypeCPUInput : OrtMemTypeDefault;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const {
+    return static_cast<ONNXTensorElementDataType>(schema_.output_type(Kernel::kXType));
+  }
+
+ private:
+  const OpSchema& schema_;
+  const char* provider_;
+};
 
 // Run fn(i) for i in [0, total) on the session's intra-op thread pool.
 template <typename F>

@@ -153,3 +153,12 @@ def test_rmsnorm_quant_matches_onnxruntime_rmsnorm_then_quantize():
     diff = np.abs(q.astype(np.int32) - expected.astype(np.int32))
     assert diff.max() <= 1
     assert np.mean(diff > 0) < 1e-3
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_hadamard_applies_a_one_by_one_matrix(sign):
+    """H_m of size 1 is part of the product too: [[-1]] negates (it used to be ignored for m = 1)."""
+    x = np.random.default_rng(3).standard_normal((3, 32)).astype(np.float32)
+    hm = np.array([[sign]], np.float32)
+    y = session(hadamard_model(TensorProto.FLOAT, 1, const=False)).run(None, {"X": x, "H": hm})[0]
+    np.testing.assert_allclose(y, hadamard_reference(x, hm), rtol=0, atol=1e-5)

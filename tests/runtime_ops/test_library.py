@@ -68,3 +68,74 @@ def test_cuda_library_is_built_and_runs_its_cpu_kernels_without_a_gpu():
     x = rng.integers(-128, 128, size=(3, 64)).astype(np.float32)
     y = session.run(None, {"X": x, "w_scale": np.ones(24, np.float32), "act_scale": np.ones(1, np.float32)})[0]
     np.testing.assert_array_equal(y, (x.astype(np.int64) @ w.T.astype(np.int64)).astype(np.float32))
+
+
+def _cuda_c_api():
+    lib = ctypes.CDLL(str(rt.library_path("cuda")))
+    i64, vp, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.mqc_cuda_last_error.restype = ctypes.c_char_p
+    lib.mqc_cuda_quant_linear_ex.argtypes = [c_int, vp, c_int, i64, i64, i64, vp, vp, vp, c_int, vp, vp, c_int, vp, vp,
+                                             i64, vp, c_int, vp, vp]
+    lib.mqc_cuda_rmsnorm_quant.argtypes = [vp, c_int, i64, i64, vp, vp, ctypes.c_float, vp, vp]
+    lib.mqc_cuda_hadamard.argtypes = [vp, vp, c_int, i64, i64, i64, vp, vp]
+    lib.mqc_cuda_grid_rows.argtypes = [i64, ctypes.POINTER(ctypes.c_uint32)]
+    lib.mqc_cuda_quant_linear_grids.argtypes = [i64, i64, ctypes.POINTER(ctypes.c_uint32)]
+    return lib
+
+
+CUDA_INVALID_VALUE = 1  # cudaErrorInvalidValue: returned before anything is launched
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None and not os.path.exists("/usr/local/cuda/bin/nvcc"),
+                    reason="the CUDA library is only built where nvcc exists")
+@pytest.mark.parametrize(("scales", "bits", "dynamic", "message"), [
+    ([0.0], 8, 0, "act_scale entries must be finite and > 0, got 0 at index 0"),
+    ([0.1, -2.0], 8, 0, "act_scale entries must be finite and > 0, got -2 at index 1"),
+    ([float("nan")], 4, 0, "act_scale entries must be finite and > 0, got nan at index 0"),
+    ([float("inf")], 8, 0, "act_scale entries must be finite and > 0, got inf at index 0"),
+    ([], 8, 0, "act_scale must be float32 with 1 or 2 entries (text, image), got [0]"),
+    ([0.1, 0.2], 8, 1, "with dynamic=1 act_scale is not read"),
+    ([0.1], 3, 0, "attribute bits must be 8 or 4, got 3"),
+])
+def test_cuda_entry_points_refuse_through_the_shared_validator(scales, bits, dynamic, message):
+    """The benchmark's C entry points check each call with the validator of the onnxruntime kernels (act_scale is
+    a host array there too) and refuse before touching the GPU: this runs on a machine without one."""
+    lib = _cuda_c_api()
+    host = (ctypes.c_float * max(len(scales), 1))(*scales)
+    dummy = ctypes.c_void_p(16)  # never dereferenced: the call is refused first
+    rc = lib.mqc_cuda_quant_linear_ex(bits, dummy, 0, 4, 64, 16, dummy, dummy, host, len(scales), None, None, dynamic,
+                                      None, None, 0, dummy, 0, dummy, None)
+    assert rc == CUDA_INVALID_VALUE
+    error = lib.mqc_cuda_last_error().decode()
+    assert error.startswith("ai.mqc::QuantLinear: ") and message in error, error
+    zero = (ctypes.c_float * 1)(0.0)
+    assert lib.mqc_cuda_rmsnorm_quant(dummy, 1, 4, 64, dummy, zero, 1e-6, dummy, None) == CUDA_INVALID_VALUE
+    assert "act_scale entries must be finite and > 0, got 0" in lib.mqc_cuda_last_error().decode()
+    assert lib.mqc_cuda_hadamard(dummy, dummy, 1, 4, 24, 1, None, None) == CUDA_INVALID_VALUE
+    assert "last dimension 24 is not m * 2^k" in lib.mqc_cuda_last_error().decode()
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None and not os.path.exists("/usr/local/cuda/bin/nvcc"),
+                    reason="the CUDA library is only built where nvcc exists")
+@pytest.mark.parametrize("M", [1, 16, 17, 65_535, 65_536, 70_001, 128 * 65_535 + 1, 2**31 + 5])
+@pytest.mark.parametrize("N", [1, 4096])
+def test_cuda_launch_grids_stay_within_the_device_limits(M, N):
+    """Every QuantLinear launch (rows, GEMM/GEMV, epilogue) and the row kernels keep gridDim.x <= 2^31 - 1 and
+    gridDim.y, z <= 65,535; below the caps the grid has one block per row (tile), so nothing is strided then.
+    The kernels stride over the rest (launch_geometry.h): with g blocks, block b takes rows b, b + g, ... The
+    old branches launch had gridDim.y = M, which the driver refuses above 65,535."""
+    lib = _cuda_c_api()
+    out = (ctypes.c_uint32 * 9)()
+    lib.mqc_cuda_quant_linear_grids(M, N, out)
+    rows, gemm, epilogue = out[0:3], out[3:6], out[6:9]
+    for x, y, z in (rows, gemm, epilogue):
+        assert 1 <= x <= 2**31 - 1 and 1 <= y <= 65_535 and z == 1
+    assert rows[0] == min(M, 2**31 - 1) and rows[1] == 1
+    assert epilogue == [(N + 255) // 256, min(M, 65_535), 1]
+    if M <= 16:
+        assert gemm == [(N + 7) // 8, 1, 1]
+    else:
+        assert gemm == [(N + 127) // 128, min((M + 127) // 128, 65_535), 1]
+    xyz = (ctypes.c_uint32 * 3)()
+    lib.mqc_cuda_grid_rows(M, xyz)
+    assert list(xyz) == [min(M, 2**31 - 1), 1, 1]

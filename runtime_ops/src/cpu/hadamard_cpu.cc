@@ -46,7 +46,7 @@ void hadamard_row(const void* X, void* Y, bool half, int64_t row, int64_t n, int
   const int64_t L = n / m;
   for (int64_t a = 0; a < m; ++a) fwht(z + a * L, L);
   const float scale = 1.0f / std::sqrt(static_cast<float>(n));
-  if (m > 1) {
+  if (Hm) {  // also for m = 1: H_m = [[-1]] negates
     mix(z, y, m, L, Hm, scale);
   } else {
     for (int64_t i = 0; i < n; ++i) y[i] = z[i] * scale;

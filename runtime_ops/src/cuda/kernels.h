@@ -5,6 +5,8 @@
 
 #include <cstdint>
 
+#include "validate.h"
+
 namespace mqc {
 namespace cuda {
 
@@ -13,13 +15,11 @@ namespace cuda {
 constexpr int64_t kKAlign = 64;
 inline int64_t padded_k(int64_t K) { return (K + kKAlign - 1) / kKAlign * kKAlign; }
 
-// Token modality: ids (device, one int64 per token, 1 = image) or split (device int64 scalar, image tokens are
-// positions < split of each sequence of length seq_len), or neither (every token uses act_scale[0]).
-struct Modality {
-  const int64_t* ids = nullptr;
-  const int64_t* split = nullptr;
-  int64_t seq_len = 1;
-};
+// Token modality (mqc::TokenModality of validate.h): ids on the device (one int64 per token, 1 = image), or the
+// value of the host-resident split (image tokens are positions < split of each sequence of length seq_len; -1:
+// absent), or neither. Static activation scales (mqc::ActScales) come by value, validated on the host: the kernels
+// read s[modality] when n == 2, else s[0].
+using Modality = TokenModality;
 
 struct QuantLinearParams {
   int bits = 8;
@@ -29,8 +29,7 @@ struct QuantLinearParams {
   int64_t col0 = 0;          // 1 when channel 0 goes to the side branch
   const void* w = nullptr;   // device layout above
   const float* w_scale = nullptr;
-  const float* act_scale = nullptr;  // unused when dynamic
-  int n_act = 1;
+  ActScales act;           // unused when dynamic
   bool dynamic = false;  // s_tok = max(absmax of the row's K channels / 127, 1e-12), computed per row in fp32
   Modality modality;
   const float* bias = nullptr;
@@ -46,12 +45,13 @@ struct QuantLinearParams {
 int64_t quant_linear_workspace_bytes(const QuantLinearParams& p);
 int quant_linear(const QuantLinearParams& p, void* workspace, void* stream);
 
-// y = x @ kron(H_m, H_{n/m}) / sqrt(n) over the last axis; hm: device [m, m] float or null (m = 1).
+// y = x @ kron(H_m, H_{n/m}) / sqrt(n) over the last axis; hm: device [m, m] float, or null for m = 1
+// without H_m. Rows beyond the grid's cap are strided (launch_geometry.h).
 int hadamard(const void* x, void* y, bool half, int64_t rows, int64_t n, int64_t m, const float* hm, void* stream);
 
 // q = clip(rne(x / sqrt(mean(x^2) + eps) * gamma / s_tok))
-int rmsnorm_quant(const void* x, bool half, int64_t rows, int64_t K, const float* gamma, const float* act_scale,
-                  int n_act, Modality modality, float eps, int8_t* q, void* stream);
+int rmsnorm_quant(const void* x, bool half, int64_t rows, int64_t K, const float* gamma, ActScales act,
+                  Modality modality, float eps, int8_t* q, void* stream);
 
 // Host-side weight preparation into the device layout (host buffers in, host buffer out, size N * Kp or N * Kp/2).
 void prepack_weights_host(const void* w, int bits, int64_t N, int64_t K, uint8_t* out);

@@ -16,21 +16,23 @@
 
 #include "common.h"
 #include "cuda/kernels.h"
+#include "cuda/launch_geometry.h"
 
 namespace mqc {
 namespace cuda {
 namespace {
 
 constexpr int BM = 128, BN = 128, BK = 64, PAD = 16, THREADS = 256;
+static_assert(BM == kGemmTile && BN == kGemmTile, "launch_geometry.h plans the prefill grid with this tile");
 
 __device__ __forceinline__ int token_modality(const Modality& mo, int64_t m) {
   if (mo.ids) return mo.ids[m] == 1 ? 1 : 0;
-  if (mo.split) return (m % mo.seq_len) < *mo.split ? 1 : 0;
+  if (mo.split >= 0) return (m % mo.seq_len) < mo.split ? 1 : 0;
   return 0;
 }
 
 __device__ __forceinline__ float row_scale_of(const QuantLinearParams& p, int64_t m) {
-  return p.act_scale[p.n_act == 2 ? token_modality(p.modality, m) : 0];
+  return p.act.s[p.act.n == 2 ? token_modality(p.modality, m) : 0];
 }
 
 // Block-wide max of |x| over row m's K quantized channels (blockDim a multiple of 32). It compares the magnitude
@@ -66,28 +68,31 @@ __device__ float dynamic_row_scale(const QuantLinearParams& p, int64_t m) {
 
 template <int KIND>
 __global__ void quantize_kernel(QuantLinearParams p, int8_t* A, float* row_scale) {
-  const int64_t m = blockIdx.x;
-  float s;
-  if constexpr (KIND != 2)
-    s = p.dynamic ? dynamic_row_scale<KIND>(p, m) : row_scale_of(p, m);  // p.dynamic is uniform: one block, one row
-  else
-    s = row_scale_of(p, m);
-  if (threadIdx.x == 0) row_scale[m] = s;
-  int8_t* a = A + m * p.Kp;
-  for (int64_t k = threadIdx.x; k < p.Kp; k += blockDim.x) {
-    int8_t q = 0;
-    if (k < p.K) {
-      const int64_t idx = m * p.Kx + p.col0 + k;
-      if (KIND == 2) {
-        q = static_cast<const int8_t*>(p.x)[idx];
-      } else {
-        const float v = KIND == 0 ? static_cast<const float*>(p.x)[idx] : __half2float(static_cast<const __half*>(p.x)[idx]);
-        float r = rintf(__fdiv_rn(v, s));  // IEEE division and half-to-even, as onnxruntime's QuantizeLinear
-        r = fminf(fmaxf(r, -128.f), 127.f);
-        q = static_cast<int8_t>(static_cast<int>(r));
+  for (int64_t m = blockIdx.x; m < p.M; m += gridDim.x) {  // one row per block and step (launch_geometry.h)
+    float s;
+    if constexpr (KIND != 2)
+      s = p.dynamic ? dynamic_row_scale<KIND>(p, m) : row_scale_of(p, m);  // p.dynamic is uniform: one block, one row
+    else
+      s = row_scale_of(p, m);
+    if (threadIdx.x == 0) row_scale[m] = s;
+    int8_t* a = A + m * p.Kp;
+    for (int64_t k = threadIdx.x; k < p.Kp; k += blockDim.x) {
+      int8_t q = 0;
+      if (k < p.K) {
+        const int64_t idx = m * p.Kx + p.col0 + k;
+        if (KIND == 2) {
+          q = static_cast<const int8_t*>(p.x)[idx];
+        } else {
+          const float v =
+              KIND == 0 ? static_cast<const float*>(p.x)[idx] : __half2float(static_cast<const __half*>(p.x)[idx]);
+          float r = rintf(__fdiv_rn(v, s));  // IEEE division and half-to-even, as onnxruntime's QuantizeLinear
+          r = fminf(fmaxf(r, -128.f), 127.f);
+          q = static_cast<int8_t>(static_cast<int>(r));
+        }
       }
+      a[k] = q;
     }
-    a[k] = q;
+    __syncthreads();  // the next row's absmax reuses the shared reduction slots
   }
 }
 
@@ -113,15 +118,16 @@ __device__ __forceinline__ void store_out<float>(float* y, int64_t idx, float v)
 template <>
 __device__ __forceinline__ void store_out<__half>(__half* y, int64_t idx, float v) { y[idx] = __float2half_rn(v); }
 
+// One BM x BN output tile at rows bm, columns bn. The k loop ends with a barrier, so a block may run this again for
+// another tile right away.
 template <bool W4, typename TOut>
-__global__ void __launch_bounds__(THREADS) gemm_kernel(QuantLinearParams p, const int8_t* __restrict__ A,
-                                                       const float* __restrict__ row_scale) {
+__device__ __forceinline__ void gemm_block_tile(const QuantLinearParams& p, const int8_t* __restrict__ A,
+                                                const float* __restrict__ row_scale, int64_t bm, int64_t bn) {
   __shared__ __align__(16) int8_t As[2][BM][BK + PAD];
   __shared__ __align__(16) int8_t Bs[2][BN][BK + PAD];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int warp_m = warp >> 2, warp_n = warp & 3;  // 2 x 4 warps, each 64 x 32
   const int g = lane >> 2, t = lane & 3;
-  const int64_t bm = static_cast<int64_t>(blockIdx.y) * BM, bn = static_cast<int64_t>(blockIdx.x) * BN;
   const int64_t KT = p.Kp / BK;
   const uint8_t* W = static_cast<const uint8_t*>(p.w);
 
@@ -236,13 +242,20 @@ __global__ void __launch_bounds__(THREADS) gemm_kernel(QuantLinearParams p, cons
   }
 }
 
-// Decode: one warp per output column n, MMAX >= M rows.
+// Column tiles on x; row tiles on y, strided beyond gridDim.y's cap (launch_geometry.h).
+template <bool W4, typename TOut>
+__global__ void __launch_bounds__(THREADS) gemm_kernel(QuantLinearParams p, const int8_t* __restrict__ A,
+                                                       const float* __restrict__ row_scale) {
+  const int64_t row_tiles = (p.M + BM - 1) / BM;
+  for (int64_t tile = blockIdx.y; tile < row_tiles; tile += gridDim.y)
+    gemm_block_tile<W4, TOut>(p, A, row_scale, tile * BM, static_cast<int64_t>(blockIdx.x) * BN);
+}
+
+// Decode: output column n of MMAX >= M rows, computed by one warp.
 template <int MMAX, bool W4, typename TOut>
-__global__ void __launch_bounds__(256) gemv_kernel(QuantLinearParams p, const int8_t* __restrict__ A,
-                                                   const float* __restrict__ row_scale) {
+__device__ __forceinline__ void gemv_column(const QuantLinearParams& p, const int8_t* __restrict__ A,
+                                            const float* __restrict__ row_scale, int64_t n) {
   const int lane = threadIdx.x & 31;
-  const int64_t n = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + (threadIdx.x >> 5);
-  if (n >= p.N) return;
   int32_t acc[MMAX];
 #pragma unroll
   for (int r = 0; r < MMAX; ++r) acc[r] = 0;
@@ -301,55 +314,80 @@ __global__ void __launch_bounds__(256) gemv_kernel(QuantLinearParams p, const in
   }
 }
 
+// One warp per output column; columns beyond the grid's cap are strided (launch_geometry.h).
+template <int MMAX, bool W4, typename TOut>
+__global__ void __launch_bounds__(256) gemv_kernel(QuantLinearParams p, const int8_t* __restrict__ A,
+                                                   const float* __restrict__ row_scale) {
+  const int64_t warps = blockDim.x / 32;
+  for (int64_t n = static_cast<int64_t>(blockIdx.x) * warps + (threadIdx.x >> 5); n < p.N; n += gridDim.x * warps)
+    gemv_column<MMAX, W4, TOut>(p, A, row_scale, n);
+}
+
 template <int KIND>
 __global__ void lowrank_t_kernel(QuantLinearParams p, float* T) {
-  const int64_t m = blockIdx.x;
   // CMC: the low-rank correction applies to non-text tokens; without modality inputs, to every token.
-  const bool has_modality = p.modality.ids != nullptr || p.modality.split != nullptr;
-  const bool on = !has_modality || token_modality(p.modality, m) != 0;
-  for (int64_t r = threadIdx.x; r < p.rank; r += blockDim.x) {
-    float s = 0.f;
-    if (on) {
-      for (int64_t k = 0; k < p.K; ++k) {
-        const int64_t idx = m * p.Kx + p.col0 + k;
-        const float x = KIND == 0 ? static_cast<const float*>(p.x)[idx] : __half2float(static_cast<const __half*>(p.x)[idx]);
-        s += x * p.lowrank_a[k * p.rank + r];
+  const bool has_modality = p.modality.ids != nullptr || p.modality.split >= 0;
+  for (int64_t m = blockIdx.x; m < p.M; m += gridDim.x) {  // one token per block and step
+    const bool on = !has_modality || token_modality(p.modality, m) != 0;
+    for (int64_t r = threadIdx.x; r < p.rank; r += blockDim.x) {
+      float s = 0.f;
+      if (on) {
+        for (int64_t k = 0; k < p.K; ++k) {
+          const int64_t idx = m * p.Kx + p.col0 + k;
+          const float x =
+              KIND == 0 ? static_cast<const float*>(p.x)[idx] : __half2float(static_cast<const __half*>(p.x)[idx]);
+          s += x * p.lowrank_a[k * p.rank + r];
+        }
       }
+      T[m * p.rank + r] = s;
     }
-    T[m * p.rank + r] = s;
   }
 }
 
+// Column blocks on x, tokens on y, strided beyond gridDim.y's cap of 65,535 (launch_geometry.h).
 template <int KIND, typename TOut>
 __global__ void branches_kernel(QuantLinearParams p, const float* T) {
-  const int64_t m = blockIdx.y;
   const int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (n >= p.N) return;
   TOut* Y = static_cast<TOut*>(p.y);
-  float y;
-  if constexpr (sizeof(TOut) == 2) y = __half2float(Y[m * p.N + n]); else y = Y[m * p.N + n];
-  if (T)
-    for (int64_t r = 0; r < p.rank; ++r) y += T[m * p.rank + r] * p.lowrank_b[r * p.N + n];
-  if (p.side_row) {
-    const int64_t idx = m * p.Kx;
-    const float x0 = KIND == 0 ? static_cast<const float*>(p.x)[idx] : __half2float(static_cast<const __half*>(p.x)[idx]);
-    y += x0 * p.side_row[n];
+  for (int64_t m = blockIdx.y; m < p.M; m += gridDim.y) {
+    float y;
+    if constexpr (sizeof(TOut) == 2) y = __half2float(Y[m * p.N + n]); else y = Y[m * p.N + n];
+    if (T)
+      for (int64_t r = 0; r < p.rank; ++r) y += T[m * p.rank + r] * p.lowrank_b[r * p.N + n];
+    if (p.side_row) {
+      const int64_t idx = m * p.Kx;
+      const float x0 =
+          KIND == 0 ? static_cast<const float*>(p.x)[idx] : __half2float(static_cast<const __half*>(p.x)[idx]);
+      y += x0 * p.side_row[n];
+    }
+    store_out(Y, m * p.N + n, y);
   }
-  store_out(Y, m * p.N + n, y);
 }
+
+// K = 0, a GEMM with an empty reduction: Y = bias (or 0). Same geometry as branches_kernel.
+template <typename TOut>
+__global__ void bias_fill_kernel(QuantLinearParams p) {
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (n >= p.N) return;
+  TOut* Y = static_cast<TOut*>(p.y);
+  const float b = p.bias ? p.bias[n] : 0.f;
+  for (int64_t m = blockIdx.y; m < p.M; m += gridDim.y) store_out(Y, m * p.N + n, b);
+}
+
+inline dim3 dims(const Grid& g) { return dim3(g.x, g.y, g.z); }
 
 inline int64_t align256(int64_t v) { return (v + 255) / 256 * 256; }
 
 template <bool W4, typename TOut>
-void launch_gemm(const QuantLinearParams& p, const int8_t* A, const float* rs, cudaStream_t st) {
-  if (p.M <= 16) {
-    const dim3 grid(static_cast<unsigned>((p.N + 7) / 8));
-    if (p.M <= 1) gemv_kernel<1, W4, TOut><<<grid, 256, 0, st>>>(p, A, rs);
-    else if (p.M <= 4) gemv_kernel<4, W4, TOut><<<grid, 256, 0, st>>>(p, A, rs);
-    else if (p.M <= 8) gemv_kernel<8, W4, TOut><<<grid, 256, 0, st>>>(p, A, rs);
-    else gemv_kernel<16, W4, TOut><<<grid, 256, 0, st>>>(p, A, rs);
+void launch_gemm(const QuantLinearParams& p, const Grid& g, const int8_t* A, const float* rs, cudaStream_t st) {
+  const dim3 grid = dims(g);
+  if (p.M <= kGemvMaxRows) {
+    if (p.M <= 1) gemv_kernel<1, W4, TOut><<<grid, 32 * kGemvColumns, 0, st>>>(p, A, rs);
+    else if (p.M <= 4) gemv_kernel<4, W4, TOut><<<grid, 32 * kGemvColumns, 0, st>>>(p, A, rs);
+    else if (p.M <= 8) gemv_kernel<8, W4, TOut><<<grid, 32 * kGemvColumns, 0, st>>>(p, A, rs);
+    else gemv_kernel<16, W4, TOut><<<grid, 32 * kGemvColumns, 0, st>>>(p, A, rs);
   } else {
-    const dim3 grid(static_cast<unsigned>((p.N + BN - 1) / BN), static_cast<unsigned>((p.M + BM - 1) / BM));
     gemm_kernel<W4, TOut><<<grid, THREADS, 0, st>>>(p, A, rs);
   }
 }
@@ -366,25 +404,33 @@ int quant_linear(const QuantLinearParams& p, void* workspace, void* stream) {
   int8_t* A = static_cast<int8_t*>(workspace);
   float* rs = reinterpret_cast<float*>(static_cast<char*>(workspace) + align256(p.M * p.Kp));
   float* T = p.rank ? reinterpret_cast<float*>(reinterpret_cast<char*>(rs) + align256(p.M * 4)) : nullptr;
-  const dim3 qgrid(static_cast<unsigned>(p.M));
-  if (p.x_kind == 0) quantize_kernel<0><<<qgrid, 256, 0, st>>>(p, A, rs);
-  else if (p.x_kind == 1) quantize_kernel<1><<<qgrid, 256, 0, st>>>(p, A, rs);
-  else quantize_kernel<2><<<qgrid, 256, 0, st>>>(p, A, rs);
-  if (p.bits == 4) {
-    p.y_half ? launch_gemm<true, __half>(p, A, rs, st) : launch_gemm<true, float>(p, A, rs, st);
+  const QuantLinearGrids grids = quant_linear_grids(p.M, p.N);
+  const dim3 rows = dims(grids.rows), epilogue = dims(grids.epilogue);
+  const int epilogue_threads = static_cast<int>(kEpilogueColumns);
+  if (p.K == 0) {
+    p.y_half ? bias_fill_kernel<__half><<<epilogue, epilogue_threads, 0, st>>>(p)
+             : bias_fill_kernel<float><<<epilogue, epilogue_threads, 0, st>>>(p);
   } else {
-    p.y_half ? launch_gemm<false, __half>(p, A, rs, st) : launch_gemm<false, float>(p, A, rs, st);
+    if (p.x_kind == 0) quantize_kernel<0><<<rows, 256, 0, st>>>(p, A, rs);
+    else if (p.x_kind == 1) quantize_kernel<1><<<rows, 256, 0, st>>>(p, A, rs);
+    else quantize_kernel<2><<<rows, 256, 0, st>>>(p, A, rs);
+    if (p.bits == 4) {
+      p.y_half ? launch_gemm<true, __half>(p, grids.gemm, A, rs, st) : launch_gemm<true, float>(p, grids.gemm, A, rs, st);
+    } else {
+      p.y_half ? launch_gemm<false, __half>(p, grids.gemm, A, rs, st) : launch_gemm<false, float>(p, grids.gemm, A, rs, st);
+    }
   }
   if ((p.rank || p.side_row) && p.x_kind != 2) {
     if (p.rank) {
-      if (p.x_kind == 0) lowrank_t_kernel<0><<<qgrid, 128, 0, st>>>(p, T);
-      else lowrank_t_kernel<1><<<qgrid, 128, 0, st>>>(p, T);
+      if (p.x_kind == 0) lowrank_t_kernel<0><<<rows, 128, 0, st>>>(p, T);
+      else lowrank_t_kernel<1><<<rows, 128, 0, st>>>(p, T);
     }
-    const dim3 bgrid(static_cast<unsigned>((p.N + 255) / 256), static_cast<unsigned>(p.M));
     if (p.x_kind == 0)
-      p.y_half ? branches_kernel<0, __half><<<bgrid, 256, 0, st>>>(p, T) : branches_kernel<0, float><<<bgrid, 256, 0, st>>>(p, T);
+      p.y_half ? branches_kernel<0, __half><<<epilogue, epilogue_threads, 0, st>>>(p, T)
+               : branches_kernel<0, float><<<epilogue, epilogue_threads, 0, st>>>(p, T);
     else
-      p.y_half ? branches_kernel<1, __half><<<bgrid, 256, 0, st>>>(p, T) : branches_kernel<1, float><<<bgrid, 256, 0, st>>>(p, T);
+      p.y_half ? branches_kernel<1, __half><<<epilogue, epilogue_threads, 0, st>>>(p, T)
+               : branches_kernel<1, float><<<epilogue, epilogue_threads, 0, st>>>(p, T);
   }
   return static_cast<int>(cudaGetLastError());
 }
