@@ -227,8 +227,7 @@ def capture(
 ) -> Iterator[tuple[dict[str, np.ndarray], list[np.ndarray]]]:
     """Run ``model`` on each feed and yield (feed, the values of ``taps``); the taps are extra graph outputs only
     while the session is built, so ``model`` is left as it was."""
-    from mqc.ir import temporary_model_file
-    from mqc.session import open_session
+    from mqc.session import session_for_model
 
     values = {v.name: v for v in _all_values(model.graph)}
     missing = [t for t in taps if t not in values]
@@ -237,8 +236,7 @@ def capture(
     added = [values[t] for t in dict.fromkeys(taps) if values[t] not in model.graph.outputs]
     model.graph.outputs.extend(added)
     try:
-        with temporary_model_file(model) as path:
-            session = open_session(path, list(providers), optimization_level="basic")
+        session = session_for_model(model, list(providers), optimization_level="basic")
     finally:
         for value in added:
             model.graph.outputs.remove(value)
