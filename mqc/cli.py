@@ -17,18 +17,32 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
+from rich.text import Text
 
-from mqc.errors import MqcError
+from mqc.errors import MqcError, printable
 
 console = Console(stderr=True)
+
+#: Exit code of a failure that is mqc's own fault (a bug), as opposed to bad input (2).
+INTERNAL_ERROR = 1
 
 
 def _terminate(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+def error_line(message: str) -> None:
+    """One line on stderr, never wrapped (also when stderr is a file or a pipe), with control characters escaped."""
+    line = printable(" ".join(message.split()))
+    if console.is_terminal:
+        console.print(Text.assemble(("error:", "bold red"), " ", line), soft_wrap=True, highlight=False)
+    else:
+        click.echo(f"error: {line}", err=True)
+
+
 class MqcGroup(click.Group):
-    """Turns every :class:`MqcError` into one line on stderr and exit code 2 (a traceback only with --debug)."""
+    """Turns every :class:`MqcError` into one line on stderr and exit code 2, and any other failure into one line
+    and exit code 1 (a traceback only with --debug)."""
 
     def invoke(self, ctx: click.Context):
         # SIGTERM (a job scheduler, `kill`) unwinds like Ctrl-C, so staged outputs are removed by their `finally`.
@@ -38,8 +52,18 @@ class MqcGroup(click.Group):
         except MqcError as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+            error_line(str(exc))
             sys.exit(exc.exit_code)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit,
+                KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            detail = str(exc).strip().splitlines()
+            error_line(f"internal error ({type(exc).__name__}: {detail[0][:300] if detail else ''}); "
+                       "rerun with --debug for the traceback and report it")
+            sys.exit(INTERNAL_ERROR)
 
 
 def progress_bar() -> Progress:
@@ -60,7 +84,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Compiled .onnx file or directory.")
 @click.option("--recipe", default="w8a8", show_default=True, help="Recipe name (see `mqc recipes`) or a recipe .json file.")
 @click.option("--calib", type=click.Path(path_type=Path), help="Calibration samples: an .npz or a folder of .npz (single-file input).")
-@click.option("--samples", default=32, show_default=True, help="Calibration samples to use.")
+@click.option("--samples", default=32, show_default=True, type=click.IntRange(min=1), help="Calibration samples to use.")
 @click.option("--format", "fmt", type=click.Choice(["qdq", "mqc"]), default="qdq", show_default=True,
               help="qdq: standard ONNX ops; mqc: the project's runtime-ops library.")
 @click.option("--exclude", multiple=True, help="Regex of layer names to keep in float (repeatable).")
@@ -113,11 +137,11 @@ def _summary(name: str, report) -> None:
 @click.option("--calib", type=click.Path(path_type=Path), help="Calibration samples for a dry run.")
 def explain(target: str, as_json: bool, recipe: str | None, calib: Path | None) -> None:
     """Explain what each pass did to TARGET (a compiled .onnx or compiled model directory)."""
-    from mqc.compiler import compile_file, is_model_dir
+    from mqc.compiler import compile_file
     from mqc.errors import InputModelError
     from mqc.explain import render, to_json
     from mqc.ir import load_model
-    from mqc.report import read_report
+    from mqc.packages import component_paths, is_model_dir, read_manifest
 
     path = Path(target)
     reports = {}
@@ -128,11 +152,10 @@ def explain(target: str, as_json: bool, recipe: str | None, calib: Path | None) 
     else:
         files = [path]
         if is_model_dir(path):
-            manifest = json.loads((path / "manifest.json").read_text())
-            files = [path / f for f in manifest.get("components", {}).values()]
+            files = list(component_paths(path, read_manifest(path)).values())
         for file in files:
-            load_model(file)  # one clear error for a missing or broken file
-            report = read_report(str(file))
+            load_model(file)  # one clear error for a missing or broken file, and the external-data checks
+            report = _stored_report(file)
             if report is not None:
                 reports[file.name] = report
         if not reports:
@@ -143,7 +166,20 @@ def explain(target: str, as_json: bool, recipe: str | None, calib: Path | None) 
         return
     out = Console(width=None if sys.stdout.isatty() else 200)
     for name, report in reports.items():
-        render(report, out, title=name)
+        try:
+            render(report, out, title=name)
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
+            raise InputModelError(f"the mqc report stored in {name} is damaged ({type(exc).__name__})") from exc
+
+
+def _stored_report(file: Path):
+    from mqc.errors import InputModelError
+    from mqc.report import read_report
+
+    try:
+        return read_report(str(file))
+    except (TypeError, ValueError, KeyError, AttributeError, RecursionError) as exc:
+        raise InputModelError(f"the mqc report stored in {file} is damaged ({type(exc).__name__})") from exc
 
 
 @main.command()

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from mqc.errors import InputModelError, OutputPathError
+from mqc.errors import InputModelError
 from mqc.model_checks import check_external_data, check_graph_structure, check_tensor_shapes
 
 #: Oldest default-domain opset mqc accepts; older models are converted up from here.

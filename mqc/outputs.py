@@ -53,7 +53,8 @@ def check_output_path(path: Path, protected: Iterable[Path] = ()) -> None:
             raise OutputPathError(f"output path {path} is a device, FIFO or socket; mqc writes only regular files")
     for source in protected:
         if _same_file(path, source):
-            raise OutputPathError(f"output {path} is a file the input model reads ({source}); choose another -o path")
+            raise OutputPathError(f"refusing to overwrite the input: {path} is a file the input model reads ({source}); "
+                                  "choose another -o path")
 
 
 def _same_file(a: Path, b: Path) -> bool:
