@@ -25,6 +25,8 @@ TEXT, IMAGE = 0, 1
 MODALITY_NAMES = {TEXT: "text", IMAGE: "image"}
 MODALITY_INPUT = "modality_ids"
 HIST_BINS = 2048
+#: Largest synthetic input (elements) built when no calibration data is given: 256 Mi float32 values.
+MAX_SYNTHETIC_ELEMENTS = 1 << 28
 
 FeedSource = Callable[[], Iterable[dict[str, np.ndarray]]]
 
@@ -208,6 +210,9 @@ class Calibrator:
     def _accumulate(self, stats: dict[str, TapStats], name: str, array: np.ndarray, feed: dict[str, np.ndarray]) -> None:
         if array.ndim == 0:
             return
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            raise CalibrationError(f"calibration values of {name!r} are not finite (NaN or Inf): the calibration "
+                                   "inputs overflow this model")
         channels = array.shape[-1]
         rows = array.reshape(-1, channels)
         modalities = _row_modalities(feed, array.shape[:-1], self.default_modality)
@@ -279,6 +284,9 @@ def random_feeds(model: ir.Model, num_samples: int, seed: int = 0, seq_len: int 
                 feed[name] = np.zeros(shape, dtype=dtype)
                 continue
             shape = tuple(_dim(d, 1 if i == 0 else seq_len) for i, d in enumerate(dims))
+            if int(np.prod(shape, dtype=np.float64)) > MAX_SYNTHETIC_ELEMENTS:
+                raise CalibrationError(f"input {name!r} of shape {list(shape)} is too large for synthetic "
+                                       "calibration data; give samples with --calib")
             if name == "attention_mask":
                 feed[name] = np.ones(shape, dtype=dtype)
             elif name == "position_ids":
@@ -305,30 +313,60 @@ def _embedding_rows(model: ir.Model) -> int | None:
     return None
 
 
-def load_feeds(path: str | Path, model: ir.Model) -> list[dict[str, np.ndarray]]:
-    """Calibration samples from an ``.npz`` file (one sample) or a folder of them, checked against the graph.
+def _npz_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.glob("*.npz") if p.is_file())
+        if not files:
+            raise CalibrationError(f"no .npz calibration samples in {path}")
+        return files
+    if path.is_file():
+        return [path]
+    raise CalibrationError(f"calibration data not found: {path}")
+
+
+def _read_npz(file: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(file, allow_pickle=False) as archive:
+            if not hasattr(archive, "zip"):
+                raise CalibrationError(f"calibration sample {file} is not an .npz archive")
+            strays = [name for name in archive.zip.namelist() if not name.endswith(".npy")]
+            if strays:
+                raise CalibrationError(f"calibration sample {file}: member {strays[0]!r} is not a .npy array")
+            return {key: archive[key] for key in archive.files}
+    except CalibrationError:
+        raise
+    except Exception as exc:
+        raise CalibrationError(f"cannot read calibration sample {file}: {exc}") from exc
+
+
+class CalibrationFiles:
+    """Calibration samples from an ``.npz`` file (one sample) or the first ``limit`` files of a folder of them.
+
+    Samples are read one at a time each time the set is iterated, so memory is that of one sample however many
+    files there are. Every file is read and checked once when the set is made, before any compile work.
+    """
+
+    def __init__(self, path: str | Path, model: ir.Model, limit: int | None = None) -> None:
+        self.files = _npz_files(Path(path))[:limit]
+        self.model = model
+        for _ in self:
+            pass
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        for file in self.files:
+            yield check_feed(_read_npz(file), self.model, str(file))
+
+
+def load_feeds(path: str | Path, model: ir.Model, limit: int | None = None) -> CalibrationFiles:
+    """Calibration samples checked against the graph (:class:`CalibrationFiles`).
 
     Each archive maps graph input names to arrays. Missing past key/value inputs are filled with empty tensors
     (prefill), anything else missing, unknown, or of the wrong type or rank is an error naming the input.
     """
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(path.glob("*.npz"))
-        if not files:
-            raise CalibrationError(f"no .npz calibration samples in {path}")
-    elif path.exists():
-        files = [path]
-    else:
-        raise CalibrationError(f"calibration data not found: {path}")
-    feeds = []
-    for file in files:
-        try:
-            with np.load(file, allow_pickle=False) as archive:
-                feed = {key: archive[key] for key in archive.files}
-        except Exception as exc:
-            raise CalibrationError(f"cannot read calibration sample {file}: {exc}") from exc
-        feeds.append(check_feed(feed, model, str(file)))
-    return feeds
+    return CalibrationFiles(path, model, limit)
 
 
 def check_feed(feed: dict[str, np.ndarray], model: ir.Model, origin: str) -> dict[str, np.ndarray]:
@@ -347,6 +385,11 @@ def check_feed(feed: dict[str, np.ndarray], model: ir.Model, origin: str) -> dic
                 continue
             raise CalibrationError(f"{origin}: calibration data lacks model input {name!r}")
         array = out[name]
+        if array.size == 0:
+            raise CalibrationError(f"{origin}: input {name!r} is empty (shape {list(array.shape)}); a calibration "
+                                   "sample needs at least one token")
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            raise CalibrationError(f"{origin}: input {name!r} contains NaN or Inf")
         if expected is not None and array.dtype != expected:
             raise CalibrationError(f"{origin}: input {name!r} is {array.dtype}, the model expects {expected}")
         if dims is not None and array.ndim != len(dims):

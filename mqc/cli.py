@@ -21,7 +21,7 @@ from rich.text import Text
 
 from mqc.errors import MqcError, printable
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # one message, one line, also in logs and pipes
 
 #: Exit code of a failure that is mqc's own fault (a bug), as opposed to bad input (2).
 INTERNAL_ERROR = 1
@@ -127,6 +127,9 @@ def _summary(name: str, report) -> None:
     if verified:
         worst = max(p.verify["max_rel"] for p in verified)
         line += f", {len(verified)} passes verified (max drift {worst:.1e})"
+    nested = report.model_summary.get("left_float_in_subgraphs")
+    if nested:
+        line += f", {len(nested)} MatMul/Gemm inside If/Loop bodies left in float"
     console.print(line)
 
 

@@ -18,6 +18,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,33 @@ def _input_files(source: Path, model: ir.Model) -> list[Path]:
     return sorted(files)
 
 
+#: Linear ops mqc quantizes; inside If/Loop/Scan bodies they are left in float and reported.
+_LINEAR_OPS = {"MatMul", "Gemm"}
+_HALF_TYPES = {ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16"}
+
+
+def _refuse_half_precision(model: ir.Model) -> None:
+    """mqc's scales and calibration are float32; a float16/bfloat16 model would get a QDQ graph that cannot load."""
+    values = [*model.graph.inputs, *model.graph.outputs, *model.graph.initializers.values()]
+    for value in values:
+        if value.dtype in _HALF_TYPES and (value.const_value is None or len(value.shape or ()) >= 2):
+            raise InputModelError(f"{value.name!r} is {_HALF_TYPES[value.dtype]}: mqc compiles float32 models only "
+                                  "(float16/bfloat16 support is not implemented); export or convert the model to "
+                                  "float32 first")
+
+
+def _linears_in_subgraphs(model: ir.Model) -> list[str]:
+    """Names of MatMul/Gemm nodes inside control-flow bodies, which no pass rewrites."""
+    top = {id(node) for node in model.graph}
+    return [node.name or node.op_type for node in ir.traversal.RecursiveGraphIterator(model.graph)
+            if id(node) not in top and node.op_type in _LINEAR_OPS and node.domain in ("", "ai.onnx")]
+
+
+def _without_timings(report: CompileReport) -> CompileReport:
+    """The stored report leaves wall-clock times out, so equal inputs give byte-identical outputs."""
+    return replace(report, seconds=0.0, passes=[replace(record, seconds=0.0) for record in report.passes])
+
+
 def _lowering_passes(fmt: str) -> list:
     if fmt not in FORMATS:
         raise OutputPathError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -92,6 +120,7 @@ def compile_file(
         check_output_path(output, [source])
     passes = recipe.instantiate() + _lowering_passes(fmt)
     model = load_model(source)
+    _refuse_half_precision(model)
     inputs = _input_files(source, model)
     if write:
         check_output_path(output, inputs)
@@ -99,9 +128,9 @@ def compile_file(
     if feeds is not None:
         calibration = {"source": "model package"}
     elif calib is not None:
-        samples = load_feeds(calib, model)
-        feeds = lambda: samples  # noqa: E731
-        calibration = {"source": str(calib), "samples": len(samples)}
+        files = load_feeds(calib, model, limit=num_samples)
+        feeds = lambda: files  # noqa: E731
+        calibration = {"source": str(calib), "samples": len(files)}
     else:
         samples = random_feeds(model, num_samples)
         feeds = lambda: samples  # noqa: E731
@@ -110,9 +139,13 @@ def compile_file(
     context = CompileContext(feeds, verify=verify, verify_rtol=verify_rtol, default_modality=default_modality,
                              exclude=exclude, progress=progress)
     context.num_samples = calibration.get("samples", num_samples)
+    summary = build_model_map(model).summary()
+    nested = _linears_in_subgraphs(model)
+    if nested:
+        summary["left_float_in_subgraphs"] = nested
     report = CompileReport(
         recipe=recipe.name, recipe_passes=recipe.passes, source=str(source), format=fmt,
-        model_summary=build_model_map(model).summary(), calibration=calibration, mqc_version=_version(),
+        model_summary=summary, calibration=calibration, mqc_version=_version(),
     )
     task = progress.add_task(f"{recipe.name}: passes", total=len(passes)) if progress is not None else None
 
@@ -125,7 +158,7 @@ def compile_file(
         progress.remove_task(task)
     remove_unused_initializers(model.graph)  # e.g. norm gammas a fold replaced; onnxruntime warns about each
     report.seconds = round(time.perf_counter() - start, 2)
-    model.metadata_props[REPORT_KEY] = report.to_json()
+    model.metadata_props[REPORT_KEY] = _without_timings(report).to_json()
     if write:
         save_model(model, output, protected=inputs)
     return report

@@ -61,7 +61,7 @@ def render(report: CompileReport, console: Console, title: str = "") -> None:
         verify = "-" if record.verify is None else f"{record.verify['max_rel']:.2e} (tol {record.verify['rtol']:g})"
         notes = "; ".join([f"variant: {record.variant}"] * bool(record.variant) + [str(n) for n in record.notes])
         passes.add_row(_text(record.name), _text(record.matched), _text(record.changed), _text(len(record.skipped)),
-                       _text(verify), _text(f"{float(record.seconds):.2f}"), _text(notes))
+                       _text(verify), _text(f"{float(record.seconds):.2f}" if record.seconds else "-"), _text(notes))
     console.print(passes)
     rows = report.layer_table()
     if rows:

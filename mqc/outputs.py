@@ -83,6 +83,9 @@ def _staging_dir(parent: Path, name: str) -> Path:
 def remove_dead_staging(parent: Path, name: str) -> None:
     """Remove staging and retired folders for output ``name`` left by processes that no longer run."""
     pattern = re.compile(rf"^\.{re.escape(name)}(?:{re.escape(_STAGING_TAG)}|{re.escape(_RETIRED_TAG)})(\d+)-")
+    legacy = parent / f".{name}.old"  # the retired folder of mqc versions before the exchange swap
+    if legacy.is_dir() and not legacy.is_symlink():
+        shutil.rmtree(legacy, ignore_errors=True)
     for entry in parent.iterdir():
         match = pattern.match(entry.name)
         if match and not _pid_alive(int(match.group(1))) and entry.is_dir() and not entry.is_symlink():
@@ -164,7 +167,7 @@ class AtomicModelWriter:
             staged_model = staging / path.name
             save(staged_model, _STAGED_DATA)
             staged_data = staging / _STAGED_DATA
-            if staged_data.exists():
+            if staged_data.exists() and staged_data.stat().st_size > 0:
                 data_name = f"{path.name}.{_sha256(staged_data)[:_DIGEST_CHARS]}.data"
                 _relocate(staged_model, _STAGED_DATA, data_name)
                 target = parent / data_name
