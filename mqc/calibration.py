@@ -25,6 +25,8 @@ TEXT, IMAGE = 0, 1
 MODALITY_NAMES = {TEXT: "text", IMAGE: "image"}
 MODALITY_INPUT = "modality_ids"
 HIST_BINS = 2048
+#: Largest calibration magnitude: the square root of float32's maximum, so squared statistics stay finite.
+MAX_MAGNITUDE = float(np.sqrt(np.finfo(np.float32).max))
 #: Largest synthetic input (elements) built when no calibration data is given: 256 Mi float32 values.
 MAX_SYNTHETIC_ELEMENTS = 1 << 28
 
@@ -210,9 +212,9 @@ class Calibrator:
     def _accumulate(self, stats: dict[str, TapStats], name: str, array: np.ndarray, feed: dict[str, np.ndarray]) -> None:
         if array.ndim == 0:
             return
-        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-            raise CalibrationError(f"calibration values of {name!r} are not finite (NaN or Inf): the calibration "
-                                   "inputs overflow this model")
+        if np.issubdtype(array.dtype, np.floating) and not float(np.max(np.abs(array), initial=0.0)) <= MAX_MAGNITUDE:
+            raise CalibrationError(f"calibration values of {name!r} are NaN, Inf or beyond {MAX_MAGNITUDE:.2g}: the "
+                                   "calibration inputs overflow this model")
         channels = array.shape[-1]
         rows = array.reshape(-1, channels)
         modalities = _row_modalities(feed, array.shape[:-1], self.default_modality)
@@ -390,6 +392,9 @@ def check_feed(feed: dict[str, np.ndarray], model: ir.Model, origin: str) -> dic
                                    "sample needs at least one token")
         if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
             raise CalibrationError(f"{origin}: input {name!r} contains NaN or Inf")
+        if np.issubdtype(array.dtype, np.floating) and float(np.max(np.abs(array))) > MAX_MAGNITUDE:
+            raise CalibrationError(f"{origin}: input {name!r} has values beyond {MAX_MAGNITUDE:.2g}, whose squares "
+                                   "overflow float32 (calibration statistics would be Inf/NaN)")
         if expected is not None and array.dtype != expected:
             raise CalibrationError(f"{origin}: input {name!r} is {array.dtype}, the model expects {expected}")
         if dims is not None and array.ndim != len(dims):

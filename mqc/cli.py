@@ -57,6 +57,12 @@ class MqcGroup(click.Group):
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit,
                 KeyboardInterrupt):
             raise
+        except OSError as exc:  # a path the user named cannot be used (permissions, name too long, I/O error)
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            where = f": {exc.filename}" if exc.filename else ""
+            error_line(f"{exc.strerror or exc}{where}")
+            sys.exit(2)
         except Exception as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
@@ -68,7 +74,7 @@ class MqcGroup(click.Group):
 
 def progress_bar() -> Progress:
     return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=console, transient=True)
+                    TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal)
 
 
 @click.group(cls=MqcGroup)

@@ -8,6 +8,7 @@ input file is only ever opened for reading.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -16,7 +17,12 @@ import onnx
 import onnx_ir as ir
 
 from mqc.errors import InputModelError
-from mqc.model_checks import check_external_data, check_graph_structure, check_tensor_shapes
+from mqc.model_checks import (
+    check_external_data,
+    check_graph_structure,
+    check_tensor_shapes,
+    check_text_fields,
+)
 
 #: Oldest default-domain opset mqc accepts; older models are converted up from here.
 MIN_OPSET = 13
@@ -37,13 +43,17 @@ def load_model(path: str | Path) -> ir.Model:
     reference is checked (:mod:`mqc.model_checks`) before any tensor is read.
     """
     path = Path(os.path.abspath(path))
-    if not path.exists():
-        raise InputModelError(f"model file not found: {path}")
-    if path.is_dir():
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise InputModelError(f"model file not found: {path}") from None
+    except OSError as exc:
+        raise InputModelError(f"cannot read model file {path}: {exc.strerror}") from None
+    if stat.S_ISDIR(info.st_mode):
         raise InputModelError(f"expected an .onnx file, got a directory: {path}")
-    if not path.is_file():
+    if not stat.S_ISREG(info.st_mode):
         raise InputModelError(f"model path is not a regular file: {path}")
-    if path.stat().st_size == 0:
+    if info.st_size == 0:
         raise InputModelError(f"model file is empty: {path}")
     try:
         proto = onnx.load(path, load_external_data=False)
@@ -51,6 +61,7 @@ def load_model(path: str | Path) -> ir.Model:
         raise InputModelError(f"not a readable ONNX model ({type(exc).__name__}): {path}") from exc
     if len(proto.graph.node) == 0 or not proto.graph.output:
         raise InputModelError(f"not a usable ONNX model (empty graph): {path}")
+    check_text_fields(proto)
     check_external_data(proto, path.parent)
     check_tensor_shapes(proto)
     check_graph_structure(proto)

@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import onnx
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 
 from mqc.errors import InputModelError
 
@@ -156,6 +158,25 @@ def check_tensor_shapes(model: onnx.ModelProto) -> None:
         for dim in shape.dim:
             if dim.HasField("dim_value") and not 0 <= dim.dim_value <= MAX_DIM:
                 raise InputModelError(f"graph input/output {value.name!r} has dimension {dim.dim_value}, out of range")
+
+
+def check_text_fields(message: Message, where: str = "model") -> None:
+    """Every string field (names, op types, metadata) is valid UTF-8; protobuf hands invalid ones over as bytes."""
+    if isinstance(message, onnx.TensorProto):  # listing its fields would copy the weights out of raw_data
+        texts = [message.name, message.doc_string, *(t for e in message.external_data for t in (e.key, e.value))]
+        if any(isinstance(text, bytes) for text in texts):
+            raise InputModelError(f"not a readable ONNX model: a tensor name or data location in {where} is not "
+                                  "valid UTF-8")
+        return
+    for field, value in message.ListFields():
+        if field.type == FieldDescriptor.TYPE_STRING:
+            for text in value if field.is_repeated else [value]:
+                if isinstance(text, bytes):
+                    raise InputModelError(f"not a readable ONNX model: {where}.{field.name} is not valid UTF-8 "
+                                          f"({text[:40]!r})")
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            for item in value if field.is_repeated else [value]:
+                check_text_fields(item, f"{where}.{field.name}")
 
 
 def check_graph_structure(model: onnx.ModelProto) -> None:

@@ -229,8 +229,8 @@ class FolderStaging:
 
     def __init__(self, output: Path) -> None:
         self.output = Path(os.path.abspath(output))
-        remove_dead_staging(self.output.parent, self.output.name)
         self._restore_retired()
+        remove_dead_staging(self.output.parent, self.output.name)
         self.path = _staging_dir(self.output.parent, self.output.name)
 
     def _restore_retired(self) -> None:
