@@ -233,7 +233,7 @@ def test_same_inputs_give_byte_identical_outputs(source, tmp_path):
 
 
 def test_error_stays_on_one_line_in_a_pipe(tmp_path):
-    missing = tmp_path / ("very-long-folder-name-" * 12) / "model.onnx"
+    missing = tmp_path / ("very-long-folder-name-" * 10) / "model.onnx"
     result = subprocess.run([sys.executable, "-m", "mqc.cli", "compile", str(missing), "-o", str(tmp_path / "o.onnx")],
                             capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "40"})
     assert result.returncode == 2
