@@ -241,12 +241,17 @@ def capture(
     if missing:
         raise CalibrationError(f"values to calibrate not found in the graph: {missing[:5]}")
     added = [values[t] for t in dict.fromkeys(taps) if values[t] not in model.graph.outputs]
+    untyped = {value: value.type for value in added if value.dtype is None}
+    for value in untyped:  # a graph output needs a type; tapped activations of a float32 model are float32
+        value.type = ir.TensorType(ir.DataType.FLOAT)
     model.graph.outputs.extend(added)
     try:
         session = session_for_model(model, list(providers), optimization_level="basic")
     finally:
         for value in added:
             model.graph.outputs.remove(value)
+        for value, original in untyped.items():
+            value.type = original
     input_names = {i.name for i in session.get_inputs()}
     for feed in feeds:
         yield feed, session.run(list(taps), {k: v for k, v in feed.items() if k in input_names})

@@ -184,7 +184,7 @@ def compile_package(
         raise InputModelError(str(exc)) from exc
     output = Path(os.path.abspath(output))
     if output == model_dir or model_dir in output.parents or os.path.realpath(output) == os.path.realpath(model_dir):
-        raise OutputPathError(f"refusing to write into the input model directory {model_dir}")
+        raise OutputPathError(f"refusing to overwrite the input model directory {model_dir} (or write inside it)")
     if os.path.lexists(output) and (output.is_symlink() or not is_model_dir(output)):
         raise OutputPathError(f"output {output} exists and is not a model directory; refusing to replace it")
     if not output.parent.is_dir() or not os.access(output.parent, os.W_OK):

@@ -136,9 +136,19 @@ def save_model(model: ir.Model, path: str | Path, protected: Iterable[Path] = ()
     from mqc.outputs import AtomicModelWriter
 
     model.ir_version = OUTPUT_IR_VERSION
+    clear_unknown_types(model)
     return AtomicModelWriter(Path(path), protected).write(
         lambda onnx_path, data_name: ir.save(model, onnx_path, external_data=data_name,
                                              size_threshold_bytes=EXTERNAL_DATA_THRESHOLD))
+
+
+def clear_unknown_types(model: ir.Model) -> None:
+    """Forget tensor types whose element type a pass left unknown (``Tensor(None)``): they cannot be serialized,
+    and an absent type is what an unknown one means in ONNX."""
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for value in node.outputs:
+            if value.type is not None and value.dtype is None and value not in model.graph.outputs:
+                value.type = None
 
 
 def to_proto(model: ir.Model) -> onnx.ModelProto:

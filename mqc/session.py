@@ -103,6 +103,9 @@ def session_for_model(model: ir.Model, providers: Sequence[str], optimization_le
     """A session on the in-memory ``model`` without writing it anywhere (module docstring)."""
     import onnxruntime as ort
 
+    from mqc.ir import clear_unknown_types
+
+    clear_unknown_types(model)
     proto = ir.serde.serialize_model(model)
     folders = {os.fspath(t.base_dir) for t in _external_tensors(model)}
     if len(folders) > 1:
