@@ -217,6 +217,7 @@ def compile_package(
                 kept_float.append(component)
                 continue
             samples = list(hooks.calibration_feeds(model_dir, component, num_samples))
+            (staging.path / relative).parent.mkdir(parents=True, exist_ok=True)
             reports[component] = compile_file(
                 files[component], staging.path / relative, component_recipe, feeds=lambda s=samples: s,
                 num_samples=len(samples), fmt=fmt, exclude=exclude,

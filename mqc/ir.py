@@ -111,6 +111,9 @@ def _bind_external_data(model: ir.Model, base_dir: str) -> None:
             for attr in node.attributes.values():
                 if not attr.is_ref() and attr.type == ir.AttributeType.GRAPH:
                     _bind_initializers(attr.value, base_dir)
+                elif not attr.is_ref() and attr.type == ir.AttributeType.GRAPHS:
+                    for subgraph in attr.value:
+                        _bind_initializers(subgraph, base_dir)
     _bind_initializers(model.graph, base_dir)
 
 

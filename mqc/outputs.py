@@ -7,7 +7,8 @@ renamed over the old one: the single step that switches outputs. Data files only
 are removed afterwards. Until that rename, ``q.onnx`` still loads with its old data; after it, with the new.
 
 A folder output is assembled in a staging folder and exchanged with the old folder in one ``renameat2`` call
-(``RENAME_EXCHANGE``) where the kernel offers it, else by two renames whose gap the next run repairs.
+(``RENAME_EXCHANGE``) where the kernel and file system offer it, else by two renames whose gap the next run
+repairs (it puts the retired folder back when no output is in place).
 
 Leftovers of killed runs (staging folders of processes that no longer run, data files no output references, the
 retired copy of an exchanged folder) are removed by the next run that writes the same output.
@@ -15,6 +16,7 @@ retired copy of an exchanged folder) are removed by the next run that writes the
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -141,10 +143,15 @@ def _relocate(onnx_path: Path, old: str, new: str) -> None:
     onnx.save(proto, str(onnx_path))
 
 
-def _describe(exc: OSError) -> str:
+def _describe(exc: OSError, folder: Path | None = None) -> str:
+    """The reason in words. A short write (a full disk reported without errno) also says how much space is free."""
     if exc.errno == errno.ENOSPC:
         return "no space left on the device"
-    return exc.strerror or str(exc)
+    reason = exc.strerror or str(exc)
+    if exc.errno is None and folder is not None:
+        with contextlib.suppress(OSError):
+            reason += f"; {shutil.disk_usage(folder).free // 1024} kB free in {folder}"
+    return reason
 
 
 class AtomicModelWriter:
@@ -180,7 +187,7 @@ class AtomicModelWriter:
             os.replace(staged_model, path)
             placed = None
         except OSError as exc:
-            raise OutputPathError(f"cannot write {path}: {_describe(exc)}") from exc
+            raise OutputPathError(f"cannot write {path}: {_describe(exc, parent)}") from exc
         finally:
             if placed is not None:
                 placed.unlink(missing_ok=True)
@@ -232,6 +239,9 @@ class FolderStaging:
         self._restore_retired()
         remove_dead_staging(self.output.parent, self.output.name)
         self.path = _staging_dir(self.output.parent, self.output.name)
+        umask = os.umask(0)
+        os.umask(umask)
+        self.path.chmod(0o777 & ~umask)  # mkdtemp's private 0700 would become the output folder's mode
 
     def _restore_retired(self) -> None:
         """A run killed between two fallback renames left the old folder retired and none in place: put it back."""
@@ -253,7 +263,7 @@ class FolderStaging:
                 os.replace(self.path, self.output)
                 shutil.rmtree(retired, ignore_errors=True)
         except OSError as exc:
-            raise OutputPathError(f"cannot write {self.output}: {_describe(exc)}") from exc
+            raise OutputPathError(f"cannot write {self.output}: {_describe(exc, self.output.parent)}") from exc
 
     def discard(self) -> None:
         if self.path.exists():

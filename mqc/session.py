@@ -126,7 +126,16 @@ def session_for_model(model: ir.Model, providers: Sequence[str], optimization_le
 
 
 def _external_tensors(model: ir.Model) -> list[ir.ExternalTensor]:
-    return [v.const_value for v in model.graph.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)]
+    """External initializers of the graph and of every subgraph (attribute tensors are in memory, see load_model)."""
+    graphs = [model.graph]
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for attr in node.attributes.values():
+            if not attr.is_ref() and attr.type == ir.AttributeType.GRAPH:
+                graphs.append(attr.value)
+            elif not attr.is_ref() and attr.type == ir.AttributeType.GRAPHS:
+                graphs.extend(attr.value)
+    return [v.const_value for graph in graphs for v in graph.initializers.values()
+            if isinstance(v.const_value, ir.ExternalTensor)]
 
 
 def _pass_by_reference(model: ir.Model, proto: onnx.ModelProto) -> tuple[list[str], list[Any]]:

@@ -102,6 +102,36 @@ def test_disk_full_is_one_line_and_keeps_the_previous_output(source, tmp_path, m
     assert_loads(output)
 
 
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 256 kB tmpfs (needs the right to mount: root in CI containers; skipped elsewhere)."""
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_real_full_disk_keeps_the_previous_output(source, tmp_path, small_disk):
+    output = small_disk / "q.onnx"
+    _compile(source, output)
+    before = tree_digest(small_disk)
+    big = onnx.numpy_helper.from_array(np.random.default_rng(9).standard_normal((HIDDEN, 4096)).astype(np.float32), "W")
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y"], name="fc")]
+    large = linear_model([big], nodes=nodes)
+    large.graph.output[0].type.tensor_type.shape.dim[-1].dim_value = 4096
+    large_source = save_with_data(large, tmp_path / "m" / "large.onnx")
+    code, text = run_cli(["compile", large_source, "-o", output])
+    assert_one_line_error(code, text, "cannot write")
+    assert "no space left on the device" in text or "kB free in" in text, text
+    assert tree_digest(small_disk) == before
+    assert_loads(output)
+
+
 KILL_SCRIPT = textwrap.dedent("""
     import os, sys
     from pathlib import Path
