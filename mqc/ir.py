@@ -154,11 +154,6 @@ def clear_unknown_types(model: ir.Model) -> None:
                 value.type = None
 
 
-def to_proto(model: ir.Model) -> onnx.ModelProto:
-    model.ir_version = OUTPUT_IR_VERSION
-    return ir.serde.serialize_model(model)
-
-
 def constant_array(value: ir.Value | None) -> np.ndarray | None:
     """The numpy value of an initializer or Constant-produced value, else None."""
     if value is None:

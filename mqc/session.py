@@ -35,12 +35,6 @@ _ORT_NUMPY_DTYPES = {np.dtype(t) for t in (np.float32, np.float16, np.float64, n
 _EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
 
 
-def uses_runtime_ops(path: str | Path) -> bool:
-    """True when the model imports the ``ai.mqc`` domain (reads only the header, not the weights)."""
-    model = onnx.load(str(path), load_external_data=False)
-    return any(op.domain == MQC_DOMAIN for op in model.opset_import)
-
-
 def default_providers() -> list[str]:
     import onnxruntime as ort
 
