@@ -141,6 +141,13 @@ def _byte_size(tensor: onnx.TensorProto, label: str) -> int | None:
     return elements * dtype.itemsize
 
 
+#: Types whose typed data field holds exactly one value per element (packed and complex types are left out).
+_ONE_VALUE_PER_ELEMENT = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.INT64, onnx.TensorProto.INT32,
+                          onnx.TensorProto.INT16, onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.UINT16,
+                          onnx.TensorProto.UINT32, onnx.TensorProto.UINT64, onnx.TensorProto.BOOL,
+                          onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+
+
 def check_tensor_shapes(model: onnx.ModelProto) -> None:
     """Every stored tensor's dims are in range and agree with its inline data; graph input dims are sane."""
     for where, tensor in tensor_protos(model):
@@ -148,9 +155,16 @@ def check_tensor_shapes(model: onnx.ModelProto) -> None:
         expected = _byte_size(tensor, label)
         if tensor.data_location == onnx.TensorProto.EXTERNAL or expected is None:
             continue
-        if tensor.HasField("raw_data") and len(tensor.raw_data) != expected:
-            raise InputModelError(f"{label}: shape {list(tensor.dims)} needs {expected} bytes, the file stores "
-                                  f"{len(tensor.raw_data)}")
+        if tensor.HasField("raw_data"):
+            if len(tensor.raw_data) != expected:
+                raise InputModelError(f"{label}: shape {list(tensor.dims)} needs {expected} bytes, the file stores "
+                                      f"{len(tensor.raw_data)}")
+        elif tensor.data_type in _ONE_VALUE_PER_ELEMENT:
+            stored = len(getattr(tensor, onnx.helper.tensor_dtype_to_field(tensor.data_type)))
+            elements = expected // onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+            if stored != elements:
+                raise InputModelError(f"{label}: shape {list(tensor.dims)} has {elements} elements, the file "
+                                      f"stores {stored} values")
     for value in [*model.graph.input, *model.graph.output]:
         shape = value.type.tensor_type.shape if value.type.HasField("tensor_type") else None
         if shape is None:
