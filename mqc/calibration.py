@@ -25,6 +25,8 @@ TEXT, IMAGE = 0, 1
 MODALITY_NAMES = {TEXT: "text", IMAGE: "image"}
 MODALITY_INPUT = "modality_ids"
 HIST_BINS = 2048
+#: Largest unpacked size of one calibration sample (.npz), in bytes.
+MAX_SAMPLE_BYTES = 4 << 30
 #: Largest calibration magnitude: the square root of float32's maximum, so squared statistics stay finite.
 MAX_MAGNITUDE = float(np.sqrt(np.finfo(np.float32).max))
 #: Largest synthetic input (elements) built when no calibration data is given: 256 Mi float32 values.
@@ -339,6 +341,10 @@ def _read_npz(file: Path) -> dict[str, np.ndarray]:
             strays = [name for name in archive.zip.namelist() if not name.endswith(".npy")]
             if strays:
                 raise CalibrationError(f"calibration sample {file}: member {strays[0]!r} is not a .npy array")
+            size = sum(info.file_size for info in archive.zip.infolist())
+            if size > MAX_SAMPLE_BYTES:  # a small archive can declare gigabytes (a zip bomb)
+                raise CalibrationError(f"calibration sample {file} unpacks to {size} bytes, more than "
+                                       f"{MAX_SAMPLE_BYTES}")
             return {key: archive[key] for key in archive.files}
     except CalibrationError:
         raise
