@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -29,6 +30,11 @@ INTERNAL_ERROR = 1
 
 def _terminate(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
+
+
+def shown(value: object) -> str:
+    """``value`` (a path, a name from a file) placed inside rich markup: escaped, never interpreted."""
+    return escape(printable(value))
 
 
 def error_line(message: str) -> None:
@@ -118,7 +124,7 @@ def compile_command(model: str, output: Path, recipe: str, calib: Path | None, s
     reports = result if isinstance(result, dict) else {Path(model).name: result}
     for name, report in reports.items():
         _summary(name, report)
-    console.print(f"[green]wrote[/green] {output}")
+    console.print(f"[green]wrote[/green] {shown(output)}")
 
 
 def _summary(name: str, report) -> None:
@@ -126,7 +132,7 @@ def _summary(name: str, report) -> None:
     sqnr = [r["sqnr_db"] for r in rows if isinstance(r.get("sqnr_db"), float)]
     skipped = sum(len(p.skipped) for p in report.passes)
     verified = [p for p in report.passes if p.verify is not None]
-    line = (f"[bold]{name}[/bold]: {report.recipe} ({report.format}) in {report.seconds:.1f}s, "
+    line = (f"[bold]{shown(name)}[/bold]: {shown(report.recipe)} ({report.format}) in {report.seconds:.1f}s, "
             f"{len(rows)} layers quantized, {skipped} skipped")
     if sqnr:
         line += f", output SQNR median {sorted(sqnr)[len(sqnr) // 2]:.1f} dB (min {min(sqnr):.1f})"

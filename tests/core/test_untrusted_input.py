@@ -445,3 +445,17 @@ def test_recipe_file_problems(place):
                                             folder / name]), message)
 
     _guarded(place, attempt)
+
+
+def test_compile_summary_shows_a_recipe_name_from_a_file_inertly(place):
+    source = save_with_data(linear_model(), place.model_dir / "model.onnx")
+    recipe = place.root / "private" / "evil.json"
+    recipe.write_text(json.dumps({"name": EVIL, "passes": [{"pass": "quantize_linears"}]}))
+
+    def attempt() -> None:
+        code, text = run_cli(["compile", source, "-o", place.out_dir / "new.onnx", "--recipe", recipe],
+                             env={"FORCE_COLOR": "1", "TERM": "xterm-256color"})
+        assert code == 0, text
+        assert "\x1b]" not in text and "[/bogus]" in text
+
+    _guarded(place, attempt, ok=True)
