@@ -78,8 +78,15 @@ class MqcGroup(click.Group):
             sys.exit(INTERNAL_ERROR)
 
 
+class InertTextColumn(TextColumn):
+    """A task description (it can hold a recipe name from a file) shown as plain text, control characters escaped."""
+
+    def render(self, task) -> Text:
+        return Text(printable(task.description))
+
+
 def progress_bar() -> Progress:
-    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+    return Progress(SpinnerColumn(), InertTextColumn(""), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal)
 
 
