@@ -186,6 +186,7 @@ class AtomicModelWriter:
             _fsync(staged_model)
             os.replace(staged_model, path)
             placed = None
+            _fsync(parent)  # the renames themselves survive a power loss
         except OSError as exc:
             raise OutputPathError(f"cannot write {path}: {_describe(exc, parent)}") from exc
         finally:
