@@ -118,11 +118,15 @@ def _bind_external_data(model: ir.Model, base_dir: str) -> None:
 
 
 def _bind_initializers(graph: ir.Graph, base_dir: str) -> None:
+    """External initializers read from the checked folder; inline ones become numpy arrays once (reading a
+    protobuf field copies it, so a proto-backed weight would be copied again for every calibration session)."""
     for value in graph.initializers.values():
         tensor = value.const_value
         if isinstance(tensor, ir.ExternalTensor):
             tensor.base_dir = base_dir
             tensor.numpy()  # touches the mapping: truncated external data fails here
+        elif isinstance(tensor, ir.serde.TensorProtoTensor) and tensor.dtype != ir.DataType.STRING:
+            value.const_value = ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=tensor.name)
 
 
 def _in_memory(tensor: ir.ExternalTensor, base_dir: str) -> ir.Tensor:

@@ -100,14 +100,13 @@ def session_for_model(model: ir.Model, providers: Sequence[str], optimization_le
     from mqc.ir import clear_unknown_types
 
     clear_unknown_types(model)
-    proto = ir.serde.serialize_model(model)
     folders = {os.fspath(t.base_dir) for t in _external_tensors(model)}
     if len(folders) > 1:
         raise InputModelError(f"the model's external data comes from several folders: {sorted(folders)}")
+    names, values, proto = _serialize_by_reference(model)
     options = _options(optimization_level, None, any(op.domain == MQC_DOMAIN for op in proto.opset_import))
     if folders:
         options.add_session_config_entry(_EXTERNAL_FOLDER_KEY, folders.pop())
-    names, values = _pass_by_reference(model, proto)
     if names:
         options.add_external_initializers(names, values)
     try:
@@ -132,28 +131,34 @@ def _external_tensors(model: ir.Model) -> list[ir.ExternalTensor]:
             if isinstance(v.const_value, ir.ExternalTensor)]
 
 
-def _pass_by_reference(model: ir.Model, proto: onnx.ModelProto) -> tuple[list[str], list[Any]]:
-    """Move large in-memory initializers out of ``proto`` into OrtValues that share the arrays' memory."""
+def _serialize_by_reference(model: ir.Model) -> tuple[list[str], list[Any], onnx.ModelProto]:
+    """The graph proto with large in-memory initializers left out: each is named by a placeholder external
+    reference and handed to onnxruntime as an OrtValue sharing the array's memory, so no weight is copied."""
     import onnxruntime as ort
 
     names: list[str] = []
     values: list[Any] = []
-    for tensor in proto.graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.raw_data) < BY_REFERENCE_BYTES:
+    swapped: list[tuple[ir.Value, Any]] = []
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is None or isinstance(tensor, ir.ExternalTensor) or tensor.nbytes < BY_REFERENCE_BYTES:
             continue
-        array = model.graph.initializers[tensor.name].const_value.numpy()
+        array = tensor.numpy()
         if array.dtype not in _ORT_NUMPY_DTYPES:
             continue
         array = np.ascontiguousarray(array)
-        tensor.ClearField("raw_data")
-        tensor.data_location = onnx.TensorProto.EXTERNAL
-        del tensor.external_data[:]
-        for key, value in (("location", f"mqc-in-memory-{len(names)}"), ("offset", "0"), ("length", str(array.nbytes))):
-            entry = tensor.external_data.add()
-            entry.key, entry.value = key, value
-        names.append(tensor.name)
+        placeholder = ir.ExternalTensor(f"mqc-in-memory-{len(names)}", offset=0, length=array.nbytes,
+                                        dtype=tensor.dtype, shape=tensor.shape, name=value.name)
+        swapped.append((value, tensor))
+        value.const_value = placeholder
+        names.append(value.name)
         values.append(ort.OrtValue.ortvalue_from_numpy(array))
-    return names, values
+    try:
+        proto = ir.serde.serialize_model(model)
+    finally:
+        for value, tensor in swapped:
+            value.const_value = tensor
+    return names, values, proto
 
 
 def _one_line(exc: BaseException) -> str:
