@@ -10,3 +10,7 @@
 - :mod:`~mqc.models.evaluate`, :mod:`~mqc.models.commands`: ``mqc eval`` and ``mqc export``.
 - :mod:`~mqc.models.testing`: tiny random-weight models of every family, for tests (``export_tiny``).
 """
+
+from mqc.models.packaged import register_with_core
+
+register_with_core()

@@ -123,3 +123,15 @@ def export_packaged(name: str, out: Path, say: Callable[[str], None] = print) ->
     export_model(model, tokenizer, out, name=name, prompt=prompt, plan=plan, extra_manifest=extra, progress=say)
     say(f"exported {name} in {time.perf_counter() - t0:.0f} s")
     return out
+
+
+def register_with_core() -> None:
+    """Lend core compile its packaged names and calibration feeds (:mod:`mqc.packages`)."""
+    from mqc.packages import PackageHooks, register_package_hooks
+
+    def feeds(model_dir: Path, component: str, num_samples: int):
+        from mqc.models.calibration import calibration_feeds
+
+        return calibration_feeds(model_dir, component, num_samples)
+
+    register_package_hooks(PackageHooks(resolve=resolve, calibration_feeds=feeds))

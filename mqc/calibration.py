@@ -25,6 +25,12 @@ TEXT, IMAGE = 0, 1
 MODALITY_NAMES = {TEXT: "text", IMAGE: "image"}
 MODALITY_INPUT = "modality_ids"
 HIST_BINS = 2048
+#: Largest unpacked size of one calibration sample (.npz), in bytes.
+MAX_SAMPLE_BYTES = 4 << 30
+#: Largest calibration magnitude: the square root of float32's maximum, so squared statistics stay finite.
+MAX_MAGNITUDE = float(np.sqrt(np.finfo(np.float32).max))
+#: Largest synthetic input (elements) built when no calibration data is given: 256 Mi float32 values.
+MAX_SYNTHETIC_ELEMENTS = 1 << 28
 
 FeedSource = Callable[[], Iterable[dict[str, np.ndarray]]]
 
@@ -208,6 +214,9 @@ class Calibrator:
     def _accumulate(self, stats: dict[str, TapStats], name: str, array: np.ndarray, feed: dict[str, np.ndarray]) -> None:
         if array.ndim == 0:
             return
+        if np.issubdtype(array.dtype, np.floating) and not float(np.max(np.abs(array), initial=0.0)) <= MAX_MAGNITUDE:
+            raise CalibrationError(f"calibration values of {name!r} are NaN, Inf or beyond {MAX_MAGNITUDE:.2g}: the "
+                                   "calibration inputs overflow this model")
         channels = array.shape[-1]
         rows = array.reshape(-1, channels)
         modalities = _row_modalities(feed, array.shape[:-1], self.default_modality)
@@ -227,21 +236,24 @@ def capture(
 ) -> Iterator[tuple[dict[str, np.ndarray], list[np.ndarray]]]:
     """Run ``model`` on each feed and yield (feed, the values of ``taps``); the taps are extra graph outputs only
     while the session is built, so ``model`` is left as it was."""
-    from mqc.ir import temporary_model_file
-    from mqc.session import open_session
+    from mqc.session import session_for_model
 
     values = {v.name: v for v in _all_values(model.graph)}
     missing = [t for t in taps if t not in values]
     if missing:
         raise CalibrationError(f"values to calibrate not found in the graph: {missing[:5]}")
     added = [values[t] for t in dict.fromkeys(taps) if values[t] not in model.graph.outputs]
+    untyped = {value: value.type for value in added if value.dtype is None}
+    for value in untyped:  # a graph output needs a type; tapped activations of a float32 model are float32
+        value.type = ir.TensorType(ir.DataType.FLOAT)
     model.graph.outputs.extend(added)
     try:
-        with temporary_model_file(model) as path:
-            session = open_session(path, list(providers), optimization_level="basic")
+        session = session_for_model(model, list(providers), optimization_level="basic")
     finally:
         for value in added:
             model.graph.outputs.remove(value)
+        for value, original in untyped.items():
+            value.type = original
     input_names = {i.name for i in session.get_inputs()}
     for feed in feeds:
         yield feed, session.run(list(taps), {k: v for k, v in feed.items() if k in input_names})
@@ -281,6 +293,9 @@ def random_feeds(model: ir.Model, num_samples: int, seed: int = 0, seq_len: int 
                 feed[name] = np.zeros(shape, dtype=dtype)
                 continue
             shape = tuple(_dim(d, 1 if i == 0 else seq_len) for i, d in enumerate(dims))
+            if int(np.prod(shape, dtype=np.float64)) > MAX_SYNTHETIC_ELEMENTS:
+                raise CalibrationError(f"input {name!r} of shape {list(shape)} is too large for synthetic "
+                                       "calibration data; give samples with --calib")
             if name == "attention_mask":
                 feed[name] = np.ones(shape, dtype=dtype)
             elif name == "position_ids":
@@ -307,30 +322,64 @@ def _embedding_rows(model: ir.Model) -> int | None:
     return None
 
 
-def load_feeds(path: str | Path, model: ir.Model) -> list[dict[str, np.ndarray]]:
-    """Calibration samples from an ``.npz`` file (one sample) or a folder of them, checked against the graph.
+def _npz_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.glob("*.npz") if p.is_file())
+        if not files:
+            raise CalibrationError(f"no .npz calibration samples in {path}")
+        return files
+    if path.is_file():
+        return [path]
+    raise CalibrationError(f"calibration data not found: {path}")
+
+
+def _read_npz(file: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(file, allow_pickle=False) as archive:
+            if not hasattr(archive, "zip"):
+                raise CalibrationError(f"calibration sample {file} is not an .npz archive")
+            strays = [name for name in archive.zip.namelist() if not name.endswith(".npy")]
+            if strays:
+                raise CalibrationError(f"calibration sample {file}: member {strays[0]!r} is not a .npy array")
+            size = sum(info.file_size for info in archive.zip.infolist())
+            if size > MAX_SAMPLE_BYTES:  # a small archive can declare gigabytes (a zip bomb)
+                raise CalibrationError(f"calibration sample {file} unpacks to {size} bytes, more than "
+                                       f"{MAX_SAMPLE_BYTES}")
+            return {key: archive[key] for key in archive.files}
+    except CalibrationError:
+        raise
+    except Exception as exc:
+        raise CalibrationError(f"cannot read calibration sample {file}: {exc}") from exc
+
+
+class CalibrationFiles:
+    """Calibration samples from an ``.npz`` file (one sample) or the first ``limit`` files of a folder of them.
+
+    Samples are read one at a time each time the set is iterated, so memory is that of one sample however many
+    files there are. Every file is read and checked once when the set is made, before any compile work.
+    """
+
+    def __init__(self, path: str | Path, model: ir.Model, limit: int | None = None) -> None:
+        self.files = _npz_files(Path(path))[:limit]
+        self.model = model
+        for _ in self:
+            pass
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        for file in self.files:
+            yield check_feed(_read_npz(file), self.model, str(file))
+
+
+def load_feeds(path: str | Path, model: ir.Model, limit: int | None = None) -> CalibrationFiles:
+    """Calibration samples checked against the graph (:class:`CalibrationFiles`).
 
     Each archive maps graph input names to arrays. Missing past key/value inputs are filled with empty tensors
     (prefill), anything else missing, unknown, or of the wrong type or rank is an error naming the input.
     """
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(path.glob("*.npz"))
-        if not files:
-            raise CalibrationError(f"no .npz calibration samples in {path}")
-    elif path.exists():
-        files = [path]
-    else:
-        raise CalibrationError(f"calibration data not found: {path}")
-    feeds = []
-    for file in files:
-        try:
-            with np.load(file, allow_pickle=False) as archive:
-                feed = {key: archive[key] for key in archive.files}
-        except Exception as exc:
-            raise CalibrationError(f"cannot read calibration sample {file}: {exc}") from exc
-        feeds.append(check_feed(feed, model, str(file)))
-    return feeds
+    return CalibrationFiles(path, model, limit)
 
 
 def check_feed(feed: dict[str, np.ndarray], model: ir.Model, origin: str) -> dict[str, np.ndarray]:
@@ -349,6 +398,14 @@ def check_feed(feed: dict[str, np.ndarray], model: ir.Model, origin: str) -> dic
                 continue
             raise CalibrationError(f"{origin}: calibration data lacks model input {name!r}")
         array = out[name]
+        if array.size == 0:
+            raise CalibrationError(f"{origin}: input {name!r} is empty (shape {list(array.shape)}); a calibration "
+                                   "sample needs at least one token")
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            raise CalibrationError(f"{origin}: input {name!r} contains NaN or Inf")
+        if np.issubdtype(array.dtype, np.floating) and float(np.max(np.abs(array))) > MAX_MAGNITUDE:
+            raise CalibrationError(f"{origin}: input {name!r} has values beyond {MAX_MAGNITUDE:.2g}, whose squares "
+                                   "overflow float32 (calibration statistics would be Inf/NaN)")
         if expected is not None and array.dtype != expected:
             raise CalibrationError(f"{origin}: input {name!r} is {array.dtype}, the model expects {expected}")
         if dims is not None and array.ndim != len(dims):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -17,18 +18,37 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
+from rich.text import Text
 
-from mqc.errors import MqcError
+from mqc.errors import MqcError, printable
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # one message, one line, also in logs and pipes
+
+#: Exit code of a failure that is mqc's own fault (a bug), as opposed to bad input (2).
+INTERNAL_ERROR = 1
 
 
 def _terminate(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+def shown(value: object) -> str:
+    """``value`` (a path, a name from a file) placed inside rich markup: escaped, never interpreted."""
+    return escape(printable(value))
+
+
+def error_line(message: str) -> None:
+    """One line on stderr, never wrapped (also when stderr is a file or a pipe), with control characters escaped."""
+    line = printable(" ".join(message.split()))
+    if console.is_terminal:
+        console.print(Text.assemble(("error:", "bold red"), " ", line), soft_wrap=True, highlight=False)
+    else:
+        click.echo(f"error: {line}", err=True)
+
+
 class MqcGroup(click.Group):
-    """Turns every :class:`MqcError` into one line on stderr and exit code 2 (a traceback only with --debug)."""
+    """Turns every :class:`MqcError` into one line on stderr and exit code 2, and any other failure into one line
+    and exit code 1 (a traceback only with --debug)."""
 
     def invoke(self, ctx: click.Context):
         # SIGTERM (a job scheduler, `kill`) unwinds like Ctrl-C, so staged outputs are removed by their `finally`.
@@ -38,13 +58,36 @@ class MqcGroup(click.Group):
         except MqcError as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+            error_line(str(exc))
             sys.exit(exc.exit_code)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit,
+                KeyboardInterrupt):
+            raise
+        except OSError as exc:  # a path the user named cannot be used (permissions, name too long, I/O error)
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            where = f": {exc.filename}" if exc.filename else ""
+            error_line(f"{exc.strerror or exc}{where}")
+            sys.exit(2)
+        except Exception as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            detail = str(exc).strip().splitlines()
+            error_line(f"internal error ({type(exc).__name__}: {detail[0][:300] if detail else ''}); "
+                       "rerun with --debug for the traceback and report it")
+            sys.exit(INTERNAL_ERROR)
+
+
+class InertTextColumn(TextColumn):
+    """A task description (it can hold a recipe name from a file) shown as plain text, control characters escaped."""
+
+    def render(self, task) -> Text:
+        return Text(printable(task.description))
 
 
 def progress_bar() -> Progress:
-    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=console, transient=True)
+    return Progress(SpinnerColumn(), InertTextColumn(""), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal)
 
 
 @click.group(cls=MqcGroup)
@@ -60,7 +103,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Compiled .onnx file or directory.")
 @click.option("--recipe", default="w8a8", show_default=True, help="Recipe name (see `mqc recipes`) or a recipe .json file.")
 @click.option("--calib", type=click.Path(path_type=Path), help="Calibration samples: an .npz or a folder of .npz (single-file input).")
-@click.option("--samples", default=32, show_default=True, help="Calibration samples to use.")
+@click.option("--samples", default=32, show_default=True, type=click.IntRange(min=1), help="Calibration samples to use.")
 @click.option("--format", "fmt", type=click.Choice(["qdq", "mqc"]), default="qdq", show_default=True,
               help="qdq: standard ONNX ops; mqc: the project's runtime-ops library.")
 @click.option("--exclude", multiple=True, help="Regex of layer names to keep in float (repeatable).")
@@ -88,7 +131,7 @@ def compile_command(model: str, output: Path, recipe: str, calib: Path | None, s
     reports = result if isinstance(result, dict) else {Path(model).name: result}
     for name, report in reports.items():
         _summary(name, report)
-    console.print(f"[green]wrote[/green] {output}")
+    console.print(f"[green]wrote[/green] {shown(output)}")
 
 
 def _summary(name: str, report) -> None:
@@ -96,13 +139,16 @@ def _summary(name: str, report) -> None:
     sqnr = [r["sqnr_db"] for r in rows if isinstance(r.get("sqnr_db"), float)]
     skipped = sum(len(p.skipped) for p in report.passes)
     verified = [p for p in report.passes if p.verify is not None]
-    line = (f"[bold]{name}[/bold]: {report.recipe} ({report.format}) in {report.seconds:.1f}s, "
+    line = (f"[bold]{shown(name)}[/bold]: {shown(report.recipe)} ({report.format}) in {report.seconds:.1f}s, "
             f"{len(rows)} layers quantized, {skipped} skipped")
     if sqnr:
         line += f", output SQNR median {sorted(sqnr)[len(sqnr) // 2]:.1f} dB (min {min(sqnr):.1f})"
     if verified:
         worst = max(p.verify["max_rel"] for p in verified)
         line += f", {len(verified)} passes verified (max drift {worst:.1e})"
+    nested = report.model_summary.get("left_float_in_subgraphs")
+    if nested:
+        line += f", {len(nested)} MatMul/Gemm inside If/Loop bodies left in float"
     console.print(line)
 
 
@@ -113,11 +159,11 @@ def _summary(name: str, report) -> None:
 @click.option("--calib", type=click.Path(path_type=Path), help="Calibration samples for a dry run.")
 def explain(target: str, as_json: bool, recipe: str | None, calib: Path | None) -> None:
     """Explain what each pass did to TARGET (a compiled .onnx or compiled model directory)."""
-    from mqc.compiler import compile_file, is_model_dir
+    from mqc.compiler import compile_file
     from mqc.errors import InputModelError
     from mqc.explain import render, to_json
     from mqc.ir import load_model
-    from mqc.report import read_report
+    from mqc.packages import component_paths, is_model_dir, read_manifest
 
     path = Path(target)
     reports = {}
@@ -128,11 +174,10 @@ def explain(target: str, as_json: bool, recipe: str | None, calib: Path | None) 
     else:
         files = [path]
         if is_model_dir(path):
-            manifest = json.loads((path / "manifest.json").read_text())
-            files = [path / f for f in manifest.get("components", {}).values()]
+            files = list(component_paths(path, read_manifest(path)).values())
         for file in files:
-            load_model(file)  # one clear error for a missing or broken file
-            report = read_report(str(file))
+            load_model(file)  # one clear error for a missing or broken file, and the external-data checks
+            report = _stored_report(file)
             if report is not None:
                 reports[file.name] = report
         if not reports:
@@ -143,7 +188,20 @@ def explain(target: str, as_json: bool, recipe: str | None, calib: Path | None) 
         return
     out = Console(width=None if sys.stdout.isatty() else 200)
     for name, report in reports.items():
-        render(report, out, title=name)
+        try:
+            render(report, out, title=name)
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
+            raise InputModelError(f"the mqc report stored in {name} is damaged ({type(exc).__name__})") from exc
+
+
+def _stored_report(file: Path):
+    from mqc.errors import InputModelError
+    from mqc.report import read_report
+
+    try:
+        return read_report(str(file))
+    except (TypeError, ValueError, KeyError, AttributeError, RecursionError) as exc:
+        raise InputModelError(f"the mqc report stored in {file} is damaged ({type(exc).__name__})") from exc
 
 
 @main.command()

@@ -16,18 +16,23 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
+import onnx_ir as ir
 
 from mqc.calibration import IMAGE, TEXT, load_feeds, random_feeds
 from mqc.errors import InputModelError, OutputPathError
 from mqc.ir import load_model, remove_unused_initializers, save_model
+from mqc.model_checks import check_external_data, tensor_protos
 from mqc.model_map import build_model_map
+from mqc.outputs import FolderStaging, check_output_path
+from mqc.packages import component_paths, folder_entries, is_model_dir, package_hooks, read_manifest
 from mqc.pass_manager import DEFAULT_VERIFY_RTOL, CompileContext, PassManager
 from mqc.recipes import Recipe, load_recipe, pass_class
 from mqc.report import REPORT_KEY, CompileReport
@@ -47,14 +52,41 @@ def _version() -> str:
         return "0+unknown"
 
 
-def _check_output(source: Path, output: Path) -> None:
-    if output.resolve() == source.resolve():
-        raise OutputPathError(f"refusing to overwrite the input model {source}; choose another -o path")
-    parent = output.parent
-    if not parent.is_dir():
-        raise OutputPathError(f"output folder does not exist (or is not a folder): {parent}")
-    if not os.access(parent, os.W_OK):
-        raise OutputPathError(f"output folder is not writable: {parent}")
+def _input_files(source: Path, model: ir.Model) -> list[Path]:
+    """Every file the loaded model reads: the .onnx itself and its (checked) external data files."""
+    files = {Path(os.path.abspath(source))}
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            files.add(Path(os.path.abspath(tensor.path)))
+    return sorted(files)
+
+
+#: Linear ops mqc quantizes; inside If/Loop/Scan bodies they are left in float and reported.
+_LINEAR_OPS = {"MatMul", "Gemm"}
+_HALF_TYPES = {ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16"}
+
+
+def _refuse_half_precision(model: ir.Model) -> None:
+    """mqc's scales and calibration are float32; a float16/bfloat16 model would get a QDQ graph that cannot load."""
+    values = [*model.graph.inputs, *model.graph.outputs, *model.graph.initializers.values()]
+    for value in values:
+        if value.dtype in _HALF_TYPES and (value.const_value is None or len(value.shape or ()) >= 2):
+            raise InputModelError(f"{value.name!r} is {_HALF_TYPES[value.dtype]}: mqc compiles float32 models only "
+                                  "(float16/bfloat16 support is not implemented); export or convert the model to "
+                                  "float32 first")
+
+
+def _linears_in_subgraphs(model: ir.Model) -> list[str]:
+    """Names of MatMul/Gemm nodes inside control-flow bodies, which no pass rewrites."""
+    top = {id(node) for node in model.graph}
+    return [node.name or node.op_type for node in ir.traversal.RecursiveGraphIterator(model.graph)
+            if id(node) not in top and node.op_type in _LINEAR_OPS and node.domain in ("", "ai.onnx")]
+
+
+def _without_timings(report: CompileReport) -> CompileReport:
+    """The stored report leaves wall-clock times out, so equal inputs give byte-identical outputs."""
+    return replace(report, seconds=0.0, passes=[replace(record, seconds=0.0) for record in report.passes])
 
 
 def _lowering_passes(fmt: str) -> list:
@@ -85,16 +117,20 @@ def compile_file(
     source, output = Path(source), Path(output)
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     if write:
-        _check_output(source, output)
+        check_output_path(output, [source])
     passes = recipe.instantiate() + _lowering_passes(fmt)
     model = load_model(source)
+    _refuse_half_precision(model)
+    inputs = _input_files(source, model)
+    if write:
+        check_output_path(output, inputs)
     calibration: dict[str, Any]
     if feeds is not None:
         calibration = {"source": "model package"}
     elif calib is not None:
-        samples = load_feeds(calib, model)
-        feeds = lambda: samples  # noqa: E731
-        calibration = {"source": str(calib), "samples": len(samples)}
+        files = load_feeds(calib, model, limit=num_samples)
+        feeds = lambda: files  # noqa: E731
+        calibration = {"source": str(calib), "samples": len(files)}
     else:
         samples = random_feeds(model, num_samples)
         feeds = lambda: samples  # noqa: E731
@@ -103,9 +139,13 @@ def compile_file(
     context = CompileContext(feeds, verify=verify, verify_rtol=verify_rtol, default_modality=default_modality,
                              exclude=exclude, progress=progress)
     context.num_samples = calibration.get("samples", num_samples)
+    summary = build_model_map(model).summary()
+    nested = _linears_in_subgraphs(model)
+    if nested:
+        summary["left_float_in_subgraphs"] = nested
     report = CompileReport(
         recipe=recipe.name, recipe_passes=recipe.passes, source=str(source), format=fmt,
-        model_summary=build_model_map(model).summary(), calibration=calibration, mqc_version=_version(),
+        model_summary=summary, calibration=calibration, mqc_version=_version(),
     )
     task = progress.add_task(f"{recipe.name}: passes", total=len(passes)) if progress is not None else None
 
@@ -118,14 +158,10 @@ def compile_file(
         progress.remove_task(task)
     remove_unused_initializers(model.graph)  # e.g. norm gammas a fold replaced; onnxruntime warns about each
     report.seconds = round(time.perf_counter() - start, 2)
-    model.metadata_props[REPORT_KEY] = report.to_json()
+    model.metadata_props[REPORT_KEY] = _without_timings(report).to_json()
     if write:
-        save_model(model, output)
+        save_model(model, output, protected=inputs)
     return report
-
-
-def is_model_dir(path: Path) -> bool:
-    return path.is_dir() and (path / "manifest.json").is_file()
 
 
 def compile_package(
@@ -140,70 +176,82 @@ def compile_package(
     progress: Any = None,
 ) -> dict[str, CompileReport]:
     """Compile every quantizable component of a model directory (or packaged model name) into ``output``."""
-    from mqc.models.calibration import calibration_feeds
-    from mqc.models.packaged import resolve
-
+    hooks = package_hooks()
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     try:
-        model_dir = resolve(str(source))
+        model_dir = Path(os.path.abspath(hooks.resolve(str(source))))
     except FileNotFoundError as exc:
         raise InputModelError(str(exc)) from exc
-    output = Path(output)
-    if output.resolve() == model_dir.resolve():
-        raise OutputPathError(f"refusing to overwrite the input model directory {model_dir}")
-    if output.exists() and not is_model_dir(output):
+    output = Path(os.path.abspath(output))
+    if output == model_dir or model_dir in output.parents or os.path.realpath(output) == os.path.realpath(model_dir):
+        raise OutputPathError(f"refusing to overwrite the input model directory {model_dir} (or write inside it)")
+    if os.path.lexists(output) and (output.is_symlink() or not is_model_dir(output)):
         raise OutputPathError(f"output {output} exists and is not a model directory; refusing to replace it")
-    if not output.parent.exists() or not os.access(output.parent, os.W_OK):
+    if not output.parent.is_dir() or not os.access(output.parent, os.W_OK):
         raise OutputPathError(f"output folder is missing or not writable: {output.parent}")
-    manifest = json.loads((model_dir / "manifest.json").read_text())
-    components = manifest.get("components", {})
-    if not any(name in components for name in QUANTIZED_COMPONENTS):
+    manifest = read_manifest(model_dir)
+    files = component_paths(model_dir, manifest)
+    entries = folder_entries(model_dir)
+    if not any(name in files for name in QUANTIZED_COMPONENTS):
         raise InputModelError(f"{model_dir} has no vision or decoder component to quantize")
+    components = {path.relative_to(model_dir) for path in files.values()}
     reports: dict[str, CompileReport] = {}
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    staging = FolderStaging(output)
     try:
-        for entry in model_dir.iterdir():
-            if entry.name in {components.get(c) for c in QUANTIZED_COMPONENTS} or entry.name.endswith(".onnx.data"):
+        for entry in entries:
+            if entry in components or entry.name.endswith(".onnx.data") or any(p.startswith(".") for p in entry.parts):
                 continue
-            (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, staging / entry.name)
+            source_path, target = model_dir / entry, staging.path / entry
+            if source_path.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source_path, target, follow_symlinks=False)
         kept_float = []
         for component, modality in QUANTIZED_COMPONENTS.items():
-            if component not in components:
+            if component not in files:
                 continue
-            file = components[component]
+            relative = files[component].relative_to(model_dir)
             component_recipe = recipe.for_component(component)
             if component_recipe is None:
-                shutil.copy2(model_dir / file, staging / file)  # its weights are copied with the pass-through data
                 kept_float.append(component)
                 continue
-            samples = list(calibration_feeds(model_dir, component, num_samples))
+            samples = list(hooks.calibration_feeds(model_dir, component, num_samples))
+            (staging.path / relative).parent.mkdir(parents=True, exist_ok=True)
             reports[component] = compile_file(
-                model_dir / file, staging / file, component_recipe, feeds=lambda s=samples: s, num_samples=len(samples),
-                fmt=fmt, exclude=exclude,
+                files[component], staging.path / relative, component_recipe, feeds=lambda s=samples: s,
+                num_samples=len(samples), fmt=fmt, exclude=exclude,
                 verify=verify, verify_rtol=verify_rtol, default_modality=modality, progress=progress,
             )
             reports[component].calibration = {"source": f"{manifest.get('name', model_dir.name)} calibration set "
                                                "(easy-vqa train split + text)", "samples": len(samples)}
-        # Pass-through components (the embedding table) whose data lived beside them are copied with their data.
-        for file in components.values():
-            data = model_dir / f"{file}.data"
-            if data.exists() and not (staging / data.name).exists():
-                shutil.copy2(data, staging / data.name)
-        manifest["compiled"] = {"recipe": recipe.name, "format": fmt, "source": str(model_dir),
+        _copy_float_components(model_dir, staging.path, [files[c] for c in files if c not in reports])
+        manifest["compiled"] = {"recipe": recipe.name, "format": fmt, "source": model_dir.name,
                                 "components": sorted(reports), "float_components": kept_float,
                                 "mqc_version": _version()}
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        if output.exists():
-            retired = output.with_name(f".{output.name}.old")
-            os.replace(output, retired)
-            os.replace(staging, output)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, output)
+        (staging.path / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        staging.commit()
+    except OSError as exc:
+        raise OutputPathError(f"cannot write {output}: {exc.strerror or exc}") from exc
     finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        staging.discard()
     return reports
+
+
+def _copy_float_components(model_dir: Path, staging: Path, files: list[Path]) -> None:
+    """Components kept in float are copied with exactly the external data files they reference (checked)."""
+    for file in files:
+        try:
+            header = onnx.load(str(file), load_external_data=False)
+        except Exception as exc:
+            raise InputModelError(f"not a readable ONNX model ({type(exc).__name__}): {file}") from exc
+        check_external_data(header, file.parent)
+        locations = {e.value for _, t in tensor_protos(header) if t.data_location == onnx.TensorProto.EXTERNAL
+                     for e in t.external_data if e.key == "location"}
+        for path in [file, *(file.parent / location for location in sorted(locations))]:
+            target = staging / path.relative_to(model_dir)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target, follow_symlinks=False)
 
 
 def compile(
@@ -214,7 +262,7 @@ def compile(
 ) -> CompileReport | dict[str, CompileReport]:
     """Compile a model file, a model directory or a packaged model name. See :func:`compile_file`."""
     path = Path(source)
-    if path.suffix == ".onnx" or path.is_file():
+    if path.suffix == ".onnx" or (os.path.lexists(path) and not path.is_dir()):
         return compile_file(path, output, recipe, **options)
     options.pop("calib", None)
     return compile_package(source, output, recipe, **options)

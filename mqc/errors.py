@@ -31,3 +31,14 @@ class NothingToQuantizeError(MqcError):
 
 class VerificationError(MqcError):
     """A function-preserving pass changed what the model computes (--verify)."""
+
+
+#: Characters a terminal acts on: C0/C1 controls and the bidirectional overrides that reorder what is shown.
+_UNSAFE = {*range(0x00, 0x20), 0x7F, *range(0x80, 0xA0), *range(0x202A, 0x202F), *range(0x2066, 0x206A)}
+
+
+def printable(text: object) -> str:
+    """``text`` on one line with every terminal control character shown as an escape (``\\x1b``), for messages that
+    quote a file's contents (layer names, metadata, paths)."""
+    return "".join(f"\\x{ord(c):02x}" if ord(c) < 0x100 and ord(c) in _UNSAFE
+                   else f"\\u{ord(c):04x}" if ord(c) in _UNSAFE else c for c in str(text))

@@ -1,4 +1,9 @@
-"""``mqc explain``: what each pass did and a per-layer table, read back from the compiled file alone."""
+"""``mqc explain``: what each pass did and a per-layer table, read back from the compiled file alone.
+
+Every string shown comes from a file someone else may have written (layer names, metadata, the stored report), so
+none is interpreted: cells are plain :class:`~rich.text.Text` (no markup, no links) with terminal control
+characters escaped (:func:`mqc.errors.printable`).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,9 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
+from mqc.errors import printable
 from mqc.report import CompileReport
 
 LAYER_COLUMNS = [
@@ -37,18 +44,24 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _text(value: Any, style: str = "") -> Text:
+    """A cell or line fragment that is shown as-is: never parsed as markup, control characters escaped."""
+    return Text(printable(value if isinstance(value, str) else _fmt(value)), style=style)
+
+
 def render(report: CompileReport, console: Console, title: str = "") -> None:
-    head = f"[bold]{title or report.source}[/bold]: recipe [cyan]{report.recipe}[/cyan], format {report.format}"
-    console.print(head)
-    console.print(f"calibration: {_fmt(report.calibration)}")
-    console.print(f"model: {_fmt({k: v for k, v in report.model_summary.items() if k != 'refused'})}")
+    console.print(Text.assemble(_text(title or report.source, "bold"), ": recipe ", _text(report.recipe, "cyan"),
+                                ", format ", _text(report.format)))
+    console.print(Text.assemble("calibration: ", _text(report.calibration)))
+    console.print(Text.assemble("model: ", _text({k: v for k, v in report.model_summary.items() if k != "refused"})))
     passes = Table(title="passes", show_lines=False)
     for column in ("pass", "matched", "changed", "skipped", "verify (max rel drift)", "s", "notes"):
         passes.add_column(column)
     for record in report.passes:
         verify = "-" if record.verify is None else f"{record.verify['max_rel']:.2e} (tol {record.verify['rtol']:g})"
-        passes.add_row(record.name, str(record.matched), str(record.changed), str(len(record.skipped)), verify,
-                       f"{record.seconds:.2f}", "; ".join([f"variant: {record.variant}"] * bool(record.variant) + record.notes))
+        notes = "; ".join([f"variant: {record.variant}"] * bool(record.variant) + [str(n) for n in record.notes])
+        passes.add_row(_text(record.name), _text(record.matched), _text(record.changed), _text(len(record.skipped)),
+                       _text(verify), _text(f"{float(record.seconds):.2f}" if record.seconds else "-"), _text(notes))
     console.print(passes)
     rows = report.layer_table()
     if rows:
@@ -59,9 +72,9 @@ def render(report: CompileReport, console: Console, title: str = "") -> None:
         for _, label in present:
             layers.add_column(label)
         for key in extra:
-            layers.add_column(key)
+            layers.add_column(_text(key))
         for row in rows:
-            layers.add_row(*[_fmt(row.get(key)) for key, _ in present], *[_fmt(row.get(key)) for key in extra])
+            layers.add_row(*[_text(row.get(key)) for key, _ in present], *[_text(row.get(key)) for key in extra])
         console.print(layers)
     skipped = [(record.name, s) for record in report.passes for s in record.skipped]
     if skipped:
@@ -69,7 +82,7 @@ def render(report: CompileReport, console: Console, title: str = "") -> None:
         for column in ("pass", "node", "reason"):
             table.add_column(column)
         for name, skip in skipped:
-            table.add_row(name, skip["node"], skip["reason"])
+            table.add_row(_text(name), _text(skip["node"]), _text(skip["reason"]))
         console.print(table)
 
 

@@ -7,21 +7,27 @@ input file is only ever opened for reading.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
+import stat
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
-from mqc.errors import InputModelError, OutputPathError
+from mqc.errors import InputModelError
+from mqc.model_checks import (
+    check_external_data,
+    check_graph_structure,
+    check_tensor_shapes,
+    check_text_fields,
+)
 
 #: Oldest default-domain opset mqc accepts; older models are converted up from here.
 MIN_OPSET = 13
+#: Newest default-domain opset the installed onnx knows; a newer model cannot be checked or converted.
+MAX_OPSET = onnx.defs.onnx_opset_version()
 #: Opset of compiled models: int4 QuantizeLinear/DequantizeLinear need 21, RMSNormalization needs 23.
 TARGET_OPSET = 23
 #: onnxruntime 1.21 reads IR version 10; newer onnx writes newer IR versions by default.
@@ -31,76 +37,125 @@ EXTERNAL_DATA_THRESHOLD = 1024
 
 
 def load_model(path: str | Path) -> ir.Model:
-    """Load ``path`` as an onnx_ir model, turning every way it can be wrong into one clear error."""
-    path = Path(path)
-    if not path.exists():
-        raise InputModelError(f"model file not found: {path}")
-    if path.is_dir():
+    """Load ``path`` as an onnx_ir model, turning every way it can be wrong into one clear error.
+
+    The path is made absolute first, so external data is always resolved against the model's own folder and every
+    reference is checked (:mod:`mqc.model_checks`) before any tensor is read.
+    """
+    path = Path(os.path.abspath(path))
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise InputModelError(f"model file not found: {path}") from None
+    except OSError as exc:
+        raise InputModelError(f"cannot read model file {path}: {exc.strerror}") from None
+    if stat.S_ISDIR(info.st_mode):
         raise InputModelError(f"expected an .onnx file, got a directory: {path}")
-    if path.stat().st_size == 0:
+    if not stat.S_ISREG(info.st_mode):
+        raise InputModelError(f"model path is not a regular file: {path}")
+    if info.st_size == 0:
         raise InputModelError(f"model file is empty: {path}")
     try:
-        model = ir.load(path)
+        proto = onnx.load(path, load_external_data=False)
     except Exception as exc:  # protobuf raises several unrelated types for corrupt input
         raise InputModelError(f"not a readable ONNX model ({type(exc).__name__}): {path}") from exc
-    if len(model.graph) == 0 or not model.graph.outputs:
+    if len(proto.graph.node) == 0 or not proto.graph.output:
         raise InputModelError(f"not a usable ONNX model (empty graph): {path}")
-    try:
-        for tensor in model.graph.initializers.values():
-            if tensor.const_value is not None and isinstance(tensor.const_value, ir.ExternalTensor):
-                tensor.const_value.numpy()  # touches the mapping: truncated external data fails here
-    except Exception as exc:
-        raise InputModelError(f"model weights are truncated or missing next to {path}: {exc}") from exc
-    opset = default_opset(model)
+    check_text_fields(proto)
+    check_external_data(proto, path.parent)
+    check_tensor_shapes(proto)
+    check_graph_structure(proto)
+    opset = _proto_opset(proto)
     if opset < MIN_OPSET:
         raise InputModelError(f"opset {opset} is too old: mqc needs opset {MIN_OPSET} or newer ({path})")
+    if opset > MAX_OPSET:
+        raise InputModelError(f"opset {opset} is newer than this onnx release knows (up to {MAX_OPSET}) ({path})")
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as exc:
+        raise InputModelError(f"not a usable ONNX model ({_first_line(exc)}): {path}") from exc
+    del proto
+    try:
+        _bind_external_data(model, str(path.parent))
+    except Exception as exc:
+        raise InputModelError(f"model weights are truncated or missing next to {path}: {_first_line(exc)}") from exc
     return model
+
+
+def _proto_opset(proto: onnx.ModelProto) -> int:
+    versions = {op.domain: op.version for op in proto.opset_import}
+    return versions.get("", versions.get("ai.onnx", 1))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _bind_external_data(model: ir.Model, base_dir: str) -> None:
+    """Point every external tensor at the model's (checked) folder and read each once, so truncated data fails here.
+
+    Tensors held in node attributes (``Constant``) and in function bodies are read into memory: they are small, and
+    a saved output must not reference a file next to the input.
+    """
+    graphs: list[ir.Graph | ir.Function] = [model.graph, *model.functions.values()]
+    for graph in graphs:
+        for node in ir.traversal.RecursiveGraphIterator(graph):
+            for attr in node.attributes.values():
+                if attr.is_ref():
+                    continue
+                if attr.type == ir.AttributeType.TENSOR and isinstance(attr.value, ir.ExternalTensor):
+                    node.attributes[attr.name] = ir.AttrTensor(attr.name, _in_memory(attr.value, base_dir))
+                elif attr.type == ir.AttributeType.TENSORS and any(isinstance(t, ir.ExternalTensor) for t in attr.value):
+                    node.attributes[attr.name] = ir.AttrTensors(attr.name, [_in_memory(t, base_dir) for t in attr.value])
+            for attr in node.attributes.values():
+                if not attr.is_ref() and attr.type == ir.AttributeType.GRAPH:
+                    _bind_initializers(attr.value, base_dir)
+                elif not attr.is_ref() and attr.type == ir.AttributeType.GRAPHS:
+                    for subgraph in attr.value:
+                        _bind_initializers(subgraph, base_dir)
+    _bind_initializers(model.graph, base_dir)
+
+
+def _bind_initializers(graph: ir.Graph, base_dir: str) -> None:
+    """External initializers read from the checked folder; inline ones become numpy arrays once (reading a
+    protobuf field copies it, so a proto-backed weight would be copied again for every calibration session)."""
+    for value in graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            tensor.base_dir = base_dir
+            tensor.numpy()  # touches the mapping: truncated external data fails here
+        elif isinstance(tensor, ir.serde.TensorProtoTensor) and tensor.dtype != ir.DataType.STRING:
+            value.const_value = ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=tensor.name)
+
+
+def _in_memory(tensor: ir.ExternalTensor, base_dir: str) -> ir.Tensor:
+    tensor.base_dir = base_dir
+    return ir.Tensor(np.array(tensor.numpy()), dtype=tensor.dtype, name=tensor.name)
 
 
 def default_opset(model: ir.Model) -> int:
     return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
 
 
-def save_model(model: ir.Model, path: str | Path) -> Path:
-    """Save atomically: write into a temporary folder beside ``path``, then rename model and data into place."""
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if path.exists() and path.is_dir():
-        raise OutputPathError(f"output path is a directory: {path}")
-    if not parent.is_dir():
-        raise OutputPathError(f"output folder does not exist (or is not a folder): {parent}")
-    if not os.access(parent, os.W_OK):
-        raise OutputPathError(f"output folder is not writable: {parent}")
-    data_name = path.name + ".data"
+def save_model(model: ir.Model, path: str | Path, protected: Iterable[Path] = ()) -> Path:
+    """Save so that ``path`` is always either the previous output or the complete new one (:mod:`mqc.outputs`)."""
+    from mqc.outputs import AtomicModelWriter
+
     model.ir_version = OUTPUT_IR_VERSION
-    with tempfile.TemporaryDirectory(dir=parent, prefix=f".{path.name}.") as tmp:
-        tmp_model = Path(tmp) / path.name
-        ir.save(model, tmp_model, external_data=data_name, size_threshold_bytes=EXTERNAL_DATA_THRESHOLD)
-        tmp_data = Path(tmp) / data_name
-        if tmp_data.exists():
-            os.replace(tmp_data, parent / data_name)
-        elif (parent / data_name).exists():
-            (parent / data_name).unlink()
-        os.replace(tmp_model, path)
-    return path
+    clear_unknown_types(model)
+    return AtomicModelWriter(Path(path), protected).write(
+        lambda onnx_path, data_name: ir.save(model, onnx_path, external_data=data_name,
+                                             size_threshold_bytes=EXTERNAL_DATA_THRESHOLD))
 
 
-@contextlib.contextmanager
-def temporary_model_file(model: ir.Model) -> Iterator[Path]:
-    """The model saved into a private temporary folder, for onnxruntime to open; removed afterwards."""
-    tmp = tempfile.mkdtemp(prefix="mqc-")
-    try:
-        path = Path(tmp) / "model.onnx"
-        model.ir_version = OUTPUT_IR_VERSION
-        ir.save(model, path, external_data="model.onnx.data", size_threshold_bytes=EXTERNAL_DATA_THRESHOLD)
-        yield path
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def to_proto(model: ir.Model) -> onnx.ModelProto:
-    model.ir_version = OUTPUT_IR_VERSION
-    return ir.serde.serialize_model(model)
+def clear_unknown_types(model: ir.Model) -> None:
+    """Forget tensor types whose element type a pass left unknown (``Tensor(None)``): they cannot be serialized,
+    and an absent type is what an unknown one means in ONNX."""
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for value in node.outputs:
+            if value.type is not None and value.dtype is None and value not in model.graph.outputs:
+                value.type = None
 
 
 def constant_array(value: ir.Value | None) -> np.ndarray | None:

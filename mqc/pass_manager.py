@@ -102,13 +102,11 @@ class CompileContext:
 
     def run_outputs(self, model: ir.Model) -> list[list[np.ndarray]]:
         """All graph outputs of ``model`` on the verification feeds."""
-        from mqc.ir import temporary_model_file
-        from mqc.session import open_session
+        from mqc.session import session_for_model
 
-        with temporary_model_file(model) as path:
-            session = open_session(path, self.providers, optimization_level="disable")
-            names = {i.name for i in session.get_inputs()}
-            return [session.run(None, {k: v for k, v in feed.items() if k in names}) for feed in self.verify_feeds()]
+        session = session_for_model(model, self.providers, optimization_level="disable")
+        names = {i.name for i in session.get_inputs()}
+        return [session.run(None, {k: v for k, v in feed.items() if k in names}) for feed in self.verify_feeds()]
 
 
 def output_drift(before: list[list[np.ndarray]], after: list[list[np.ndarray]]) -> dict[str, float]:

@@ -82,6 +82,8 @@ def _parse(text: str, origin: str) -> Recipe:
         data = json.loads(text)
         recipe = Recipe(name=data["name"], description=data.get("description", ""), passes=list(data["passes"]),
                         components=dict(data.get("components", {})))
+    except RecursionError:
+        raise RecipeError(f"recipe {origin} is nested too deeply to be a recipe") from None
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise RecipeError(f"recipe {origin} does not parse: {exc}") from exc
     for component, entry in recipe.components.items():
@@ -117,8 +119,14 @@ def load_recipe(name_or_path: str) -> Recipe:
     if name_or_path in builtin:
         return builtin[name_or_path]
     path = Path(name_or_path)
-    if path.suffix == ".json" and path.is_file():
-        return _parse(path.read_text(), str(path))
+    if path.suffix == ".json" and path.exists():
+        if not path.is_file():
+            raise RecipeError(f"recipe {path} is a directory (or not a regular file), not a recipe .json file")
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise RecipeError(f"recipe {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        return _parse(text, str(path))
     raise RecipeError(f"unknown recipe {name_or_path!r}; built-in recipes: {', '.join(builtin)} (or pass a .json file)")
 
 

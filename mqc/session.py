@@ -2,14 +2,24 @@
 
 A compiled model in the ``mqc`` format uses operators of the project's own domain; the library that implements
 them is registered here, so callers never have to know which format a file is in.
+
+Sessions on a model being compiled are built from memory (:func:`session_for_model`): the graph goes to
+onnxruntime as bytes, weights still unchanged since loading are read from the input's own (checked) external data
+files, and weights a pass rewrote are handed over as in-memory initializers. Nothing is copied to ``$TMPDIR``.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import onnx
+import onnx_ir as ir
+
+from mqc.errors import InputModelError
 
 #: The custom operator domain of the runtime-ops library.
 MQC_DOMAIN = "ai.mqc"
@@ -17,12 +27,12 @@ MQC_DOMAIN = "ai.mqc"
 #: QDQ MatMul + bias into a Gemm and builds a QuantizeLinear whose int8 output type contradicts its uint8 zero
 #: point ("output_dtype INT8 does not match y_zero_point type UINT8"), so the session cannot be created.
 DISABLED_OPTIMIZERS = ["MatMulAddFusion"]
-
-
-def uses_runtime_ops(path: str | Path) -> bool:
-    """True when the model imports the ``ai.mqc`` domain (reads only the header, not the weights)."""
-    model = onnx.load(str(path), load_external_data=False)
-    return any(op.domain == MQC_DOMAIN for op in model.opset_import)
+#: In-memory initializers from this size up are passed to onnxruntime by reference instead of inside the graph bytes.
+BY_REFERENCE_BYTES = 64 * 1024
+#: numpy dtypes onnxruntime accepts as OrtValues without conversion.
+_ORT_NUMPY_DTYPES = {np.dtype(t) for t in (np.float32, np.float16, np.float64, np.int8, np.uint8, np.int16,
+                                           np.uint16, np.int32, np.int64, np.bool_)}
+_EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
 
 
 def default_providers() -> list[str]:
@@ -32,13 +42,7 @@ def default_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
-def open_session(
-    path: str | Path,
-    providers: Sequence[str] | None = None,
-    intra_op_threads: int | None = None,
-    optimization_level: str = "all",
-):
-    """An ``onnxruntime.InferenceSession`` for ``path``, registering the runtime-ops library when needed."""
+def _options(optimization_level: str, intra_op_threads: int | None, runtime_ops: bool):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -53,10 +57,109 @@ def open_session(
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
     if intra_op_threads:
         options.intra_op_num_threads = intra_op_threads
-    if uses_runtime_ops(path):
+    if runtime_ops:
         from mqc.runtime_ops import register_library
 
         register_library(options)
+    return options
+
+
+def open_session(
+    path: str | Path,
+    providers: Sequence[str] | None = None,
+    intra_op_threads: int | None = None,
+    optimization_level: str = "all",
+):
+    """An ``onnxruntime.InferenceSession`` for ``path``, registering the runtime-ops library when needed.
+
+    The file's external data references are checked first (:func:`mqc.model_checks.check_external_data`), so a
+    downloaded model cannot make the session read files outside its folder.
+    """
+    import onnxruntime as ort
+
+    from mqc.model_checks import check_external_data
+
+    path = Path(os.path.abspath(path))
+    try:
+        header = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise InputModelError(f"not a readable ONNX model ({type(exc).__name__}): {path}") from exc
+    check_external_data(header, path.parent)
+    runtime_ops = any(op.domain == MQC_DOMAIN for op in header.opset_import)
+    del header
+    options = _options(optimization_level, intra_op_threads, runtime_ops)
     return ort.InferenceSession(
         str(path), options, providers=list(providers or default_providers()), disabled_optimizers=DISABLED_OPTIMIZERS
     )
+
+
+def session_for_model(model: ir.Model, providers: Sequence[str], optimization_level: str = "all"):
+    """A session on the in-memory ``model`` without writing it anywhere (module docstring)."""
+    import onnxruntime as ort
+
+    from mqc.ir import clear_unknown_types
+
+    clear_unknown_types(model)
+    folders = {os.fspath(t.base_dir) for t in _external_tensors(model)}
+    if len(folders) > 1:
+        raise InputModelError(f"the model's external data comes from several folders: {sorted(folders)}")
+    names, values, proto = _serialize_by_reference(model)
+    options = _options(optimization_level, None, any(op.domain == MQC_DOMAIN for op in proto.opset_import))
+    if folders:
+        options.add_session_config_entry(_EXTERNAL_FOLDER_KEY, folders.pop())
+    if names:
+        options.add_external_initializers(names, values)
+    try:
+        session = ort.InferenceSession(proto.SerializeToString(), options, providers=list(providers),
+                                       disabled_optimizers=DISABLED_OPTIMIZERS)
+    except Exception as exc:  # onnxruntime reports every unloadable graph as a generic failure
+        raise InputModelError(f"onnxruntime cannot run the model: {_one_line(exc)}") from exc
+    session.mqc_initializers = values  # the OrtValues share the arrays' memory: keep both alive with the session
+    return session
+
+
+def _external_tensors(model: ir.Model) -> list[ir.ExternalTensor]:
+    """External initializers of the graph and of every subgraph (attribute tensors are in memory, see load_model)."""
+    graphs = [model.graph]
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for attr in node.attributes.values():
+            if not attr.is_ref() and attr.type == ir.AttributeType.GRAPH:
+                graphs.append(attr.value)
+            elif not attr.is_ref() and attr.type == ir.AttributeType.GRAPHS:
+                graphs.extend(attr.value)
+    return [v.const_value for graph in graphs for v in graph.initializers.values()
+            if isinstance(v.const_value, ir.ExternalTensor)]
+
+
+def _serialize_by_reference(model: ir.Model) -> tuple[list[str], list[Any], onnx.ModelProto]:
+    """The graph proto with large in-memory initializers left out: each is named by a placeholder external
+    reference and handed to onnxruntime as an OrtValue sharing the array's memory, so no weight is copied."""
+    import onnxruntime as ort
+
+    names: list[str] = []
+    values: list[Any] = []
+    swapped: list[tuple[ir.Value, Any]] = []
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is None or isinstance(tensor, ir.ExternalTensor) or tensor.nbytes < BY_REFERENCE_BYTES:
+            continue
+        array = tensor.numpy()
+        if array.dtype not in _ORT_NUMPY_DTYPES:
+            continue
+        array = np.ascontiguousarray(array)
+        placeholder = ir.ExternalTensor(f"mqc-in-memory-{len(names)}", offset=0, length=array.nbytes,
+                                        dtype=tensor.dtype, shape=tensor.shape, name=value.name)
+        swapped.append((value, tensor))
+        value.const_value = placeholder
+        names.append(value.name)
+        values.append(ort.OrtValue.ortvalue_from_numpy(array))
+    try:
+        proto = ir.serde.serialize_model(model)
+    finally:
+        for value, tensor in swapped:
+            value.const_value = tensor
+    return names, values, proto
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:500] or type(exc).__name__
