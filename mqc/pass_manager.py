@@ -26,6 +26,7 @@ from onnxscript.rewriter._basics import MatchingTracer, MatchStatus
 from mqc.calibration import TEXT, Calibrator, TapStats, TensorStats
 from mqc.errors import VerificationError
 from mqc.model_map import ModelMap, build_model_map
+from mqc.params import PASS_PARAMS, PassParams, parse_params
 from mqc.report import PassRecord
 
 #: Relative output drift (max |a - b| / max |a|) a function-preserving pass may cause in fp32.
@@ -138,15 +139,24 @@ class MqcPass(ir.passes.InPlacePass):
     #: Why the outputs left out by :meth:`verify_outputs` may differ (recorded under ``--verify``).
     verify_exclusion_reason: ClassVar[str] = ""
 
-    def __init__(self, **params: Any) -> None:
+    def __init__(self, params: PassParams | None = None, **raw: Any) -> None:
+        """``params`` as parsed by the recipe, or the keyword parameters (checked the same way)."""
         super().__init__()
+        if params is None:
+            params = parse_params(PASS_PARAMS[self.name], raw, f"pass {self.name}")
+        elif raw:
+            raise TypeError("give a pass its parameters either parsed or as keywords, not both")
         self.params = params
         self.context: CompileContext | None = None
-        self.record = PassRecord(self.name, dict(params), self.function_preserving)
+        self.record = self.new_record()
+
+    def new_record(self) -> PassRecord:
+        return PassRecord(self.name, self.params.to_dict(), self.function_preserving)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.record = self.new_record()  # a pass is stateless between runs: each run records afresh
         modified = self.run(model)
-        self.record.variant = self.variant()
+        self.record.variant = self.record.variant or self.variant()  # run may record the variant it fell back to
         return ir.passes.PassResult(model, modified=bool(modified))
 
     def variant(self) -> str:

@@ -76,17 +76,12 @@ class AifsPass(MqcPass):
         "AIFS leaves the KV cache (present.*) in its permuted token order; logits are un-permuted and compared"
     )
 
-    def __init__(self, logits: str = "logits", cache_prefix: str = "present.") -> None:
-        super().__init__(logits=logits, cache_prefix=cache_prefix)
-        self.logits = logits
-        self.cache_prefix = cache_prefix
-
     def variant(self) -> str:
         return ("the paper's AIFS (§2.4; the released code has none), applied after quantization: calibration labels "
                 "rows in the feed's order and static scales do not depend on token order")
 
     def verify_outputs(self, model: ir.Model) -> list[str] | None:
-        return [v.name for v in model.graph.outputs if v.name and not v.name.startswith(self.cache_prefix)]
+        return [v.name for v in model.graph.outputs if v.name and not v.name.startswith(self.params.cache_prefix)]
 
     def run(self, model: ir.Model) -> bool:
         graph = model.graph
@@ -95,9 +90,9 @@ class AifsPass(MqcPass):
                 raise AifsRefused("the graph is already permuted by AIFS")
             inputs = self._inputs(graph)
             compares = self._causal_compares(graph)
-            logits = next((v for v in graph.outputs if v.name == self.logits), None)
+            logits = next((v for v in graph.outputs if v.name == self.params.logits), None)
             if logits is None:
-                raise AifsRefused(f"no graph output {self.logits!r} to un-permute")
+                raise AifsRefused(f"no graph output {self.params.logits!r} to un-permute")
         except AifsRefused as exc:
             self.record.skip("model", str(exc))
             return False

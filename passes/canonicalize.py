@@ -28,18 +28,14 @@ class UpgradeOpsetPass(MqcPass):
     name = "upgrade_opset"
     function_preserving = True
 
-    def __init__(self, target: int = TARGET_OPSET) -> None:
-        super().__init__(target=target)
-        self.target = target
-
     def run(self, model: ir.Model) -> bool:
         current = default_opset(model)
         self.record.matched = 1
-        if not upgrade_opset(model, self.target):
-            self.record.notes.append(f"opset {current} kept (>= {self.target})")
+        if not upgrade_opset(model, self.params.target):
+            self.record.notes.append(f"opset {current} kept (>= {self.params.target})")
             return False
         self.record.changed = 1
-        self.record.notes.append(f"opset {current} -> {self.target}")
+        self.record.notes.append(f"opset {current} -> {self.params.target}")
         return True
 
 

@@ -78,53 +78,31 @@ class RotateResidualPass(MqcPass):
         "so logits and keys are compared and the value cache is not"
     )
 
-    def __init__(
-        self,
-        seed: int = 0,
-        entry: str = "inputs_embeds",
-        online_down: bool = True,
-        rotate_vo: bool = False,
-        head_dim: int | None = None,
-        num_kv_heads: int | None = None,
-        tower: str = "auto",
-    ) -> None:
-        super().__init__(seed=seed, entry=entry, online_down=online_down, rotate_vo=rotate_vo,
-                         head_dim=head_dim, num_kv_heads=num_kv_heads, tower=tower)
-        if tower not in ("auto", "decoder", "vision"):
-            raise ValueError(f"tower must be auto, decoder or vision, not {tower!r}")
-        self.tower = tower
-        self.seed = seed
-        self.entry = entry
-        self.online_down = online_down
-        self.rotate_vo = rotate_vo
-        self.head_dim = head_dim
-        self.num_kv_heads = num_kv_heads
-
     def variant(self) -> str:
-        vo = "per-head V/O Hadamard on (the released code)" if self.rotate_vo else "per-head V/O Hadamard off"
+        vo = "per-head V/O Hadamard on (the released code)" if self.params.rotate_vo else "per-head V/O Hadamard off"
         down = "online Hadamard before down_proj/fc2, zero-padded where no size fits (the released code)"
-        return f"{vo}; {down}" if self.online_down else vo
+        return f"{vo}; {down}" if self.params.online_down else vo
 
     def verify_outputs(self, model: ir.Model) -> list[str] | None:
-        if not self.rotate_vo:
+        if not self.params.rotate_vo:
             return None
         return [v.name for v in model.graph.outputs if v.name and not _is_value_cache(v.name)]
 
     def run(self, model: ir.Model) -> bool:
         graph = model.graph
         model_map = self.ctx.model_map(model)
-        has_entry = any(v.name == self.entry for v in graph.inputs)
-        if self.tower == "vision" or (self.tower == "auto" and not has_entry):
+        has_entry = any(v.name == self.params.entry for v in graph.inputs)
+        if self.params.tower == "vision" or (self.params.tower == "auto" and not has_entry):
             return self._run_vision(graph, model_map)
         try:
             self._check_norms(model_map)
             entry, readers, writers = self._trace(graph, model_map)
-            heads = self._head_layout(graph, model_map) if self.rotate_vo else None
+            heads = self._head_layout(graph, model_map) if self.params.rotate_vo else None
         except RotationRefused as exc:
             self.record.skip("model", str(exc))
             return False
         hidden = readers[0].in_features
-        r1 = random_hadamard(hidden, self.seed)
+        r1 = random_hadamard(hidden, self.params.seed)
         rows: dict[str, dict[str, Any]] = {}
 
         def row(lin: Linear) -> dict[str, Any]:
@@ -143,7 +121,7 @@ class RotateResidualPass(MqcPass):
                 set_bias(lin, constant_array(lin.bias).astype(np.float64) @ r1)
             row(lin)["r1"] = "output"
         changed = len(readers) + len(writers)
-        if self.online_down:
+        if self.params.online_down:
             for lin in model_map.linears:
                 if lin.role in ("down", "fc2") and lin.component == "language":
                     row(lin).update(self._online_hadamard(graph, lin))
@@ -158,7 +136,7 @@ class RotateResidualPass(MqcPass):
         self.record.matched = len(model_map.linears)
         self.record.changed = changed
         self.record.layers.extend(rows.values())
-        self.record.notes.append(f"R1 = random_hadamard({hidden}, seed={self.seed})")
+        self.record.notes.append(f"R1 = random_hadamard({hidden}, seed={self.params.seed})")
         self.record.notes.append(
             f"R1 applied by MatMul at graph input {entry.name!r}: the embedding table / projector output could absorb it "
             "when a whole model folder is compiled"
@@ -193,7 +171,7 @@ class RotateResidualPass(MqcPass):
         except RotationRefused as exc:
             self.record.skip("model", str(exc))
             return False
-        r_v = random_hadamard(width, self.seed)
+        r_v = random_hadamard(width, self.params.seed)
         rows: dict[str, dict[str, Any]] = {}
         apply_transform(graph, closure, r_v, "r_v", rows)
         unrotated = []
@@ -209,7 +187,7 @@ class RotateResidualPass(MqcPass):
                 self._unrotate(graph, norm.node, r_v)
                 unrotated.append(norm.name)
         hadamards = 0
-        if self.online_down:
+        if self.params.online_down:
             for lin in closure.writers:
                 if lin.role in ("fc2", "down"):
                     rows.setdefault(lin.name, {"name": lin.name}).update(self._online_hadamard(graph, lin))
@@ -220,7 +198,7 @@ class RotateResidualPass(MqcPass):
         self.record.matched = len(model_map.linears)
         self.record.changed = len(rows) + len(unrotated)
         self.record.layers.extend(rows.values())
-        self.record.notes.append(f"R_v = random_hadamard({width}, seed={self.seed}) on the vision residual stream")
+        self.record.notes.append(f"R_v = random_hadamard({width}, seed={self.params.seed}) on the vision residual stream")
         self.record.notes.append(
             f"vision stream writers rotated: {len(closure.writers)} linears, {len(closure.convs)} convs, "
             f"{len(closure.constants)} constants; {hadamards} online Hadamards before fc2"
@@ -257,9 +235,9 @@ class RotateResidualPass(MqcPass):
                 raise RotationRefused(f"{norm.name} has a non-folded gamma: run norm_folding first")
 
     def _trace(self, graph: ir.Graph, model_map: ModelMap) -> tuple[ir.Value, list[Linear], list[Linear]]:
-        entry = next((v for v in graph.inputs if v.name == self.entry), None)
+        entry = next((v for v in graph.inputs if v.name == self.params.entry), None)
         if entry is None:
-            raise RotationRefused(f"graph input {self.entry!r} (the residual stream's entry) not found")
+            raise RotationRefused(f"graph input {self.params.entry!r} (the residual stream's entry) not found")
         linear_nodes = {id(lin.node): lin for lin in model_map.linears}
         writer_out = {id(lin.output): lin for lin in model_map.linears if lin.role in WRITER_ROLES}
         stream: dict[int, ir.Value] = {id(entry): entry}
@@ -321,7 +299,7 @@ class RotateResidualPass(MqcPass):
     def _head_layout(self, graph: ir.Graph, model_map: ModelMap) -> tuple[int, int]:
         if model_map.by_role("qkv"):
             raise RotationRefused("rotate_vo: fused qkv linears are not supported")
-        head_dim, kv_heads = self.head_dim, self.num_kv_heads
+        head_dim, kv_heads = self.params.head_dim, self.params.num_kv_heads
         cache = next((v for v in graph.inputs if v.name and v.name.startswith("past_key_values") and v.name.endswith("value")), None)
         if cache is not None and cache.shape is not None and len(cache.shape) == 4:
             dims = cache.shape.dims

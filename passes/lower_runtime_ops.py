@@ -604,16 +604,12 @@ class LowerRuntimeOpsPass(MqcPass):
     name: ClassVar[str] = "lower_runtime_ops"
     function_preserving: ClassVar[bool] = False  # integer-exact, but the fp32 summation order changes
 
-    def __init__(self, fuse_norms: bool = False) -> None:
-        super().__init__(fuse_norms=fuse_norms)
-        self.fuse_norms = fuse_norms
-
     def run(self, model: ir.Model) -> bool:
         skips: dict[str, str] = {}
         counts = [rules.apply_to_model(model) for rules in rule_sets(skips)]
         branches = _fold_branches(model.graph, skips) if counts[1] + counts[2] else 0
         norms = 0
-        if self.fuse_norms and counts[1] + counts[2]:
+        if self.params.fuse_norms and counts[1] + counts[2]:
             ir.passes.common.RemoveUnusedNodesPass()(model)  # the dead Q/DQ nodes still read the norms
             norms = _fuse_norm_quant(model.graph, skips)
         count = sum(counts) + norms + branches

@@ -150,38 +150,8 @@ class QuantizeLinearsPass(MqcPass):
 
     name = "quantize_linears"
 
-    def __init__(
-        self,
-        weight_bits: int = 8,
-        act_bits: int = 8,
-        act_method: str = "minmax",
-        act_percentile: float = 99.99,
-        weight_mse_clip: bool = False,
-        group_size: int | None = None,
-        skip_roles: Sequence[str] = ("lm_head",),
-        act_scales: str = "shared",
-    ) -> None:
-        super().__init__(
-            weight_bits=weight_bits, act_bits=act_bits, act_method=act_method, act_percentile=act_percentile,
-            weight_mse_clip=weight_mse_clip, group_size=group_size, skip_roles=list(skip_roles), act_scales=act_scales,
-        )
-        if act_scales not in ("shared", "per_modality"):
-            raise ValueError(f"act_scales must be shared or per_modality, not {act_scales!r}")
-        self.act_scales = act_scales
-        qrange(weight_bits)
-        qrange(act_bits)
-        if act_method not in ("minmax", "percentile", "mse"):
-            raise ValueError(f"act_method must be minmax, percentile or mse, not {act_method!r}")
-        self.weight_bits = weight_bits
-        self.act_bits = act_bits
-        self.act_method = act_method
-        self.act_percentile = act_percentile
-        self.weight_mse_clip = weight_mse_clip
-        self.group_size = group_size
-        self.skip_roles = set(skip_roles)
-
     def variant(self) -> str:
-        if self.act_scales == "per_modality":
+        if self.params.act_scales == "per_modality":
             return ("MSQ: one static scale per modality per activation (the paper, §2.3; the released code calibrates "
                     "one shared scale on mixed tokens)")
         return "one static activation scale shared by both modalities (the released code's form)"
@@ -189,14 +159,14 @@ class QuantizeLinearsPass(MqcPass):
     def select(self, linears: Sequence[Linear]) -> list[Linear]:
         selected = []
         for lin in linears:
-            if lin.role in self.skip_roles:
+            if lin.role in self.params.skip_roles:
                 self.record.skip(lin.name, f"role {lin.role} stays in float (skip_roles)")
             elif self.ctx.excluded(lin.name):
                 self.record.skip(lin.name, "name matches --exclude")
             elif lin.in_features == 1:
                 self.record.skip(lin.name, "a 1-row weight (the float rank-1 side branch of rms_split) stays in float")
-            elif self.group_size and lin.in_features % self.group_size:
-                self.record.skip(lin.name, f"input size {lin.in_features} is not a multiple of group size {self.group_size}")
+            elif self.params.group_size and lin.in_features % self.params.group_size:
+                self.record.skip(lin.name, f"input size {lin.in_features} is not a multiple of group size {self.params.group_size}")
             else:
                 selected.append(lin)
         return selected
@@ -223,14 +193,14 @@ class QuantizeLinearsPass(MqcPass):
             figures, sqnr_scale = self.insert_activation(graph, value_name, group, tap, is_image)
             for lin in group:
                 weight = lin.weight_array()
-                qweight = quantize_weight_rtn(weight, self.weight_bits, self.group_size, self.weight_mse_clip)
+                qweight = quantize_weight_rtn(weight, self.params.weight_bits, self.params.group_size, self.params.weight_mse_clip)
                 insert_weight_dequant(graph, lin, qweight)
                 self.record.layers.append({
                     **lin.to_dict(),
-                    "w_bits": self.weight_bits,
-                    "a_bits": self.act_bits,
+                    "w_bits": self.params.weight_bits,
+                    "a_bits": self.params.act_bits,
                     **figures,
-                    **layer_sqnr(lin, tap, sqnr_scale, self.act_bits, weight, qweight),
+                    **layer_sqnr(lin, tap, sqnr_scale, self.params.act_bits, weight, qweight),
                 })
                 changed += 1
         ensure_opset(model, "", 21)
@@ -240,7 +210,7 @@ class QuantizeLinearsPass(MqcPass):
 
     def _is_image(self, graph: ir.Graph) -> ir.Value | None:
         """MSQ's shared is_image mask (``act_scales="per_modality"`` and a ``modality_ids`` input), else None."""
-        if self.act_scales != "per_modality":
+        if self.params.act_scales != "per_modality":
             return None
         if aifs_applied(graph):
             raise RecipeError(
@@ -263,9 +233,9 @@ class QuantizeLinearsPass(MqcPass):
         Returns the figures to record and the scale(s) ``layer_sqnr`` uses.
         """
         combined = tap.combined()
-        qmax = qrange(self.act_bits)[1]
-        per_modality = self.act_scales == "per_modality"
-        clip = combined.clip_value(self.act_method, self.act_bits, self.act_percentile)
+        qmax = qrange(self.params.act_bits)[1]
+        per_modality = self.params.act_scales == "per_modality"
+        clip = combined.clip_value(self.params.act_method, self.params.act_bits, self.params.act_percentile)
         scale = clip / qmax
         figures: dict = {"act_scale": float(scale), "act_absmax": float(combined.absmax),
                          "act_clip_ratio": round(clip / combined.absmax, 4)}
@@ -276,12 +246,12 @@ class QuantizeLinearsPass(MqcPass):
                                          f"{value_rank(value)}: shared per-tensor scale used")
         elif is_image is not None:
             scales = self._modality_scales(value_name, tap, qmax)
-            insert_activation_msq(graph, value, scales[TEXT], scales[IMAGE], self.act_bits, readers, is_image)
+            insert_activation_msq(graph, value, scales[TEXT], scales[IMAGE], self.params.act_bits, readers, is_image)
             return ({"act_scale_text": scales[TEXT], "act_scale_image": scales[IMAGE],
                      "act_absmax": float(combined.absmax)}, scales)
         elif per_modality:  # no modality_ids: the statistics hold one modality only
             figures["act_scale_" + str(MODALITY_NAMES.get(self.ctx.default_modality, "text"))] = float(scale)
-        insert_activation_qdq(graph, value, scale, self.act_bits, readers)
+        insert_activation_qdq(graph, value, scale, self.params.act_bits, readers)
         return figures, scale
 
     def _modality_scales(self, value_name: str, tap: TapStats, qmax: int) -> dict[int, float]:
@@ -290,7 +260,7 @@ class QuantizeLinearsPass(MqcPass):
         for modality in (TEXT, IMAGE):
             entry = tap.modality(modality)
             if entry is not None and entry.absmax > 0.0:
-                scales[modality] = float(entry.clip_value(self.act_method, self.act_bits, self.act_percentile) / qmax)
+                scales[modality] = float(entry.clip_value(self.params.act_method, self.params.act_bits, self.params.act_percentile) / qmax)
         for modality, other in ((TEXT, IMAGE), (IMAGE, TEXT)):
             if modality not in scales:
                 scales[modality] = scales[other]
