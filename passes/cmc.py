@@ -62,62 +62,27 @@ Rules:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-from mqc.passes.gptq_weights import hessian_from_tap
-from mqc.passes.mas import MAS_LINEAR_KEY, MAS_SMOOTH_KEY
-from mqc.passes.msq import insert_activation_msq, is_image_mask, modality_input, value_rank
-from mqc.passes.quantize_linears import insert_weight_dequant
 
 from mqc.calibration import IMAGE, MODALITY_NAMES, TEXT, TapStats
 from mqc.errors import NothingToQuantizeError
-from mqc.gptq import gptq_quantize, relative_output_error
+from mqc.gptq import gptq_quantize, hessian_from_tap, relative_output_error
+from mqc.graph.markers import MAS_LINEAR_KEY, MAS_SMOOTH_KEY
+from mqc.graph.msq import insert_activation_msq, is_image_mask, modality_input, value_rank
+from mqc.graph.qdq import (
+    dynamic_fake_quant,
+    insert_activation_dynamic,
+    insert_activation_qdq,
+    insert_weight_dequant,
+)
 from mqc.ir import add_initializer, constant_array, ensure_opset, remove_unused_initializers
 from mqc.lowrank import lowrank_compensation, rank_for
 from mqc.model_map import Linear
 from mqc.pass_manager import MqcPass
-from mqc.quantizer import MIN_SCALE, QuantizedWeight, fake_quantize, qrange, quantize_weight_rtn, sqnr_db
-
-
-def insert_activation_dynamic(graph: ir.Graph, value: ir.Value, bits: int, readers: Sequence[ir.Node]) -> ir.Value:
-    """Per-token dynamic symmetric fake-quant of ``value`` (module docstring) in front of ``readers``; returns x_q."""
-    base = value.name or "act"
-    dtype = value.dtype.numpy() if value.dtype is not None else np.float32
-    lo, hi = qrange(bits)
-    axes = add_initializer(graph, f"{base}_dyn_axes", np.array([-1], dtype=np.int64))
-    qmin = add_initializer(graph, f"{base}_dyn_qmin", np.array(lo, dtype=dtype))
-    qmax = add_initializer(graph, f"{base}_dyn_qmax", np.array(hi, dtype=dtype))
-    floor = add_initializer(graph, f"{base}_dyn_min_scale", np.array(MIN_SCALE, dtype=dtype))
-    nodes = [ir.node("Abs", [value], name=f"{base}/dyn_abs")]
-    nodes.append(ir.node("ReduceMax", [nodes[-1].outputs[0], axes], attributes={"keepdims": 1}, name=f"{base}/dyn_absmax"))
-    nodes.append(ir.node("Div", [nodes[-1].outputs[0], qmax], name=f"{base}/dyn_scale_raw"))
-    nodes.append(ir.node("Max", [nodes[-1].outputs[0], floor], name=f"{base}/dyn_scale"))
-    scale = nodes[-1].outputs[0]
-    scale.name = f"{base}_dyn_scale"
-    nodes.append(ir.node("Div", [value, scale], name=f"{base}/dyn_div"))
-    nodes.append(ir.node("Round", [nodes[-1].outputs[0]], name=f"{base}/dyn_round"))
-    nodes.append(ir.node("Clip", [nodes[-1].outputs[0], qmin, qmax], name=f"{base}/dyn_clip"))
-    nodes[-1].outputs[0].name = f"{base}_dyn_q"
-    nodes.append(ir.node("Mul", [nodes[-1].outputs[0], scale], name=f"{base}/dyn_dequant"))
-    out = nodes[-1].outputs[0]
-    out.name, out.dtype, out.shape = f"{base}_dq", value.dtype, value.shape
-    order = {id(node): i for i, node in enumerate(graph)}
-    graph.insert_before(min(readers, key=lambda n: order[id(n)]), nodes)
-    for reader in readers:
-        for index, inp in enumerate(reader.inputs):
-            if inp is value:
-                reader.replace_input_with(index, out)
-    return out
-
-
-def dynamic_fake_quant(x: np.ndarray, bits: int) -> np.ndarray:
-    """numpy reference of the per-token dynamic quantizer (float32, like the graph)."""
-    x = np.asarray(x, np.float32)
-    scale = np.maximum(np.abs(x).max(axis=-1, keepdims=True) / np.float32(qrange(bits)[1]), np.float32(MIN_SCALE))
-    return fake_quantize(x, scale, bits)
+from mqc.quantizer import QuantizedWeight, fake_quantize, qrange, quantize_weight_rtn, sqnr_db
 
 
 class _MasLinear:
@@ -270,8 +235,6 @@ class CmcPass(MqcPass):
             if m not in scales and other in scales:
                 scales[m] = scales[other]
         if is_image is None:
-            from mqc.passes.quantize_linears import insert_activation_qdq
-
             insert_activation_qdq(graph, value, scales[self.ctx.default_modality], p.act_bits, readers)
         else:
             insert_activation_msq(graph, value, scales[TEXT], scales[IMAGE], p.act_bits, readers, is_image)

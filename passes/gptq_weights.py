@@ -25,32 +25,21 @@ Rules, in order:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
-import numpy as np
 import onnx_ir as ir
-from mqc.passes.quantize_linears import QuantizeLinearsPass, insert_weight_dequant, layer_sqnr
 
 from mqc.calibration import TapStats
 from mqc.errors import NothingToQuantizeError
-from mqc.gptq import gptq_quantize, relative_output_error
+from mqc.gptq import gptq_quantize, hessian_from_tap, relative_output_error
+from mqc.graph.qdq import insert_weight_dequant, layer_sqnr
 from mqc.ir import ensure_opset, remove_unused_initializers
+from mqc.linear_quant import LinearQuantPass
 from mqc.model_map import Linear
 from mqc.quantizer import QuantizedWeight, quantize_weight_rtn, weight_scales
 
 
-def hessian_from_tap(tap: TapStats, modalities: Iterable[int] | None = None) -> tuple[np.ndarray | None, int]:
-    """GPTQ's H = 2/n · Σ xᵀx from the Gram matrices of ``tap`` (of ``modalities`` only, when given), and n."""
-    wanted = set(tap.by_modality) if modalities is None else set(modalities)
-    entries = [s for m, s in tap.by_modality.items() if m in wanted and s.gram is not None]
-    grams = [s.gram for s in entries if s.rows > 0]
-    rows = sum(s.rows for s in entries)
-    if not grams or rows == 0:
-        return None, 0
-    return np.sum(grams, axis=0) * (2.0 / rows), rows
-
-
-class GptqWeightsPass(QuantizeLinearsPass):
+class GptqWeightsPass(LinearQuantPass):
     """QDQ quantization like ``quantize_linears``, with GPTQ weights from per-group float Hessians."""
 
     name = "gptq_weights"

@@ -31,12 +31,12 @@ Rules, in the order the pass applies them:
 7. Vision tower (``tower="vision"``, or ``"auto"`` when the graph has no ``entry`` input): after ``ln_to_rmsnorm``
    the encoder's stream is zero-mean and normalized by affine-free RMSNorms, so it is rotated by R_v =
    random_hadamard(d, seed) (§2.6 "Vision residual"). What writes the stream is found by walking back from every
-   RMSNorm input (``ln_to_rmsnorm.trace_stream``: residual Adds, Concat, Expand, Transpose, shape-proven Reshape)
+   RMSNorm input (``mqc.graph.stream.trace_stream``: residual Adds, Concat, Expand, Transpose, shape-proven Reshape)
    and absorbs R_v on its channel axis: the patch-embedding ``Conv`` output channels (weight [out, in, kh, kw]
    contracted over ``out``, bias too), the class-token and position-embedding constants, and the writers' output
    side (o/fc2, the centring linear of a ``ln_pre``; W ← W·R_v, b ← b·R_v; a LayerScale left in the graph is
    folded first). Readers of a norm whose output is read only by linears (q/k/v, fc1, the projector's first
-   linear), directly or through token-only ops (``ln_to_rmsnorm.TOKEN_OPS``: CLS split, patch pooling), get
+   linear), directly or through token-only ops (``mqc.graph.stream.TOKEN_OPS``: CLS split, patch pooling), get
    W ← R_vᵀ·W. A norm whose output has other readers (token pooling, a graph output) gets an online
    ``MatMul(·, R_vᵀ)`` after it, recorded, so what follows sees the unrotated value. Each fc2/down writer gets the
    online Hadamard of rule 5 (1536 = 12·128 for DINOv2-small). Anything the walk cannot prove (a stream value read
@@ -49,9 +49,9 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-from mqc.passes.ln_to_rmsnorm import StreamRefused, apply_transform, norm_output_readers, trace_stream
-from mqc.passes.norm_folding import live_uses, own_bias, own_weight, set_bias, set_weight
 
+from mqc.graph.stream import StreamRefused, apply_transform, norm_output_readers, trace_stream
+from mqc.graph.weights import live_uses, own_bias, own_weight, set_bias, set_weight
 from mqc.hadamard import hadamard_matrix, padded_size, random_hadamard, supported_size
 from mqc.ir import add_initializer, constant_array, remove_unused_initializers
 from mqc.model_map import WRITER_ROLES, Linear, ModelMap

@@ -74,9 +74,10 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-from mqc.passes.msq import is_image_mask, modality_input
 
 from mqc.calibration import IMAGE, MODALITY_NAMES, TEXT, TapStats, TensorStats
+from mqc.graph.markers import MAS_LINEAR_KEY, MAS_SMOOTH_KEY
+from mqc.graph.msq import is_image_mask, modality_input
 from mqc.ir import add_initializer, remove_unused_initializers
 from mqc.mas_learning import (
     Block,
@@ -94,8 +95,6 @@ from mqc.smoothing import mas_init_scales, smoothquant_scales, sqnr_under_smooth
 
 #: Largest relative drift of the torch replay of the first layer against onnxruntime before learning trusts it.
 REPLAY_RTOL = 1e-4
-MAS_SMOOTH_KEY = "mqc.mas"
-MAS_LINEAR_KEY = "mqc.mas_linear"
 SMOOTH_ROLES = ("q", "k", "v", "o", "gate", "up")
 
 

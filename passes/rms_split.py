@@ -36,9 +36,9 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-from mqc.passes.norm_folding import live_uses, own_weight, set_weight
-from mqc.passes.quantize_linears import insert_activation_qdq, int_tensor
 
+from mqc.graph.qdq import insert_activation_qdq, int_tensor
+from mqc.graph.weights import live_uses, own_weight, set_weight
 from mqc.ir import add_initializer, constant_array, ensure_opset, remove_unused_initializers
 from mqc.model_map import Linear
 from mqc.pass_manager import MqcPass

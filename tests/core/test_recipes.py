@@ -13,7 +13,15 @@ from click.testing import CliRunner
 from mqc.cli import main
 from mqc.errors import RecipeError
 from mqc.params import PASS_PARAMS
-from mqc.recipes import PASS_MODULES, Recipe, builtin_recipes, load_recipe, with_acts, with_assignments, with_bits
+from mqc.recipes import (
+    PASS_MODULES,
+    Recipe,
+    builtin_recipes,
+    load_recipe,
+    with_acts,
+    with_assignments,
+    with_bits,
+)
 
 
 def _recipe(step: dict) -> Recipe:
@@ -88,7 +96,7 @@ def test_extends_errors(tmp_path):
         load_recipe(str(absent))
     typo = tmp_path / "d.json"
     typo.write_text(json.dumps({"name": "d", "extends": "w8a8", "overides": {}}))
-    with pytest.raises(RecipeError, match="recipe .*d.json: unknown key 'overides'"):
+    with pytest.raises(RecipeError, match=r"recipe .*d\.json: unknown key 'overides'"):
         load_recipe(str(typo))
     bad_value = tmp_path / "e.json"
     bad_value.write_text(json.dumps({"name": "e", "extends": "w8a8", "overrides": {"quantize_linears": {"act_bits": 4}}}))
@@ -102,7 +110,7 @@ def test_set_spec_bits_and_acts_are_overrides():
     same = with_assignments(load_recipe("quarot"), ["hadamard_rotation.head_dim=64", "gptq_weights.act_method=mse"])
     assert same.params == spec.params
     assert with_assignments(load_recipe("masquant"), ["components.vision.float=false"]).for_component("vision")
-    with pytest.raises(RecipeError, match="expected PASS.KEY=VALUE"):
+    with pytest.raises(RecipeError, match=r"expected PASS\.KEY=VALUE"):
         with_assignments(load_recipe("w8a8"), ["quantize_linears"])
     assert with_bits(load_recipe("masquant"), "w8a8").params == load_recipe("masquant-w8a8").params
     assert with_acts(load_recipe("masquant"), "static").params == load_recipe("masquant-static").params
