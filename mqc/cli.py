@@ -74,9 +74,12 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--set", "assignments", multiple=True, metavar="PASS.KEY=VALUE",
               help="Override a recipe parameter (repeatable; VALUE is JSON or a plain string), e.g. "
                    "hadamard_rotation.head_dim=64. Checked like the recipe file, before any work.")
+@click.option("--allow-partial", is_flag=True,
+              help="Write the model even when a pass cannot do its essential work (e.g. a refused rotation); the "
+                   "summary's first line says what did not apply. Without it such a compile exits 2.")
 def compile_command(model: str, output: Path, recipe: str, calib: Path | None, samples: int, fmt: str,
                     exclude: tuple[str, ...], verify: bool, verify_rtol: float, bits: str | None,
-                    acts: str | None, assignments: tuple[str, ...]) -> None:
+                    acts: str | None, assignments: tuple[str, ...], allow_partial: bool) -> None:
     """Compile MODEL (an .onnx file, a model directory or a packaged model name) into OUTPUT."""
     from mqc.compiler import compile as compile_model
     from mqc.recipes import load_recipe, with_acts, with_assignments, with_bits
@@ -90,8 +93,12 @@ def compile_command(model: str, output: Path, recipe: str, calib: Path | None, s
         chosen = with_assignments(chosen, list(assignments))
     with progress_bar() as progress:
         result = compile_model(model, output, chosen, calib=calib, num_samples=samples, fmt=fmt, exclude=exclude,
-                               verify=verify, verify_rtol=verify_rtol, progress=progress)
+                               verify=verify, verify_rtol=verify_rtol, progress=progress, allow_partial=allow_partial)
     reports = result if isinstance(result, dict) else {Path(model).name: result}
+    partial = [f"{name}: {what}" for name, report in reports.items() for what in report.not_applied()]
+    if partial:
+        console.print(f"[bold yellow]partial (--allow-partial): did not apply:[/bold yellow] {'; '.join(partial)}",
+                      highlight=False, soft_wrap=True)  # one line, however long
     for name, report in reports.items():
         _summary(name, report)
     console.print(f"[green]wrote[/green] {output}")

@@ -79,6 +79,7 @@ def compile_file(
     default_modality: int = TEXT,
     progress: Any = None,
     write: bool = True,
+    allow_partial: bool = False,
 ) -> CompileReport:
     """Compile one ONNX file. ``feeds`` (a callable returning an iterable of feed dicts) overrides ``calib``."""
     start = time.perf_counter()
@@ -101,7 +102,7 @@ def compile_file(
         calibration = {"source": "synthetic (no --calib given): random inputs, scales are not representative",
                        "samples": len(samples)}
     context = CompileContext(feeds, verify=verify, verify_rtol=verify_rtol, default_modality=default_modality,
-                             exclude=exclude, progress=progress)
+                             exclude=exclude, progress=progress, allow_partial=allow_partial)
     context.num_samples = calibration.get("samples", num_samples)
     report = CompileReport(
         recipe=recipe.name, recipe_passes=recipe.passes, source=str(source), format=fmt,
@@ -138,6 +139,7 @@ def compile_package(
     verify: bool = False,
     verify_rtol: float = DEFAULT_VERIFY_RTOL,
     progress: Any = None,
+    allow_partial: bool = False,
 ) -> dict[str, CompileReport]:
     """Compile every quantizable component of a model directory (or packaged model name) into ``output``."""
     from mqc.models.calibration import calibration_feeds
@@ -181,6 +183,7 @@ def compile_package(
                 model_dir / file, staging / file, component_recipe, feeds=lambda s=samples: s, num_samples=len(samples),
                 fmt=fmt, exclude=exclude,
                 verify=verify, verify_rtol=verify_rtol, default_modality=modality, progress=progress,
+                allow_partial=allow_partial,
             )
             reports[component].calibration = {"source": f"{manifest.get('name', model_dir.name)} calibration set "
                                                "(easy-vqa train split + text)", "samples": len(samples)}

@@ -81,7 +81,7 @@ from mqc.graph.qdq import (
 from mqc.ir import add_initializer, constant_array, ensure_opset, remove_unused_initializers
 from mqc.lowrank import lowrank_compensation, rank_for
 from mqc.model_map import Linear
-from mqc.pass_manager import MqcPass
+from mqc.pass_manager import MqcPass, PassRefused
 from mqc.quantizer import QuantizedWeight, fake_quantize, qrange, quantize_weight_rtn, sqnr_db
 
 
@@ -109,6 +109,10 @@ class CmcPass(MqcPass):
     """Lowers MAS linears to Q(x S_t⁻¹)·B (+ whitened low-rank CMC for image tokens) and quantizes the rest."""
 
     name = "cmc"
+
+    def requires(self, model: ir.Model) -> None:
+        if not any(MAS_LINEAR_KEY in node.metadata_props for node in model.graph):
+            raise PassRefused("no MAS-smoothed linear in the graph (run the mas pass first): nothing to compensate")
 
     def variant(self) -> str:
         p = self.params
@@ -169,8 +173,6 @@ class CmcPass(MqcPass):
         self.record.matched = sum(len(lins) for _, lins in mas_groups.values()) + sum(len(g) for g in plain_groups.values())
         if not self.record.matched:
             raise NothingToQuantizeError("no MAS-smoothed or plain language linear to quantize")
-        if not mas_groups:
-            self.record.notes.append("no MAS graph form found (run the mas pass first): every linear is quantized plainly")
         modality_ids = modality_input(graph)
         is_image = is_image_mask(graph, modality_ids) if modality_ids is not None else None
         if p.acts == "static" and is_image is None:

@@ -8,6 +8,7 @@ Rules, in the order the pass applies them:
 
 1. Precondition: every RMSNorm of the model is affine-free (γ all ones, or no scale) and there is no
    LayerNorm. Otherwise the whole pass is refused with the reason (run ``norm_folding`` / ``ln_to_rmsnorm``).
+   A refusal of the whole pass (here or in rules 2, 6, 7) is fatal for the recipe unless ``--allow-partial``.
 2. The residual stream is traced from the graph input ``entry`` (``inputs_embeds``): its values may only be read
    by ``Shape``, by residual ``Add`` nodes whose other operand is also on the stream or is the output of a
    writer linear (o/down/fc2), and by RMSNorms whose output is read only by linears (the *readers*: q/k/v,
@@ -55,7 +56,7 @@ from mqc.graph.weights import live_uses, own_bias, own_weight, set_bias, set_wei
 from mqc.hadamard import hadamard_matrix, padded_size, random_hadamard, supported_size
 from mqc.ir import add_initializer, constant_array, remove_unused_initializers
 from mqc.model_map import WRITER_ROLES, Linear, ModelMap
-from mqc.pass_manager import MqcPass
+from mqc.pass_manager import MqcPass, PassRefused
 
 PLAIN_RMSNORM = {"RMSNormalization", "SimplifiedLayerNormalization"}
 
@@ -64,7 +65,7 @@ def _is_value_cache(name: str) -> bool:
     return name.startswith("present") and name.endswith("value")
 
 
-class RotationRefused(Exception):
+class RotationRefused(PassRefused):
     """The graph does not have the structure the rotation needs; the message is the recorded reason."""
 
 
@@ -94,13 +95,8 @@ class RotateResidualPass(MqcPass):
         has_entry = any(v.name == self.params.entry for v in graph.inputs)
         if self.params.tower == "vision" or (self.params.tower == "auto" and not has_entry):
             return self._run_vision(graph, model_map)
-        try:
-            self._check_norms(model_map)
-            entry, readers, writers = self._trace(graph, model_map)
-            heads = self._head_layout(graph, model_map) if self.params.rotate_vo else None
-        except RotationRefused as exc:
-            self.record.skip("model", str(exc))
-            return False
+        entry, readers, writers = self._trace(graph, model_map)
+        heads = self._head_layout(graph, model_map) if self.params.rotate_vo else None
         hidden = readers[0].in_features
         r1 = random_hadamard(hidden, self.params.seed)
         rows: dict[str, dict[str, Any]] = {}
@@ -151,26 +147,21 @@ class RotateResidualPass(MqcPass):
 
     def _run_vision(self, graph: ir.Graph, model_map: ModelMap) -> bool:
         norms = [n for n in model_map.norms if n.node.op_type in PLAIN_RMSNORM]
+        if not norms:
+            raise RotationRefused("vision tower: no RMSNorm in the graph (run ln_to_rmsnorm first)")
+        width = int(constant_array(norms[0].scale).reshape(-1).shape[0]) if norms[0].scale is not None else None
+        if width is None or not supported_size(width):
+            raise RotationRefused(f"vision tower: no Hadamard matrix of the stream width {width}")
         try:
-            self._check_norms(model_map)
-            if not norms:
-                raise RotationRefused("vision tower: no RMSNorm in the graph (run ln_to_rmsnorm first)")
-            width = int(constant_array(norms[0].scale).reshape(-1).shape[0]) if norms[0].scale is not None else None
-            if width is None or not supported_size(width):
-                raise RotationRefused(f"vision tower: no Hadamard matrix of the stream width {width}")
-            try:
-                closure = trace_stream(graph, model_map, [n.node.inputs[0] for n in norms], width,
-                                       PLAIN_RMSNORM, allow_norm_outputs=False)
-            except StreamRefused as exc:
-                raise RotationRefused(f"vision tower: {exc}") from None
-            linear_nodes = {id(lin.node): lin for lin in model_map.linears}
-            readers = {id(n.node): norm_output_readers(graph, n.node, linear_nodes) for n in norms}
-            for lin in [*closure.writers, *(r for rs in readers.values() if rs for r in rs)]:
-                if self.ctx.excluded(lin.name):
-                    raise RotationRefused(f"{lin.name} matches --exclude, but every stream reader/writer must be rotated")
-        except RotationRefused as exc:
-            self.record.skip("model", str(exc))
-            return False
+            closure = trace_stream(graph, model_map, [n.node.inputs[0] for n in norms], width,
+                                   PLAIN_RMSNORM, allow_norm_outputs=False)
+        except StreamRefused as exc:
+            raise RotationRefused(f"vision tower: {exc}") from None
+        linear_nodes = {id(lin.node): lin for lin in model_map.linears}
+        readers = {id(n.node): norm_output_readers(graph, n.node, linear_nodes) for n in norms}
+        for lin in [*closure.writers, *(r for rs in readers.values() if rs for r in rs)]:
+            if self.ctx.excluded(lin.name):
+                raise RotationRefused(f"{lin.name} matches --exclude, but every stream reader/writer must be rotated")
         r_v = random_hadamard(width, self.params.seed)
         rows: dict[str, dict[str, Any]] = {}
         apply_transform(graph, closure, r_v, "r_v", rows)
@@ -223,6 +214,10 @@ class RotateResidualPass(MqcPass):
             matmul.outputs[0].name, out.name = out.name, f"{out.name}_rotated"
 
     # --- analysis -------------------------------------------------------------------------------------------
+
+    def requires(self, model: ir.Model) -> None:
+        """Rule 1: every norm is an affine-free RMSNorm (LayerNorms converted, gammas folded)."""
+        self._check_norms(self.ctx.model_map(model))
 
     def _check_norms(self, model_map: ModelMap) -> None:
         for norm in model_map.norms:

@@ -57,7 +57,7 @@ from mqc.graph.stream import (
 from mqc.graph.weights import live_uses, own_bias, own_weight, set_bias, set_weight
 from mqc.ir import TARGET_OPSET, add_initializer, constant_array, default_opset, remove_unused_initializers
 from mqc.model_map import Linear, ModelMap
-from mqc.pass_manager import MqcPass
+from mqc.pass_manager import MqcPass, PassRefused
 
 
 class LayerNormToRMSNormPass(MqcPass):
@@ -73,8 +73,7 @@ class LayerNormToRMSNormPass(MqcPass):
         others = [n for n in model_map.norms if n.kind == "layernorm" and n.node not in norms]
         self.record.matched = len(norms)
         if not norms:
-            self.record.notes.append("no LayerNormalization in the graph: nothing to convert")
-            return False
+            raise PassRefused("no LayerNormalization in the graph: nothing to convert")
         try:
             if others:
                 raise StreamRefused(f"{others[0].name} is a {others[0].node.op_type}, not a plain LayerNormalization")
@@ -86,8 +85,7 @@ class LayerNormToRMSNormPass(MqcPass):
                 if self.ctx.excluded(lin.name):
                     raise StreamRefused(f"writer {lin.name} matches --exclude, but every stream writer must be centred")
         except StreamRefused as exc:
-            self.record.skip("model", str(exc))
-            return False
+            raise PassRefused(str(exc)) from None
         if default_opset(model) < TARGET_OPSET:
             upgrade_opset(model)
             self.record.notes.append(f"opset raised to {TARGET_OPSET} for RMSNormalization")

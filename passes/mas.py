@@ -89,7 +89,7 @@ from mqc.mas_learning import (
     replay_drift,
 )
 from mqc.model_map import Linear
-from mqc.pass_manager import MqcPass
+from mqc.pass_manager import MqcPass, PassRefused
 from mqc.quantizer import qrange
 from mqc.smoothing import mas_init_scales, smoothquant_scales, sqnr_under_smoothing, theorem1_sqnr_loss_db
 
@@ -201,6 +201,10 @@ class MasPass(MqcPass):
     name = "mas"
     function_preserving = True
 
+    def requires(self, model: ir.Model) -> None:
+        if modality_input(model.graph) is None:
+            raise PassRefused("the graph has no modality_ids input (one modality): nothing to smooth per modality")
+
     def variant(self) -> str:
         return self._describe(self.params.learning)
 
@@ -255,12 +259,10 @@ class MasPass(MqcPass):
     def run(self, model: ir.Model) -> bool:
         graph = model.graph
         modality_ids = modality_input(graph)
-        if modality_ids is None:
-            self.record.notes.append("MAS: the graph has no modality_ids input (one modality): nothing to smooth per modality")
-            return False
         groups = self._groups(model)
         if not groups:
-            return False
+            first = self.record.skipped[0] if self.record.skipped else {"node": "model", "reason": "no linear"}
+            raise PassRefused(f"no linear can be smoothed (e.g. {first['node']}: {first['reason']})")
         p = self.params
         plain = self._plain_linears(model, groups)
         stats = self.ctx.calibrate(model, [*groups, *(lin.input.name for lin in plain)], label="calibrating MAS",
