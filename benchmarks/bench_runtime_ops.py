@@ -95,7 +95,7 @@ def _qdq_model(w: np.ndarray, bias: np.ndarray, act_scale: float, bits: int) -> 
 
 def _dynamic_qdq_model(w: np.ndarray, bias: np.ndarray, bits: int) -> onnx.ModelProto:
     """``_qdq_model`` with X's Q/DQ replaced by passes/cmc.py's dynamic per-token quantizer (built by cmc.py)."""
-    from mqc.passes.cmc import insert_activation_dynamic
+    from mqc.graph.qdq import insert_activation_dynamic
 
     model = ir.serde.deserialize_model(_qdq_model(w, bias, 1.0, bits))
     x = model.graph.inputs[0]

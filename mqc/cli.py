@@ -101,7 +101,8 @@ def main(ctx: click.Context, debug: bool) -> None:
 @main.command("compile")
 @click.argument("model")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Compiled .onnx file or directory.")
-@click.option("--recipe", default="w8a8", show_default=True, help="Recipe name (see `mqc recipes`) or a recipe .json file.")
+@click.option("--recipe", default="w8a8", show_default=True,
+              help="Recipe name (see `mqc recipes`) or a recipe .json file, optionally NAME:PASS.KEY=VALUE[:...].")
 @click.option("--calib", type=click.Path(path_type=Path), help="Calibration samples: an .npz or a folder of .npz (single-file input).")
 @click.option("--samples", default=32, show_default=True, type=click.IntRange(min=1), help="Calibration samples to use.")
 @click.option("--format", "fmt", type=click.Choice(["qdq", "mqc"]), default="qdq", show_default=True,
@@ -113,22 +114,34 @@ def main(ctx: click.Context, debug: bool) -> None:
               help="Override the recipe's bit widths: both towers W4A8 or W8A8, or W8A8 vision with a W4A8 LLM.")
 @click.option("--acts", type=click.Choice(["dynamic", "static"]),
               help="Activation scales of recipes that offer the choice (masquant): per-token dynamic or static per modality.")
+@click.option("--set", "assignments", multiple=True, metavar="PASS.KEY=VALUE",
+              help="Override a recipe parameter (repeatable; VALUE is JSON or a plain string), e.g. "
+                   "hadamard_rotation.head_dim=64. Checked like the recipe file, before any work.")
+@click.option("--allow-partial", is_flag=True,
+              help="Write the model even when a pass cannot do its essential work (e.g. a refused rotation); the "
+                   "summary's first line says what did not apply. Without it such a compile exits 2.")
 def compile_command(model: str, output: Path, recipe: str, calib: Path | None, samples: int, fmt: str,
                     exclude: tuple[str, ...], verify: bool, verify_rtol: float, bits: str | None,
-                    acts: str | None) -> None:
+                    acts: str | None, assignments: tuple[str, ...], allow_partial: bool) -> None:
     """Compile MODEL (an .onnx file, a model directory or a packaged model name) into OUTPUT."""
     from mqc.compiler import compile as compile_model
-    from mqc.recipes import load_recipe, with_acts, with_bits
+    from mqc.recipes import load_recipe, with_acts, with_assignments, with_bits
 
     chosen = load_recipe(recipe)
     if bits:
         chosen = with_bits(chosen, bits)
     if acts:
         chosen = with_acts(chosen, acts)
+    if assignments:
+        chosen = with_assignments(chosen, list(assignments))
     with progress_bar() as progress:
         result = compile_model(model, output, chosen, calib=calib, num_samples=samples, fmt=fmt, exclude=exclude,
-                               verify=verify, verify_rtol=verify_rtol, progress=progress)
+                               verify=verify, verify_rtol=verify_rtol, progress=progress, allow_partial=allow_partial)
     reports = result if isinstance(result, dict) else {Path(model).name: result}
+    partial = [f"{name}: {what}" for name, report in reports.items() for what in report.not_applied()]
+    if partial:
+        console.print(f"[bold yellow]partial (--allow-partial): did not apply:[/bold yellow] {'; '.join(partial)}",
+                      highlight=False, soft_wrap=True)  # one line, however long
     for name, report in reports.items():
         _summary(name, report)
     console.print(f"[green]wrote[/green] {shown(output)}")
@@ -205,11 +218,16 @@ def _stored_report(file: Path):
 
 
 @main.command()
+@click.argument("name", required=False)
 @click.option("--json", "as_json", is_flag=True)
-def recipes(as_json: bool) -> None:
-    """List the built-in recipes and their passes."""
-    from mqc.recipes import builtin_recipes
+def recipes(name: str | None, as_json: bool) -> None:
+    """List the built-in recipes and their passes; with NAME (a recipe, .json file or NAME:PASS.KEY=VALUE spec),
+    print that recipe resolved (extends and overrides applied) as JSON."""
+    from mqc.recipes import builtin_recipes, load_recipe
 
+    if name is not None:
+        click.echo(json.dumps(load_recipe(name).to_dict(), indent=2, ensure_ascii=False))
+        return
     all_recipes = builtin_recipes()
     if as_json:
         click.echo(json.dumps({n: {"description": r.description, "passes": r.passes, "components": r.components}

@@ -111,6 +111,7 @@ def compile_file(
     default_modality: int = TEXT,
     progress: Any = None,
     write: bool = True,
+    allow_partial: bool = False,
 ) -> CompileReport:
     """Compile one ONNX file. ``feeds`` (a callable returning an iterable of feed dicts) overrides ``calib``."""
     start = time.perf_counter()
@@ -137,7 +138,7 @@ def compile_file(
         calibration = {"source": "synthetic (no --calib given): random inputs, scales are not representative",
                        "samples": len(samples)}
     context = CompileContext(feeds, verify=verify, verify_rtol=verify_rtol, default_modality=default_modality,
-                             exclude=exclude, progress=progress)
+                             exclude=exclude, progress=progress, allow_partial=allow_partial)
     context.num_samples = calibration.get("samples", num_samples)
     summary = build_model_map(model).summary()
     nested = _linears_in_subgraphs(model)
@@ -174,6 +175,7 @@ def compile_package(
     verify: bool = False,
     verify_rtol: float = DEFAULT_VERIFY_RTOL,
     progress: Any = None,
+    allow_partial: bool = False,
 ) -> dict[str, CompileReport]:
     """Compile every quantizable component of a model directory (or packaged model name) into ``output``."""
     hooks = package_hooks()
@@ -222,6 +224,7 @@ def compile_package(
                 files[component], staging.path / relative, component_recipe, feeds=lambda s=samples: s,
                 num_samples=len(samples), fmt=fmt, exclude=exclude,
                 verify=verify, verify_rtol=verify_rtol, default_modality=modality, progress=progress,
+                allow_partial=allow_partial,
             )
             reports[component].calibration = {"source": f"{manifest.get('name', model_dir.name)} calibration set "
                                                "(easy-vqa train split + text)", "samples": len(samples)}

@@ -29,6 +29,10 @@ class NothingToQuantizeError(MqcError):
     """The model has no linear layer with a constant weight."""
 
 
+class RecipeNotApplied(MqcError):
+    """A pass of the recipe could not do its essential work on this model (``--allow-partial`` compiles anyway)."""
+
+
 class VerificationError(MqcError):
     """A function-preserving pass changed what the model computes (--verify)."""
 

@@ -25,11 +25,15 @@ All arithmetic is float64; the integer weight uses ``mqc.quantizer.quantize`` (r
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
 from mqc.quantizer import QuantizedWeight, qrange, quantize, weight_scales
+
+if TYPE_CHECKING:
+    from mqc.calibration import TapStats
 
 
 class HessianAccumulator:
@@ -154,3 +158,14 @@ def gptq_quantize(
         q=q_int, scale=scale if group_size is not None else scale[0], bits=bits, group_size=group_size
     )
     return GPTQResult(quantized, relative_output_error(w_orig, quantized.dequantize(), h_orig))
+
+
+def hessian_from_tap(tap: TapStats, modalities: Iterable[int] | None = None) -> tuple[np.ndarray | None, int]:
+    """GPTQ's H = 2/n · Σ xᵀx from the Gram matrices of ``tap`` (of ``modalities`` only, when given), and n."""
+    wanted = set(tap.by_modality) if modalities is None else set(modalities)
+    entries = [s for m, s in tap.by_modality.items() if m in wanted and s.gram is not None]
+    grams = [s.gram for s in entries if s.rows > 0]
+    rows = sum(s.rows for s in entries)
+    if not grams or rows == 0:
+        return None, 0
+    return np.sum(grams, axis=0) * (2.0 / rows), rows

@@ -9,6 +9,13 @@ A pass that preserves some outputs exactly but legitimately changes the layout o
 but leaves the KV cache in its permuted token order) overrides :meth:`MqcPass.verify_outputs` to name the outputs
 to compare; the manager then compares only those and records the excluded ones with ``verify_exclusion_reason``
 in ``record.verify``. Later passes are verified against this pass's outputs, all of them.
+
+Preconditions, as in ``onnx_ir``'s passes: a pass checks in :meth:`MqcPass.requires` what the model must offer
+(folded norms, a ``modality_ids`` input, MAS's graph form) and raises :class:`PassRefused`; a whole-model refusal
+found while running (a residual stream that cannot be traced) raises it too, before anything is changed. That is
+fatal for the recipe: the manager raises :class:`~mqc.errors.RecipeNotApplied` (exit 2, nothing written) unless
+the compile allows a partial result, in which case the pass's record says what did not apply and the recipe goes
+on. Per-node refusals stay recorded skips.
 """
 
 from __future__ import annotations
@@ -24,12 +31,17 @@ from onnxscript.rewriter import pattern
 from onnxscript.rewriter._basics import MatchingTracer, MatchStatus
 
 from mqc.calibration import TEXT, Calibrator, TapStats, TensorStats
-from mqc.errors import VerificationError
+from mqc.errors import RecipeNotApplied, VerificationError
 from mqc.model_map import ModelMap, build_model_map
+from mqc.params import PASS_PARAMS, PassParams, parse_params
 from mqc.report import PassRecord
 
 #: Relative output drift (max |a - b| / max |a|) a function-preserving pass may cause in fp32.
 DEFAULT_VERIFY_RTOL = 1e-4
+
+
+class PassRefused(ir.passes.PreconditionError):
+    """The model lacks what the pass needs to do its essential work; the message says what (module docstring)."""
 
 
 class CompileContext:
@@ -46,8 +58,10 @@ class CompileContext:
         exclude: Sequence[str] = (),
         providers: Sequence[str] = ("CPUExecutionProvider",),
         progress: Any = None,
+        allow_partial: bool = False,
     ) -> None:
         self._feeds = feeds
+        self.allow_partial = allow_partial
         self.verify = verify
         self.verify_rtol = verify_rtol
         self.verify_samples = verify_samples
@@ -136,16 +150,28 @@ class MqcPass(ir.passes.InPlacePass):
     #: Why the outputs left out by :meth:`verify_outputs` may differ (recorded under ``--verify``).
     verify_exclusion_reason: ClassVar[str] = ""
 
-    def __init__(self, **params: Any) -> None:
+    def __init__(self, params: PassParams | None = None, **raw: Any) -> None:
+        """``params`` as parsed by the recipe, or the keyword parameters (checked the same way)."""
         super().__init__()
+        if params is None:
+            params = parse_params(PASS_PARAMS[self.name], raw, f"pass {self.name}")
+        elif raw:
+            raise TypeError("give a pass its parameters either parsed or as keywords, not both")
         self.params = params
         self.context: CompileContext | None = None
-        self.record = PassRecord(self.name, dict(params), self.function_preserving)
+        self.record = self.new_record()
+
+    def new_record(self) -> PassRecord:
+        return PassRecord(self.name, self.params.to_dict(), self.function_preserving)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.record = self.new_record()  # a pass is stateless between runs: each run records afresh
         modified = self.run(model)
-        self.record.variant = self.variant()
+        self.record.variant = self.record.variant or self.variant()  # run may record the variant it fell back to
         return ir.passes.PassResult(model, modified=bool(modified))
+
+    def requires(self, model: ir.Model) -> None:
+        """Raise :class:`PassRefused` when ``model`` lacks what this pass needs (none by default)."""
 
     def variant(self) -> str:
         """Which variant ran where the paper and its released code differ ("" where they agree); ``mqc explain``."""
@@ -219,7 +245,7 @@ class PassManager:
                 reference = ctx.run_outputs(model)
                 reference_names = _output_names(model)
             start = time.perf_counter()
-            result = mqc_pass(model)
+            result = self._run_pass(mqc_pass, model)
             mqc_pass.record.seconds = round(time.perf_counter() - start, 3)
             if result.modified:
                 ctx.invalidate()
@@ -246,6 +272,21 @@ class PassManager:
                 reference = None
             records.append(mqc_pass.record)
         return records
+
+    def _run_pass(self, mqc_pass: MqcPass, model: ir.Model) -> ir.passes.PassResult:
+        """Run one pass; a refusal stops the recipe, or with ``allow_partial`` is recorded and the recipe goes on."""
+        mqc_pass.record = mqc_pass.new_record()
+        try:
+            return mqc_pass(model)
+        except ir.passes.PreconditionError as exc:
+            reason = str(exc) if isinstance(exc, PassRefused) else f"{exc}: {exc.__cause__}"
+            if not self.context.allow_partial:
+                raise RecipeNotApplied(
+                    f"pass {mqc_pass.name} cannot do its work on this model: {reason}. Nothing was written; "
+                    "--allow-partial compiles the rest of the recipe anyway") from exc
+            mqc_pass.record.not_applied = reason
+            mqc_pass.record.skip("model", reason)
+            return ir.passes.PassResult(model, modified=False)
 
 
 def _output_names(model: ir.Model) -> list[str]:

@@ -31,6 +31,8 @@ class PassRecord:
     seconds: float = 0.0
     #: Which variant ran where the paper and its public code differ (empty where they agree).
     variant: str = ""
+    #: Why the pass did not do its essential work (a refused precondition), when ``--allow-partial`` went on.
+    not_applied: str = ""
 
     def skip(self, node: str, reason: str) -> None:
         self.skipped.append({"node": node, "reason": reason})
@@ -56,6 +58,10 @@ class CompileReport:
         data = json.loads(text)
         data["passes"] = [PassRecord(**p) for p in data.get("passes", [])]
         return cls(**data)
+
+    def not_applied(self) -> list[str]:
+        """``pass: reason`` for each pass that did not do its essential work (``--allow-partial``)."""
+        return [f"{record.name}: {record.not_applied}" for record in self.passes if record.not_applied]
 
     def layer_table(self) -> list[dict[str, Any]]:
         """Per-layer rows merged across passes, keyed by layer name, in first-seen order."""

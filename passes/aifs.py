@@ -28,7 +28,7 @@ Rules:
    on axis 0. None found: refused. Stale static shapes (batch 1) downstream are cleared.
 3. RoPE sees the original positions because ``position_ids`` itself is permuted with the tokens.
 4. Every other use of ``inputs_embeds``, ``position_ids`` and ``modality_ids`` reads the permuted value; in
-   particular MSQ's ``is_image`` mask (``passes/msq.py``) reads the permuted ``modality_ids`` (recorded), so its
+   particular MSQ's ``is_image`` mask (``mqc/graph/msq.py``) reads the permuted ``modality_ids`` (recorded), so its
    per-token scales follow the tokens. ``attention_mask`` stays in original order (only the mask builder reads it).
 5. ``logits`` is un-permuted, so it equals the original graph's token by token. ``present.*`` (the KV cache) stays in
    permuted order: exact for decode, since a decode token at a later position attends to every cached entry and
@@ -49,6 +49,7 @@ import numpy as np
 import onnx_ir as ir
 
 from mqc.calibration import IMAGE, MODALITY_INPUT
+from mqc.graph.markers import aifs_applied, mark_aifs
 from mqc.ir import add_initializer
 from mqc.pass_manager import MqcPass
 
@@ -63,10 +64,6 @@ class AifsRefused(Exception):
     """The graph lacks what AIFS needs; the message is the recorded reason."""
 
 
-def aifs_applied(graph: ir.Graph) -> bool:
-    return any(node.name == f"{PREFIX}/sort" for node in graph)
-
-
 class AifsPass(MqcPass):
     """Permute tokens image-first inside the decoder with an original-position attention mask."""
 
@@ -76,17 +73,12 @@ class AifsPass(MqcPass):
         "AIFS leaves the KV cache (present.*) in its permuted token order; logits are un-permuted and compared"
     )
 
-    def __init__(self, logits: str = "logits", cache_prefix: str = "present.") -> None:
-        super().__init__(logits=logits, cache_prefix=cache_prefix)
-        self.logits = logits
-        self.cache_prefix = cache_prefix
-
     def variant(self) -> str:
         return ("the paper's AIFS (§2.4; the released code has none), applied after quantization: calibration labels "
                 "rows in the feed's order and static scales do not depend on token order")
 
     def verify_outputs(self, model: ir.Model) -> list[str] | None:
-        return [v.name for v in model.graph.outputs if v.name and not v.name.startswith(self.cache_prefix)]
+        return [v.name for v in model.graph.outputs if v.name and not v.name.startswith(self.params.cache_prefix)]
 
     def run(self, model: ir.Model) -> bool:
         graph = model.graph
@@ -95,9 +87,9 @@ class AifsPass(MqcPass):
                 raise AifsRefused("the graph is already permuted by AIFS")
             inputs = self._inputs(graph)
             compares = self._causal_compares(graph)
-            logits = next((v for v in graph.outputs if v.name == self.logits), None)
+            logits = next((v for v in graph.outputs if v.name == self.params.logits), None)
             if logits is None:
-                raise AifsRefused(f"no graph output {self.logits!r} to un-permute")
+                raise AifsRefused(f"no graph output {self.params.logits!r} to un-permute")
         except AifsRefused as exc:
             self.record.skip("model", str(exc))
             return False
@@ -110,7 +102,7 @@ class AifsPass(MqcPass):
             f"({len(compares)} compare(s) rewired); logits un-permuted; present.* stays in permuted order")
         self.record.notes.append(
             f"MSQ composes through the permuted modality ids ({PERMUTED_MODALITY}): every reader of modality_ids, "
-            "including the is_image mask of passes/msq.py, now reads it")
+            "including the is_image mask of mqc/graph/msq.py, now reads it")
         return True
 
     # --- analysis -------------------------------------------------------------------------------------------
@@ -177,6 +169,7 @@ class AifsPass(MqcPass):
         group = b("Where", [is_pad, zero, b("Where", [is_image, one, two], "group_tokens")], "group")
         key = b("Add", [b("Mul", [group, seq], "group_offset"), arange], "sort_key")
         perm = b("TopK", [key, seq_1d], "sort", outputs=2, axis=1, largest=0, sorted=1)[1]
+        mark_aifs(perm.producer())
         perm.name = PERMUTATION
         inv = b("TopK", [perm, seq_1d], "inverse_sort", outputs=2, axis=1, largest=0, sorted=1)[1]
         inv.name = f"{PREFIX}_inverse"

@@ -13,11 +13,11 @@ Rules:
 from __future__ import annotations
 
 import onnx_ir as ir
-from onnxscript import version_converter
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter.rules.fusion._layer_norm import layer_normalization_rules
 from onnxscript.rewriter.rules.fusion._rms_normalization import rms_normalization_rules
 
+from mqc.graph.opset import upgrade_opset
 from mqc.ir import TARGET_OPSET, default_opset
 from mqc.pass_manager import MqcPass, RewriteRulesPass
 
@@ -28,28 +28,15 @@ class UpgradeOpsetPass(MqcPass):
     name = "upgrade_opset"
     function_preserving = True
 
-    def __init__(self, target: int = TARGET_OPSET) -> None:
-        super().__init__(target=target)
-        self.target = target
-
     def run(self, model: ir.Model) -> bool:
         current = default_opset(model)
         self.record.matched = 1
-        if not upgrade_opset(model, self.target):
-            self.record.notes.append(f"opset {current} kept (>= {self.target})")
+        if not upgrade_opset(model, self.params.target):
+            self.record.notes.append(f"opset {current} kept (>= {self.params.target})")
             return False
         self.record.changed = 1
-        self.record.notes.append(f"opset {current} -> {self.target}")
+        self.record.notes.append(f"opset {current} -> {self.params.target}")
         return True
-
-
-def upgrade_opset(model: ir.Model, target: int = TARGET_OPSET) -> bool:
-    """Convert the default-domain opset up to ``target``; False when it already is at least that."""
-    if default_opset(model) >= target:
-        return False
-    version_converter.convert_version(model, target_version=target, fallback=True)
-    model.opset_imports[""] = target
-    return True
 
 
 class FuseNormsPass(RewriteRulesPass):

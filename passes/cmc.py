@@ -62,65 +62,27 @@ Rules:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-from mqc.passes.gptq_weights import hessian_from_tap
-from mqc.passes.mas import ACT_MODES, MAS_LINEAR_KEY, MAS_SMOOTH_KEY
-from mqc.passes.msq import insert_activation_msq, is_image_mask, modality_input, value_rank
-from mqc.passes.quantize_linears import insert_weight_dequant
 
 from mqc.calibration import IMAGE, MODALITY_NAMES, TEXT, TapStats
 from mqc.errors import NothingToQuantizeError
-from mqc.gptq import gptq_quantize, relative_output_error
+from mqc.gptq import gptq_quantize, hessian_from_tap, relative_output_error
+from mqc.graph.markers import MAS_LINEAR_KEY, MAS_SMOOTH_KEY
+from mqc.graph.msq import insert_activation_msq, is_image_mask, modality_input, value_rank
+from mqc.graph.qdq import (
+    dynamic_fake_quant,
+    insert_activation_dynamic,
+    insert_activation_qdq,
+    insert_weight_dequant,
+)
 from mqc.ir import add_initializer, constant_array, ensure_opset, remove_unused_initializers
 from mqc.lowrank import lowrank_compensation, rank_for
 from mqc.model_map import Linear
-from mqc.pass_manager import MqcPass
-from mqc.quantizer import MIN_SCALE, QuantizedWeight, fake_quantize, qrange, quantize_weight_rtn, sqnr_db
-
-COMPENSATIONS = ("cmc", "per_modality_weights", "none")
-WEIGHT_METHODS = ("rtn", "gptq")
-
-
-def insert_activation_dynamic(graph: ir.Graph, value: ir.Value, bits: int, readers: Sequence[ir.Node]) -> ir.Value:
-    """Per-token dynamic symmetric fake-quant of ``value`` (module docstring) in front of ``readers``; returns x_q."""
-    base = value.name or "act"
-    dtype = value.dtype.numpy() if value.dtype is not None else np.float32
-    lo, hi = qrange(bits)
-    axes = add_initializer(graph, f"{base}_dyn_axes", np.array([-1], dtype=np.int64))
-    qmin = add_initializer(graph, f"{base}_dyn_qmin", np.array(lo, dtype=dtype))
-    qmax = add_initializer(graph, f"{base}_dyn_qmax", np.array(hi, dtype=dtype))
-    floor = add_initializer(graph, f"{base}_dyn_min_scale", np.array(MIN_SCALE, dtype=dtype))
-    nodes = [ir.node("Abs", [value], name=f"{base}/dyn_abs")]
-    nodes.append(ir.node("ReduceMax", [nodes[-1].outputs[0], axes], attributes={"keepdims": 1}, name=f"{base}/dyn_absmax"))
-    nodes.append(ir.node("Div", [nodes[-1].outputs[0], qmax], name=f"{base}/dyn_scale_raw"))
-    nodes.append(ir.node("Max", [nodes[-1].outputs[0], floor], name=f"{base}/dyn_scale"))
-    scale = nodes[-1].outputs[0]
-    scale.name = f"{base}_dyn_scale"
-    nodes.append(ir.node("Div", [value, scale], name=f"{base}/dyn_div"))
-    nodes.append(ir.node("Round", [nodes[-1].outputs[0]], name=f"{base}/dyn_round"))
-    nodes.append(ir.node("Clip", [nodes[-1].outputs[0], qmin, qmax], name=f"{base}/dyn_clip"))
-    nodes[-1].outputs[0].name = f"{base}_dyn_q"
-    nodes.append(ir.node("Mul", [nodes[-1].outputs[0], scale], name=f"{base}/dyn_dequant"))
-    out = nodes[-1].outputs[0]
-    out.name, out.dtype, out.shape = f"{base}_dq", value.dtype, value.shape
-    order = {id(node): i for i, node in enumerate(graph)}
-    graph.insert_before(min(readers, key=lambda n: order[id(n)]), nodes)
-    for reader in readers:
-        for index, inp in enumerate(reader.inputs):
-            if inp is value:
-                reader.replace_input_with(index, out)
-    return out
-
-
-def dynamic_fake_quant(x: np.ndarray, bits: int) -> np.ndarray:
-    """numpy reference of the per-token dynamic quantizer (float32, like the graph)."""
-    x = np.asarray(x, np.float32)
-    scale = np.maximum(np.abs(x).max(axis=-1, keepdims=True) / np.float32(qrange(bits)[1]), np.float32(MIN_SCALE))
-    return fake_quantize(x, scale, bits)
+from mqc.pass_manager import MqcPass, PassRefused
+from mqc.quantizer import QuantizedWeight, fake_quantize, qrange, quantize_weight_rtn, sqnr_db
 
 
 class _MasLinear:
@@ -148,52 +110,20 @@ class CmcPass(MqcPass):
 
     name = "cmc"
 
-    def __init__(
-        self,
-        w_bits: int = 4,
-        a_bits: int = 8,
-        acts: str = "dynamic",
-        compensation: str = "cmc",
-        rank_ratio: float = 0.05,
-        min_rank: int = 32,
-        whiten: bool = True,
-        damp: float = 0.0,
-        quant_cmc: bool = False,
-        weights: str = "rtn",
-        group_size: int | None = None,
-        rows: int = 256,
-        skip_roles: Sequence[str] = ("lm_head",),
-    ) -> None:
-        super().__init__(
-            w_bits=w_bits, a_bits=a_bits, acts=acts, compensation=compensation, rank_ratio=rank_ratio,
-            min_rank=min_rank, whiten=whiten, damp=damp, quant_cmc=quant_cmc, weights=weights,
-            group_size=group_size, rows=rows, skip_roles=list(skip_roles),
-        )
-        if group_size is not None and group_size < 1:
-            raise ValueError(f"group_size must be a positive number of input rows, got {group_size}")
-        if weights not in WEIGHT_METHODS:
-            raise ValueError(f"weights must be one of {WEIGHT_METHODS}, not {weights!r}")
-        if acts not in ACT_MODES:
-            raise ValueError(f"acts must be one of {ACT_MODES}, not {acts!r}")
-        if compensation not in COMPENSATIONS:
-            raise ValueError(f"compensation must be one of {COMPENSATIONS}, not {compensation!r}")
-        if rank_ratio <= 0:
-            raise ValueError(f"rank_ratio must be positive, got {rank_ratio}")
-        qrange(w_bits)
-        qrange(a_bits)
-        self.skip_roles = set(skip_roles)
-        self._per_channel_fallbacks: set[str] = set()  # linears noted as per channel in this run
+    def requires(self, model: ir.Model) -> None:
+        if not any(MAS_LINEAR_KEY in node.metadata_props for node in model.graph):
+            raise PassRefused("no MAS-smoothed linear in the graph (run the mas pass first): nothing to compensate")
 
     def variant(self) -> str:
         p = self.params
-        white = "whitened (the paper)" if p["whiten"] else "not whitened (ablation)"
-        weights = ("B by RTN (the paper)" if p["weights"] == "rtn"
+        white = "whitened (the paper)" if p.whiten else "not whitened (ablation)"
+        weights = ("B by RTN (the paper)" if p.weights == "rtn"
                    else "B by GPTQ on the text rows' Hessian (an extension: the paper rounds B to nearest)")
-        grouping = ("per output channel (the paper)" if p["group_size"] is None
-                    else f"per group of {p['group_size']} input rows (an extension: the paper quantizes per channel)")
-        return (f"{p['compensation']}, {white}, rank {p['rank_ratio']:g} x min(in, out) with a floor of "
-                f"{p['min_rank']} (the floor is the released code's); {weights}; weights {grouping}; "
-                f"{p['acts']} activations")
+        grouping = ("per output channel (the paper)" if p.group_size is None
+                    else f"per group of {p.group_size} input rows (an extension: the paper quantizes per channel)")
+        return (f"{p.compensation}, {white}, rank {p.rank_ratio:g} x min(in, out) with a floor of "
+                f"{p.min_rank} (the floor is the released code's); {weights}; weights {grouping}; "
+                f"{p.acts} activations")
 
     # ---------------------------------------------------------------------------------------------- discovery
 
@@ -217,7 +147,7 @@ class CmcPass(MqcPass):
         for lin in model_map.linears:
             if id(lin.node) in mas_nodes:
                 continue
-            if lin.role in self.skip_roles:
+            if lin.role in self.params.skip_roles:
                 self.record.skip(lin.name, f"role {lin.role} stays in float (skip_roles)")
             elif lin.component != "language":
                 self.record.skip(lin.name, f"{lin.component} linear: MASQuant quantizes the LLM decoder only")
@@ -232,7 +162,6 @@ class CmcPass(MqcPass):
     def run(self, model: ir.Model) -> bool:
         graph = model.graph
         p = self.params
-        self._per_channel_fallbacks = set()
         mas_groups = self._mas_groups(graph)
         mas_nodes = {id(n) for _, lins in mas_groups.values() for ml in lins for n in (ml.main, ml.delta)}
         plain_groups = self._plain_groups(model, mas_nodes)
@@ -244,17 +173,15 @@ class CmcPass(MqcPass):
         self.record.matched = sum(len(lins) for _, lins in mas_groups.values()) + sum(len(g) for g in plain_groups.values())
         if not self.record.matched:
             raise NothingToQuantizeError("no MAS-smoothed or plain language linear to quantize")
-        if not mas_groups:
-            self.record.notes.append("no MAS graph form found (run the mas pass first): every linear is quantized plainly")
         modality_ids = modality_input(graph)
         is_image = is_image_mask(graph, modality_ids) if modality_ids is not None else None
-        if p["acts"] == "static" and is_image is None:
+        if p.acts == "static" and is_image is None:
             self.record.notes.append("static acts without modality_ids: one modality, so one static scale per point")
-        gram = list(mas_groups) if p["compensation"] == "cmc" and p["whiten"] else []
-        if p["weights"] == "gptq":
+        gram = list(mas_groups) if p.compensation == "cmc" and p.whiten else []
+        if p.weights == "gptq":
             gram = list(mas_groups) + list(plain_groups)
         stats = self.ctx.calibrate(model, list(mas_groups) + list(plain_groups), gram_taps=gram,
-                                   label="calibrating CMC", sample_rows=p["rows"])
+                                   label="calibrating CMC", sample_rows=p.rows)
         changed = 0
         for name, (x_s, lins) in mas_groups.items():
             tap = stats.get(name)
@@ -273,7 +200,7 @@ class CmcPass(MqcPass):
                 for lin in group:
                     self.record.skip(lin.name, "no calibration data reached its input (or it is all zeros)")
                 continue
-            if p["acts"] == "static" and is_image is not None and value_rank(value) != 3:
+            if p.acts == "static" and is_image is not None and value_rank(value) != 3:
                 for lin in group:
                     self.record.skip(lin.name, f"static per-modality scales need a [batch, seq, features] input, "
                                                f"this one has rank {value_rank(value)}: left in float")
@@ -285,7 +212,7 @@ class CmcPass(MqcPass):
                 insert_weight_dequant(graph, lin, qweight)
                 w_hat = qweight.dequantize()
                 figures = self._sqnr(tap, scales, lambda x, m, w=weight: x @ w, lambda x, m, xq, b=w_hat: xq @ b)
-                self.record.layers.append({**lin.to_dict(), "w_bits": p["w_bits"], "a_bits": p["a_bits"],
+                self.record.layers.append({**lin.to_dict(), "w_bits": p.weight_bits, "a_bits": p.act_bits,
                                            **weight_figures, **figures})
                 changed += 1
         ir.passes.common.RemoveUnusedNodesPass()(model)
@@ -301,43 +228,39 @@ class CmcPass(MqcPass):
     ) -> dict[int, float] | None:
         """Insert the activation quantizer before ``readers``; the static scales per modality, None when dynamic."""
         p = self.params
-        if p["acts"] == "dynamic":
-            insert_activation_dynamic(graph, value, p["a_bits"], readers)
+        if p.acts == "dynamic":
+            insert_activation_dynamic(graph, value, p.act_bits, readers)
             return None
-        qmax = qrange(p["a_bits"])[1]
+        qmax = qrange(p.act_bits)[1]
         scales = {m: float(e.absmax / qmax) for m, e in tap.by_modality.items() if e.rows and e.absmax > 0}
         for m, other in ((TEXT, IMAGE), (IMAGE, TEXT)):
             if m not in scales and other in scales:
                 scales[m] = scales[other]
         if is_image is None:
-            from mqc.passes.quantize_linears import insert_activation_qdq
-
-            insert_activation_qdq(graph, value, scales[self.ctx.default_modality], p["a_bits"], readers)
+            insert_activation_qdq(graph, value, scales[self.ctx.default_modality], p.act_bits, readers)
         else:
-            insert_activation_msq(graph, value, scales[TEXT], scales[IMAGE], p["a_bits"], readers, is_image)
+            insert_activation_msq(graph, value, scales[TEXT], scales[IMAGE], p.act_bits, readers, is_image)
         return scales
 
     def _group_size(self, name: str, weight: np.ndarray) -> int | None:
         """The pass's group size, or None (per channel, recorded) where it does not divide the input size."""
-        group = self.params["group_size"]
+        group = self.params.group_size
         if group is not None and weight.shape[0] % group:
-            if name in self._per_channel_fallbacks:
-                return None
-            self._per_channel_fallbacks.add(name)
-            self.record.notes.append(f"{name}: input size {weight.shape[0]} is not a multiple of group size {group}: "
-                                     f"per-channel weights")
+            note = f"{name}: input size {weight.shape[0]} is not a multiple of group size {group}: per-channel weights"
+            if note not in self.record.notes:  # the record is per run, so is this note
+                self.record.notes.append(note)
             return None
         return group
 
     def _rtn(self, name: str, weight: np.ndarray) -> QuantizedWeight:
-        return quantize_weight_rtn(weight, self.params["w_bits"], self._group_size(name, weight))
+        return quantize_weight_rtn(weight, self.params.weight_bits, self._group_size(name, weight))
 
     def _quantize_weight(self, name: str, weight: np.ndarray, tap: TapStats, modality: int | None) -> tuple[Any, dict]:
         """RTN (per output channel or per group), or GPTQ against the Gram of ``modality``'s rows (all rows if None)."""
-        bits = self.params["w_bits"]
+        bits = self.params.weight_bits
         group = self._group_size(name, weight)
         rtn = quantize_weight_rtn(weight, bits, group)
-        if self.params["weights"] == "rtn":
+        if self.params.weights == "rtn":
             return rtn, {"weight_method": "rtn"}
         hessian, _ = hessian_from_tap(tap, None if modality is None else [modality])
         if hessian is None:
@@ -352,8 +275,8 @@ class CmcPass(MqcPass):
 
     def _qa(self, x: np.ndarray, m: int, scales: dict[int, float] | None) -> np.ndarray:
         if scales is None:
-            return dynamic_fake_quant(x, self.params["a_bits"])
-        return fake_quantize(x, scales.get(m, scales.get(TEXT, 1.0)), self.params["a_bits"])
+            return dynamic_fake_quant(x, self.params.act_bits)
+        return fake_quantize(x, scales.get(m, scales.get(TEXT, 1.0)), self.params.act_bits)
 
     def _sqnr(self, tap: TapStats, scales, ref_fn, out_fn) -> dict[str, float]:
         """Output SQNR per modality of ``out_fn(x, m, Q_a(x))`` against ``ref_fn(x, m)`` on the calibration rows."""
@@ -379,24 +302,24 @@ class CmcPass(MqcPass):
         qb, weight_figures = self._quantize_weight(ml.name, ml.w_text.astype(np.float32), tap, TEXT)
         insert_weight_dequant(graph, ml.as_linear(), qb)
         b = qb.dequantize().astype(np.float64)
-        figures: dict[str, Any] = {"w_bits": p["w_bits"], "a_bits": p["a_bits"], **weight_figures}
+        figures: dict[str, Any] = {"w_bits": p.weight_bits, "a_bits": p.act_bits, **weight_figures}
         image = tap.modality(IMAGE)
-        mode = p["compensation"]
+        mode = p.compensation
         if mode != "none" and (image is None or is_image is None):
             self.record.skip(ml.name, "no image calibration rows at this input: no image-token compensation")
             mode = "none"
         l1 = l2 = qv = None
         if mode == "cmc":
             target = ml.w_image
-            if p["quant_cmc"]:
+            if p.quant_cmc:
                 target = self._rtn(ml.name, ml.w_image.astype(np.float32)).dequantize().astype(np.float64)
-            rank = rank_for(p["rank_ratio"], k, n, p["min_rank"])
+            rank = rank_for(p.rank_ratio, k, n, p.min_rank)
             figures["cmc_rank"] = rank
             if rank == 0:
                 self.record.skip(ml.name, "CMC rank is 0 at this rank ratio: no image-token compensation")
                 mode = "none"
             else:
-                l1, l2, info = lowrank_compensation(target - b, image.gram, rank, whiten=p["whiten"], damp=p["damp"])
+                l1, l2, info = lowrank_compensation(target - b, image.gram, rank, whiten=p.whiten, damp=p.damp)
                 figures["cmc_retained_energy"] = round(info.retained, 4)
                 self._emit_lowrank(graph, ml, l1.astype(np.float32), l2.astype(np.float32))
         elif mode == "per_modality_weights":

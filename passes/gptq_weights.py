@@ -25,70 +25,33 @@ Rules, in order:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
-import numpy as np
 import onnx_ir as ir
-from mqc.passes.quantize_linears import QuantizeLinearsPass, insert_weight_dequant, layer_sqnr
 
 from mqc.calibration import TapStats
 from mqc.errors import NothingToQuantizeError
-from mqc.gptq import gptq_quantize, relative_output_error
+from mqc.gptq import gptq_quantize, hessian_from_tap, relative_output_error
+from mqc.graph.qdq import insert_weight_dequant, layer_sqnr
 from mqc.ir import ensure_opset, remove_unused_initializers
+from mqc.linear_quant import LinearQuantPass
 from mqc.model_map import Linear
 from mqc.quantizer import QuantizedWeight, quantize_weight_rtn, weight_scales
 
 
-def hessian_from_tap(tap: TapStats, modalities: Iterable[int] | None = None) -> tuple[np.ndarray | None, int]:
-    """GPTQ's H = 2/n · Σ xᵀx from the Gram matrices of ``tap`` (of ``modalities`` only, when given), and n."""
-    wanted = set(tap.by_modality) if modalities is None else set(modalities)
-    entries = [s for m, s in tap.by_modality.items() if m in wanted and s.gram is not None]
-    grams = [s.gram for s in entries if s.rows > 0]
-    rows = sum(s.rows for s in entries)
-    if not grams or rows == 0:
-        return None, 0
-    return np.sum(grams, axis=0) * (2.0 / rows), rows
-
-
-class GptqWeightsPass(QuantizeLinearsPass):
+class GptqWeightsPass(LinearQuantPass):
     """QDQ quantization like ``quantize_linears``, with GPTQ weights from per-group float Hessians."""
 
     name = "gptq_weights"
 
-    def __init__(
-        self,
-        weight_bits: int = 4,
-        act_bits: int = 8,
-        act_method: str = "minmax",
-        act_percentile: float = 99.99,
-        weight_mse_clip: bool = True,
-        group_size: int | None = None,
-        skip_roles: Sequence[str] = ("lm_head",),
-        act_scales: str = "shared",
-        act_order: bool = True,
-        percdamp: float = 0.01,
-        block_size: int = 128,
-        layers_per_group: int = 4,
-    ) -> None:
-        super().__init__(weight_bits, act_bits, act_method, act_percentile, weight_mse_clip, group_size, skip_roles,
-                         act_scales)
-        if layers_per_group < 1:
-            raise ValueError("layers_per_group must be at least 1")
-        self.params.update(act_order=act_order, percdamp=percdamp, block_size=block_size, layers_per_group=layers_per_group)
-        self.record.params = dict(self.params)
-        self.act_order = act_order
-        self.percdamp = percdamp
-        self.block_size = block_size
-        self.layers_per_group = layers_per_group
-
     def variant(self) -> str:
         return (f"{super().variant()}; GPTQ Hessians from the float activations of the rotated graph, "
-                f"{self.layers_per_group} decoder layers per calibration run (paper and code agree)")
+                f"{self.params.layers_per_group} decoder layers per calibration run (paper and code agree)")
 
     def _groups(self, linears: Sequence[Linear]) -> list[list[Linear]]:
         by_block: dict[int | None, list[Linear]] = {}
         for lin in linears:
-            key = None if lin.layer is None else lin.layer // self.layers_per_group
+            key = None if lin.layer is None else lin.layer // self.params.layers_per_group
             by_block.setdefault(key, []).append(lin)
         keys = sorted(k for k in by_block if k is not None) + ([None] if None in by_block else [])
         return [by_block[k] for k in keys]
@@ -113,17 +76,17 @@ class GptqWeightsPass(QuantizeLinearsPass):
                 if hessian is None:
                     continue
                 weight = lin.weight_array()
-                scale = weight_scales(weight, self.weight_bits, self.group_size, self.weight_mse_clip)
+                scale = weight_scales(weight, self.params.weight_bits, self.params.group_size, self.params.weight_mse_clip)
                 try:
                     qweight, rel = gptq_quantize(
-                        weight, hessian, self.weight_bits, self.group_size, act_order=self.act_order,
-                        percdamp=self.percdamp, block_size=self.block_size, scale=scale,
+                        weight, hessian, self.params.weight_bits, self.params.group_size, act_order=self.params.act_order,
+                        percdamp=self.params.percdamp, block_size=self.params.block_size, scale=scale,
                     )
                 except ValueError as exc:
                     self.record.skip(lin.name, f"GPTQ failed: {exc}")
                     results[id(lin.node)] = (None, {})  # type: ignore[assignment]
                     continue
-                rtn = quantize_weight_rtn(weight, self.weight_bits, self.group_size, scale=scale)
+                rtn = quantize_weight_rtn(weight, self.params.weight_bits, self.params.group_size, scale=scale)
                 rtn_rel = relative_output_error(weight, rtn.dequantize(), hessian)
                 results[id(lin.node)] = (qweight, {"gptq_rel_error": round(rel, 5), "rtn_rel_error": round(rtn_rel, 5), "hessian_rows": rows})
             for name, tap in group_stats.items():
@@ -154,12 +117,12 @@ class GptqWeightsPass(QuantizeLinearsPass):
                 insert_weight_dequant(graph, lin, qweight)
                 self.record.layers.append({
                     **lin.to_dict(),
-                    "w_bits": self.weight_bits,
-                    "a_bits": self.act_bits,
+                    "w_bits": self.params.weight_bits,
+                    "a_bits": self.params.act_bits,
                     "weight_method": "gptq",
                     **act_figures,
                     **figures,
-                    **layer_sqnr(lin, tap, sqnr_scale, self.act_bits, weight, qweight),
+                    **layer_sqnr(lin, tap, sqnr_scale, self.params.act_bits, weight, qweight),
                 })
                 changed += 1
         ensure_opset(model, "", 21)

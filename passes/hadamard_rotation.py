@@ -8,6 +8,7 @@ Rules, in the order the pass applies them:
 
 1. Precondition: every RMSNorm of the model is affine-free (γ all ones, or no scale) and there is no
    LayerNorm. Otherwise the whole pass is refused with the reason (run ``norm_folding`` / ``ln_to_rmsnorm``).
+   A refusal of the whole pass (here or in rules 2, 6, 7) is fatal for the recipe unless ``--allow-partial``.
 2. The residual stream is traced from the graph input ``entry`` (``inputs_embeds``): its values may only be read
    by ``Shape``, by residual ``Add`` nodes whose other operand is also on the stream or is the output of a
    writer linear (o/down/fc2), and by RMSNorms whose output is read only by linears (the *readers*: q/k/v,
@@ -31,12 +32,12 @@ Rules, in the order the pass applies them:
 7. Vision tower (``tower="vision"``, or ``"auto"`` when the graph has no ``entry`` input): after ``ln_to_rmsnorm``
    the encoder's stream is zero-mean and normalized by affine-free RMSNorms, so it is rotated by R_v =
    random_hadamard(d, seed) (§2.6 "Vision residual"). What writes the stream is found by walking back from every
-   RMSNorm input (``ln_to_rmsnorm.trace_stream``: residual Adds, Concat, Expand, Transpose, shape-proven Reshape)
+   RMSNorm input (``mqc.graph.stream.trace_stream``: residual Adds, Concat, Expand, Transpose, shape-proven Reshape)
    and absorbs R_v on its channel axis: the patch-embedding ``Conv`` output channels (weight [out, in, kh, kw]
    contracted over ``out``, bias too), the class-token and position-embedding constants, and the writers' output
    side (o/fc2, the centring linear of a ``ln_pre``; W ← W·R_v, b ← b·R_v; a LayerScale left in the graph is
    folded first). Readers of a norm whose output is read only by linears (q/k/v, fc1, the projector's first
-   linear), directly or through token-only ops (``ln_to_rmsnorm.TOKEN_OPS``: CLS split, patch pooling), get
+   linear), directly or through token-only ops (``mqc.graph.stream.TOKEN_OPS``: CLS split, patch pooling), get
    W ← R_vᵀ·W. A norm whose output has other readers (token pooling, a graph output) gets an online
    ``MatMul(·, R_vᵀ)`` after it, recorded, so what follows sees the unrotated value. Each fc2/down writer gets the
    online Hadamard of rule 5 (1536 = 12·128 for DINOv2-small). Anything the walk cannot prove (a stream value read
@@ -49,13 +50,13 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-from mqc.passes.ln_to_rmsnorm import StreamRefused, apply_transform, norm_output_readers, trace_stream
-from mqc.passes.norm_folding import live_uses, own_bias, own_weight, set_bias, set_weight
 
+from mqc.graph.stream import StreamRefused, apply_transform, norm_output_readers, trace_stream
+from mqc.graph.weights import live_uses, own_bias, own_weight, set_bias, set_weight
 from mqc.hadamard import hadamard_matrix, padded_size, random_hadamard, supported_size
 from mqc.ir import add_initializer, constant_array, remove_unused_initializers
 from mqc.model_map import WRITER_ROLES, Linear, ModelMap
-from mqc.pass_manager import MqcPass
+from mqc.pass_manager import MqcPass, PassRefused
 
 PLAIN_RMSNORM = {"RMSNormalization", "SimplifiedLayerNormalization"}
 
@@ -64,7 +65,7 @@ def _is_value_cache(name: str) -> bool:
     return name.startswith("present") and name.endswith("value")
 
 
-class RotationRefused(Exception):
+class RotationRefused(PassRefused):
     """The graph does not have the structure the rotation needs; the message is the recorded reason."""
 
 
@@ -78,53 +79,26 @@ class RotateResidualPass(MqcPass):
         "so logits and keys are compared and the value cache is not"
     )
 
-    def __init__(
-        self,
-        seed: int = 0,
-        entry: str = "inputs_embeds",
-        online_down: bool = True,
-        rotate_vo: bool = False,
-        head_dim: int | None = None,
-        num_kv_heads: int | None = None,
-        tower: str = "auto",
-    ) -> None:
-        super().__init__(seed=seed, entry=entry, online_down=online_down, rotate_vo=rotate_vo,
-                         head_dim=head_dim, num_kv_heads=num_kv_heads, tower=tower)
-        if tower not in ("auto", "decoder", "vision"):
-            raise ValueError(f"tower must be auto, decoder or vision, not {tower!r}")
-        self.tower = tower
-        self.seed = seed
-        self.entry = entry
-        self.online_down = online_down
-        self.rotate_vo = rotate_vo
-        self.head_dim = head_dim
-        self.num_kv_heads = num_kv_heads
-
     def variant(self) -> str:
-        vo = "per-head V/O Hadamard on (the released code)" if self.rotate_vo else "per-head V/O Hadamard off"
+        vo = "per-head V/O Hadamard on (the released code)" if self.params.rotate_vo else "per-head V/O Hadamard off"
         down = "online Hadamard before down_proj/fc2, zero-padded where no size fits (the released code)"
-        return f"{vo}; {down}" if self.online_down else vo
+        return f"{vo}; {down}" if self.params.online_down else vo
 
     def verify_outputs(self, model: ir.Model) -> list[str] | None:
-        if not self.rotate_vo:
+        if not self.params.rotate_vo:
             return None
         return [v.name for v in model.graph.outputs if v.name and not _is_value_cache(v.name)]
 
     def run(self, model: ir.Model) -> bool:
         graph = model.graph
         model_map = self.ctx.model_map(model)
-        has_entry = any(v.name == self.entry for v in graph.inputs)
-        if self.tower == "vision" or (self.tower == "auto" and not has_entry):
+        has_entry = any(v.name == self.params.entry for v in graph.inputs)
+        if self.params.tower == "vision" or (self.params.tower == "auto" and not has_entry):
             return self._run_vision(graph, model_map)
-        try:
-            self._check_norms(model_map)
-            entry, readers, writers = self._trace(graph, model_map)
-            heads = self._head_layout(graph, model_map) if self.rotate_vo else None
-        except RotationRefused as exc:
-            self.record.skip("model", str(exc))
-            return False
+        entry, readers, writers = self._trace(graph, model_map)
+        heads = self._head_layout(graph, model_map) if self.params.rotate_vo else None
         hidden = readers[0].in_features
-        r1 = random_hadamard(hidden, self.seed)
+        r1 = random_hadamard(hidden, self.params.seed)
         rows: dict[str, dict[str, Any]] = {}
 
         def row(lin: Linear) -> dict[str, Any]:
@@ -143,7 +117,7 @@ class RotateResidualPass(MqcPass):
                 set_bias(lin, constant_array(lin.bias).astype(np.float64) @ r1)
             row(lin)["r1"] = "output"
         changed = len(readers) + len(writers)
-        if self.online_down:
+        if self.params.online_down:
             for lin in model_map.linears:
                 if lin.role in ("down", "fc2") and lin.component == "language":
                     row(lin).update(self._online_hadamard(graph, lin))
@@ -158,7 +132,7 @@ class RotateResidualPass(MqcPass):
         self.record.matched = len(model_map.linears)
         self.record.changed = changed
         self.record.layers.extend(rows.values())
-        self.record.notes.append(f"R1 = random_hadamard({hidden}, seed={self.seed})")
+        self.record.notes.append(f"R1 = random_hadamard({hidden}, seed={self.params.seed})")
         self.record.notes.append(
             f"R1 applied by MatMul at graph input {entry.name!r}: the embedding table / projector output could absorb it "
             "when a whole model folder is compiled"
@@ -173,27 +147,22 @@ class RotateResidualPass(MqcPass):
 
     def _run_vision(self, graph: ir.Graph, model_map: ModelMap) -> bool:
         norms = [n for n in model_map.norms if n.node.op_type in PLAIN_RMSNORM]
+        if not norms:
+            raise RotationRefused("vision tower: no RMSNorm in the graph (run ln_to_rmsnorm first)")
+        width = int(constant_array(norms[0].scale).reshape(-1).shape[0]) if norms[0].scale is not None else None
+        if width is None or not supported_size(width):
+            raise RotationRefused(f"vision tower: no Hadamard matrix of the stream width {width}")
         try:
-            self._check_norms(model_map)
-            if not norms:
-                raise RotationRefused("vision tower: no RMSNorm in the graph (run ln_to_rmsnorm first)")
-            width = int(constant_array(norms[0].scale).reshape(-1).shape[0]) if norms[0].scale is not None else None
-            if width is None or not supported_size(width):
-                raise RotationRefused(f"vision tower: no Hadamard matrix of the stream width {width}")
-            try:
-                closure = trace_stream(graph, model_map, [n.node.inputs[0] for n in norms], width,
-                                       PLAIN_RMSNORM, allow_norm_outputs=False)
-            except StreamRefused as exc:
-                raise RotationRefused(f"vision tower: {exc}") from None
-            linear_nodes = {id(lin.node): lin for lin in model_map.linears}
-            readers = {id(n.node): norm_output_readers(graph, n.node, linear_nodes) for n in norms}
-            for lin in [*closure.writers, *(r for rs in readers.values() if rs for r in rs)]:
-                if self.ctx.excluded(lin.name):
-                    raise RotationRefused(f"{lin.name} matches --exclude, but every stream reader/writer must be rotated")
-        except RotationRefused as exc:
-            self.record.skip("model", str(exc))
-            return False
-        r_v = random_hadamard(width, self.seed)
+            closure = trace_stream(graph, model_map, [n.node.inputs[0] for n in norms], width,
+                                   PLAIN_RMSNORM, allow_norm_outputs=False)
+        except StreamRefused as exc:
+            raise RotationRefused(f"vision tower: {exc}") from None
+        linear_nodes = {id(lin.node): lin for lin in model_map.linears}
+        readers = {id(n.node): norm_output_readers(graph, n.node, linear_nodes) for n in norms}
+        for lin in [*closure.writers, *(r for rs in readers.values() if rs for r in rs)]:
+            if self.ctx.excluded(lin.name):
+                raise RotationRefused(f"{lin.name} matches --exclude, but every stream reader/writer must be rotated")
+        r_v = random_hadamard(width, self.params.seed)
         rows: dict[str, dict[str, Any]] = {}
         apply_transform(graph, closure, r_v, "r_v", rows)
         unrotated = []
@@ -209,7 +178,7 @@ class RotateResidualPass(MqcPass):
                 self._unrotate(graph, norm.node, r_v)
                 unrotated.append(norm.name)
         hadamards = 0
-        if self.online_down:
+        if self.params.online_down:
             for lin in closure.writers:
                 if lin.role in ("fc2", "down"):
                     rows.setdefault(lin.name, {"name": lin.name}).update(self._online_hadamard(graph, lin))
@@ -220,7 +189,7 @@ class RotateResidualPass(MqcPass):
         self.record.matched = len(model_map.linears)
         self.record.changed = len(rows) + len(unrotated)
         self.record.layers.extend(rows.values())
-        self.record.notes.append(f"R_v = random_hadamard({width}, seed={self.seed}) on the vision residual stream")
+        self.record.notes.append(f"R_v = random_hadamard({width}, seed={self.params.seed}) on the vision residual stream")
         self.record.notes.append(
             f"vision stream writers rotated: {len(closure.writers)} linears, {len(closure.convs)} convs, "
             f"{len(closure.constants)} constants; {hadamards} online Hadamards before fc2"
@@ -246,6 +215,10 @@ class RotateResidualPass(MqcPass):
 
     # --- analysis -------------------------------------------------------------------------------------------
 
+    def requires(self, model: ir.Model) -> None:
+        """Rule 1: every norm is an affine-free RMSNorm (LayerNorms converted, gammas folded)."""
+        self._check_norms(self.ctx.model_map(model))
+
     def _check_norms(self, model_map: ModelMap) -> None:
         for norm in model_map.norms:
             if norm.kind == "layernorm":
@@ -257,9 +230,9 @@ class RotateResidualPass(MqcPass):
                 raise RotationRefused(f"{norm.name} has a non-folded gamma: run norm_folding first")
 
     def _trace(self, graph: ir.Graph, model_map: ModelMap) -> tuple[ir.Value, list[Linear], list[Linear]]:
-        entry = next((v for v in graph.inputs if v.name == self.entry), None)
+        entry = next((v for v in graph.inputs if v.name == self.params.entry), None)
         if entry is None:
-            raise RotationRefused(f"graph input {self.entry!r} (the residual stream's entry) not found")
+            raise RotationRefused(f"graph input {self.params.entry!r} (the residual stream's entry) not found")
         linear_nodes = {id(lin.node): lin for lin in model_map.linears}
         writer_out = {id(lin.output): lin for lin in model_map.linears if lin.role in WRITER_ROLES}
         stream: dict[int, ir.Value] = {id(entry): entry}
@@ -321,7 +294,7 @@ class RotateResidualPass(MqcPass):
     def _head_layout(self, graph: ir.Graph, model_map: ModelMap) -> tuple[int, int]:
         if model_map.by_role("qkv"):
             raise RotationRefused("rotate_vo: fused qkv linears are not supported")
-        head_dim, kv_heads = self.head_dim, self.num_kv_heads
+        head_dim, kv_heads = self.params.head_dim, self.params.num_kv_heads
         cache = next((v for v in graph.inputs if v.name and v.name.startswith("past_key_values") and v.name.endswith("value")), None)
         if cache is not None and cache.shape is not None and len(cache.shape) == 4:
             dims = cache.shape.dims

@@ -17,7 +17,7 @@ Rules:
 1. ``MatMul(x_dq, w_dq)`` and ``Add(MatMul(x_dq, w_dq), bias)`` (either operand order) are lowered; the bias form
    first, so the Add is fused whenever it adds a constant ``[N]`` vector.
 2. ``x_dq`` must be ``DequantizeLinear(QuantizeLinear(X, s, z), s, z)`` with one positive scalar scale and
-   an int8 zero point of 0 (per-tensor symmetric int8), or MSQ's per-token fake-quant (passes/msq.py)
+   an int8 zero point of 0 (per-tensor symmetric int8), or MSQ's per-token fake-quant (mqc/graph/msq.py)
    ``Mul(Clip(Round(Div(X, s)), -128, 127), s)`` with ``s = Where(Equal(Unsqueeze(modality_ids, [-1]), 1),
    s_image, s_text)``, which becomes ``act_scale = [s_text, s_image]`` plus the ``modality_ids`` input (same
    division, half-to-even rounding and clip as the op, so the int8 codes are identical), or the dynamic per-token
@@ -163,7 +163,7 @@ def _dynamic_scale_check(s: ir.Value, x: ir.Value, result: MatchResult) -> Match
 
 
 def _fake_quant_source(x_dq: ir.Value, result: MatchResult) -> _ActSource | MatchResult:
-    """The source of ``Mul(Clip(Round(Div(X, s)), -128, 127), s)``: MSQ's per-token form (passes/msq.py), with
+    """The source of ``Mul(Clip(Round(Div(X, s)), -128, 127), s)``: MSQ's per-token form (mqc/graph/msq.py), with
     ``s = Where(Equal(Unsqueeze(modality_ids, [-1]), 1), s_image, s_text)``, or the dynamic per-token form of
     passes/cmc.py, with ``s = Max(Div(ReduceMax(Abs(X)), 127), 1e-12)``."""
     mul = _producer(x_dq, "Mul")
@@ -604,16 +604,12 @@ class LowerRuntimeOpsPass(MqcPass):
     name: ClassVar[str] = "lower_runtime_ops"
     function_preserving: ClassVar[bool] = False  # integer-exact, but the fp32 summation order changes
 
-    def __init__(self, fuse_norms: bool = False) -> None:
-        super().__init__(fuse_norms=fuse_norms)
-        self.fuse_norms = fuse_norms
-
     def run(self, model: ir.Model) -> bool:
         skips: dict[str, str] = {}
         counts = [rules.apply_to_model(model) for rules in rule_sets(skips)]
         branches = _fold_branches(model.graph, skips) if counts[1] + counts[2] else 0
         norms = 0
-        if self.fuse_norms and counts[1] + counts[2]:
+        if self.params.fuse_norms and counts[1] + counts[2]:
             ir.passes.common.RemoveUnusedNodesPass()(model)  # the dead Q/DQ nodes still read the norms
             norms = _fuse_norm_quant(model.graph, skips)
         count = sum(counts) + norms + branches

@@ -70,14 +70,14 @@ from __future__ import annotations
 import itertools
 import resource
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-from mqc.passes.msq import is_image_mask, modality_input
 
 from mqc.calibration import IMAGE, MODALITY_NAMES, TEXT, TapStats, TensorStats
+from mqc.graph.markers import MAS_LINEAR_KEY, MAS_SMOOTH_KEY
+from mqc.graph.msq import is_image_mask, modality_input
 from mqc.ir import add_initializer, remove_unused_initializers
 from mqc.mas_learning import (
     Block,
@@ -89,17 +89,13 @@ from mqc.mas_learning import (
     replay_drift,
 )
 from mqc.model_map import Linear
-from mqc.pass_manager import MqcPass
+from mqc.pass_manager import MqcPass, PassRefused
 from mqc.quantizer import qrange
-from mqc.recipes import ACT_MODES
 from mqc.smoothing import mas_init_scales, smoothquant_scales, sqnr_under_smoothing, theorem1_sqnr_loss_db
 
 #: Largest relative drift of the torch replay of the first layer against onnxruntime before learning trusts it.
 REPLAY_RTOL = 1e-4
-MAS_SMOOTH_KEY = "mqc.mas"
-MAS_LINEAR_KEY = "mqc.mas_linear"
 SMOOTH_ROLES = ("q", "k", "v", "o", "gate", "up")
-LEARNING_MODES = ("block", "linear")
 
 
 # ------------------------------------------------------------------------------------------------------ learning
@@ -205,65 +201,32 @@ class MasPass(MqcPass):
     name = "mas"
     function_preserving = True
 
-    def __init__(
-        self,
-        w_bits: int = 4,
-        a_bits: int = 8,
-        acts: str = "dynamic",
-        init: str = "per_modality",
-        alpha: float = 0.5,
-        learn: bool = True,
-        learning: str = "block",
-        epochs: int = 2,
-        lr: float = 5e-2,
-        steps_per_epoch: int | None = None,
-        batch_rows: int = 256,
-        rows: int = 512,
-        image_weight: float = 1.0,
-        smooth_down: bool = False,
-        scale_floor: float = 1e-2,
-        torch_threads: int | None = None,
-        device: str = "cpu",
-        seed: int = 0,
-        skip_roles: Sequence[str] = ("lm_head",),
-    ) -> None:
-        super().__init__(
-            w_bits=w_bits, a_bits=a_bits, acts=acts, init=init, alpha=alpha, learn=learn, learning=learning,
-            epochs=epochs, lr=lr,
-            steps_per_epoch=steps_per_epoch, batch_rows=batch_rows, rows=rows, image_weight=image_weight,
-            smooth_down=smooth_down, scale_floor=scale_floor, torch_threads=torch_threads, device=device, seed=seed,
-            skip_roles=list(skip_roles),
-        )
-        if acts not in ACT_MODES:
-            raise ValueError(f"acts must be one of {ACT_MODES}, not {acts!r}")
-        if learning not in LEARNING_MODES:
-            raise ValueError(f"learning must be one of {LEARNING_MODES}, not {learning!r}")
-        if init not in ("per_modality", "unified"):
-            raise ValueError(f"init must be per_modality or unified, not {init!r}")
-        qrange(w_bits)
-        qrange(a_bits)
-        self.roles = set(SMOOTH_ROLES) | ({"down"} if smooth_down else set())
-        self.skip_roles = set(skip_roles)
-        self.learning_ran = learning
+    def requires(self, model: ir.Model) -> None:
+        if modality_input(model.graph) is None:
+            raise PassRefused("the graph has no modality_ids input (one modality): nothing to smooth per modality")
 
     def variant(self) -> str:
+        return self._describe(self.params.learning)
+
+    def _describe(self, learning_ran: str) -> str:
+        """The variant text once learning ran ``block``-wise or fell back to ``linear`` (``run`` records which)."""
         p = self.params
-        weight = "the paper's" if p["image_weight"] == 1.0 else ("the released code's" if p["image_weight"] == 0.5 else "custom")
-        down = "down_proj smoothed too" if p["smooth_down"] else "down_proj not smoothed (the released code)"
-        if not p["learn"]:
+        weight = "the paper's" if p.image_weight == 1.0 else ("the released code's" if p.image_weight == 0.5 else "custom")
+        down = "down_proj smoothed too" if p.smooth_down else "down_proj not smoothed (the released code)"
+        if not p.learn:
             learn = "not learned (initial scales)"
-        elif self.learning_ran == "block":
+        elif learning_ran == "block":
             learn = "learned block-wise on the outputs of the already-quantized layers (the paper)"
         else:
             learn = "learned per linear group on float calibration rows (deviation: the paper learns block-wise)"
-        return f"{learn}; λ_image {p['image_weight']:g} ({weight}); {down}; {p['acts']} activations"
+        return f"{learn}; λ_image {p.image_weight:g} ({weight}); {down}; {p.acts} activations"
 
     # -------------------------------------------------------------------------------------------- selection
 
     def _refusal(self, lin: Linear) -> str | None:
-        if lin.role in self.skip_roles:
+        if lin.role in self.params.skip_roles:
             return f"role {lin.role} is not smoothed (skip_roles)"
-        if lin.role not in self.roles:
+        if lin.role not in SMOOTH_ROLES and not (lin.role == "down" and self.params.smooth_down):
             return f"role {lin.role} is not smoothed by MAS" + (" (smooth_down=False, as the public code)" if lin.role == "down" else "")
         if lin.component != "language":
             return f"{lin.component} linear: MASQuant smooths the LLM decoder only"
@@ -296,16 +259,14 @@ class MasPass(MqcPass):
     def run(self, model: ir.Model) -> bool:
         graph = model.graph
         modality_ids = modality_input(graph)
-        if modality_ids is None:
-            self.record.notes.append("MAS: the graph has no modality_ids input (one modality): nothing to smooth per modality")
-            return False
         groups = self._groups(model)
         if not groups:
-            return False
+            first = self.record.skipped[0] if self.record.skipped else {"node": "model", "reason": "no linear"}
+            raise PassRefused(f"no linear can be smoothed (e.g. {first['node']}: {first['reason']})")
         p = self.params
         plain = self._plain_linears(model, groups)
         stats = self.ctx.calibrate(model, [*groups, *(lin.input.name for lin in plain)], label="calibrating MAS",
-                                   sample_rows=p["rows"])
+                                   sample_rows=p.rows)
         present = {}
         for value_name, group in list(groups.items()):
             tap = stats.get(value_name)
@@ -322,20 +283,20 @@ class MasPass(MqcPass):
         figures = {v: self._theorem1({m: e.channel_absmax.astype(np.float64) for m, e in present[v].items()}, present[v], weights[v])
                    for v in groups}
         learned = inits
-        self.peak_rss_mb = 0.0
-        if p["learn"] and p["epochs"] > 0:
+        peak_rss_mb = 0.0
+        if p.learn and p.epochs > 0:
             start_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             learned = None
-            if p["learning"] == "block":
+            if p.learning == "block":
                 learned = self._learn_blockwise(model, groups, plain, inits, stats, figures)
             if learned is None:
-                self.learning_ran = "linear"
+                self.record.variant = self._describe("linear")
                 learned = {v: self._learn_linear(v, present[v], weights[v], inits[v], figures[v]) for v in groups}
                 self.record.notes.append(
-                    f"MAS learning per linear group on float calibration rows: {p['epochs']} epochs x "
-                    f"{self._steps_per_epoch()} steps, {p['batch_rows']} rows per modality per step, lambda text 1.0 / "
-                    f"image {p['image_weight']}, acts {p['acts']}, W{p['w_bits']}A{p['a_bits']}")
-            self.peak_rss_mb = max(start_rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
+                    f"MAS learning per linear group on float calibration rows: {p.epochs} epochs x "
+                    f"{self._steps_per_epoch()} steps, {p.batch_rows} rows per modality per step, lambda text 1.0 / "
+                    f"image {p.image_weight}, acts {p.acts}, W{p.weight_bits}A{p.act_bits}")
+            peak_rss_mb = max(start_rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
         is_image = is_image_mask(graph, modality_ids)
         changed = 0
         for value_name, group in groups.items():
@@ -346,8 +307,8 @@ class MasPass(MqcPass):
                 self.record.layers.append({**lin.to_dict(), **figures[value_name]})
                 changed += 1
         remove_unused_initializers(graph)
-        if self.peak_rss_mb:
-            self.record.notes.append(f"process peak RSS after learning: {self.peak_rss_mb:.0f} MB")
+        if peak_rss_mb:
+            self.record.notes.append(f"process peak RSS after learning: {peak_rss_mb:.0f} MB")
         self.record.changed = changed
         return changed > 0
 
@@ -355,15 +316,15 @@ class MasPass(MqcPass):
         """The language linears ``cmc`` quantizes without smoothing (down_proj): fake-quantized in block replays."""
         smoothed = {id(lin.node) for g in groups.values() for lin in g}
         return [lin for lin in self.ctx.model_map(model).linears
-                if id(lin.node) not in smoothed and lin.component == "language" and lin.role not in self.skip_roles
+                if id(lin.node) not in smoothed and lin.component == "language" and lin.role not in self.params.skip_roles
                 and not self.ctx.excluded(lin.name) and lin.node.op_type == "MatMul" and not lin.transposed]
 
     def _init_scales(self, present: dict[int, TensorStats], weight: np.ndarray) -> dict[int, np.ndarray]:
         ranges = {m: e.channel_absmax.astype(np.float64) for m, e in present.items()}
-        if self.params["init"] == "unified":
+        if self.params.init == "unified":
             pooled = np.max(np.stack(list(ranges.values())), axis=0)
-            return {m: smoothquant_scales(pooled, weight, self.params["alpha"]) for m in ranges}
-        return mas_init_scales(ranges, weight, self.params["alpha"])
+            return {m: smoothquant_scales(pooled, weight, self.params.alpha) for m in ranges}
+        return mas_init_scales(ranges, weight, self.params.alpha)
 
     def _complete(self, value_name: str, scales: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
         """Both modalities' vectors: a modality without calibration rows takes the other's (recorded)."""
@@ -382,10 +343,10 @@ class MasPass(MqcPass):
         total_rows = sum(e.rows for e in present.values())
         learned, info = learn_scales(
             {m: e.sample for m, e in present.items()}, {m: e.channel_absmax.astype(np.float64) for m, e in present.items()},
-            {m: e.rows / total_rows for m, e in present.items()}, weight, init, w_bits=p["w_bits"], a_bits=p["a_bits"],
-            acts=p["acts"], lambdas={TEXT: 1.0, IMAGE: p["image_weight"]}, epochs=p["epochs"],
-            steps_per_epoch=self._steps_per_epoch(), batch_rows=p["batch_rows"], lr=p["lr"], scale_floor=p["scale_floor"],
-            seed=p["seed"], threads=p["torch_threads"] or 0, device=p["device"],
+            {m: e.rows / total_rows for m, e in present.items()}, weight, init, w_bits=p.weight_bits, a_bits=p.act_bits,
+            acts=p.acts, lambdas={TEXT: 1.0, IMAGE: p.image_weight}, epochs=p.epochs,
+            steps_per_epoch=self._steps_per_epoch(), batch_rows=p.batch_rows, lr=p.lr, scale_floor=p.scale_floor,
+            seed=p.seed, threads=p.torch_threads or 0, device=p.device,
         )
         figures.update({key: info[key] for key in ("mas_loss_init", "mas_loss_learned", "mas_learn_seconds")})
         if info["mas_kept_init"]:
@@ -394,7 +355,7 @@ class MasPass(MqcPass):
 
     def _steps_per_epoch(self) -> int:
         """Layer-wise learning: one step per calibration sample unless ``steps_per_epoch`` is set."""
-        return self.params["steps_per_epoch"] or int(self.ctx.num_samples or 32)
+        return self.params.steps_per_epoch or int(self.ctx.num_samples or 32)
 
     # ------------------------------------------------------------------------------------------- block-wise
 
@@ -410,7 +371,7 @@ class MasPass(MqcPass):
             self.record.notes.append(f"MAS block-wise learning refused ({why}): learning per linear group instead")
             return None
         previous_threads = torch.get_num_threads()
-        torch.set_num_threads(p["torch_threads"] or previous_threads)
+        torch.set_num_threads(p.torch_threads or previous_threads)
         try:
             samples = self._block_samples(model, blocks)
             drift = replay_drift(blocks[:1], samples[:4])
@@ -420,8 +381,8 @@ class MasPass(MqcPass):
                 return None
             ranges = {name: {m: e.channel_absmax.astype(np.float64) for m, e in tap.by_modality.items()}
                       for name, tap in stats.items()}
-            settings = BlockSettings(w_bits=p["w_bits"], a_bits=p["a_bits"], acts=p["acts"], image_weight=p["image_weight"],
-                                     epochs=p["epochs"], lr=p["lr"], scale_floor=p["scale_floor"], seed=p["seed"], ranges=ranges)
+            settings = BlockSettings(w_bits=p.weight_bits, a_bits=p.act_bits, acts=p.acts, image_weight=p.image_weight,
+                                     epochs=p.epochs, lr=p.lr, scale_floor=p.scale_floor, seed=p.seed, ranges=ranges)
             task = self.ctx.progress.add_task("learning MAS blocks", total=len(blocks)) if self.ctx.progress else None
             learned, block_figures, end_drift = learn_blocks(
                 blocks, samples, inits, settings,
@@ -440,8 +401,8 @@ class MasPass(MqcPass):
                 self.record.notes.append(f"MAS layer {block.index}: learning did not lower its loss, the initialisation is kept")
         seconds = [f["mas_learn_seconds"] for f in block_figures]
         self.record.notes.append(
-            f"MAS learned block-wise: {len(blocks)} layers, {p['epochs']} epochs x {len(samples)} samples (batch 1), "
-            f"lambda text 1.0 / image {p['image_weight']}, acts {p['acts']}, W{p['w_bits']}A{p['a_bits']}; torch replay "
+            f"MAS learned block-wise: {len(blocks)} layers, {p.epochs} epochs x {len(samples)} samples (batch 1), "
+            f"lambda text 1.0 / image {p.image_weight}, acts {p.acts}, W{p.weight_bits}A{p.act_bits}; torch replay "
             f"of layer {blocks[0].index} vs onnxruntime {drift:.1e}, of all {len(blocks)} layers {end_drift:.1e}; {np.median(seconds):.1f} s per layer (median), "
             f"{sum(seconds):.0f} s in all")
         return learned
@@ -516,9 +477,9 @@ class MasPass(MqcPass):
         rows = present[other].sample
         rows = rows[np.abs(rows).max(axis=1) > 0]
         if rows.shape[0]:
-            unified = smoothquant_scales(np.maximum(rd, ro), weight, self.params["alpha"])
-            own = smoothquant_scales(ro, weight, self.params["alpha"])
-            bits = self.params["a_bits"]
+            unified = smoothquant_scales(np.maximum(rd, ro), weight, self.params.alpha)
+            own = smoothquant_scales(ro, weight, self.params.alpha)
+            bits = self.params.act_bits
             out["theorem1_sqnr_unified_db"] = round(sqnr_under_smoothing(rows, unified, bits), 3)
             out["theorem1_sqnr_own_db"] = round(sqnr_under_smoothing(rows, own, bits), 3)
         return out

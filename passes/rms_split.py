@@ -36,9 +36,9 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-from mqc.passes.norm_folding import live_uses, own_weight, set_weight
-from mqc.passes.quantize_linears import insert_activation_qdq, int_tensor
 
+from mqc.graph.qdq import insert_activation_qdq, int_tensor
+from mqc.graph.weights import live_uses, own_weight, set_weight
 from mqc.ir import add_initializer, constant_array, ensure_opset, remove_unused_initializers
 from mqc.model_map import Linear
 from mqc.pass_manager import MqcPass
@@ -59,31 +59,14 @@ class RmsSplitPass(MqcPass):
     """Split the outlier first input channel of rotated down_proj/fc2 layers into a rank-1 side branch."""
 
     name = "rms_split"
-    function_preserving = True
 
-    def __init__(
-        self,
-        ratio: float = 4.0,
-        criterion: str = "either",
-        side_branch: str = "float",
-        roles: tuple[str, ...] | list[str] = ("down", "fc2"),
-        require_online_hadamard: bool = True,
-    ) -> None:
-        if side_branch not in ("float", "w8"):
-            raise ValueError(f"side_branch must be float or w8, not {side_branch!r}")
-        if criterion not in ("either", "weight", "activation"):
-            raise ValueError(f"criterion must be either, weight or activation, not {criterion!r}")
-        self.function_preserving = side_branch == "float"  # read by the base class and the manager
-        super().__init__(ratio=ratio, criterion=criterion, side_branch=side_branch, roles=list(roles),
-                         require_online_hadamard=require_online_hadamard)
-        self.ratio = ratio
-        self.criterion = criterion
-        self.side_branch = side_branch
-        self.roles = set(roles)
-        self.require_online_hadamard = require_online_hadamard
+    @property
+    def function_preserving(self) -> bool:  # type: ignore[override]
+        """A float side branch keeps what the model computes; an int8 one rounds channel 0."""
+        return self.params.side_branch == "float"
 
     def variant(self) -> str:
-        if self.side_branch == "float":
+        if self.params.side_branch == "float":
             return ("side branch in float (the released code; the paper's Fig. 5 W4A8 GEMV is side_branch='w8': a "
                     "1-row weight with per-column scales is exact at any bit width, so only channel 0's int8 "
                     "activation differs)")
@@ -94,13 +77,13 @@ class RmsSplitPass(MqcPass):
         model_map = self.ctx.model_map(model)
         candidates = []
         for lin in model_map.linears:
-            if lin.role not in self.roles:
+            if lin.role not in self.params.roles:
                 continue
             if self.ctx.excluded(lin.name):
                 self.record.skip(lin.name, "name matches --exclude")
             elif lin.in_features < 2:
                 self.record.skip(lin.name, "fewer than 2 input channels")
-            elif self.require_online_hadamard and not online_hadamard_input(lin):
+            elif self.params.require_online_hadamard and not online_hadamard_input(lin):
                 self.record.skip(lin.name, "no online Hadamard before it (run hadamard_rotation with online_down)")
             else:
                 candidates.append(lin)
@@ -115,24 +98,24 @@ class RmsSplitPass(MqcPass):
             channel_absmax = tap.combined().channel_absmax if tap is not None else None
             figures = self._figures(lin.weight_array(), channel_absmax)
             flagged = {"either": figures["w_flag"] or figures["act_flag"], "weight": figures["w_flag"],
-                       "activation": figures["act_flag"]}[self.criterion]
+                       "activation": figures["act_flag"]}[self.params.criterion]
             row: dict[str, Any] = {"name": lin.name, "role": lin.role, "layer": lin.layer, **figures,
                                    "rms_split": bool(flagged)}
             if flagged:
                 row.update(self._split(graph, lin, float(channel_absmax[0]) if channel_absmax is not None else None))
                 changed += 1
                 self.record.notes.append(
-                    f"{lin.name}: split channel 0 ({self.side_branch} side branch): activation ch0 absmax "
+                    f"{lin.name}: split channel 0 ({self.params.side_branch} side branch): activation ch0 absmax "
                     f"{_fmt(figures['act_ch0_absmax'])} = {_fmt(figures['act_ratio'])}x the median channel "
-                    f"(limit {self.ratio:g}x); weight row 0 absmax {figures['w_row0_absmax']:.4g} = "
+                    f"(limit {self.params.ratio:g}x); weight row 0 absmax {figures['w_row0_absmax']:.4g} = "
                     f"{figures['w_ratio']:.3g}x the other rows' absmax")
             self.record.layers.append(row)
         if changed:
             remove_unused_initializers(graph)
-            if self.side_branch == "w8":
+            if self.params.side_branch == "w8":
                 ensure_opset(model, "", 21)
         self.record.changed = changed
-        self.record.notes.insert(0, f"rule: flag when ({self.criterion}) activation ch0 absmax > {self.ratio:g} x median "
+        self.record.notes.insert(0, f"rule: flag when ({self.params.criterion}) activation ch0 absmax > {self.params.ratio:g} x median "
                                     "of the other channels' absmax, or weight max|B'[0,:]| > max|B'[1:,:]|; "
                                     f"{changed} of {len(candidates)} layers split")
         return changed > 0
@@ -149,7 +132,7 @@ class RmsSplitPass(MqcPass):
         median = float(np.median(channel_absmax[1:]))
         ratio = ch0 / max(median, 1e-30)
         figures.update(act_ch0_absmax=round(ch0, 6), act_rest_median=round(median, 6), act_ratio=round(ratio, 4),
-                       act_flag=ratio > self.ratio)
+                       act_flag=ratio > self.params.ratio)
         return figures
 
     def _split(self, graph: ir.Graph, lin: Linear, ch0_absmax: float | None) -> dict[str, Any]:
@@ -174,8 +157,8 @@ class RmsSplitPass(MqcPass):
         nodes: list[ir.Node] = [main_slice, side_slice]
         side_x = side_slice.outputs[0]
         row = weight[0:1, :].astype(dtype)
-        figures: dict[str, Any] = {"rms_side_branch": self.side_branch}
-        if self.side_branch == "w8":
+        figures: dict[str, Any] = {"rms_side_branch": self.params.side_branch}
+        if self.params.side_branch == "w8":
             lo, hi = qrange(8)
             col_scale = np.maximum(np.abs(row[0]), 1e-30) / hi
             q = np.clip(np.rint(row / col_scale), lo, hi)
@@ -192,7 +175,7 @@ class RmsSplitPass(MqcPass):
         side.outputs[0].name = f"{base}/rms_side_out"
         nodes.append(side)
         graph.insert_before(lin.node, nodes)
-        if self.side_branch == "w8":
+        if self.params.side_branch == "w8":
             scale = max(ch0_absmax or 0.0, 1e-12) / qrange(8)[1]
             insert_activation_qdq(graph, side_x, scale, 8, [side])
             figures["rms_side_act_scale"] = scale

@@ -29,8 +29,6 @@ Per layer it records α, the range of s, the fold target and the activation absm
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import onnx_ir as ir
 
@@ -77,13 +75,6 @@ class SmoothQuantPass(MqcPass):
     name = "smoothquant"
     function_preserving = True
 
-    def __init__(self, alpha: float = 0.5, skip_roles: Sequence[str] = ("lm_head",)) -> None:
-        super().__init__(alpha=alpha, skip_roles=list(skip_roles))
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-        self.alpha = alpha
-        self.skip_roles = set(skip_roles)
-
     def run(self, model: ir.Model) -> bool:
         model_map = self.ctx.model_map(model)
         graph = model.graph
@@ -93,10 +84,10 @@ class SmoothQuantPass(MqcPass):
         self.record.matched = len(model_map.linears)
         selected: dict[str, list[Linear]] = {}
         for value_name, group in groups.items():
-            refused = [lin for lin in group if lin.role in self.skip_roles or self.ctx.excluded(lin.name)]
+            refused = [lin for lin in group if lin.role in self.params.skip_roles or self.ctx.excluded(lin.name)]
             if refused:
                 for lin in group:
-                    why = "role in skip_roles" if lin.role in self.skip_roles else "name matches --exclude"
+                    why = "role in skip_roles" if lin.role in self.params.skip_roles else "name matches --exclude"
                     self.record.skip(lin.name, f"not smoothed: {why}" if lin in refused else
                                      f"not smoothed: shares its input with {refused[0].name}, which is not smoothed")
                 continue
@@ -111,14 +102,14 @@ class SmoothQuantPass(MqcPass):
             if combined is None:
                 continue
             weights = np.concatenate([lin.weight_array() for lin in group], axis=1)
-            s = smoothquant_scales(combined.channel_absmax, weights, self.alpha)
+            s = smoothquant_scales(combined.channel_absmax, weights, self.params.alpha)
             how = self._fold(graph, model_map, group, s)
             for lin in group:
                 _scale_weight(graph, lin, row_scale=s)
                 smoothed = combined.channel_absmax / s
                 self.record.layers.append({
                     **lin.to_dict(),
-                    "alpha": self.alpha,
+                    "alpha": self.params.alpha,
                     "s_min": float(s.min()),
                     "s_max": float(s.max()),
                     "smooth_fold": how,

@@ -6,10 +6,10 @@ import numpy as np
 import onnx
 import pytest
 from decoder_helpers import with_outputs
-from mqc.passes.cmc import dynamic_fake_quant
 
 import mqc
 from mqc.calibration import random_feeds
+from mqc.graph.qdq import dynamic_fake_quant
 from mqc.ir import load_model
 from mqc.quantizer import sqnr_db
 from mqc.recipes import load_recipe, with_overrides

@@ -9,10 +9,11 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 from mqc.passes.canonicalize import FuseNormsPass
-from mqc.passes.ln_to_rmsnorm import LayerNormToRMSNormPass, reshape_channel_axis
+from mqc.passes.ln_to_rmsnorm import LayerNormToRMSNormPass
 from vision_models import WIDTH, dinov2_vlm, export, toy_encoder, with_projector
 
 from mqc.calibration import random_feeds
+from mqc.graph.stream import reshape_channel_axis
 from mqc.ir import constant_array, load_model
 from mqc.pass_manager import CompileContext, PassManager
 
@@ -31,9 +32,9 @@ def towers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-def convert(path: Path, verify: bool = True) -> tuple[ir.Model, CompileContext, object]:
+def convert(path: Path, verify: bool = True, allow_partial: bool = False) -> tuple[ir.Model, CompileContext, object]:
     model = load_model(path)
-    ctx = CompileContext(lambda: random_feeds(model, 2, seed=5), verify=verify)
+    ctx = CompileContext(lambda: random_feeds(model, 2, seed=5), verify=verify, allow_partial=allow_partial)
     _, record = PassManager([FuseNormsPass(), LayerNormToRMSNormPass()], ctx).run(model)
     return model, ctx, record
 
@@ -85,7 +86,7 @@ def test_reshape_keeps_the_channel_axis_only_when_shapes_prove_it():
 
 
 def test_post_ln_encoder_is_refused_and_untouched(towers):
-    model, _, record = convert(towers["post_ln"])
+    model, _, record = convert(towers["post_ln"], allow_partial=True)  # a refusal is fatal without it
     assert record.changed == 0 and record.verify["max_abs"] == 0.0
     assert "post-LN" in record.skipped[0]["reason"] and "node_layer_norm_1" in record.skipped[0]["reason"]
     assert ops(model)["LayerNormalization"] == 4 and ops(model)["RMSNormalization"] == 0
@@ -104,7 +105,7 @@ def test_stream_starting_at_a_layernorm_gets_a_centring_linear(towers):
 
 def test_stream_read_outside_the_norms_is_refused(towers):
     model = load_model(towers["dinov2"])
-    ctx = CompileContext(lambda: random_feeds(model, 1, seed=5), verify=True)
+    ctx = CompileContext(lambda: random_feeds(model, 1, seed=5), verify=True, allow_partial=True)
     PassManager([FuseNormsPass()], ctx).run(model)
     first_norm = next(node for node in model.graph if node.op_type == "LayerNormalization")
     model.graph.outputs.append(first_norm.inputs[0])  # the embeddings: a hidden state exposed as an output

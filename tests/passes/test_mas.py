@@ -9,6 +9,7 @@ from decoder_helpers import channel_gap_feeds
 from mqc.passes.mas import learn_scales
 
 import mqc
+from mqc.errors import RecipeError
 from mqc.quantizer import sqnr_db
 from mqc.recipes import Recipe, load_recipe, with_overrides
 from mqc.smoothing import mas_init_scales
@@ -106,8 +107,8 @@ def test_linear_learning_is_the_option_and_says_it_deviates(llama, tmp_path):
     record = next(p for p in report.passes if p.name == "mas")
     assert "per linear group" in record.variant and "deviation" in record.variant
     assert all("mas_block" not in layer for layer in record.layers)
-    with pytest.raises(ValueError, match="learning must be one of"):
-        mqc.compile(llama, tmp_path / "bad.onnx", _mas_only(learning="layer"), feeds=lambda: calib)
+    with pytest.raises(RecipeError, match="pass mas, key 'learning': 'layer' is not one of 'block', 'linear'"):
+        _mas_only(learning="layer")  # refused when the recipe is built, before any compile
 
 
 def test_cli_acts_switches_masquant_and_refuses_static_recipes(llama, tmp_path):

@@ -145,7 +145,7 @@ def test_component_recipes_mixed_bits(tmp_path):
         assert got == expected, (setting, got)
     masquant = with_bits(load_recipe("masquant"), "w8a8")
     assert masquant.for_component("vision") is None  # float stays float
-    assert {s["w_bits"] for s in masquant.for_component("decoder").passes if "w_bits" in s} == {8}
+    assert {s["weight_bits"] for s in masquant.for_component("decoder").passes if "weight_bits" in s} == {8}
     with pytest.raises(RecipeError, match="unknown bit setting"):
         with_bits(recipe, "w2a2")
     bad = tmp_path / "bad.json"

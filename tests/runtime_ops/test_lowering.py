@@ -145,10 +145,9 @@ def test_pass_class_contract():
 
 
 def _msq_qdq_model(rng, K, widths, scales, bits=8):
-    """The MSQ form built by passes/msq.py itself, in front of QDQ-weight linears reading one activation."""
-    from mqc.passes.msq import insert_activation_msq, is_image_mask
-
+    """The MSQ form built by mqc/graph/msq.py itself, in front of QDQ-weight linears reading one activation."""
     from mqc.calibration import MODALITY_INPUT
+    from mqc.graph.msq import insert_activation_msq, is_image_mask
 
     layers = [random_linear(rng, K, n, bits) for n in widths]
     proto = qdq_linear_model(layers, [None] * len(layers), 1.0, bits=bits)

@@ -20,7 +20,6 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from mqc.passes.cmc import insert_activation_dynamic
 from mqc.passes.lower_runtime_ops import lower_to_runtime_ops
 from onnx import TensorProto, helper
 from rtops_models import (
@@ -33,6 +32,7 @@ from rtops_models import (
     session,
 )
 
+from mqc.graph.qdq import insert_activation_dynamic
 from mqc.quantizer import MIN_SCALE
 
 RTOL = 1e-5

@@ -76,7 +76,7 @@ def insert_activation_msq(
     readers: Sequence[ir.Node],
     is_image: ir.Value,
 ) -> ir.Value:
-    """The per-token fake-quant of the module docstring in front of ``readers``; returns ``x_dq``."""
+    """The per-token fake-quant of the module docstring (MSQ) in front of ``readers``; returns ``x_dq``."""
     base = value.name or "act"
     dtype = value.dtype.numpy() if value.dtype is not None else np.float32
     lo, hi = qrange(bits)
