@@ -7,7 +7,11 @@ Rules:
 2. ``FuseNormsPass``: decomposed normalizations (``Pow -> ReduceMean -> Add -> Sqrt -> Reciprocal -> Mul -> Mul``
    for RMSNorm; ``ReduceMean -> Sub -> Pow -> ReduceMean -> Add -> Sqrt -> Div -> Mul -> Add`` for LayerNorm)
    become single ``RMSNormalization`` / ``LayerNormalization`` nodes, using onnxscript's fusion rules. A rule whose
-   check fails (epsilon not a constant float, unsupported dtype) is recorded with its reason. Function-preserving.
+   check fails (epsilon not a constant float, unsupported dtype) is recorded with its reason. The spellings those
+   rules miss (TorchScript's casts and ``Div(1, ·)``, opset-14 ReduceMean attributes, Gemma's ``1 + w``) are fused
+   by :func:`mqc.graph_forms.fuse_decomposed_norms`, and a ``MatMul`` reading ``Transpose(W)`` of a constant (a
+   tied lm_head) first gets its own weight (:func:`mqc.graph_forms.materialize_transposed_weights`), so the model
+   map sees it as a linear. Function-preserving.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from onnxscript.rewriter import pattern
 from onnxscript.rewriter.rules.fusion._layer_norm import layer_normalization_rules
 from onnxscript.rewriter.rules.fusion._rms_normalization import rms_normalization_rules
 
+from mqc.graph_forms import fuse_decomposed_norms, materialize_transposed_weights
 from mqc.ir import TARGET_OPSET, default_opset
 from mqc.pass_manager import MqcPass, RewriteRulesPass
 
@@ -65,4 +70,12 @@ class FuseNormsPass(RewriteRulesPass):
         upgraded = upgrade_opset(model)  # RMSNormalization exists from opset 23 on
         if upgraded:
             self.record.notes.append(f"opset raised to {TARGET_OPSET} for RMSNormalization")
-        return super().run(model) or upgraded
+        untied = materialize_transposed_weights(model.graph)
+        self.record.notes.extend(untied)
+        changed = super().run(model)
+        fused = fuse_decomposed_norms(model)  # the exporter spellings onnxscript's rules miss (module docstring)
+        if fused:
+            self.record.matched += len(fused)
+            self.record.changed += len(fused)
+            self.record.notes.append(f"fused by mqc.graph_forms: {', '.join(fused)}")
+        return changed or upgraded or bool(untied) or bool(fused)
