@@ -52,9 +52,9 @@ import onnx_ir as ir
 from mqc.passes.ln_to_rmsnorm import StreamRefused, apply_transform, norm_output_readers, trace_stream
 from mqc.passes.norm_folding import live_uses, own_bias, own_weight, set_bias, set_weight
 
+from mqc.graph_forms import absorb_into_embedding
 from mqc.hadamard import hadamard_matrix, padded_size, random_hadamard, supported_size
 from mqc.ir import add_initializer, constant_array, remove_unused_initializers
-from mqc.graph_forms import absorb_into_embedding
 from mqc.model_map import WRITER_ROLES, Linear, ModelMap, infer_head_layout, stream_entry
 from mqc.pass_manager import MqcPass
 
