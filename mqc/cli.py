@@ -70,11 +70,16 @@ def main(ctx: click.Context, debug: bool) -> None:
               help="Override the recipe's bit widths: both towers W4A8 or W8A8, or W8A8 vision with a W4A8 LLM.")
 @click.option("--acts", type=click.Choice(["dynamic", "static"]),
               help="Activation scales of recipes that offer the choice (masquant): per-token dynamic or static per modality.")
+@click.option("--min-sqnr", type=float, help="Quality gate: exit 3 (output kept as *.rejected) when the compiled "
+              "model's logits (or first output) SQNR vs float on held-out samples is below this, in dB.")
+@click.option("--max-kl", type=float, help="Quality gate: exit 3 (output kept as *.rejected) when the mean per-token "
+              "KL(float || compiled) of the logits on held-out samples exceeds this.")
 def compile_command(model: str, output: Path, recipe: str, calib: Path | None, samples: int, fmt: str,
                     exclude: tuple[str, ...], verify: bool, verify_rtol: float, bits: str | None,
-                    acts: str | None) -> None:
+                    acts: str | None, min_sqnr: float | None, max_kl: float | None) -> None:
     """Compile MODEL (an .onnx file, a model directory or a packaged model name) into OUTPUT."""
     from mqc.compiler import compile as compile_model
+    from mqc.quality_gate import Limits
     from mqc.recipes import load_recipe, with_acts, with_bits
 
     chosen = load_recipe(recipe)
@@ -84,7 +89,8 @@ def compile_command(model: str, output: Path, recipe: str, calib: Path | None, s
         chosen = with_acts(chosen, acts)
     with progress_bar() as progress:
         result = compile_model(model, output, chosen, calib=calib, num_samples=samples, fmt=fmt, exclude=exclude,
-                               verify=verify, verify_rtol=verify_rtol, progress=progress)
+                               verify=verify, verify_rtol=verify_rtol, progress=progress,
+                               limits=Limits(min_sqnr, max_kl))
     reports = result if isinstance(result, dict) else {Path(model).name: result}
     for name, report in reports.items():
         _summary(name, report)
@@ -104,6 +110,10 @@ def _summary(name: str, report) -> None:
         worst = max(p.verify["max_rel"] for p in verified)
         line += f", {len(verified)} passes verified (max drift {worst:.1e})"
     console.print(line)
+    if report.quality:
+        from mqc.quality_gate import summary_line
+
+        console.print(summary_line(report.quality), highlight=False)
 
 
 @main.command()

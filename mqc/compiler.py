@@ -29,6 +29,7 @@ from mqc.errors import InputModelError, OutputPathError
 from mqc.ir import load_model, remove_unused_initializers, save_model
 from mqc.model_map import build_model_map
 from mqc.pass_manager import DEFAULT_VERIFY_RTOL, CompileContext, PassManager
+from mqc.quality_gate import NO_LIMITS, Limits, QualityRejected, hold_out, measure, rejected_path
 from mqc.recipes import Recipe, load_recipe, pass_class
 from mqc.report import REPORT_KEY, CompileReport
 
@@ -79,6 +80,7 @@ def compile_file(
     default_modality: int = TEXT,
     progress: Any = None,
     write: bool = True,
+    limits: Limits = NO_LIMITS,
 ) -> CompileReport:
     """Compile one ONNX file. ``feeds`` (a callable returning an iterable of feed dicts) overrides ``calib``."""
     start = time.perf_counter()
@@ -100,6 +102,9 @@ def compile_file(
         feeds = lambda: samples  # noqa: E731
         calibration = {"source": "synthetic (no --calib given): random inputs, scales are not representative",
                        "samples": len(samples)}
+    samples, held_out, disjoint = hold_out(feeds)  # the quality gate's samples (mqc.quality_gate)
+    feeds = lambda: samples  # noqa: E731
+    calibration["samples"], calibration["held_out_for_quality_gate"] = len(samples), len(held_out) if disjoint else 0
     context = CompileContext(feeds, verify=verify, verify_rtol=verify_rtol, default_modality=default_modality,
                              exclude=exclude, progress=progress)
     context.num_samples = calibration.get("samples", num_samples)
@@ -117,10 +122,15 @@ def compile_file(
     if task is not None:
         progress.remove_task(task)
     remove_unused_initializers(model.graph)  # e.g. norm gammas a fold replaced; onnxruntime warns about each
+    report.quality = measure(source, model, held_out, disjoint)
+    rejections = limits.violations(report.quality)
     report.seconds = round(time.perf_counter() - start, 2)
     model.metadata_props[REPORT_KEY] = report.to_json()
     if write:
-        save_model(model, output)
+        save_model(model, rejected_path(output) if rejections else output)
+    if rejections:
+        kept = f"; the model is kept as {rejected_path(output)}" if write else ""
+        raise QualityRejected(f"quality gate rejected {output.name}: {'; '.join(rejections)}{kept}", report)
     return report
 
 
@@ -138,6 +148,7 @@ def compile_package(
     verify: bool = False,
     verify_rtol: float = DEFAULT_VERIFY_RTOL,
     progress: Any = None,
+    limits: Limits = NO_LIMITS,
 ) -> dict[str, CompileReport]:
     """Compile every quantizable component of a model directory (or packaged model name) into ``output``."""
     from mqc.models.calibration import calibration_feeds
@@ -177,13 +188,20 @@ def compile_package(
                 kept_float.append(component)
                 continue
             samples = list(calibration_feeds(model_dir, component, num_samples))
-            reports[component] = compile_file(
-                model_dir / file, staging / file, component_recipe, feeds=lambda s=samples: s, num_samples=len(samples),
-                fmt=fmt, exclude=exclude,
-                verify=verify, verify_rtol=verify_rtol, default_modality=modality, progress=progress,
-            )
-            reports[component].calibration = {"source": f"{manifest.get('name', model_dir.name)} calibration set "
-                                               "(easy-vqa train split + text)", "samples": len(samples)}
+            try:
+                reports[component] = compile_file(
+                    model_dir / file, staging / file, component_recipe, feeds=lambda s=samples: s,
+                    num_samples=len(samples), fmt=fmt, exclude=exclude, verify=verify, verify_rtol=verify_rtol,
+                    default_modality=modality, progress=progress, limits=limits,
+                )
+            except QualityRejected as exc:  # keep what was compiled beside the output, as <output>.rejected
+                os.replace(rejected_path(staging / file), staging / file)
+                kept = rejected_path(output)
+                shutil.rmtree(kept, ignore_errors=True)
+                os.replace(staging, kept)
+                raise QualityRejected(f"{component}: {exc}; the model directory is kept as {kept}", exc.report) from None
+            reports[component].calibration.update({"source": f"{manifest.get('name', model_dir.name)} calibration "
+                                                   "set (easy-vqa train split + text)"})
         # Pass-through components (the embedding table) whose data lived beside them are copied with their data.
         for file in components.values():
             data = model_dir / f"{file}.data"
