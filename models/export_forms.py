@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from mqc.models.testing import tiny_config, tiny_tokenizer
 
 EXPORTERS = ("dynamo", "torchscript", "genai")

@@ -8,8 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-import mqc
 from mqc.models.export_forms import (
     ExportForm,
     embedding_table,
@@ -18,6 +16,8 @@ from mqc.models.export_forms import (
     prefill_feed,
     token_windows,
 )
+
+import mqc
 from mqc.quantizer import sqnr_db
 
 HEAD_DIM = 16
