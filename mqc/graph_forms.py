@@ -390,3 +390,19 @@ def absorb_into_embedding(graph: ir.Graph, entry: ir.Value, matrix: np.ndarray) 
         return copy.name
     replace_initializer(table, rotated)
     return table.name
+
+
+def inline_constant_identities(graph: ir.Graph) -> int:
+    """Readers of ``Identity(constant)`` read the constant (TorchScript writes deduplicated or tied parameters as
+    Identity nodes, which hides a bias or a gamma from the model map); the number of Identities removed."""
+    removed = 0
+    for node in list(graph):
+        if not _is_default(node, "Identity") or node.outputs[0] in graph.outputs:
+            continue
+        source = node.inputs[0]
+        if source is None or constant_array(source) is None:
+            continue
+        node.outputs[0].replace_all_uses_with(source)
+        graph.remove(node, safe=True)
+        removed += 1
+    return removed

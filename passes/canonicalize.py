@@ -11,7 +11,8 @@ Rules:
    rules miss (TorchScript's casts and ``Div(1, ·)``, opset-14 ReduceMean attributes, Gemma's ``1 + w``) are fused
    by :func:`mqc.graph_forms.fuse_decomposed_norms`, and a ``MatMul`` reading ``Transpose(W)`` of a constant (a
    tied lm_head) first gets its own weight (:func:`mqc.graph_forms.materialize_transposed_weights`), so the model
-   map sees it as a linear. Function-preserving.
+   map sees it as a linear; ``Identity`` of a constant (TorchScript's shared parameters) is read through.
+   Function-preserving.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from onnxscript.rewriter import pattern
 from onnxscript.rewriter.rules.fusion._layer_norm import layer_normalization_rules
 from onnxscript.rewriter.rules.fusion._rms_normalization import rms_normalization_rules
 
-from mqc.graph_forms import fuse_decomposed_norms, materialize_transposed_weights
+from mqc.graph_forms import fuse_decomposed_norms, inline_constant_identities, materialize_transposed_weights
 from mqc.ir import TARGET_OPSET, default_opset
 from mqc.pass_manager import MqcPass, RewriteRulesPass
 
@@ -70,6 +71,7 @@ class FuseNormsPass(RewriteRulesPass):
         upgraded = upgrade_opset(model)  # RMSNormalization exists from opset 23 on
         if upgraded:
             self.record.notes.append(f"opset raised to {TARGET_OPSET} for RMSNormalization")
+        inline_constant_identities(model.graph)
         untied = materialize_transposed_weights(model.graph)
         self.record.notes.extend(untied)
         changed = super().run(model)
