@@ -116,15 +116,23 @@ def _torch_export(form: ExportForm, model, path: Path) -> Path:
 
 
 def _genai_export(form: ExportForm, model, out_dir: Path) -> Path:
-    """onnxruntime-genai's model builder at fp32 on a checkpoint folder saved here (no download)."""
-    from onnxruntime_genai.models.builder import create_model
+    """onnxruntime-genai's model builder at fp32 on a checkpoint folder saved here, run as users run it (its
+    command line, offline)."""
+    import os
+    import subprocess
+    import sys
 
     checkpoint = out_dir / "hf"
     model.save_pretrained(checkpoint)
     tiny_tokenizer().save_pretrained(checkpoint)
     target = out_dir / "genai"
-    create_model(model.config._name_or_path or form.family, str(checkpoint), str(target), "fp32", "cpu",
-                 str(out_dir / "cache"), exclude_embeds=form.inputs == "inputs_embeds")
+    if form.inputs != "input_ids":
+        raise ValueError("the genai forms take input_ids (the builder's exclude_embeds form is not in the corpus)")
+    command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", form.family, "-i", str(checkpoint),
+               "-o", str(target), "-p", "fp32", "-e", "cpu", "-c", str(out_dir / "cache")]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if done.returncode:
+        raise RuntimeError(f"onnxruntime-genai builder failed: {done.stderr[-2000:]}")
     return target / "model.onnx"
 
 

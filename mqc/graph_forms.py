@@ -26,7 +26,7 @@ import numpy as np
 import onnx_ir as ir
 
 from mqc.ir import add_initializer, constant_array, replace_initializer
-from mqc.model_map import NORM_OPS, embedding_gather, module_path
+from mqc.model_map import NORM_OPS, embedding_gather, module_path, scope_path
 
 NORM_OP_TYPES = {op for _, op in NORM_OPS}
 
@@ -348,12 +348,17 @@ def _remove_dead_nodes(graph: ir.Graph) -> None:
 
 
 def materialize_transposed_weights(graph: ir.Graph) -> list[str]:
-    """Give every ``MatMul(X, Transpose(W))`` of a constant 2-D ``W`` its own [in, out] weight; notes per MatMul."""
+    """Give every ``MatMul(X, Transpose(W))`` of a constant 2-D ``W`` its own [in, out] weight, and every embedding
+    ``Gather(Transpose(W), ids)`` its own table (onnxruntime-genai ties the other way round); notes per node."""
     notes = []
     for node in list(graph):
-        if not _is_default(node, "MatMul") or len(node.inputs) != 2 or node.inputs[1] is None:
+        if _is_default(node, "MatMul") and len(node.inputs) == 2:
+            index = 1
+        elif _is_default(node, "Gather") and len(node.inputs) == 2:
+            index = 0
+        else:
             continue
-        transpose = node.inputs[1].producer()
+        transpose = node.inputs[index].producer() if node.inputs[index] is not None else None
         if transpose is None or not _is_default(transpose, "Transpose"):
             continue
         table = transpose.inputs[0]
@@ -361,12 +366,12 @@ def materialize_transposed_weights(graph: ir.Graph) -> list[str]:
         perm = transpose.attributes.get("perm")
         if array is None or array.ndim != 2 or (perm is not None and list(perm.as_ints()) != [1, 0]):
             continue
-        name = module_path(node) or node.name or "linear"
+        name = module_path(node) or scope_path(node.name) or "linear"
         copy = add_initializer(graph, f"{name}.weight_t", np.ascontiguousarray(array.T))
-        node.replace_input_with(1, copy)
+        node.replace_input_with(index, copy)
         readers = sorted({u.node.op_type for u in table.uses() if u.node is not transpose})
         shared = f", shared with {'/'.join(readers)}: untied" if readers else ""
-        notes.append(f"{name}: MatMul read Transpose({table.name}){shared}; given its own transposed copy")
+        notes.append(f"{name}: {node.op_type} read Transpose({table.name}){shared}; given its own transposed copy")
         if not list(transpose.outputs[0].uses()):
             graph.remove(transpose, safe=True)
     return notes
@@ -406,3 +411,106 @@ def inline_constant_identities(graph: ir.Graph) -> int:
         graph.remove(node, safe=True)
         removed += 1
     return removed
+
+
+#: onnxruntime's fused norms (any domain) and the standard op each one's normalization is.
+FUSED_NORMS = {"SimplifiedLayerNormalization": "RMSNormalization", "SkipSimplifiedLayerNormalization": "RMSNormalization",
+               "SkipLayerNormalization": "LayerNormalization"}
+
+
+def unfuse_skip_norms(model: ir.Model) -> list[str]:
+    """onnxruntime-genai's ``SkipSimplifiedLayerNormalization(x, skip, γ[, bias])`` becomes ``s = x + skip (+ bias)``
+    and ``RMSNormalization(s, γ)``, its residual output (index 3) reading ``s``; ``SimplifiedLayerNormalization``
+    becomes ``RMSNormalization``; ``SkipLayerNormalization`` likewise becomes Add + ``LayerNormalization``. The
+    residual stream is then plain Adds and norms, as the rotation traces it. A node whose mean / inverse-std
+    outputs are read is left fused (named in the returned notes)."""
+    graph = model.graph
+    notes = []
+    if model.opset_imports.get("", 0) < 23:
+        return notes
+    for node in list(graph):
+        target = FUSED_NORMS.get(node.op_type)
+        if target is None or node.domain not in ("", "ai.onnx", "com.microsoft"):
+            continue
+        skip = node.op_type.startswith("Skip")
+        if any(list(o.uses()) or o in graph.outputs for o in node.outputs[1:3] if o is not None):
+            notes.append(f"{node.name}: mean/inv-std outputs are read, left fused")
+            continue
+        epsilon = node.attributes.get("epsilon")
+        attributes = {"axis": -1, "epsilon": epsilon.as_float() if epsilon is not None else 1e-5}
+        new_nodes = []
+        source = node.inputs[0]
+        if skip:
+            add = ir.node("Add", [node.inputs[0], node.inputs[1]], name=f"{node.name}/residual_add")
+            new_nodes.append(add)
+            source = add.outputs[0]
+            bias = node.inputs[4] if node.op_type == "SkipLayerNormalization" else node.inputs[3] if len(node.inputs) > 3 else None
+            if node.op_type == "SkipLayerNormalization" and len(node.inputs) <= 4:
+                bias = None
+            if bias is not None:
+                add_bias = ir.node("Add", [source, bias], name=f"{node.name}/residual_bias")
+                new_nodes.append(add_bias)
+                source = add_bias.outputs[0]
+            source.dtype, source.shape = node.inputs[0].dtype, node.inputs[0].shape
+        scale_index = 2 if skip else 1
+        inputs = [source, node.inputs[scale_index]]
+        if target == "LayerNormalization":
+            inputs.append(node.inputs[scale_index + 1] if len(node.inputs) > scale_index + 1 else None)
+        norm = ir.node(target, inputs, attributes=attributes, name=f"{node.name}/{target}")
+        norm.metadata_props.update(node.metadata_props)
+        new_nodes.append(norm)
+        graph.insert_before(node, new_nodes)
+        out = node.outputs[0]
+        norm.outputs[0].dtype, norm.outputs[0].shape = out.dtype, out.shape
+        _take_over(graph, out, norm.outputs[0])
+        if skip and len(node.outputs) > 3 and node.outputs[3] is not None:
+            _take_over(graph, node.outputs[3], source)
+        graph.remove(node, safe=False)
+    return notes
+
+
+def _take_over(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
+    """``new`` replaces ``old`` for every reader and as a graph output (keeping the output's name)."""
+    old.replace_all_uses_with(new)
+    if old in graph.outputs:
+        graph.outputs[graph.outputs.index(old)] = new
+        name = old.name
+        old.name = f"{name}_replaced"
+        new.name = name
+
+
+def split_packed_qkv(graph: ir.Graph) -> list[str]:
+    """A ``MatMul`` whose output is ``GroupQueryAttention``'s packed query (key and value inputs empty) becomes three
+    MatMuls, ``q_proj`` / ``k_proj`` / ``v_proj``, feeding the query, key and value inputs: the model map then sees
+    q, k and v (the per-head V rotation needs v alone). Sizes come from ``num_heads`` / ``kv_num_heads``."""
+    notes = []
+    for node in list(graph):
+        if node.op_type != "GroupQueryAttention" or len(node.inputs) < 3:
+            continue
+        if node.inputs[1] is not None or node.inputs[2] is not None or node.inputs[0] is None:
+            continue
+        matmul = node.inputs[0].producer()
+        if matmul is None or not _is_default(matmul, "MatMul") or len(list(node.inputs[0].uses())) != 1:
+            continue
+        weight = constant_array(matmul.inputs[1])
+        heads, kv_heads = node.attributes["num_heads"].as_int(), node.attributes["kv_num_heads"].as_int()
+        if weight is None or weight.ndim != 2 or weight.shape[1] % (heads + 2 * kv_heads):
+            continue
+        head_dim = weight.shape[1] // (heads + 2 * kv_heads)
+        bounds = np.cumsum([0, heads * head_dim, kv_heads * head_dim, kv_heads * head_dim])
+        prefix = (matmul.inputs[1].name or "qkv").removesuffix(".weight").removesuffix(".MatMul")
+        prefix = prefix.removesuffix(".qkv_proj")
+        parts = []
+        for index, role in enumerate(("q_proj", "k_proj", "v_proj")):
+            part = add_initializer(graph, f"{prefix}.{role}.weight",
+                                   np.ascontiguousarray(weight[:, bounds[index]:bounds[index + 1]]))
+            linear = ir.node("MatMul", [matmul.inputs[0], part], name=f"{prefix}.{role}/MatMul")
+            out = linear.outputs[0]
+            out.name, out.dtype = f"{prefix}.{role}/output", node.inputs[0].dtype
+            parts.append(linear)
+        graph.insert_before(matmul, parts)
+        for index, linear in enumerate(parts):
+            node.replace_input_with(index, linear.outputs[0])
+        graph.remove(matmul, safe=True)
+        notes.append(f"{prefix}: packed qkv split into q/k/v ({heads} heads, {kv_heads} kv heads, head_dim {head_dim})")
+    return notes

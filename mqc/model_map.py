@@ -186,7 +186,8 @@ def _linear_name(node: ir.Node, weight: ir.Value) -> str:
     if path:
         return path
     if weight.name and not GENERATED_NAME.match(weight.name):
-        return weight.name.removesuffix(".weight").removesuffix(".weight_t")
+        # onnxruntime-genai: model.layers.0.mlp.down_proj.MatMul.weight
+        return weight.name.removesuffix(".weight").removesuffix(".weight_t").removesuffix(".MatMul")
     return scope_path(node.name) or weight.name or "linear"
 
 

@@ -12,6 +12,8 @@ Rules:
    by :func:`mqc.graph_forms.fuse_decomposed_norms`, and a ``MatMul`` reading ``Transpose(W)`` of a constant (a
    tied lm_head) first gets its own weight (:func:`mqc.graph_forms.materialize_transposed_weights`), so the model
    map sees it as a linear; ``Identity`` of a constant (TorchScript's shared parameters) is read through.
+   onnxruntime-genai's fused ``Skip(Simplified)LayerNormalization`` become Add + a standard norm and its packed
+   qkv MatMul is split into q/k/v (:func:`mqc.graph_forms.unfuse_skip_norms`, :func:`~mqc.graph_forms.split_packed_qkv`).
    Function-preserving.
 """
 
@@ -23,7 +25,13 @@ from onnxscript.rewriter import pattern
 from onnxscript.rewriter.rules.fusion._layer_norm import layer_normalization_rules
 from onnxscript.rewriter.rules.fusion._rms_normalization import rms_normalization_rules
 
-from mqc.graph_forms import fuse_decomposed_norms, inline_constant_identities, materialize_transposed_weights
+from mqc.graph_forms import (
+    fuse_decomposed_norms,
+    inline_constant_identities,
+    materialize_transposed_weights,
+    split_packed_qkv,
+    unfuse_skip_norms,
+)
 from mqc.ir import TARGET_OPSET, default_opset
 from mqc.pass_manager import MqcPass, RewriteRulesPass
 
@@ -75,9 +83,12 @@ class FuseNormsPass(RewriteRulesPass):
         untied = materialize_transposed_weights(model.graph)
         self.record.notes.extend(untied)
         changed = super().run(model)
+        rewritten = unfuse_skip_norms(model) + split_packed_qkv(model.graph)  # onnxruntime-genai
+        self.record.notes.extend(rewritten)
         fused = fuse_decomposed_norms(model)  # the exporter spellings onnxscript's rules miss (module docstring)
         if fused:
             self.record.matched += len(fused)
             self.record.changed += len(fused)
             self.record.notes.append(f"fused by mqc.graph_forms: {', '.join(fused)}")
-        return changed or upgraded or bool(untied) or bool(fused)
+        self.record.changed += len(untied) + len(rewritten)
+        return changed or upgraded or bool(untied) or bool(fused) or bool(rewritten)
