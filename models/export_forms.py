@@ -203,3 +203,46 @@ def prefill_feed(model_path: Path, ids: np.ndarray, table: np.ndarray, head_dim:
         else:
             raise ValueError(f"{model_path}: no feed for input {name!r}")
     return feed
+
+
+def build_vision_tower(seed: int = 0):
+    """A tiny random DINOv2 (hidden 64, 2 layers, LayerScale, 28x28 images of 14x14 patches) with non-trivial
+    LayerNorm gammas and betas."""
+    import torch
+    from transformers import Dinov2Config, Dinov2Model
+
+    config = Dinov2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+                          image_size=28, patch_size=14, layerscale_value=1.0)
+    torch.manual_seed(seed)
+    model = Dinov2Model(config).eval()
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                base = 1.0 if name.endswith("weight") else 0.0
+                param.copy_(base + 0.3 * torch.randn(param.shape, generator=generator))
+    return model
+
+
+def export_vision_opset14(out_dir: Path, seed: int = 0) -> Path:
+    """The DINOv2 tower as an older TorchScript export writes it: opset 14, LayerNorm decomposed into
+    ReduceMean/Sub/Pow/Sqrt/Div, the class token concatenated and the position table interpolated by a ``Resize``
+    of constants, fixed batch of one; ``pixel_values`` -> ``last_hidden_state``."""
+    import torch
+
+    class Tower(torch.nn.Module):
+        def __init__(self, dinov2):
+            super().__init__()
+            self.m = dinov2
+
+        def forward(self, pixel_values):
+            return self.m(pixel_values=pixel_values).last_hidden_state
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "dinov2-opset14.onnx"
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Tower(build_vision_tower(seed)).eval(), (torch.randn(1, 3, 28, 28),), str(path),
+                          dynamo=False, opset_version=14, input_names=["pixel_values"],
+                          output_names=["last_hidden_state"])
+    return path

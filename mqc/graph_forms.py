@@ -288,14 +288,13 @@ def fuse_decomposed_norms(model: ir.Model) -> list[str]:
     fused = []
     for node in list(graph):
         if node.graph is not graph or not _is_default(node, "ReduceMean"):
-            continue
+            continue  # (a node of an already fused norm was removed with it: its graph is None)
         match = _match_layernorm(node) or (_match_rms(node) if allow_rms else None)
         if match is None or (match.kind == "layernorm" and _width(match.source) is None and match.gamma is None):
             continue
         _replace(graph, match)
-        fused.append(f"{match.name} ({match.kind})")
-    if fused:
         _remove_dead_nodes(graph)
+        fused.append(f"{match.name} ({match.kind})")
     _read_shapes_before_norms(graph)
     return fused
 
@@ -312,10 +311,9 @@ def _read_shapes_before_norms(graph: ir.Graph) -> None:
 
 
 def _infer_types(model: ir.Model) -> None:
-    """ONNX shape inference where types are missing (TorchScript declares none inside the graph), so a Cast can be
-    told a no-op; a model the checker cannot infer (over 2 GB, custom ops) is matched on declared types only."""
-    if all(v.dtype is not None for n in model.graph for v in n.outputs):
-        return
+    """ONNX shape inference: TorchScript declares no types inside the graph (a Cast must be told a no-op) and the
+    opset converter leaves channel widths symbolic (a stream trace needs them); a model the checker cannot infer
+    (custom ops) keeps the shapes it declares."""
     try:
         from onnx_ir.passes.common import ShapeInferencePass
 
@@ -514,3 +512,11 @@ def split_packed_qkv(graph: ir.Graph) -> list[str]:
         graph.remove(matmul, safe=True)
         notes.append(f"{prefix}: packed qkv split into q/k/v ({heads} heads, {kv_heads} kv heads, head_dim {head_dim})")
     return notes
+
+
+def fold_constant_subgraphs(model: ir.Model) -> bool:
+    """Evaluate subgraphs of constants once (TorchScript leaves a DINOv2 position table behind a ``Resize`` of
+    constants, which nothing can absorb a rotation into); tensors above a million elements are left alone."""
+    from onnxscript.optimizer import fold_constants
+
+    return bool(fold_constants(model, input_size_limit=1 << 20, output_size_limit=1 << 22).modified)

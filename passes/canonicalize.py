@@ -12,7 +12,7 @@ Rules:
    by :func:`mqc.graph_forms.fuse_decomposed_norms`, and a ``MatMul`` reading ``Transpose(W)`` of a constant (a
    tied lm_head) first gets its own weight (:func:`mqc.graph_forms.materialize_transposed_weights`), so the model
    map sees it as a linear; ``Identity`` of a constant (TorchScript's shared parameters) is read through.
-   onnxruntime-genai's fused ``Skip(Simplified)LayerNormalization`` become Add + a standard norm and its packed
+   Subgraphs of constants are folded last (a position table behind a ``Resize``). onnxruntime-genai's fused ``Skip(Simplified)LayerNormalization`` become Add + a standard norm and its packed
    qkv MatMul is split into q/k/v (:func:`mqc.graph_forms.unfuse_skip_norms`, :func:`~mqc.graph_forms.split_packed_qkv`).
    Function-preserving.
 """
@@ -26,6 +26,7 @@ from onnxscript.rewriter.rules.fusion._layer_norm import layer_normalization_rul
 from onnxscript.rewriter.rules.fusion._rms_normalization import rms_normalization_rules
 
 from mqc.graph_forms import (
+    fold_constant_subgraphs,
     fuse_decomposed_norms,
     inline_constant_identities,
     materialize_transposed_weights,
@@ -90,5 +91,7 @@ class FuseNormsPass(RewriteRulesPass):
             self.record.matched += len(fused)
             self.record.changed += len(fused)
             self.record.notes.append(f"fused by mqc.graph_forms: {', '.join(fused)}")
+        if fold_constant_subgraphs(model):
+            self.record.notes.append("constant subgraphs folded")
         self.record.changed += len(untied) + len(rewritten)
         return changed or upgraded or bool(untied) or bool(fused) or bool(rewritten)

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from mqc.models.export_forms import (
     ExportForm,
@@ -140,3 +141,19 @@ def test_recipe_on_form_matches_the_mqc_export_graph(form, recipe, form_graph, c
     assert abs(compiled.sqnr - reference.sqnr) <= 1.0, (compiled.sqnr, reference.sqnr)
     gate, reference_gate = compiled.report.quality, reference.report.quality
     assert abs(gate["sqnr_db"] - reference_gate["sqnr_db"]) <= 1.0 and abs(gate["kl"] - reference_gate["kl"]) <= 0.1
+
+
+def test_opset14_vision_tower_with_decomposed_layernorm_is_rotated(tmp_path):
+    from mqc.models.export_forms import export_vision_opset14
+
+    source = export_vision_opset14(tmp_path)
+    assert not any(n.op_type == "LayerNormalization" for n in onnx.load(str(source)).graph.node)
+    rng = np.random.default_rng(0)
+    images = [{"pixel_values": rng.standard_normal((1, 3, 28, 28)).astype(np.float32)} for _ in range(9)]
+    report = mqc.compile(source, tmp_path / "q.onnx", "mquant-vision", feeds=lambda: images, num_samples=9, verify=True)
+    records = {p.name: p for p in report.passes}
+    assert records["fuse_norms"].changed == 5
+    for name in ("ln_to_rmsnorm", "hadamard_rotation"):
+        assert records[name].changed > 0 and not records[name].skipped, (name, records[name].skipped)
+    assert all(p.verify is None or p.verify["max_rel"] < 1e-4 for p in report.passes)
+    assert report.quality["output"] == "last_hidden_state" and report.quality["sqnr_db"] > 15
