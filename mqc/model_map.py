@@ -16,6 +16,12 @@ Rules, in order:
    ``SkipSimplifiedLayerNormalization`` / ``SkipLayerNormalization``. Decomposed ReduceMean/Pow/Sqrt forms are
    turned into these by ``passes.canonicalize`` first.
 6. *Embeddings* are ``Gather`` from a constant 2-D table.
+7. The decoder's residual stream starts at the graph input ``inputs_embeds``, else at the output of the embedding
+   ``Gather`` that reads a graph input (``input_ids``), after a scalar scale if there is one (:func:`stream_entry`).
+8. ``head_dim`` and the KV head count come from ``GroupQueryAttention`` / ``MultiHeadAttention`` attributes, else
+   from the constant tail of the ``Reshape`` that splits v_proj's output into heads (:func:`infer_head_layout`).
+   TorchScript node names (``/model/layers.0/self_attn/q_proj/MatMul``) and onnxruntime-genai weight names
+   (``model.layers.0.mlp.down_proj.MatMul.weight``) give module paths too.
 """
 
 from __future__ import annotations

@@ -13,7 +13,9 @@ Rules, in the order the pass applies them:
    writer linear (o/down/fc2), and by RMSNorms whose output is read only by linears (the *readers*: q/k/v,
    gate/up, lm_head). Any other consumer, a stream value that is a graph output, or a writer whose output
    leaves the stream refuses the whole pass with the reason: nothing is changed then.
-3. Entry: one ``MatMul(inputs_embeds, R1)`` is inserted at the graph input. When a whole model folder is
+3. Entry: where the stream starts at an embedding ``Gather`` (a decoder exported with ``input_ids`` only; see
+   ``model_map.stream_entry``), the table absorbs R1 (E ← E·R1, copied first when an lm_head shares it). Else one
+   ``MatMul(inputs_embeds, R1)`` is inserted at the graph input. When a whole model folder is
    compiled, the embedding table and the projector's last linear could absorb it (E ← E·R1, W ← W·R1); the
    decoder graph alone takes its embeddings from outside, so the MatMul stays here.
 4. Readers: W ← R1ᵀ·W (input side). Writers: W ← W·R1 and b ← b·R1 (output side). Weights or biases shared
