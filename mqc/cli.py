@@ -120,11 +120,17 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--allow-partial", is_flag=True,
               help="Write the model even when a pass cannot do its essential work (e.g. a refused rotation); the "
                    "summary's first line says what did not apply. Without it such a compile exits 2.")
+@click.option("--min-sqnr", type=float, help="Quality gate: exit 3 (output kept as *.rejected) when the compiled "
+              "model's logits (or first output) SQNR vs float on held-out samples is below this, in dB.")
+@click.option("--max-kl", type=float, help="Quality gate: exit 3 (output kept as *.rejected) when the mean per-token "
+              "KL(float || compiled) of the logits on held-out samples exceeds this.")
 def compile_command(model: str, output: Path, recipe: str, calib: Path | None, samples: int, fmt: str,
                     exclude: tuple[str, ...], verify: bool, verify_rtol: float, bits: str | None,
-                    acts: str | None, assignments: tuple[str, ...], allow_partial: bool) -> None:
+                    acts: str | None, assignments: tuple[str, ...], allow_partial: bool,
+                    min_sqnr: float | None, max_kl: float | None) -> None:
     """Compile MODEL (an .onnx file, a model directory or a packaged model name) into OUTPUT."""
     from mqc.compiler import compile as compile_model
+    from mqc.quality_gate import Limits
     from mqc.recipes import load_recipe, with_acts, with_assignments, with_bits
 
     chosen = load_recipe(recipe)
@@ -136,7 +142,8 @@ def compile_command(model: str, output: Path, recipe: str, calib: Path | None, s
         chosen = with_assignments(chosen, list(assignments))
     with progress_bar() as progress:
         result = compile_model(model, output, chosen, calib=calib, num_samples=samples, fmt=fmt, exclude=exclude,
-                               verify=verify, verify_rtol=verify_rtol, progress=progress, allow_partial=allow_partial)
+                               verify=verify, verify_rtol=verify_rtol, progress=progress, allow_partial=allow_partial,
+                               limits=Limits(min_sqnr, max_kl))
     reports = result if isinstance(result, dict) else {Path(model).name: result}
     partial = [f"{name}: {what}" for name, report in reports.items() for what in report.not_applied()]
     if partial:
@@ -163,6 +170,10 @@ def _summary(name: str, report) -> None:
     if nested:
         line += f", {len(nested)} MatMul/Gemm inside If/Loop bodies left in float"
     console.print(line)
+    if report.quality:
+        from mqc.quality_gate import summary_line
+
+        console.print(summary_line(report.quality), highlight=False)
 
 
 @main.command()

@@ -34,6 +34,7 @@ from mqc.model_map import build_model_map
 from mqc.outputs import FolderStaging, check_output_path
 from mqc.packages import component_paths, folder_entries, is_model_dir, package_hooks, read_manifest
 from mqc.pass_manager import DEFAULT_VERIFY_RTOL, CompileContext, PassManager
+from mqc.quality_gate import NO_LIMITS, Limits, QualityRejected, hold_out, measure, rejected_path
 from mqc.recipes import Recipe, load_recipe, pass_class
 from mqc.report import REPORT_KEY, CompileReport
 
@@ -112,6 +113,7 @@ def compile_file(
     progress: Any = None,
     write: bool = True,
     allow_partial: bool = False,
+    limits: Limits = NO_LIMITS,
 ) -> CompileReport:
     """Compile one ONNX file. ``feeds`` (a callable returning an iterable of feed dicts) overrides ``calib``."""
     start = time.perf_counter()
@@ -137,6 +139,9 @@ def compile_file(
         feeds = lambda: samples  # noqa: E731
         calibration = {"source": "synthetic (no --calib given): random inputs, scales are not representative",
                        "samples": len(samples)}
+    samples, held_out, disjoint = hold_out(feeds)  # the quality gate's samples (mqc.quality_gate)
+    feeds = lambda: samples  # noqa: E731
+    calibration["samples"], calibration["held_out_for_quality_gate"] = len(samples), len(held_out) if disjoint else 0
     context = CompileContext(feeds, verify=verify, verify_rtol=verify_rtol, default_modality=default_modality,
                              exclude=exclude, progress=progress, allow_partial=allow_partial)
     context.num_samples = calibration.get("samples", num_samples)
@@ -158,10 +163,15 @@ def compile_file(
     if task is not None:
         progress.remove_task(task)
     remove_unused_initializers(model.graph)  # e.g. norm gammas a fold replaced; onnxruntime warns about each
+    report.quality = measure(source, model, held_out, disjoint)
+    rejections = limits.violations(report.quality)
     report.seconds = round(time.perf_counter() - start, 2)
     model.metadata_props[REPORT_KEY] = _without_timings(report).to_json()
     if write:
-        save_model(model, output, protected=inputs)
+        save_model(model, rejected_path(output) if rejections else output, protected=inputs)
+    if rejections:
+        kept = f"; the model is kept as {rejected_path(output)}" if write else ""
+        raise QualityRejected(f"quality gate rejected {output.name}: {'; '.join(rejections)}{kept}", report)
     return report
 
 
@@ -176,6 +186,7 @@ def compile_package(
     verify_rtol: float = DEFAULT_VERIFY_RTOL,
     progress: Any = None,
     allow_partial: bool = False,
+    limits: Limits = NO_LIMITS,
 ) -> dict[str, CompileReport]:
     """Compile every quantizable component of a model directory (or packaged model name) into ``output``."""
     hooks = package_hooks()
@@ -219,15 +230,23 @@ def compile_package(
                 kept_float.append(component)
                 continue
             samples = list(hooks.calibration_feeds(model_dir, component, num_samples))
-            (staging.path / relative).parent.mkdir(parents=True, exist_ok=True)
-            reports[component] = compile_file(
-                files[component], staging.path / relative, component_recipe, feeds=lambda s=samples: s,
-                num_samples=len(samples), fmt=fmt, exclude=exclude,
-                verify=verify, verify_rtol=verify_rtol, default_modality=modality, progress=progress,
-                allow_partial=allow_partial,
-            )
-            reports[component].calibration = {"source": f"{manifest.get('name', model_dir.name)} calibration set "
-                                               "(easy-vqa train split + text)", "samples": len(samples)}
+            target = staging.path / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                reports[component] = compile_file(
+                    files[component], target, component_recipe, feeds=lambda s=samples: s,
+                    num_samples=len(samples), fmt=fmt, exclude=exclude,
+                    verify=verify, verify_rtol=verify_rtol, default_modality=modality, progress=progress,
+                    allow_partial=allow_partial, limits=limits,
+                )
+            except QualityRejected as exc:  # keep what was compiled beside the output, as <output>.rejected
+                os.replace(rejected_path(target), target)
+                kept = rejected_path(output)
+                shutil.rmtree(kept, ignore_errors=True)
+                os.replace(staging.path, kept)
+                raise QualityRejected(f"{component}: {exc}; the model directory is kept as {kept}", exc.report) from None
+            reports[component].calibration.update({"source": f"{manifest.get('name', model_dir.name)} calibration "
+                                                   "set (easy-vqa train split + text)"})
         _copy_float_components(model_dir, staging.path, [files[c] for c in files if c not in reports])
         manifest["compiled"] = {"recipe": recipe.name, "format": fmt, "source": model_dir.name,
                                 "components": sorted(reports), "float_components": kept_float,

@@ -16,6 +16,12 @@ Rules, in order:
    ``SkipSimplifiedLayerNormalization`` / ``SkipLayerNormalization``. Decomposed ReduceMean/Pow/Sqrt forms are
    turned into these by ``passes.canonicalize`` first.
 6. *Embeddings* are ``Gather`` from a constant 2-D table.
+7. The decoder's residual stream starts at the graph input ``inputs_embeds``, else at the output of the embedding
+   ``Gather`` that reads a graph input (``input_ids``), after a scalar scale if there is one (:func:`stream_entry`).
+8. ``head_dim`` and the KV head count come from ``GroupQueryAttention`` / ``MultiHeadAttention`` attributes, else
+   from the constant tail of the ``Reshape`` that splits v_proj's output into heads (:func:`infer_head_layout`).
+   TorchScript node names (``/model/layers.0/self_attn/q_proj/MatMul``) and onnxruntime-genai weight names
+   (``model.layers.0.mlp.down_proj.MatMul.weight``) give module paths too.
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ ROLE_PATTERNS: list[tuple[str, str]] = [
 VISION_HINT = re.compile(r"(vision|visual|vit|image_encoder|dinov2|patch_embed|encoder\.layer\.)", re.I)
 PROJECTOR_HINT = re.compile(r"(projector|mm_projector|merger|connector|multi_modal|mlp1|resampler)", re.I)
 LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|blocks|h|block)\.(\d+)(?:\.|$)")
-GENERATED_NAME = re.compile(r"^(val_\d+|_val_\d+|onnx::.*|\d+)$")
+GENERATED_NAME = re.compile(r"^(val_\d+|_val_\d+|onnx::.*|\d+|.*/.*)$")
 NORM_OPS = {
     ("", "LayerNormalization"): "layernorm",
     ("", "RMSNormalization"): "rmsnorm",
@@ -186,8 +192,18 @@ def _linear_name(node: ir.Node, weight: ir.Value) -> str:
     if path:
         return path
     if weight.name and not GENERATED_NAME.match(weight.name):
-        return weight.name.removesuffix(".weight")
-    return node.name or weight.name or "linear"
+        # onnxruntime-genai: model.layers.0.mlp.down_proj.MatMul.weight
+        return weight.name.removesuffix(".weight").removesuffix(".weight_t").removesuffix(".MatMul")
+    return scope_path(node.name) or weight.name or "linear"
+
+
+def scope_path(node_name: str | None) -> str | None:
+    """The module path in a TorchScript-export node name: ``/model/layers.0/self_attn/q_proj/MatMul`` ->
+    ``model.layers.0.self_attn.q_proj`` (the last segment is the op)."""
+    if not node_name or not node_name.startswith("/"):
+        return node_name
+    parts = node_name.strip("/").split("/")[:-1]
+    return ".".join(parts) or node_name
 
 
 def _role_from_name(name: str) -> str | None:
@@ -383,3 +399,78 @@ def build_model_map(model: ir.Model) -> ModelMap:
     for norm in norms:
         norm.readers = by_input.get(id(norm.node.outputs[0]), [])
     return ModelMap(linears, norms, embeddings, _residual_adds(graph, linears), refused)
+
+
+def embedding_gather(value: ir.Value) -> ir.Node | None:
+    """The embedding ``Gather`` whose table can absorb a transform of ``value``'s channels: ``value`` is its
+    output, or that output times a scalar constant (Gemma's ``embed * sqrt(hidden)``)."""
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Mul" and len(producer.inputs) == 2:
+        scalars = [v for v in producer.inputs if (a := constant_array(v)) is not None and a.size == 1]
+        rest = [v for v in producer.inputs if v is not None and v not in scalars]
+        producer = rest[0].producer() if len(scalars) == 1 and len(rest) == 1 else None
+    if producer is None or producer.op_type != "Gather" or producer.domain not in ("", "ai.onnx"):
+        return None
+    table = constant_array(producer.inputs[0])
+    axis = producer.attributes.get("axis")
+    if table is None or table.ndim != 2 or (axis is not None and axis.as_int() != 0):
+        return None
+    return producer
+
+
+def stream_entry(graph: ir.Graph, name: str) -> ir.Value | None:
+    """Where the decoder's residual stream starts: the graph input ``name`` (``inputs_embeds``), else the output
+    of the token-embedding ``Gather`` that reads a graph input (a decoder exported with ``input_ids`` only),
+    taken after a scalar scale when there is one."""
+    entry = next((v for v in graph.inputs if v.name == name), None)
+    if entry is not None:
+        return entry
+    inputs = {id(v) for v in graph.inputs}
+    for node in graph:
+        if node.op_type != "Gather" or len(node.inputs) < 2 or id(node.inputs[1]) not in inputs:
+            continue
+        value = node.outputs[0]
+        uses = list(value.uses())
+        if len(uses) == 1 and uses[0].node.op_type == "Mul" and embedding_gather(uses[0].node.outputs[0]) is node:
+            value = uses[0].node.outputs[0]
+        if embedding_gather(value) is node:
+            return value
+    return None
+
+
+def _reshape_target(value: ir.Value) -> list[int] | None:
+    """The constant target shape of the ``Reshape`` reading ``value``; a ``Concat`` target gives its constant tail."""
+    for use in value.uses():
+        node = use.node
+        if node.op_type != "Reshape" or use.idx != 0:
+            continue
+        shape = constant_array(node.inputs[1])
+        if shape is not None:
+            return [int(d) for d in shape.reshape(-1)]
+        producer = node.inputs[1].producer()
+        if producer is not None and producer.op_type == "Concat":
+            tail = constant_array(producer.inputs[-1])
+            if tail is not None:
+                return [int(d) for d in tail.reshape(-1)]
+    return None
+
+
+def infer_head_layout(model_map: ModelMap, graph: ir.Graph) -> tuple[int | None, int | None, str]:
+    """``(head_dim, kv_heads, how)`` read from the graph: onnxruntime's ``GroupQueryAttention`` /
+    ``MultiHeadAttention`` attributes, else the ``Reshape`` that splits v_proj's output into heads
+    ([batch, seq, kv_heads, head_dim])."""
+    v_lins = [lin for lin in model_map.linears if lin.role == "v" and lin.component == "language"]
+    q_lins = [lin for lin in model_map.linears if lin.role == "q" and lin.component == "language"]
+    for node in graph:
+        if node.op_type in ("GroupQueryAttention", "MultiHeadAttention") and node.attributes.get("num_heads"):
+            heads = node.attributes["num_heads"].as_int()
+            kv_attr = node.attributes.get("kv_num_heads")
+            kv_heads = kv_attr.as_int() if kv_attr is not None else heads
+            if q_lins:
+                return q_lins[0].out_features // heads, kv_heads, f"{node.op_type} {node.name} attributes"
+    for lin in v_lins:
+        target = _reshape_target(lin.output)
+        if target and target[-1] > 0 and lin.out_features % target[-1] == 0:
+            head_dim = target[-1]
+            return head_dim, lin.out_features // head_dim, f"Reshape after {lin.name} (target shape {target})"
+    return None, None, "no attention op and no constant head split after v_proj"

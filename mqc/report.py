@@ -49,6 +49,8 @@ class CompileReport:
     calibration: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     mqc_version: str = ""
+    #: Compiled vs float on held-out samples (mqc.quality_gate): SQNR, KL, top-1 agreement.
+    quality: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), default=_jsonable, allow_nan=True)

@@ -7,7 +7,14 @@ Rules:
 2. ``FuseNormsPass``: decomposed normalizations (``Pow -> ReduceMean -> Add -> Sqrt -> Reciprocal -> Mul -> Mul``
    for RMSNorm; ``ReduceMean -> Sub -> Pow -> ReduceMean -> Add -> Sqrt -> Div -> Mul -> Add`` for LayerNorm)
    become single ``RMSNormalization`` / ``LayerNormalization`` nodes, using onnxscript's fusion rules. A rule whose
-   check fails (epsilon not a constant float, unsupported dtype) is recorded with its reason. Function-preserving.
+   check fails (epsilon not a constant float, unsupported dtype) is recorded with its reason. The spellings those
+   rules miss (TorchScript's casts and ``Div(1, ·)``, opset-14 ReduceMean attributes, Gemma's ``1 + w``) are fused
+   by :func:`mqc.graph_forms.fuse_decomposed_norms`, and a ``MatMul`` reading ``Transpose(W)`` of a constant (a
+   tied lm_head) first gets its own weight (:func:`mqc.graph_forms.materialize_transposed_weights`), so the model
+   map sees it as a linear; ``Identity`` of a constant (TorchScript's shared parameters) is read through.
+   Subgraphs of constants are folded last (a position table behind a ``Resize``). onnxruntime-genai's fused ``Skip(Simplified)LayerNormalization`` become Add + a standard norm and its packed
+   qkv MatMul is split into q/k/v (:func:`mqc.graph_forms.unfuse_skip_norms`, :func:`~mqc.graph_forms.split_packed_qkv`).
+   Function-preserving.
 """
 
 from __future__ import annotations
@@ -18,6 +25,14 @@ from onnxscript.rewriter.rules.fusion._layer_norm import layer_normalization_rul
 from onnxscript.rewriter.rules.fusion._rms_normalization import rms_normalization_rules
 
 from mqc.graph.opset import upgrade_opset
+from mqc.graph_forms import (
+    fold_constant_subgraphs,
+    fuse_decomposed_norms,
+    inline_constant_identities,
+    materialize_transposed_weights,
+    split_packed_qkv,
+    unfuse_skip_norms,
+)
 from mqc.ir import TARGET_OPSET, default_opset
 from mqc.pass_manager import MqcPass, RewriteRulesPass
 
@@ -52,4 +67,18 @@ class FuseNormsPass(RewriteRulesPass):
         upgraded = upgrade_opset(model)  # RMSNormalization exists from opset 23 on
         if upgraded:
             self.record.notes.append(f"opset raised to {TARGET_OPSET} for RMSNormalization")
-        return super().run(model) or upgraded
+        inline_constant_identities(model.graph)
+        untied = materialize_transposed_weights(model.graph)
+        self.record.notes.extend(untied)
+        changed = super().run(model)
+        rewritten = unfuse_skip_norms(model) + split_packed_qkv(model.graph)  # onnxruntime-genai
+        self.record.notes.extend(rewritten)
+        fused = fuse_decomposed_norms(model)  # the exporter spellings onnxscript's rules miss (module docstring)
+        if fused:
+            self.record.matched += len(fused)
+            self.record.changed += len(fused)
+            self.record.notes.append(f"fused by mqc.graph_forms: {', '.join(fused)}")
+        if fold_constant_subgraphs(model):
+            self.record.notes.append("constant subgraphs folded")
+        self.record.changed += len(untied) + len(rewritten)
+        return changed or upgraded or bool(untied) or bool(fused) or bool(rewritten)

@@ -14,7 +14,9 @@ Rules, in the order the pass applies them:
    writer linear (o/down/fc2), and by RMSNorms whose output is read only by linears (the *readers*: q/k/v,
    gate/up, lm_head). Any other consumer, a stream value that is a graph output, or a writer whose output
    leaves the stream refuses the whole pass with the reason: nothing is changed then.
-3. Entry: one ``MatMul(inputs_embeds, R1)`` is inserted at the graph input. When a whole model folder is
+3. Entry: where the stream starts at an embedding ``Gather`` (a decoder exported with ``input_ids`` only; see
+   ``model_map.stream_entry``), the table absorbs R1 (E ← E·R1, copied first when an lm_head shares it). Else one
+   ``MatMul(inputs_embeds, R1)`` is inserted at the graph input. When a whole model folder is
    compiled, the embedding table and the projector's last linear could absorb it (E ← E·R1, W ← W·R1); the
    decoder graph alone takes its embeddings from outside, so the MatMul stays here.
 4. Readers: W ← R1ᵀ·W (input side). Writers: W ← W·R1 and b ← b·R1 (output side). Weights or biases shared
@@ -53,9 +55,10 @@ import onnx_ir as ir
 
 from mqc.graph.stream import StreamRefused, apply_transform, norm_output_readers, trace_stream
 from mqc.graph.weights import live_uses, own_bias, own_weight, set_bias, set_weight
+from mqc.graph_forms import absorb_into_embedding
 from mqc.hadamard import hadamard_matrix, padded_size, random_hadamard, supported_size
 from mqc.ir import add_initializer, constant_array, remove_unused_initializers
-from mqc.model_map import WRITER_ROLES, Linear, ModelMap
+from mqc.model_map import WRITER_ROLES, Linear, ModelMap, infer_head_layout, stream_entry
 from mqc.pass_manager import MqcPass, PassRefused
 
 PLAIN_RMSNORM = {"RMSNormalization", "SimplifiedLayerNormalization"}
@@ -92,7 +95,7 @@ class RotateResidualPass(MqcPass):
     def run(self, model: ir.Model) -> bool:
         graph = model.graph
         model_map = self.ctx.model_map(model)
-        has_entry = any(v.name == self.params.entry for v in graph.inputs)
+        has_entry = stream_entry(graph, self.params.entry) is not None
         if self.params.tower == "vision" or (self.params.tower == "auto" and not has_entry):
             return self._run_vision(graph, model_map)
         entry, readers, writers = self._trace(graph, model_map)
@@ -104,7 +107,9 @@ class RotateResidualPass(MqcPass):
         def row(lin: Linear) -> dict[str, Any]:
             return rows.setdefault(lin.name, {"name": lin.name, "role": lin.role, "layer": lin.layer})
 
-        self._rotate_entry(graph, entry, r1)
+        table = absorb_into_embedding(graph, entry, r1)
+        if table is None:
+            self._rotate_entry(graph, entry, r1)
         for lin in readers:
             own_weight(graph, lin)
             set_weight(lin, r1.T @ lin.weight_array().astype(np.float64))
@@ -134,6 +139,7 @@ class RotateResidualPass(MqcPass):
         self.record.layers.extend(rows.values())
         self.record.notes.append(f"R1 = random_hadamard({hidden}, seed={self.params.seed})")
         self.record.notes.append(
+            f"R1 absorbed into the embedding table {table} (E <- E·R1)" if table is not None else
             f"R1 applied by MatMul at graph input {entry.name!r}: the embedding table / projector output could absorb it "
             "when a whole model folder is compiled"
         )
@@ -230,7 +236,7 @@ class RotateResidualPass(MqcPass):
                 raise RotationRefused(f"{norm.name} has a non-folded gamma: run norm_folding first")
 
     def _trace(self, graph: ir.Graph, model_map: ModelMap) -> tuple[ir.Value, list[Linear], list[Linear]]:
-        entry = next((v for v in graph.inputs if v.name == self.params.entry), None)
+        entry = stream_entry(graph, self.params.entry)
         if entry is None:
             raise RotationRefused(f"graph input {self.params.entry!r} (the residual stream's entry) not found")
         linear_nodes = {id(lin.node): lin for lin in model_map.linears}
@@ -303,10 +309,14 @@ class RotateResidualPass(MqcPass):
             if kv_heads is None and isinstance(dims[1], int):
                 kv_heads = dims[1]
         v_lins = model_map.by_role("v")
+        if head_dim is None and kv_heads is None:
+            head_dim, kv_heads, how = infer_head_layout(model_map, graph)
+            self.record.notes.append(f"rotate_vo: head_dim {head_dim}, {kv_heads} kv heads, from {how}")
         if head_dim is None and kv_heads is not None and v_lins:
             head_dim = v_lins[0].out_features // kv_heads
         if head_dim is None:
-            raise RotationRefused("rotate_vo: head_dim unknown (no past_key_values.*.value input); set head_dim")
+            raise RotationRefused("rotate_vo: head_dim unknown (no past_key_values.*.value input, no attention op, no "
+                                  "constant head split after v_proj); set head_dim")
         if not supported_size(head_dim):
             raise RotationRefused(f"rotate_vo: no Hadamard matrix of head_dim {head_dim}")
         for lin in [*v_lins, *model_map.by_role("o")]:

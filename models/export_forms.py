@@ -1,0 +1,248 @@
+"""The ONNX graphs users bring: one tiny random decoder exported by the tools people use, for tests.
+
+``mqc export`` writes one form (``inputs_embeds`` in, KV cache, weight transposes folded). Users export their own
+model with ``torch.onnx.export`` (dynamo or TorchScript) or onnxruntime-genai's model builder, and get other graphs
+of the same function: a tied ``lm_head`` reading ``Transpose(embedding table)``, ``input_ids`` in with the embedding
+``Gather`` inside, decomposed norms with casts, fused ``SkipSimplifiedLayerNormalization`` / ``GroupQueryAttention``.
+:class:`ExportForm` names one such variant; :func:`export_form` writes it from the weights :func:`build_model`
+makes, so every form of a family holds the same weights and a recipe's result on a form can be compared with its
+result on the ``mqc export`` graph (:func:`export_reference`). All offline; a few seconds per graph.
+
+Optimum (``optimum-onnx`` 0.1.0) is not in the corpus: it pins ``transformers<4.58`` and mqc needs transformers 5,
+so the two cannot share an environment.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from mqc.models.testing import tiny_config, tiny_tokenizer
+
+EXPORTERS = ("dynamo", "torchscript", "genai")
+
+
+@dataclass(frozen=True)
+class ExportForm:
+    """One way a decoder reaches mqc: which exporter, tied or untied lm_head, token ids or embeddings in."""
+
+    family: str = "llama"
+    exporter: str = "dynamo"
+    tied: bool = True
+    inputs: str = "input_ids"  # "input_ids" | "inputs_embeds"
+
+    @property
+    def name(self) -> str:
+        return f"{self.family}-{self.exporter}-{'tied' if self.tied else 'untied'}-{self.inputs}"
+
+
+def build_model(family: str, tied: bool, seed: int = 0):
+    """A tiny random fp32 causal LM of ``family`` whose norms have non-trivial gammas (folding must matter)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(family)
+    config.tie_word_embeddings = tied
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).float().eval()
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):  # Gemma stores w of (1 + w): centred at 0, others at 1
+                base = 0.0 if family == "gemma3" else 1.0
+                param.copy_(base + 0.3 * torch.randn(param.shape, generator=generator))
+            elif param.dim() >= 2 and "embed" not in name:
+                param.mul_(4.0)  # as mqc.models.testing: default init gives near-uniform logits
+    return model
+
+
+class _LogitsOf:
+    """Factories of the flat-signature wrappers users write around a causal LM before exporting it."""
+
+    @staticmethod
+    def ids(model):
+        import torch
+
+        class FromIds(torch.nn.Module):
+            def __init__(self, lm):
+                super().__init__()
+                self.m = lm
+
+            def forward(self, input_ids, attention_mask):
+                return self.m(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+        return FromIds(model).eval()
+
+    @staticmethod
+    def embeds(model):
+        import torch
+
+        class FromEmbeds(torch.nn.Module):
+            def __init__(self, lm):
+                super().__init__()
+                self.m = lm
+
+            def forward(self, inputs_embeds, attention_mask):
+                return self.m(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False).logits
+
+        return FromEmbeds(model).eval()
+
+
+def _torch_export(form: ExportForm, model, path: Path) -> Path:
+    import torch
+
+    first = "input_ids" if form.inputs == "input_ids" else "inputs_embeds"
+    wrapper = _LogitsOf.ids(model) if form.inputs == "input_ids" else _LogitsOf.embeds(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 7))
+    x = ids if form.inputs == "input_ids" else model.get_input_embeddings()(ids).detach()
+    mask = torch.ones(2, 7, dtype=torch.int64)
+    names = [first, "attention_mask"]
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        if form.exporter == "dynamo":
+            batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+            program = torch.onnx.export(wrapper, (x, mask), dynamo=True, verbose=False, input_names=names, output_names=["logits"],
+                                        dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}))
+            program.save(str(path))
+        else:
+            axes = {n: {0: "batch", 1: "seq"} for n in names}
+            torch.onnx.export(wrapper, (x, mask), str(path), dynamo=False, input_names=names, output_names=["logits"],
+                              dynamic_axes=axes, opset_version=17)
+    return path
+
+
+def _genai_export(form: ExportForm, model, out_dir: Path) -> Path:
+    """onnxruntime-genai's model builder at fp32 on a checkpoint folder saved here, run as users run it (its
+    command line, offline)."""
+    import os
+    import subprocess
+    import sys
+
+    checkpoint = out_dir / "hf"
+    model.save_pretrained(checkpoint)
+    tiny_tokenizer().save_pretrained(checkpoint)
+    target = out_dir / "genai"
+    if form.inputs != "input_ids":
+        raise ValueError("the genai forms take input_ids (the builder's exclude_embeds form is not in the corpus)")
+    command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", form.family, "-i", str(checkpoint),
+               "-o", str(target), "-p", "fp32", "-e", "cpu", "-c", str(out_dir / "cache")]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if done.returncode:
+        raise RuntimeError(f"onnxruntime-genai builder failed: {done.stderr[-2000:]}")
+    return target / "model.onnx"
+
+
+def export_form(form: ExportForm, out_dir: Path, seed: int = 0) -> Path:
+    """Write ``form`` of the tiny ``form.family`` model (weights from :func:`build_model`) into ``out_dir``."""
+    if form.exporter not in EXPORTERS:
+        raise ValueError(f"unknown exporter {form.exporter!r}; choose from {EXPORTERS}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = build_model(form.family, form.tied, seed)
+    if form.exporter == "genai":
+        return _genai_export(form, model, out_dir)
+    return _torch_export(form, model, out_dir / f"{form.name}.onnx")
+
+
+def export_reference(family: str, tied: bool, out_dir: Path, seed: int = 0) -> Path:
+    """The ``mqc export`` decoder graph of the same weights as :func:`export_form` (``inputs_embeds`` in, KV cache)."""
+    from mqc.models.export import export_decoder, plan_for
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = build_model(family, tied, seed)
+    return export_decoder(plan_for(model).decoder, out_dir / "decoder.onnx")
+
+
+def embedding_table(family: str, tied: bool, seed: int = 0) -> np.ndarray:
+    """The token-embedding table of the model (for feeds of ``inputs_embeds`` graphs), scale included."""
+    import torch
+
+    model = build_model(family, tied, seed)
+    with torch.no_grad():
+        return model.model.embed_tokens(torch.arange(model.config.vocab_size)).numpy()
+
+
+def token_windows(num: int, length: int, vocab: int, seed: int = 0) -> list[np.ndarray]:
+    """``num`` token-id windows of ``length`` from the tiny tokenizer on the calibration text (real text, not noise)."""
+    from mqc.models.data import calibration_text
+
+    ids = np.asarray(tiny_tokenizer()(calibration_text()[:40_000])["input_ids"], np.int64)
+    ids = ids[ids < vocab]
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, len(ids) - length, num)
+    return [ids[s:s + length] for s in starts]
+
+
+def prefill_feed(model_path: Path, ids: np.ndarray, table: np.ndarray, head_dim: int) -> dict[str, np.ndarray]:
+    """The feed that runs one prefill of ``ids`` through any form: token ids or their embeddings, an all-ones
+    mask, positions 0.., text modality and an empty KV cache, each given only where the graph has that input."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    seq = len(ids)
+    feed: dict[str, np.ndarray] = {}
+    for value in graph.input:
+        name = value.name
+        if name == "input_ids":
+            feed[name] = ids[None].astype(np.int64)
+        elif name == "inputs_embeds":
+            feed[name] = table[ids][None].astype(np.float32)
+        elif name == "attention_mask":
+            dtype = np.int32 if value.type.tensor_type.elem_type == onnx.TensorProto.INT32 else np.int64
+            feed[name] = np.ones((1, seq), dtype)
+        elif name == "position_ids":
+            feed[name] = np.arange(seq, dtype=np.int64)[None]
+        elif name == "modality_ids":
+            feed[name] = np.zeros((1, seq), np.int64)
+        elif name.startswith("past_key_values"):
+            kv_heads = value.type.tensor_type.shape.dim[1].dim_value
+            feed[name] = np.zeros((1, kv_heads, 0, head_dim), np.float32)
+        else:
+            raise ValueError(f"{model_path}: no feed for input {name!r}")
+    return feed
+
+
+def build_vision_tower(seed: int = 0):
+    """A tiny random DINOv2 (hidden 64, 2 layers, LayerScale, 28x28 images of 14x14 patches) with non-trivial
+    LayerNorm gammas and betas."""
+    import torch
+    from transformers import Dinov2Config, Dinov2Model
+
+    config = Dinov2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+                          image_size=28, patch_size=14, layerscale_value=1.0)
+    torch.manual_seed(seed)
+    model = Dinov2Model(config).eval()
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                base = 1.0 if name.endswith("weight") else 0.0
+                param.copy_(base + 0.3 * torch.randn(param.shape, generator=generator))
+    return model
+
+
+def export_vision_opset14(out_dir: Path, seed: int = 0) -> Path:
+    """The DINOv2 tower as an older TorchScript export writes it: opset 14, LayerNorm decomposed into
+    ReduceMean/Sub/Pow/Sqrt/Div, the class token concatenated and the position table interpolated by a ``Resize``
+    of constants, fixed batch of one; ``pixel_values`` -> ``last_hidden_state``."""
+    import torch
+
+    class Tower(torch.nn.Module):
+        def __init__(self, dinov2):
+            super().__init__()
+            self.m = dinov2
+
+        def forward(self, pixel_values):
+            return self.m(pixel_values=pixel_values).last_hidden_state
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "dinov2-opset14.onnx"
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Tower(build_vision_tower(seed)).eval(), (torch.randn(1, 3, 28, 28),), str(path),
+                          dynamo=False, opset_version=14, input_names=["pixel_values"],
+                          output_names=["last_hidden_state"])
+    return path
