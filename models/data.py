@@ -205,7 +205,8 @@ def question_type(question: str) -> str:
 
 
 def prior_baseline(test: tuple[VQAItem, ...] | None = None) -> dict:
-    """Answer-prior baselines fitted on the train split, scored on ``test`` (default: the evaluation set).
+    """Answer-prior baselines fitted on the train split (less any scored question), scored on ``test`` (default:
+    the evaluation set).
 
     ``per_question``: the most frequent train answer for each exact question text (unseen texts fall back to the
     per-first-two-words prior); ``per_first_two_words``; ``always_yes``.
@@ -213,9 +214,10 @@ def prior_baseline(test: tuple[VQAItem, ...] | None = None) -> dict:
     from collections import Counter, defaultdict
 
     test = test if test is not None else vqa_test_set()
+    scored = set(test)  # validation questions come from the train split: never fit on what is scored
     by_q: dict[str, Counter] = defaultdict(Counter)
     by_w: dict[str, Counter] = defaultdict(Counter)
-    for it in vqa_split("train"):
+    for it in (it for it in vqa_split("train") if it not in scored):
         by_q[it.question][it.answer] += 1
         by_w[" ".join(it.question.split()[:2])][it.answer] += 1
 
