@@ -79,11 +79,10 @@ def eval_cmd(float_dir: str, compiled: tuple[Path, ...], split: str, offset: int
     """Evaluate FLOAT_DIR (a model directory or packaged name) and COMPILED directories: easy-vqa accuracy,
     perplexity, top-1 agreement and KL against the float model, size on disk, prefill and decode latency."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from mqc.models.data import vqa_eval_set
     from mqc.models.evaluate import evaluate, format_table
     from mqc.models.packaged import resolve
     from rich.console import Console
-
-    from mqc.models.data import vqa_eval_set
 
     if offset >= len(vqa_eval_set(split)):
         raise click.BadParameter(f"the {split} split has {len(vqa_eval_set(split))} questions", param_hint="--offset")
