@@ -52,9 +52,9 @@ CALIBRATION_MODULES = (
 #: Standard-library modules whose docstrings form the validation perplexity text (none is a calibration module).
 VALIDATION_MODULES = (
     "abc", "ast", "cmd", "codecs", "codeop", "colorsys", "compileall", "contextvars", "dis", "doctest", "filecmp",
-    "fileinput", "fnmatch", "ftplib", "genericpath", "getopt", "getpass", "graphlib", "html.parser", "io",
+    "fileinput", "fnmatch", "ftplib", "genericpath", "getopt", "getpass", "graphlib", "html.parser",
     "keyword", "linecache", "locale", "lzma", "mimetypes", "modulefinder", "pdb", "pkgutil", "platform",
-    "plistlib", "poplib", "posixpath", "pstats", "py_compile", "pyclbr", "quopri", "reprlib", "rlcompleter",
+    "poplib", "posixpath", "pstats", "pyclbr", "quopri", "reprlib", "rlcompleter",
     "runpy", "selectors", "site", "stat", "stringprep", "symtable", "sysconfig", "tabnanny",
     "token", "tomllib", "trace", "traceback", "tracemalloc", "types", "wave", "webbrowser", "xml.dom.minidom",
     "zipapp", "zipimport",

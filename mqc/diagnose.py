@@ -10,6 +10,9 @@ dequantized weight, and per modality of the token rows:
   against ``X @ Ŵ``: what the layer's static activation scale alone costs.
 - ``dynamic_db``: the same with a per-token symmetric absmax scale of the same width, computed here (a what-if: the
   gap to ``static_db`` is what per-token scales would buy at this layer).
+- ``static_token_db`` / ``dynamic_token_db``: the median over rows of each row's own SQNR. The pooled figures above
+  are dominated by the rows with the largest outputs, which with massive activations are the very tokens that set
+  the range (and are quantized well); the median row is what an ordinary token suffers.
 - ``vs_float_db``: the compiled model's layer output against the float model's output of the linear of the same
   name (everything upstream included). A function-preserving pass may have changed the output basis (an R1
   rotation makes o_proj and down_proj write into the rotated residual stream): when the two outputs' cosine
@@ -227,6 +230,8 @@ class ModalityFigures:
     compiled_energy: float = 0.0
     rows: int = 0
     clipped: int = 0
+    static_row_db: list[np.ndarray] = field(default_factory=list)
+    dynamic_row_db: list[np.ndarray] = field(default_factory=list)
     row_absmax: list[np.ndarray] = field(default_factory=list)
     top: list[TopToken] = field(default_factory=list)
 
@@ -234,6 +239,8 @@ class ModalityFigures:
         self.signal += float(np.sum(ref.astype(np.float64) ** 2))
         self.static_noise += float(np.sum((ref - static).astype(np.float64) ** 2))
         self.dynamic_noise += float(np.sum((ref - dynamic).astype(np.float64) ** 2))
+        self.static_row_db.append(_row_db(ref, static))
+        self.dynamic_row_db.append(_row_db(ref, dynamic))
         self.rows += ref.shape[0]
         self.clipped += int(np.sum(absmax > clip * (1 + 1e-6)))
         self.row_absmax.append(absmax)
@@ -255,8 +262,10 @@ class ModalityFigures:
             "static_db": _db(self.signal, self.static_noise),
             "dynamic_db": _db(self.signal, self.dynamic_noise),
         }
-        out["gap_db"] = _round(out["dynamic_db"] - out["static_db"]) if None not in (out["dynamic_db"],
-                                                                                       out["static_db"]) else None
+        out["gap_db"] = _difference(out["dynamic_db"], out["static_db"])
+        out["static_token_db"] = _median(self.static_row_db)
+        out["dynamic_token_db"] = _median(self.dynamic_row_db)
+        out["token_gap_db"] = _difference(out["dynamic_token_db"], out["static_token_db"])
         if self.float_signal > 0.0:
             cosine = self.float_dot / math.sqrt(self.float_signal * max(self.compiled_energy, 1e-30))
             out["vs_float_cosine"] = round(cosine, 4)
@@ -270,6 +279,23 @@ class ModalityFigures:
                            for t in self.top],
         })
         return out
+
+
+def _row_db(ref: np.ndarray, out: np.ndarray) -> np.ndarray:
+    signal = np.sum(ref.astype(np.float64) ** 2, axis=-1)
+    noise = np.sum((ref - out).astype(np.float64) ** 2, axis=-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return 10.0 * np.log10(signal / noise)
+
+
+def _median(parts: list[np.ndarray]) -> float | None:
+    values = np.concatenate(parts) if parts else np.zeros(0)
+    values = values[np.isfinite(values)]
+    return _round(float(np.median(values))) if values.size else None
+
+
+def _difference(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else _round(a - b)
 
 
 def _round(value: float | None, digits: int = 2) -> float | None:
@@ -512,8 +538,8 @@ def render(result: dict[str, Any], console, worst: int = 10) -> None:
 
 
 def _table(table, rows) -> Any:
-    for column in ("layer", "mod", "static dB", "dynamic dB", "gap", "vs float dB", "clipped", "median/clip",
-                   "largest token (|x|, x clip)"):
+    for column in ("layer", "mod", "static dB", "dynamic dB", "gap", "token static", "token dyn", "vs float dB",
+                   "clipped", "median/clip", "largest token (|x|, x clip)"):
         table.add_column(column, justify="left" if column in ("layer", "mod", "largest token (|x|, x clip)")
                          else "right")
 
@@ -524,6 +550,6 @@ def _table(table, rows) -> Any:
         top = fig["top_tokens"][0] if fig["top_tokens"] else None
         token = "-" if top is None else f"#{top['sample']} {top['token']} ({top['absmax']:.3g}, {f(top['of_clip'], '.2f')})"
         table.add_row(layer["name"], modality, f(fig["static_db"]), f(fig["dynamic_db"]), f(fig["gap_db"]),
-                      f(fig.get("vs_float_db")), f"{fig['clipped_rows']}/{fig['rows']}",
+                      f(fig["static_token_db"]), f(fig["dynamic_token_db"]), f(fig.get("vs_float_db")), f"{fig['clipped_rows']}/{fig['rows']}",
                       f(fig["median_row_absmax_of_clip"], ".3f"), token)
     return table
