@@ -18,8 +18,13 @@ dequantized weight, and per modality of the token rows:
   rotation makes o_proj and down_proj write into the rotated residual stream): when the two outputs' cosine
   similarity is under ``BASIS_COSINE`` the figure is left out with that reason.
 - The tokens that set the range: the rows with the largest ``max |x|`` (sample, original position, what the token
-  is, magnitude, as a fraction of the static clip ``scale * qmax``), the share of rows beyond the clip, and the
-  median row's ``max |x|`` as a fraction of the clip (the part of the int8 grid a typical token uses).
+  is, magnitude, as a fraction of the static clip ``scale * qmax`` it was quantized with), the share of rows beyond
+  their clip, the distinct clips the rows saw, and the median row's ``max |x|`` as a fraction of its clip (the part
+  of the int8 grid a typical token uses).
+
+A scale is static when it does not depend on X: a constant, or a selection among constants by token masks (MSQ's
+``Where(is_image, s_image, s_text)``, or more classes); it is tapped per row, so any such selection is read as the
+graph computes it. A scale computed from X (per-token dynamic) is not diagnosed (listed as skipped).
 
 AIFS permutes tokens inside the decoder; its permutation (``mqc_aifs_perm``) is tapped too, so every row is
 reported at its original position. SQNR figures pool all rows of a modality over all samples (10 log10 of summed
@@ -74,11 +79,11 @@ class QuantizedLayer:
     activation: ir.Value  # the float input X, before its fake-quant
     quantized: ir.Value  # fq_static(X), what the MatMul reads
     bits: int
-    scales: dict[str, float]  # modality name -> static scale ("all" for one shared scale)
+    scale: ir.Value  # the scale each row is quantized with: a constant, or per row from static masks (MSQ)
 
-    def clip(self, modality: str) -> float:
-        scale = self.scales.get(modality, self.scales.get("all", 0.0))
-        return scale * (2 ** (self.bits - 1) - 1)
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1
 
 
 def _initializer(value: ir.Value | None) -> np.ndarray | None:
@@ -133,8 +138,12 @@ def _is_integer(array: np.ndarray) -> bool:
     return np.issubdtype(array.dtype, np.integer) or array.dtype.name in ("int4", "uint4")
 
 
-def _static_activation(value: ir.Value) -> tuple[ir.Value, int, dict[str, float]] | None:
-    """(X, bits, scales) of a static fake-quant producing ``value``, or None (float or dynamic activation)."""
+def _static_activation(value: ir.Value) -> tuple[ir.Value, int, ir.Value] | None:
+    """(X, bits, scale value) of a static fake-quant producing ``value``, or None (float or dynamic activation).
+
+    Static means the scale does not depend on X: a constant (``QuantizeLinear -> DequantizeLinear``), or a value
+    computed from constants and token masks (MSQ's ``Where(is_image, s_image, s_text)`` and anything that selects
+    among constants the same way)."""
     producer = value.producer()
     if producer is None:
         return None
@@ -144,8 +153,8 @@ def _static_activation(value: ir.Value) -> tuple[ir.Value, int, dict[str, float]
         if quant is None or quant.op_type != "QuantizeLinear" or scale is None or scale.size != 1:
             return None
         zero = _initializer(producer.inputs[2]) if len(producer.inputs) > 2 else None
-        return quant.inputs[0], _bits_of_zero_point(zero), {"all": float(scale.reshape(()))}
-    if producer.op_type != "Mul":  # MSQ: Mul(Clip(Round(Div(X, s))), s)
+        return quant.inputs[0], _bits_of_zero_point(zero), producer.inputs[1]
+    if producer.op_type != "Mul":  # Mul(Clip(Round(Div(X, s))), s)
         return None
     clip = producer.inputs[0].producer()
     rnd = clip.inputs[0].producer() if clip is not None and clip.op_type == "Clip" else None
@@ -153,24 +162,25 @@ def _static_activation(value: ir.Value) -> tuple[ir.Value, int, dict[str, float]
     if div is None or div.op_type != "Div" or div.inputs[1] is not producer.inputs[1]:
         return None
     qmax = _initializer(clip.inputs[2]) if len(clip.inputs) > 2 else None
-    if qmax is None:
+    x, scale = div.inputs[0], producer.inputs[1]
+    if qmax is None or _depends_on(scale, x):
         return None
-    bits = round(math.log2(float(qmax) + 1)) + 1
-    scales = _scales(producer.inputs[1])
-    return (div.inputs[0], bits, scales) if scales else None
+    return x, round(math.log2(float(qmax) + 1)) + 1, scale
 
 
-def _scales(value: ir.Value) -> dict[str, float]:
-    constant = _initializer(value)
-    if constant is not None:
-        return {"all": float(constant.reshape(-1)[0])} if constant.size == 1 else {}
-    where = value.producer()
-    if where is None or where.op_type != "Where":
-        return {}
-    image, text = _initializer(where.inputs[1]), _initializer(where.inputs[2])
-    if image is None or text is None or image.size != 1 or text.size != 1:
-        return {}
-    return {MODALITY_NAMES[TEXT]: float(text.reshape(())), MODALITY_NAMES[IMAGE]: float(image.reshape(()))}
+def _depends_on(value: ir.Value, source: ir.Value) -> bool:
+    """Whether ``source`` is an ancestor of ``value`` (a run-time scale computed from the activation)."""
+    seen, stack = set(), [value]
+    while stack:
+        current = stack.pop()
+        if current is source:
+            return True
+        producer = current.producer()
+        if producer is None or id(producer) in seen:
+            continue
+        seen.add(id(producer))
+        stack.extend(v for v in producer.inputs if v is not None)
+    return False
 
 
 def _layer_name(node: ir.Node) -> str:
@@ -201,8 +211,8 @@ def find_quantized_layers(model: ir.Model) -> tuple[list[QuantizedLayer], list[d
         if activation is None:
             skipped.append({"name": name, "reason": "its input has no static fake-quant (dynamic or float activation)"})
             continue
-        x, bits, scales = activation
-        layers.append(QuantizedLayer(name, node, weight, _bias(node), x, node.inputs[0], bits, scales))
+        x, bits, scale = activation
+        layers.append(QuantizedLayer(name, node, weight, _bias(node), x, node.inputs[0], bits, scale))
     return layers, skipped
 
 
@@ -212,6 +222,7 @@ def find_quantized_layers(model: ir.Model) -> tuple[list[QuantizedLayer], list[d
 @dataclass
 class TopToken:
     absmax: float
+    clip: float  # the clip of the scale this row was quantized with
     sample: int
     position: int
     token: str
@@ -233,9 +244,11 @@ class ModalityFigures:
     static_row_db: list[np.ndarray] = field(default_factory=list)
     dynamic_row_db: list[np.ndarray] = field(default_factory=list)
     row_absmax: list[np.ndarray] = field(default_factory=list)
+    row_clip: list[np.ndarray] = field(default_factory=list)
     top: list[TopToken] = field(default_factory=list)
 
-    def add(self, ref: np.ndarray, static: np.ndarray, dynamic: np.ndarray, absmax: np.ndarray, clip: float) -> None:
+    def add(self, ref: np.ndarray, static: np.ndarray, dynamic: np.ndarray, absmax: np.ndarray,
+            clip: np.ndarray) -> None:
         self.signal += float(np.sum(ref.astype(np.float64) ** 2))
         self.static_noise += float(np.sum((ref - static).astype(np.float64) ** 2))
         self.dynamic_noise += float(np.sum((ref - dynamic).astype(np.float64) ** 2))
@@ -244,6 +257,7 @@ class ModalityFigures:
         self.rows += ref.shape[0]
         self.clipped += int(np.sum(absmax > clip * (1 + 1e-6)))
         self.row_absmax.append(absmax)
+        self.row_clip.append(clip)
 
     def add_float(self, float_out: np.ndarray, compiled_out: np.ndarray) -> None:
         f, c = float_out.astype(np.float64), compiled_out.astype(np.float64)
@@ -255,8 +269,10 @@ class ModalityFigures:
     def keep_top(self, candidates: list[TopToken], count: int) -> None:
         self.top = sorted(self.top + candidates, key=lambda t: -t.absmax)[:count]
 
-    def result(self, clip: float) -> dict[str, Any]:
+    def result(self) -> dict[str, Any]:
         absmax = np.concatenate(self.row_absmax) if self.row_absmax else np.zeros(0)
+        clips = np.concatenate(self.row_clip) if self.row_clip else np.zeros(0)
+        used = absmax / np.where(clips > 0, clips, np.inf)
         out: dict[str, Any] = {
             "rows": self.rows,
             "static_db": _db(self.signal, self.static_noise),
@@ -271,12 +287,12 @@ class ModalityFigures:
             out["vs_float_cosine"] = round(cosine, 4)
             out["vs_float_db"] = _db(self.float_signal, self.float_noise) if cosine >= BASIS_COSINE else None
         out.update({
-            "clip": _round(clip, 6),
+            "clips": _distinct(clips),
             "clipped_rows": self.clipped,
-            "median_row_absmax_of_clip": _round(float(np.median(absmax)) / clip, 4) if clip > 0 and absmax.size else None,
+            "median_row_absmax_of_clip": _round(float(np.median(used)), 4) if used.size else None,
             "top_tokens": [{"sample": t.sample, "position": t.position, "token": t.token,
-                            "absmax": _round(t.absmax, 4), "of_clip": _round(t.absmax / clip, 3) if clip > 0 else None}
-                           for t in self.top],
+                            "absmax": _round(t.absmax, 4), "of_clip": _round(t.absmax / t.clip, 3) if t.clip > 0
+                            else None} for t in self.top],
         })
         return out
 
@@ -292,6 +308,12 @@ def _median(parts: list[np.ndarray]) -> float | None:
     values = np.concatenate(parts) if parts else np.zeros(0)
     values = values[np.isfinite(values)]
     return _round(float(np.median(values))) if values.size else None
+
+
+def _distinct(values: np.ndarray, most: int = 8) -> list[float] | None:
+    """The distinct clips the rows saw (one per static token class), or None if there are many."""
+    distinct = np.unique(np.round(values, 6))
+    return [float(v) for v in distinct] if distinct.size <= most else None
 
 
 def _difference(a: float | None, b: float | None) -> float | None:
@@ -349,9 +371,10 @@ class GraphDiagnosis:
         graph_values = {v.name for node in self.compiled.graph for v in node.outputs}
         permutation = [AIFS_PERMUTATION] if AIFS_PERMUTATION in graph_values else []
         output = self.compiled.graph.outputs[0].name
+        scales = [layer.scale.name for layer in self.layers if _initializer(layer.scale) is None]
         taps = list(dict.fromkeys([*(v for layer in self.layers for v in (layer.activation.name,
                                                                             layer.quantized.name)),
-                                   *permutation]))
+                                   *scales, *permutation]))
         float_taps = list(dict.fromkeys(self.float_outputs.values()))
         compiled_outputs = list(dict.fromkeys([*(layer.node.outputs[0].name for layer in self.layers), output]))
         taps = list(dict.fromkeys(taps + compiled_outputs))
@@ -375,6 +398,7 @@ class GraphDiagnosis:
         for layer in self.layers:
             x, positions, modality, keep = rows.flatten(tapped[layer.activation.name])
             xq = rows.flatten(tapped[layer.quantized.name])[0]
+            clip = self._row_clip(layer, rows, tapped, x.shape[0])
             float_out = reference.get(self.float_outputs.get(layer.name, ""))
             compiled_out = rows.flatten(tapped[layer.node.outputs[0].name])[0] if float_out is not None else None
             float_rows = rows.flatten(float_out, permuted=False)[0] if float_out is not None else None
@@ -387,13 +411,24 @@ class GraphDiagnosis:
                 dynamic = dynamic_fake_quant(xm, layer.bits) @ layer.weight
                 absmax = np.abs(xm).max(axis=-1)
                 figures = self.figures.setdefault((layer.name, name), ModalityFigures())
-                figures.add(ref, static, dynamic, absmax, layer.clip(name))
+                figures.add(ref, static, dynamic, absmax, clip[select])
                 if float_rows is not None and float_rows.shape == compiled_out.shape:
                     figures.add_float(float_rows[select], compiled_out[select])
                 order = np.argsort(-absmax)[: self.top]
                 chosen = positions[select][order]
-                figures.keep_top([TopToken(float(absmax[i]), index, int(p), sample.token(int(p)))
-                                  for i, p in zip(order, chosen, strict=True)], self.top)
+                clips = clip[select][order]
+                figures.keep_top([TopToken(float(absmax[i]), float(c), index, int(p), sample.token(int(p)))
+                                  for i, c, p in zip(order, clips, chosen, strict=True)], self.top)
+
+    @staticmethod
+    def _row_clip(layer: QuantizedLayer, rows: _RowLayout, tapped: dict[str, np.ndarray], count: int) -> np.ndarray:
+        """The clip (scale * qmax) each row was quantized with, in original token order."""
+        constant = _initializer(layer.scale)
+        if constant is not None:
+            return np.full(count, float(constant.reshape(-1)[0]) * layer.qmax, np.float64)
+        scale = tapped[layer.scale.name]
+        per_row = rows.flatten(scale)[0].reshape(-1) if scale.ndim >= 2 and scale.shape[-1] == 1 else scale.reshape(-1)
+        return np.broadcast_to(per_row.astype(np.float64), (count,)) * layer.qmax
 
     def _accumulate_output(self, rows: _RowLayout, compiled: np.ndarray, reference: np.ndarray) -> None:
         if compiled.shape == reference.shape:
@@ -402,10 +437,10 @@ class GraphDiagnosis:
     def result(self) -> dict[str, Any]:
         layers = []
         for layer in self.layers:
-            modalities = {name: self.figures[(layer.name, name)].result(layer.clip(name))
+            modalities = {name: self.figures[(layer.name, name)].result()
                           for name in (MODALITY_NAMES[TEXT], MODALITY_NAMES[IMAGE])
                           if (layer.name, name) in self.figures}
-            layers.append({"name": layer.name, "bits": layer.bits, "scales": layer.scales,
+            layers.append({"name": layer.name, "a_bits": layer.bits, "scale": layer.scale.name,
                            "float_layer": layer.name in self.float_outputs, "modalities": modalities})
         out: dict[str, Any] = {"samples": self.samples, "layers": layers, "skipped": self.skipped}
         if self.output_figures.float_signal > 0.0:
