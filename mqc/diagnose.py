@@ -553,7 +553,8 @@ def _diagnose_folder(float_source: str | Path, compiled: Path, num_samples: int,
 
 
 def render(result: dict[str, Any], console, worst: int = 10) -> None:
-    """Text form: per component, the layers with the largest static-vs-dynamic gap, then every layer."""
+    """Text form: per component, the layers where static scales cost the median token most against per-token
+    scales, then every layer."""
     from rich.table import Table
 
     console.print(f"[bold]mqc diagnose[/bold] {result['compiled']} against {result['float']} on {result['inputs']}")
@@ -567,8 +568,10 @@ def render(result: dict[str, Any], console, worst: int = 10) -> None:
         if entry["skipped"]:
             head += f", {len(entry['skipped'])} quantized layers without static activations left out"
         console.print(head)
-        ranked = sorted((r for r in rows if r[2]["gap_db"] is not None), key=lambda r: -r[2]["gap_db"])[:worst]
-        console.print(_table(Table(title=f"{component}: the {len(ranked)} largest static-vs-dynamic gaps"), ranked))
+        ranked = sorted((r for r in rows if r[2]["token_gap_db"] is not None),
+                        key=lambda r: -r[2]["token_gap_db"])[:worst]
+        console.print(_table(Table(title=f"{component}: the {len(ranked)} largest static-vs-dynamic gaps of the "
+                                         "median token"), ranked))
         console.print(_table(Table(title=f"{component}: every layer"), rows))
 
 
