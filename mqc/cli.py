@@ -154,10 +154,11 @@ def explain(target: str, as_json: bool, recipe: str | None, calib: Path | None) 
 @click.option("--calib", type=click.Path(exists=True, path_type=Path),
               help="Inputs for single .onnx files: an .npz or a folder of them (default: synthetic inputs).")
 @click.option("--top", default=3, show_default=True, help="Largest tokens to list per layer and modality.")
+@click.option("--component", "components", multiple=True, help="Only this component of a model folder (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print the diagnosis as JSON instead of tables.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Also write the JSON to this file.")
 def diagnose(float_model: str, compiled: Path, samples: int, offset: int, calib: Path | None, top: int,
-             as_json: bool, output: Path | None) -> None:
+             components: tuple[str, ...], as_json: bool, output: Path | None) -> None:
     """Per statically quantized layer of COMPILED and per modality: output SQNR with its static activation scale,
     the same with per-token dynamic scales (what-if), against FLOAT, and the tokens that set each range."""
     from mqc.diagnose import diagnose as run_diagnosis
@@ -174,7 +175,7 @@ def diagnose(float_model: str, compiled: Path, samples: int, offset: int, calib:
             return lambda: progress.advance(task)
 
         try:
-            result = run_diagnosis(float_model, compiled, samples, offset, calib, top, tick)
+            result = run_diagnosis(float_model, compiled, samples, offset, calib, top, tick, components)
         except ValueError as exc:  # a validation slice out of range
             raise InputModelError(str(exc)) from exc
     text = json.dumps(result, indent=2)

@@ -497,17 +497,17 @@ def diagnose_file(float_path: Path | None, compiled_path: Path, samples: Sequenc
 
 
 def diagnose(float_source: str | Path, compiled: str | Path, num_samples: int = 8, offset: int = 0,
-             calib: Path | None = None, top: int = 3, progress: Callable[[str, int], Callable[[], None]] | None = None
-             ) -> dict[str, Any]:
-    """Diagnose a compiled model folder against its float folder (validation samples) or a compiled .onnx against
-    its float .onnx (``calib`` samples, else synthetic inputs)."""
+             calib: Path | None = None, top: int = 3, progress: Callable[[str, int], Callable[[], None]] | None = None,
+             components: Sequence[str] = ()) -> dict[str, Any]:
+    """Diagnose a compiled model folder against its float folder (validation samples; only ``components`` if
+    given) or a compiled .onnx against its float .onnx (``calib`` samples, else synthetic inputs)."""
     from mqc.calibration import load_feeds, random_feeds
     from mqc.compiler import is_model_dir
     from mqc.ir import load_model
 
     compiled = Path(compiled)
     if is_model_dir(compiled):
-        return _diagnose_folder(float_source, compiled, num_samples, offset, top, progress)
+        return _diagnose_folder(float_source, compiled, num_samples, offset, top, progress, components)
     float_path = Path(float_source)
     if not float_path.is_file() or not compiled.is_file():
         raise InputModelError(f"give two model folders or two .onnx files (float, then compiled): {float_source}, "
@@ -522,7 +522,8 @@ def diagnose(float_source: str | Path, compiled: str | Path, num_samples: int = 
 
 
 def _diagnose_folder(float_source: str | Path, compiled: Path, num_samples: int, offset: int, top: int,
-                     progress: Callable[[str, int], Callable[[], None]] | None) -> dict[str, Any]:
+                     progress: Callable[[str, int], Callable[[], None]] | None, only: Sequence[str]
+                     ) -> dict[str, Any]:
     from mqc.models.calibration import validation_feeds
     from mqc.models.packaged import resolve
 
@@ -535,6 +536,10 @@ def _diagnose_folder(float_source: str | Path, compiled: Path, num_samples: int,
     components = (manifest.get("compiled") or {}).get("components")
     if not components:
         raise InputModelError(f"{compiled} is not a compiled model folder (its manifest names no compiled component)")
+    unknown = sorted(set(only) - set(components))
+    if unknown:
+        raise InputModelError(f"{compiled} has no compiled component {unknown} (it has {components})")
+    components = [c for c in components if not only or c in only]
     result: dict[str, Any] = {"format": FORMAT, "float": str(float_dir), "compiled": str(compiled),
                               "inputs": f"validation split, {num_samples} samples from offset {offset}",
                               "components": {}}

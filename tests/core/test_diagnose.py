@@ -15,6 +15,7 @@ from mqc.calibration import random_feeds
 from mqc.cli import main
 from mqc.compiler import compile_file, compile_package
 from mqc.diagnose import Sample, diagnose, diagnose_file, dynamic_fake_quant, find_quantized_layers
+from mqc.errors import InputModelError
 from mqc.ir import constant_array, load_model
 
 SEQ, WIDTH = 12, 32
@@ -162,6 +163,10 @@ def test_model_folder_uses_labelled_validation_samples(tiny_model_dir, tmp_path)
     assert decoder["output"]["vs_float_db"] is not None
     vision = result["components"]["vision.onnx"]
     assert set(vision["layers"][0]["modalities"]) == {"image"}
+    only = diagnose(source, compiled, num_samples=1, components=["vision"])
+    assert list(only["components"]) == ["vision.onnx"]
+    with pytest.raises(InputModelError, match="no compiled component"):
+        diagnose(source, compiled, num_samples=1, components=["audio"])
 
 
 def test_cli_json_and_bad_input(mlp, tmp_path):
