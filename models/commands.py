@@ -61,7 +61,12 @@ def export_cmd(source: str, out_dir: Path | None, force: bool) -> None:
 @click.command("eval")
 @click.argument("float_dir")
 @click.argument("compiled", nargs=-1, type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--limit", type=int, default=None, help="Evaluate the first N questions of the 1,000-question set.")
+@click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True,
+              help="test: the 1,000 reported questions and perplexity text; val: validation questions and text, for "
+                   "choosing settings.")
+@click.option("--offset", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Start at this question of the split.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate N questions (from --offset).")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=Path("mqc-eval.json"),
               show_default=True, help="Where to write the result JSON.")
 @click.option("--provider", "providers", multiple=True,
@@ -69,19 +74,22 @@ def export_cmd(source: str, out_dir: Path | None, force: bool) -> None:
 @click.option("--ppl-tokens", type=int, default=4096, show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads.")
-def eval_cmd(float_dir: str, compiled: tuple[Path, ...], limit: int | None, json_out: Path,
+def eval_cmd(float_dir: str, compiled: tuple[Path, ...], split: str, offset: int, limit: int | None, json_out: Path,
              providers: tuple[str, ...], ppl_tokens: int, batch_size: int, threads: int | None) -> None:
     """Evaluate FLOAT_DIR (a model directory or packaged name) and COMPILED directories: easy-vqa accuracy,
     perplexity, top-1 agreement and KL against the float model, size on disk, prefill and decode latency."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from mqc.models.data import vqa_eval_set
     from mqc.models.evaluate import evaluate, format_table
     from mqc.models.packaged import resolve
     from rich.console import Console
 
+    if offset >= len(vqa_eval_set(split)):
+        raise click.BadParameter(f"the {split} split has {len(vqa_eval_set(split))} questions", param_hint="--offset")
     float_path = resolve(float_dir, progress=True)
     result = evaluate(float_path, list(compiled), limit=limit, providers=list(providers) or None,
                       json_out=json_out, progress=True, batch_size=batch_size, ppl_tokens=ppl_tokens,
-                      threads=threads)
+                      threads=threads, split=split, offset=offset)
     console = Console(width=None if sys.stdout.isatty() else 132)
     console.print(format_table(result))
     console.print(f"[dim]wrote {json_out}[/dim]")

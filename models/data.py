@@ -6,6 +6,13 @@ and two English texts that ship with Python, kept apart so calibration never see
 
 The easy-vqa test split has 9,673 questions over 1,000 images. The evaluation set is one question per test
 image, drawn with a fixed seed (1,000 questions, every image once, answer mix close to the full split's).
+
+A validation split, for choosing hyper-parameters without reading the test set (``vqa_val_set``): questions of the
+TRAIN split on the 200 images the projector is never trained on (``image_id % 20 == 0``,
+``models/train_projector.py``), minus every image that calibration can draw (the first ``CALIBRATION_RESERVE``
+items of the calibration order, ``models/calibration.py``): 1,509 questions on 159 images, in a fixed shuffled
+order. Its perplexity text (``validation_text``) is the docstrings of other standard-library modules than the
+calibration text's, and not the reported perplexity text.
 """
 
 from __future__ import annotations
@@ -21,6 +28,15 @@ import numpy as np
 #: The easy-vqa evaluation set: one question per test image, drawn with this seed.
 TEST_SEED = 1234
 
+#: Train images with ``image_id % PROJECTOR_HOLDOUT_MOD == 0`` are never used to train the projector
+#: (``HOLDOUT_MOD`` of ``models/train_projector.py``).
+PROJECTOR_HOLDOUT_MOD = 20
+#: Calibration draws at most this many train items, always a prefix of one seeded order (``CALIBRATION_SEED``).
+CALIBRATION_RESERVE = 1024
+CALIBRATION_SEED = 0
+#: The validation questions are shuffled once with this seed, so any prefix mixes question types and images.
+VAL_SEED = 4321
+
 #: Standard-library modules whose docstrings form the calibration text (never the perplexity text).
 CALIBRATION_MODULES = (
     "argparse", "asyncio", "base64", "bisect", "calendar", "collections", "concurrent.futures", "configparser",
@@ -31,6 +47,17 @@ CALIBRATION_MODULES = (
     "shlex", "shutil", "smtplib", "socket", "sqlite3", "statistics", "string", "struct", "subprocess", "tarfile",
     "tempfile", "textwrap", "threading", "timeit", "tokenize", "typing", "unittest", "urllib.parse", "uuid",
     "warnings", "weakref", "zipfile",
+)
+
+#: Standard-library modules whose docstrings form the validation perplexity text (none is a calibration module).
+VALIDATION_MODULES = (
+    "abc", "ast", "cmd", "codecs", "codeop", "colorsys", "compileall", "contextvars", "dis", "doctest", "filecmp",
+    "fileinput", "fnmatch", "ftplib", "genericpath", "getopt", "getpass", "graphlib", "html.parser",
+    "keyword", "linecache", "locale", "lzma", "mimetypes", "modulefinder", "pdb", "pkgutil", "platform",
+    "poplib", "posixpath", "pstats", "pyclbr", "quopri", "reprlib", "rlcompleter",
+    "runpy", "selectors", "site", "stat", "stringprep", "symtable", "sysconfig", "tabnanny",
+    "token", "tomllib", "trace", "traceback", "tracemalloc", "types", "wave", "webbrowser", "xml.dom.minidom",
+    "zipapp", "zipimport",
 )
 
 
@@ -45,13 +72,23 @@ def perplexity_text() -> str:
 @lru_cache(maxsize=1)
 def calibration_text() -> str:
     """Docstrings of standard-library modules, classes and functions (distinct from the perplexity text)."""
+    return _docstrings(CALIBRATION_MODULES)
+
+
+@lru_cache(maxsize=1)
+def validation_text() -> str:
+    """Docstrings of ``VALIDATION_MODULES``: a perplexity text for choosing settings, never the reported one."""
+    return _docstrings(VALIDATION_MODULES)
+
+
+def _docstrings(modules: tuple[str, ...]) -> str:
     import importlib
     import warnings
 
     parts: list[str] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for name in CALIBRATION_MODULES:
+        for name in modules:
             parts.extend(_module_docs(importlib.import_module, name))
     return "\n\n".join(parts)
 
@@ -119,6 +156,37 @@ def vqa_test_set() -> tuple[VQAItem, ...]:
     return tuple(by_image[i][int(rng.integers(len(by_image[i])))] for i in sorted(by_image))
 
 
+def calibration_train_items(num: int) -> list[VQAItem]:
+    """The first ``num`` train items of the calibration order (seed ``CALIBRATION_SEED``), at most
+    ``CALIBRATION_RESERVE``: the validation split excludes every image this can return."""
+    if num > CALIBRATION_RESERVE:
+        raise ValueError(f"calibration draws at most {CALIBRATION_RESERVE} train items (asked {num}); more would "
+                         "reach the images of the validation split")
+    items = vqa_split("train")
+    order = np.random.default_rng(CALIBRATION_SEED).permutation(len(items))
+    return [items[i] for i in order[:num]]
+
+
+@lru_cache(maxsize=1)
+def vqa_val_set() -> tuple[VQAItem, ...]:
+    """The validation questions (module docstring): train questions on projector-held-out images that calibration
+    never draws, shuffled with ``VAL_SEED``."""
+    calibration_images = {it.image_id for it in calibration_train_items(CALIBRATION_RESERVE)}
+    items = [it for it in vqa_split("train")
+             if it.image_id % PROJECTOR_HOLDOUT_MOD == 0 and it.image_id not in calibration_images]
+    order = np.random.default_rng(VAL_SEED).permutation(len(items))
+    return tuple(items[i] for i in order)
+
+
+def vqa_eval_set(split: str) -> tuple[VQAItem, ...]:
+    """The questions ``mqc eval --split`` scores: ``test`` (the reported set) or ``val`` (for choosing settings)."""
+    if split == "test":
+        return vqa_test_set()
+    if split == "val":
+        return vqa_val_set()
+    raise ValueError(f"unknown split {split!r}: choose val or test")
+
+
 def answers() -> list[str]:
     return [a.strip() for a in (_easy_vqa_root() / "answers.txt").read_text().splitlines() if a.strip()]
 
@@ -137,7 +205,8 @@ def question_type(question: str) -> str:
 
 
 def prior_baseline(test: tuple[VQAItem, ...] | None = None) -> dict:
-    """Answer-prior baselines fitted on the train split, scored on ``test`` (default: the evaluation set).
+    """Answer-prior baselines fitted on the train split (less any scored question), scored on ``test`` (default:
+    the evaluation set).
 
     ``per_question``: the most frequent train answer for each exact question text (unseen texts fall back to the
     per-first-two-words prior); ``per_first_two_words``; ``always_yes``.
@@ -145,9 +214,10 @@ def prior_baseline(test: tuple[VQAItem, ...] | None = None) -> dict:
     from collections import Counter, defaultdict
 
     test = test if test is not None else vqa_test_set()
+    scored = set(test)  # validation questions come from the train split: never fit on what is scored
     by_q: dict[str, Counter] = defaultdict(Counter)
     by_w: dict[str, Counter] = defaultdict(Counter)
-    for it in vqa_split("train"):
+    for it in (it for it in vqa_split("train") if it not in scored):
         by_q[it.question][it.answer] += 1
         by_w[" ".join(it.question.split()[:2])][it.answer] += 1
 

@@ -2,11 +2,14 @@
 
 Per model directory, through the one onnxruntime pipeline (:mod:`mqc.models.pipeline`):
 
-- ``vqa_accuracy``: easy-vqa test accuracy with greedy decoding (the fixed 1,000-question set of
-  :func:`mqc.models.data.vqa_test_set`, or its first ``limit`` questions), split by question type; the answer
-  is the first word generated, compared with the reference exactly. Text-only models skip it.
-- ``perplexity``: on the first ``ppl_tokens`` tokens of Python's ``pydoc_data.topics`` text, in independent
-  windows of ``ppl_window`` tokens (no overlap, no BOS; every token but each window's first is scored).
+- ``vqa_accuracy``: easy-vqa accuracy with greedy decoding, split by question type; the answer is the first word
+  generated, compared with the reference exactly. Text-only models skip it. ``split="test"``: the fixed
+  1,000-question set of :func:`mqc.models.data.vqa_test_set` (the reported figures); ``split="val"``: the
+  validation questions of :func:`mqc.models.data.vqa_val_set` (for choosing settings). ``offset`` and ``limit``
+  take questions ``offset`` to ``offset + limit`` of the split.
+- ``perplexity``: on the first ``ppl_tokens`` tokens of Python's ``pydoc_data.topics`` text (``split="test"``) or
+  of :func:`mqc.models.data.validation_text` (``split="val"``), in independent windows of ``ppl_window`` tokens
+  (no overlap, no BOS; every token but each window's first is scored).
 - Against the float model (compiled models only): ``top1_agreement`` of the next-token argmax and ``kl`` =
   mean KL(float || compiled) in nats, over every scored text position and over the first answer token of every
   VQA question (also reported apart, ``*_text`` and ``*_vqa``).
@@ -27,7 +30,14 @@ from pathlib import Path
 
 import numpy as np
 from mqc.models import manifest as mf
-from mqc.models.data import perplexity_text, prior_baseline, question_type, vqa_test_set
+from mqc.models.data import (
+    perplexity_text,
+    prior_baseline,
+    question_type,
+    validation_text,
+    vqa_eval_set,
+    vqa_test_set,
+)
 from mqc.models.pipeline import Pipeline, log_softmax
 from mqc.models.prompting import normalize_answer
 
@@ -150,6 +160,8 @@ def evaluate(
     latency_runs: int = 5,
     threads: int | None = None,
     max_new_tokens: int = 4,
+    split: str = "test",
+    offset: int = 0,
 ) -> dict:
     """Evaluate ``float_dir`` and each of ``compiled_dirs``; return (and optionally write) the result dict."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -161,13 +173,14 @@ def evaluate(
         if p.manifest["vocab_size"] != ref.manifest["vocab_size"]:
             raise ValueError(f"{p.dir}: vocabulary differs from the float model's")
     has_vision = ref.vision is not None
-    test = list(vqa_test_set())
-    if limit is not None:
-        test = test[:limit]
+    questions = vqa_eval_set(split)
+    if not 0 <= offset < len(questions):
+        raise ValueError(f"--offset {offset} is outside the {split} split's {len(questions)} questions")
+    test = list(questions[offset : None if limit is None else offset + limit])
     if not has_vision:
         test = []
 
-    text_ids = ref.encode(perplexity_text())[:ppl_tokens]
+    text_ids = ref.encode(validation_text() if split == "val" else perplexity_text())[:ppl_tokens]
     n_windows = max(1, len(text_ids) // ppl_window)
     windows = [text_ids[i * ppl_window : (i + 1) * ppl_window] for i in range(n_windows)]
 
@@ -258,8 +271,10 @@ def evaluate(
         "models": models,
         "prior_baseline": prior_baseline(tuple(test)) if test else None,
         "settings": {
-            "vqa_set": "easy-vqa test, one question per image (seed 1234)", "limit": limit,
-            "ppl_text": "pydoc_data.topics", "ppl_tokens": int(sum(len(w) for w in windows)),
+            "split": split, "offset": offset, "limit": limit,
+            "vqa_set": ("easy-vqa test, one question per image (seed 1234)" if split == "test" else
+                        "easy-vqa validation: train questions on projector-held-out images calibration never draws"),
+            "ppl_text": "pydoc_data.topics" if split == "test" else "validation_text (standard-library docstrings)", "ppl_tokens": int(sum(len(w) for w in windows)),
             "ppl_window": ppl_window, "providers": list(pipes[0].decoder.get_providers()),
             "batch_size": batch_size, "max_new_tokens": max_new_tokens, "latency_runs": latency_runs,
             "threads": threads,

@@ -1,4 +1,4 @@
-"""The ``mqc`` command line: compile, explain, recipes, export, eval and demo."""
+"""The ``mqc`` command line: compile, explain, diagnose, recipes, export, eval and demo."""
 
 from __future__ import annotations
 
@@ -226,6 +226,49 @@ def _stored_report(file: Path):
         return read_report(str(file))
     except (TypeError, ValueError, KeyError, AttributeError, RecursionError) as exc:
         raise InputModelError(f"the mqc report stored in {file} is damaged ({type(exc).__name__})") from exc
+
+
+@main.command()
+@click.argument("float_model")
+@click.argument("compiled", type=click.Path(exists=True, path_type=Path))
+@click.option("--samples", default=8, show_default=True, help="Validation samples (model folders) or inputs to run.")
+@click.option("--offset", default=0, show_default=True, help="First validation question to use (model folders).")
+@click.option("--calib", type=click.Path(exists=True, path_type=Path),
+              help="Inputs for single .onnx files: an .npz or a folder of them (default: synthetic inputs).")
+@click.option("--top", default=3, show_default=True, help="Largest tokens to list per layer and modality.")
+@click.option("--component", "components", multiple=True, help="Only this component of a model folder (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the diagnosis as JSON instead of tables.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Also write the JSON to this file.")
+def diagnose(float_model: str, compiled: Path, samples: int, offset: int, calib: Path | None, top: int,
+             components: tuple[str, ...], as_json: bool, output: Path | None) -> None:
+    """Per statically quantized layer of COMPILED and per modality: output SQNR with its static activation scale,
+    the same with per-token dynamic scales (what-if), against FLOAT, and the tokens that set each range."""
+    from mqc.diagnose import diagnose as run_diagnosis
+    from mqc.diagnose import render
+    from mqc.errors import InputModelError, OutputPathError
+
+    if samples < 1 or offset < 0 or top < 1:
+        raise InputModelError("--samples and --top must be at least 1, --offset at least 0")
+    if output is not None and not output.parent.is_dir():
+        raise OutputPathError(f"output folder does not exist: {output.parent}")
+    with progress_bar() as progress:
+        def tick(component: str, total: int):
+            task = progress.add_task(f"diagnosing {component}", total=total)
+            return lambda: progress.advance(task)
+
+        try:
+            result = run_diagnosis(float_model, compiled, samples, offset, calib, top, tick, components)
+        except ValueError as exc:  # a validation slice out of range
+            raise InputModelError(str(exc)) from exc
+    text = json.dumps(result, indent=2)
+    if output is not None:
+        staged = output.with_name(f".{output.name}.tmp")
+        staged.write_text(text + "\n")
+        staged.replace(output)
+    if as_json:
+        click.echo(text)
+        return
+    render(result, Console(width=None if sys.stdout.isatty() else 200))
 
 
 @main.command()

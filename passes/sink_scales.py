@@ -1,0 +1,171 @@
+"""Sink scales: a third static activation class, for the few tokens that carry massive activations (prototype for
+issue 14, point 2; the idea of PrefixQuant, arXiv 2410.05265: keep the outlier tokens out of the static ranges).
+
+With MSQ (``passes/msq.py``) every token row of a modality shares one static scale, so the text range is set by
+the largest text token: in SmolLM2 the first token of every sequence (an attention sink) is tens of times larger
+than an ordinary token at the inputs of o_proj and down_proj (``mqc diagnose``). This pass gives the rows at the
+sink positions their own static scale and re-calibrates the text and image scales on the other rows:
+
+    is_sink = Unsqueeze(Equal(P, position), [-1]) or ...     # bool [B, S, 1], shared; P: the graph's position ids
+    s'      = Where(is_sink, s_sink, Where(is_image, s_image, s_text))
+
+Rules:
+1. Input: a graph with MSQ quantization points (``Mul(Clip(Round(Div(X, s))), s)`` with ``s = Where(is_image,
+   s_image, s_text)`` of constant scalars). Other activation quantizers are left alone (recorded).
+2. Sink rows are those whose position id is in ``positions`` (default the first, 0). Selection is static: it reads
+   ``position_ids`` only, nothing computed from the activations. A decode step (position > 0) is never a sink, so
+   the KV-cache path uses the text and image scales. Left padding has position 0 too: padded rows take the sink
+   scale, which changes nothing a real token sees.
+3. P is ``position_ids`` as the graph's own ops read it: the graph input, or AIFS's permuted copy
+   (``mqc_aifs_position_ids``) when AIFS ran first; so the mask follows the tokens through AIFS's reordering.
+   Run before AIFS in a recipe and AIFS rewires the mask's read itself.
+4. Calibration: one run of the current graph over the calibration feeds, tapping every quantization point's input
+   X with the position and modality ids the graph uses; each scale is the min/max of its rows (sink rows of any
+   modality; text and image rows that are not sinks). A class without rows keeps its old scale (recorded). The
+   graph is already quantized, so the inputs carry upstream rounding noise: where the sink did not set a range,
+   the re-calibrated one can come out slightly wider than the float-calibrated one (a few %, on the tiny models).
+5. Not function-preserving: it changes the quantization grid only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from mqc.calibration import IMAGE, MODALITY_INPUT, TEXT, capture
+from mqc.ir import add_initializer, constant_array, replace_initializer
+from mqc.pass_manager import MqcPass
+
+PREFIX = "mqc_sink"
+#: The position ids AIFS's permutation produces (``passes/aifs.py``: ``GatherElements`` named ``position_ids``).
+AIFS_POSITION_IDS = "mqc_aifs_position_ids"
+AIFS_MODALITY_IDS = "mqc_aifs_modality_ids"
+
+
+@dataclass
+class _Point:
+    """One MSQ quantization point: its input, its Where and the two scale initializers."""
+
+    x: ir.Value
+    where: ir.Node
+    scale_image: ir.Value
+    scale_text: ir.Value
+    qmax: float
+    readers: list[ir.Node]
+
+
+def _msq_points(graph: ir.Graph) -> list[_Point]:
+    points = []
+    for node in graph:
+        if node.op_type != "Where" or len(node.inputs) != 3:
+            continue
+        scale_image, scale_text = node.inputs[1], node.inputs[2]
+        if constant_array(scale_image) is None or constant_array(scale_text) is None:
+            continue
+        readers = [use.node for use in node.outputs[0].uses()]
+        div = next((r for r in readers if r.op_type == "Div"), None)
+        mul = next((r for r in readers if r.op_type == "Mul"), None)
+        if div is None or mul is None:
+            continue
+        clip = mul.inputs[0].producer()
+        qmax = constant_array(clip.inputs[2]) if clip is not None and clip.op_type == "Clip" else None
+        if qmax is None:
+            continue
+        points.append(_Point(div.inputs[0], node, scale_image, scale_text, float(qmax), readers))
+    return points
+
+
+class SinkScalesPass(MqcPass):
+    """Give the sink-position token rows their own static scale at every MSQ quantization point."""
+
+    name = "sink_scales"
+
+    def __init__(self, positions: Sequence[int] = (0,)) -> None:
+        super().__init__(positions=list(positions))
+        if not positions or any(p < 0 for p in positions):
+            raise ValueError("positions: one or more non-negative token positions")
+        self.positions = [int(p) for p in positions]
+
+    def variant(self) -> str:
+        return (f"a third static class for the rows at positions {self.positions} (PrefixQuant's outlier tokens, "
+                "as a static scale rather than a float prefix)")
+
+    def run(self, model: ir.Model) -> bool:
+        graph = model.graph
+        points = _msq_points(graph)
+        self.record.matched = len(points)
+        values = {v.name: v for node in graph for v in node.outputs}
+        values.update({v.name: v for v in graph.inputs})
+        positions = values.get(AIFS_POSITION_IDS) or values.get("position_ids")
+        modality = values.get(AIFS_MODALITY_IDS) or values.get(MODALITY_INPUT)
+        if not points or positions is None or modality is None:
+            self.record.notes.append("no MSQ quantization point, position_ids or modality_ids: nothing to do")
+            return False
+        scales = self._calibrate(model, points, positions.name, modality.name)
+        is_sink = self._sink_mask(graph, positions, points)
+        for point, (sink, text, image) in zip(points, scales, strict=True):
+            old_text = float(constant_array(point.scale_text)) * point.qmax
+            dtype = constant_array(point.scale_text).dtype
+            base = point.x.name or "act"
+            s_sink = add_initializer(graph, f"{base}_act_scale_sink", np.array(sink / point.qmax, dtype=dtype))
+            for value, amax, label in ((point.scale_text, text, "text"), (point.scale_image, image, "image")):
+                if amax > 0.0:
+                    replace_initializer(value, np.array(amax / point.qmax, dtype=dtype))
+                else:
+                    self.record.notes.append(f"{base}: no non-sink {label} rows, {label} scale kept")
+            select = ir.node("Where", [is_sink, s_sink, point.where.outputs[0]], name=f"{base}/sink_scale")
+            select.outputs[0].name = f"{base}_sink_scale"
+            graph.insert_after(point.where, select)
+            for reader in point.readers:
+                for index, inp in enumerate(reader.inputs):
+                    if inp is point.where.outputs[0]:
+                        reader.replace_input_with(index, select.outputs[0])
+            self.record.layers.append({"name": base, "act_absmax_sink": sink, "act_absmax_text": text,
+                                       "act_absmax_image": image, "old_text_clip": old_text,
+                                       "text_range_shrink": round(text / old_text, 4) if text and old_text else None})
+        self.record.changed = len(points)
+        return True
+
+    def _sink_mask(self, graph: ir.Graph, positions: ir.Value, points: list[_Point]) -> ir.Value:
+        nodes, hits = [], None
+        for p in self.positions:
+            const = add_initializer(graph, f"{PREFIX}_position_{p}", np.array(p, dtype=np.int64))
+            equal = ir.node("Equal", [positions, const], name=f"{PREFIX}/is_position_{p}")
+            nodes.append(equal)
+            hits = equal.outputs[0] if hits is None else self._or(nodes, hits, equal.outputs[0])
+        axes = add_initializer(graph, f"{PREFIX}_axes", np.array([-1], dtype=np.int64))
+        unsqueeze = ir.node("Unsqueeze", [hits, axes], name=f"{PREFIX}/is_sink")
+        unsqueeze.outputs[0].name = f"{PREFIX}_is_sink"
+        nodes.append(unsqueeze)
+        producer = positions.producer()
+        if producer is not None:
+            graph.insert_after(producer, nodes)
+        else:
+            graph.insert_before(next(iter(graph)), nodes)
+        return unsqueeze.outputs[0]
+
+    @staticmethod
+    def _or(nodes: list[ir.Node], a: ir.Value, b: ir.Value) -> ir.Value:
+        node = ir.node("Or", [a, b], name=f"{PREFIX}/or_{len(nodes)}")
+        nodes.append(node)
+        return node.outputs[0]
+
+    def _calibrate(self, model: ir.Model, points: list[_Point], positions: str, modality: str
+                   ) -> list[tuple[float, float, float]]:
+        """Per point: max |x| over sink rows, non-sink text rows and non-sink image rows (rule 4)."""
+        taps = [positions, modality, *dict.fromkeys(p.x.name for p in points)]
+        maxima = {name: [0.0, 0.0, 0.0] for name in taps[2:]}
+        for _, values in capture(model, taps, self.ctx.feeds(), self.ctx.providers):
+            pos, mod = values[0], values[1]
+            for name, x in zip(taps[2:], values[2:], strict=True):
+                rows_pos = np.broadcast_to(pos, x.shape[:-1]).reshape(-1)
+                rows_mod = np.broadcast_to(mod, x.shape[:-1]).reshape(-1)
+                row_max = np.abs(x.reshape(-1, x.shape[-1])).max(axis=-1)
+                sink = np.isin(rows_pos, self.positions)
+                for slot, select in enumerate((sink, ~sink & (rows_mod == TEXT), ~sink & (rows_mod == IMAGE))):
+                    if select.any():
+                        maxima[name][slot] = max(maxima[name][slot], float(row_max[select].max()))
+        return [tuple(maxima[p.x.name]) for p in points]
