@@ -193,6 +193,7 @@ def test_qwen2_vl_fidelity(tiny_model_dir):
         assert gen.token_ids[r] == ref_tokens[: len(gen.token_ids[r])]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["qwen2", "llava"])
 def test_export_command_from_checkpoint_folder(family, tmp_path):
     """`mqc export FOLDER -o DIR` on a saved Hugging Face checkpoint (offline) reproduces the torch model."""
