@@ -65,11 +65,9 @@ def _locked(path: Path) -> Iterator[None]:
 class ExportCache:
     """Named exports in ``root``, each built once by whichever process asks first and checked on every first use.
 
-    An export is published by an atomic rename together with the digests of its files; a folder whose files no
-    longer match (a test wrote into a shared export) is rebuilt rather than handed out.
+    An export is built in a staging folder and renamed into place; ``NAME.json`` beside it keeps its file digests,
+    and a folder whose files no longer match them (a test wrote into a shared export) is rebuilt, not handed out.
     """
-
-    RECORD = "export-digests.json"
 
     def __init__(self, root: Path) -> None:
         self.root = root
