@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 # `cpu` or `gpu`: which onnxruntime wheel to install (they cannot share one environment).
 ORT ?= cpu
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-quick lint bench clean
 
 setup: $(VENV)/.mqc-installed
 
@@ -25,12 +25,24 @@ $(VENV)/.mqc-installed: pyproject.toml Makefile $(RUNTIME_OPS_SOURCES)
 demo: setup
 	$(VENV)/bin/mqc demo
 
+# Two xdist workers for the two cores. worksteal balances by test, not by file: the tiny exports are shared through
+# an on-disk cache (tests/conftest.py), so a module's fixtures cost little when its tests land on both workers.
+PYTEST := $(PY) -m pytest -q -n 2 --dist worksteal
+
+# Every test, the slowest 15 listed.
 test: setup
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PYTEST) --durations=15
+
+# The edit loop: everything but the tests marked `slow` (learned recipes end to end, exports checked against
+# torch, the packaged real model).
+test-quick: setup
+	$(PY) -m ruff check .
+	$(PYTEST) -m "not slow"
 
 bench: setup
 	$(PY) benchmarks/bench_compile.py
 
+# .pytest_cache also holds the tests' export cache.
 clean:
 	rm -rf build *.egg-info .pytest_cache .ruff_cache

@@ -1,4 +1,4 @@
-"""Core tests use the tiny llama and qwen2 decoders from the shared fixtures in tests/conftest.py."""
+"""Core tests use the tiny llama and qwen2 decoders from the shared export cache in tests/conftest.py."""
 
 from __future__ import annotations
 
@@ -14,5 +14,5 @@ def tiny_models(tiny_model_dir: Callable[[str], Path]) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def llama_decoder(tiny_models: dict[str, Path]) -> Path:
-    return tiny_models["llama"] / "decoder.onnx"
+def llama_decoder(tiny_model_dir: Callable[[str], Path]) -> Path:
+    return tiny_model_dir("llama") / "decoder.onnx"

@@ -129,6 +129,7 @@ def test_failed_compile_leaves_previous_output_intact(model_copy, tmp_path):
     assert code == 2 and _digest(out) == before
 
 
+@pytest.mark.slow
 def test_sigterm_mid_compile_leaves_no_staging(tiny_model_dir, tmp_path):
     """A killed package compile (SIGTERM, as a scheduler sends) unwinds and removes its staging folder."""
     import signal

@@ -46,8 +46,8 @@ def _run_decoder(sess, man, embeds, past, start):
 
 
 @pytest.mark.parametrize("family", DECODER_FAMILIES)
-def test_decoder_fidelity(family, tiny_dir):
-    model_dir = tiny_dir(family)
+def test_decoder_fidelity(family, tiny_model_dir):
+    model_dir = tiny_model_dir(family)
     man = load_manifest(model_dir)
     model, _ = build_tiny(family)  # same seed as export_tiny: identical weights
     embed = open_session(model_dir / "embed.onnx", providers=["CPUExecutionProvider"])
@@ -79,10 +79,10 @@ def test_decoder_fidelity(family, tiny_dir):
 
 
 @pytest.mark.parametrize("family", DECODER_FAMILIES)
-def test_manifest_and_names(family, tiny_dir):
+def test_manifest_and_names(family, tiny_model_dir):
     import onnx
 
-    model_dir = tiny_dir(family)
+    model_dir = tiny_model_dir(family)
     man = json.loads((model_dir / "manifest.json").read_text())
     assert man["format"] == "mqc-model/1"
     assert man["family"] == family
@@ -104,11 +104,11 @@ def test_manifest_and_names(family, tiny_dir):
     assert "model.layers.1.mlp.down_proj.weight" in matmul_weights
 
 
-def test_llava_fidelity(tiny_dir):
+def test_llava_fidelity(tiny_model_dir):
     """vision.onnx against the torch vision path, then the whole ONNX pipeline against the torch VLM."""
     from mqc.models.pipeline import Pipeline
 
-    model_dir = tiny_dir("llava")
+    model_dir = tiny_model_dir("llava")
     man = load_manifest(model_dir)
     assert set(man["components"]) == {"vision", "embed", "decoder"}
     model, _ = build_tiny("llava")
@@ -150,12 +150,12 @@ def _qwen2_vl_patchify(pixels: np.ndarray, vcfg) -> np.ndarray:
     return x.reshape(gh * gw, c * t * p * p), np.array([[1, gh, gw]])
 
 
-def test_qwen2_vl_fidelity(tiny_dir):
+def test_qwen2_vl_fidelity(tiny_model_dir):
     """Qwen2-VL: vision at a fixed size, M-RoPE positions against get_rope_index, pipeline logits and tokens."""
     from mqc.models.pipeline import Pipeline
     from mqc.models.qwen2_vl import mrope_positions
 
-    model_dir = tiny_dir("qwen2_vl")
+    model_dir = tiny_model_dir("qwen2_vl")
     man = load_manifest(model_dir)
     assert man["position_ids"] == "mrope"
     model, _ = build_tiny("qwen2_vl")
@@ -193,6 +193,7 @@ def test_qwen2_vl_fidelity(tiny_dir):
         assert gen.token_ids[r] == ref_tokens[: len(gen.token_ids[r])]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["qwen2", "llava"])
 def test_export_command_from_checkpoint_folder(family, tmp_path):
     """`mqc export FOLDER -o DIR` on a saved Hugging Face checkpoint (offline) reproduces the torch model."""

@@ -17,8 +17,8 @@ from mqc.models.manifest import load as load_manifest
 from mqc.models.pipeline import Pipeline
 
 
-def test_prompt_layout(tiny_dir):
-    d = tiny_dir("llava")
+def test_prompt_layout(tiny_model_dir):
+    d = tiny_model_dir("llava")
     pipe = Pipeline(d, providers=["CPUExecutionProvider"])
     man = load_manifest(d)
     p = pipe.prompt("what color is the shape?")
@@ -31,9 +31,9 @@ def test_prompt_layout(tiny_dir):
     assert "<|im_start|>" in pipe.tokenizer.decode(p.ids.tolist(), skip_special_tokens=False)
 
 
-def test_batched_generation_matches_single(tiny_dir):
+def test_batched_generation_matches_single(tiny_model_dir):
     """Left padding must not change answers: a batch of prompts of different lengths equals one at a time."""
-    d = tiny_dir("llava")
+    d = tiny_model_dir("llava")
     pipe = Pipeline(d, providers=["CPUExecutionProvider"])
     items = list(vqa_test_set()[:3])
     qs = [it.question for it in items]
@@ -45,8 +45,8 @@ def test_batched_generation_matches_single(tiny_dir):
         assert np.abs(one.first_logits[0] - batch.first_logits[r]).max() < 1e-4
 
 
-def test_calibration_feeds_vlm(tiny_dir):
-    d = tiny_dir("llava")
+def test_calibration_feeds_vlm(tiny_model_dir):
+    d = tiny_model_dir("llava")
     man = load_manifest(d)
     train_paths = {it.image_path for it in vqa_split("train")}
     feeds = list(calibration_feeds(d, "decoder", 8, seed=0))
@@ -71,7 +71,7 @@ def test_calibration_feeds_vlm(tiny_dir):
     np.testing.assert_array_equal(again["inputs_embeds"], feeds[0]["inputs_embeds"])
 
 
-def test_calibration_text_is_not_perplexity_text(tiny_dir):
+def test_calibration_text_is_not_perplexity_text(tiny_model_dir):
     from mqc.models.data import calibration_text
 
     cal = calibration_text()
@@ -80,14 +80,14 @@ def test_calibration_text_is_not_perplexity_text(tiny_dir):
     # no long passage of the perplexity text appears in the calibration text
     probes = [ppl[i : i + 200] for i in range(0, len(ppl) - 200, len(ppl) // 50)]
     assert not any(p in cal for p in probes)
-    d = tiny_dir("llama")
+    d = tiny_model_dir("llama")
     feeds = list(calibration_feeds(d, "decoder", 3))
     assert all(not f["modality_ids"].any() for f in feeds)
 
 
-def test_eval_float_vs_copy(tiny_dir, tmp_path):
+def test_eval_float_vs_copy(tiny_model_dir, tmp_path):
     """A byte-identical 'compiled' copy must agree 100% with KL 0; every figure is present."""
-    d = tiny_dir("llava")
+    d = tiny_model_dir("llava")
     copy = tmp_path / "copy"
     shutil.copytree(d, copy)
     out = tmp_path / "eval.json"
@@ -110,11 +110,11 @@ def test_eval_float_vs_copy(tiny_dir, tmp_path):
     assert format_table(res).row_count == 2
 
 
-def test_eval_cli_text_only(tiny_dir, tmp_path):
+def test_eval_cli_text_only(tiny_model_dir, tmp_path):
     from click.testing import CliRunner
     from mqc.models.commands import eval_cmd
 
-    d = tiny_dir("llama")
+    d = tiny_model_dir("llama")
     out = tmp_path / "e.json"
     r = CliRunner().invoke(eval_cmd, [str(d), "--limit", "2", "--ppl-tokens", "256", "--json", str(out)])
     assert r.exit_code == 0, r.output

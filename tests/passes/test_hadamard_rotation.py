@@ -152,11 +152,15 @@ REAL_TOWER = Path.home() / ".cache/mqc/tiny-vlm-features/dinov2_pooled.onnx"
 
 
 @pytest.fixture(scope="module")
-def towers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("towers")
+def towers(export_cache) -> dict[str, Path]:
+    """The DINOv2 towers of test_ln_to_rmsnorm, exported once per run."""
+
+    def tower(name: str, build) -> Path:
+        return export_cache.get(f"tower-{name}", lambda folder: export(*build(), folder / f"{name}.onnx"))
+
     return {
-        "dinov2": export(*dinov2_vlm(pool=True), root / "dinov2.onnx"),  # CLS + 2x2 pooling -> projector
-        "dinov2_pooled": export(*dinov2_vlm(projector=False, pool=True), root / "dinov2_pooled.onnx"),
+        "dinov2": tower("dinov2", lambda: dinov2_vlm(pool=True)),  # CLS + 2x2 pooling -> projector
+        "dinov2_pooled": tower("dinov2_pooled", lambda: dinov2_vlm(projector=False, pool=True)),
     }
 
 

@@ -21,14 +21,17 @@ REAL_TOWER = Path.home() / ".cache/mqc/tiny-vlm-features/dinov2_pooled.onnx"
 
 
 @pytest.fixture(scope="module")
-def towers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The tiny towers exported once per module (about 10 s on 2 cores)."""
-    root = tmp_path_factory.mktemp("towers")
+def towers(export_cache) -> dict[str, Path]:
+    """The tiny towers, exported once per run (about 10 s on 2 cores); the rotation tests share the DINOv2 ones."""
+
+    def tower(name: str, build, input_name: str = "pixel_values") -> Path:
+        return export_cache.get(f"tower-{name}", lambda folder: export(*build(), folder / f"{name}.onnx", input_name))
+
     return {
-        "dinov2": export(*dinov2_vlm(pool=True), root / "dinov2.onnx"),  # CLS + 2x2 pooling -> projector
-        "dinov2_pooled": export(*dinov2_vlm(projector=False, pool=True), root / "dinov2_pooled.onnx"),
-        "post_ln": export(*toy_encoder("post_ln"), root / "post_ln.onnx", "patches"),
-        "ln_pre": export(*toy_encoder("ln_pre"), root / "ln_pre.onnx", "patches"),
+        "dinov2": tower("dinov2", lambda: dinov2_vlm(pool=True)),  # CLS + 2x2 pooling -> projector
+        "dinov2_pooled": tower("dinov2_pooled", lambda: dinov2_vlm(projector=False, pool=True)),
+        "post_ln": tower("post_ln", lambda: toy_encoder("post_ln"), "patches"),
+        "ln_pre": tower("ln_pre", lambda: toy_encoder("ln_pre"), "patches"),
     }
 
 

@@ -220,6 +220,7 @@ def test_int4_weight_must_be_uint8():
 ISA_SCRIPT = Path(__file__).with_name("rtops_isa_check.py")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("isa", ["generic", "avx2", "avx512vnni"])
 def test_every_cpu_kernel_variant(isa):
     """The portable, AVX2 and AVX512-VNNI kernels (the variant is fixed per process) give identical results."""

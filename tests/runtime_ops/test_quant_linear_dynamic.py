@@ -200,6 +200,7 @@ def test_bad_dynamic_attribute_fails_at_session_creation():
 ISA_CHECKS = [(np.float32, 8, 300), (np.float16, 4, 37), (np.float32, 4, 5), (np.float16, 8, 1)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("isa", ["generic", "avx2", "avx512vnni"])
 def test_every_cpu_kernel_variant(isa):
     """The absmax and quantization of every CPU variant give the graph's codes (the variant is fixed per process)."""
