@@ -388,7 +388,7 @@ class GraphDiagnosis:
             rows = _RowLayout(feed, tapped.get(AIFS_PERMUTATION), self.default_modality)
             self._accumulate(index, sample, rows, tapped, reference)
             if reference:
-                self._accumulate_output(rows, tapped[output], reference[output])
+                self._accumulate_output(tapped[output], reference[output])
             self.samples.append(sample.name)
             if progress is not None:
                 progress()
@@ -430,7 +430,7 @@ class GraphDiagnosis:
         per_row = rows.flatten(scale)[0].reshape(-1) if scale.ndim >= 2 and scale.shape[-1] == 1 else scale.reshape(-1)
         return np.broadcast_to(per_row.astype(np.float64), (count,)) * layer.qmax
 
-    def _accumulate_output(self, rows: _RowLayout, compiled: np.ndarray, reference: np.ndarray) -> None:
+    def _accumulate_output(self, compiled: np.ndarray, reference: np.ndarray) -> None:
         if compiled.shape == reference.shape:
             self.output_figures.add_float(reference, compiled)
 

@@ -48,3 +48,20 @@ def test_validation_text_is_neither_the_calibration_nor_the_perplexity_text():
     paragraphs = {p for p in val.split("\n\n") if len(p) > 80}
     for other in (data.calibration_text(), data.perplexity_text()):
         assert not paragraphs & {p for p in other.split("\n\n") if len(p) > 80}
+
+
+def test_eval_scores_the_val_slice_asked_for(tiny_dir):
+    from click.testing import CliRunner
+    from mqc.models.commands import eval_cmd
+    from mqc.models.evaluate import evaluate
+
+    model = tiny_dir("llava")
+    result = evaluate(model, [], limit=2, offset=3, split="val", ppl_tokens=256, ppl_window=128, latency_runs=1,
+                      progress=False)
+    assert result["settings"]["split"] == "val" and result["settings"]["ppl_text"].startswith("validation_text")
+    assert result["models"][0]["vqa_questions"] == 2
+    assert result["prior_baseline"]["num_questions"] == 2
+    with pytest.raises(ValueError, match="outside"):
+        evaluate(model, [], limit=1, offset=len(data.vqa_val_set()), split="val", progress=False)
+    bad = CliRunner().invoke(eval_cmd, [str(model), "--split", "val", "--offset", "99999"])
+    assert bad.exit_code == 2 and "1509 questions" in bad.output
