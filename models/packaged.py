@@ -134,4 +134,9 @@ def register_with_core() -> None:
 
         return calibration_feeds(model_dir, component, num_samples)
 
-    register_package_hooks(PackageHooks(resolve=resolve, calibration_feeds=feeds))
+    def held_out(model_dir: Path, component: str, num_samples: int):
+        from mqc.models.calibration import validation_feeds
+
+        return [labelled.feed for labelled in validation_feeds(model_dir, component, num_samples)]
+
+    register_package_hooks(PackageHooks(resolve=resolve, calibration_feeds=feeds, validation_feeds=held_out))

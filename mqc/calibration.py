@@ -11,6 +11,7 @@ Statistics are kept per modality. Each token row carries a modality id (0 text, 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -367,6 +368,12 @@ class CalibrationFiles:
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def split_last(self, count: int) -> tuple[CalibrationFiles, list[Path]]:
+        """These samples without the last ``count`` files, and those files' samples (the quality gate's)."""
+        kept = copy.copy(self)
+        kept.files = self.files[:-count]
+        return kept, [check_feed(_read_npz(file), self.model, str(file)) for file in self.files[-count:]]
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         for file in self.files:

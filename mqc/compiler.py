@@ -34,7 +34,7 @@ from mqc.model_map import build_model_map
 from mqc.outputs import FolderStaging, check_output_path
 from mqc.packages import component_paths, folder_entries, is_model_dir, package_hooks, read_manifest
 from mqc.pass_manager import DEFAULT_VERIFY_RTOL, CompileContext, PassManager
-from mqc.quality_gate import NO_LIMITS, Limits, QualityRejected, hold_out, measure, rejected_path
+from mqc.quality_gate import NO_LIMITS, Limits, QualityRejected, gate_size, hold_out, measure, rejected_path
 from mqc.recipes import Recipe, load_recipe, pass_class
 from mqc.report import REPORT_KEY, CompileReport
 
@@ -114,8 +114,10 @@ def compile_file(
     write: bool = True,
     allow_partial: bool = False,
     limits: Limits = NO_LIMITS,
+    gate_feeds: Callable[[], Iterable[dict[str, np.ndarray]]] | None = None,
 ) -> CompileReport:
-    """Compile one ONNX file. ``feeds`` (a callable returning an iterable of feed dicts) overrides ``calib``."""
+    """Compile one ONNX file. ``feeds`` (a callable returning an iterable of feed dicts) overrides ``calib``;
+    ``gate_feeds``, samples calibration never sees, are what the quality gate runs on (else it holds some back)."""
     start = time.perf_counter()
     source, output = Path(source), Path(output)
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
@@ -139,9 +141,15 @@ def compile_file(
         feeds = lambda: samples  # noqa: E731
         calibration = {"source": "synthetic (no --calib given): random inputs, scales are not representative",
                        "samples": len(samples)}
-    samples, held_out, disjoint = hold_out(feeds)  # the quality gate's samples (mqc.quality_gate)
-    feeds = lambda: samples  # noqa: E731
-    calibration["samples"], calibration["held_out_for_quality_gate"] = len(samples), len(held_out) if disjoint else 0
+        if gate_feeds is None:  # more synthetic inputs from another seed: calibration keeps all its samples
+            gate_samples = random_feeds(model, gate_size(num_samples), seed=1)
+            gate_feeds = lambda: gate_samples  # noqa: E731
+    if gate_feeds is not None:
+        held_out, disjoint = list(gate_feeds()), True
+    else:  # the user's own samples: the gate's are held back from them (mqc.quality_gate)
+        feeds, held_out, disjoint = hold_out(feeds)
+        calibration["samples"], calibration["held_out_for_quality_gate"] = len(feeds()), len(held_out) if disjoint else 0
+    calibration.setdefault("samples", num_samples)
     context = CompileContext(feeds, verify=verify, verify_rtol=verify_rtol, default_modality=default_modality,
                              exclude=exclude, progress=progress, allow_partial=allow_partial)
     context.num_samples = calibration.get("samples", num_samples)
@@ -230,6 +238,7 @@ def compile_package(
                 kept_float.append(component)
                 continue
             samples = list(hooks.calibration_feeds(model_dir, component, num_samples))
+            gate = list(hooks.validation_feeds(model_dir, component, gate_size(num_samples)))
             target = staging.path / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -237,7 +246,7 @@ def compile_package(
                     files[component], target, component_recipe, feeds=lambda s=samples: s,
                     num_samples=len(samples), fmt=fmt, exclude=exclude,
                     verify=verify, verify_rtol=verify_rtol, default_modality=modality, progress=progress,
-                    allow_partial=allow_partial, limits=limits,
+                    allow_partial=allow_partial, limits=limits, gate_feeds=lambda g=gate: g,
                 )
             except QualityRejected as exc:  # keep what was compiled beside the output, as <output>.rejected
                 os.replace(rejected_path(target), target)

@@ -30,10 +30,12 @@ FeedBuilder = Callable[[Path, str, int], Iterable[dict[str, np.ndarray]]]
 
 @dataclass(frozen=True)
 class PackageHooks:
-    """``resolve(name) -> model folder`` and ``calibration_feeds(folder, component, samples) -> feeds``."""
+    """``resolve(name) -> model folder``, ``calibration_feeds(folder, component, samples) -> feeds`` and
+    ``validation_feeds`` of the same form (samples calibration never draws: the quality gate's)."""
 
     resolve: Callable[[str], Path]
     calibration_feeds: FeedBuilder
+    validation_feeds: FeedBuilder
 
 
 _hooks: PackageHooks | None = None

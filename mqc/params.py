@@ -171,6 +171,16 @@ class RmsSplitParams(PassParams):
 
 
 @dataclass(frozen=True)
+class SinkScalesParams(PassParams):
+    positions: tuple[int, ...] = (0,)
+
+    def __post_init__(self) -> None:
+        if not self.positions or any(p < 0 for p in self.positions):
+            raise RecipeError(f"pass sink_scales, key 'positions': one or more non-negative token positions, "
+                              f"got {list(self.positions)}")
+
+
+@dataclass(frozen=True)
 class LowerRuntimeOpsParams(PassParams):
     fuse_norms: bool = False
 
@@ -189,6 +199,7 @@ PASS_PARAMS: dict[str, type[PassParams]] = {
     "cmc": CmcParams,
     "aifs": AifsParams,
     "rms_split": RmsSplitParams,
+    "sink_scales": SinkScalesParams,
     "lower_runtime_ops": LowerRuntimeOpsParams,
 }
 
@@ -234,8 +245,10 @@ def _typed(where: str, hint: Any, value: Any) -> Any:
             raise RecipeError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
         return value
     if origin is tuple:
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise RecipeError(f"{where}: expected a list of strings, got {value!r}")
+        item = args[0]
+        if not isinstance(value, (list, tuple)) or not all(
+                isinstance(v, item) and not isinstance(v, bool) for v in value):
+            raise RecipeError(f"{where}: expected a list of {'strings' if item is str else 'integers'}, got {value!r}")
         return tuple(value)
     if hint is bool:
         if not isinstance(value, bool):

@@ -7,7 +7,9 @@ KL(float ‖ compiled) of the next-token distributions and the top-1 agreement; 
 first output. ``--min-sqnr`` / ``--max-kl`` turn a result past either limit into :class:`QualityRejected`
 (exit 3); the compiler keeps the rejected model beside the output as ``<output>.rejected``.
 
-Held-out samples: the last ``max(1, n // 8)`` of the ``n`` calibration samples (at least two needed; with one the
+Samples: a model package gives the gate its own validation samples and synthetic calibration gets more random
+inputs from another seed, so calibration keeps every sample it was given; a user's ``--calib`` set (or feeds given
+through the API) has its last ``max(1, n // 8)`` samples held back for the gate (at least two needed; with one the
 gate runs on it and says the sample was also used for calibration).
 """
 
@@ -60,14 +62,32 @@ class Limits:
 NO_LIMITS = Limits()
 
 
-def hold_out(feeds: Callable[[], Iterable[dict[str, np.ndarray]]]) -> tuple[list[dict], list[dict], bool]:
-    """``(calibration, held_out, disjoint)``: the last ``max(1, n // 8)`` samples are kept for the gate; with a
-    single sample both use it (``disjoint`` False)."""
-    samples = list(feeds())
+def gate_size(num_samples: int) -> int:
+    """How many samples the gate runs on for a calibration set of ``num_samples``: an eighth, at least two."""
+    return max(2, num_samples // 8)
+
+
+def hold_out(feeds: Callable[[], Iterable[dict[str, np.ndarray]]]
+             ) -> tuple[Callable[[], Iterable[dict[str, np.ndarray]]], list[dict[str, np.ndarray]], bool]:
+    """``(calibration feeds, held_out, disjoint)`` for samples that come only from the user: the last
+    ``max(1, n // 8)`` are kept for the gate; with a single sample both use it (``disjoint`` False).
+
+    A sized set of samples (:class:`~mqc.calibration.CalibrationFiles`, a list) is split without loading it.
+    """
+    samples = feeds()
+    if not hasattr(samples, "split_last"):
+        samples = CalibrationList(list(samples))
     if len(samples) < 2:
-        return samples, samples, False
-    held = max(1, len(samples) // 8)
-    return samples[:-held], samples[-held:], True
+        return feeds, list(samples), False
+    kept, held = samples.split_last(max(1, len(samples) // 8))
+    return (lambda: kept), list(held), True
+
+
+class CalibrationList(list):
+    """In-memory samples with the same ``split_last`` as :class:`~mqc.calibration.CalibrationFiles`."""
+
+    def split_last(self, count: int) -> tuple[list, list]:
+        return CalibrationList(self[:-count]), CalibrationList(self[-count:])
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:

@@ -6,8 +6,8 @@ naming the recipe, the pass and the key. :data:`PASS_MODULES` says which module 
 listing and checking recipes never imports a pass module (nor torch).
 
 Recipes compose. ``"extends": "masquant"`` starts from another recipe (a built-in name or a .json path): its pass
-list, description and components, unless given again; ``"overrides"`` (pass name -> parameters) then changes the
-parameters of every step of that pass::
+list, description and components, unless given again; ``"append"`` adds steps after its passes; ``"overrides"``
+(pass name -> parameters) then changes the parameters of every step of that pass::
 
     {"name": "masquant-static", "extends": "masquant",
      "overrides": {"mas": {"acts": "static"}, "cmc": {"acts": "static"}}}
@@ -58,9 +58,10 @@ PASS_MODULES: dict[str, str] = {
     "aifs": "aifs:AifsPass",
     "rms_split": "rms_split:RmsSplitPass",
     "lower_runtime_ops": "lower_runtime_ops:LowerRuntimeOpsPass",
+    "sink_scales": "sink_scales:SinkScalesPass",
 }
 _COMPONENT_KEYS = {"recipe", "overrides", "float"}
-_RECIPE_KEYS = {"name", "description", "extends", "passes", "overrides", "components"}
+_RECIPE_KEYS = {"name", "description", "extends", "passes", "append", "overrides", "components"}
 
 
 @dataclass
@@ -168,6 +169,11 @@ def _parse(text: str, origin: str, seen: tuple[str, ...] = ()) -> Recipe:
     elif "passes" not in data:
         raise RecipeError(f"recipe {name}: needs 'passes' (or 'extends' another recipe)")
     passes = data["passes"] if base is None else data.get("passes", base.passes)
+    if "append" in data:
+        if base is None or "passes" in data:
+            raise RecipeError(f"recipe {name}: 'append' adds steps after the passes of the recipe it extends "
+                              "(use it with 'extends' and without 'passes')")
+        passes = [*base.passes, *_check_steps(data["append"], name)]
     own_components = data.get("components", {})
     _check_components(own_components, name)
     components = {**(base.components if base is not None else {}), **own_components}

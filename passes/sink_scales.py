@@ -29,7 +29,6 @@ Rules:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,14 +82,8 @@ class SinkScalesPass(MqcPass):
 
     name = "sink_scales"
 
-    def __init__(self, positions: Sequence[int] = (0,)) -> None:
-        super().__init__(positions=list(positions))
-        if not positions or any(p < 0 for p in positions):
-            raise ValueError("positions: one or more non-negative token positions")
-        self.positions = [int(p) for p in positions]
-
     def variant(self) -> str:
-        return (f"a third static class for the rows at positions {self.positions} (PrefixQuant's outlier tokens, "
+        return (f"a third static class for the rows at positions {list(self.params.positions)} (PrefixQuant's outlier tokens, "
                 "as a static scale rather than a float prefix)")
 
     def run(self, model: ir.Model) -> bool:
@@ -131,7 +124,7 @@ class SinkScalesPass(MqcPass):
 
     def _sink_mask(self, graph: ir.Graph, positions: ir.Value, points: list[_Point]) -> ir.Value:
         nodes, hits = [], None
-        for p in self.positions:
+        for p in list(self.params.positions):
             const = add_initializer(graph, f"{PREFIX}_position_{p}", np.array(p, dtype=np.int64))
             equal = ir.node("Equal", [positions, const], name=f"{PREFIX}/is_position_{p}")
             nodes.append(equal)
@@ -164,7 +157,7 @@ class SinkScalesPass(MqcPass):
                 rows_pos = np.broadcast_to(pos, x.shape[:-1]).reshape(-1)
                 rows_mod = np.broadcast_to(mod, x.shape[:-1]).reshape(-1)
                 row_max = np.abs(x.reshape(-1, x.shape[-1])).max(axis=-1)
-                sink = np.isin(rows_pos, self.positions)
+                sink = np.isin(rows_pos, list(self.params.positions))
                 for slot, select in enumerate((sink, ~sink & (rows_mod == TEXT), ~sink & (rows_mod == IMAGE))):
                     if select.any():
                         maxima[name][slot] = max(maxima[name][slot], float(row_max[select].max()))
