@@ -1,21 +1,28 @@
 """Bring graphs written by other exporters into the one form the passes read.
 
 ``torch.onnx.export`` (dynamo and TorchScript), onnxruntime-genai's builder and older vision exports write the
-same model in different shapes. Two rewrites close the gaps the model map cannot see through; both keep what the
-graph computes exactly:
+same model in different shapes. These rewrites close the gaps the model map cannot see through; each keeps what
+the graph computes exactly (``canonicalize.FuseNormsPass`` runs them, ``--verify`` checks them):
 
 1. **Transposed weights** (:func:`materialize_transposed_weights`): ``MatMul(X, Transpose(W))`` with a constant
    2-D ``W`` is how a tied ``lm_head`` reads the embedding table (the exporter cannot fold the transpose of a
-   table the embedding ``Gather`` also reads). The MatMul gets its own [in, out] copy ``Wᵀ``, so it is a linear of
-   the model map, and the table stays the Gather's: the two readers are untied, and a pass may change either.
+   table the embedding ``Gather`` also reads); onnxruntime-genai ties the other way, ``Gather(Transpose(W))``.
+   The reader gets its own transposed copy, so the MatMul is a linear of the model map and the two readers are
+   untied: a pass may change either.
 2. **Decomposed norms** (:func:`fuse_decomposed_norms`): ``x · 1/sqrt(mean(x²) + eps) · γ`` (RMSNorm) and
    ``(x − mean(x)) / sqrt(mean((x − mean)²) + eps) · γ + β`` (LayerNorm) over the last axis become one
-   ``RMSNormalization`` / ``LayerNormalization`` node. No-op ``Cast``s (TorchScript's ``x.float()`` on fp32) are
-   removed first, types inferred where the exporter declared none. The matcher reads through what the exporters
-   put in between: ``Div(1, s)`` or ``Reciprocal(s)`` then ``Mul``,
-   or ``Div(x, s)``, operands in either order, ``ReduceMean`` axes as an attribute (opset < 18) or an input, and a
-   Gemma ``(1 + w)`` gamma left as ``Add(1, w)`` of constants. It needs opset 17 (LayerNormalization) / 23
-   (RMSNormalization), which ``canonicalize`` sets first.
+   ``RMSNormalization`` / ``LayerNormalization`` node. Types and shapes are inferred first (TorchScript declares
+   none inside the graph) and no-op ``Cast``s (its ``x.float()`` on fp32) removed. The matcher reads through
+   ``Div(1, s)`` or ``Reciprocal(s)`` then ``Mul``, or ``Div(x, s)``, operands in either order, ``ReduceMean`` axes
+   as an attribute (opset < 18) or an input, and a Gemma ``(1 + w)`` gamma left as ``Add(1, w)`` of constants.
+   ``Shape`` of a norm's output reads its input instead. Needs opset 17 / 23, which ``canonicalize`` sets first.
+3. **onnxruntime fused ops** (:func:`unfuse_skip_norms`, :func:`split_packed_qkv`): ``Skip(Simplified)Layer
+   Normalization`` becomes an Add and a standard norm; a packed qkv MatMul feeding ``GroupQueryAttention`` becomes
+   q/k/v MatMuls on its separate inputs.
+4. **Constants** (:func:`inline_constant_identities`, :func:`fold_constant_subgraphs`): ``Identity`` of a
+   constant is read through; subgraphs of constants (a position table behind a ``Resize``) are evaluated.
+5. **Stream entry** (:func:`absorb_into_embedding`): the rotation's R1 goes into the embedding table when the
+   stream starts at an embedding ``Gather``.
 """
 
 from __future__ import annotations
@@ -290,8 +297,8 @@ def fuse_decomposed_norms(model: ir.Model) -> list[str]:
         if node.graph is not graph or not _is_default(node, "ReduceMean"):
             continue  # (a node of an already fused norm was removed with it: its graph is None)
         match = _match_layernorm(node) or (_match_rms(node) if allow_rms else None)
-        if match is None or (match.kind == "layernorm" and _width(match.source) is None and match.gamma is None):
-            continue
+        if match is None or (_width(match.source) is None and match.gamma is None):
+            continue  # no width to build the norm's scale from
         _replace(graph, match)
         _remove_dead_nodes(graph)
         fused.append(f"{match.name} ({match.kind})")
@@ -442,9 +449,8 @@ def unfuse_skip_norms(model: ir.Model) -> list[str]:
             add = ir.node("Add", [node.inputs[0], node.inputs[1]], name=f"{node.name}/residual_add")
             new_nodes.append(add)
             source = add.outputs[0]
-            bias = node.inputs[4] if node.op_type == "SkipLayerNormalization" else node.inputs[3] if len(node.inputs) > 3 else None
-            if node.op_type == "SkipLayerNormalization" and len(node.inputs) <= 4:
-                bias = None
+            bias_index = 4 if node.op_type == "SkipLayerNormalization" else 3  # after (β and) γ
+            bias = node.inputs[bias_index] if len(node.inputs) > bias_index else None
             if bias is not None:
                 add_bias = ir.node("Add", [source, bias], name=f"{node.name}/residual_bias")
                 new_nodes.append(add_bias)
