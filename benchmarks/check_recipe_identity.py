@@ -141,6 +141,8 @@ def _compile(model: str, output: Path, form: str, samples: int) -> tuple[str | N
         with contextlib.redirect_stderr(stderr):
             main(args, standalone_mode=False)
     except SystemExit as exc:
+        if exc.code in (130, 143):  # Ctrl-C or SIGTERM (the CLI turns both into an exit): stop the whole check
+            raise
         if exc.code:
             error = f"exit {exc.code}"
     except Exception as exc:  # the baseline records a failing case as failing
