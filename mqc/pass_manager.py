@@ -154,7 +154,7 @@ class MqcPass(ir.passes.InPlacePass):
         """``params`` as parsed by the recipe, or the keyword parameters (checked the same way)."""
         super().__init__()
         if params is None:
-            params = parse_params(PASS_PARAMS[self.name], raw, f"pass {self.name}")
+            params = parse_params(PASS_PARAMS.get(self.name, PassParams), raw, f"pass {self.name}")
         elif raw:
             raise TypeError("give a pass its parameters either parsed or as keywords, not both")
         self.params = params

@@ -27,7 +27,8 @@ def test_compare_outputs_measures_kl_and_top1_on_known_logits():
 
 def test_hold_out_keeps_an_eighth_apart_from_calibration():
     samples = [{"x": np.full(1, i)} for i in range(32)]
-    calibration, held, disjoint = hold_out(lambda: samples)
+    feeds, held, disjoint = hold_out(lambda: samples)
+    calibration = list(feeds())
     assert disjoint and len(held) == 4 and len(calibration) == 28
     assert {int(s["x"][0]) for s in held}.isdisjoint(int(s["x"][0]) for s in calibration)
     assert hold_out(lambda: samples[:1])[2] is False
@@ -41,11 +42,11 @@ def test_limits_name_each_violation():
 
 
 def test_a_broken_compile_is_rejected_with_exit_3_and_kept_aside(llama_decoder, tmp_path):
-    broken = tmp_path / "clipped.json"  # every activation clipped at its 1st percentile: a deliberately broken compile
-    broken.write_text(json.dumps({"name": "clipped", "description": "W4A8 with activations clipped at the 1st percentile",
+    broken = tmp_path / "clipped.json"  # every activation clipped at its median: a deliberately broken compile
+    broken.write_text(json.dumps({"name": "clipped", "description": "W4A8 with activations clipped at their median",
                                   "passes": [{"pass": "upgrade_opset"},
                                              {"pass": "quantize_linears", "weight_bits": 4, "act_bits": 8,
-                                              "act_method": "percentile", "act_percentile": 1.0}]}))
+                                              "act_method": "percentile", "act_percentile": 50.0}]}))
     out = tmp_path / "q.onnx"
     result = CliRunner().invoke(main, ["compile", str(llama_decoder), "-o", str(out), "--recipe", str(broken),
                                        "--samples", "16", "--min-sqnr", "15"])
