@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from mqc.passes.canonicalize import FuseNormsPass
 from mqc.passes.hadamard_rotation import RotateResidualPass
 from mqc.passes.ln_to_rmsnorm import LayerNormToRMSNormPass
 from mqc.passes.norm_folding import FoldNormsPass
-from vision_models import dinov2_vlm, export, with_projector
+from vision_models import export_tower, with_projector
 
 from mqc.calibration import random_feeds
 from mqc.errors import RecipeNotApplied
@@ -154,14 +155,7 @@ REAL_TOWER = Path.home() / ".cache/mqc/tiny-vlm-features/dinov2_pooled.onnx"
 @pytest.fixture(scope="module")
 def towers(export_cache) -> dict[str, Path]:
     """The DINOv2 towers of test_ln_to_rmsnorm, exported once per run."""
-
-    def tower(name: str, build) -> Path:
-        return export_cache.get(f"tower-{name}", lambda folder: export(*build(), folder / f"{name}.onnx"))
-
-    return {
-        "dinov2": tower("dinov2", lambda: dinov2_vlm(pool=True)),  # CLS + 2x2 pooling -> projector
-        "dinov2_pooled": tower("dinov2_pooled", lambda: dinov2_vlm(projector=False, pool=True)),
-    }
+    return {name: export_cache.get(f"tower-{name}", partial(export_tower, name)) for name in ("dinov2", "dinov2_pooled")}
 
 
 def rotate_tower(path: Path, convert: bool = True, projector: bool = False,

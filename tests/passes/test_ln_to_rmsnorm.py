@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import onnx_ir as ir
 import pytest
 from mqc.passes.canonicalize import FuseNormsPass
 from mqc.passes.ln_to_rmsnorm import LayerNormToRMSNormPass
-from vision_models import WIDTH, dinov2_vlm, export, toy_encoder, with_projector
+from vision_models import TOWERS, WIDTH, export_tower, with_projector
 
 from mqc.calibration import random_feeds
 from mqc.graph.stream import reshape_channel_axis
@@ -23,16 +24,7 @@ REAL_TOWER = Path.home() / ".cache/mqc/tiny-vlm-features/dinov2_pooled.onnx"
 @pytest.fixture(scope="module")
 def towers(export_cache) -> dict[str, Path]:
     """The tiny towers, exported once per run (about 10 s on 2 cores); the rotation tests share the DINOv2 ones."""
-
-    def tower(name: str, build, input_name: str = "pixel_values") -> Path:
-        return export_cache.get(f"tower-{name}", lambda folder: export(*build(), folder / f"{name}.onnx", input_name))
-
-    return {
-        "dinov2": tower("dinov2", lambda: dinov2_vlm(pool=True)),  # CLS + 2x2 pooling -> projector
-        "dinov2_pooled": tower("dinov2_pooled", lambda: dinov2_vlm(projector=False, pool=True)),
-        "post_ln": tower("post_ln", lambda: toy_encoder("post_ln"), "patches"),
-        "ln_pre": tower("ln_pre", lambda: toy_encoder("ln_pre"), "patches"),
-    }
+    return {name: export_cache.get(f"tower-{name}", partial(export_tower, name)) for name in TOWERS}
 
 
 def convert(path: Path, verify: bool = True, allow_partial: bool = False) -> tuple[ir.Model, CompileContext, object]:

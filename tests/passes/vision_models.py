@@ -104,6 +104,21 @@ def export(model, example, path: Path, input_name: str = "pixel_values") -> Path
     return path
 
 
+#: The towers the tests share through the export cache (tests/conftest.py): name -> (model builder, input name).
+TOWERS = {
+    "dinov2": (lambda: dinov2_vlm(pool=True), "pixel_values"),  # CLS + 2x2 pooling -> projector
+    "dinov2_pooled": (lambda: dinov2_vlm(projector=False, pool=True), "pixel_values"),
+    "post_ln": (lambda: toy_encoder("post_ln"), "patches"),
+    "ln_pre": (lambda: toy_encoder("ln_pre"), "patches"),
+}
+
+
+def export_tower(name: str, folder: Path) -> Path:
+    """Export the tower ``name`` of ``TOWERS`` into ``folder``."""
+    build, input_name = TOWERS[name]
+    return export(*build(), folder / f"{name}.onnx", input_name)
+
+
 def with_projector(model, hidden: int = 1024, out: int = 576, seed: int = 0):
     """``model`` (an onnx_ir vision graph with one [B, T, C] output) followed by a random LLaVA-style MLP projector
     ``linear_1 -> Gelu -> linear_2``, as the tiny VLM's vision.onnx has it (for graphs cut before the projector)."""
