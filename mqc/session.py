@@ -33,6 +33,18 @@ BY_REFERENCE_BYTES = 64 * 1024
 _ORT_NUMPY_DTYPES = {np.dtype(t) for t in (np.float32, np.float16, np.float64, np.int8, np.uint8, np.int16,
                                            np.uint16, np.int32, np.int64, np.bool_)}
 _EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
+#: Environment variable: onnxruntime intra-op threads of every session mqc opens (default: onnxruntime's, one per
+#: core). Set it where several processes share the cores (parallel test workers, a loaded build machine).
+THREADS_ENV = "MQC_ORT_THREADS"
+
+
+def _env_threads() -> int | None:
+    raw = os.environ.get(THREADS_ENV)
+    if raw is None or raw == "":
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise InputModelError(f"{THREADS_ENV}={raw!r}: expected a positive whole number of threads")
+    return int(raw)
 
 
 def default_providers() -> list[str]:
@@ -55,8 +67,9 @@ def _options(optimization_level: str, intra_op_threads: int | None, runtime_ops:
     # float (the per-modality fake-quant form); its default accuracy level 4 then re-quantizes the activation to
     # int8 blocks the graph never asked for. Level 1 keeps the graph's own numerics.
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
-    if intra_op_threads:
-        options.intra_op_num_threads = intra_op_threads
+    threads = intra_op_threads or _env_threads()
+    if threads:
+        options.intra_op_num_threads = threads
     if runtime_ops:
         from mqc.runtime_ops import register_library
 

@@ -24,7 +24,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # One compute thread per test process (set before torch or numpy load their thread pools). `make test` runs two
 # xdist workers on two cores: with torch's default of one OpenMP thread per core, four threads spin-wait for two
 # cores, and MAS learning ran 7x slower (32 s instead of 5 s of CPU for one masquant compile of the tiny llama).
-for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+# onnxruntime's pools likewise (mqc.session reads MQC_ORT_THREADS).
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MQC_ORT_THREADS"):
     os.environ.setdefault(_var, "1")
 
 ROOT = Path(__file__).resolve().parent.parent
