@@ -15,7 +15,6 @@ are built by running the directory's own ``vision.onnx`` and ``embed.onnx`` with
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,20 +28,12 @@ from mqc.models.data import (
 )
 from mqc.models.prompting import Prompt
 
+from mqc.packages import LabelledFeed
+
 #: Every TEXT_EVERY-th decoder sample of a VLM is a text-only window.
 TEXT_EVERY = 4
 #: Length of a text-only calibration window, in tokens.
 TEXT_TOKENS = 96
-
-
-@dataclass
-class LabelledFeed:
-    """One feed, what it is, and per token position what the token is (text piece and id, or image patch); empty
-    for the vision tower, whose rows are its own patch tokens."""
-
-    feed: dict[str, np.ndarray]
-    sample: str
-    tokens: list[str]
 
 
 def _train_items(num: int, seed: int) -> list[VQAItem]:

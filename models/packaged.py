@@ -134,9 +134,9 @@ def register_with_core() -> None:
 
         return calibration_feeds(model_dir, component, num_samples)
 
-    def held_out(model_dir: Path, component: str, num_samples: int):
+    def held_out(model_dir: Path, component: str, num_samples: int, offset: int = 0):
         from mqc.models.calibration import validation_feeds
 
-        return [labelled.feed for labelled in validation_feeds(model_dir, component, num_samples)]
+        return validation_feeds(model_dir, component, num_samples, offset)
 
     register_package_hooks(PackageHooks(resolve=resolve, calibration_feeds=feeds, validation_feeds=held_out))

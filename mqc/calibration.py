@@ -245,8 +245,8 @@ def capture(
         raise CalibrationError(f"values to calibrate not found in the graph: {missing[:5]}")
     added = [values[t] for t in dict.fromkeys(taps) if values[t] not in model.graph.outputs]
     untyped = {value: value.type for value in added if value.dtype is None}
-    for value in untyped:  # a graph output needs a type; tapped activations of a float32 model are float32
-        value.type = ir.TensorType(ir.DataType.FLOAT)
+    for value in untyped:  # an unknown element type cannot be serialized; an absent one onnxruntime infers
+        value.type = None
     model.graph.outputs.extend(added)
     try:
         session = session_for_model(model, list(providers), optimization_level="basic")

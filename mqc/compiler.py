@@ -13,6 +13,7 @@ beside its final name and renamed.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -116,8 +117,11 @@ def compile_file(
     limits: Limits = NO_LIMITS,
     gate_feeds: Callable[[], Iterable[dict[str, np.ndarray]]] | None = None,
 ) -> CompileReport:
-    """Compile one ONNX file. ``feeds`` (a callable returning an iterable of feed dicts) overrides ``calib``;
-    ``gate_feeds``, samples calibration never sees, are what the quality gate runs on (else it holds some back)."""
+    """Compile one ONNX file. ``feeds`` (a callable returning an iterable of feed dicts) overrides ``calib``.
+
+    ``gate_feeds``, samples calibration never sees, are what the quality gate runs on; without them the gate holds
+    back the last eighth of ``--calib`` files, runs on more synthetic inputs, or (``feeds`` from the API) on the first
+    calibration samples, recorded as not held out."""
     start = time.perf_counter()
     source, output = Path(source), Path(output)
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
@@ -130,12 +134,14 @@ def compile_file(
     if write:
         check_output_path(output, inputs)
     calibration: dict[str, Any]
+    hold_back = False
     if feeds is not None:
         calibration = {"source": "model package"}
     elif calib is not None:
         files = load_feeds(calib, model, limit=num_samples)
         feeds = lambda: files  # noqa: E731
         calibration = {"source": str(calib), "samples": len(files)}
+        hold_back = gate_feeds is None
     else:
         samples = random_feeds(model, num_samples)
         feeds = lambda: samples  # noqa: E731
@@ -146,9 +152,11 @@ def compile_file(
             gate_feeds = lambda: gate_samples  # noqa: E731
     if gate_feeds is not None:
         held_out, disjoint = list(gate_feeds()), True
-    else:  # the user's own samples: the gate's are held back from them (mqc.quality_gate)
+    elif hold_back:  # the user's --calib samples: the gate's are held back from them (mqc.quality_gate)
         feeds, held_out, disjoint = hold_out(feeds)
         calibration["samples"], calibration["held_out_for_quality_gate"] = len(feeds()), len(held_out) if disjoint else 0
+    else:  # feeds given through the API without gate feeds: the gate checks on calibration samples, and says so
+        held_out, disjoint = list(itertools.islice(feeds(), gate_size(num_samples))), False
     calibration.setdefault("samples", num_samples)
     context = CompileContext(feeds, verify=verify, verify_rtol=verify_rtol, default_modality=default_modality,
                              exclude=exclude, progress=progress, allow_partial=allow_partial)
@@ -238,7 +246,8 @@ def compile_package(
                 kept_float.append(component)
                 continue
             samples = list(hooks.calibration_feeds(model_dir, component, num_samples))
-            gate = list(hooks.validation_feeds(model_dir, component, gate_size(num_samples)))
+            gate = ([labelled.feed for labelled in hooks.validation_feeds(model_dir, component, gate_size(num_samples))]
+                    if hooks.validation_feeds is not None else None)
             target = staging.path / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -246,7 +255,8 @@ def compile_package(
                     files[component], target, component_recipe, feeds=lambda s=samples: s,
                     num_samples=len(samples), fmt=fmt, exclude=exclude,
                     verify=verify, verify_rtol=verify_rtol, default_modality=modality, progress=progress,
-                    allow_partial=allow_partial, limits=limits, gate_feeds=lambda g=gate: g,
+                    allow_partial=allow_partial, limits=limits,
+                    gate_feeds=(lambda g=gate: g) if gate is not None else None,
                 )
             except QualityRejected as exc:  # keep what was compiled beside the output, as <output>.rejected
                 os.replace(rejected_path(target), target)

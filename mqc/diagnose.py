@@ -33,7 +33,6 @@ signal over summed noise).
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -513,9 +512,9 @@ def diagnose(float_source: str | Path, compiled: str | Path, num_samples: int = 
         raise InputModelError(f"give two model folders or two .onnx files (float, then compiled): {float_source}, "
                               f"{compiled}")
     model = load_model(float_path)
-    feeds = load_feeds(calib, model) if calib is not None else random_feeds(model, num_samples)
+    feeds = load_feeds(calib, model, limit=num_samples) if calib is not None else random_feeds(model, num_samples)
     origin = str(calib) if calib is not None else "synthetic inputs (random_feeds)"
-    samples = [Sample(feed, f"{origin} #{i}") for i, feed in enumerate(feeds[:num_samples])]
+    samples = [Sample(feed, f"{origin} #{i}") for i, feed in enumerate(feeds)]
     tick = progress(compiled.name, len(samples)) if progress is not None else None
     return {"format": FORMAT, "float": str(float_path), "compiled": str(compiled), "inputs": origin,
             "components": {compiled.name: diagnose_file(float_path, compiled, samples, TEXT, top, tick)}}
@@ -524,15 +523,18 @@ def diagnose(float_source: str | Path, compiled: str | Path, num_samples: int = 
 def _diagnose_folder(float_source: str | Path, compiled: Path, num_samples: int, offset: int, top: int,
                      progress: Callable[[str, int], Callable[[], None]] | None, only: Sequence[str]
                      ) -> dict[str, Any]:
-    from mqc.models.calibration import validation_feeds
-    from mqc.models.packaged import resolve
+    from mqc.packages import component_paths, package_hooks, read_manifest
 
+    hooks = package_hooks()
+    if hooks.validation_feeds is None:
+        raise InputModelError("diagnosing a model folder needs its package's validation samples (mqc.models)")
     try:
-        float_dir = resolve(str(float_source))
+        float_dir = Path(hooks.resolve(str(float_source)))
     except FileNotFoundError as exc:
         raise InputModelError(str(exc)) from exc
-    manifest = json.loads((compiled / "manifest.json").read_text())
-    float_manifest = json.loads((float_dir / "manifest.json").read_text())
+    manifest = read_manifest(compiled)
+    compiled_files = component_paths(compiled, manifest)
+    float_files = component_paths(float_dir, read_manifest(float_dir))
     components = (manifest.get("compiled") or {}).get("components")
     if not components:
         raise InputModelError(f"{compiled} is not a compiled model folder (its manifest names no compiled component)")
@@ -544,13 +546,12 @@ def _diagnose_folder(float_source: str | Path, compiled: Path, num_samples: int,
                               "inputs": f"validation split, {num_samples} samples from offset {offset}",
                               "components": {}}
     for component in components:
-        file = manifest["components"][component]
-        float_file = float_dir / float_manifest["components"][component]
-        labelled = validation_feeds(float_dir, component, num_samples, offset)
+        file = compiled_files[component]
+        labelled = hooks.validation_feeds(float_dir, component, num_samples, offset)
         samples = [Sample(f.feed, f.sample, f.tokens) for f in labelled]
         tick = progress(component, len(samples)) if progress is not None else None
         modality = IMAGE if component == "vision" else TEXT
-        result["components"][file] = diagnose_file(float_file, compiled / file, samples, modality, top, tick)
+        result["components"][file.name] = diagnose_file(float_files[component], file, samples, modality, top, tick)
     return result
 
 

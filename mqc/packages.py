@@ -28,14 +28,25 @@ MAX_MANIFEST_BYTES = 1 << 20
 FeedBuilder = Callable[[Path, str, int], Iterable[dict[str, np.ndarray]]]
 
 
+@dataclass
+class LabelledFeed:
+    """One feed, what it is, and per token position what the token is (text piece and id, or image patch); empty
+    for the vision tower, whose rows are its own patch tokens."""
+
+    feed: dict[str, np.ndarray]
+    sample: str
+    tokens: list[str]
+
+
 @dataclass(frozen=True)
 class PackageHooks:
     """``resolve(name) -> model folder``, ``calibration_feeds(folder, component, samples) -> feeds`` and
-    ``validation_feeds`` of the same form (samples calibration never draws: the quality gate's)."""
+    ``validation_feeds(folder, component, samples, offset=0) -> [LabelledFeed]``: samples calibration never draws
+    (the quality gate's and ``mqc diagnose``'s); a package without them gates on calibration samples."""
 
     resolve: Callable[[str], Path]
     calibration_feeds: FeedBuilder
-    validation_feeds: FeedBuilder
+    validation_feeds: Callable[..., list[LabelledFeed]] | None = None
 
 
 _hooks: PackageHooks | None = None

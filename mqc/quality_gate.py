@@ -8,9 +8,10 @@ first output. ``--min-sqnr`` / ``--max-kl`` turn a result past either limit into
 (exit 3); the compiler keeps the rejected model beside the output as ``<output>.rejected``.
 
 Samples: a model package gives the gate its own validation samples and synthetic calibration gets more random
-inputs from another seed, so calibration keeps every sample it was given; a user's ``--calib`` set (or feeds given
-through the API) has its last ``max(1, n // 8)`` samples held back for the gate (at least two needed; with one the
-gate runs on it and says the sample was also used for calibration).
+inputs from another seed, so calibration keeps every sample it was given; a user's ``--calib`` set has its last
+``max(1, n // 8)`` samples held back for the gate (at least two needed; with one the gate runs on it). Feeds given
+through the Python API without ``gate_feeds`` are all calibrated on and the gate runs on the first of them; the
+report then says the samples were not held out.
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ def measure(source: Path, compiled: ir.Model, held_out: list[dict[str, np.ndarra
     quality: dict[str, Any] = {"output": output, "samples": len(held_out),
                                "held_out": disjoint, **compare_outputs(reference, result, output == LOGITS)}
     if not disjoint:
-        quality["note"] = "one calibration sample: the gate ran on the sample calibration used"
+        quality["note"] = "the gate ran on samples calibration also used (no held-out samples were given)"
     return quality
 
 
@@ -139,7 +140,8 @@ def summary_line(quality: dict[str, Any]) -> str:
     """One line for the compile summary."""
     if "sqnr_db" not in quality:
         return f"quality gate: {quality.get('skipped', 'not run')}"
-    line = f"quality gate on {quality['samples']} held-out samples: {quality['output']} SQNR {quality['sqnr_db']:.1f} dB"
+    kind = "held-out" if quality.get("held_out") else "calibration (not held-out)"
+    line = f"quality gate on {quality['samples']} {kind} samples: {quality['output']} SQNR {quality['sqnr_db']:.1f} dB"
     if "kl" in quality:
         line += f", KL {quality['kl']:.4f}, top-1 agreement {100 * quality['top1_agreement']:.1f} %"
     return line

@@ -53,10 +53,20 @@ def _position(graph: ir.Graph):
     return lambda node: order[id(node)]
 
 
+def _unique_base(graph: ir.Graph, base: str) -> str:
+    """``base``, or ``base_1``, ... when a node of that prefix exists (linears sharing one weight share its name)."""
+    taken = {node.name for node in graph}
+    unique, suffix = base, 0
+    while f"{unique}/weight_dequant" in taken:
+        suffix += 1
+        unique = f"{base}_{suffix}"
+    return unique
+
+
 def insert_weight_dequant(graph: ir.Graph, linear: Linear, qweight: QuantizedWeight) -> None:
     """Replace the float weight of ``linear`` by an integer initializer and a DequantizeLinear."""
     bits = qweight.bits
-    base = linear.name
+    base = _unique_base(graph, linear.name)
     nodes: list[ir.Node] = []
     if qweight.group_size is None:
         stored = qweight.q.T if linear.transposed else qweight.q

@@ -249,7 +249,7 @@ def test_calib_folder_streams_and_honours_samples(tmp_path, monkeypatch):
     _compile(source, tmp_path / "out" / "q.onnx", "--calib", calib, "--samples", "3")
     assert set(opened) == {"000.npz", "001.npz", "002.npz"}
     report = read_report(str(tmp_path / "out" / "q.onnx"))
-    assert report.calibration["samples"] == 3
+    assert report.calibration["samples"] == 2 and report.calibration["held_out_for_quality_gate"] == 1
 
 
 def test_same_inputs_give_byte_identical_outputs(source, tmp_path):
@@ -274,13 +274,26 @@ def test_linears_inside_control_flow_are_reported_as_float(tmp_path):
     out = [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 4, HIDDEN])]
     branch = helper.make_graph([helper.make_node("MatMul", ["h", "W"], ["z"], name="inner_fc")], "then", [], out)
     other = helper.make_graph([helper.make_node("Identity", ["h"], ["z"], name="pass")], "else", [], out)
-    cond = onnx.numpy_helper.from_array(np.array(True), "cond")
-    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="fc"),
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="fc"),  # cond > 0: a run-time choice, not foldable
+             helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0, name="total"),
+             helper.make_node("Greater", ["total", "zero"], ["cond"], name="cond"),
              helper.make_node("If", ["cond"], ["y"], then_branch=branch, else_branch=other, name="branch")]
     (tmp_path / "out").mkdir()
     source = tmp_path / "if.onnx"
-    onnx.save(linear_model([weight(), cond], nodes=nodes), str(source))
+    zero = onnx.numpy_helper.from_array(np.array(0.0, np.float32), "zero")
+    onnx.save(linear_model([weight(), zero], nodes=nodes), str(source))
     text = _compile(source, tmp_path / "out" / "q.onnx")
     assert "1 MatMul/Gemm inside If/Loop bodies left in float" in text
     report = read_report(str(tmp_path / "out" / "q.onnx"))
     assert report.model_summary["left_float_in_subgraphs"] == ["inner_fc"]
+
+
+def test_linears_sharing_one_weight_get_their_own_dequant_nodes(tmp_path):
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="first"),
+             helper.make_node("MatMul", ["h", "W"], ["y"], name="second")]
+    (tmp_path / "out").mkdir()
+    source = tmp_path / "shared.onnx"
+    onnx.save(linear_model([weight()], nodes=nodes), str(source))
+    _compile(source, tmp_path / "out" / "q.onnx")
+    names = [node.name for node in onnx.load(str(tmp_path / "out" / "q.onnx")).graph.node]
+    assert len(names) == len(set(names)) and sum(n.endswith("/weight_dequant") for n in names) == 2
