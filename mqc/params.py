@@ -163,7 +163,7 @@ class AifsParams(PassParams):
 
 @dataclass(frozen=True)
 class RmsSplitParams(PassParams):
-    ratio: float = field(default=4.0, metadata=bounded(1.0))
+    ratio: float = field(default=4.0, metadata=bounded(0.0))  # 0 flags every linear of the roles
     criterion: Literal["either", "weight", "activation"] = "either"
     side_branch: Literal["float", "w8"] = "float"
     roles: tuple[str, ...] = ("down", "fc2")

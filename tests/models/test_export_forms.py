@@ -75,7 +75,9 @@ class _Compiled:
     def __init__(self, source: Path, recipe: str, family: str, tied: bool, out: Path) -> None:
         table = embedding_table(family, tied)
         calibration = [prefill_feed(source, w, table, HEAD_DIM) for w in CALIBRATION]
-        self.report = mqc.compile(source, out, recipe, feeds=lambda: calibration, num_samples=len(calibration))
+        # allow_partial: Gemma3's refused rotation is then recorded (not_applied) instead of stopping the compile
+        self.report = mqc.compile(source, out, recipe, feeds=lambda: calibration, num_samples=len(calibration),
+                                  allow_partial=True)
         float_session, compiled_session = mqc.open_session(source), mqc.open_session(out)
         scores = []
         for window in EVALUATION:
@@ -139,7 +141,8 @@ def test_recipe_on_form_matches_the_mqc_export_graph(form, recipe, form_graph, c
         if form.family in ROTATED_FAMILIES:
             assert changed > 0 and not skips, "the rotation applied"
         else:  # Gemma3's q_norm/k_norm gammas and post-norms: refused on the mqc export graph alike
-            assert changed == 0 and skips
+            rotation = next(p for p in compiled.report.passes if p.name == "hadamard_rotation")
+            assert changed == 0 and rotation.not_applied
     assert abs(compiled.sqnr - reference.sqnr) <= 1.0, (compiled.sqnr, reference.sqnr)
     gate, reference_gate = compiled.report.quality, reference.report.quality
     assert abs(gate["sqnr_db"] - reference_gate["sqnr_db"]) <= 1.0 and abs(gate["kl"] - reference_gate["kl"]) <= 0.1

@@ -50,12 +50,12 @@ def test_validation_text_is_neither_the_calibration_nor_the_perplexity_text():
         assert not paragraphs & {p for p in other.split("\n\n") if len(p) > 80}
 
 
-def test_eval_scores_the_val_slice_asked_for(tiny_dir):
+def test_eval_scores_the_val_slice_asked_for(tiny_model_dir):
     from click.testing import CliRunner
     from mqc.models.commands import eval_cmd
     from mqc.models.evaluate import evaluate
 
-    model = tiny_dir("llava")
+    model = tiny_model_dir("llava")
     result = evaluate(model, [], limit=2, offset=3, split="val", ppl_tokens=256, ppl_window=128, latency_runs=1,
                       progress=False)
     assert result["settings"]["split"] == "val" and result["settings"]["ppl_text"].startswith("validation_text")
