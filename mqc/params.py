@@ -28,6 +28,8 @@ ActMode = Literal["dynamic", "static"]
 ActMethod = Literal["minmax", "percentile", "mse"]
 ActScales = Literal["shared", "per_modality"]
 WeightMethod = Literal["rtn", "gptq"]
+#: Where GPTQ's Hessians come from: the float graph, or layer by layer behind the already quantized layers.
+HessianSource = Literal["sequential", "float"]
 
 
 def bounded(low: float | None = None, high: float | None = None, *, low_open: bool = False) -> dict[str, Any]:
@@ -96,6 +98,7 @@ class GptqWeightsParams(LinearQuantParams):
     percdamp: float = field(default=0.01, metadata=bounded(0.0, 1.0))
     block_size: int = field(default=128, metadata=bounded(1))
     layers_per_group: int = field(default=4, metadata=bounded(1))
+    hessians: HessianSource = "float"
 
 
 @dataclass(frozen=True)
