@@ -167,7 +167,7 @@ class AifsParams(PassParams):
 @dataclass(frozen=True)
 class RmsSplitParams(PassParams):
     ratio: float = field(default=4.0, metadata=bounded(1.0))
-    criterion: Literal["either", "weight", "activation"] = "either"
+    criterion: Literal["paper", "either", "weight", "activation"] = "paper"
     side_branch: Literal["float", "w8"] = "float"
     roles: tuple[str, ...] = ("down", "fc2")
     require_online_hadamard: bool = True
