@@ -93,6 +93,8 @@ class GptqWeightsPass(LinearQuantPass):
                 if sequential and results.get(id(lin.node), (None,))[0] is not None:
                     float_weights[id(lin.node)] = lin.weight_array()
                     insert_weight_dequant(model.graph, lin, results[id(lin.node)][0])
+            if sequential:  # the replaced float weights: the next run's session must not reference them
+                remove_unused_initializers(model.graph)
             for name, tap in group_stats.items():
                 for entry in tap.by_modality.values():
                     entry.gram = None  # keep the small statistics, drop the K×K matrices
