@@ -55,7 +55,8 @@ class GptqWeightsPass(LinearQuantPass):
     def variant(self) -> str:
         if self.params.hessians == "sequential":
             hessians = ("GPTQ Hessians sequential: each decoder layer's from the outputs of the already GPTQ-quantized "
-                        "layers before it, float activations (the released code's order; the paper does not say)")
+                        "layers before it, float activations (the released code, which also orders the sub-layers "
+                        "of a layer: qkv, o, up/gate, down; here one run per layer)")
         else:
             hessians = (f"GPTQ Hessians all from the float graph, {self.params.layers_per_group} decoder layers per "
                         "calibration run (the released code is sequential: hessians='sequential')")
