@@ -28,6 +28,8 @@ ActMode = Literal["dynamic", "static"]
 ActMethod = Literal["minmax", "percentile", "mse"]
 ActScales = Literal["shared", "per_modality"]
 WeightMethod = Literal["rtn", "gptq"]
+#: Where GPTQ's Hessians come from: the float graph, or layer by layer behind the already quantized layers.
+HessianSource = Literal["sequential", "float"]
 
 
 def bounded(low: float | None = None, high: float | None = None, *, low_open: bool = False) -> dict[str, Any]:
@@ -96,6 +98,7 @@ class GptqWeightsParams(LinearQuantParams):
     percdamp: float = field(default=0.01, metadata=bounded(0.0, 1.0))
     block_size: int = field(default=128, metadata=bounded(1))
     layers_per_group: int = field(default=4, metadata=bounded(1))
+    hessians: HessianSource = "float"
 
 
 @dataclass(frozen=True)
@@ -163,8 +166,8 @@ class AifsParams(PassParams):
 
 @dataclass(frozen=True)
 class RmsSplitParams(PassParams):
-    ratio: float = field(default=4.0, metadata=bounded(0.0))  # 0 flags every linear of the roles
-    criterion: Literal["either", "weight", "activation"] = "either"
+    ratio: float = field(default=4.0, metadata=bounded(0.0))  # 0 flags every linear (heuristic criteria)
+    criterion: Literal["paper", "either", "weight", "activation"] = "paper"
     side_branch: Literal["float", "w8"] = "float"
     roles: tuple[str, ...] = ("down", "fc2")
     require_online_hadamard: bool = True

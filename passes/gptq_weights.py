@@ -12,8 +12,15 @@ Rules, in order:
    layers per calibration run; linears without a block index form one last group). Each run taps only that
    group's input values with Gram matrices (Σxᵀx per modality, summed over modalities: one Hessian for both),
    so at most one group's K×K matrices live at a time. H = 2/n·Σxᵀx.
-3. All Hessians come from the float graph: the graph is rewritten only after every group is quantized
-   (MQuant configures activation quantizers after GPTQ, §2.6).
+3. ``hessians`` says which activations the Hessians see (MQuant configures activation quantizers after GPTQ,
+   §2.6, so both use float activations):
+   * ``"sequential"`` (MQuant's released code, QuaRot's layer-wise GPTQ loop): one decoder layer per calibration
+     run, in order; a layer's GPTQ-rounded weights are put into the graph before the next layer is calibrated,
+     so each layer's Hessian (and its activation statistics) comes from the inputs the already quantized layers
+     before it produce, and its rounding compensates their error. ``layers_per_group`` does not apply. Within a
+     layer all sub-layers share one run (the released code also sequences [qkv] -> [o] -> [up, gate] -> [down]).
+   * ``"float"``: all Hessians from the float graph, ``layers_per_group`` layers per run; the graph is rewritten
+     only after every group is quantized.
 4. Activations: one static symmetric per-tensor scale per input value, shared by both modalities and by all
    linears reading it, from ``act_method`` (minmax / percentile / mse) over the same calibration runs; with
    ``act_scales="per_modality"`` one scale per modality (MSQ, spec §2.3), exactly as ``quantize_linears`` rule 5
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import onnx_ir as ir
 
 from mqc.calibration import TapStats
@@ -45,13 +53,20 @@ class GptqWeightsPass(LinearQuantPass):
     name = "gptq_weights"
 
     def variant(self) -> str:
-        return (f"{super().variant()}; GPTQ Hessians from the float activations of the rotated graph, "
-                f"{self.params.layers_per_group} decoder layers per calibration run (paper and code agree)")
+        if self.params.hessians == "sequential":
+            hessians = ("GPTQ Hessians sequential: each decoder layer's from the outputs of the already GPTQ-quantized "
+                        "layers before it, float activations (the released code, which also orders the sub-layers "
+                        "of a layer: qkv, o, up/gate, down; here one run per layer)")
+        else:
+            hessians = (f"GPTQ Hessians all from the float graph, {self.params.layers_per_group} decoder layers per "
+                        "calibration run (the released code is sequential: hessians='sequential')")
+        return f"{super().variant()}; {hessians}"
 
     def _groups(self, linears: Sequence[Linear]) -> list[list[Linear]]:
         by_block: dict[int | None, list[Linear]] = {}
+        per_run = 1 if self.params.hessians == "sequential" else self.params.layers_per_group
         for lin in linears:
-            key = None if lin.layer is None else lin.layer // self.params.layers_per_group
+            key = None if lin.layer is None else lin.layer // per_run
             by_block.setdefault(key, []).append(lin)
         keys = sorted(k for k in by_block if k is not None) + ([None] if None in by_block else [])
         return [by_block[k] for k in keys]
@@ -65,37 +80,53 @@ class GptqWeightsPass(LinearQuantPass):
         if not selected:
             raise NothingToQuantizeError("the model has no linear layer with a constant float weight to quantize")
         stats: dict[str, TapStats] = {}
-        results: dict[int, tuple[QuantizedWeight, dict[str, float]]] = {}
+        results: dict[int, tuple[QuantizedWeight | None, dict[str, float]]] = {}
+        float_weights: dict[int, np.ndarray] = {}
+        sequential = self.params.hessians == "sequential"
+        if sequential:
+            ensure_opset(model, "", 21)  # the int4 weight dequants enter the graph before the next calibration run
         groups = self._groups(selected)
         for index, group in enumerate(groups):
             taps = list(dict.fromkeys(lin.input.name for lin in group))
             group_stats = self.ctx.calibrate(model, taps, gram_taps=taps, label=f"GPTQ Hessians {index + 1}/{len(groups)}")
             for lin in group:
-                tap = group_stats.get(lin.input.name)
-                hessian, rows = hessian_from_tap(tap) if tap is not None else (None, 0)
-                if hessian is None:
-                    continue
-                weight = lin.weight_array()
-                scale = weight_scales(weight, self.params.weight_bits, self.params.group_size, self.params.weight_mse_clip)
-                try:
-                    qweight, rel = gptq_quantize(
-                        weight, hessian, self.params.weight_bits, self.params.group_size, act_order=self.params.act_order,
-                        percdamp=self.params.percdamp, block_size=self.params.block_size, scale=scale,
-                    )
-                except ValueError as exc:
-                    self.record.skip(lin.name, f"GPTQ failed: {exc}")
-                    results[id(lin.node)] = (None, {})  # type: ignore[assignment]
-                    continue
-                rtn = quantize_weight_rtn(weight, self.params.weight_bits, self.params.group_size, scale=scale)
-                rtn_rel = relative_output_error(weight, rtn.dequantize(), hessian)
-                results[id(lin.node)] = (qweight, {"gptq_rel_error": round(rel, 5), "rtn_rel_error": round(rtn_rel, 5), "hessian_rows": rows})
+                self._quantize(lin, group_stats.get(lin.input.name), results)
+                if sequential and results.get(id(lin.node), (None,))[0] is not None:
+                    float_weights[id(lin.node)] = lin.weight_array()
+                    insert_weight_dequant(model.graph, lin, results[id(lin.node)][0])
+            if sequential:  # the replaced float weights: the next run's session must not reference them
+                remove_unused_initializers(model.graph)
             for name, tap in group_stats.items():
                 for entry in tap.by_modality.values():
                     entry.gram = None  # keep the small statistics, drop the K×K matrices
                 stats[name] = tap
-        return self._emit(model, selected, stats, results)
+        return self._emit(model, selected, stats, results, float_weights)
 
-    def _emit(self, model: ir.Model, selected: Sequence[Linear], stats: dict[str, TapStats], results: dict) -> bool:
+    def _quantize(self, lin: Linear, tap: TapStats | None, results: dict) -> None:
+        """GPTQ-round ``lin`` against the Hessian of ``tap`` into ``results`` (nothing when no row reached it)."""
+        hessian, rows = hessian_from_tap(tap) if tap is not None else (None, 0)
+        if hessian is None:
+            return
+        weight = lin.weight_array()
+        scale = weight_scales(weight, self.params.weight_bits, self.params.group_size, self.params.weight_mse_clip)
+        try:
+            qweight, rel = gptq_quantize(
+                weight, hessian, self.params.weight_bits, self.params.group_size, act_order=self.params.act_order,
+                percdamp=self.params.percdamp, block_size=self.params.block_size, scale=scale,
+            )
+        except ValueError as exc:
+            self.record.skip(lin.name, f"GPTQ failed: {exc}")
+            results[id(lin.node)] = (None, {})
+            return
+        rtn = quantize_weight_rtn(weight, self.params.weight_bits, self.params.group_size, scale=scale)
+        rtn_rel = relative_output_error(weight, rtn.dequantize(), hessian)
+        results[id(lin.node)] = (qweight, {"gptq_rel_error": round(rel, 5), "rtn_rel_error": round(rtn_rel, 5), "hessian_rows": rows})
+
+    def _emit(
+        self, model: ir.Model, selected: Sequence[Linear], stats: dict[str, TapStats], results: dict,
+        float_weights: dict[int, np.ndarray],
+    ) -> bool:
+        """Insert the activation QDQ of every quantized linear, and its weight dequant unless already in place."""
         graph = model.graph
         readers: dict[str, list[Linear]] = {}
         for lin in selected:
@@ -113,8 +144,10 @@ class GptqWeightsPass(LinearQuantPass):
             act_figures, sqnr_scale = self.insert_activation(graph, value_name, group, tap, is_image)
             for lin in group:
                 qweight, figures = results[id(lin.node)]
-                weight = lin.weight_array()
-                insert_weight_dequant(graph, lin, qweight)
+                weight = float_weights.get(id(lin.node))
+                if weight is None:
+                    weight = lin.weight_array()
+                    insert_weight_dequant(graph, lin, qweight)
                 self.record.layers.append({
                     **lin.to_dict(),
                     "w_bits": self.params.weight_bits,

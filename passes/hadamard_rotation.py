@@ -42,7 +42,8 @@ Rules, in the order the pass applies them:
    linear), directly or through token-only ops (``mqc.graph.stream.TOKEN_OPS``: CLS split, patch pooling), get
    W ← R_vᵀ·W. A norm whose output has other readers (token pooling, a graph output) gets an online
    ``MatMul(·, R_vᵀ)`` after it, recorded, so what follows sees the unrotated value. Each fc2/down writer gets the
-   online Hadamard of rule 5 (1536 = 12·128 for DINOv2-small). Anything the walk cannot prove (a stream value read
+   online Hadamard of rule 5 (1536 = 12·128 for DINOv2-small); ``rotate_vo`` adds rule 6's per-head V/O
+   Hadamard inside every vision attention (the released code does; no KV cache there, so all outputs verify). Anything the walk cannot prove (a stream value read
    by something else, a graph output on the stream, a writer it cannot absorb R_v into) refuses the whole pass.
 """
 
@@ -183,6 +184,11 @@ class RotateResidualPass(MqcPass):
             else:
                 self._unrotate(graph, norm.node, r_v)
                 unrotated.append(norm.name)
+        heads = self._head_layout(graph, model_map) if self.params.rotate_vo else None
+        if heads is not None:  # rule 6 inside each vision attention (the released code's per-head V/O)
+            for lin in model_map.linears:
+                if lin.role in ("v", "o") and lin.component == "vision":
+                    rows.setdefault(lin.name, {"name": lin.name}).update(self._rotate_head(graph, lin, *heads))
         hadamards = 0
         if self.params.online_down:
             for lin in closure.writers:
@@ -202,6 +208,8 @@ class RotateResidualPass(MqcPass):
         )
         for name in unrotated:
             self.record.notes.append(f"{name}: output is read by more than linears, un-rotated online by MatMul(R_vᵀ)")
+        if heads is not None:
+            self.record.notes.append(f"per-head V/O Hadamard in the vision attention (head_dim {heads[0]})")
         return True
 
     def _unrotate(self, graph: ir.Graph, node: ir.Node, r_v: np.ndarray) -> None:

@@ -9,12 +9,20 @@ Rules:
 1. Candidates: linears of role ``roles`` (down, fc2) whose input is the output of an online Hadamard
    (``MatMul(x, mqc.H<n>)`` of ``hadamard_rotation``), not matching ``--exclude``; others are recorded as skips.
    ``require_online_hadamard=False`` takes every linear of those roles.
-2. Flag rule, both figures recorded per layer (and one note per flagged layer, which ``mqc explain`` prints):
-   * activation: on calibration data, absmax of input channel 0 > ``ratio`` × the median over channels ≥ 1 of
-     the per-channel absmax (``act_ch0_absmax``, ``act_rest_median``, ``act_ratio``);
-   * weight (the spec's implementable test): max_j |B'[0, j]| > max_{i≥1, j} |B'[i, j]|
-     (``w_row0_absmax``, ``w_rest_absmax``, ``w_ratio``).
-   A layer is flagged when either test fires (``criterion="either"``), or only by ``"weight"`` / ``"activation"``.
+2. Flag rule (``criterion``), every figure recorded per layer (and one note per flagged layer, which
+   ``mqc explain`` prints):
+   * ``"paper"`` (default; MQuant v2 Eqs. 6-9, ICLR Eqs. 12-13, spec §2.7 "Criterion", its statistical
+     variant): treating each column j of the unrotated weight B as i.i.d. normal (mean μ_j, std σ_j), the first
+     channel of B' = HᵀB is √n·μ_j, and the layer is affected when, for some output feature j, it exceeds the
+     expected maximum of the other n entries: √n·|μ_j| > σ_j·√(2 ln n). Read off B' alone (H is orthogonal with
+     a first row of +1/√n): √n·μ_j = B'[0, j] and n·σ_j² = Σ_{i≥1} B'[i, j]² (``paper_ratio`` = the largest
+     √n|μ_j| / (σ_j√(2 ln n)), ``paper_columns`` = how many j fire, ``paper_flag``);
+   * ``"weight"`` (the spec's implementable test): max_j |B'[0, j]| > max_{i≥1, j} |B'[i, j]|
+     (``w_row0_absmax``, ``w_rest_absmax``, ``w_ratio``);
+   * ``"activation"`` (a heuristic, not the paper's): on calibration data, absmax of input channel 0 > ``ratio``
+     × the median over channels ≥ 1 of the per-channel absmax (``act_ch0_absmax``, ``act_rest_median``,
+     ``act_ratio``);
+   * ``"either"``: the weight or the activation test (the project's earlier heuristic).
 3. Split of a flagged layer ``Y = X·B' (+ b)``::
 
         Y = MatMul(Slice(X, 1:, axis -1), B'[1:, :]) + MatMul(Slice(X, 0:1, axis -1), B'[0:1, :])  (+ b)
@@ -53,6 +61,28 @@ def online_hadamard_input(lin: Linear) -> bool:
     if producer is None or producer.op_type != "MatMul" or len(producer.inputs) < 2 or producer.inputs[1] is None:
         return False
     return (producer.inputs[1].name or "").startswith("mqc.H")
+
+
+#: What each criterion tests, for the pass's note.
+RULES = {
+    "paper": "flag when some output feature j has sqrt(n)|mean_j| > std_j sqrt(2 ln n) (MQuant Eqs. 6-9)",
+    "weight": "flag when max|B'[0,:]| > max|B'[1:,:]|",
+    "activation": "flag when activation ch0 absmax > {ratio:g} x median of the other channels' absmax",
+    "either": "flag when activation ch0 absmax > {ratio:g} x median of the other channels' absmax, or "
+              "max|B'[0,:]| > max|B'[1:,:]|",
+}
+
+
+def paper_test(weight: np.ndarray) -> dict[str, Any]:
+    """MQuant's affected-layer test (Eqs. 6-9) on the folded weight B' = HᵀB, [n, out] (module docstring, rule 2)."""
+    n = weight.shape[0]
+    w = weight.astype(np.float64)
+    first = np.abs(w[0])  # √n·|μ_j|
+    sigma = np.sqrt(np.sum(w[1:] ** 2, axis=0) / n)
+    limit = sigma * np.sqrt(2.0 * np.log(n))
+    ratios = first / np.maximum(limit, 1e-30)
+    return {"paper_ratio": round(float(ratios.max()), 4), "paper_columns": int(np.sum(ratios > 1.0)),
+            "paper_flag": bool(np.any(ratios > 1.0))}
 
 
 class RmsSplitPass(MqcPass):
@@ -98,14 +128,15 @@ class RmsSplitPass(MqcPass):
             channel_absmax = tap.combined().channel_absmax if tap is not None else None
             figures = self._figures(lin.weight_array(), channel_absmax)
             flagged = {"either": figures["w_flag"] or figures["act_flag"], "weight": figures["w_flag"],
-                       "activation": figures["act_flag"]}[self.params.criterion]
+                       "activation": figures["act_flag"], "paper": figures["paper_flag"]}[self.params.criterion]
             row: dict[str, Any] = {"name": lin.name, "role": lin.role, "layer": lin.layer, **figures,
                                    "rms_split": bool(flagged)}
             if flagged:
                 row.update(self._split(graph, lin, float(channel_absmax[0]) if channel_absmax is not None else None))
                 changed += 1
                 self.record.notes.append(
-                    f"{lin.name}: split channel 0 ({self.params.side_branch} side branch): activation ch0 absmax "
+                    f"{lin.name}: split channel 0 ({self.params.side_branch} side branch): paper test "
+                    f"{figures['paper_ratio']:.3g}x its limit on {figures['paper_columns']} output features; activation ch0 absmax "
                     f"{_fmt(figures['act_ch0_absmax'])} = {_fmt(figures['act_ratio'])}x the median channel "
                     f"(limit {self.params.ratio:g}x); weight row 0 absmax {figures['w_row0_absmax']:.4g} = "
                     f"{figures['w_ratio']:.3g}x the other rows' absmax")
@@ -115,8 +146,7 @@ class RmsSplitPass(MqcPass):
             if self.params.side_branch == "w8":
                 ensure_opset(model, "", 21)
         self.record.changed = changed
-        self.record.notes.insert(0, f"rule: flag when ({self.params.criterion}) activation ch0 absmax > {self.params.ratio:g} x median "
-                                    "of the other channels' absmax, or weight max|B'[0,:]| > max|B'[1:,:]|; "
+        self.record.notes.insert(0, f"rule ({self.params.criterion}): {RULES[self.params.criterion].format(ratio=self.params.ratio)}; "
                                     f"{changed} of {len(candidates)} layers split")
         return changed > 0
 
@@ -124,7 +154,8 @@ class RmsSplitPass(MqcPass):
         row0 = float(np.max(np.abs(weight[0])))
         rest = float(np.max(np.abs(weight[1:])))
         figures: dict[str, Any] = {"w_row0_absmax": round(row0, 6), "w_rest_absmax": round(rest, 6),
-                                   "w_ratio": round(row0 / max(rest, 1e-30), 4), "w_flag": row0 > rest}
+                                   "w_ratio": round(row0 / max(rest, 1e-30), 4), "w_flag": row0 > rest,
+                                   **paper_test(weight)}
         if channel_absmax is None:
             figures.update(act_ch0_absmax=None, act_rest_median=None, act_ratio=None, act_flag=False)
             return figures

@@ -159,12 +159,12 @@ def towers(export_cache) -> dict[str, Path]:
 
 
 def rotate_tower(path: Path, convert: bool = True, projector: bool = False,
-                 allow_partial: bool = False) -> tuple[ir.Model, CompileContext, list]:
+                 allow_partial: bool = False, **rotate: object) -> tuple[ir.Model, CompileContext, list]:
     model = load_model(path)
     if projector:
         model = with_projector(model)
     ctx = CompileContext(lambda: random_feeds(model, 2, seed=5), verify=True, allow_partial=allow_partial)
-    passes = [FuseNormsPass(), *([LayerNormToRMSNormPass()] if convert else []), RotateResidualPass(seed=7)]
+    passes = [FuseNormsPass(), *([LayerNormToRMSNormPass()] if convert else []), RotateResidualPass(seed=7, **rotate)]
     return model, ctx, PassManager(passes, ctx).run(model)
 
 
@@ -186,6 +186,19 @@ def test_vision_tower_rotation_is_exact(towers):
     assert "multi_modal_projector.2" not in rows
     linears = ctx.model_map(model).linears
     assert len(linears) == 14 and not any(lin.name.startswith("mqc.") for lin in linears)
+
+
+def test_vision_tower_per_head_vo_hadamard_is_exact(towers):
+    """The released code's per-head V/O Hadamard inside each vision attention (2 heads of 16)."""
+    _, _, records = rotate_tower(towers["dinov2"], rotate_vo=True, head_dim=16)
+    rotate = records[-1]
+    assert rotate.verify["max_rel"] < 1e-5 and not rotate.skipped, rotate.verify
+    rows = {row["name"]: row for row in rotate.layers}
+    for i in (0, 1):
+        layer = f"vision_tower.encoder.layer.{i}.attention"
+        assert rows[f"{layer}.v_proj"]["vo_hadamard"] == "H16 on 2 output blocks"
+        assert rows[f"{layer}.o_proj"]["vo_hadamard"] == "H16 on 2 input blocks"
+    assert rotate.notes[-1] == "per-head V/O Hadamard in the vision attention (head_dim 16)"
 
 
 def test_vision_norm_with_pooling_reader_is_unrotated_online(towers):

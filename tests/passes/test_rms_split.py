@@ -59,6 +59,37 @@ def test_flags_and_splits_a_biased_down_proj_function_preserving(biased, tmp_pat
     assert sum(n.op_type == "Slice" and n.name.endswith("/rms_side_slice") for n in graph.node) == record.changed
 
 
+def test_paper_rule_flags_a_planted_outlier_channel():
+    """Eqs. 6-9: one column whose mean is far above its std's expected maximum fires; i.i.d. normal columns do not."""
+    from mqc.passes.rms_split import paper_test
+
+    from mqc.hadamard import hadamard_matrix
+
+    rng = np.random.default_rng(0)
+    n = 256
+    weight = rng.standard_normal((n, 64))
+    hadamard = hadamard_matrix(n)
+    clean = paper_test(hadamard.T @ weight)
+    weight[:, 5] += 0.5  # column 5: mean 0.5 std, so sqrt(n)|mean| = 8 > sqrt(2 ln 256) = 3.3
+    planted = paper_test(hadamard.T @ weight)
+    assert not clean["paper_flag"] and clean["paper_ratio"] < 1.0, clean
+    assert planted["paper_flag"] and planted["paper_columns"] == 1 and planted["paper_ratio"] > 2.0, planted
+
+
+@pytest.mark.parametrize("criterion", ["paper", "either"])
+def test_each_criterion_flags_the_biased_layer_only(biased, tmp_path, criterion):
+    path, _ = biased
+    feeds = random_feeds(load_model(path), 2)
+    report = mqc.compile(path, tmp_path / "x.onnx", Recipe("x", "", [*ROTATE, {"pass": "rms_split", "criterion": criterion}]),
+                         feeds=lambda: feeds)
+    record = next(r for r in report.passes if r.name == "rms_split")
+    rows = {row["layer"]: row for row in record.layers}
+    assert rows[0]["rms_split"] and not rows[1]["rms_split"] and record.changed == 1, rows
+    assert record.notes[0].startswith(f"rule ({criterion})"), record.notes
+    # measured: the paper test is 12.3x its limit on layer 0 (53 output features fire) and 0.82x on layer 1
+    assert rows[0]["paper_ratio"] > 2.0 > 1.0 > rows[1]["paper_ratio"], rows
+
+
 def test_split_improves_w4a8_sqnr(biased, tmp_path):
     path, out_name = biased
     calib = random_feeds(load_model(path), 8)

@@ -54,9 +54,10 @@ def test_recipe_lowered_to_runtime_ops_matches_qdq(recipe, tiny_decoder, tmp_pat
 
 
 def _rms_everywhere() -> Recipe:
-    """``mquant`` with the RMS split forced on every down_proj (ratio 0), so the side-branch rule has work."""
+    """``mquant`` with the RMS split forced on every down_proj (the activation heuristic at ratio 0), so the
+    side-branch rule has work."""
     base = load_recipe("mquant")
-    passes = [dict(p, ratio=0.0) if p["pass"] == "rms_split" else p for p in base.passes]
+    passes = [dict(p, ratio=0.0, criterion="activation") if p["pass"] == "rms_split" else p for p in base.passes]
     return Recipe(name="mquant-rms-everywhere", description=base.description, passes=passes)
 
 
