@@ -73,7 +73,8 @@ class LinearQuantPass(MqcPass):
                 selected.append(lin)
         return selected
 
-    def run(self, model: ir.Model) -> bool:
+    def selected_linears(self, model: ir.Model) -> list[Linear]:
+        """The linears this pass quantizes; the model map's refusals and the rest are recorded as skips."""
         model_map = self.ctx.model_map(model)
         self.record.matched = len(model_map.linears)
         for refusal in model_map.refused:
@@ -81,6 +82,10 @@ class LinearQuantPass(MqcPass):
         selected = self.select(model_map.linears)
         if not selected:
             raise NothingToQuantizeError("the model has no linear layer with a constant float weight to quantize")
+        return selected
+
+    def run(self, model: ir.Model) -> bool:
+        selected = self.selected_linears(model)
         readers: dict[str, list[Linear]] = {}
         for lin in selected:
             readers.setdefault(lin.input.name, []).append(lin)

@@ -38,7 +38,6 @@ import numpy as np
 import onnx_ir as ir
 
 from mqc.calibration import TapStats
-from mqc.errors import NothingToQuantizeError
 from mqc.gptq import gptq_quantize, hessian_from_tap, relative_output_error
 from mqc.graph.qdq import insert_weight_dequant, layer_sqnr
 from mqc.ir import ensure_opset, remove_unused_initializers
@@ -72,13 +71,7 @@ class GptqWeightsPass(LinearQuantPass):
         return [by_block[k] for k in keys]
 
     def run(self, model: ir.Model) -> bool:
-        model_map = self.ctx.model_map(model)
-        self.record.matched = len(model_map.linears)
-        for refusal in model_map.refused:
-            self.record.skip(refusal.node, refusal.reason)
-        selected = self.select(model_map.linears)
-        if not selected:
-            raise NothingToQuantizeError("the model has no linear layer with a constant float weight to quantize")
+        selected = self.selected_linears(model)
         stats: dict[str, TapStats] = {}
         results: dict[int, tuple[QuantizedWeight | None, dict[str, float]]] = {}
         float_weights: dict[int, np.ndarray] = {}
