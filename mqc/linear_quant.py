@@ -30,8 +30,10 @@ Rules:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 
 from mqc.calibration import IMAGE, MODALITY_NAMES, TEXT, TapStats
@@ -42,7 +44,7 @@ from mqc.graph.qdq import insert_activation_qdq, insert_weight_dequant, layer_sq
 from mqc.ir import ensure_opset, remove_unused_initializers
 from mqc.model_map import Linear
 from mqc.pass_manager import MqcPass
-from mqc.quantizer import qrange, quantize_weight_rtn
+from mqc.quantizer import QuantizedWeight, qrange, quantize_weight_rtn
 
 
 class LinearQuantPass(MqcPass):
@@ -90,6 +92,19 @@ class LinearQuantPass(MqcPass):
         for lin in selected:
             readers.setdefault(lin.input.name, []).append(lin)
         stats = self.ctx.calibrate(model, list(readers), label="calibrating activations")
+
+        def rounded(lin: Linear) -> tuple[np.ndarray, QuantizedWeight, dict[str, Any]]:
+            weight = lin.weight_array()
+            qweight = quantize_weight_rtn(weight, self.params.weight_bits, self.params.group_size, self.params.weight_mse_clip)
+            insert_weight_dequant(model.graph, lin, qweight)
+            return weight, qweight, {}
+
+        return self.emit(model, readers, stats, rounded)
+
+    def emit(self, model: ir.Model, readers: dict[str, list[Linear]], stats: dict[str, TapStats],
+             quantized: Callable[[Linear], tuple[np.ndarray, QuantizedWeight, dict[str, Any]]]) -> bool:
+        """Insert each reader group's activation quantizer and record its linears; ``quantized(lin)`` gives the float
+        weight, its quantized form (its DequantizeLinear in the graph) and the weight's own figures."""
         graph = model.graph
         is_image = self._is_image(graph)
         changed = 0
@@ -97,16 +112,15 @@ class LinearQuantPass(MqcPass):
             tap = stats.get(value_name)
             if self.usable_stats(tap, group) is None:
                 continue
-            figures, sqnr_scale = self.insert_activation(graph, value_name, group, tap, is_image)
+            act_figures, sqnr_scale = self.insert_activation(graph, value_name, group, tap, is_image)
             for lin in group:
-                weight = lin.weight_array()
-                qweight = quantize_weight_rtn(weight, self.params.weight_bits, self.params.group_size, self.params.weight_mse_clip)
-                insert_weight_dequant(graph, lin, qweight)
+                weight, qweight, figures = quantized(lin)
                 self.record.layers.append({
                     **lin.to_dict(),
                     "w_bits": self.params.weight_bits,
                     "a_bits": self.params.act_bits,
                     **figures,
+                    **act_figures,
                     **layer_sqnr(lin, tap, sqnr_scale, self.params.act_bits, weight, qweight),
                 })
                 changed += 1

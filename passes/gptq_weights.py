@@ -33,13 +33,14 @@ Rules, in order:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
 from mqc.calibration import TapStats
 from mqc.gptq import gptq_quantize, hessian_from_tap, relative_output_error
-from mqc.graph.qdq import insert_weight_dequant, layer_sqnr
+from mqc.graph.qdq import insert_weight_dequant
 from mqc.ir import ensure_opset, remove_unused_initializers
 from mqc.linear_quant import LinearQuantPass
 from mqc.model_map import Linear
@@ -128,30 +129,13 @@ class GptqWeightsPass(LinearQuantPass):
                     self.record.skip(lin.name, "no calibration data reached its input (or it is all zeros)")
                 continue
             readers.setdefault(lin.input.name, []).append(lin)
-        is_image = self._is_image(graph)
-        changed = 0
-        for value_name, group in readers.items():
-            tap = stats.get(value_name)
-            if self.usable_stats(tap, group) is None:
-                continue
-            act_figures, sqnr_scale = self.insert_activation(graph, value_name, group, tap, is_image)
-            for lin in group:
-                qweight, figures = results[id(lin.node)]
-                weight = float_weights.get(id(lin.node))
-                if weight is None:
-                    weight = lin.weight_array()
-                    insert_weight_dequant(graph, lin, qweight)
-                self.record.layers.append({
-                    **lin.to_dict(),
-                    "w_bits": self.params.weight_bits,
-                    "a_bits": self.params.act_bits,
-                    "weight_method": "gptq",
-                    **act_figures,
-                    **figures,
-                    **layer_sqnr(lin, tap, sqnr_scale, self.params.act_bits, weight, qweight),
-                })
-                changed += 1
-        ensure_opset(model, "", 21)
-        remove_unused_initializers(graph)
-        self.record.changed = changed
-        return changed > 0
+
+        def rounded(lin: Linear) -> tuple[np.ndarray, QuantizedWeight, dict[str, Any]]:
+            qweight, figures = results[id(lin.node)]
+            weight = float_weights.get(id(lin.node))  # sequential: the dequant is in the graph already
+            if weight is None:
+                weight = lin.weight_array()
+                insert_weight_dequant(graph, lin, qweight)
+            return weight, qweight, {"weight_method": "gptq", **figures}
+
+        return self.emit(model, readers, stats, rounded)
