@@ -26,6 +26,16 @@ Rules:
    scale. Without a ``modality_ids`` input it degenerates to the one modality present (recorded in the notes).
    After ``aifs`` has permuted the tokens it is refused (an error): the calibrator labels rows in the feed's
    original order. Run ``aifs`` after the quantization pass; MSQ's mask then reads the permuted modality ids.
+6. ``acts="dynamic"``: a per-token scale computed in the graph instead (MASQuant's form, the pattern is on
+   :func:`mqc.graph.qdq.insert_activation_dynamic`); ``act_method`` and ``act_scales`` do not apply.
+7. Linears ``cmc`` lowered (MAS-smoothed, node metadata ``mqc.mas_linear``) and cmc's float compensation
+   MatMuls (``mqc.cmc``) are never requantized (recorded); ``components`` restricts the linears to those
+   components (MASQuant quantizes the language model only).
+8. ``statistics="before_cmc"``: the activation statistics (and Gram matrices) are the ones ``cmc`` took of the
+   graph before it lowered the MAS linears, so every linear of a MASQuant graph is quantized from one calibration
+   of the MAS float form, as one pass did before; without them the pass cannot apply (run it right after cmc).
+
+Rounding and activation quantizers are the shared strategies of :mod:`mqc.quant_strategy`.
 """
 
 from __future__ import annotations
@@ -36,40 +46,68 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from mqc.calibration import IMAGE, MODALITY_NAMES, TEXT, TapStats
+from mqc.calibration import MODALITY_NAMES, TapStats
 from mqc.errors import NothingToQuantizeError, RecipeError
-from mqc.graph.markers import aifs_applied
-from mqc.graph.msq import insert_activation_msq, is_image_mask, modality_input, value_rank
-from mqc.graph.qdq import insert_activation_qdq, insert_weight_dequant, layer_sqnr
+from mqc.graph.markers import CMC_KEY, MAS_LINEAR_KEY, STATISTICS_BEFORE_CMC, aifs_applied
+from mqc.graph.msq import is_image_mask, modality_input
+from mqc.graph.qdq import insert_weight_dequant, layer_sqnr
 from mqc.ir import ensure_opset, remove_unused_initializers
 from mqc.model_map import Linear
-from mqc.pass_manager import MqcPass
-from mqc.quantizer import QuantizedWeight, qrange, quantize_weight_rtn
+from mqc.pass_manager import MqcPass, PassRefused
+from mqc.quant_strategy import ActivationQuantizer, WeightRounding
+from mqc.quantizer import QuantizedWeight
 
 
 class LinearQuantPass(MqcPass):
     """Static W{4,8}A8 QDQ quantization of every linear layer with one activation scale per input value.
 
     The one linear quantizer: ``quantize_linears`` rounds its weights to nearest, ``gptq_weights`` overrides
-    :meth:`run` to round them by GPTQ and emits through :meth:`_emit` (both passes subclass this, with no name).
+    :meth:`run` to round them by GPTQ and emits through :meth:`emit` (both passes subclass this, with no name).
     """
 
+    weight_method = "rtn"
+
+    @property
+    def rounding(self) -> WeightRounding:
+        return WeightRounding.from_params(self.params, self.weight_method)
+
+    @property
+    def act_quantizer(self) -> ActivationQuantizer:
+        return ActivationQuantizer.from_params(self.params)
+
+    def requires(self, model: ir.Model) -> None:
+        if self.params.statistics == "before_cmc" and STATISTICS_BEFORE_CMC not in model.meta:
+            raise PassRefused("statistics='before_cmc' but no cmc pass ran right before this one (nothing handed over)")
+
     def variant(self) -> str:
-        if self.params.act_scales == "per_modality":
-            return ("MSQ: one static scale per modality per activation (the paper, §2.3; the released code calibrates "
+        if self.params.acts == "dynamic":
+            acts = "per-token dynamic activation scales (MASQuant's form)"
+        elif self.params.act_scales == "per_modality":
+            acts = ("MSQ: one static scale per modality per activation (the paper, §2.3; the released code calibrates "
                     "one shared scale on mixed tokens)")
-        return "one static activation scale shared by both modalities (the released code's form)"
+        else:
+            acts = "one static activation scale shared by both modalities (the released code's form)"
+        if self.params.statistics == "before_cmc":
+            acts += "; statistics of the graph before cmc's lowering (MASQuant's one calibration)"
+        return acts
 
     def select(self, linears: Sequence[Linear]) -> list[Linear]:
         selected = []
+        components = self.params.components
         for lin in linears:
-            if lin.role in self.params.skip_roles:
+            if MAS_LINEAR_KEY in lin.node.metadata_props:
+                self.record.skip(lin.name, "a MAS-smoothed linear: cmc lowers and quantizes it")
+            elif CMC_KEY in lin.node.metadata_props:
+                self.record.skip(lin.name, "cmc's compensation branch stays in float")
+            elif lin.role in self.params.skip_roles:
                 self.record.skip(lin.name, f"role {lin.role} stays in float (skip_roles)")
+            elif components is not None and lin.component not in components:
+                self.record.skip(lin.name, f"{lin.component} linear: only {', '.join(components)} linears are quantized (components)")
             elif self.ctx.excluded(lin.name):
                 self.record.skip(lin.name, "name matches --exclude")
             elif lin.in_features == 1:
                 self.record.skip(lin.name, "a 1-row weight (the float rank-1 side branch of rms_split) stays in float")
-            elif self.params.group_size and lin.in_features % self.params.group_size:
+            elif not self.rounding.divides(lin.in_features):
                 self.record.skip(lin.name, f"input size {lin.in_features} is not a multiple of group size {self.params.group_size}")
             else:
                 selected.append(lin)
@@ -86,16 +124,25 @@ class LinearQuantPass(MqcPass):
             raise NothingToQuantizeError("the model has no linear layer with a constant float weight to quantize")
         return selected
 
+    def handed_statistics(self, model: ir.Model) -> dict[str, TapStats] | None:
+        """The statistics cmc handed over (``statistics="before_cmc"``, taken once), else None."""
+        if self.params.statistics != "before_cmc":
+            return None
+        return model.meta.pop(STATISTICS_BEFORE_CMC)
+
     def run(self, model: ir.Model) -> bool:
         selected = self.selected_linears(model)
         readers: dict[str, list[Linear]] = {}
         for lin in selected:
             readers.setdefault(lin.input.name, []).append(lin)
-        stats = self.ctx.calibrate(model, list(readers), label="calibrating activations")
+        stats = self.handed_statistics(model)
+        if stats is None:
+            stats = self.ctx.calibrate(model, list(readers), label="calibrating activations")
+        rounding = self.rounding
 
         def rounded(lin: Linear) -> tuple[np.ndarray, QuantizedWeight, dict[str, Any]]:
             weight = lin.weight_array()
-            qweight = quantize_weight_rtn(weight, self.params.weight_bits, self.params.group_size, self.params.weight_mse_clip)
+            qweight = rounding.rtn(weight, rounding.group_size)
             insert_weight_dequant(model.graph, lin, qweight)
             return weight, qweight, {}
 
@@ -107,12 +154,17 @@ class LinearQuantPass(MqcPass):
         weight, its quantized form (its DequantizeLinear in the graph) and the weight's own figures."""
         graph = model.graph
         is_image = self._is_image(graph)
+        quantizer = self.act_quantizer
         changed = 0
         for value_name, group in readers.items():
             tap = stats.get(value_name)
             if self.usable_stats(tap, group) is None:
                 continue
-            act_figures, sqnr_scale = self.insert_activation(graph, value_name, group, tap, is_image)
+            inserted = quantizer.insert(graph, group[0].input, [lin.node for lin in group], tap, is_image,
+                                        self.ctx.default_modality)
+            self.record.notes.extend(inserted.notes)
+            if inserted.fallback:
+                self.record.skip(value_name, inserted.fallback)
             for lin in group:
                 weight, qweight, figures = quantized(lin)
                 self.record.layers.append({
@@ -120,8 +172,8 @@ class LinearQuantPass(MqcPass):
                     "w_bits": self.params.weight_bits,
                     "a_bits": self.params.act_bits,
                     **figures,
-                    **act_figures,
-                    **layer_sqnr(lin, tap, sqnr_scale, self.params.act_bits, weight, qweight),
+                    **inserted.figures,
+                    **layer_sqnr(lin, tap, lambda x, m, s=inserted.scale: quantizer.fake(x, m, s), weight, qweight),
                 })
                 changed += 1
         ensure_opset(model, "", 21)
@@ -130,8 +182,8 @@ class LinearQuantPass(MqcPass):
         return changed > 0
 
     def _is_image(self, graph: ir.Graph) -> ir.Value | None:
-        """MSQ's shared is_image mask (``act_scales="per_modality"`` and a ``modality_ids`` input), else None."""
-        if self.params.act_scales != "per_modality":
+        """MSQ's shared is_image mask (static ``act_scales="per_modality"`` and a ``modality_ids`` input), else None."""
+        if self.act_quantizer.form != "per_modality":
             return None
         if aifs_applied(graph):
             raise RecipeError(
@@ -145,47 +197,3 @@ class LinearQuantPass(MqcPass):
                 "degenerates to one static per-tensor scale from that modality's statistics")
             return None
         return is_image_mask(graph, modality_ids)
-
-    def insert_activation(
-        self, graph: ir.Graph, value_name: str, group: Sequence[Linear], tap: TapStats, is_image: ir.Value | None,
-    ) -> tuple[dict, float | dict[int, float]]:
-        """The activation fake-quant of ``group`` (readers of one value): shared QDQ or MSQ (rules 2 and 5).
-
-        Returns the figures to record and the scale(s) ``layer_sqnr`` uses.
-        """
-        combined = tap.combined()
-        qmax = qrange(self.params.act_bits)[1]
-        per_modality = self.params.act_scales == "per_modality"
-        clip = combined.clip_value(self.params.act_method, self.params.act_bits, self.params.act_percentile)
-        scale = clip / qmax
-        figures: dict = {"act_scale": float(scale), "act_absmax": float(combined.absmax),
-                         "act_clip_ratio": round(clip / combined.absmax, 4)}
-        value = group[0].input
-        readers = [lin.node for lin in group]
-        if is_image is not None and value_rank(value) != 3:
-            self.record.skip(value_name, f"MSQ needs a [batch, seq, features] input, this one has rank "
-                                         f"{value_rank(value)}: shared per-tensor scale used")
-        elif is_image is not None:
-            scales = self._modality_scales(value_name, tap, qmax)
-            insert_activation_msq(graph, value, scales[TEXT], scales[IMAGE], self.params.act_bits, readers, is_image)
-            return ({"act_scale_text": scales[TEXT], "act_scale_image": scales[IMAGE],
-                     "act_absmax": float(combined.absmax)}, scales)
-        elif per_modality:  # no modality_ids: the statistics hold one modality only
-            figures["act_scale_" + str(MODALITY_NAMES.get(self.ctx.default_modality, "text"))] = float(scale)
-        insert_activation_qdq(graph, value, scale, self.params.act_bits, readers)
-        return figures, scale
-
-    def _modality_scales(self, value_name: str, tap: TapStats, qmax: int) -> dict[int, float]:
-        """One static scale per modality (spec §2.3); a modality without rows borrows the other's (recorded)."""
-        scales: dict[int, float] = {}
-        for modality in (TEXT, IMAGE):
-            entry = tap.modality(modality)
-            if entry is not None and entry.absmax > 0.0:
-                scales[modality] = float(entry.clip_value(self.params.act_method, self.params.act_bits, self.params.act_percentile) / qmax)
-        for modality, other in ((TEXT, IMAGE), (IMAGE, TEXT)):
-            if modality not in scales:
-                scales[modality] = scales[other]
-                self.record.notes.append(
-                    f"MSQ {value_name}: no {MODALITY_NAMES[modality]} calibration rows, "
-                    f"{MODALITY_NAMES[modality]} tokens use the {MODALITY_NAMES[other]} scale")
-        return scales

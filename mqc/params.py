@@ -30,6 +30,9 @@ ActScales = Literal["shared", "per_modality"]
 WeightMethod = Literal["rtn", "gptq"]
 #: Where GPTQ's Hessians come from: the float graph, or layer by layer behind the already quantized layers.
 HessianSource = Literal["sequential", "float"]
+#: Where a linear quantizer's statistics come from: its own calibration of the current graph, or the one ``cmc``
+#: took of the graph before it lowered the MAS linears (MASQuant's one calibration for every linear).
+StatisticsSource = Literal["calibrate", "before_cmc"]
 
 
 def bounded(low: float | None = None, high: float | None = None, *, low_open: bool = False) -> dict[str, Any]:
@@ -73,7 +76,9 @@ class UpgradeOpsetParams(PassParams):
 
 @dataclass(frozen=True)
 class LinearQuantParams(PassParams):
-    """What every linear quantizer shares: the weight and static-activation strategy (quantize_linears, gptq)."""
+    """What every linear quantizer shares (quantize_linears, gptq_weights): the weight rounding, the activation
+    quantizer (``acts`` static or dynamic; static scales shared or ``per_modality``), which linears (``skip_roles``,
+    ``components``: all when None) and where the statistics come from (``statistics``)."""
 
     weight_bits: int = _weight_bits(8)
     act_bits: int = _act_bits()
@@ -83,6 +88,9 @@ class LinearQuantParams(PassParams):
     group_size: int | None = field(default=None, metadata=bounded(1))
     skip_roles: tuple[str, ...] = _skip_roles()
     act_scales: ActScales = "shared"
+    acts: ActMode = "static"
+    components: tuple[str, ...] | None = None
+    statistics: StatisticsSource = "calibrate"
 
 
 @dataclass(frozen=True)

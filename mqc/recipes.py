@@ -278,6 +278,12 @@ def _taking(passes: list[dict[str, Any]], key: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _default(pass_name: str, key: str) -> Any:
+    """The default of parameter ``key`` of ``pass_name`` (None when it has no such parameter)."""
+    param = PASS_PARAMS[pass_name].__dataclass_fields__.get(key)
+    return None if param is None else param.default
+
+
 def _bit_overrides(passes: list[dict[str, Any]], bits: tuple[int, int]) -> dict[str, dict[str, int]]:
     overrides: dict[str, dict[str, int]] = {}
     for name in _taking(passes, "weight_bits"):
@@ -308,13 +314,15 @@ def with_bits(recipe: Recipe, setting: str) -> Recipe:
 
 
 def with_acts(recipe: Recipe, mode: str) -> Recipe:
-    """``recipe`` with activation mode ``mode`` in every pass that has one (MASQuant's ``mas`` and ``cmc``).
+    """``recipe`` with activation mode ``mode`` in every pass that chooses one: MASQuant's ``mas`` and ``cmc``, and a
+    linear quantizer whose step sets ``acts`` (MASQuant's plain linears after cmc).
 
     The static recipes (w8a8, mquant, ...) have no such choice: asking one for a mode is an error, not a no-op.
     """
     if mode not in ACT_MODES:
         raise RecipeError(f"unknown activation mode {mode!r}; choose one of {', '.join(ACT_MODES)}")
-    overrides = {name: {"acts": mode} for name in _taking(recipe.passes, "acts")}
+    choosing = [step["pass"] for step in recipe.passes if "acts" in step or _default(step["pass"], "acts") == "dynamic"]
+    overrides = {name: {"acts": mode} for name in dict.fromkeys(choosing)}
     if not overrides:
         raise RecipeError(f"recipe {recipe.name!r} has no activation mode to choose (its activation scales are "
                           f"static); --acts applies to recipes whose passes take an 'acts' parameter (masquant)")

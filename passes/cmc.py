@@ -5,7 +5,7 @@ MatMul(x_s, S_t W) plus the float branch Where(is_image, MatMul(x_s, S_v W − S
 
     x_q  = Q_a(x_s)                                      # activation quantizer, shared by the group (below)
     y    = MatMul(x_q, DequantizeLinear(B))              # B = RTN per output channel of S_t W, int4/int8 [in, out],
-                                                         #   axis=1 (quantize_linears.insert_weight_dequant)
+                                                         #   axis=1 (mqc.graph.qdq.insert_weight_dequant)
     y'   = Add(y, Where(is_image, MatMul(MatMul(x_s, L1), L2), 0))   # fp32 L1 [in, r], L2 [r, out]; x_s unquantized
 
 Text tokens and decode steps (modality_ids = 0) take Q(x S_t⁻¹)·B only; image tokens add the low-rank branch on the
@@ -17,15 +17,16 @@ s_v), T = Λ^{1/2}Pᵀ, L1 = T⁻¹U_r, L2 = Σ_r V_rᵀ from SVD(TΔW). ``white
 Rank r = ``rank_for(rank_ratio, in, out, min_rank)``: a ratio of min(in, out), floored, at least ``min_rank`` (32 in
 the public code), at most min(in, out). Calibration inputs are the float model's (a deviation, as MAS's).
 
-``weights`` selects how B (and every plainly quantized linear) is rounded:
+``weights`` selects how B is rounded (the shared :class:`mqc.quant_strategy.WeightRounding`):
 - ``"rtn"`` (default, the paper and its code): per-output-channel round to nearest.
-- ``"gptq"`` (an extension, ``masquant-gptq``): ``mqc.gptq.gptq_quantize`` against the Hessian of the text rows of
-  x_s (B is the text tokens' whole path; image tokens get the low-rank correction towards S_v W computed against
-  this B), of all rows for the plain linears. The record gives GPTQ's and RTN's relative output error per linear.
+- ``"gptq"`` (an extension, ``masquant-gptq``): GPTQ with MSE-clipped scales against the Hessian of the text rows
+  of x_s (B is the text tokens' whole path; image tokens get the low-rank correction towards S_v W computed against
+  this B). The record gives GPTQ's and RTN's relative output error (same scales) per linear; a failed GPTQ falls
+  back to RTN (recorded).
 
 ``group_size`` (an extension; default None, per output channel as the paper): one scale per group of that many input
-rows for B, the plain linears and the image weight of the ablations (``DequantizeLinear`` with ``block_size``). A
-linear whose input size it does not divide stays per channel (noted). Per-group weights have no ``--format mqc`` form.
+rows for B and the image weight of the ablations (``DequantizeLinear`` with ``block_size``). A linear whose input
+size it does not divide stays per channel (noted). Per-group weights have no ``--format mqc`` form.
 
 ``compensation`` selects the image-token path:
 - ``"cmc"`` (default): the low-rank branch above.
@@ -34,22 +35,20 @@ linear whose input size it does not divide stays per channel (noted). Per-group 
   GEMMs run for every token in this graph form and the weight memory doubles.
 - ``"none"``: image tokens use Q(x S_v⁻¹)·B with no compensation (what MAS costs without CMC if only B is stored).
 
-Activation quantizer (``acts``):
-- ``"dynamic"`` (the paper / public code, §3.6): per-token symmetric, computed in the graph with standard ops::
-
-      scale = Max(Div(ReduceMax(Abs(x), axes=[-1], keepdims=1), qmax), 1e-12)      # {x}/dyn_absmax, {x}/dyn_scale
-      x_q   = Mul(Clip(Round(Div(x, scale)), qmin, qmax), scale)                  # {x}/dyn_div ... {x}/dyn_dequant
-
-  (the Max floor keeps all-zero rows at zero instead of NaN).
+Activation quantizer (``acts``; the shared :class:`mqc.quant_strategy.ActivationQuantizer`):
+- ``"dynamic"`` (the paper / public code, §3.6): per-token symmetric, computed in the graph with standard ops
+  (the pattern is on :func:`mqc.graph.qdq.insert_activation_dynamic`).
 - ``"static"`` (an extension, spec §6 item 8): one static scale per modality per quantization point from the
-  calibration rows of x_s of that modality (min/max), MSQ's pattern (``passes.msq.insert_activation_msq``).
+  calibration rows of x_s of that modality (min/max), MSQ's pattern (:mod:`mqc.graph.msq`).
 
 Rules:
-1. Every linear that MAS rewrote (node metadata ``mqc.mas_linear``) is lowered as above.
-2. Every other language linear (down_proj; anything MAS did not smooth) is quantized plainly: Q_a(x)·DQ(RTN(W)) with
-   the same ``acts`` mode. lm_head (``skip_roles``), vision/projector linears (MASQuant quantizes the LLM only) and
-   names matching ``--exclude`` stay in float (recorded). In static mode a value that is not [batch, seq, features]
-   cannot take MSQ's per-token scale and is refused (recorded).
+1. Every linear that MAS rewrote (node metadata ``mqc.mas_linear``) is lowered as above; the low-rank MatMuls
+   carry ``mqc.cmc`` so no linear quantizer rounds them.
+2. cmc quantizes nothing else. The other language linears (down_proj; anything MAS did not smooth; not lm_head
+   or another ``skip_roles`` role, not matching ``--exclude``) are the linear quantizer's, which the MASQuant
+   recipes run right after cmc with ``statistics="before_cmc"``: cmc's one calibration run also taps their
+   inputs (with Gram matrices when ``weights="gptq"``) and hands the statistics over in ``model.meta``, so they are
+   quantized from the same calibration of the MAS float form as the MAS linears.
 3. A group with no image calibration rows, or a rank of 0, gets no branch (recorded): image tokens then use B.
 4. Records per linear: bits, CMC rank and retained energy (Theorem 2's 1 − Σ_{i>r}σ_i²/Σσ_i², in the whitened norm
    unless ``whiten=False``), and the output SQNR of the emitted form on the calibration rows per modality (bias
@@ -69,20 +68,16 @@ import onnx_ir as ir
 
 from mqc.calibration import IMAGE, MODALITY_NAMES, TEXT, TapStats
 from mqc.errors import NothingToQuantizeError
-from mqc.gptq import gptq_quantize, hessian_from_tap, relative_output_error
-from mqc.graph.markers import MAS_LINEAR_KEY, MAS_SMOOTH_KEY
-from mqc.graph.msq import insert_activation_msq, is_image_mask, modality_input, value_rank
-from mqc.graph.qdq import (
-    dynamic_fake_quant,
-    insert_activation_dynamic,
-    insert_activation_qdq,
-    insert_weight_dequant,
-)
+from mqc.gptq import hessian_from_tap
+from mqc.graph.markers import MAS_LINEAR_KEY, MAS_SMOOTH_KEY, STATISTICS_BEFORE_CMC, mark_cmc
+from mqc.graph.msq import is_image_mask, modality_input
+from mqc.graph.qdq import insert_weight_dequant
 from mqc.ir import add_initializer, constant_array, ensure_opset, remove_unused_initializers
 from mqc.lowrank import lowrank_compensation, rank_for
 from mqc.model_map import Linear
 from mqc.pass_manager import MqcPass, PassRefused
-from mqc.quantizer import QuantizedWeight, fake_quantize, qrange, quantize_weight_rtn, sqnr_db
+from mqc.quant_strategy import ActivationQuantizer, ActScale, WeightRounding
+from mqc.quantizer import QuantizedWeight, sqnr_db
 
 
 class _MasLinear:
@@ -106,7 +101,8 @@ class _MasLinear:
 
 
 class CmcPass(MqcPass):
-    """Lowers MAS linears to Q(x S_t⁻¹)·B (+ whitened low-rank CMC for image tokens) and quantizes the rest."""
+    """Lowers MAS linears to Q(x S_t⁻¹)·B (+ whitened low-rank CMC for image tokens); the rest is the linear
+    quantizer's, to which it hands the statistics of its one calibration run."""
 
     name = "cmc"
 
@@ -125,6 +121,12 @@ class CmcPass(MqcPass):
                 f"{p.min_rank} (the floor is the released code's); {weights}; weights {grouping}; "
                 f"{p.acts} activations")
 
+    @property
+    def rounding(self) -> WeightRounding:
+        """B's rounding: GPTQ searches MSE-clipped scales, round to nearest takes the absmax ones (the paper)."""
+        p = self.params
+        return WeightRounding(p.weight_bits, p.weights, p.group_size, mse_clip=p.weights == "gptq")
+
     # ---------------------------------------------------------------------------------------------- discovery
 
     def _mas_groups(self, graph: ir.Graph) -> dict[str, tuple[ir.Value, list[_MasLinear]]]:
@@ -139,23 +141,16 @@ class CmcPass(MqcPass):
                 groups[x_s.name] = (x_s, [_MasLinear(main, nodes) for main in mains])
         return groups
 
-    def _plain_groups(self, model: ir.Model, mas_nodes: set[int]) -> dict[str, list[Linear]]:
-        model_map = self.ctx.model_map(model)
-        for refusal in model_map.refused:
-            self.record.skip(refusal.node, refusal.reason)
-        groups: dict[str, list[Linear]] = {}
-        for lin in model_map.linears:
-            if id(lin.node) in mas_nodes:
+    def _plain_inputs(self, model: ir.Model, mas_nodes: set[int]) -> list[str]:
+        """The input values of the language linears left to the linear quantizer (rule 2), whose statistics cmc's
+        calibration run takes for it."""
+        names = []
+        for lin in self.ctx.model_map(model).linears:
+            if id(lin.node) in mas_nodes or lin.role in self.params.skip_roles or lin.component != "language":
                 continue
-            if lin.role in self.params.skip_roles:
-                self.record.skip(lin.name, f"role {lin.role} stays in float (skip_roles)")
-            elif lin.component != "language":
-                self.record.skip(lin.name, f"{lin.component} linear: MASQuant quantizes the LLM decoder only")
-            elif self.ctx.excluded(lin.name):
-                self.record.skip(lin.name, "name matches --exclude")
-            else:
-                groups.setdefault(lin.input.name, []).append(lin)
-        return groups
+            if not self.ctx.excluded(lin.name):
+                names.append(lin.input.name)
+        return list(dict.fromkeys(names))
 
     # ---------------------------------------------------------------------------------------------------- run
 
@@ -164,24 +159,26 @@ class CmcPass(MqcPass):
         p = self.params
         mas_groups = self._mas_groups(graph)
         mas_nodes = {id(n) for _, lins in mas_groups.values() for ml in lins for n in (ml.main, ml.delta)}
-        plain_groups = self._plain_groups(model, mas_nodes)
+        plain_inputs = self._plain_inputs(model, mas_nodes)
         mapped = {id(lin.node): lin for lin in self.ctx.model_map(model).linears}
         for _, lins in mas_groups.values():
             for ml in lins:
                 if id(ml.main) in mapped:  # role, component and layer as the model map names them
                     ml.info = {**mapped[id(ml.main)].to_dict(), "name": ml.name}
-        self.record.matched = sum(len(lins) for _, lins in mas_groups.values()) + sum(len(g) for g in plain_groups.values())
+        self.record.matched = sum(len(lins) for _, lins in mas_groups.values())
         if not self.record.matched:
-            raise NothingToQuantizeError("no MAS-smoothed or plain language linear to quantize")
+            raise NothingToQuantizeError("no MAS-smoothed linear to lower")
         modality_ids = modality_input(graph)
         is_image = is_image_mask(graph, modality_ids) if modality_ids is not None else None
         if p.acts == "static" and is_image is None:
             self.record.notes.append("static acts without modality_ids: one modality, so one static scale per point")
         gram = list(mas_groups) if p.compensation == "cmc" and p.whiten else []
         if p.weights == "gptq":
-            gram = list(mas_groups) + list(plain_groups)
-        stats = self.ctx.calibrate(model, list(mas_groups) + list(plain_groups), gram_taps=gram,
+            gram = list(mas_groups) + plain_inputs
+        stats = self.ctx.calibrate(model, list(mas_groups) + plain_inputs, gram_taps=gram,
                                    label="calibrating CMC", sample_rows=p.rows)
+        model.meta[STATISTICS_BEFORE_CMC] = {name: stats[name] for name in plain_inputs if name in stats}
+        quantizer = ActivationQuantizer.from_params(p)
         changed = 0
         for name, (x_s, lins) in mas_groups.items():
             tap = stats.get(name)
@@ -189,31 +186,10 @@ class CmcPass(MqcPass):
                 for ml in lins:
                     self.record.skip(ml.name, "no calibration data reached its input: left in float")
                 continue
-            scales = self._act_quant(graph, x_s, tap, [ml.main for ml in lins], is_image)
+            inserted = quantizer.insert(graph, x_s, [ml.main for ml in lins], tap, is_image,
+                                        self.ctx.default_modality, any_rank=True)
             for ml in lins:
-                self.record.layers.append(self._lower_mas(graph, ml, tap, scales, is_image))
-                changed += 1
-        for name, group in plain_groups.items():
-            tap = stats.get(name)
-            value = group[0].input
-            if tap is None or all(e.rows == 0 or e.absmax == 0.0 for e in tap.by_modality.values()):
-                for lin in group:
-                    self.record.skip(lin.name, "no calibration data reached its input (or it is all zeros)")
-                continue
-            if p.acts == "static" and is_image is not None and value_rank(value) != 3:
-                for lin in group:
-                    self.record.skip(lin.name, f"static per-modality scales need a [batch, seq, features] input, "
-                                               f"this one has rank {value_rank(value)}: left in float")
-                continue
-            scales = self._act_quant(graph, value, tap, [lin.node for lin in group], is_image)
-            for lin in group:
-                weight = lin.weight_array()
-                qweight, weight_figures = self._quantize_weight(lin.name, weight, tap, None)
-                insert_weight_dequant(graph, lin, qweight)
-                w_hat = qweight.dequantize()
-                figures = self._sqnr(tap, scales, lambda x, m, w=weight: x @ w, lambda x, m, xq, b=w_hat: xq @ b)
-                self.record.layers.append({**lin.to_dict(), "w_bits": p.weight_bits, "a_bits": p.act_bits,
-                                           **weight_figures, **figures})
+                self.record.layers.append(self._lower_mas(graph, ml, tap, quantizer, inserted.scale, is_image))
                 changed += 1
         ir.passes.common.RemoveUnusedNodesPass()(model)
         ensure_opset(model, "", 21)
@@ -222,25 +198,6 @@ class CmcPass(MqcPass):
         return changed > 0
 
     # ---------------------------------------------------------------------------------------------- helpers
-
-    def _act_quant(
-        self, graph: ir.Graph, value: ir.Value, tap: TapStats, readers: list[ir.Node], is_image: ir.Value | None,
-    ) -> dict[int, float] | None:
-        """Insert the activation quantizer before ``readers``; the static scales per modality, None when dynamic."""
-        p = self.params
-        if p.acts == "dynamic":
-            insert_activation_dynamic(graph, value, p.act_bits, readers)
-            return None
-        qmax = qrange(p.act_bits)[1]
-        scales = {m: float(e.absmax / qmax) for m, e in tap.by_modality.items() if e.rows and e.absmax > 0}
-        for m, other in ((TEXT, IMAGE), (IMAGE, TEXT)):
-            if m not in scales and other in scales:
-                scales[m] = scales[other]
-        if is_image is None:
-            insert_activation_qdq(graph, value, scales[self.ctx.default_modality], p.act_bits, readers)
-        else:
-            insert_activation_msq(graph, value, scales[TEXT], scales[IMAGE], p.act_bits, readers, is_image)
-        return scales
 
     def _group_size(self, name: str, weight: np.ndarray) -> int | None:
         """The pass's group size, or None (per channel, recorded) where it does not divide the input size."""
@@ -253,32 +210,25 @@ class CmcPass(MqcPass):
         return group
 
     def _rtn(self, name: str, weight: np.ndarray) -> QuantizedWeight:
-        return quantize_weight_rtn(weight, self.params.weight_bits, self._group_size(name, weight))
+        """Round to nearest with absmax scales (the image weights of the ablations)."""
+        return WeightRounding(self.params.weight_bits).rtn(weight, self._group_size(name, weight))
 
-    def _quantize_weight(self, name: str, weight: np.ndarray, tap: TapStats, modality: int | None) -> tuple[Any, dict]:
-        """RTN (per output channel or per group), or GPTQ against the Gram of ``modality``'s rows (all rows if None)."""
-        bits = self.params.weight_bits
+    def _round_b(self, name: str, weight: np.ndarray, tap: TapStats) -> tuple[QuantizedWeight, dict]:
+        """B: RTN, or GPTQ against the Hessian of the text rows (all rows when none are text)."""
         group = self._group_size(name, weight)
-        rtn = quantize_weight_rtn(weight, bits, group)
-        if self.params.weights == "rtn":
-            return rtn, {"weight_method": "rtn"}
-        hessian, _ = hessian_from_tap(tap, None if modality is None else [modality])
+        rounding = self.rounding
+        if rounding.method == "rtn":
+            return rounding.round(weight, group_size=group)
+        hessian, _ = hessian_from_tap(tap, [TEXT])
         if hessian is None:
             hessian, _ = hessian_from_tap(tap)
         try:
-            qweight, rel = gptq_quantize(weight, hessian, bits, group_size=group)
+            return rounding.round(weight, hessian, group)
         except ValueError as exc:
             self.record.skip(name, f"GPTQ failed ({exc}): RTN weights instead")
-            return rtn, {"weight_method": "rtn"}
-        rtn_rel = relative_output_error(weight, rtn.dequantize(), hessian)
-        return qweight, {"weight_method": "gptq", "gptq_rel_error": round(rel, 5), "rtn_rel_error": round(rtn_rel, 5)}
+            return self._rtn(name, weight), {"weight_method": "rtn"}
 
-    def _qa(self, x: np.ndarray, m: int, scales: dict[int, float] | None) -> np.ndarray:
-        if scales is None:
-            return dynamic_fake_quant(x, self.params.act_bits)
-        return fake_quantize(x, scales.get(m, scales.get(TEXT, 1.0)), self.params.act_bits)
-
-    def _sqnr(self, tap: TapStats, scales, ref_fn, out_fn) -> dict[str, float]:
+    def _sqnr(self, tap: TapStats, quantizer: ActivationQuantizer, scale: ActScale, ref_fn, out_fn) -> dict[str, float]:
         """Output SQNR per modality of ``out_fn(x, m, Q_a(x))`` against ``ref_fn(x, m)`` on the calibration rows."""
         figures: dict[str, float] = {}
         refs, outs = [], []
@@ -286,7 +236,7 @@ class CmcPass(MqcPass):
             if entry.sample.shape[0] == 0:
                 continue
             x = entry.sample
-            ref, out = ref_fn(x, m), out_fn(x, m, self._qa(x, m, scales))
+            ref, out = ref_fn(x, m), out_fn(x, m, quantizer.fake(x, m, scale))
             figures[f"sqnr_db_{MODALITY_NAMES.get(m, m)}"] = round(sqnr_db(ref, out), 2)
             refs.append(ref)
             outs.append(out)
@@ -295,11 +245,12 @@ class CmcPass(MqcPass):
         return figures
 
     def _lower_mas(
-        self, graph: ir.Graph, ml: _MasLinear, tap: TapStats, scales: dict[int, float] | None, is_image: ir.Value | None,
+        self, graph: ir.Graph, ml: _MasLinear, tap: TapStats, quantizer: ActivationQuantizer, scale: ActScale,
+        is_image: ir.Value | None,
     ) -> dict[str, Any]:
         p = self.params
         k, n = ml.w_text.shape
-        qb, weight_figures = self._quantize_weight(ml.name, ml.w_text.astype(np.float32), tap, TEXT)
+        qb, weight_figures = self._round_b(ml.name, ml.w_text.astype(np.float32), tap)
         insert_weight_dequant(graph, ml.as_linear(), qb)
         b = qb.dequantize().astype(np.float64)
         figures: dict[str, Any] = {"w_bits": p.weight_bits, "a_bits": p.act_bits, **weight_figures}
@@ -340,10 +291,11 @@ class CmcPass(MqcPass):
                 return xq @ b32 + (x @ l1.astype(np.float32)) @ l2.astype(np.float32)
             return xq @ qv.dequantize()
 
-        figures.update(self._sqnr(tap, scales, ref_fn, out_fn))
+        figures.update(self._sqnr(tap, quantizer, scale, ref_fn, out_fn))
         if image is not None and image.sample.shape[0]:
             x = image.sample
-            figures["sqnr_db_image_uncompensated"] = round(sqnr_db(ref_fn(x, IMAGE), self._qa(x, IMAGE, scales) @ b32), 2)
+            figures["sqnr_db_image_uncompensated"] = round(
+                sqnr_db(ref_fn(x, IMAGE), quantizer.fake(x, IMAGE, scale) @ b32), 2)
         return {**ml.info, **figures}
 
     @staticmethod
@@ -353,6 +305,8 @@ class CmcPass(MqcPass):
         ml.delta.name = f"{ml.name}/cmc_l1"
         second = ir.node("MatMul", [ml.delta.outputs[0], add_initializer(graph, f"{ml.name}.cmc_l2", l2)],
                          name=f"{ml.name}/cmc_l2")
+        mark_cmc(ml.delta)
+        mark_cmc(second)
         graph.insert_after(ml.delta, [second])
         ml.select.replace_input_with(1, second.outputs[0])
 

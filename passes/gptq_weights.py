@@ -28,6 +28,9 @@ Rules, in order:
 5. Each layer records, next to the output SQNR, GPTQ's relative output error ‖X(W−Ŵ)‖/‖XW‖ and the same figure
    for round-to-nearest with the same scales' search (``rtn_rel_error``), so the gain is visible.
    A Hessian that is not positive definite after damping is a refusal for that linear (left in float).
+6. ``statistics="before_cmc"`` (MASQuant's plain linears after ``cmc``, ``masquant-gptq``): the Hessians and
+   activation statistics are the ones cmc took of the graph before its lowering (it keeps Gram matrices when it
+   rounds B by GPTQ itself); no calibration runs and ``hessians`` does not apply.
 """
 
 from __future__ import annotations
@@ -39,20 +42,23 @@ import numpy as np
 import onnx_ir as ir
 
 from mqc.calibration import TapStats
-from mqc.gptq import gptq_quantize, hessian_from_tap, relative_output_error
+from mqc.gptq import hessian_from_tap
 from mqc.graph.qdq import insert_weight_dequant
 from mqc.ir import ensure_opset, remove_unused_initializers
 from mqc.linear_quant import LinearQuantPass
 from mqc.model_map import Linear
-from mqc.quantizer import QuantizedWeight, quantize_weight_rtn, weight_scales
+from mqc.quantizer import QuantizedWeight
 
 
 class GptqWeightsPass(LinearQuantPass):
     """QDQ quantization like ``quantize_linears``, with GPTQ weights from per-group float Hessians."""
 
     name = "gptq_weights"
+    weight_method = "gptq"
 
     def variant(self) -> str:
+        if self.params.statistics == "before_cmc":
+            return f"{super().variant()}; GPTQ Hessians from cmc's calibration of the MAS float form"
         if self.params.hessians == "sequential":
             hessians = ("GPTQ Hessians sequential: each decoder layer's from the outputs of the already GPTQ-quantized "
                         "layers before it, float activations (the released code, which also orders the sub-layers "
@@ -73,9 +79,14 @@ class GptqWeightsPass(LinearQuantPass):
 
     def run(self, model: ir.Model) -> bool:
         selected = self.selected_linears(model)
-        stats: dict[str, TapStats] = {}
         results: dict[int, tuple[QuantizedWeight | None, dict[str, float]]] = {}
         float_weights: dict[int, np.ndarray] = {}
+        handed = self.handed_statistics(model)
+        if handed is not None:
+            for lin in selected:
+                self._quantize(lin, handed.get(lin.input.name), results)
+            return self._emit(model, selected, handed, results, float_weights)
+        stats: dict[str, TapStats] = {}
         sequential = self.params.hessians == "sequential"
         if sequential:
             ensure_opset(model, "", 21)  # the int4 weight dequants enter the graph before the next calibration run
@@ -101,20 +112,15 @@ class GptqWeightsPass(LinearQuantPass):
         hessian, rows = hessian_from_tap(tap) if tap is not None else (None, 0)
         if hessian is None:
             return
-        weight = lin.weight_array()
-        scale = weight_scales(weight, self.params.weight_bits, self.params.group_size, self.params.weight_mse_clip)
+        rounding = self.rounding
         try:
-            qweight, rel = gptq_quantize(
-                weight, hessian, self.params.weight_bits, self.params.group_size, act_order=self.params.act_order,
-                percdamp=self.params.percdamp, block_size=self.params.block_size, scale=scale,
-            )
+            qweight, figures = rounding.round(lin.weight_array(), hessian, rounding.group_size)
         except ValueError as exc:
             self.record.skip(lin.name, f"GPTQ failed: {exc}")
             results[id(lin.node)] = (None, {})
             return
-        rtn = quantize_weight_rtn(weight, self.params.weight_bits, self.params.group_size, scale=scale)
-        rtn_rel = relative_output_error(weight, rtn.dequantize(), hessian)
-        results[id(lin.node)] = (qweight, {"gptq_rel_error": round(rel, 5), "rtn_rel_error": round(rtn_rel, 5), "hessian_rows": rows})
+        figures.pop("weight_method")
+        results[id(lin.node)] = (qweight, {**figures, "hessian_rows": rows})
 
     def _emit(
         self, model: ir.Model, selected: Sequence[Linear], stats: dict[str, TapStats], results: dict,

@@ -4,7 +4,7 @@ fake-quant, and the int4/int8 weight DequantizeLinear of a linear (its layouts a
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -99,13 +99,13 @@ def insert_weight_dequant(graph: ir.Graph, linear: Linear, qweight: QuantizedWei
 
 
 def layer_sqnr(
-    linear: Linear, stats: TapStats, act_scale: float | Mapping[int, float], act_bits: int, weight: np.ndarray,
+    linear: Linear, stats: TapStats, quantize_act: Callable[[np.ndarray, int], np.ndarray], weight: np.ndarray,
     qweight: QuantizedWeight,
 ) -> dict[str, float]:
     """Output SQNR of the quantized layer on the calibration rows kept for its input, overall and per modality.
 
-    ``act_scale`` is one shared scale, or a mapping modality -> scale (MSQ): each modality's rows are then
-    fake-quantized with their own scale.
+    ``quantize_act(x, modality)`` is the activation quantizer's numpy reference (each modality's rows under their
+    own scale with MSQ, per token when dynamic).
     """
     w_hat = qweight.dequantize()
     bias = linear.bias.const_value.numpy() if linear.bias is not None and linear.bias.const_value is not None else 0.0
@@ -116,8 +116,7 @@ def layer_sqnr(
             continue
         x = entry.sample
         ref = x @ weight + bias
-        scale = act_scale[modality] if isinstance(act_scale, Mapping) else act_scale
-        out = fake_quantize(x, scale, act_bits) @ w_hat + bias
+        out = quantize_act(x, modality) @ w_hat + bias
         figures[f"sqnr_db_{MODALITY_NAMES.get(modality, modality)}"] = round(sqnr_db(ref, out), 2)
         refs.append(ref)
         outs.append(out)
@@ -127,7 +126,13 @@ def layer_sqnr(
 
 
 def insert_activation_dynamic(graph: ir.Graph, value: ir.Value, bits: int, readers: Sequence[ir.Node]) -> ir.Value:
-    """Per-token dynamic symmetric fake-quant of ``value`` (the exact pattern is in the ``cmc`` pass docstring) in front of ``readers``; returns x_q."""
+    """Per-token dynamic symmetric fake-quant of ``value`` in front of ``readers``; returns x_q. The pattern::
+
+        scale = Max(Div(ReduceMax(Abs(x), axes=[-1], keepdims=1), qmax), 1e-12)      # {x}/dyn_absmax, {x}/dyn_scale
+        x_q   = Mul(Clip(Round(Div(x, scale)), qmin, qmax), scale)                  # {x}/dyn_div ... {x}/dyn_dequant
+
+    (the Max floor keeps all-zero rows at zero instead of NaN).
+    """
     base = value.name or "act"
     dtype = value.dtype.numpy() if value.dtype is not None else np.float32
     lo, hi = qrange(bits)
