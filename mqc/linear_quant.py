@@ -5,7 +5,8 @@ Rules:
 1. Every linear of the model map is quantized, except roles in ``skip_roles`` (``lm_head`` by default: MQuant and
    MASQuant leave it in float), names matching ``--exclude``, layers whose input no calibration row reached, and
    1-row weights (``in_features == 1``: the float rank-1 side branch ``passes/rms_split.py`` leaves, spec §2.7).
-   Each refusal is recorded with its reason.
+   Each refusal is recorded with its reason. A linear whose input size the group size does not divide is
+   quantized per channel (noted).
 2. Activations: one static symmetric int8 scale per input value, shared by all linears that read it (q/k/v read
    one normed value), from the calibration statistics of all modalities together, clipped by ``act_method``
    (``minmax``, ``percentile`` or ``mse``). Emitted as ``QuantizeLinear -> DequantizeLinear`` (zero point 0).
@@ -96,7 +97,7 @@ class LinearQuantPass(MqcPass):
         components = self.params.components
         for lin in linears:
             if MAS_LINEAR_KEY in lin.node.metadata_props:
-                self.record.skip(lin.name, "a MAS-smoothed linear: cmc lowers and quantizes it")
+                self.record.skip(lin.name, "a MAS-smoothed linear: cmc lowers it, or leaves it in float")
             elif CMC_KEY in lin.node.metadata_props:
                 self.record.skip(lin.name, "cmc's compensation branch stays in float")
             elif lin.role in self.params.skip_roles:
@@ -107,8 +108,6 @@ class LinearQuantPass(MqcPass):
                 self.record.skip(lin.name, "name matches --exclude")
             elif lin.in_features == 1:
                 self.record.skip(lin.name, "a 1-row weight (the float rank-1 side branch of rms_split) stays in float")
-            elif not self.rounding.divides(lin.in_features):
-                self.record.skip(lin.name, f"input size {lin.in_features} is not a multiple of group size {self.params.group_size}")
             else:
                 selected.append(lin)
         return selected
@@ -123,6 +122,13 @@ class LinearQuantPass(MqcPass):
         if not selected:
             raise NothingToQuantizeError("the model has no linear layer with a constant float weight to quantize")
         return selected
+
+    def group_size_for(self, lin: Linear) -> int | None:
+        """The rounding's group size for ``lin``; per channel (noted) where it does not divide the input size."""
+        note = self.rounding.group_note(lin.name, lin.in_features)
+        if note is not None and note not in self.record.notes:
+            self.record.notes.append(note)
+        return self.rounding.group_for(lin.in_features)
 
     def handed_statistics(self, model: ir.Model) -> dict[str, TapStats] | None:
         """The statistics cmc handed over (``statistics="before_cmc"``, taken once), else None."""
@@ -142,7 +148,7 @@ class LinearQuantPass(MqcPass):
 
         def rounded(lin: Linear) -> tuple[np.ndarray, QuantizedWeight, dict[str, Any]]:
             weight = lin.weight_array()
-            qweight = rounding.rtn(weight, rounding.group_size)
+            qweight = rounding.rtn(weight, self.group_size_for(lin))
             insert_weight_dequant(model.graph, lin, qweight)
             return weight, qweight, {}
 

@@ -58,9 +58,18 @@ class WeightRounding:
             percdamp=getattr(params, "percdamp", 0.01), block_size=getattr(params, "block_size", 128),
         )
 
-    def divides(self, in_features: int) -> bool:
-        """Whether the group size divides ``in_features`` (always, per channel)."""
-        return self.group_size is None or in_features % self.group_size == 0
+    def group_for(self, in_features: int) -> int | None:
+        """The group size for a weight of ``in_features`` rows: per channel (None) where the group does not divide
+        it (callers note it)."""
+        if self.group_size is not None and in_features % self.group_size:
+            return None
+        return self.group_size
+
+    def group_note(self, name: str, in_features: int) -> str | None:
+        """The note a caller records when :meth:`group_for` fell back to per channel, else None."""
+        if self.group_for(in_features) == self.group_size:
+            return None
+        return f"{name}: input size {in_features} is not a multiple of group size {self.group_size}: per-channel weights"
 
     def rtn(self, weight: np.ndarray, group_size: int | None = None) -> QuantizedWeight:
         """Round to nearest with this rounding's scales (``group_size`` overrides the strategy's, e.g. None)."""
@@ -145,6 +154,12 @@ class ActivationQuantizer:
                     "act_absmax": float(combined.absmax)}, result.notes)
         insert_activation_qdq(graph, value, scale, self.bits, readers)
         return result
+
+    def insert_scale(self, graph: ir.Graph, value: ir.Value, readers: Sequence[ir.Node], scale: float) -> None:
+        """The static form with a scale the caller computed (one channel's range, e.g. rms_split's side branch)."""
+        if self.form != "static":
+            raise ValueError(f"a given scale needs the static form, not {self.form}")
+        insert_activation_qdq(graph, value, scale, self.bits, readers)
 
     def _modality_scales(self, value_name: str, tap: TapStats, qmax: int, notes: list[str]) -> dict[int, float]:
         """One static scale per modality (spec §2.3); a modality without rows borrows the other's (noted)."""

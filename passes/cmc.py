@@ -201,13 +201,10 @@ class CmcPass(MqcPass):
 
     def _group_size(self, name: str, weight: np.ndarray) -> int | None:
         """The pass's group size, or None (per channel, recorded) where it does not divide the input size."""
-        group = self.params.group_size
-        if group is not None and weight.shape[0] % group:
-            note = f"{name}: input size {weight.shape[0]} is not a multiple of group size {group}: per-channel weights"
-            if note not in self.record.notes:  # the record is per run, so is this note
-                self.record.notes.append(note)
-            return None
-        return group
+        note = self.rounding.group_note(name, weight.shape[0])
+        if note is not None and note not in self.record.notes:  # the record is per run, so is this note
+            self.record.notes.append(note)
+        return self.rounding.group_for(weight.shape[0])
 
     def _rtn(self, name: str, weight: np.ndarray) -> QuantizedWeight:
         """Round to nearest with absmax scales (the image weights of the ablations)."""

@@ -6,8 +6,8 @@ MSE clip search) against the Hessian of the float activations of the current, al
 
 Rules, in order:
 
-1. Linears are selected as in ``quantize_linears`` (``skip_roles``, default ``lm_head``; ``--exclude``; group
-   size divisibility), each refusal recorded.
+1. Linears are selected as in ``quantize_linears`` (``skip_roles``, default ``lm_head``; ``--exclude``), each
+   refusal recorded; a group size that does not divide the input size means per-channel weights (noted).
 2. Hessians with bounded memory: the selected linears are grouped by block (``layers_per_group`` decoder
    layers per calibration run; linears without a block index form one last group). Each run taps only that
    group's input values with Gram matrices (Σxᵀx per modality, summed over modalities: one Hessian for both),
@@ -114,7 +114,7 @@ class GptqWeightsPass(LinearQuantPass):
             return
         rounding = self.rounding
         try:
-            qweight, figures = rounding.round(lin.weight_array(), hessian, rounding.group_size)
+            qweight, figures = rounding.round(lin.weight_array(), hessian, self.group_size_for(lin))
         except ValueError as exc:
             self.record.skip(lin.name, f"GPTQ failed: {exc}")
             results[id(lin.node)] = (None, {})

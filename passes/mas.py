@@ -20,7 +20,7 @@ Learning (``learning``):
   layer by layer, the layer replayed in torch from this graph (``mqc.torch_replay``), its input the output of the
   already-quantized previous layers, the loss the modality-balanced L1 of the layer output against the float
   layer's output, one calibration sample per step, ``epochs`` passes over the samples. The other quantized linears
-  of the layer (down_proj, which ``cmc`` quantizes plainly) are fake-quantized in the replay too. Before learning,
+  of the layer (down_proj, which the linear quantizer after ``cmc`` quantizes) are fake-quantized in the replay too. Before learning,
   the float replay of the first layer is checked against onnxruntime (relative drift at most ``REPLAY_RTOL``); a
   graph whose layers cannot be replayed (an op without a torch form, layers that do not chain) falls back to
   ``"linear"``, and the note says why.
@@ -313,7 +313,7 @@ class MasPass(MqcPass):
         return changed > 0
 
     def _plain_linears(self, model: ir.Model, groups: dict[str, list[Linear]]) -> list[Linear]:
-        """The language linears ``cmc`` quantizes without smoothing (down_proj): fake-quantized in block replays."""
+        """The language linears quantized without smoothing (down_proj, after ``cmc``): fake-quantized in block replays."""
         smoothed = {id(lin.node) for g in groups.values() for lin in g}
         return [lin for lin in self.ctx.model_map(model).linears
                 if id(lin.node) not in smoothed and lin.component == "language" and lin.role not in self.params.skip_roles

@@ -45,11 +45,12 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from mqc.graph.qdq import insert_activation_qdq, int_tensor
+from mqc.graph.qdq import insert_weight_dequant
 from mqc.graph.weights import live_uses, own_weight, set_weight
 from mqc.ir import add_initializer, constant_array, ensure_opset, remove_unused_initializers
 from mqc.model_map import Linear
 from mqc.pass_manager import MqcPass
+from mqc.quant_strategy import ActivationQuantizer, WeightRounding
 from mqc.quantizer import qrange
 
 INT64_MAX = np.iinfo(np.int64).max
@@ -189,26 +190,16 @@ class RmsSplitPass(MqcPass):
         side_x = side_slice.outputs[0]
         row = weight[0:1, :].astype(dtype)
         figures: dict[str, Any] = {"rms_side_branch": self.params.side_branch}
-        if self.params.side_branch == "w8":
-            lo, hi = qrange(8)
-            col_scale = np.maximum(np.abs(row[0]), 1e-30) / hi
-            q = np.clip(np.rint(row / col_scale), lo, hi)
-            w_q = add_initializer(graph, f"{base}.rms_side.weight_q", int_tensor(q, 8))
-            w_s = add_initializer(graph, f"{base}.rms_side.weight_scale", col_scale.astype(np.float32))
-            w_z = add_initializer(graph, f"{base}.rms_side.weight_zero", np.zeros_like(col_scale, dtype=np.int8))
-            dq = ir.node("DequantizeLinear", [w_q, w_s, w_z], attributes={"axis": 1}, name=f"{base}/rms_side_weight_dequant")
-            dq.outputs[0].name = f"{base}.rms_side.weight_dq"
-            nodes.append(dq)
-            side_w = dq.outputs[0]
-        else:
-            side_w = add_initializer(graph, f"{base}.rms_side.weight", row)
+        side_w = add_initializer(graph, f"{base}.rms_side.weight", row)
         side = ir.node("MatMul", [side_x, side_w], name=f"{base}/rms_side")
         side.outputs[0].name = f"{base}/rms_side_out"
         nodes.append(side)
         graph.insert_before(lin.node, nodes)
-        if self.params.side_branch == "w8":
+        if self.params.side_branch == "w8":  # int8 per output column (exact for one row) behind a static int8 QDQ
+            side_linear = Linear(side, f"{base}.rms_side", side_w, False, None, None)
+            insert_weight_dequant(graph, side_linear, WeightRounding(8).rtn(row.astype(np.float32)))
             scale = max(ch0_absmax or 0.0, 1e-12) / qrange(8)[1]
-            insert_activation_qdq(graph, side_x, scale, 8, [side])
+            ActivationQuantizer("static", 8).insert_scale(graph, side_x, [side], scale)
             figures["rms_side_act_scale"] = scale
         # the main branch: the original node, rows 1: only
         own_weight(graph, lin)

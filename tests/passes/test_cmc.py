@@ -1,5 +1,6 @@
 """CMC (spec §3.5, Eq. 29): the lowered graph against a numpy reference, the text/decode path, and the recipes' gains."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -88,8 +89,11 @@ def test_cmc_graph_matches_numpy_reference_and_text_tokens_take_the_text_path(ll
     q = next(layer for layer in cmc.layers if layer["name"] == LAYER)
     assert q["cmc_rank"] == 32 and 0.0 < q["cmc_retained_energy"] <= 1.0
     assert q["sqnr_db_image"] > q["sqnr_db_image_uncompensated"] + 10.0
-    down = next(layer for layer in cmc.layers if layer["role"] == "down")
+    assert {layer["role"] for layer in cmc.layers} == {"q", "k", "v", "o", "gate", "up"}  # cmc: MAS linears only
+    plain = next(p for p in report.passes if p.name == "quantize_linears")  # down_proj: the linear quantizer's
+    down = next(layer for layer in plain.layers if layer["role"] == "down")
     assert "cmc_rank" not in down and down["w_bits"] == 4 and down["sqnr_db_text"] > 10.0
+    assert {layer["role"] for layer in plain.layers} == {"down"}
 
 
 def _logits_sqnr(source: Path, compiled: Path, feeds: list[dict[str, np.ndarray]]) -> dict[str, float]:
@@ -129,9 +133,11 @@ def test_masquant_gptq_rounds_b_with_gptq_and_beats_rtn(llama, tmp_path):
         report = mqc.compile(llama, tmp_path / f"{name}.onnx", name, feeds=lambda: calib)
         sqnr[name] = _logits_sqnr(llama, tmp_path / f"{name}.onnx", evals)
     cmc = next(p for p in report.passes if p.name == "cmc")
-    assert "B by GPTQ" in cmc.variant
-    assert {layer["weight_method"] for layer in cmc.layers} == {"gptq"} and len(cmc.layers) == 14
-    assert all(layer["gptq_rel_error"] < layer["rtn_rel_error"] for layer in cmc.layers)
+    plain = next(p for p in report.passes if p.name == "gptq_weights")  # down_proj, from cmc's calibration run
+    assert "B by GPTQ" in cmc.variant and "cmc's calibration" in plain.variant
+    layers = cmc.layers + plain.layers
+    assert {layer["weight_method"] for layer in layers} == {"gptq"} and (len(cmc.layers), len(plain.layers)) == (12, 2)
+    assert all(layer["gptq_rel_error"] < layer["rtn_rel_error"] for layer in layers)
     # measured (logits SQNR dB, all / text / image): masquant 24.5 / 23.3 / 34.7, masquant-gptq 25.2 / 24.0 / 34.7
     assert sqnr["masquant-gptq"]["text"] > sqnr["masquant"]["text"] + 0.3, sqnr
     assert sqnr["masquant-gptq"]["all"] > sqnr["masquant"]["all"] + 0.3, sqnr
@@ -160,7 +166,8 @@ def test_cmc_group_size_quantizes_per_group_and_beats_per_channel(llama, tmp_pat
     sqnr, reports = {}, {}
     for group in (None, 16, 48):
         out = tmp_path / f"g{group}.onnx"
-        reports[group] = mqc.compile(llama, out, with_overrides(recipe, {"cmc": {"group_size": group}}),
+        reports[group] = mqc.compile(llama, out, with_overrides(recipe, {"cmc": {"group_size": group},
+                                                                         "gptq_weights": {"group_size": group}}),
                                      feeds=lambda: calib)
         sqnr[group] = _logits_sqnr(llama, out, evals)
     grouped = onnx.load(str(tmp_path / "g16.onnx"))
@@ -175,3 +182,37 @@ def test_cmc_group_size_quantizes_per_group_and_beats_per_channel(llama, tmp_pat
     # measured (logits SQNR dB, all / text / image): per channel 25.2 / 24.0 / 34.7, groups of 16 27.2 / 26.0 / 36.1
     assert sqnr[16]["text"] > sqnr[None]["text"] + 1.0, sqnr
     assert sqnr[16]["all"] > sqnr[None]["all"] + 1.0, sqnr
+
+
+def _down_weights(path: Path) -> dict[str, str]:
+    """down_proj linear -> what its MatMul's weight is: an initializer (float) or a DequantizeLinear's output."""
+    graph = onnx.load(str(path)).graph
+    producers = {out: node.op_type for node in graph.node for out in node.output}
+    return {n.input[1].rsplit(".weight", 1)[0]: producers.get(n.input[1], "float") for n in graph.node
+            if n.op_type == "MatMul" and ".down_proj.weight" in n.input[1]}
+
+
+def test_cmc_lowers_mas_linears_only_and_the_linear_quantizer_takes_the_rest(llama, tmp_path):
+    """cmc does compensation only: down_proj stays float after it; quantize_linears (statistics=before_cmc) after it
+    quantizes exactly those linears, and without cmc before it that setting cannot apply."""
+    calib = _gap_feeds(llama, 4, 0)
+    steps = [{"pass": "upgrade_opset"}, {"pass": "fuse_norms"}, {"pass": "mas", "learn": False}, {"pass": "cmc"}]
+    plain = {"pass": "quantize_linears", "weight_bits": 4, "acts": "dynamic", "components": ["language"],
+             "statistics": "before_cmc"}
+    for name, passes in (("cmc-only", steps), ("cmc-plain", [*steps, plain]), ("plain-only", [*steps[:2], plain])):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"name": name, "description": name, "passes": passes}))
+    report = mqc.compile(llama, tmp_path / "cmc.onnx", str(tmp_path / "cmc-only.json"), feeds=lambda: calib)
+    cmc = next(p for p in report.passes if p.name == "cmc")
+    assert {layer["role"] for layer in cmc.layers} == {"q", "k", "v", "o", "gate", "up"} and len(cmc.layers) == 12
+    downs = _down_weights(tmp_path / "cmc.onnx")
+    assert len(downs) == 2 and set(downs.values()) == {"float"}
+
+    report = mqc.compile(llama, tmp_path / "both.onnx", str(tmp_path / "cmc-plain.json"), feeds=lambda: calib)
+    quantized = next(p for p in report.passes if p.name == "quantize_linears")
+    assert sorted(layer["name"] for layer in quantized.layers) == sorted(downs)
+    skipped = {s["node"]: s["reason"] for s in quantized.skipped}
+    assert all("compensation" in skipped[f"{lin}.cmc_l{i}"] for lin in (layer["name"] for layer in cmc.layers) for i in (1, 2))
+    assert set(_down_weights(tmp_path / "both.onnx").values()) == {"DequantizeLinear"}
+
+    with pytest.raises(mqc.errors.RecipeNotApplied, match="before_cmc"):
+        mqc.compile(llama, tmp_path / "plain.onnx", str(tmp_path / "plain-only.json"), feeds=lambda: calib)
