@@ -130,18 +130,24 @@ class LinearQuantPass(MqcPass):
             self.record.notes.append(note)
         return self.rounding.group_for(lin.in_features)
 
-    def handed_statistics(self, model: ir.Model) -> dict[str, TapStats] | None:
-        """The statistics cmc handed over (``statistics="before_cmc"``, taken once), else None."""
+    def handed_statistics(self, model: ir.Model, selected: list[Linear]) -> dict[str, TapStats] | None:
+        """The statistics cmc handed over (``statistics="before_cmc"``, taken once), else None. A selected linear
+        whose input cmc took no statistics of is dropped from ``selected`` (recorded)."""
         if self.params.statistics != "before_cmc":
             return None
-        return model.meta.pop(STATISTICS_BEFORE_CMC)
+        stats = model.meta.pop(STATISTICS_BEFORE_CMC)
+        for lin in [lin for lin in selected if lin.input.name not in stats]:
+            self.record.skip(lin.name, "cmc took no statistics of its input (not one of the language linears it "
+                                       "leaves: see its skip_roles)")
+            selected.remove(lin)
+        return stats
 
     def run(self, model: ir.Model) -> bool:
         selected = self.selected_linears(model)
+        stats = self.handed_statistics(model, selected)
         readers: dict[str, list[Linear]] = {}
         for lin in selected:
             readers.setdefault(lin.input.name, []).append(lin)
-        stats = self.handed_statistics(model)
         if stats is None:
             stats = self.ctx.calibrate(model, list(readers), label="calibrating activations")
         rounding = self.rounding

@@ -81,7 +81,7 @@ class GptqWeightsPass(LinearQuantPass):
         selected = self.selected_linears(model)
         results: dict[int, tuple[QuantizedWeight | None, dict[str, float]]] = {}
         float_weights: dict[int, np.ndarray] = {}
-        handed = self.handed_statistics(model)
+        handed = self.handed_statistics(model, selected)
         if handed is not None:
             for lin in selected:
                 self._quantize(lin, handed.get(lin.input.name), results)

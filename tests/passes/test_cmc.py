@@ -214,5 +214,12 @@ def test_cmc_lowers_mas_linears_only_and_the_linear_quantizer_takes_the_rest(lla
     assert all("compensation" in skipped[f"{lin}.cmc_l{i}"] for lin in (layer["name"] for layer in cmc.layers) for i in (1, 2))
     assert set(_down_weights(tmp_path / "both.onnx").values()) == {"DequantizeLinear"}
 
+    lm_head_too = {"name": "all", "description": "all", "passes": [*steps, {**plain, "skip_roles": []}]}
+    (tmp_path / "all.json").write_text(json.dumps(lm_head_too))
+    report = mqc.compile(llama, tmp_path / "all.onnx", str(tmp_path / "all.json"), feeds=lambda: calib)
+    quantized = next(p for p in report.passes if p.name == "quantize_linears")
+    assert "cmc took no statistics" in {s["node"]: s["reason"] for s in quantized.skipped}["lm_head"]
+    assert len(quantized.layers) == 2
+
     with pytest.raises(mqc.errors.RecipeNotApplied, match="before_cmc"):
         mqc.compile(llama, tmp_path / "plain.onnx", str(tmp_path / "plain-only.json"), feeds=lambda: calib)
