@@ -86,6 +86,13 @@ class LinearQuantPass(MqcPass):
             raise NothingToQuantizeError("the model has no linear layer with a constant float weight to quantize")
         return selected
 
+    def ensures(self, model: ir.Model) -> None:
+        """Every linear is quantized or recorded as skipped: none is left in float without a reason."""
+        skipped = {skip["node"] for skip in self.record.skipped}
+        left = [lin.name for lin in self.ctx.model_map(model).linears if lin.name not in skipped]
+        if left:
+            raise self.broken(f"{len(left)} linears are neither quantized nor recorded as skipped, e.g. {left[0]}")
+
     def run(self, model: ir.Model) -> bool:
         selected = self.selected_linears(model)
         readers: dict[str, list[Linear]] = {}

@@ -81,7 +81,7 @@ from mqc.graph.qdq import (
 from mqc.ir import add_initializer, constant_array, ensure_opset, remove_unused_initializers
 from mqc.lowrank import lowrank_compensation, rank_for
 from mqc.model_map import Linear
-from mqc.pass_manager import MqcPass, PassRefused
+from mqc.pass_manager import MqcPass, declare_fatal
 from mqc.quantizer import QuantizedWeight, fake_quantize, qrange, quantize_weight_rtn, sqnr_db
 
 
@@ -109,10 +109,13 @@ class CmcPass(MqcPass):
     """Lowers MAS linears to Q(x S_t⁻¹)·B (+ whitened low-rank CMC for image tokens) and quantizes the rest."""
 
     name = "cmc"
+    fatal_skips = declare_fatal(
+        no_mas_linears="no MAS-smoothed linear in the graph (run the mas pass first)",
+    )
 
     def requires(self, model: ir.Model) -> None:
         if not any(MAS_LINEAR_KEY in node.metadata_props for node in model.graph):
-            raise PassRefused("no MAS-smoothed linear in the graph (run the mas pass first): nothing to compensate")
+            raise self.refuse("no_mas_linears", "no MAS-smoothed linear in the graph (run the mas pass first): nothing to compensate")
 
     def variant(self) -> str:
         p = self.params

@@ -72,6 +72,16 @@ class FoldNormsPass(MqcPass):
         self.record.changed = changed
         return changed > 0
 
+    def ensures(self, model: ir.Model) -> None:
+        """Every norm recorded as folded is affine-free now (its gamma all ones)."""
+        folded = {row["folded_norm"] for row in self.record.layers}
+        norms = {norm.name: norm for norm in self.ctx.model_map(model).norms}
+        for name in sorted(folded):
+            norm = norms.get(name)
+            gamma = constant_array(norm.scale) if norm is not None and norm.scale is not None else None
+            if gamma is None or not np.all(gamma == 1.0):
+                raise self.broken(f"norm {name} is recorded as folded but its gamma is not all ones")
+
     def _refusal(self, graph: ir.Graph, norm: Norm, linear_nodes: dict[int, Linear]) -> str | None:
         if norm.kind == "layernorm":
             return "LayerNorm: needs ln_to_rmsnorm first"
