@@ -292,8 +292,6 @@ class PassManager:
             start = time.perf_counter()
             result = self._run_pass(mqc_pass, model)
             mqc_pass.record.seconds = round(time.perf_counter() - start, 3)
-            if result.modified:
-                ctx.invalidate()
             if checking:
                 after = ctx.run_outputs(model)
                 after_names = _output_names(model)
