@@ -95,7 +95,8 @@ class RotateResidualPass(MqcPass):
         stream_not_traceable="the residual stream has a reader, writer or shape the rotation cannot prove exact "
                              "(rules 2 and 7; the node is named)",
         excluded_stream_linear="--exclude keeps a stream reader or writer in float, but every one must be rotated",
-        no_hadamard_size="the vision stream has no RMSNorm to rotate at, or no Hadamard matrix of its width",
+        no_rmsnorm="vision tower: no RMSNorm in the graph to rotate at (run ln_to_rmsnorm first)",
+        no_hadamard_size="vision tower: no Hadamard matrix of the stream width",
         head_layout_unknown="rotate_vo: the head size is unknown or does not split the V/O widths (set head_dim)",
     )
 
@@ -172,7 +173,7 @@ class RotateResidualPass(MqcPass):
     def _run_vision(self, graph: ir.Graph, model_map: ModelMap) -> bool:
         norms = [n for n in model_map.norms if n.node.op_type in PLAIN_RMSNORM]
         if not norms:
-            raise self.refuse("no_hadamard_size", "vision tower: no RMSNorm in the graph (run ln_to_rmsnorm first)")
+            raise self.refuse("no_rmsnorm", "vision tower: no RMSNorm in the graph (run ln_to_rmsnorm first)")
         width = int(constant_array(norms[0].scale).reshape(-1).shape[0]) if norms[0].scale is not None else None
         if width is None or not supported_size(width):
             raise self.refuse("no_hadamard_size", f"vision tower: no Hadamard matrix of the stream width {width}")
