@@ -74,12 +74,12 @@ class FoldNormsPass(MqcPass):
 
     def ensures(self, model: ir.Model) -> None:
         """Every norm recorded as folded is affine-free now (its gamma all ones)."""
-        folded = {row["folded_norm"] for row in self.record.layers}
-        norms = {norm.name: norm for norm in self.ctx.model_map(model).norms}
-        for name in sorted(folded):
-            norm = norms.get(name)
-            gamma = constant_array(norm.scale) if norm is not None and norm.scale is not None else None
-            if gamma is None or not np.all(gamma == 1.0):
+        unit: dict[str, bool] = {}  # per norm name (names can repeat): is one norm of that name affine-free
+        for norm in self.ctx.model_map(model).norms:
+            gamma = constant_array(norm.scale) if norm.scale is not None else None
+            unit[norm.name] = unit.get(norm.name, False) or (gamma is not None and bool(np.all(gamma == 1.0)))
+        for name in sorted({row["folded_norm"] for row in self.record.layers}):
+            if not unit.get(name, False):
                 raise self.broken(f"norm {name} is recorded as folded but its gamma is not all ones")
 
     def _refusal(self, graph: ir.Graph, norm: Norm, linear_nodes: dict[int, Linear]) -> str | None:
