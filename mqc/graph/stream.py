@@ -5,6 +5,7 @@ refusal is a :class:`StreamRefused` naming the node and why."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,9 +71,8 @@ class StreamClosure:
 
     ``constants``: (node, input index, channel axis) of constant operands; ``convs``: patch-embedding Convs;
     ``writers``: linears written into the stream (output side); ``scales``: LayerScale (Mul node, linear, λ);
-    ``norm_outputs``: norms whose output starts the stream; ``sources``: the given source values the walk reached
-    (a decoder's ``inputs_embeds`` or embedding ``Gather``, transformed by the pass itself); ``values``: every value
-    of the closure with its channel axis counted from the end (-1: the last axis).
+    ``norm_outputs``: norms whose output starts the stream; ``values``: every value of the closure with its channel
+    axis counted from the end (-1: the last axis).
     """
 
     width: int
@@ -81,7 +81,6 @@ class StreamClosure:
     writers: list[Linear] = field(default_factory=list)
     scales: list[tuple[ir.Node, Linear, np.ndarray]] = field(default_factory=list)
     norm_outputs: list[ir.Node] = field(default_factory=list)
-    sources: list[ir.Value] = field(default_factory=list)
     values: dict[int, tuple[ir.Value, int]] = field(default_factory=dict)
     expected_uses: set[tuple[int, int]] = field(default_factory=set)
 
@@ -104,7 +103,7 @@ def stream_norms(graph: ir.Graph, entry: ir.Value, norm_ops: set[str]) -> list[i
 
 
 def trace_stream(graph: ir.Graph, model_map: ModelMap, norms: list[ir.Node], width: int, *,
-                 sources: list[ir.Value] = (), allow_norm_outputs: bool = False,
+                 sources: Sequence[ir.Value] = (), allow_norm_outputs: bool = False,
                  transform: str = "transform") -> StreamClosure:
     """Walk back from the inputs of ``norms`` and collect what writes the stream (rule 2); check readers (rule 3).
 
@@ -128,8 +127,7 @@ def trace_stream(graph: ir.Graph, model_map: ModelMap, norms: list[ir.Node], wid
         closure.values[key] = (value, axis)
         if value in graph.outputs:
             raise StreamRefused(f"stream value {value.name} is a graph output: it would change")
-        if key in source_ids:
-            closure.sources.append(value)
+        if key in source_ids:  # the caller transforms it (the decoder's entry)
             return
         lin = by_output.get(key)
         if lin is not None:
