@@ -20,7 +20,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from mqc.errors import MqcError, printable
+from mqc.errors import InternalError, MqcError, printable
 
 console = Console(stderr=True, soft_wrap=True)  # one message, one line, also in logs and pipes
 
@@ -63,6 +63,12 @@ class MqcGroup(click.Group):
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit,
                 KeyboardInterrupt):
             raise
+        except InternalError as exc:  # a bug mqc found itself (a broken postcondition): its own message
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            error_line(f"internal error: {exc}; nothing was written (rerun with --debug for the traceback and "
+                       "report it)")
+            sys.exit(INTERNAL_ERROR)
         except OSError as exc:  # a path the user named cannot be used (permissions, name too long, I/O error)
             if ctx.obj and ctx.obj.get("debug"):
                 raise

@@ -33,6 +33,12 @@ class RecipeNotApplied(MqcError):
     """A pass of the recipe could not do its essential work on this model (``--allow-partial`` compiles anyway)."""
 
 
+class InternalError(Exception):
+    """mqc's own fault, never the user's input (a pass broke its postcondition): exit code 1 with the message."""
+
+    exit_code = 1
+
+
 class VerificationError(MqcError):
     """A function-preserving pass changed what the model computes (--verify)."""
 

@@ -63,6 +63,9 @@ def render(report: CompileReport, console: Console, title: str = "") -> None:
         passes.add_row(_text(record.name), _text(record.matched), _text(record.changed), _text(len(record.skipped)),
                        _text(verify), _text(f"{float(record.seconds):.2f}" if record.seconds else "-"), _text(notes))
     console.print(passes)
+    fatal = fatal_skip_table(report)
+    if fatal.row_count:
+        console.print(fatal)
     rows = report.layer_table()
     if rows:
         layers = Table(title="layers")
@@ -84,6 +87,31 @@ def render(report: CompileReport, console: Console, title: str = "") -> None:
         for name, skip in skipped:
             table.add_row(_text(name), _text(skip["node"]), _text(skip["reason"]))
         console.print(table)
+
+
+def declared_fatal_skips(pass_name: str) -> dict[str, str]:
+    """The reason codes that stop the recipe when ``pass_name`` raises them, with what each means (none for a
+    pass this mqc does not know, e.g. in a report written by another version)."""
+    from mqc.errors import RecipeError
+    from mqc.recipes import pass_class
+
+    try:
+        return dict(pass_class(pass_name).fatal_skips)
+    except RecipeError:
+        return {}
+
+
+def fatal_skip_table(report: CompileReport) -> Table:
+    """Per pass of the report, its fatal skip reasons; ``applied`` says which one stopped it (``--allow-partial``)."""
+    table = Table(title="fatal skips (stop the recipe with exit 2 unless --allow-partial)")
+    for column in ("pass", "reason code", "meaning", "this compile"):
+        table.add_column(column)
+    for record in report.passes:
+        hit = {skip.get("fatal") for skip in record.skipped}
+        for code, meaning in declared_fatal_skips(record.name).items():
+            table.add_row(_text(record.name), _text(code), _text(meaning),
+                          _text("did not apply: " + record.not_applied if code in hit else "-"))
+    return table
 
 
 def to_json(reports: dict[str, CompileReport]) -> str:

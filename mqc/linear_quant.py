@@ -142,6 +142,13 @@ class LinearQuantPass(MqcPass):
             selected.remove(lin)
         return stats
 
+    def ensures(self, model: ir.Model) -> None:
+        """Every linear is quantized or recorded as skipped: none is left in float without a reason."""
+        skipped = {skip["node"] for skip in self.record.skipped}
+        left = [lin.name for lin in self.ctx.model_map(model).linears if lin.name not in skipped]
+        if left:
+            raise self.broken(f"{len(left)} linears are neither quantized nor recorded as skipped, e.g. {left[0]}")
+
     def run(self, model: ir.Model) -> bool:
         selected = self.selected_linears(model)
         stats = self.handed_statistics(model, selected)

@@ -10,19 +10,24 @@ but leaves the KV cache in its permuted token order) overrides :meth:`MqcPass.ve
 to compare; the manager then compares only those and records the excluded ones with ``verify_exclusion_reason``
 in ``record.verify``. Later passes are verified against this pass's outputs, all of them.
 
-Preconditions, as in ``onnx_ir``'s passes: a pass checks in :meth:`MqcPass.requires` what the model must offer
-(folded norms, a ``modality_ids`` input, MAS's graph form) and raises :class:`PassRefused`; a whole-model refusal
-found while running (a residual stream that cannot be traced) raises it too, before anything is changed. That is
-fatal for the recipe: the manager raises :class:`~mqc.errors.RecipeNotApplied` (exit 2, nothing written) unless
-the compile allows a partial result, in which case the pass's record says what did not apply and the recipe goes
-on. Per-node refusals stay recorded skips.
+Contracts, as in ``onnx_ir``'s passes. Preconditions: a pass checks in :meth:`MqcPass.requires` what the model must
+offer (folded norms, a ``modality_ids`` input, MAS's graph form); a whole-model refusal found while running (a
+residual stream that cannot be traced) is raised too, before anything is changed. Each pass declares in
+``fatal_skips`` the reason codes of those refusals, with what each means (``mqc explain`` lists them), and raises
+one as ``raise self.refuse(code, why, node)``. That is fatal for the recipe: the manager raises
+:class:`~mqc.errors.RecipeNotApplied` (exit 2, nothing written) unless the compile allows a partial result, in which
+case the pass's record says what did not apply and the recipe goes on. Per-node refusals stay recorded skips.
+Postconditions: :meth:`MqcPass.ensures` checks what the pass promises (no LayerNorm left, folded gammas all ones,
+every linear quantized or skipped); a failure is a compiler bug, :class:`PostconditionBroken` (exit 1, nothing
+written).
 """
 
 from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import numpy as np
@@ -31,7 +36,7 @@ from onnxscript.rewriter import pattern
 from onnxscript.rewriter._basics import MatchingTracer, MatchStatus
 
 from mqc.calibration import TEXT, Calibrator, TapStats, TensorStats
-from mqc.errors import RecipeNotApplied, VerificationError
+from mqc.errors import InternalError, RecipeNotApplied, VerificationError
 from mqc.model_map import ModelMap, build_model_map
 from mqc.params import PASS_PARAMS, PassParams, parse_params
 from mqc.report import PassRecord
@@ -41,7 +46,21 @@ DEFAULT_VERIFY_RTOL = 1e-4
 
 
 class PassRefused(ir.passes.PreconditionError):
-    """The model lacks what the pass needs to do its essential work; the message says what (module docstring)."""
+    """The model lacks what the pass needs to do its essential work: ``code`` (one of the pass's ``fatal_skips``),
+    the ``node`` it is about (``model`` for the whole graph) and ``why`` (module docstring)."""
+
+    def __init__(self, code: str, why: str, node: str = "model") -> None:
+        super().__init__(why)
+        self.code, self.why, self.node = code, why, node
+
+
+def declare_fatal(**meanings: str) -> Mapping[str, str]:
+    """A pass's ``fatal_skips`` declaration: reason code -> what it means, read-only."""
+    return MappingProxyType(meanings)
+
+
+class PostconditionBroken(InternalError, ir.passes.PostconditionError):
+    """A pass left the model in a state its ``ensures`` rules out: a bug in mqc, never the user's input."""
 
 
 class CompileContext:
@@ -149,6 +168,8 @@ class MqcPass(ir.passes.InPlacePass):
     function_preserving: ClassVar[bool] = False
     #: Why the outputs left out by :meth:`verify_outputs` may differ (recorded under ``--verify``).
     verify_exclusion_reason: ClassVar[str] = ""
+    #: Reason code -> what it means, for each refusal that stops the recipe (module docstring; ``mqc explain``).
+    fatal_skips: ClassVar[Mapping[str, str]] = MappingProxyType({})
 
     def __init__(self, params: PassParams | None = None, **raw: Any) -> None:
         """``params`` as parsed by the recipe, or the keyword parameters (checked the same way)."""
@@ -168,10 +189,25 @@ class MqcPass(ir.passes.InPlacePass):
         self.record = self.new_record()  # a pass is stateless between runs: each run records afresh
         modified = self.run(model)
         self.record.variant = self.record.variant or self.variant()  # run may record the variant it fell back to
+        if modified and self.context is not None:
+            self.context.invalidate()  # ensures (and the next pass) map the rewritten model
         return ir.passes.PassResult(model, modified=bool(modified))
 
     def requires(self, model: ir.Model) -> None:
-        """Raise :class:`PassRefused` when ``model`` lacks what this pass needs (none by default)."""
+        """Raise :meth:`refuse` when ``model`` lacks what this pass needs (none by default)."""
+
+    def ensures(self, model: ir.Model) -> None:
+        """Raise :meth:`broken` when the pass left ``model`` in a state it promises to rule out (none by default)."""
+
+    def refuse(self, code: str, why: str, node: str = "model") -> PassRefused:
+        """The refusal to raise when the pass cannot do its essential work; ``code`` must be in ``fatal_skips``."""
+        if code not in self.fatal_skips:
+            raise KeyError(f"pass {self.name} refuses with {code!r}, which it does not declare in fatal_skips")
+        return PassRefused(code, why, node)
+
+    def broken(self, why: str) -> PostconditionBroken:
+        """The error to raise from :meth:`ensures`."""
+        return PostconditionBroken(f"pass {self.name} broke its postcondition: {why}")
 
     def variant(self) -> str:
         """Which variant ran where the paper and its released code differ ("" where they agree); ``mqc explain``."""
@@ -207,6 +243,15 @@ class RewriteRulesPass(MqcPass):
 
     def rules(self) -> pattern.RewriteRuleSet:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def ensures(self, model: ir.Model) -> None:
+        """No match of the pass's rules is left that passes its check: the pass rewrote everything it claims to."""
+        tracer = MatchingTracer()
+        self.rules().apply_to_model(model, tracer=tracer)  # with a tracer nothing is rewritten
+        left = [match.root_node.name or match.root_node.op_type for matches in tracer.best_matches_map.values()
+                for match in matches if match.status == MatchStatus.SUCCESS]
+        if left:
+            raise self.broken(f"its rules still match {len(left)} nodes it should have rewritten, e.g. {left[0]}")
 
     def run(self, model: ir.Model) -> bool:
         rules = self.rules()
@@ -247,8 +292,6 @@ class PassManager:
             start = time.perf_counter()
             result = self._run_pass(mqc_pass, model)
             mqc_pass.record.seconds = round(time.perf_counter() - start, 3)
-            if result.modified:
-                ctx.invalidate()
             if checking:
                 after = ctx.run_outputs(model)
                 after_names = _output_names(model)
@@ -278,15 +321,21 @@ class PassManager:
         mqc_pass.record = mqc_pass.new_record()
         try:
             return mqc_pass(model)
-        except ir.passes.PreconditionError as exc:
-            reason = str(exc) if isinstance(exc, PassRefused) else f"{exc}: {exc.__cause__}"
-            if not self.context.allow_partial:
-                raise RecipeNotApplied(
-                    f"pass {mqc_pass.name} cannot do its work on this model: {reason}. Nothing was written; "
-                    "--allow-partial compiles the rest of the recipe anyway") from exc
-            mqc_pass.record.not_applied = reason
-            mqc_pass.record.skip("model", reason)
-            return ir.passes.PassResult(model, modified=False)
+        except PassRefused as exc:
+            reason, code, node = exc.why, exc.code, exc.node
+        except ir.passes.PostconditionError as exc:
+            if isinstance(exc, PostconditionBroken):
+                raise
+            raise PostconditionBroken(f"pass {mqc_pass.name} broke its postcondition: {exc.__cause__}") from exc
+        except ir.passes.PreconditionError as exc:  # requires() failed with another exception: onnx_ir wraps it
+            reason, code, node = f"{exc}: {exc.__cause__}", "precondition", "model"
+        if not self.context.allow_partial:
+            raise RecipeNotApplied(
+                f"pass {mqc_pass.name} cannot do its work on this model: {reason} ({code}). Nothing was written; "
+                "--allow-partial compiles the rest of the recipe anyway")
+        mqc_pass.record.not_applied = reason
+        mqc_pass.record.skipped.append({"node": node, "reason": reason, "fatal": code})
+        return ir.passes.PassResult(model, modified=False)
 
 
 def _output_names(model: ir.Model) -> list[str]:

@@ -105,6 +105,24 @@ class AifsPass(MqcPass):
             "including the is_image mask of mqc/graph/msq.py, now reads it")
         return True
 
+    def ensures(self, model: ir.Model) -> None:
+        """Once applied, only the permutation reads the token inputs (rule 4) and ``logits`` is un-permuted (rule 5)."""
+        if not self.record.changed:
+            return
+        graph = model.graph
+        for value in graph.inputs:
+            if value.name not in ("inputs_embeds", "position_ids", MODALITY_INPUT):
+                continue
+            stray = [use.node for use in value.uses() if use.node.graph is graph
+                     and not (use.node.name or "").startswith(f"{PREFIX}/")]
+            if stray:
+                raise self.broken(f"graph input {value.name} is still read unpermuted by {stray[0].op_type} "
+                                  f"{stray[0].name}")
+        logits = next((v for v in graph.outputs if v.name == self.params.logits), None)
+        producer = logits.producer() if logits is not None else None
+        if producer is None or producer.name != f"{PREFIX}/unpermute_logits":
+            raise self.broken(f"graph output {self.params.logits!r} is not the un-permuted logits")
+
     # --- analysis -------------------------------------------------------------------------------------------
 
     def _inputs(self, graph: ir.Graph) -> dict[str, ir.Value]:

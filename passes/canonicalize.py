@@ -53,6 +53,11 @@ class UpgradeOpsetPass(MqcPass):
         self.record.notes.append(f"opset {current} -> {self.params.target}")
         return True
 
+    def ensures(self, model: ir.Model) -> None:
+        """The default-domain opset is at least the target."""
+        if default_opset(model) < self.params.target:
+            raise self.broken(f"opset {default_opset(model)} is below the target {self.params.target}")
+
 
 class FuseNormsPass(RewriteRulesPass):
     """Fuse decomposed LayerNorm / RMSNorm subgraphs into single normalization nodes."""

@@ -75,7 +75,7 @@ from mqc.graph.qdq import insert_weight_dequant
 from mqc.ir import add_initializer, constant_array, ensure_opset, remove_unused_initializers
 from mqc.lowrank import lowrank_compensation, rank_for
 from mqc.model_map import Linear
-from mqc.pass_manager import MqcPass, PassRefused
+from mqc.pass_manager import MqcPass, declare_fatal
 from mqc.quant_strategy import ActivationQuantizer, ActScale, WeightRounding
 from mqc.quantizer import QuantizedWeight, sqnr_db
 
@@ -105,10 +105,13 @@ class CmcPass(MqcPass):
     quantizer's, to which it hands the statistics of its one calibration run."""
 
     name = "cmc"
+    fatal_skips = declare_fatal(
+        no_mas_linears="no MAS-smoothed linear in the graph (run the mas pass first)",
+    )
 
     def requires(self, model: ir.Model) -> None:
         if not any(MAS_LINEAR_KEY in node.metadata_props for node in model.graph):
-            raise PassRefused("no MAS-smoothed linear in the graph (run the mas pass first): nothing to compensate")
+            raise self.refuse("no_mas_linears", "no MAS-smoothed linear in the graph (run the mas pass first): nothing to compensate")
 
     def variant(self) -> str:
         p = self.params

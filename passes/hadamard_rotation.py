@@ -9,11 +9,13 @@ Rules, in the order the pass applies them:
 1. Precondition: every RMSNorm of the model is affine-free (γ all ones, or no scale) and there is no
    LayerNorm. Otherwise the whole pass is refused with the reason (run ``norm_folding`` / ``ln_to_rmsnorm``).
    A refusal of the whole pass (here or in rules 2, 6, 7) is fatal for the recipe unless ``--allow-partial``.
-2. The residual stream is traced from the graph input ``entry`` (``inputs_embeds``): its values may only be read
-   by ``Shape``, by residual ``Add`` nodes whose other operand is also on the stream or is the output of a
-   writer linear (o/down/fc2), and by RMSNorms whose output is read only by linears (the *readers*: q/k/v,
-   gate/up, lm_head). Any other consumer, a stream value that is a graph output, or a writer whose output
-   leaves the stream refuses the whole pass with the reason: nothing is changed then.
+2. The residual stream is traced by the tracer ``ln_to_rmsnorm`` uses too (``mqc.graph.stream``): the RMSNorms
+   it reaches from the graph input ``entry`` (``inputs_embeds``) through residual ``Add`` nodes, their outputs
+   read only by linears (the *readers*: q/k/v, gate/up, lm_head; directly or through token-only ops), and, walking
+   back from those norms to ``entry``, what writes the stream (the *writers*: o/down/fc2, constants, LayerScales).
+   A stream value may only be read by ``Shape``, by the residual ``Add`` nodes and by those norms. Any other
+   consumer, a stream value that is a graph output, or a writer whose output leaves the stream refuses the whole
+   pass with the reason (node and why): nothing is changed then.
 3. Entry: where the stream starts at an embedding ``Gather`` (a decoder exported with ``input_ids`` only; see
    ``model_map.stream_entry``), the table absorbs R1 (E ← E·R1, copied first when an lm_head shares it). Else one
    ``MatMul(inputs_embeds, R1)`` is inserted at the graph input. When a whole model folder is
@@ -54,23 +56,27 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from mqc.graph.stream import StreamRefused, apply_transform, norm_output_readers, trace_stream
+from mqc.graph.stream import (
+    StreamClosure,
+    StreamRefused,
+    apply_transform,
+    norm_output_readers,
+    norm_readers,
+    stream_norms,
+    trace_stream,
+)
 from mqc.graph.weights import live_uses, own_bias, own_weight, set_bias, set_weight
 from mqc.graph_forms import absorb_into_embedding
 from mqc.hadamard import hadamard_matrix, padded_size, random_hadamard, supported_size
 from mqc.ir import add_initializer, constant_array, remove_unused_initializers
-from mqc.model_map import WRITER_ROLES, Linear, ModelMap, infer_head_layout, stream_entry
-from mqc.pass_manager import MqcPass, PassRefused
+from mqc.model_map import Linear, ModelMap, infer_head_layout, stream_entry
+from mqc.pass_manager import MqcPass, declare_fatal
 
 PLAIN_RMSNORM = {"RMSNormalization", "SimplifiedLayerNormalization"}
 
 
 def _is_value_cache(name: str) -> bool:
     return name.startswith("present") and name.endswith("value")
-
-
-class RotationRefused(PassRefused):
-    """The graph does not have the structure the rotation needs; the message is the recorded reason."""
 
 
 class RotateResidualPass(MqcPass):
@@ -81,6 +87,17 @@ class RotateResidualPass(MqcPass):
     verify_exclusion_reason = (
         "rotate_vo stores V·H_hd per head in present.*.value: decode steps read back the cache this graph wrote, "
         "so logits and keys are compared and the value cache is not"
+    )
+    fatal_skips = declare_fatal(
+        norms_not_affine_free="a LayerNorm is left, or an RMSNorm's gamma is not folded (rule 1: run ln_to_rmsnorm "
+                              "/ norm_folding first, or see why norm_folding skipped it)",
+        no_stream_entry="the residual stream's entry (the graph input `entry` or an embedding Gather) is missing",
+        stream_not_traceable="the residual stream has a reader, writer or shape the rotation cannot prove exact "
+                             "(rules 2 and 7; the node is named)",
+        excluded_stream_linear="--exclude keeps a stream reader or writer in float, but every one must be rotated",
+        no_rmsnorm="vision tower: no RMSNorm in the graph to rotate at (run ln_to_rmsnorm first)",
+        no_hadamard_size="vision tower: no Hadamard matrix of the stream width",
+        head_layout_unknown="rotate_vo: the head size is unknown or does not split the V/O widths (set head_dim)",
     )
 
     def variant(self) -> str:
@@ -99,7 +116,7 @@ class RotateResidualPass(MqcPass):
         has_entry = stream_entry(graph, self.params.entry) is not None
         if self.params.tower == "vision" or (self.params.tower == "auto" and not has_entry):
             return self._run_vision(graph, model_map)
-        entry, readers, writers = self._trace(graph, model_map)
+        entry, readers, closure = self._trace(graph, model_map)
         heads = self._head_layout(graph, model_map) if self.params.rotate_vo else None
         hidden = readers[0].in_features
         r1 = random_hadamard(hidden, self.params.seed)
@@ -115,13 +132,14 @@ class RotateResidualPass(MqcPass):
             own_weight(graph, lin)
             set_weight(lin, r1.T @ lin.weight_array().astype(np.float64))
             row(lin)["r1"] = "input"
+        writers = closure.writers
         for lin in writers:
-            own_weight(graph, lin)
-            set_weight(lin, lin.weight_array().astype(np.float64) @ r1)
-            if lin.bias is not None:
-                own_bias(graph, lin)
-                set_bias(lin, constant_array(lin.bias).astype(np.float64) @ r1)
-            row(lin)["r1"] = "output"
+            row(lin)
+        apply_transform(graph, closure, r1, "r1", rows)  # W <- W·R1, b <- b·R1 (and constants, LayerScales)
+        for lin in writers:
+            rows[lin.name]["r1"] = "output"
+        for entry_row in rows.values():
+            entry_row.pop("kind", None)
         changed = len(readers) + len(writers)
         if self.params.online_down:
             for lin in model_map.linears:
@@ -155,20 +173,20 @@ class RotateResidualPass(MqcPass):
     def _run_vision(self, graph: ir.Graph, model_map: ModelMap) -> bool:
         norms = [n for n in model_map.norms if n.node.op_type in PLAIN_RMSNORM]
         if not norms:
-            raise RotationRefused("vision tower: no RMSNorm in the graph (run ln_to_rmsnorm first)")
+            raise self.refuse("no_rmsnorm", "vision tower: no RMSNorm in the graph (run ln_to_rmsnorm first)")
         width = int(constant_array(norms[0].scale).reshape(-1).shape[0]) if norms[0].scale is not None else None
         if width is None or not supported_size(width):
-            raise RotationRefused(f"vision tower: no Hadamard matrix of the stream width {width}")
+            raise self.refuse("no_hadamard_size", f"vision tower: no Hadamard matrix of the stream width {width}")
         try:
-            closure = trace_stream(graph, model_map, [n.node.inputs[0] for n in norms], width,
-                                   PLAIN_RMSNORM, allow_norm_outputs=False)
+            closure = trace_stream(graph, model_map, [n.node for n in norms], width, transform="rotation")
         except StreamRefused as exc:
-            raise RotationRefused(f"vision tower: {exc}") from None
+            raise self.refuse("stream_not_traceable", f"vision tower: {exc}") from None
         linear_nodes = {id(lin.node): lin for lin in model_map.linears}
         readers = {id(n.node): norm_output_readers(graph, n.node, linear_nodes) for n in norms}
         for lin in [*closure.writers, *(r for rs in readers.values() if rs for r in rs)]:
             if self.ctx.excluded(lin.name):
-                raise RotationRefused(f"{lin.name} matches --exclude, but every stream reader/writer must be rotated")
+                raise self.refuse("excluded_stream_linear", f"{lin.name} matches --exclude, but every stream "
+                                  "reader/writer must be rotated", lin.name)
         r_v = random_hadamard(width, self.params.seed)
         rows: dict[str, dict[str, Any]] = {}
         apply_transform(graph, closure, r_v, "r_v", rows)
@@ -227,6 +245,29 @@ class RotateResidualPass(MqcPass):
             graph.outputs[graph.outputs.index(out)] = matmul.outputs[0]
             matmul.outputs[0].name, out.name = out.name, f"{out.name}_rotated"
 
+    # --- postcondition --------------------------------------------------------------------------------------
+
+    def ensures(self, model: ir.Model) -> None:
+        """Every linear recorded as rotated is still a linear reading its own constant (rotated) weight, and every
+        recorded online Hadamard is the MatMul that feeds its linear, of the recorded size."""
+        linears = {lin.name: lin for lin in self.ctx.model_map(model).linears}
+        for row in self.record.layers:
+            rotated = row.get("r1") in ("input", "output") or row.get("r_v") in ("input side", "output side",
+                                                                                  "both sides")
+            if not rotated and "online_hadamard" not in row:
+                continue
+            lin = linears.get(row["name"])
+            if lin is None:
+                raise self.broken(f"{row['name']} is recorded as rotated but no linear of that name reads a constant "
+                                  "weight")
+            size = row.get("online_hadamard")
+            if size is None:
+                continue
+            producer = lin.input.producer()
+            if producer is None or producer.name != f"{lin.name}/online_hadamard" or lin.in_features != size:
+                raise self.broken(f"{lin.name} is recorded with an online Hadamard of size {size}, but its input is "
+                                  f"not that MatMul (in_features {lin.in_features})")
+
     # --- analysis -------------------------------------------------------------------------------------------
 
     def requires(self, model: ir.Model) -> None:
@@ -236,78 +277,42 @@ class RotateResidualPass(MqcPass):
     def _check_norms(self, model_map: ModelMap) -> None:
         for norm in model_map.norms:
             if norm.kind == "layernorm":
-                raise RotationRefused(f"{norm.name} is a LayerNorm: run ln_to_rmsnorm first")
+                raise self.refuse("norms_not_affine_free", f"{norm.name} is a LayerNorm: run ln_to_rmsnorm first", norm.name)
             if norm.scale is None:
                 continue
             gamma = constant_array(norm.scale)
             if gamma is None or not np.all(gamma == 1.0):
-                raise RotationRefused(f"{norm.name} has a non-folded gamma: run norm_folding first")
+                raise self.refuse("norms_not_affine_free", f"{norm.name} has a non-folded gamma: run norm_folding first",
+                                  norm.name)
 
-    def _trace(self, graph: ir.Graph, model_map: ModelMap) -> tuple[ir.Value, list[Linear], list[Linear]]:
+    def _trace(self, graph: ir.Graph, model_map: ModelMap) -> tuple[ir.Value, list[Linear], StreamClosure]:
+        """Rule 2 with the shared tracer: the norms the stream from ``entry`` reaches, their reader linears, and
+        what writes the stream back to ``entry`` (``mqc.graph.stream.trace_stream``)."""
         entry = stream_entry(graph, self.params.entry)
         if entry is None:
-            raise RotationRefused(f"graph input {self.params.entry!r} (the residual stream's entry) not found")
+            raise self.refuse("no_stream_entry", f"graph input {self.params.entry!r} (the residual stream's entry) "
+                              "not found")
         linear_nodes = {id(lin.node): lin for lin in model_map.linears}
-        writer_out = {id(lin.output): lin for lin in model_map.linears if lin.role in WRITER_ROLES}
-        stream: dict[int, ir.Value] = {id(entry): entry}
-        frontier = [entry]
+        norms = stream_norms(graph, entry, PLAIN_RMSNORM)
         readers: dict[int, Linear] = {}
-        adds: dict[int, ir.Node] = {}
-        while frontier:
-            value = frontier.pop()
-            if value in graph.outputs:
-                raise RotationRefused(f"residual stream value {value.name} is a graph output")
-            for use in live_uses(value, graph):
-                node = use.node
-                if node.op_type == "Shape":
-                    continue
-                if node.op_type == "Add" and node.domain in ("", "ai.onnx"):
-                    adds[id(node)] = node
-                    nxt = node.outputs[0]
-                elif node.op_type in PLAIN_RMSNORM and use.idx == 0:
-                    out = node.outputs[0]
-                    if out in graph.outputs or not live_uses(out, graph):
-                        raise RotationRefused(f"norm {node.name} output is a graph output or unused")
-                    for norm_use in live_uses(out, graph):
-                        lin = linear_nodes.get(id(norm_use.node))
-                        if lin is None or norm_use.idx != 0:
-                            raise RotationRefused(
-                                f"norm {node.name} output is read by {norm_use.node.op_type} {norm_use.node.name}, "
-                                "not a linear"
-                            )
-                        readers[id(lin.node)] = lin
-                    continue
-                else:
-                    raise RotationRefused(
-                        f"residual stream value {value.name} is read by {node.op_type} {node.name}, which does not "
-                        "commute with the rotation"
-                    )
-                if id(nxt) not in stream:
-                    stream[id(nxt)] = nxt
-                    frontier.append(nxt)
-        writers: dict[int, Linear] = {}
-        for add in adds.values():
-            for operand in add.inputs:
-                if operand is None:
-                    raise RotationRefused(f"Add {add.name} has a missing operand")
-                if id(operand) in writer_out:
-                    writers[id(operand)] = writer_out[id(operand)]
-                elif id(operand) not in stream:
-                    raise RotationRefused(f"Add {add.name} adds {operand.name}, which is neither stream nor a writer output")
-        for lin in writers.values():
-            for use in live_uses(lin.output, graph):
-                if id(use.node) not in adds:
-                    raise RotationRefused(f"writer {lin.name} output is also read by {use.node.op_type} {use.node.name}")
-        if not readers:
-            raise RotationRefused("no linear reads the residual stream through an RMSNorm")
-        for lin in [*readers.values(), *writers.values()]:
+        try:
+            for norm in norms:
+                readers.update((id(lin.node), lin) for lin in norm_readers(graph, norm, linear_nodes))
+            if not readers:
+                raise StreamRefused("no linear reads the residual stream through an RMSNorm")
+            closure = trace_stream(graph, model_map, norms, next(iter(readers.values())).in_features,
+                                   sources=[entry], transform="rotation")
+        except StreamRefused as exc:
+            raise self.refuse("stream_not_traceable", str(exc)) from None
+        for lin in [*readers.values(), *closure.writers]:
             if self.ctx.excluded(lin.name):
-                raise RotationRefused(f"{lin.name} matches --exclude, but every stream reader/writer must be rotated")
-        return entry, list(readers.values()), list(writers.values())
+                raise self.refuse("excluded_stream_linear", f"{lin.name} matches --exclude, but every stream "
+                                  "reader/writer must be rotated", lin.name)
+        return entry, list(readers.values()), closure
 
     def _head_layout(self, graph: ir.Graph, model_map: ModelMap) -> tuple[int, int]:
         if model_map.by_role("qkv"):
-            raise RotationRefused("rotate_vo: fused qkv linears are not supported")
+            raise self.refuse("head_layout_unknown", "rotate_vo: fused qkv linears are not supported")
         head_dim, kv_heads = self.params.head_dim, self.params.num_kv_heads
         cache = next((v for v in graph.inputs if v.name and v.name.startswith("past_key_values") and v.name.endswith("value")), None)
         if cache is not None and cache.shape is not None and len(cache.shape) == 4:
@@ -323,14 +328,16 @@ class RotateResidualPass(MqcPass):
         if head_dim is None and kv_heads is not None and v_lins:
             head_dim = v_lins[0].out_features // kv_heads
         if head_dim is None:
-            raise RotationRefused("rotate_vo: head_dim unknown (no past_key_values.*.value input, no attention op, no "
+            raise self.refuse("head_layout_unknown", "rotate_vo: head_dim unknown (no past_key_values.*.value input, no "
+                              "attention op, no "
                                   "constant head split after v_proj); set head_dim")
         if not supported_size(head_dim):
-            raise RotationRefused(f"rotate_vo: no Hadamard matrix of head_dim {head_dim}")
+            raise self.refuse("head_layout_unknown", f"rotate_vo: no Hadamard matrix of head_dim {head_dim}")
         for lin in [*v_lins, *model_map.by_role("o")]:
             width = lin.out_features if lin.role == "v" else lin.in_features
             if width % head_dim:
-                raise RotationRefused(f"rotate_vo: {lin.name} width {width} is not a multiple of head_dim {head_dim}")
+                raise self.refuse("head_layout_unknown", f"rotate_vo: {lin.name} width {width} is not a multiple of "
+                                  f"head_dim {head_dim}", lin.name)
         return head_dim, kv_heads or 0
 
     # --- rewriting ------------------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ from mqc.graph.stream import (
 from mqc.graph.weights import live_uses, own_bias, own_weight, set_bias, set_weight
 from mqc.ir import TARGET_OPSET, add_initializer, constant_array, default_opset, remove_unused_initializers
 from mqc.model_map import Linear, ModelMap
-from mqc.pass_manager import MqcPass, PassRefused
+from mqc.pass_manager import MqcPass, declare_fatal
 
 
 class LayerNormToRMSNormPass(MqcPass):
@@ -65,6 +65,11 @@ class LayerNormToRMSNormPass(MqcPass):
 
     name = "ln_to_rmsnorm"
     function_preserving = True
+    fatal_skips = declare_fatal(
+        no_layernorm="the graph has no LayerNormalization to convert",
+        stream_not_centrable="a LayerNorm or the residual stream has a form the centring cannot prove "
+                             "exact (rules 1-3: post-LN, a reader of the raw stream; the node is named)",
+    )
 
     def run(self, model: ir.Model) -> bool:
         graph = model.graph
@@ -73,19 +78,18 @@ class LayerNormToRMSNormPass(MqcPass):
         others = [n for n in model_map.norms if n.kind == "layernorm" and n.node not in norms]
         self.record.matched = len(norms)
         if not norms:
-            raise PassRefused("no LayerNormalization in the graph: nothing to convert")
+            raise self.refuse("no_layernorm", "no LayerNormalization in the graph: nothing to convert")
         try:
             if others:
                 raise StreamRefused(f"{others[0].name} is a {others[0].node.op_type}, not a plain LayerNormalization")
             width = self._check_norms(graph, model_map, norms)
-            closure = trace_stream(graph, model_map, [n.inputs[0] for n in norms], width,
-                                   {"LayerNormalization"}, allow_norm_outputs=True)
+            closure = trace_stream(graph, model_map, norms, width, allow_norm_outputs=True, transform="centring")
             linear_nodes = {id(lin.node): lin for lin in model_map.linears}
             for lin in closure.writers:
                 if self.ctx.excluded(lin.name):
                     raise StreamRefused(f"writer {lin.name} matches --exclude, but every stream writer must be centred")
         except StreamRefused as exc:
-            raise PassRefused(str(exc)) from None
+            raise self.refuse("stream_not_centrable", str(exc)) from None
         if default_opset(model) < TARGET_OPSET:
             upgrade_opset(model)
             self.record.notes.append(f"opset raised to {TARGET_OPSET} for RMSNormalization")
@@ -106,6 +110,12 @@ class LayerNormToRMSNormPass(MqcPass):
             f"{len(closure.constants)} constants, {len(closure.scales)} LayerScales folded"
         )
         return True
+
+    def ensures(self, model: ir.Model) -> None:
+        """No LayerNormalization is left: the pass converts all of them or refuses before changing anything."""
+        left = [node.name for node in model.graph if node.op_type == "LayerNormalization" and is_default_domain(node)]
+        if left:
+            raise self.broken(f"{len(left)} LayerNormalization nodes are left, e.g. {left[0]}")
 
     def _check_norms(self, graph: ir.Graph, model_map: ModelMap, norms: list[ir.Node]) -> int:
         writer_outputs = {id(lin.output) for lin in model_map.linears}

@@ -630,6 +630,20 @@ class LowerRuntimeOpsPass(MqcPass):
         return count > 0
 
 
+    def ensures(self, model: ir.Model) -> None:
+        """No QDQ linear (``MatMul(·, DequantizeLinear(W))``) is left that is not recorded as refused."""
+        refused = {skip["node"] for skip in self.record.skipped}
+        for node in model.graph:
+            weight = node.inputs[1] if node.op_type == "MatMul" and len(node.inputs) > 1 else None
+            producer = weight.producer() if weight is not None else None
+            if producer is None or producer.op_type != "DequantizeLinear":
+                continue
+            key = node.name or f"MatMul->{node.outputs[0].name}"
+            if key not in refused:
+                raise self.broken(f"QDQ linear {key} is neither lowered to {MQC_DOMAIN}::QuantLinear nor recorded as "
+                                  "refused")
+
+
 def lower_to_runtime_ops(model: ir.Model, fuse_norms: bool = False):
     """Run :class:`LowerRuntimeOpsPass` on ``model`` in place; return its :class:`~mqc.report.PassRecord`."""
     lowering = LowerRuntimeOpsPass(fuse_norms=fuse_norms)

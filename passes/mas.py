@@ -89,7 +89,7 @@ from mqc.mas_learning import (
     replay_drift,
 )
 from mqc.model_map import Linear
-from mqc.pass_manager import MqcPass, PassRefused
+from mqc.pass_manager import MqcPass, declare_fatal
 from mqc.quantizer import qrange
 from mqc.smoothing import mas_init_scales, smoothquant_scales, sqnr_under_smoothing, theorem1_sqnr_loss_db
 
@@ -200,10 +200,14 @@ class MasPass(MqcPass):
 
     name = "mas"
     function_preserving = True
+    fatal_skips = declare_fatal(
+        no_modality_ids="the graph has no modality_ids input: nothing to smooth per modality",
+        nothing_to_smooth="every linear is refused (the first refusal is named)",
+    )
 
     def requires(self, model: ir.Model) -> None:
         if modality_input(model.graph) is None:
-            raise PassRefused("the graph has no modality_ids input (one modality): nothing to smooth per modality")
+            raise self.refuse("no_modality_ids", "the graph has no modality_ids input (one modality): nothing to smooth per modality")
 
     def variant(self) -> str:
         return self._describe(self.params.learning)
@@ -262,7 +266,7 @@ class MasPass(MqcPass):
         groups = self._groups(model)
         if not groups:
             first = self.record.skipped[0] if self.record.skipped else {"node": "model", "reason": "no linear"}
-            raise PassRefused(f"no linear can be smoothed (e.g. {first['node']}: {first['reason']})")
+            raise self.refuse("nothing_to_smooth", f"no linear can be smoothed (e.g. {first['node']}: {first['reason']})")
         p = self.params
         plain = self._plain_linears(model, groups)
         stats = self.ctx.calibrate(model, [*groups, *(lin.input.name for lin in plain)], label="calibrating MAS",

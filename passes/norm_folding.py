@@ -72,6 +72,16 @@ class FoldNormsPass(MqcPass):
         self.record.changed = changed
         return changed > 0
 
+    def ensures(self, model: ir.Model) -> None:
+        """Every norm recorded as folded is affine-free now (its gamma all ones)."""
+        unit: dict[str, bool] = {}  # per norm name (names can repeat): is one norm of that name affine-free
+        for norm in self.ctx.model_map(model).norms:
+            gamma = constant_array(norm.scale) if norm.scale is not None else None
+            unit[norm.name] = unit.get(norm.name, False) or (gamma is not None and bool(np.all(gamma == 1.0)))
+        for name in sorted({row["folded_norm"] for row in self.record.layers}):
+            if not unit.get(name, False):
+                raise self.broken(f"norm {name} is recorded as folded but its gamma is not all ones")
+
     def _refusal(self, graph: ir.Graph, norm: Norm, linear_nodes: dict[int, Linear]) -> str | None:
         if norm.kind == "layernorm":
             return "LayerNorm: needs ln_to_rmsnorm first"

@@ -1,9 +1,11 @@
-"""Residual-stream tracing (spec/algorithms.md §2.5-2.6): what writes the stream, back to the tensors that can
-absorb a right-multiplication of its channels, and which linears read a norm's output (``ln_to_rmsnorm`` and the
-vision path of ``hadamard_rotation``)."""
+"""Residual-stream tracing (spec/algorithms.md §2.5-2.6), the one tracer of ``ln_to_rmsnorm`` and
+``hadamard_rotation`` (decoder and vision tower): which norms read the stream, which linears read a norm's output,
+and what writes the stream, back to the tensors that can absorb a right-multiplication of its channels. Every
+refusal is a :class:`StreamRefused` naming the node and why."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,7 +71,8 @@ class StreamClosure:
 
     ``constants``: (node, input index, channel axis) of constant operands; ``convs``: patch-embedding Convs;
     ``writers``: linears written into the stream (output side); ``scales``: LayerScale (Mul node, linear, λ);
-    ``norm_outputs``: LayerNorm nodes whose output starts the stream; ``values``: every value of the closure.
+    ``norm_outputs``: norms whose output starts the stream; ``values``: every value of the closure with its channel
+    axis counted from the end (-1: the last axis).
     """
 
     width: int
@@ -82,11 +85,37 @@ class StreamClosure:
     expected_uses: set[tuple[int, int]] = field(default_factory=set)
 
 
-def trace_stream(graph: ir.Graph, model_map: ModelMap, starts: list[ir.Value], width: int,
-                 norm_ops: set[str], allow_norm_outputs: bool) -> StreamClosure:
-    """Walk back from ``starts`` (norm inputs) and collect what writes the stream (rule 2); check readers (rule 3)."""
+def stream_norms(graph: ir.Graph, entry: ir.Value, norm_ops: set[str]) -> list[ir.Node]:
+    """The norms that read the residual stream starting at ``entry``: reached from it through residual ``Add``s.
+
+    Only finds where the stream is read; :func:`trace_stream` from these norms proves (or refuses) the rest.
+    """
+    seen, frontier, norms = {id(entry)}, [entry], {}
+    while frontier:
+        for use in live_uses(frontier.pop(), graph):
+            node = use.node
+            if node.op_type == "Add" and is_default_domain(node) and id(node.outputs[0]) not in seen:
+                seen.add(id(node.outputs[0]))
+                frontier.append(node.outputs[0])
+            elif node.op_type in norm_ops and use.idx == 0:
+                norms[id(node)] = node
+    return list(norms.values())
+
+
+def trace_stream(graph: ir.Graph, model_map: ModelMap, norms: list[ir.Node], width: int, *,
+                 sources: Sequence[ir.Value] = (), allow_norm_outputs: bool = False,
+                 transform: str = "transform") -> StreamClosure:
+    """Walk back from the inputs of ``norms`` and collect what writes the stream (rule 2); check readers (rule 3).
+
+    The one residual-stream tracer of ``ln_to_rmsnorm`` (the centring) and ``hadamard_rotation`` (R1 on a decoder,
+    R_v on a vision tower). ``sources`` are values the caller transforms itself (the decoder's entry); the walk stops
+    there. ``allow_norm_outputs``: one of ``norms`` may start the stream (``ln_pre``). ``transform`` names the
+    transformation in refusals. Channel axes are counted from the end, so broadcasting never needs a rank.
+    """
     closure = StreamClosure(width)
     by_output = {id(lin.output): lin for lin in model_map.linears}
+    norm_ids = {id(node) for node in norms}
+    source_ids = {id(value) for value in sources}
     seen_nodes: set[int] = set()
 
     def visit(value: ir.Value, axis: int) -> None:
@@ -98,45 +127,48 @@ def trace_stream(graph: ir.Graph, model_map: ModelMap, starts: list[ir.Value], w
         closure.values[key] = (value, axis)
         if value in graph.outputs:
             raise StreamRefused(f"stream value {value.name} is a graph output: it would change")
+        if key in source_ids:  # the caller transforms it (the decoder's entry)
+            return
         lin = by_output.get(key)
         if lin is not None:
-            if axis != known_rank(value) - 1:
-                raise StreamRefused(f"linear {lin.name} writes the stream with channels on axis {axis}, not the last")
+            if axis != -1 or lin.out_features != width:
+                raise StreamRefused(f"linear {lin.name} writes the stream with channels on axis {axis}, not the last, "
+                                    f"or not {width} of them")
             closure.writers.append(lin)
             return
         producer = value.producer()
         if producer is None:
-            raise StreamRefused(f"stream value {value.name} is a graph input: nothing can absorb the transform")
+            raise StreamRefused(f"stream value {value.name} is a graph input: nothing can absorb the {transform}")
         if id(producer) in seen_nodes:
             return
         seen_nodes.add(id(producer))
         op = producer.op_type if is_default_domain(producer) else f"{producer.domain}::{producer.op_type}"
-        rank = known_rank(value)
-        if op in norm_ops and allow_norm_outputs:
+        if id(producer) in norm_ids and allow_norm_outputs:
             closure.norm_outputs.append(producer)
         elif op == "Add":
             for idx, operand in enumerate(producer.inputs):
-                _operand(producer, idx, operand, axis, rank)
+                _operand(producer, idx, operand, axis)
         elif op == "Mul":
-            _layer_scale(producer, axis, rank)
+            _layer_scale(producer, axis)
         elif op == "Concat":
-            cat_axis = producer.attributes["axis"].as_int() % rank
-            if cat_axis == axis:
+            rank = known_rank(value)
+            if producer.attributes["axis"].as_int() % rank == axis % rank:
                 raise StreamRefused(f"Concat {producer.name} joins along the channel axis")
             for idx, operand in enumerate(producer.inputs):
-                _operand(producer, idx, operand, axis, rank)
+                _operand(producer, idx, operand, axis)
         elif op == "Expand":
-            _operand(producer, 0, producer.inputs[0], axis, rank)
+            _operand(producer, 0, producer.inputs[0], axis)
         elif op == "Transpose":
+            rank = known_rank(value)
             perm = [int(p) for p in producer.attributes["perm"].as_ints()]
-            _follow(producer, 0, perm[axis])
+            _follow(producer, 0, perm[axis % rank] - rank)
         elif op == "Reshape":
             _follow(producer, 0, _reshape_axis(producer, axis))
         elif op in PASSTHROUGH:
             _follow(producer, 0, axis)
         elif op == "Conv":
             weight = constant_array(producer.inputs[1])
-            if axis != 1 or weight is None or weight.shape[0] != width:
+            if axis % known_rank(value) != 1 or weight is None or weight.shape[0] != width:
                 raise StreamRefused(f"Conv {producer.name} writes the stream but its weight is not a constant "
                                     f"[{width}, ...] on the channel axis")
             group = producer.attributes.get("group")
@@ -147,30 +179,27 @@ def trace_stream(graph: ir.Graph, model_map: ModelMap, starts: list[ir.Value], w
             closure.convs.append(producer)
         else:
             raise StreamRefused(f"stream value {value.name} is produced by {op} {producer.name}, which cannot absorb "
-                                "a transform of the channels")
+                                f"the {transform} of the channels")
 
     def _follow(node: ir.Node, idx: int, axis: int) -> None:
         closure.expected_uses.add((id(node), idx))
         visit(node.inputs[idx], axis)
 
-    def _operand(node: ir.Node, idx: int, operand: ir.Value | None, axis: int, rank: int) -> None:
+    def _operand(node: ir.Node, idx: int, operand: ir.Value | None, axis: int) -> None:
+        """An operand of a broadcasting op: a constant absorbs the transform, anything else is followed."""
         if operand is None:
             raise StreamRefused(f"{node.op_type} {node.name} has a missing operand")
-        if constant_array(operand) is not None:
-            array = constant_array(operand)
-            op_axis = axis - (rank - array.ndim)
-            if op_axis < 0 or array.shape[op_axis] != width:
+        array = constant_array(operand)
+        if array is not None:
+            if -axis > array.ndim or array.shape[axis] != width:
                 raise StreamRefused(f"constant {operand.name} of {node.op_type} {node.name} broadcasts over channels")
-            closure.constants.append((node, idx, op_axis))
+            closure.constants.append((node, idx, axis % array.ndim))
             return
-        op_rank = known_rank(operand)
-        op_axis = axis - (rank - op_rank)
-        dims = operand.shape.dims
-        if op_axis < 0 or not _dim_equal(dims[op_axis], width):
+        if operand.shape is not None and (-axis > len(operand.shape) or not _dim_equal(operand.shape.dims[axis], width)):
             raise StreamRefused(f"{operand.name} of {node.op_type} {node.name} broadcasts over channels")
-        _follow(node, idx, op_axis)
+        _follow(node, idx, axis)  # an operand of unknown shape: what writes it is checked for the width
 
-    def _layer_scale(node: ir.Node, axis: int, rank: int) -> None:
+    def _layer_scale(node: ir.Node, axis: int) -> None:
         """A constant per-channel Mul right after a linear (LayerScale): fold it into the linear."""
         const_idx = next((i for i, v in enumerate(node.inputs) if constant_array(v) is not None), None)
         if const_idx is None:
@@ -178,7 +207,7 @@ def trace_stream(graph: ir.Graph, model_map: ModelMap, starts: list[ir.Value], w
         lam = constant_array(node.inputs[const_idx])
         other = node.inputs[1 - const_idx]
         lin = by_output.get(id(other))
-        if lin is None or axis != rank - 1 or lam.size != width or lam.shape[-1] != width:
+        if lin is None or axis != -1 or lam.size != width or lam.shape[-1] != width:
             raise StreamRefused(f"Mul {node.name} scales the stream but is not a per-channel scale after a linear")
         if len(live_uses(other, graph)) != 1:
             raise StreamRefused(f"linear {lin.name} output is read besides its LayerScale {node.name}")
@@ -191,24 +220,25 @@ def trace_stream(graph: ir.Graph, model_map: ModelMap, starts: list[ir.Value], w
         src, dst = node.inputs[0], node.outputs[0]
         if src.shape is None or dst.shape is None:
             raise StreamRefused(f"Reshape {node.name} has unknown shapes; the channel axis cannot be tracked")
-        in_axis = reshape_channel_axis(list(dst.shape.dims), list(src.shape.dims), axis)
+        in_axis = reshape_channel_axis(list(dst.shape.dims), list(src.shape.dims), axis % len(dst.shape))
         if in_axis is None:
             raise StreamRefused(f"Reshape {node.name} does not keep the channel axis whole")
-        return in_axis
+        return in_axis - len(src.shape)
 
-    for start in starts:
-        visit(start, known_rank(start) - 1)
-    # Rule 3: the closure's values are read only by the closure, norms (input 0) and Shape.
+    for node in norms:
+        visit(node.inputs[0], -1)
+    # Rule 3: the closure's values are read only by the closure, the norms (input 0) and Shape.
     for value, _ in closure.values.values():
         for use in live_uses(value, graph):
             node = use.node
             if (id(node), use.idx) in closure.expected_uses or node.op_type == "Shape":
                 continue
-            if node.op_type in norm_ops and use.idx == 0:
+            if id(node) in norm_ids and use.idx == 0:
                 continue
-            raise StreamRefused(f"stream value {value.name} is also read by {node.op_type} {node.name}, which would "
-                                "see the transformed stream (it is on no path into a norm: the stream is read without "
-                                "a norm, e.g. a hidden state taken before the final norm)")
+            raise StreamRefused(f"stream value {value.name} is read by {node.op_type} {node.name}, which does not "
+                                f"commute with the {transform}: it would see the transformed stream (it is on no path "
+                                "into a norm: the stream is read without a norm, e.g. a hidden state taken before the "
+                                "final norm)")
     closure.writers = list({id(lin.node): lin for lin in closure.writers}.values())
     return closure
 
@@ -289,8 +319,17 @@ TOKEN_OPS = {"Slice", "Gather", "Reshape", "Transpose", "AveragePool", "Concat",
 
 
 def norm_output_readers(graph: ir.Graph, node: ir.Node, linear_nodes: dict[int, Linear]) -> list[Linear] | None:
+    """:func:`norm_readers`, or None where it refuses (the caller then keeps the norm's output as it is)."""
+    try:
+        return norm_readers(graph, node, linear_nodes)
+    except StreamRefused:
+        return None
+
+
+def norm_readers(graph: ir.Graph, node: ir.Node, linear_nodes: dict[int, Linear]) -> list[Linear]:
     """The linears that read a norm's output, directly or through token-only ops (``TOKEN_OPS``: the tiny VLM's CLS
-    split and 2x2 patch pooling), when nothing else reads it or any value on the way; else None.
+    split and 2x2 patch pooling), when nothing else reads it or any value on the way; else :class:`StreamRefused`
+    naming the reader and why.
 
     Each op on the way is checked to keep the channel axis whole and to mix only along other axes with unit-sum
     weights: Slice/Gather on another axis (constant axes/indices), Reshape proven by the shapes, Transpose,
@@ -305,36 +344,41 @@ def norm_output_readers(graph: ir.Graph, node: ir.Node, linear_nodes: dict[int, 
     while frontier:
         value = frontier.pop()
         if value in graph.outputs:
-            return None
+            raise StreamRefused(f"norm {node.name} output {value.name} is a graph output")
         axis = axes[id(value)]
         uses = live_uses(value, graph)
         if not uses:
-            return None
+            raise StreamRefused(f"norm {node.name} output {value.name} is unused")
         for use in uses:
             user = use.node
             lin = linear_nodes.get(id(user))
             if lin is not None:
                 if use.idx != 0 or axis != _rank_or(value) - 1:
-                    return None
+                    raise StreamRefused(f"norm {node.name} output reaches linear {lin.name} as its weight or with the "
+                                        "channels not on the last axis")
                 readers[id(user)] = lin
                 continue
             if not is_default_domain(user) or user.op_type not in TOKEN_OPS or (use.idx != 0 and user.op_type != "Concat"):
-                return None
+                raise StreamRefused(f"norm {node.name} output is read by {user.op_type} {user.name}, not a linear")
             new_axis = _token_op_axis(user, axis)
             if new_axis is None:
-                return None
+                raise StreamRefused(f"norm {node.name} output goes through {user.op_type} {user.name}, which is not "
+                                    "proven to move or average whole tokens only")
             if user.op_type == "Concat":
                 concats.append(user)
             result = user.outputs[0]
             if id(result) in axes:
                 if axes[id(result)] != new_axis:
-                    return None
+                    raise StreamRefused(f"{result.name} is reached from norm {node.name} with two channel axes")
                 continue
             axes[id(result)] = new_axis
             frontier.append(result)
-    if any(id(v) not in axes for cat in concats for v in cat.inputs):
-        return None  # a Concat also joins values that do not come from this norm
-    return list(readers.values()) or None
+    for cat in concats:
+        if any(id(v) not in axes for v in cat.inputs):
+            raise StreamRefused(f"Concat {cat.name} also joins values that do not come from norm {node.name}")
+    if not readers:
+        raise StreamRefused(f"no linear reads the output of norm {node.name}")
+    return list(readers.values())
 
 
 def _rank_or(value: ir.Value) -> int:

@@ -39,6 +39,13 @@ def test_allow_partial_says_first_what_did_not_apply(llama, tmp_path):
     report = read_report(str(out))
     assert [r.name for r in report.passes if r.not_applied] == ["ln_to_rmsnorm", "hadamard_rotation"]
     assert any(layer.get("w_bits") == 4 for r in report.passes for layer in r.layers)  # the rest still ran
+    fatal = {s["fatal"] for r in report.passes for s in r.skipped if "fatal" in s}
+    assert "no_layernorm" in fatal  # the reason code the pass declares, recorded with the skip
+    explained = " ".join(CliRunner().invoke(main, ["explain", str(out)]).output.split())
+    assert "fatal skips (stop the recipe with exit 2 unless --allow-partial)" in explained
+    for code in ("no_layernorm", "stream_not_centrable", "norms_not_affine_free", "head_layout_unknown"):
+        assert code in explained  # every fatal skip of the recipe's passes is listed, the ones that hit marked
+    assert "did not apply: no LayerNormalization" in explained
 
 
 def test_cmc_without_mas_is_refused_not_a_plain_quantizer(llama, tmp_path):

@@ -223,3 +223,32 @@ def test_real_dinov2_small_tower_rotation():
     assert sum(row.get("online_hadamard") == 1536 for row in records[2].layers) == 12
     rows = {row["name"]: row for row in records[2].layers}
     assert rows["multi_modal_projector.linear_1"]["r_v"] == "input side" and "un-rotated" not in " ".join(records[2].notes)
+
+
+def test_refusal_names_a_norm_read_by_a_non_linear():
+    model = _mlp_graph(hidden=8, inter=16)
+    n2 = next(node for node in model.graph if node.name == "n2")
+    probe = ir.node("ReduceMax", [n2.outputs[0]], name="probe")
+    model.graph.append(probe)
+    probe.outputs[0].name = "probe"
+    model.graph.outputs.append(probe.outputs[0])
+    feeds = [{"inputs_embeds": np.ones((1, 5, 8), np.float32)}]
+    (record,) = PassManager([RotateResidualPass()], CompileContext(lambda: feeds, allow_partial=True)).run(model)
+    assert record.changed == 0 and record.not_applied == "norm n2 output is read by ReduceMax probe, not a linear"
+    assert record.skipped == [{"node": "model", "reason": record.not_applied, "fatal": "stream_not_traceable"}]
+
+
+def test_decoder_stream_constant_absorbs_r1_like_the_vision_tower():
+    """The one tracer: a constant added into the decoder's stream (a learned offset) is rotated with it, exactly."""
+    model = _mlp_graph(hidden=8, inter=16)
+    residual = next(node for node in model.graph if node.name == "residual")
+    offset = add_initializer(model.graph, "stream_offset", np.linspace(-1, 1, 8, dtype=np.float32))
+    shift = ir.node("Add", [residual.outputs[0], offset], name="offset")
+    model.graph.insert_after(residual, [shift])
+    n2 = next(node for node in model.graph if node.name == "n2")
+    n2.replace_input_with(0, shift.outputs[0])
+    feeds = [{"inputs_embeds": np.random.default_rng(i).standard_normal((1, 5, 8)).astype(np.float32)} for i in range(2)]
+    (record,) = PassManager([RotateResidualPass(seed=3)], CompileContext(lambda: feeds, verify=True)).run(model)
+    assert record.verify["max_rel"] < 1e-5 and not record.skipped
+    rows = {row["name"]: row for row in record.layers}
+    assert rows["stream_offset"]["r1"] == "axis 0" and rows["model.layers.0.mlp.down_proj"]["r1"] == "output"
