@@ -76,7 +76,7 @@ class TensorStats:
             self.hist += counts
         self._reservoir(rows)
         if self.gram is not None:  # one batch's product in fp32 (twice the BLAS rate), the running sum in fp64
-            self.gram += (rows.T @ rows).astype(np.float64)
+            np.add(self.gram, rows.T @ rows, out=self.gram)  # widened inside the add: no fp64 temporary
         self.rows += rows.shape[0]
 
     def _grow_histogram(self, needed: float) -> None:

@@ -1,7 +1,7 @@
 """Static W{4,8}A8 QDQ quantization with GPTQ weights (spec/algorithms.md §2.6, "Weights").
 
 The same QDQ form as ``quantize_linears`` (its ``insert_activation_qdq`` / ``insert_weight_dequant`` helpers), with
-the weights rounded by GPTQ (``mqc.gptq.gptq_quantize``: symmetric, per output channel, act_order, percdamp 0.01,
+the weights rounded by GPTQ (``mqc.gptq.gptq_quantize_readers``: symmetric, per output channel, act_order, percdamp 0.01,
 MSE clip search) against the Hessian of the float activations of the current, already rotated, graph.
 
 Rules, in order:
@@ -43,7 +43,7 @@ import numpy as np
 import onnx_ir as ir
 
 from mqc.calibration import TapStats
-from mqc.gptq import gptq_quantize, hessian_from_tap, relative_output_error
+from mqc.gptq import gptq_quantize_readers, hessian_from_tap, relative_output_error
 from mqc.graph.msq import modality_input
 from mqc.graph.qdq import insert_weight_dequant
 from mqc.ir import ensure_opset, remove_unused_initializers
@@ -108,8 +108,12 @@ class GptqWeightsPass(LinearQuantPass):
         for index, group in enumerate(groups):
             taps = list(dict.fromkeys(lin.input.name for lin in group))
             group_stats = self.ctx.calibrate(model, taps, gram_taps=taps, label=f"GPTQ Hessians {index + 1}/{len(groups)}")
+            readers: dict[str, list[Linear]] = {}
             for lin in group:
-                self._quantize(lin, group_stats.get(lin.input.name), results)
+                readers.setdefault(lin.input.name, []).append(lin)
+            for value_name, lins in readers.items():
+                self._quantize(lins, group_stats.get(value_name), results)
+            for lin in group:
                 if sequential and results.get(id(lin.node), (None,))[0] is not None:
                     float_weights[id(lin.node)] = lin.weight_array()
                     insert_weight_dequant(model.graph, lin, results[id(lin.node)][0])
@@ -122,25 +126,28 @@ class GptqWeightsPass(LinearQuantPass):
                 stats[name] = tap
         return self._emit(model, selected, stats, results, float_weights)
 
-    def _quantize(self, lin: Linear, tap: TapStats | None, results: dict) -> None:
-        """GPTQ-round ``lin`` against the Hessian of ``tap`` into ``results`` (nothing when no row reached it)."""
+    def _quantize(self, lins: Sequence[Linear], tap: TapStats | None, results: dict) -> None:
+        """GPTQ-round the readers ``lins`` of one value against the Hessian of ``tap`` into ``results`` (nothing when
+        no row reached it); they share the Hessian's factorization (``mqc.gptq.gptq_quantize_readers``)."""
         hessian, rows = hessian_from_tap(tap) if tap is not None else (None, 0)
         if hessian is None:
             return
-        weight = lin.weight_array()
-        scale = weight_scales(weight, self.params.weight_bits, self.params.group_size, self.params.weight_mse_clip)
+        p = self.params
+        weights = [lin.weight_array() for lin in lins]
+        scales = [weight_scales(weight, p.weight_bits, p.group_size, p.weight_mse_clip) for weight in weights]
         try:
-            qweight, rel = gptq_quantize(
-                weight, hessian, self.params.weight_bits, self.params.group_size, act_order=self.params.act_order,
-                percdamp=self.params.percdamp, block_size=self.params.block_size, scale=scale,
-            )
+            rounded = gptq_quantize_readers(weights, hessian, p.weight_bits, p.group_size, act_order=p.act_order,
+                                            percdamp=p.percdamp, block_size=p.block_size, scales=scales)
         except ValueError as exc:
-            self.record.skip(lin.name, f"GPTQ failed: {exc}")
-            results[id(lin.node)] = (None, {})
+            for lin in lins:
+                self.record.skip(lin.name, f"GPTQ failed: {exc}")
+                results[id(lin.node)] = (None, {})
             return
-        rtn = quantize_weight_rtn(weight, self.params.weight_bits, self.params.group_size, scale=scale)
-        rtn_rel = relative_output_error(weight, rtn.dequantize(), hessian)
-        results[id(lin.node)] = (qweight, {"gptq_rel_error": round(rel, 5), "rtn_rel_error": round(rtn_rel, 5), "hessian_rows": rows})
+        for lin, weight, scale, (qweight, rel) in zip(lins, weights, scales, rounded, strict=True):
+            rtn = quantize_weight_rtn(weight, p.weight_bits, p.group_size, scale=scale)
+            rtn_rel = relative_output_error(weight, rtn.dequantize(), hessian)
+            results[id(lin.node)] = (qweight, {"gptq_rel_error": round(rel, 5), "rtn_rel_error": round(rtn_rel, 5),
+                                               "hessian_rows": rows})
 
     def _emit(
         self, model: ir.Model, selected: Sequence[Linear], stats: dict[str, TapStats], results: dict,
