@@ -96,12 +96,21 @@ class HessianFactor(NamedTuple):
 
 
 def factor_hessian(hessian: np.ndarray, act_order: bool = True, percdamp: float = 0.01) -> HessianFactor:
-    """Rules 1 and 3-5 on H [K, K]; ``ValueError`` when H is not positive definite after damping."""
+    """Rules 1 and 3-5 on H [K, K]; ``ValueError`` when H is not positive definite after damping.
+
+    The factor of the last Hessian is kept (:class:`_LastFactor`): the linears reading one input reach GPTQ one
+    after the other with equal Hessians, and the factorization is the costliest step for wide inputs.
+    """
     h = np.array(hessian, dtype=np.float64)
     if h.ndim != 2 or h.shape[0] != h.shape[1]:
         raise ValueError(f"hessian must be square, got {h.shape}")
     if percdamp < 0:
         raise ValueError("percdamp must be ≥ 0")
+    return _LAST_FACTOR.get(h, act_order, percdamp)
+
+
+def _factor(hessian: np.ndarray, act_order: bool, percdamp: float) -> HessianFactor:
+    h = hessian.copy()
     k = h.shape[0]
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
@@ -114,7 +123,32 @@ def factor_hessian(hessian: np.ndarray, act_order: bool = True, percdamp: float 
         u = np.linalg.cholesky(lower_inv.T @ lower_inv).T  # H⁻¹ = Uᵀ U, U upper
     except np.linalg.LinAlgError as exc:
         raise ValueError("Hessian is not positive definite after damping; increase percdamp") from exc
+    for array in (dead, perm, u):
+        array.flags.writeable = False  # shared by every later caller with an equal Hessian
     return HessianFactor(dead, perm, u)
+
+
+class _LastFactor:
+    """The factor of the most recent Hessian, returned again for a Hessian equal in content (and settings)."""
+
+    def __init__(self) -> None:
+        self._hessian: np.ndarray | None = None
+        self._settings: tuple[bool, float] | None = None
+        self._factor: HessianFactor | None = None
+
+    def get(self, hessian: np.ndarray, act_order: bool, percdamp: float) -> HessianFactor:
+        settings = (act_order, percdamp)
+        last = self._hessian
+        if (self._factor is not None and settings == self._settings and last is not None
+                and last.shape == hessian.shape and np.array_equal(last, hessian)):
+            return self._factor
+        self._factor = None  # a failed factorization must not leave the previous one behind
+        factor = _factor(hessian, act_order, percdamp)
+        self._hessian, self._settings, self._factor = hessian, settings, factor
+        return factor
+
+
+_LAST_FACTOR = _LastFactor()
 
 
 def gptq_quantize(

@@ -126,3 +126,21 @@ def test_gptq_hessian_runs_follow_the_gram_budget_and_give_the_same_weights(tiny
     assert results[one_layer][0] == 2 and results[2 * one_layer][0] == 1
     assert results[one_layer][1] == results[2 * one_layer][1]
     assert results[one_layer][2] == results[2 * one_layer][2] and len(results[one_layer][2]) == 14
+
+
+def test_an_equal_hessian_reuses_its_factor_and_a_new_one_does_not():
+    from mqc.gptq import factor_hessian, gptq_quantize, gptq_quantize_readers
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 32))
+    h = x.T @ x
+    first = factor_hessian(h)
+    assert factor_hessian(h.copy()) is first
+    assert factor_hessian(h, act_order=False) is not first
+    other = factor_hessian(h + np.eye(32))
+    assert other is not first and not np.array_equal(other.u, first.u)
+    weights = [rng.standard_normal((32, n)).astype(np.float32) for n in (8, 5)]
+    together = gptq_quantize_readers(weights, h, 4)
+    alone = [gptq_quantize(w, h, 4) for w in weights]
+    for a, b in zip(together, alone, strict=True):
+        assert np.array_equal(a.quantized.q, b.quantized.q) and a.rel_error == b.rel_error
