@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from mqc.calibration_service import CalibrationService, tapped_session
 from mqc.errors import CalibrationError
 from mqc.quantizer import qrange
 
@@ -75,7 +76,7 @@ class TensorStats:
             self.hist += counts
         self._reservoir(rows)
         if self.gram is not None:  # one batch's product in fp32 (twice the BLAS rate), the running sum in fp64
-            self.gram += (rows.T @ rows).astype(np.float64)
+            np.add(self.gram, rows.T @ rows, out=self.gram)  # widened inside the add: no fp64 temporary
         self.rows += rows.shape[0]
 
     def _grow_histogram(self, needed: float) -> None:
@@ -193,24 +194,33 @@ class Calibrator:
         gram_taps: Sequence[str] = (),
         providers: Sequence[str] = ("CPUExecutionProvider",),
         sample_rows: int = 64,
+        service: CalibrationService | None = None,
     ) -> None:
         """``sample_rows``: size of each per-modality row reservoir (:class:`TensorStats`); passes that learn from
-        calibration rows (MAS) ask for more than the default 64."""
+        calibration rows (MAS) ask for more than the default 64. ``service``: the compile's session cache
+        (:mod:`mqc.calibration_service`); without it each run builds its own session."""
         self.model = model
         self.sample_rows = sample_rows
         self.taps = list(dict.fromkeys(taps))
         self.gram_taps = set(gram_taps)
         self.default_modality = default_modality
         self.providers = list(providers)
+        self.service = service
 
     def run(self, feeds: Iterable[dict[str, np.ndarray]], progress: Callable[[], None] | None = None) -> dict[str, TapStats]:
         stats: dict[str, TapStats] = {}
-        for feed, outputs in capture(self.model, self.taps, feeds, self.providers):
-            for name, array in zip(self.taps, outputs, strict=True):
-                self._accumulate(stats, name, array, feed)
+        runs = (self.service.run(self.model, self.taps, feeds) if self.service is not None
+                else capture(self.model, self.taps, feeds, self.providers))
+        for feed, outputs in runs:
+            self.accumulate(stats, feed, outputs)
             if progress is not None:
                 progress()
         return stats
+
+    def accumulate(self, stats: dict[str, TapStats], feed: dict[str, np.ndarray], outputs: Sequence[np.ndarray]) -> None:
+        """Add one sample's tapped values (in the order of ``self.taps``) to ``stats``."""
+        for name, array in zip(self.taps, outputs, strict=True):
+            self._accumulate(stats, name, array, feed)
 
     def _accumulate(self, stats: dict[str, TapStats], name: str, array: np.ndarray, feed: dict[str, np.ndarray]) -> None:
         if array.ndim == 0:
@@ -237,33 +247,10 @@ def capture(
 ) -> Iterator[tuple[dict[str, np.ndarray], list[np.ndarray]]]:
     """Run ``model`` on each feed and yield (feed, the values of ``taps``); the taps are extra graph outputs only
     while the session is built, so ``model`` is left as it was."""
-    from mqc.session import session_for_model
-
-    values = {v.name: v for v in _all_values(model.graph)}
-    missing = [t for t in taps if t not in values]
-    if missing:
-        raise CalibrationError(f"values to calibrate not found in the graph: {missing[:5]}")
-    added = [values[t] for t in dict.fromkeys(taps) if values[t] not in model.graph.outputs]
-    untyped = {value: value.type for value in added if value.dtype is None}
-    for value in untyped:  # an unknown element type cannot be serialized; an absent one onnxruntime infers
-        value.type = None
-    model.graph.outputs.extend(added)
-    try:
-        session = session_for_model(model, list(providers), optimization_level="basic")
-    finally:
-        for value in added:
-            model.graph.outputs.remove(value)
-        for value, original in untyped.items():
-            value.type = original
+    session = tapped_session(model, taps, providers)
     input_names = {i.name for i in session.get_inputs()}
     for feed in feeds:
         yield feed, session.run(list(taps), {k: v for k, v in feed.items() if k in input_names})
-
-
-def _all_values(graph: ir.Graph) -> Iterator[ir.Value]:
-    yield from graph.inputs
-    for node in graph:
-        yield from node.outputs
 
 
 # ---------------------------------------------------------------------------------------------- calibration data

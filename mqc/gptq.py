@@ -25,7 +25,8 @@ All arithmetic is float64; the integer weight uses ``mqc.quantizer.quantize`` (r
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import itertools
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -85,6 +86,71 @@ def relative_output_error(weight: np.ndarray, approx: np.ndarray, hessian: np.nd
     return float(np.sqrt(max(num, 0.0) / den))
 
 
+class HessianFactor(NamedTuple):
+    """What GPTQ needs from one Hessian (rules 1, 3-5), computed once and shared by every linear reading the same
+    input (q/k/v, gate/up): the dead rows, the act-order permutation and U, the upper Cholesky factor of H⁻¹."""
+
+    dead: np.ndarray
+    perm: np.ndarray
+    u: np.ndarray
+
+
+def factor_hessian(hessian: np.ndarray, act_order: bool = True, percdamp: float = 0.01) -> HessianFactor:
+    """Rules 1 and 3-5 on H [K, K]; ``ValueError`` when H is not positive definite after damping.
+
+    The factor of the last Hessian is kept (:class:`_LastFactor`): the linears reading one input reach GPTQ one
+    after the other with equal Hessians, and the factorization is the costliest step for wide inputs.
+    """
+    h = np.array(hessian, dtype=np.float64)
+    if h.ndim != 2 or h.shape[0] != h.shape[1]:
+        raise ValueError(f"hessian must be square, got {h.shape}")
+    if percdamp < 0:
+        raise ValueError("percdamp must be ≥ 0")
+    return _LAST_FACTOR.get(h, act_order, percdamp)
+
+
+def _factor(hessian: np.ndarray, act_order: bool, percdamp: float) -> HessianFactor:
+    h = hessian.copy()
+    k = h.shape[0]
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
+    h = h[np.ix_(perm, perm)]
+    h[np.diag_indices(k)] += percdamp * float(np.mean(np.diag(h)))
+    try:
+        lower = np.linalg.cholesky(h)
+        lower_inv = np.linalg.solve(lower, np.eye(k))  # H⁻¹ = L⁻ᵀ L⁻¹
+        u = np.linalg.cholesky(lower_inv.T @ lower_inv).T  # H⁻¹ = Uᵀ U, U upper
+    except np.linalg.LinAlgError as exc:
+        raise ValueError("Hessian is not positive definite after damping; increase percdamp") from exc
+    for array in (dead, perm, u):
+        array.flags.writeable = False  # shared by every later caller with an equal Hessian
+    return HessianFactor(dead, perm, u)
+
+
+class _LastFactor:
+    """The factor of the most recent Hessian, returned again for a Hessian equal in content (and settings)."""
+
+    def __init__(self) -> None:
+        self._hessian: np.ndarray | None = None
+        self._settings: tuple[bool, float] | None = None
+        self._factor: HessianFactor | None = None
+
+    def get(self, hessian: np.ndarray, act_order: bool, percdamp: float) -> HessianFactor:
+        settings = (act_order, percdamp)
+        last = self._hessian
+        if (self._factor is not None and settings == self._settings and last is not None
+                and last.shape == hessian.shape and np.array_equal(last, hessian)):
+            return self._factor
+        self._factor = None  # a failed factorization must not leave the previous one behind
+        factor = _factor(hessian, act_order, percdamp)
+        self._hessian, self._settings, self._factor = hessian, settings, factor
+        return factor
+
+
+_LAST_FACTOR = _LastFactor()
+
+
 def gptq_quantize(
     weight: np.ndarray,
     hessian: np.ndarray,
@@ -97,10 +163,34 @@ def gptq_quantize(
     scale: np.ndarray | None = None,
 ) -> GPTQResult:
     """Quantize W [K, N] with GPTQ against H [K, K] (see the module docstring for the rules). Spec §2.6."""
-    w_orig = np.asarray(weight, dtype=np.float64)
-    if w_orig.ndim != 2:
-        raise ValueError(f"weight must be [K, N], got shape {w_orig.shape}")
-    k, n = w_orig.shape
+    scales = None if scale is None else [scale]
+    return gptq_quantize_readers([weight], hessian, bits, group_size, act_order, percdamp, block_size, mse_clip,
+                                 scales)[0]
+
+
+def gptq_quantize_readers(
+    weights: Sequence[np.ndarray],
+    hessian: np.ndarray,
+    bits: int,
+    group_size: int | None = None,
+    act_order: bool = True,
+    percdamp: float = 0.01,
+    block_size: int = 128,
+    mse_clip: bool = True,
+    scales: Sequence[np.ndarray] | None = None,
+) -> list[GPTQResult]:
+    """:func:`gptq_quantize` of several weights that read one input (one Hessian), each exactly as alone.
+
+    H is factored once; the row loop of rule 6 runs once over the weights side by side (every step is per column,
+    so each weight's columns see the same operations as alone), and each weight's block update is its own matmul
+    of the shape it has alone.
+    """
+    w_origs = [np.asarray(w, dtype=np.float64) for w in weights]
+    if not w_origs or any(w.ndim != 2 for w in w_origs):
+        raise ValueError(f"weights must be [K, N], got shapes {[w.shape for w in w_origs]}")
+    k = w_origs[0].shape[0]
+    if any(w.shape[0] != k for w in w_origs):
+        raise ValueError(f"weights read one input: all need {k} rows, got {[w.shape for w in w_origs]}")
     h_orig = np.asarray(hessian, dtype=np.float64)
     if h_orig.shape != (k, k):
         raise ValueError(f"hessian must be [{k}, {k}], got {h_orig.shape}")
@@ -109,36 +199,24 @@ def gptq_quantize(
     if percdamp < 0 or block_size < 1:
         raise ValueError("percdamp must be ≥ 0 and block_size ≥ 1")
     qrange(bits)  # validates the bit width
+    dead, perm, u = factor_hessian(h_orig, act_order, percdamp)
 
-    # Rule 1: dead inputs.
-    h = h_orig.copy()
-    w = w_orig.copy()
-    dead = np.diag(h) == 0
-    h[dead, dead] = 1.0
+    # Rules 1-2 per weight: dead rows zeroed, fixed scales expanded to one scale row per input row.
+    columns = np.cumsum([0, *(w.shape[1] for w in w_origs)])
+    w = np.concatenate(w_origs, axis=1)
     w[dead, :] = 0.0
-
-    # Rule 2: fixed scales, expanded to one scale row per input row.
-    if scale is None:  # a caller that also needs the RTN baseline passes the scales it searched once
-        scale = weight_scales(w.astype(np.float32), bits, group_size, mse_clip)  # float32 [G, N]
-    row_scale = np.repeat(scale, k if group_size is None else group_size, axis=0).astype(np.float64)  # [K, N]
+    if scales is None:  # a caller that also needs the RTN baseline passes the scales it searched once
+        scales = [weight_scales(w[:, c0:c1].astype(np.float32), bits, group_size, mse_clip)
+                  for c0, c1 in itertools.pairwise(columns)]  # float32 [G, N] each
+    row_scale = np.concatenate([np.repeat(sc, k if group_size is None else group_size, axis=0) for sc in scales],
+                               axis=1).astype(np.float64)  # [K, sum N]
 
     # Rule 3: act-order permutation.
-    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
     w = w[perm]
-    h = h[np.ix_(perm, perm)]
     row_scale = row_scale[perm]
 
-    # Rules 4-5: damping and the upper Cholesky factor of the inverse.
-    h[np.diag_indices(k)] += percdamp * float(np.mean(np.diag(h)))
-    try:
-        lower = np.linalg.cholesky(h)
-        lower_inv = np.linalg.solve(lower, np.eye(k))  # H⁻¹ = L⁻ᵀ L⁻¹
-        u = np.linalg.cholesky(lower_inv.T @ lower_inv).T  # H⁻¹ = Uᵀ U, U upper
-    except np.linalg.LinAlgError as exc:
-        raise ValueError("Hessian is not positive definite after damping; increase percdamp") from exc
-
     # Rule 6: blockwise error propagation.
-    q_int = np.zeros((k, n), dtype=np.int8 if bits <= 8 else np.int16)
+    q_int = np.zeros(w.shape, dtype=np.int8 if bits <= 8 else np.int16)
     for b0 in range(0, k, block_size):
         b1 = min(b0 + block_size, k)
         block = w[b0:b1].copy()
@@ -151,13 +229,17 @@ def gptq_quantize(
             e = (row - qi.astype(np.float64) * row_scale[b0 + i]) / u_blk[i, i]
             block[i:] -= np.outer(u_blk[i, i:], e)
             err[i] = e
-        w[b1:] -= u[b0:b1, b1:].T @ err
+        for c0, c1 in itertools.pairwise(columns):
+            w[b1:, c0:c1] -= u[b0:b1, b1:].T @ np.ascontiguousarray(err[:, c0:c1])
 
     q_int = q_int[np.argsort(perm)]
-    quantized = QuantizedWeight(
-        q=q_int, scale=scale if group_size is not None else scale[0], bits=bits, group_size=group_size
-    )
-    return GPTQResult(quantized, relative_output_error(w_orig, quantized.dequantize(), h_orig))
+    results = []
+    for (c0, c1), w_orig, scale in zip(itertools.pairwise(columns), w_origs, scales, strict=True):
+        quantized = QuantizedWeight(q=np.ascontiguousarray(q_int[:, c0:c1]),
+                                    scale=scale if group_size is not None else scale[0], bits=bits,
+                                    group_size=group_size)
+        results.append(GPTQResult(quantized, relative_output_error(w_orig, quantized.dequantize(), h_orig)))
+    return results
 
 
 def hessian_from_tap(tap: TapStats, modalities: Iterable[int] | None = None) -> tuple[np.ndarray | None, int]:

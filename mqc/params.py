@@ -105,7 +105,8 @@ class GptqWeightsParams(LinearQuantParams):
     act_order: bool = True
     percdamp: float = field(default=0.01, metadata=bounded(0.0, 1.0))
     block_size: int = field(default=128, metadata=bounded(1))
-    layers_per_group: int = field(default=4, metadata=bounded(1))
+    #: At most this many decoder layers per Hessian run (None: as many as the context's Gram budget holds).
+    layers_per_group: int | None = field(default=None, metadata=bounded(1))
     hessians: HessianSource = "float"
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, ClassVar
 
@@ -36,6 +36,7 @@ from onnxscript.rewriter import pattern
 from onnxscript.rewriter._basics import MatchingTracer, MatchStatus
 
 from mqc.calibration import TEXT, Calibrator, TapStats, TensorStats
+from mqc.calibration_service import CalibrationService, FeedCache
 from mqc.errors import InternalError, RecipeNotApplied, VerificationError
 from mqc.model_map import ModelMap, build_model_map
 from mqc.params import PASS_PARAMS, PassParams, parse_params
@@ -43,6 +44,8 @@ from mqc.report import PassRecord
 
 #: Relative output drift (max |a - b| / max |a|) a function-preserving pass may cause in fp32.
 DEFAULT_VERIFY_RTOL = 1e-4
+#: Bytes of Gram matrices one calibration run may hold (float64, per tapped value and modality): 2 GiB.
+DEFAULT_GRAM_BUDGET = 2 << 30
 
 
 class PassRefused(ir.passes.PreconditionError):
@@ -64,7 +67,12 @@ class PostconditionBroken(InternalError, ir.passes.PostconditionError):
 
 
 class CompileContext:
-    """What passes share during one compile: calibration data, statistics, options and the model map cache."""
+    """What passes share during one compile: calibration data, statistics, options and the model map cache.
+
+    Calibration goes through one :class:`~mqc.calibration_service.CalibrationService` (a session per graph
+    revision, reused by every request on it); the feeds are read once (:class:`~mqc.calibration_service.FeedCache`).
+    ``gram_budget`` bounds the bytes of Gram matrices one calibration run may accumulate (GPTQ's Hessians).
+    """
 
     def __init__(
         self,
@@ -78,8 +86,10 @@ class CompileContext:
         providers: Sequence[str] = ("CPUExecutionProvider",),
         progress: Any = None,
         allow_partial: bool = False,
+        gram_budget: int = DEFAULT_GRAM_BUDGET,
     ) -> None:
-        self._feeds = feeds
+        self._feeds = FeedCache(feeds)
+        self.gram_budget = gram_budget
         self.allow_partial = allow_partial
         self.verify = verify
         self.verify_rtol = verify_rtol
@@ -88,6 +98,7 @@ class CompileContext:
         self.exclude = [re.compile(p) for p in exclude]
         self.providers = list(providers)
         self.progress = progress
+        self.calibration = CalibrationService(self.providers)
         self._map: ModelMap | None = None
         self._verify_feeds: list[dict[str, np.ndarray]] | None = None
         self.num_samples: int | None = None
@@ -104,7 +115,9 @@ class CompileContext:
         return self._map
 
     def invalidate(self) -> None:
+        """The graph changed: the model map is rebuilt and calibration runs on a new graph revision."""
         self._map = None
+        self.calibration.graph_changed()
 
     def calibrate(
         self, model: ir.Model, taps: Sequence[str], gram_taps: Sequence[str] = (), label: str = "calibrating",
@@ -114,7 +127,8 @@ class CompileContext:
 
         ``sample_rows`` is the per-modality row reservoir size of every tap (64 by default).
         """
-        calibrator = Calibrator(model, taps, self.default_modality, gram_taps, self.providers, sample_rows=sample_rows)
+        calibrator = Calibrator(model, taps, self.default_modality, gram_taps, self.providers, sample_rows=sample_rows,
+                                service=self.calibration)
         task = None
         if self.progress is not None:
             task = self.progress.add_task(label, total=self.num_samples)
@@ -122,6 +136,10 @@ class CompileContext:
         if task is not None:
             self.progress.remove_task(task)
         return stats
+
+    def capture(self, model: ir.Model, taps: Sequence[str]) -> Iterator[tuple[dict[str, np.ndarray], list[np.ndarray]]]:
+        """(feed, the values of ``taps``) for every calibration feed, from the calibration session of this revision."""
+        return self.calibration.run(model, taps, self.feeds())
 
     def verify_feeds(self) -> list[dict[str, np.ndarray]]:
         if self._verify_feeds is None:

@@ -27,7 +27,7 @@ import numpy as np
 import onnx_ir as ir
 
 from mqc.calibration import IMAGE, MODALITY_NAMES, TEXT, TapStats
-from mqc.gptq import gptq_quantize, relative_output_error
+from mqc.gptq import gptq_quantize_readers, relative_output_error
 from mqc.graph.msq import insert_activation_msq, value_rank
 from mqc.graph.qdq import dynamic_fake_quant, insert_activation_dynamic, insert_activation_qdq
 from mqc.quantizer import QuantizedWeight, fake_quantize, qrange, quantize_weight_rtn, weight_scales
@@ -81,14 +81,24 @@ class WeightRounding:
         output error under the same scales. Raises ValueError when GPTQ cannot run (no or singular Hessian)."""
         if self.method == "rtn":
             return self.rtn(weight, group_size), {"weight_method": "rtn"}
+        return self.round_readers([weight], hessian, group_size)[0]
+
+    def round_readers(self, weights: Sequence[np.ndarray], hessian: np.ndarray | None,
+                      group_size: int | None = None) -> list[tuple[QuantizedWeight, dict[str, Any]]]:
+        """GPTQ of several weights that read one input, each exactly as :meth:`round` alone, the Hessian factored
+        once (:func:`mqc.gptq.gptq_quantize_readers`)."""
         if hessian is None:
             raise ValueError("GPTQ needs a Hessian and no calibration row reached the input")
-        scale = weight_scales(weight, self.bits, group_size, self.mse_clip)
-        qweight, rel = gptq_quantize(weight, hessian, self.bits, group_size, act_order=self.act_order,
-                                     percdamp=self.percdamp, block_size=self.block_size, scale=scale)
-        rtn = quantize_weight_rtn(weight, self.bits, group_size, scale=scale)
-        rtn_rel = relative_output_error(weight, rtn.dequantize(), hessian)
-        return qweight, {"weight_method": "gptq", "gptq_rel_error": round(rel, 5), "rtn_rel_error": round(rtn_rel, 5)}
+        scales = [weight_scales(weight, self.bits, group_size, self.mse_clip) for weight in weights]
+        rounded = gptq_quantize_readers(weights, hessian, self.bits, group_size, act_order=self.act_order,
+                                        percdamp=self.percdamp, block_size=self.block_size, scales=scales)
+        results = []
+        for weight, scale, (qweight, rel) in zip(weights, scales, rounded, strict=True):
+            rtn = quantize_weight_rtn(weight, self.bits, group_size, scale=scale)
+            rtn_rel = relative_output_error(weight, rtn.dequantize(), hessian)
+            results.append((qweight, {"weight_method": "gptq", "gptq_rel_error": round(rel, 5),
+                                      "rtn_rel_error": round(rtn_rel, 5)}))
+        return results
 
 
 @dataclass

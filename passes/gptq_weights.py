@@ -1,25 +1,29 @@
 """Static W{4,8}A8 QDQ quantization with GPTQ weights (spec/algorithms.md §2.6, "Weights").
 
 The same QDQ form as ``quantize_linears`` (its ``insert_activation_qdq`` / ``insert_weight_dequant`` helpers), with
-the weights rounded by GPTQ (``mqc.gptq.gptq_quantize``: symmetric, per output channel, act_order, percdamp 0.01,
+the weights rounded by GPTQ (``mqc.gptq.gptq_quantize_readers``: symmetric, per output channel, act_order, percdamp 0.01,
 MSE clip search) against the Hessian of the float activations of the current, already rotated, graph.
 
 Rules, in order:
 
 1. Linears are selected as in ``quantize_linears`` (``skip_roles``, default ``lm_head``; ``--exclude``), each
    refusal recorded; a group size that does not divide the input size means per-channel weights (noted).
-2. Hessians with bounded memory: the selected linears are grouped by block (``layers_per_group`` decoder
-   layers per calibration run; linears without a block index form one last group). Each run taps only that
-   group's input values with Gram matrices (Σxᵀx per modality, summed over modalities: one Hessian for both),
-   so at most one group's K×K matrices live at a time. H = 2/n·Σxᵀx.
+2. Hessians with bounded memory: the selected linears are grouped by whole decoder layers, consecutive layers
+   in one calibration run as long as their Gram matrices fit the context's byte budget (``ctx.gram_budget``:
+   8·K² bytes per distinct input value and modality, two modalities when the graph has ``modality_ids``; a layer
+   larger than the budget is a run of its own; ``layers_per_group`` caps the layers per run). Linears without a
+   block index form one last group. Each run taps only that group's input values with Gram matrices (Σxᵀx per
+   modality, summed over modalities: one Hessian for both), so at most one group's K×K matrices live at a time.
+   H = 2/n·Σxᵀx. For tiny-vlm's decoder (30 layers, hidden 576, MLP 1536) all Hessians take 1.6 GB: one run
+   under the default 2 GiB budget.
 3. ``hessians`` says which activations the Hessians see (MQuant configures activation quantizers after GPTQ,
    §2.6, so both use float activations):
    * ``"sequential"`` (MQuant's released code, QuaRot's layer-wise GPTQ loop): one decoder layer per calibration
      run, in order; a layer's GPTQ-rounded weights are put into the graph before the next layer is calibrated,
      so each layer's Hessian (and its activation statistics) comes from the inputs the already quantized layers
-     before it produce, and its rounding compensates their error. ``layers_per_group`` does not apply. Within a
+     before it produce, and its rounding compensates their error. The budget does not apply. Within a
      layer all sub-layers share one run (the released code also sequences [qkv] -> [o] -> [up, gate] -> [down]).
-   * ``"float"``: all Hessians from the float graph, ``layers_per_group`` layers per run; the graph is rewritten
+   * ``"float"``: all Hessians from the float graph, as many layers per run as rule 2 allows; the graph is rewritten
      only after every group is quantized.
 4. Activations: one static symmetric per-tensor scale per input value, shared by both modalities and by all
    linears reading it, from ``act_method`` (minmax / percentile / mse) over the same calibration runs; with
@@ -43,6 +47,7 @@ import onnx_ir as ir
 
 from mqc.calibration import TapStats
 from mqc.gptq import hessian_from_tap
+from mqc.graph.msq import modality_input
 from mqc.graph.qdq import insert_weight_dequant
 from mqc.ir import ensure_opset, remove_unused_initializers
 from mqc.linear_quant import LinearQuantPass
@@ -64,18 +69,36 @@ class GptqWeightsPass(LinearQuantPass):
                         "layers before it, float activations (the released code, which also orders the sub-layers "
                         "of a layer: qkv, o, up/gate, down; here one run per layer)")
         else:
-            hessians = (f"GPTQ Hessians all from the float graph, {self.params.layers_per_group} decoder layers per "
-                        "calibration run (the released code is sequential: hessians='sequential')")
+            hessians = ("GPTQ Hessians all from the float graph, as many decoder layers per calibration run as the Gram "
+                        "budget holds (the released code is sequential: hessians='sequential')")
         return f"{super().variant()}; {hessians}"
 
-    def _groups(self, linears: Sequence[Linear]) -> list[list[Linear]]:
-        by_block: dict[int | None, list[Linear]] = {}
-        per_run = 1 if self.params.hessians == "sequential" else self.params.layers_per_group
+    def _groups(self, model: ir.Model, linears: Sequence[Linear]) -> list[list[Linear]]:
+        """Rule 2: whole layers per run (one in sequential mode), as many as the Gram budget holds."""
+        by_layer: dict[int | None, list[Linear]] = {}
         for lin in linears:
-            key = None if lin.layer is None else lin.layer // per_run
-            by_block.setdefault(key, []).append(lin)
-        keys = sorted(k for k in by_block if k is not None) + ([None] if None in by_block else [])
-        return [by_block[k] for k in keys]
+            by_layer.setdefault(lin.layer, []).append(lin)
+        layers = sorted(k for k in by_layer if k is not None)
+        modalities = 2 if modality_input(model.graph) is not None else 1
+        per_run = 1 if self.params.hessians == "sequential" else self.params.layers_per_group
+        budget = None if self.params.hessians == "sequential" else self.ctx.gram_budget
+        groups: list[list[Linear]] = []
+        run: list[Linear] = []
+        run_layers = run_bytes = 0
+        for layer in layers:
+            size = _gram_bytes(by_layer[layer], modalities)
+            full = per_run is not None and run_layers >= per_run
+            if run and (full or (budget is not None and run_bytes + size > budget)):
+                groups.append(run)
+                run, run_layers, run_bytes = [], 0, 0
+            run += by_layer[layer]
+            run_layers += 1
+            run_bytes += size
+        if run:
+            groups.append(run)
+        if None in by_layer:
+            groups.append(by_layer[None])
+        return groups
 
     def run(self, model: ir.Model) -> bool:
         selected = self.selected_linears(model)
@@ -83,44 +106,51 @@ class GptqWeightsPass(LinearQuantPass):
         float_weights: dict[int, np.ndarray] = {}
         handed = self.handed_statistics(model, selected)
         if handed is not None:
-            for lin in selected:
-                self._quantize(lin, handed.get(lin.input.name), results)
+            for value_name, lins in _readers(selected).items():
+                self._quantize(lins, handed.get(value_name), results)
             return self._emit(model, selected, handed, results, float_weights)
         stats: dict[str, TapStats] = {}
         sequential = self.params.hessians == "sequential"
         if sequential:
             ensure_opset(model, "", 21)  # the int4 weight dequants enter the graph before the next calibration run
-        groups = self._groups(selected)
+        groups = self._groups(model, selected)
+        self.record.notes.append(f"GPTQ Hessians: {len(groups)} calibration run(s), Gram budget "
+                                 f"{self.ctx.gram_budget / 2**20:.0f} MiB per run")
         for index, group in enumerate(groups):
             taps = list(dict.fromkeys(lin.input.name for lin in group))
             group_stats = self.ctx.calibrate(model, taps, gram_taps=taps, label=f"GPTQ Hessians {index + 1}/{len(groups)}")
+            for value_name, lins in _readers(group).items():
+                self._quantize(lins, group_stats.get(value_name), results)
             for lin in group:
-                self._quantize(lin, group_stats.get(lin.input.name), results)
                 if sequential and results.get(id(lin.node), (None,))[0] is not None:
                     float_weights[id(lin.node)] = lin.weight_array()
                     insert_weight_dequant(model.graph, lin, results[id(lin.node)][0])
             if sequential:  # the replaced float weights: the next run's session must not reference them
                 remove_unused_initializers(model.graph)
+                self.ctx.invalidate()  # a new graph revision: the next run gets a new session
             for name, tap in group_stats.items():
                 for entry in tap.by_modality.values():
                     entry.gram = None  # keep the small statistics, drop the K×K matrices
                 stats[name] = tap
         return self._emit(model, selected, stats, results, float_weights)
 
-    def _quantize(self, lin: Linear, tap: TapStats | None, results: dict) -> None:
-        """GPTQ-round ``lin`` against the Hessian of ``tap`` into ``results`` (nothing when no row reached it)."""
+    def _quantize(self, lins: Sequence[Linear], tap: TapStats | None, results: dict) -> None:
+        """GPTQ-round the readers ``lins`` of one value against the Hessian of ``tap`` into ``results`` (nothing when
+        no row reached it); they share the Hessian's factorization (``WeightRounding.round_readers``)."""
         hessian, rows = hessian_from_tap(tap) if tap is not None else (None, 0)
         if hessian is None:
             return
-        rounding = self.rounding
         try:
-            qweight, figures = rounding.round(lin.weight_array(), hessian, self.group_size_for(lin))
+            rounded = self.rounding.round_readers([lin.weight_array() for lin in lins], hessian,
+                                                  self.group_size_for(lins[0]))
         except ValueError as exc:
-            self.record.skip(lin.name, f"GPTQ failed: {exc}")
-            results[id(lin.node)] = (None, {})
+            for lin in lins:
+                self.record.skip(lin.name, f"GPTQ failed: {exc}")
+                results[id(lin.node)] = (None, {})
             return
-        figures.pop("weight_method")
-        results[id(lin.node)] = (qweight, {**figures, "hessian_rows": rows})
+        for lin, (qweight, figures) in zip(lins, rounded, strict=True):
+            figures.pop("weight_method")
+            results[id(lin.node)] = (qweight, {**figures, "hessian_rows": rows})
 
     def _emit(
         self, model: ir.Model, selected: Sequence[Linear], stats: dict[str, TapStats], results: dict,
@@ -145,3 +175,17 @@ class GptqWeightsPass(LinearQuantPass):
             return weight, qweight, {"weight_method": "gptq", **figures}
 
         return self.emit(model, readers, stats, rounded)
+
+
+def _gram_bytes(linears: Sequence[Linear], modalities: int) -> int:
+    """Bytes of the float64 Gram matrices of the distinct inputs of ``linears``, one per modality."""
+    widths = {lin.input.name: lin.in_features for lin in linears}
+    return sum(8 * k * k * modalities for k in widths.values())
+
+
+def _readers(linears: Sequence[Linear]) -> dict[str, list[Linear]]:
+    """``linears`` by the value they read, in order."""
+    readers: dict[str, list[Linear]] = {}
+    for lin in linears:
+        readers.setdefault(lin.input.name, []).append(lin)
+    return readers
