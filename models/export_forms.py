@@ -33,10 +33,12 @@ class ExportForm:
     exporter: str = "dynamo"
     tied: bool = True
     inputs: str = "input_ids"  # "input_ids" | "inputs_embeds"
+    dtype: str = "float32"  # the weights' type: "float32" | "float16" | "bfloat16"
 
     @property
     def name(self) -> str:
-        return f"{self.family}-{self.exporter}-{'tied' if self.tied else 'untied'}-{self.inputs}"
+        name = f"{self.family}-{self.exporter}-{'tied' if self.tied else 'untied'}-{self.inputs}"
+        return name if self.dtype == "float32" else f"{name}-{self.dtype}"
 
 
 def build_model(family: str, tied: bool, seed: int = 0):
@@ -142,6 +144,12 @@ def export_form(form: ExportForm, out_dir: Path, seed: int = 0) -> Path:
         raise ValueError(f"unknown exporter {form.exporter!r}; choose from {EXPORTERS}")
     out_dir.mkdir(parents=True, exist_ok=True)
     model = build_model(form.family, form.tied, seed)
+    if form.dtype != "float32":
+        if form.exporter == "genai":
+            raise ValueError("the genai forms are fp32 (the builder's fp16/bf16 targets are CUDA/DML builds)")
+        import torch
+
+        model = model.to(getattr(torch, form.dtype))
     if form.exporter == "genai":
         return _genai_export(form, model, out_dir)
     return _torch_export(form, model, out_dir / f"{form.name}.onnx")
@@ -245,4 +253,33 @@ def export_vision_opset14(out_dir: Path, seed: int = 0) -> Path:
         torch.onnx.export(Tower(build_vision_tower(seed)).eval(), (torch.randn(1, 3, 28, 28),), str(path),
                           dynamo=False, opset_version=14, input_names=["pixel_values"],
                           output_names=["last_hidden_state"])
+    return path
+
+
+def export_post_ln_encoder(out_dir: Path, seed: int = 0) -> Path:
+    """A tiny random BERT sentence encoder (post-LN: each LayerNorm normalizes the residual sum) as a TorchScript
+    export writes it: ``input_ids``, ``attention_mask`` -> ``last_hidden_state``, dynamic batch and length."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    class Encoder(torch.nn.Module):
+        def __init__(self, bert):
+            super().__init__()
+            self.m = bert
+
+        def forward(self, input_ids, attention_mask):
+            return self.m(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    config = BertConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=64)
+    torch.manual_seed(seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "bert-post-ln.onnx"
+    names = ["input_ids", "attention_mask"]
+    ids = torch.randint(0, config.vocab_size, (2, 7))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Encoder(BertModel(config).eval()), (ids, torch.ones_like(ids)), str(path), dynamo=False,
+                          input_names=names, output_names=["last_hidden_state"], opset_version=17,
+                          dynamic_axes={n: {0: "batch", 1: "seq"} for n in names})
     return path
