@@ -248,3 +248,29 @@ def test_post_ln_encoder_is_refused_by_the_rotation_with_its_reason(tmp_path):
                                        "--allow-partial"])
     assert result.exit_code == 0 and result.output.startswith("partial (--allow-partial): did not apply: "
                                                               "bert-post-ln.onnx: hadamard_rotation: LayerNorm"), result.output
+
+
+HALF_FORMS = [ExportForm("llama", "torchscript", tied=True, inputs="input_ids", dtype="float16"),
+              pytest.param(ExportForm("llama", "dynamo", tied=True, inputs="input_ids", dtype="bfloat16"),
+                           marks=pytest.mark.slow)]  # TorchScript cannot export bfloat16; dynamo takes ~10 s
+
+
+@pytest.mark.parametrize("form", HALF_FORMS, ids=lambda f: f.name)
+def test_half_precision_form_compiles_as_its_float32_graph(form, form_graph, compiled_reference, tmp_path):
+    """The half model is widened on load: same records as the float32 mqc export graph of the (unrounded) weights,
+    and a quality gate within 1 dB of it (rounding the weights to half costs far less than W4A8)."""
+    reference = compiled_reference("mquant", form.family, form.tied)
+    source = form_graph(form)
+    table = embedding_table(form.family, form.tied)
+    calibration = [prefill_feed(source, w, table, HEAD_DIM) for w in CALIBRATION]
+    out = tmp_path / "q.onnx"
+    report = mqc.compile(source, out, "mquant", feeds=lambda: calibration, num_samples=len(calibration),
+                         gate_feeds=lambda: [prefill_feed(source, w, table, HEAD_DIM) for w in EVALUATION])
+    assert f"{form.dtype} model widened to float32 on load" in report.model_summary["half_precision"]
+    records = {p.name: (p.changed, sorted(_without_names(s["reason"]) for s in p.skipped))
+               for p in report.passes if p.name in COMPARED_PASSES}
+    assert records == reference.records()
+    assert abs(report.quality["sqnr_db"] - reference.sqnr) <= 1.0, (report.quality, reference.sqnr)
+    logits = onnx.load(str(out)).graph.output[0]
+    assert logits.type.tensor_type.elem_type == (onnx.TensorProto.FLOAT16 if form.dtype == "float16"
+                                                 else onnx.TensorProto.FLOAT)
