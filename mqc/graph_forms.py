@@ -475,7 +475,8 @@ def unfuse_skip_norms(model: ir.Model) -> list[str]:
 
 def _take_over(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
     """``new`` replaces ``old`` for every reader and as a graph output (keeping the output's name)."""
-    old.replace_all_uses_with(new)
+    for use in list(old.uses()):  # replace_all_uses_with refuses a value that is a graph output
+        use.node.replace_input_with(use.idx, new)
     if old in graph.outputs:
         graph.outputs[graph.outputs.index(old)] = new
         name = old.name
