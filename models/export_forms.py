@@ -34,10 +34,12 @@ class ExportForm:
     tied: bool = True
     inputs: str = "input_ids"  # "input_ids" | "inputs_embeds"
     dtype: str = "float32"  # the weights' type: "float32" | "float16" | "bfloat16"
+    kv_cache: bool = False  # past_key_values.N.key|value in, present.N.key|value out (the decoder-with-past form)
 
     @property
     def name(self) -> str:
         name = f"{self.family}-{self.exporter}-{'tied' if self.tied else 'untied'}-{self.inputs}"
+        name += "-with-past" if self.kv_cache else ""
         return name if self.dtype == "float32" else f"{name}-{self.dtype}"
 
 
@@ -91,6 +93,54 @@ class _LogitsOf:
                 return self.m(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False).logits
 
         return FromEmbeds(model).eval()
+
+
+    @staticmethod
+    def ids_with_past(model):
+        """``(input_ids, attention_mask, *past) -> (logits, *present)``: the decoder-with-past signature."""
+        import torch
+        from transformers.cache_utils import DynamicCache
+
+        class FromIdsWithPast(torch.nn.Module):
+            def __init__(self, lm):
+                super().__init__()
+                self.m = lm
+                self.layers = lm.config.num_hidden_layers
+
+            def forward(self, input_ids, attention_mask, past):
+                cache = DynamicCache()
+                for i in range(self.layers):
+                    cache.update(past[2 * i], past[2 * i + 1], i)
+                out = self.m(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+                present = [t for layer in out.past_key_values.layers[:self.layers] for t in (layer.keys, layer.values)]
+                return (out.logits, *present)
+
+        return FromIdsWithPast(model).eval()
+
+
+def _kv_names(layers: int, prefix: str) -> list[str]:
+    return [f"{prefix}.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+
+
+def _export_with_past(model, path: Path) -> Path:
+    """The dynamo decoder-with-past form: token ids, a mask over past + new tokens, the cache in and out."""
+    import torch
+
+    config = model.config
+    layers, kv_heads = config.num_hidden_layers, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    ids = torch.randint(0, config.vocab_size, (2, 5))
+    past = [torch.randn(2, kv_heads, 3, head_dim) for _ in range(2 * layers)]
+    mask = torch.ones(2, 8, dtype=torch.int64)
+    batch, seq, past_len, total = (torch.export.Dim(x) for x in ("batch", "seq", "past", "total"))
+    shapes = ({0: batch, 1: seq}, {0: batch, 1: total}, [{0: batch, 2: past_len} for _ in past])
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(_LogitsOf.ids_with_past(model), (ids, mask, past), dynamo=True, verbose=False,
+                                    input_names=["input_ids", "attention_mask", *_kv_names(layers, "past_key_values")],
+                                    output_names=["logits", *_kv_names(layers, "present")], dynamic_shapes=shapes)
+        program.save(str(path))
+    return path
 
 
 def _torch_export(form: ExportForm, model, path: Path) -> Path:
@@ -152,6 +202,10 @@ def export_form(form: ExportForm, out_dir: Path, seed: int = 0) -> Path:
         model = model.to(getattr(torch, form.dtype))
     if form.exporter == "genai":
         return _genai_export(form, model, out_dir)
+    if form.kv_cache:
+        if (form.exporter, form.inputs) != ("dynamo", "input_ids"):
+            raise ValueError("the with-past forms are dynamo exports taking input_ids")
+        return _export_with_past(model, out_dir / f"{form.name}.onnx")
     return _torch_export(form, model, out_dir / f"{form.name}.onnx")
 
 
