@@ -337,3 +337,37 @@ def export_post_ln_encoder(out_dir: Path, seed: int = 0) -> Path:
                           input_names=names, output_names=["last_hidden_state"], opset_version=17,
                           dynamic_axes={n: {0: "batch", 1: "seq"} for n in names})
     return path
+
+
+def export_branching_heads(out_dir: Path, seed: int = 0) -> Path:
+    """The tiny Llama with two output heads chosen at run time by ``torch.cond`` on a boolean input (``use_draft``,
+    as speculative-decoding drafts export): the dynamo exporter writes the heads' MatMuls inside an ``If`` node's
+    branches. ``input_ids``, ``attention_mask``, ``use_draft`` -> ``logits``."""
+    import torch
+
+    class BranchingHeads(torch.nn.Module):
+        def __init__(self, lm):
+            super().__init__()
+            self.body = lm.model
+            self.head = lm.lm_head
+            self.draft = torch.nn.Linear(lm.config.hidden_size, lm.config.vocab_size, bias=False)
+
+        def forward(self, input_ids, attention_mask, use_draft):
+            hidden = self.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            return torch.cond(use_draft, lambda h: self.draft(h), lambda h: self.head(h), (hidden,))
+
+    model = build_model("llama", tied=False, seed=seed)
+    torch.manual_seed(seed + 2)
+    wrapper = BranchingHeads(model).eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "llama-branching-heads.onnx"
+    ids = torch.randint(0, model.config.vocab_size, (2, 7))
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(wrapper, (ids, torch.ones_like(ids), torch.tensor(False)), dynamo=True,
+                                    verbose=False, input_names=["input_ids", "attention_mask", "use_draft"],
+                                    output_names=["logits"],
+                                    dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}, None))
+        program.save(str(path))
+    return path

@@ -26,6 +26,7 @@ from mqc.cli import main
 from mqc.errors import RecipeNotApplied
 from mqc.quantizer import sqnr_db
 from mqc.recipes import builtin_recipes
+from mqc.report import read_report
 
 HEAD_DIM = 16
 #: The module path above ``layers.N`` depends on the wrapper the graph was exported from (``m.model.`` / ``model.``).
@@ -305,3 +306,26 @@ def test_compiled_with_past_form_decodes_through_its_cache_as_it_prefills(form, 
                                     **{i.name: np.zeros((1, kv_heads, 0, HEAD_DIM), np.float32)
                                        for i in session.get_inputs()[2:]}})[0][0, 24:]
     assert sqnr_db(full, _decode(session, ids, 24, kv_heads)) > 40
+
+
+@pytest.mark.slow
+def test_linears_inside_if_branches_are_reported_float_and_the_rest_is_quantized(export_cache, tmp_path):
+    from mqc.models.export_forms import export_branching_heads
+
+    source = export_cache.get("form-llama-branching-heads", export_branching_heads)
+    out = tmp_path / "q.onnx"
+    result = CliRunner().invoke(main, ["compile", str(source), "-o", str(out), "--recipe", "w8a8", "--samples", "4"])
+    assert result.exit_code == 0, result.output
+    assert "14 layers quantized" in result.output and "2 MatMul/Gemm inside If/Loop bodies left in float" in result.output
+    report = read_report(str(out))
+    branches = next(n for n in onnx.load(str(source)).graph.node if n.op_type == "If")
+    assert sorted(report.model_summary["left_float_in_subgraphs"]) == sorted(
+        node.name for attribute in branches.attribute for node in attribute.g.node if node.op_type == "MatMul")
+    float_session, compiled_session = mqc.open_session(source), mqc.open_session(out)
+    for use_draft in (False, True):  # both heads still run (in float) behind the quantized body
+        feed = {"input_ids": EVALUATION[0][None], "attention_mask": np.ones((1, len(EVALUATION[0])), np.int64),
+                "use_draft": np.array(use_draft)}
+        assert sqnr_db(float_session.run(None, feed)[0], compiled_session.run(None, feed)[0]) > 15
+    result = CliRunner().invoke(main, ["compile", str(source), "-o", str(out.with_name("r.onnx")), "--recipe",
+                                       "mquant", "--samples", "4"])  # the final norm's readers are in the branches
+    assert result.exit_code == 2 and "body.norm" in result.output and not out.with_name("r.onnx").exists()
