@@ -286,7 +286,7 @@ def build_vision_tower(seed: int = 0):
     return model
 
 
-def export_vision_opset14(out_dir: Path, seed: int = 0) -> Path:
+def export_vision_opset14(out_dir: Path, seed: int = 0, dynamic_batch: bool = False) -> Path:
     """The DINOv2 tower as an older TorchScript export writes it: opset 14, LayerNorm decomposed into
     ReduceMean/Sub/Pow/Sqrt/Div, the class token concatenated and the position table interpolated by a ``Resize``
     of constants, fixed batch of one; ``pixel_values`` -> ``last_hidden_state``."""
@@ -301,12 +301,13 @@ def export_vision_opset14(out_dir: Path, seed: int = 0) -> Path:
             return self.m(pixel_values=pixel_values).last_hidden_state
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "dinov2-opset14.onnx"
+    path = out_dir / f"dinov2-opset14{'-dynamic-batch' if dynamic_batch else ''}.onnx"
+    axes = {"pixel_values": {0: "batch"}, "last_hidden_state": {0: "batch"}} if dynamic_batch else None
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(Tower(build_vision_tower(seed)).eval(), (torch.randn(1, 3, 28, 28),), str(path),
                           dynamo=False, opset_version=14, input_names=["pixel_values"],
-                          output_names=["last_hidden_state"])
+                          output_names=["last_hidden_state"], dynamic_axes=axes)
     return path
 
 
@@ -370,4 +371,34 @@ def export_branching_heads(out_dir: Path, seed: int = 0) -> Path:
                                     output_names=["logits"],
                                     dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}, None))
         program.save(str(path))
+    return path
+
+
+def export_llava_style_tower(out_dir: Path, seed: int = 0) -> Path:
+    """A tiny random CLIP vision tower as LLaVA uses it, exported by TorchScript at opset 17 (fused
+    ``LayerNormalization``): the second-to-last hidden state without its class token, through a two-layer GELU
+    projector; fixed batch of one. ``pixel_values`` -> ``image_features``."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    config = CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=28, patch_size=14)
+    torch.manual_seed(seed)
+
+    class LlavaTower(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vision_tower = CLIPVisionModel(config)
+            self.projector = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.GELU(), torch.nn.Linear(96, 96))
+
+        def forward(self, pixel_values):
+            hidden = self.vision_tower(pixel_values=pixel_values, output_hidden_states=True).hidden_states[-2]
+            return self.projector(hidden[:, 1:])
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "llava-clip-tower.onnx"
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(LlavaTower().eval(), (torch.randn(1, 3, 28, 28),), str(path), dynamo=False, opset_version=17,
+                          input_names=["pixel_values"], output_names=["image_features"])
     return path

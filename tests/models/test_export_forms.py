@@ -219,14 +219,15 @@ def test_masquant_on_a_text_only_form_exits_2_from_the_command_line(form_graph, 
     assert "no modality_ids input" in " ".join(result.output.split()) and not out.exists()
 
 
-def test_opset14_vision_tower_with_decomposed_layernorm_is_rotated(tmp_path):
+@pytest.mark.parametrize("recipe", TOWER_RECIPES)
+def test_opset14_vision_tower_with_decomposed_layernorm_is_rotated(recipe, export_cache, tmp_path):
     from mqc.models.export_forms import export_vision_opset14
 
-    source = export_vision_opset14(tmp_path)
+    source = export_cache.get("form-tower-dinov2-opset14", export_vision_opset14)
     assert not any(n.op_type == "LayerNormalization" for n in onnx.load(str(source)).graph.node)
     rng = np.random.default_rng(0)
     images = [{"pixel_values": rng.standard_normal((1, 3, 28, 28)).astype(np.float32)} for _ in range(9)]
-    report = mqc.compile(source, tmp_path / "q.onnx", "mquant-vision", feeds=lambda: images, num_samples=9, verify=True)
+    report = mqc.compile(source, tmp_path / "q.onnx", recipe, feeds=lambda: images, num_samples=9, verify=True)
     records = {p.name: p for p in report.passes}
     assert records["fuse_norms"].changed == 5
     for name in ("ln_to_rmsnorm", "hadamard_rotation"):
@@ -329,3 +330,36 @@ def test_linears_inside_if_branches_are_reported_float_and_the_rest_is_quantized
     result = CliRunner().invoke(main, ["compile", str(source), "-o", str(out.with_name("r.onnx")), "--recipe",
                                        "mquant", "--samples", "4"])  # the final norm's readers are in the branches
     assert result.exit_code == 2 and "body.norm" in result.output and not out.with_name("r.onnx").exists()
+
+
+def _images(count: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    return [{"pixel_values": rng.standard_normal((1, 3, 28, 28)).astype(np.float32)} for _ in range(count)]
+
+
+#: Towers the vision recipes refuse, and the part of the reason that names why (the message names the node).
+REFUSED_TOWERS = {
+    # LLaVA reads the second-to-last hidden state: the residual stream itself, without a norm, into the projector
+    "llava-clip": ("export_llava_style_tower", {}, "the stream is read without a norm"),
+    # the patch Reshape gets a constant target (graph_forms), but the position table's interpolation is still
+    # shaped from the batch-dependent embeddings, so its Reshape's channel axis cannot be followed
+    "dinov2-dynamic-batch": ("export_vision_opset14", {"dynamic_batch": True},
+                             "Reshape /m/embeddings/Reshape_2 does not keep the channel axis whole"),
+}
+
+
+@pytest.mark.parametrize("tower", sorted(REFUSED_TOWERS))
+def test_vision_recipes_refuse_these_towers_naming_the_node_and_w8a8_compiles_them(tower, export_cache, tmp_path):
+    from mqc.models import export_forms
+
+    builder, options, reason = REFUSED_TOWERS[tower]
+    source = export_cache.get(f"form-tower-{tower}", lambda folder: getattr(export_forms, builder)(folder, **options))
+    images = _images(9)
+    for recipe in TOWER_RECIPES:
+        with pytest.raises(RecipeNotApplied, match="pass ln_to_rmsnorm cannot do its work") as refused:
+            mqc.compile(source, tmp_path / f"{recipe}.onnx", recipe, feeds=lambda: images, num_samples=9)
+        assert reason in " ".join(str(refused.value).split())
+    report = mqc.compile(source, tmp_path / "w8a8.onnx", "w8a8", feeds=lambda: images[:8],
+                         gate_feeds=lambda: images[8:])
+    assert report.quality["sqnr_db"] > 25
+    assert not any(p.name.startswith(tuple(TOWER_RECIPES)) for p in tmp_path.iterdir())  # refused: nothing written
