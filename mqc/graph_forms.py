@@ -457,7 +457,7 @@ def unfuse_skip_norms(model: ir.Model) -> list[str]:
                 add_bias = ir.node("Add", [source, bias], name=f"{node.name}/residual_bias")
                 new_nodes.append(add_bias)
                 source = add_bias.outputs[0]
-            source.dtype, source.shape = node.inputs[0].dtype, node.inputs[0].shape
+            _same_type(source, node.inputs[0])
         scale_index = 2 if skip else 1
         inputs = [source, node.inputs[scale_index]]
         if target == "LayerNormalization":
@@ -467,12 +467,21 @@ def unfuse_skip_norms(model: ir.Model) -> list[str]:
         new_nodes.append(norm)
         graph.insert_before(node, new_nodes)
         out = node.outputs[0]
-        norm.outputs[0].dtype, norm.outputs[0].shape = out.dtype, out.shape
+        _same_type(norm.outputs[0], out)
         _take_over(graph, out, norm.outputs[0])
         if skip and len(node.outputs) > 3 and node.outputs[3] is not None:
             _take_over(graph, node.outputs[3], source)
         graph.remove(node, safe=False)
     return notes
+
+
+def _same_type(value: ir.Value, like: ir.Value) -> None:
+    """``value`` takes ``like``'s type and shape where they are known (an untyped value stays untyped: a type of
+    unknown element type cannot be serialized)."""
+    if like.type is not None:
+        value.type = like.type
+    if like.shape is not None:
+        value.shape = like.shape
 
 
 def _take_over(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
