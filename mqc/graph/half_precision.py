@@ -26,9 +26,23 @@ _TENSOR_ATTRIBUTES = {"Constant": "value", "ConstantOfShape": "value"}
 
 
 def half_types_in(model: ir.Model) -> list[str]:
-    """The half-precision element types the model's values and initializers use (sorted names; empty if none)."""
+    """The half-precision element types the model's values, initializers and type-making nodes (``Cast`` to half,
+    half ``Constant``s, typed even where the exporter left the values untyped) use; sorted names, empty if none."""
     found = {value.dtype for graph in _graphs(model) for value in _values(graph) if value.dtype in HALF_TYPES}
+    found |= {dtype for graph in _graphs(model) for node in graph for dtype in _made_types(node) if dtype in HALF_TYPES}
     return sorted(HALF_TYPES[dtype] for dtype in found)
+
+
+def _made_types(node: ir.Node) -> list[ir.DataType]:
+    if node.domain not in ("", "ai.onnx"):
+        return []
+    dtype_name, tensor_name = _DTYPE_ATTRIBUTES.get(node.op_type), _TENSOR_ATTRIBUTES.get(node.op_type)
+    made = []
+    if dtype_name in node.attributes:
+        made.append(ir.DataType(node.attributes[dtype_name].as_int()))
+    if tensor_name in node.attributes:
+        made.append(node.attributes[tensor_name].value.dtype)
+    return made
 
 
 def widen_to_float32(model: ir.Model) -> list[str]:

@@ -67,3 +67,18 @@ def test_bfloat16_model_is_widened_and_checked_against_its_widening(tmp_path):
     want = np.maximum(x @ weight.astype(np.float32), 0)
     got = ort.InferenceSession(str(tmp_path / "q.onnx")).run(None, {"x": x})[0]
     assert 10 * np.log10(np.sum(want ** 2) / np.sum((want - got) ** 2)) > 20
+
+
+def test_float32_model_casting_to_float16_inside_is_widened(tmp_path):
+    """No value is typed float16 (the exporter left the inner values untyped): the Casts alone mark the model."""
+    source = tmp_path / "cast16.onnx"
+    nodes = [helper.make_node("Cast", ["x"], ["x16"], to=TensorProto.FLOAT16, name="down"),
+             helper.make_node("Cast", ["W32"], ["W16"], to=TensorProto.FLOAT16, name="w_down"),
+             helper.make_node("MatMul", ["x16", "W16"], ["h16"], name="fc"),
+             helper.make_node("Cast", ["h16"], ["y"], to=TensorProto.FLOAT, name="up")]
+    onnx.save(linear_model([numpy_helper.from_array(_weight(np.float32), "W32")], nodes=nodes), str(source))
+    text = _compile(source, tmp_path / "q.onnx")
+    assert "float16 model widened to float32 on load" in text
+    assert not any(n.op_type == "Cast" and n.attribute[0].i == TensorProto.FLOAT16
+                   for n in onnx.load(str(tmp_path / "q.onnx")).graph.node)
+    assert read_report(str(tmp_path / "q.onnx")).quality["sqnr_db"] > 20
