@@ -33,10 +33,14 @@ class ExportForm:
     exporter: str = "dynamo"
     tied: bool = True
     inputs: str = "input_ids"  # "input_ids" | "inputs_embeds"
+    dtype: str = "float32"  # the weights' type: "float32" | "float16" | "bfloat16"
+    kv_cache: bool = False  # past_key_values.N.key|value in, present.N.key|value out (the decoder-with-past form)
 
     @property
     def name(self) -> str:
-        return f"{self.family}-{self.exporter}-{'tied' if self.tied else 'untied'}-{self.inputs}"
+        name = f"{self.family}-{self.exporter}-{'tied' if self.tied else 'untied'}-{self.inputs}"
+        name += "-with-past" if self.kv_cache else ""
+        return name if self.dtype == "float32" else f"{name}-{self.dtype}"
 
 
 def build_model(family: str, tied: bool, seed: int = 0):
@@ -91,6 +95,54 @@ class _LogitsOf:
         return FromEmbeds(model).eval()
 
 
+    @staticmethod
+    def ids_with_past(model):
+        """``(input_ids, attention_mask, *past) -> (logits, *present)``: the decoder-with-past signature."""
+        import torch
+        from transformers.cache_utils import DynamicCache
+
+        class FromIdsWithPast(torch.nn.Module):
+            def __init__(self, lm):
+                super().__init__()
+                self.m = lm
+                self.layers = lm.config.num_hidden_layers
+
+            def forward(self, input_ids, attention_mask, past):
+                cache = DynamicCache()
+                for i in range(self.layers):
+                    cache.update(past[2 * i], past[2 * i + 1], i)
+                out = self.m(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+                present = [t for layer in out.past_key_values.layers[:self.layers] for t in (layer.keys, layer.values)]
+                return (out.logits, *present)
+
+        return FromIdsWithPast(model).eval()
+
+
+def _kv_names(layers: int, prefix: str) -> list[str]:
+    return [f"{prefix}.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+
+
+def _export_with_past(model, path: Path) -> Path:
+    """The dynamo decoder-with-past form: token ids, a mask over past + new tokens, the cache in and out."""
+    import torch
+
+    config = model.config
+    layers, kv_heads = config.num_hidden_layers, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    ids = torch.randint(0, config.vocab_size, (2, 5))
+    past = [torch.randn(2, kv_heads, 3, head_dim) for _ in range(2 * layers)]
+    mask = torch.ones(2, 8, dtype=torch.int64)
+    batch, seq, past_len, total = (torch.export.Dim(x) for x in ("batch", "seq", "past", "total"))
+    shapes = ({0: batch, 1: seq}, {0: batch, 1: total}, [{0: batch, 2: past_len} for _ in past])
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(_LogitsOf.ids_with_past(model), (ids, mask, past), dynamo=True, verbose=False,
+                                    input_names=["input_ids", "attention_mask", *_kv_names(layers, "past_key_values")],
+                                    output_names=["logits", *_kv_names(layers, "present")], dynamic_shapes=shapes)
+        program.save(str(path))
+    return path
+
+
 def _torch_export(form: ExportForm, model, path: Path) -> Path:
     import torch
 
@@ -142,8 +194,18 @@ def export_form(form: ExportForm, out_dir: Path, seed: int = 0) -> Path:
         raise ValueError(f"unknown exporter {form.exporter!r}; choose from {EXPORTERS}")
     out_dir.mkdir(parents=True, exist_ok=True)
     model = build_model(form.family, form.tied, seed)
+    if form.dtype != "float32":
+        if form.exporter == "genai":
+            raise ValueError("the genai forms are fp32 (the builder's fp16/bf16 targets are CUDA/DML builds)")
+        import torch
+
+        model = model.to(getattr(torch, form.dtype))
     if form.exporter == "genai":
         return _genai_export(form, model, out_dir)
+    if form.kv_cache:
+        if (form.exporter, form.inputs) != ("dynamo", "input_ids"):
+            raise ValueError("the with-past forms are dynamo exports taking input_ids")
+        return _export_with_past(model, out_dir / f"{form.name}.onnx")
     return _torch_export(form, model, out_dir / f"{form.name}.onnx")
 
 
@@ -224,7 +286,7 @@ def build_vision_tower(seed: int = 0):
     return model
 
 
-def export_vision_opset14(out_dir: Path, seed: int = 0) -> Path:
+def export_vision_opset14(out_dir: Path, seed: int = 0, dynamic_batch: bool = False) -> Path:
     """The DINOv2 tower as an older TorchScript export writes it: opset 14, LayerNorm decomposed into
     ReduceMean/Sub/Pow/Sqrt/Div, the class token concatenated and the position table interpolated by a ``Resize``
     of constants, fixed batch of one; ``pixel_values`` -> ``last_hidden_state``."""
@@ -239,10 +301,104 @@ def export_vision_opset14(out_dir: Path, seed: int = 0) -> Path:
             return self.m(pixel_values=pixel_values).last_hidden_state
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "dinov2-opset14.onnx"
+    path = out_dir / f"dinov2-opset14{'-dynamic-batch' if dynamic_batch else ''}.onnx"
+    axes = {"pixel_values": {0: "batch"}, "last_hidden_state": {0: "batch"}} if dynamic_batch else None
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(Tower(build_vision_tower(seed)).eval(), (torch.randn(1, 3, 28, 28),), str(path),
                           dynamo=False, opset_version=14, input_names=["pixel_values"],
-                          output_names=["last_hidden_state"])
+                          output_names=["last_hidden_state"], dynamic_axes=axes)
+    return path
+
+
+def export_post_ln_encoder(out_dir: Path, seed: int = 0) -> Path:
+    """A tiny random BERT sentence encoder (post-LN: each LayerNorm normalizes the residual sum) as a TorchScript
+    export writes it: ``input_ids``, ``attention_mask`` -> ``last_hidden_state``, dynamic batch and length."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    class Encoder(torch.nn.Module):
+        def __init__(self, bert):
+            super().__init__()
+            self.m = bert
+
+        def forward(self, input_ids, attention_mask):
+            return self.m(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    config = BertConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=64)
+    torch.manual_seed(seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "bert-post-ln.onnx"
+    names = ["input_ids", "attention_mask"]
+    ids = torch.randint(0, config.vocab_size, (2, 7))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Encoder(BertModel(config).eval()), (ids, torch.ones_like(ids)), str(path), dynamo=False,
+                          input_names=names, output_names=["last_hidden_state"], opset_version=17,
+                          dynamic_axes={n: {0: "batch", 1: "seq"} for n in names})
+    return path
+
+
+def export_branching_heads(out_dir: Path, seed: int = 0) -> Path:
+    """The tiny Llama with two output heads chosen at run time by ``torch.cond`` on a boolean input (``use_draft``,
+    as speculative-decoding drafts export): the dynamo exporter writes the heads' MatMuls inside an ``If`` node's
+    branches. ``input_ids``, ``attention_mask``, ``use_draft`` -> ``logits``."""
+    import torch
+
+    class BranchingHeads(torch.nn.Module):
+        def __init__(self, lm):
+            super().__init__()
+            self.body = lm.model
+            self.head = lm.lm_head
+            self.draft = torch.nn.Linear(lm.config.hidden_size, lm.config.vocab_size, bias=False)
+
+        def forward(self, input_ids, attention_mask, use_draft):
+            hidden = self.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            return torch.cond(use_draft, lambda h: self.draft(h), lambda h: self.head(h), (hidden,))
+
+    model = build_model("llama", tied=False, seed=seed)
+    torch.manual_seed(seed + 2)
+    wrapper = BranchingHeads(model).eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "llama-branching-heads.onnx"
+    ids = torch.randint(0, model.config.vocab_size, (2, 7))
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(wrapper, (ids, torch.ones_like(ids), torch.tensor(False)), dynamo=True,
+                                    verbose=False, input_names=["input_ids", "attention_mask", "use_draft"],
+                                    output_names=["logits"],
+                                    dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}, None))
+        program.save(str(path))
+    return path
+
+
+def export_llava_style_tower(out_dir: Path, seed: int = 0) -> Path:
+    """A tiny random CLIP vision tower as LLaVA uses it, exported by TorchScript at opset 17 (fused
+    ``LayerNormalization``): the second-to-last hidden state without its class token, through a two-layer GELU
+    projector; fixed batch of one. ``pixel_values`` -> ``image_features``."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    config = CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=28, patch_size=14)
+    torch.manual_seed(seed)
+
+    class LlavaTower(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vision_tower = CLIPVisionModel(config)
+            self.projector = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.GELU(), torch.nn.Linear(96, 96))
+
+        def forward(self, pixel_values):
+            hidden = self.vision_tower(pixel_values=pixel_values, output_hidden_states=True).hidden_states[-2]
+            return self.projector(hidden[:, 1:])
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "llava-clip-tower.onnx"
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(LlavaTower().eval(), (torch.randn(1, 3, 28, 28),), str(path), dynamo=False, opset_version=17,
+                          input_names=["pixel_values"], output_names=["image_features"])
     return path

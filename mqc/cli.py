@@ -176,6 +176,8 @@ def _summary(name: str, report) -> None:
     if nested:
         line += f", {len(nested)} MatMul/Gemm inside If/Loop bodies left in float"
     console.print(line)
+    if "half_precision" in report.model_summary:
+        console.print(report.model_summary["half_precision"], highlight=False)
     if report.quality:
         from mqc.quality_gate import summary_line
 

@@ -29,6 +29,7 @@ import onnx_ir as ir
 
 from mqc.calibration import IMAGE, TEXT, load_feeds, random_feeds
 from mqc.errors import InputModelError, OutputPathError
+from mqc.graph.half_precision import widen_to_float32
 from mqc.ir import load_model, remove_unused_initializers, save_model
 from mqc.model_checks import check_external_data, tensor_protos
 from mqc.model_map import build_model_map
@@ -66,17 +67,27 @@ def _input_files(source: Path, model: ir.Model) -> list[Path]:
 
 #: Linear ops mqc quantizes; inside If/Loop/Scan bodies they are left in float and reported.
 _LINEAR_OPS = {"MatMul", "Gemm"}
-_HALF_TYPES = {ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16"}
 
 
-def _refuse_half_precision(model: ir.Model) -> None:
-    """mqc's scales and calibration are float32; a float16/bfloat16 model would get a QDQ graph that cannot load."""
-    values = [*model.graph.inputs, *model.graph.outputs, *model.graph.initializers.values()]
-    for value in values:
-        if value.dtype in _HALF_TYPES and (value.const_value is None or len(value.shape or ()) >= 2):
-            raise InputModelError(f"{value.name!r} is {_HALF_TYPES[value.dtype]}: mqc compiles float32 models only "
-                                  "(float16/bfloat16 support is not implemented); export or convert the model to "
-                                  "float32 first")
+def _widen_half_precision(model: ir.Model) -> dict[str, str]:
+    """Widen a float16/bfloat16 model to float32 compute (:mod:`mqc.graph.half_precision`); the summary entry."""
+    kinds = widen_to_float32(model)
+    if not kinds:
+        return {}
+    interface = ("its float16 inputs and outputs are kept (Cast at the boundary)" if kinds == ["float16"] else
+                 "its bfloat16 inputs and outputs become float32 (onnxruntime's CPU kernels cannot run bfloat16)")
+    return {"half_precision": f"{'/'.join(kinds)} model widened to float32 on load: the compiled model computes in "
+                              f"float32 outside its integer weights; {interface}"}
+
+
+def _gate_reference(source: Path, model: ir.Model, summary: dict[str, str]):
+    """What the quality gate compares against: the source file, or for bfloat16 (which onnxruntime's CPU kernels do
+    not cover) a session on the widened model, opened before any pass changes it."""
+    if "bfloat16" not in summary.get("half_precision", ""):
+        return source
+    from mqc.session import default_providers, session_for_model
+
+    return session_for_model(model, default_providers())
 
 
 def _linears_in_subgraphs(model: ir.Model) -> list[str]:
@@ -129,7 +140,7 @@ def compile_file(
         check_output_path(output, [source])
     passes = recipe.instantiate() + _lowering_passes(fmt)
     model = load_model(source)
-    _refuse_half_precision(model)
+    precision = _widen_half_precision(model)
     inputs = _input_files(source, model)
     if write:
         check_output_path(output, inputs)
@@ -161,7 +172,8 @@ def compile_file(
     context = CompileContext(feeds, verify=verify, verify_rtol=verify_rtol, default_modality=default_modality,
                              exclude=exclude, progress=progress, allow_partial=allow_partial)
     context.num_samples = calibration.get("samples", num_samples)
-    summary = build_model_map(model).summary()
+    summary = {**build_model_map(model).summary(), **precision}
+    gate_reference = _gate_reference(source, model, precision)
     nested = _linears_in_subgraphs(model)
     if nested:
         summary["left_float_in_subgraphs"] = nested
@@ -179,7 +191,9 @@ def compile_file(
     if task is not None:
         progress.remove_task(task)
     remove_unused_initializers(model.graph)  # e.g. norm gammas a fold replaced; onnxruntime warns about each
-    report.quality = measure(source, model, held_out, disjoint)
+    report.quality = measure(gate_reference, model, held_out, disjoint)
+    if gate_reference is not source:
+        report.quality["reference"] = "the float32 widening of the bfloat16 model (onnxruntime cannot run bfloat16)"
     rejections = limits.violations(report.quality)
     report.seconds = round(time.perf_counter() - start, 2)
     model.metadata_props[REPORT_KEY] = _without_timings(report).to_json()

@@ -20,7 +20,9 @@ the graph computes exactly (``canonicalize.FuseNormsPass`` runs them, ``--verify
    Normalization`` becomes an Add and a standard norm; a packed qkv MatMul feeding ``GroupQueryAttention`` becomes
    q/k/v MatMuls on its separate inputs.
 4. **Constants** (:func:`inline_constant_identities`, :func:`fold_constant_subgraphs`): ``Identity`` of a
-   constant is read through; subgraphs of constants (a position table behind a ``Resize``) are evaluated.
+   constant is read through; subgraphs of constants (a position table behind a ``Resize``) are evaluated; a
+   ``Reshape`` whose target copies its input's leading dims through ``Shape`` (TorchScript's ``flatten(2)`` with a
+   dynamic batch) gets a constant target (:func:`constant_reshape_targets`), so the channel axis can be followed.
 5. **Stream entry** (:func:`absorb_into_embedding`): the rotation's R1 goes into the embedding table when the
    stream starts at an embedding ``Gather``.
 """
@@ -455,7 +457,7 @@ def unfuse_skip_norms(model: ir.Model) -> list[str]:
                 add_bias = ir.node("Add", [source, bias], name=f"{node.name}/residual_bias")
                 new_nodes.append(add_bias)
                 source = add_bias.outputs[0]
-            source.dtype, source.shape = node.inputs[0].dtype, node.inputs[0].shape
+            _same_type(source, node.inputs[0])
         scale_index = 2 if skip else 1
         inputs = [source, node.inputs[scale_index]]
         if target == "LayerNormalization":
@@ -465,7 +467,7 @@ def unfuse_skip_norms(model: ir.Model) -> list[str]:
         new_nodes.append(norm)
         graph.insert_before(node, new_nodes)
         out = node.outputs[0]
-        norm.outputs[0].dtype, norm.outputs[0].shape = out.dtype, out.shape
+        _same_type(norm.outputs[0], out)
         _take_over(graph, out, norm.outputs[0])
         if skip and len(node.outputs) > 3 and node.outputs[3] is not None:
             _take_over(graph, node.outputs[3], source)
@@ -473,9 +475,19 @@ def unfuse_skip_norms(model: ir.Model) -> list[str]:
     return notes
 
 
+def _same_type(value: ir.Value, like: ir.Value) -> None:
+    """``value`` takes ``like``'s type and shape where they are known (an untyped value stays untyped: a type of
+    unknown element type cannot be serialized)."""
+    if like.type is not None:
+        value.type = like.type
+    if like.shape is not None:
+        value.shape = like.shape
+
+
 def _take_over(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
     """``new`` replaces ``old`` for every reader and as a graph output (keeping the output's name)."""
-    old.replace_all_uses_with(new)
+    for use in list(old.uses()):  # replace_all_uses_with refuses a value that is a graph output
+        use.node.replace_input_with(use.idx, new)
     if old in graph.outputs:
         graph.outputs[graph.outputs.index(old)] = new
         name = old.name
@@ -525,4 +537,91 @@ def fold_constant_subgraphs(model: ir.Model) -> bool:
     constants, which nothing can absorb a rotation into); tensors above a million elements are left alone."""
     from onnxscript.optimizer import fold_constants
 
-    return bool(fold_constants(model, input_size_limit=1 << 20, output_size_limit=1 << 22).modified)
+    changed = False
+    for _ in range(4):  # a known reshape can make shapes constant that feed another reshape's target
+        reshaped = bool(constant_reshape_targets(model.graph))
+        folded = bool(fold_constants(model, input_size_limit=1 << 20, output_size_limit=1 << 22).modified)
+        changed = changed or reshaped or folded
+        if not (reshaped and folded):
+            break
+    return changed
+
+
+def constant_reshape_targets(graph: ir.Graph) -> list[str]:
+    """A ``Reshape`` whose target shape is a ``Concat`` of constants and of its own input's dims read through
+    ``Shape`` -> ``Slice`` / ``Gather`` (each in its own position) gets a constant target: a copied dim becomes its
+    static size, or 0 (ONNX's "copy this input dim") when symbolic. The output shape is then known, where onnx's
+    shape inference leaves a computed target's dims unknown. Returns the names of the rewritten Reshapes."""
+    rewritten = []
+    for node in list(graph):
+        allowzero = node.attributes.get("allowzero")
+        if not _is_default(node, "Reshape") or (allowzero is not None and allowzero.as_int()):
+            continue
+        data, target = node.inputs[0], node.inputs[1]
+        concat = target.producer() if target is not None else None
+        if data is None or data.shape is None or concat is None or not _is_default(concat, "Concat"):
+            continue
+        entries = _target_entries(concat, data)
+        if entries is None:
+            continue
+        node.replace_input_with(1, add_initializer(graph, f"{node.name}_shape", np.asarray(entries, np.int64)))
+        node.outputs[0].shape = ir.Shape(_reshaped_dims(list(data.shape.dims), entries))
+        rewritten.append(node.name)
+    return rewritten
+
+
+def _target_entries(concat: ir.Node, data: ir.Value) -> list[int] | None:
+    entries: list[int] = []
+    dims = list(data.shape.dims)
+    for part in concat.inputs:
+        array = constant_array(part)
+        if array is not None:
+            entries.extend(int(v) for v in array.reshape(-1))
+            continue
+        copied = _copied_axes(part, data, len(dims))
+        if copied is None or copied != list(range(len(entries), len(entries) + len(copied))):
+            return None
+        entries.extend(dims[k] if isinstance(dims[k], int) else 0 for k in copied)
+    return entries
+
+
+def _copied_axes(part: ir.Value | None, data: ir.Value, rank: int) -> list[int] | None:
+    """The input axes whose sizes ``part`` holds when it is ``Slice(Shape(data), start, end)`` (step 1) or
+    ``Unsqueeze(Gather(Shape(data), k))``; None otherwise."""
+    node = part.producer() if part is not None else None
+    if node is None:
+        return None
+    if _is_default(node, "Unsqueeze"):
+        gather = node.inputs[0].producer()
+        if gather is None or not _is_default(gather, "Gather") or not _is_shape_of(gather.inputs[0], data):
+            return None
+        index = constant_array(gather.inputs[1])
+        return [int(index) % rank] if index is not None and index.size == 1 else None
+    if not _is_default(node, "Slice") or not _is_shape_of(node.inputs[0], data):
+        return None
+    bounds = [constant_array(v) if v is not None else None for v in node.inputs[1:5]]
+    if any(b is None for b in bounds[:2]) or any(b is not None and b.size != 1 for b in bounds):
+        return None
+    if (len(bounds) > 3 and bounds[3] is not None and int(bounds[3].reshape(-1)[0]) != 1) or (
+            len(bounds) > 2 and bounds[2] is not None and int(bounds[2].reshape(-1)[0]) != 0):
+        return None
+    start, end = (int(b.reshape(-1)[0]) for b in bounds[:2])
+    return list(range(rank))[slice(start, end)]
+
+
+def _is_shape_of(value: ir.Value | None, data: ir.Value) -> bool:
+    node = value.producer() if value is not None else None
+    return node is not None and _is_default(node, "Shape") and node.inputs[0] is data and not node.attributes
+
+
+def _reshaped_dims(dims: list, entries: list[int]) -> list:
+    """The output dims of a reshape of ``dims`` to ``entries`` (0 copies the input dim, -1 is inferred)."""
+    out: list = [dims[i] if entry == 0 else entry for i, entry in enumerate(entries)]
+    if -1 in out:
+        copied = {i for i, entry in enumerate(entries) if entry == 0}
+        rest = [d for i, d in enumerate(dims) if i not in copied]
+        fixed = [d for i, d in enumerate(out) if d != -1 and i not in copied]
+        known = all(isinstance(d, int) for d in rest)
+        out[out.index(-1)] = int(np.prod(rest, dtype=np.int64)) // max(1, int(np.prod(fixed, dtype=np.int64))) if known \
+            else None
+    return out

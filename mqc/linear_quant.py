@@ -54,7 +54,7 @@ from mqc.graph.msq import is_image_mask, modality_input
 from mqc.graph.qdq import insert_weight_dequant, layer_sqnr
 from mqc.ir import ensure_opset, remove_unused_initializers
 from mqc.model_map import Linear
-from mqc.pass_manager import MqcPass, PassRefused
+from mqc.pass_manager import MqcPass, declare_fatal
 from mqc.quant_strategy import ActivationQuantizer, WeightRounding
 from mqc.quantizer import QuantizedWeight
 
@@ -67,6 +67,9 @@ class LinearQuantPass(MqcPass):
     """
 
     weight_method = "rtn"
+    fatal_skips = declare_fatal(
+        nothing_handed_over="statistics='before_cmc' but no cmc pass ran right before this one",
+    )
 
     @property
     def rounding(self) -> WeightRounding:
@@ -78,7 +81,8 @@ class LinearQuantPass(MqcPass):
 
     def requires(self, model: ir.Model) -> None:
         if self.params.statistics == "before_cmc" and STATISTICS_BEFORE_CMC not in model.meta:
-            raise PassRefused("statistics='before_cmc' but no cmc pass ran right before this one (nothing handed over)")
+            raise self.refuse("nothing_handed_over",
+                              "statistics='before_cmc' but no cmc pass ran right before this one (nothing handed over)")
 
     def variant(self) -> str:
         if self.params.acts == "dynamic":

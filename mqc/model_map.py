@@ -474,3 +474,21 @@ def infer_head_layout(model_map: ModelMap, graph: ir.Graph) -> tuple[int | None,
             head_dim = target[-1]
             return head_dim, lin.out_features // head_dim, f"Reshape after {lin.name} (target shape {target})"
     return None, None, "no attention op and no constant head split after v_proj"
+
+
+def post_norm_reason(model_map: ModelMap, node: ir.Node) -> str | None:
+    """Why LayerNorm ``node`` can never be folded: it normalizes the sum of a residual add of a linear's output and
+    its own output is added into the stream (post-LN / sandwich-LN, BERT-like), so its γ/β sit on the residual path,
+    not in front of linears (spec §2.5). None for a pre-LN norm."""
+    writer_outputs = {id(lin.output) for lin in model_map.linears}
+    producer = node.inputs[0].producer() if node.inputs and node.inputs[0] is not None else None
+    residual_in = producer is not None and producer.op_type == "Add" and any(
+        id(v) in writer_outputs or (v is not None and v.producer() is not None and v.producer().op_type == "Mul"
+                                    and any(id(w) in writer_outputs for w in v.producer().inputs))
+        for v in producer.inputs)
+    feeds_add = any(use.node.op_type == "Add" and use.node.graph is node.graph for use in node.outputs[0].uses())
+    if not (residual_in and feeds_add):
+        return None
+    return (f"LayerNorm {node.name} is applied after the residual add and its output is added into the stream "
+            "(post-LN / sandwich-LN, BERT-like): its γ/β sit on the residual path and cannot be folded into a "
+            "following linear (spec §2.5)")

@@ -115,13 +115,15 @@ def compare_outputs(reference: list[np.ndarray], compiled: list[np.ndarray], log
     return result
 
 
-def measure(source: Path, compiled: ir.Model, held_out: list[dict[str, np.ndarray]], disjoint: bool) -> dict[str, Any]:
-    """Run ``source`` (float) and ``compiled`` on ``held_out``; the figures the report stores."""
+def measure(source: Path | Any, compiled: ir.Model, held_out: list[dict[str, np.ndarray]],
+            disjoint: bool) -> dict[str, Any]:
+    """Run ``source`` (the float model's path, or a session on it) and ``compiled`` on ``held_out``; the figures
+    the report stores."""
     from mqc.session import open_session, session_for_model
 
     if not held_out:
         return {"skipped": "no samples to check on"}
-    reference_session = open_session(source)
+    reference_session = open_session(source) if isinstance(source, Path) else source
     names = [o.name for o in reference_session.get_outputs()]
     output = LOGITS if LOGITS in names else names[0]
     compiled_session = session_for_model(compiled, reference_session.get_providers())

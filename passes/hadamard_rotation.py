@@ -69,7 +69,7 @@ from mqc.graph.weights import live_uses, own_bias, own_weight, set_bias, set_wei
 from mqc.graph_forms import absorb_into_embedding
 from mqc.hadamard import hadamard_matrix, padded_size, random_hadamard, supported_size
 from mqc.ir import add_initializer, constant_array, remove_unused_initializers
-from mqc.model_map import Linear, ModelMap, infer_head_layout, stream_entry
+from mqc.model_map import Linear, ModelMap, infer_head_layout, post_norm_reason, stream_entry
 from mqc.pass_manager import MqcPass, declare_fatal
 
 PLAIN_RMSNORM = {"RMSNormalization", "SimplifiedLayerNormalization"}
@@ -275,6 +275,9 @@ class RotateResidualPass(MqcPass):
         self._check_norms(self.ctx.model_map(model))
 
     def _check_norms(self, model_map: ModelMap) -> None:
+        post_norms = [post_norm_reason(model_map, n.node) for n in model_map.norms if n.kind == "layernorm"]
+        if any(post_norms):  # no conversion can help: say so rather than "run ln_to_rmsnorm first"
+            raise self.refuse("norms_not_affine_free", next(reason for reason in post_norms if reason))
         for norm in model_map.norms:
             if norm.kind == "layernorm":
                 raise self.refuse("norms_not_affine_free", f"{norm.name} is a LayerNorm: run ln_to_rmsnorm first", norm.name)

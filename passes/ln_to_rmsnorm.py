@@ -56,7 +56,7 @@ from mqc.graph.stream import (
 )
 from mqc.graph.weights import live_uses, own_bias, own_weight, set_bias, set_weight
 from mqc.ir import TARGET_OPSET, add_initializer, constant_array, default_opset, remove_unused_initializers
-from mqc.model_map import Linear, ModelMap
+from mqc.model_map import Linear, ModelMap, post_norm_reason
 from mqc.pass_manager import MqcPass, declare_fatal
 
 
@@ -118,7 +118,6 @@ class LayerNormToRMSNormPass(MqcPass):
             raise self.broken(f"{len(left)} LayerNormalization nodes are left, e.g. {left[0]}")
 
     def _check_norms(self, graph: ir.Graph, model_map: ModelMap, norms: list[ir.Node]) -> int:
-        writer_outputs = {id(lin.output) for lin in model_map.linears}
         widths = set()
         for node in norms:
             name = node.name
@@ -131,18 +130,9 @@ class LayerNormToRMSNormPass(MqcPass):
             if gamma is None or (len(node.inputs) > 2 and node.inputs[2] is not None and beta is None):
                 raise StreamRefused(f"LayerNorm {name} has a non-constant scale or bias")
             widths.add(int(gamma.reshape(-1).shape[0]))
-            producer = node.inputs[0].producer()
-            residual_in = producer is not None and producer.op_type == "Add" and any(
-                id(v) in writer_outputs or (v is not None and v.producer() is not None and v.producer().op_type == "Mul"
-                                            and any(id(w) in writer_outputs for w in v.producer().inputs))
-                for v in producer.inputs)
-            feeds_add = any(use.node.op_type == "Add" for use in live_uses(node.outputs[0], graph))
-            if residual_in and feeds_add:
-                raise StreamRefused(
-                    f"LayerNorm {name} is applied after the residual add and its output is added into the stream "
-                    "(post-LN / sandwich-LN, BERT-like): its γ/β sit on the residual path and cannot be folded into a "
-                    "following linear (spec §2.5)"
-                )
+            post_norm = post_norm_reason(model_map, node)
+            if post_norm:
+                raise StreamRefused(post_norm)
         if len(widths) != 1:
             raise StreamRefused(f"LayerNorms of several widths {sorted(widths)}: more than one stream")
         return widths.pop()

@@ -337,23 +337,6 @@ def _custom_op() -> onnx.ModelProto:
                         extra_opsets=[("evil.ops", 1)])
 
 
-def _float16() -> onnx.ModelProto:
-    w = numpy_helper.from_array(np.ones((HIDDEN, HIDDEN), np.float16), "W")
-    return linear_model([w], elem=TensorProto.FLOAT16)
-
-
-def _bfloat16() -> onnx.ModelProto:
-    w = helper.make_tensor("W", TensorProto.BFLOAT16, [HIDDEN, HIDDEN], np.zeros(HIDDEN * HIDDEN, np.uint16).tobytes(), raw=True)
-    return linear_model([w], elem=TensorProto.BFLOAT16)
-
-
-def _float16_behind_cast() -> onnx.ModelProto:
-    w = numpy_helper.from_array(np.ones((HIDDEN, HIDDEN), np.float16), "W16")
-    return linear_model([w], nodes=[helper.make_node("Cast", ["W16"], ["W"], to=TensorProto.FLOAT, name="cast"),
-                                    helper.make_node("MatMul", ["x", "W"], ["h"], name="fc"),
-                                    helper.make_node("Relu", ["h"], ["y"], name="act")])
-
-
 BAD_MODELS: dict[str, tuple[Callable[[], onnx.ModelProto | bytes], str]] = {
     "cycle": (_cycle, "cycle"),
     "undefined input": (_undefined_input, "'ghost', which no node"),
@@ -371,9 +354,6 @@ BAD_MODELS: dict[str, tuple[Callable[[], onnx.ModelProto | bytes], str]] = {
     "unknown custom op": (_custom_op, "evil.ops"),
     "opset 30": (lambda: linear_model(opset=30), "opset 30 is newer"),
     "non-UTF-8 node name": (_renamed(b"fcXXXX", b"fc\xff\xfe\xfd\xfc"), "is not valid UTF-8"),
-    "float16": (_float16, "float16"),
-    "bfloat16": (_bfloat16, "bfloat16"),
-    "float16 behind Cast": (_float16_behind_cast, "float16"),
     "empty location": (lambda: linear_model([external("W", "")]), "names no data file"),
 }
 
