@@ -20,8 +20,12 @@ Rules:
    an int8 zero point of 0 (per-tensor symmetric int8), or MSQ's per-token fake-quant (mqc/graph/msq.py)
    ``Mul(Clip(Round(Div(X, s)), -128, 127), s)`` with ``s = Where(Equal(Unsqueeze(modality_ids, [-1]), 1),
    s_image, s_text)``, which becomes ``act_scale = [s_text, s_image]`` plus the ``modality_ids`` input (same
-   division, half-to-even rounding and clip as the op, so the int8 codes are identical), or the dynamic per-token
-   fake-quant of passes/cmc.py (``acts="dynamic"``), the same Mul/Clip/Round/Div with
+   division, half-to-even rounding and clip as the op, so the int8 codes are identical), or the same with
+   passes/sink_scales.py's third class, ``s = Where(Unsqueeze(is_sink, [-1]), s_sink, <MSQ's Where>)``, which
+   becomes ``act_scale = [s_text, s_image, s_sink]`` plus a per-token class input (0 text, 1 image, 2 sink:
+   ``Where(is_sink, 2, Cast(Equal(modality_ids, 1)))``, built once per graph by :class:`ScaleClasses` and shared
+   by every such QuantLinear; a decode step, position > 0, gets class 0 or 1 as the graph does), or the dynamic
+   per-token fake-quant of passes/cmc.py (``acts="dynamic"``), the same Mul/Clip/Round/Div with
    ``s = Max(Div(ReduceMax(Abs(X), axes=[-1], keepdims=1), 127), 1e-12)``, which becomes ``dynamic=1`` with an
    empty ``act_scale``: the op computes the same fp32 scale per token (division, then the floor), so its codes
    are bit-identical to the graph's. The dynamic form is lowered only when the graph computes its scale in
