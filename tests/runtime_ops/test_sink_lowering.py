@@ -116,3 +116,19 @@ def _assert_close(got: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -
         assert (err > 1e-5).sum() <= err.size // 8 and err.max() < 1e-2, (name, float(err.max()))
         sqnr = 10 * np.log10(float((e.astype(np.float64) ** 2).sum()) / max(float(((g - e) ** 2).sum()), 1e-30))
         assert sqnr > 40.0, (name, sqnr)
+
+
+def test_norms_fused_with_three_scales(lowered):
+    """Opt-in rule 6 on the sink form: RMSNormQuant takes the three scales and the class input of its readers.
+    Not bit-exact (the norm is recomputed inside the op), so as test_compile_mqc.py's fused case: 1e-3."""
+    qdq, _, _, _, feeds = lowered
+    model = ir.load(str(qdq))
+    record = lower_to_runtime_ops(model, fuse_norms=True)
+    fused = [n for n in model.graph if n.op_type == "RMSNormQuant"]
+    assert fused and all(n.inputs[2].const_value.numpy().size == 3 for n in fused), record.skipped
+    path = save_model(model, qdq.with_name("fused.onnx"))
+    for feed in (feeds[0], _decode_step(feeds[0])):
+        expected, got = _run(qdq, feed, custom=False), _run(path, feed, custom=True)
+        for name, e in expected.items():
+            if np.issubdtype(e.dtype, np.floating) and e.size:
+                np.testing.assert_allclose(got[name], e, rtol=0, atol=1e-3 * max(np.abs(e).max(), 1e-6), err_msg=name)
