@@ -15,7 +15,8 @@ Per model directory, through the one onnxruntime pipeline (:mod:`mqc.models.pipe
   VQA question (also reported apart, ``*_text`` and ``*_vqa``).
 - ``size_mb``: bytes of the graphs and their external data on disk, in MB (10^6 bytes).
 - ``prefill_ms``: one VQA prompt at batch 1, vision + embed + decoder prefill (median of ``latency_runs``);
-  ``decode_ms_per_token``: median decoder step with the KV cache after that prefill. On the providers asked for.
+  ``decode_ms_per_token``: median decoder step with the KV cache after that prefill. On the providers asked for;
+  the models take turns run by run, so a shared machine's load falls on each alike.
 
 Models run in lockstep on the same inputs so float logits never have to be stored.
 """
@@ -97,37 +98,51 @@ def _nll(logits: np.ndarray, ids: np.ndarray) -> tuple[float, int]:
     return float(-picked.sum()), int(tgt.size)
 
 
-def _latency(pipe: Pipeline, item, runs: int, decode_steps: int = 16) -> dict:
-    """Prefill (vision + embed + decoder, batch 1) and per-token decode latency, medians in ms."""
+def _latency(pipes: Sequence[Pipeline], item, runs: int, decode_steps: int = 16, tick=lambda: None) -> list[dict]:
+    """Per model: prefill (vision + embed + decoder, batch 1) and per-token decode latency, medians in ms.
+
+    The models take turns run by run (float, compiled, float, ...), so the load of a shared machine falls on each
+    alike; the first round warms up and is not counted."""
+    prefill: list[list[float]] = [[] for _ in pipes]
+    decode: list[list[float]] = [[] for _ in pipes]
+    for r in range(runs + 1):
+        for m, pipe in enumerate(pipes):
+            seconds, steps = _one_run(pipe, item, decode_steps if r > 0 else 2)
+            if r > 0:
+                prefill[m].append(seconds)
+                decode[m].append(statistics.median(steps))
+        tick()
+    q = item.question if item is not None else "What is Python?"
+    return [{"prefill_ms": 1000 * statistics.median(p), "decode_ms_per_token": 1000 * statistics.median(d),
+             "prefill_tokens": len(pipe.prompt(q, pipe.vision is not None).ids)}
+            for pipe, p, d in zip(pipes, prefill, decode, strict=True)]
+
+
+def _one_run(pipe: Pipeline, item, decode_steps: int) -> tuple[float, list[float]]:
+    """One prefill of ``item``'s prompt and ``decode_steps`` greedy steps with the KV cache: (prefill s, step s)."""
     has_image = pipe.vision is not None
     q = item.question if item is not None else "What is Python?"
     prompts = [pipe.prompt(q, has_image)]
     pixels = pipe.pixel_values([item.image_path]) if has_image else None
-    prefill, decode = [], []
-    for r in range(runs + 1):
+    t = time.perf_counter()
+    emb = pipe.image_embeds(pixels) if has_image else None
+    feeds = pipe.prefill_feeds(prompts, emb)
+    logits, past = pipe.run_decoder(feeds)
+    prefill = time.perf_counter() - t
+    mask = feeds["attention_mask"]
+    pos = feeds["position_ids"][..., -1:]
+    nxt = logits[:, -1].argmax(-1)
+    steps = []
+    for _ in range(decode_steps):
+        mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
+        pos = pos + 1
         t = time.perf_counter()
-        emb = pipe.image_embeds(pixels) if has_image else None
-        feeds = pipe.prefill_feeds(prompts, emb)
-        logits, past = pipe.run_decoder(feeds)
-        dt = time.perf_counter() - t
-        mask = feeds["attention_mask"]
-        pos = feeds["position_ids"][..., -1:]
+        sf = {"inputs_embeds": pipe.embed_ids(nxt[:, None]).astype(np.float32), "attention_mask": mask,
+              "position_ids": pos, "modality_ids": np.zeros((1, 1), np.int64), **past}
+        logits, past = pipe.run_decoder({k: v for k, v in sf.items() if k in pipe._decoder_inputs})
+        steps.append(time.perf_counter() - t)
         nxt = logits[:, -1].argmax(-1)
-        steps = []
-        for _ in range(decode_steps if r > 0 else 2):
-            mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
-            pos = pos + 1
-            t = time.perf_counter()
-            sf = {"inputs_embeds": pipe.embed_ids(nxt[:, None]).astype(np.float32), "attention_mask": mask,
-                  "position_ids": pos, "modality_ids": np.zeros((1, 1), np.int64), **past}
-            logits, past = pipe.run_decoder({k: v for k, v in sf.items() if k in pipe._decoder_inputs})
-            steps.append(time.perf_counter() - t)
-            nxt = logits[:, -1].argmax(-1)
-        if r > 0:  # the first run warms up
-            prefill.append(dt)
-            decode.append(statistics.median(steps))
-    return {"prefill_ms": 1000 * statistics.median(prefill), "decode_ms_per_token": 1000 * statistics.median(decode),
-            "prefill_tokens": len(prompts[0].ids)}
+    return prefill, steps
 
 
 def modality_gap(pipe: Pipeline, items, max_images: int = 32) -> dict:
@@ -228,12 +243,9 @@ def evaluate(
                 else:
                     text_stats[m].add(base[0, :-1], logits[0, :-1])
             bar.advance(task)
-        task = bar.add_task("latency", total=len(pipes))
-        lat = []
-        for pipe in pipes:
-            lat.append(_latency(pipe, test[0] if test else (vqa_test_set()[0] if has_vision else None),
-                                latency_runs))
-            bar.advance(task)
+        task = bar.add_task(f"latency x{len(pipes)} model(s), interleaved", total=latency_runs + 1)
+        lat = _latency(pipes, test[0] if test else (vqa_test_set()[0] if has_vision else None), latency_runs,
+                       tick=lambda: bar.advance(task))
 
     models = []
     for m, (d, pipe) in enumerate(zip(dirs, pipes, strict=True)):

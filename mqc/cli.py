@@ -305,34 +305,75 @@ def recipes(name: str | None, as_json: bool) -> None:
             out.print(f"    [italic]{component}[/italic]: {json.dumps(entry)}")
 
 
-#: The recipe `mqc demo` compiles the packaged model with: MQuant, level with the best measured (BENCHMARKS.md).
-DEMO_RECIPE = "mquant"
+#: The recipe `mqc demo` compiles the packaged model with: MQuant plus the sink scale class, chosen on validation
+#: questions (BENCHMARKS.md: 90.0 % against mquant's 65.0 % on 200 validation questions, float 92.5 %).
+DEMO_RECIPE = "mquant-sink"
 
 
 @main.command()
 @click.option("--model", default="tiny-vlm", show_default=True, help="Packaged model name or model directory.")
 @click.option("--recipe", default=DEMO_RECIPE, show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["auto", "mqc", "qdq"]), default="auto", show_default=True,
+              help="mqc: the ai.mqc runtime ops (the deployable form); qdq: standard Q/DQ for stock onnxruntime; "
+                   "auto: mqc when the runtime-ops library is built, else qdq.")
 @click.option("--limit", default=100, show_default=True, help="easy-vqa test questions to evaluate (1000 = all).")
+@click.option("--ppl-tokens", default=2048, show_default=True, help="Perplexity tokens (independent 512-token windows).")
 @click.option("--samples", default=16, show_default=True, help="Calibration samples.")
 @click.option("--workdir", type=click.Path(path_type=Path), default=Path("out"), show_default=True)
-def demo(model: str, recipe: str, limit: int, samples: int, workdir: Path) -> None:
-    """The main job: export the packaged model (cached), compile it, evaluate float vs compiled, print the table."""
+def demo(model: str, recipe: str, fmt: str, limit: int, ppl_tokens: int, samples: int, workdir: Path) -> None:
+    """The main job: export the packaged model (cached), compile it to its deployable form, evaluate float vs
+    compiled (accuracy, perplexity, KL, latency side by side), print the table and the time of each stage."""
+    import time
+
     from mqc.compiler import compile_package
     from mqc.models.evaluate import evaluate, format_table
     from mqc.models.packaged import resolve
 
     workdir.mkdir(parents=True, exist_ok=True)
-    console.print(f"[bold]1/3[/bold] float model: {model} (exported once, then cached)")
+    stages: list[tuple[str, float]] = []
+    fmt = _demo_format(fmt)
+    start = time.perf_counter()
+    console.print(f"[bold]1/3[/bold] float model: {shown(model)} (exported once, then cached)")
     float_dir = resolve(model, progress=True)
-    compiled = workdir / f"{Path(model).name}.{recipe}"
-    console.print(f"[bold]2/3[/bold] compiling with recipe {recipe} -> {compiled}")
+    stages.append(("export (or cache)", time.perf_counter() - start))
+    compiled = workdir / f"{Path(model).name}.{recipe}.{fmt}"
+    console.print(f"[bold]2/3[/bold] compiling with recipe {shown(recipe)}, format {fmt} -> {shown(compiled)}")
     with progress_bar() as progress:
-        reports = compile_package(float_dir, compiled, recipe, num_samples=samples, progress=progress)
+        reports = compile_package(float_dir, compiled, recipe, num_samples=samples, fmt=fmt, progress=progress)
     for name, report in reports.items():
         _summary(name, report)
-    console.print(f"[bold]3/3[/bold] evaluating float vs {recipe} on {limit} easy-vqa test questions")
-    result = evaluate(float_dir, [compiled], limit=limit, json_out=workdir / f"eval.{recipe}.json", progress=True)
-    Console(width=None if sys.stdout.isatty() else 160).print(format_table(result))
+        stages.append((f"compile {name}", report.seconds))
+    stages.append(("compile, all", time.perf_counter() - start - stages[0][1]))
+    console.print(f"[bold]3/3[/bold] evaluating float vs {shown(recipe)} ({fmt}) on {limit} easy-vqa test questions "
+                  f"(the recipe was chosen on validation questions), {ppl_tokens} perplexity tokens, latency "
+                  "interleaved run by run")
+    mark = time.perf_counter()
+    result = evaluate(float_dir, [compiled], limit=limit, ppl_tokens=ppl_tokens,
+                      json_out=workdir / f"eval.{recipe}.{fmt}.json", progress=True)
+    stages.append(("evaluate", time.perf_counter() - mark))
+    stages.append(("total", time.perf_counter() - start))
+    out = Console(width=None if sys.stdout.isatty() else 160)
+    out.print(format_table(result))
+    out.print("stage times (s): " + ", ".join(f"{name} {seconds:.0f}" for name, seconds in stages))
+
+
+def _demo_format(fmt: str) -> str:
+    """The format the demo compiles to: ``mqc`` needs the runtime-ops library (built by ``make setup``)."""
+    from mqc.errors import InputModelError
+    from mqc.runtime_ops import RuntimeOpsNotBuiltError, library_path
+
+    if fmt == "qdq":
+        return fmt
+    try:
+        library_path("cpu")
+    except RuntimeOpsNotBuiltError as exc:
+        if fmt == "mqc":
+            raise InputModelError(f"--format mqc: {exc}") from exc
+        console.print("[yellow]the runtime-ops library is not built (MQC_SKIP_RUNTIME_OPS=1 or no compiler): "
+                      "compiling the QDQ form instead, which stock onnxruntime runs but which is slower than float "
+                      "on the CPU; `make setup` builds the library[/yellow]")
+        return "qdq"
+    return "mqc"
 
 
 def _register_model_commands() -> None:

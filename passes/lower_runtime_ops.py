@@ -20,8 +20,12 @@ Rules:
    an int8 zero point of 0 (per-tensor symmetric int8), or MSQ's per-token fake-quant (mqc/graph/msq.py)
    ``Mul(Clip(Round(Div(X, s)), -128, 127), s)`` with ``s = Where(Equal(Unsqueeze(modality_ids, [-1]), 1),
    s_image, s_text)``, which becomes ``act_scale = [s_text, s_image]`` plus the ``modality_ids`` input (same
-   division, half-to-even rounding and clip as the op, so the int8 codes are identical), or the dynamic per-token
-   fake-quant of passes/cmc.py (``acts="dynamic"``), the same Mul/Clip/Round/Div with
+   division, half-to-even rounding and clip as the op, so the int8 codes are identical), or the same with
+   passes/sink_scales.py's third class, ``s = Where(Unsqueeze(is_sink, [-1]), s_sink, <MSQ's Where>)``, which
+   becomes ``act_scale = [s_text, s_image, s_sink]`` plus a per-token class input (0 text, 1 image, 2 sink:
+   ``Where(is_sink, 2, Cast(Equal(modality_ids, 1)))``, built once per graph by :class:`ScaleClasses` and shared
+   by every such QuantLinear; a decode step, position > 0, gets class 0 or 1 as the graph does), or the dynamic
+   per-token fake-quant of passes/cmc.py (``acts="dynamic"``), the same Mul/Clip/Round/Div with
    ``s = Max(Div(ReduceMax(Abs(X), axes=[-1], keepdims=1), 127), 1e-12)``, which becomes ``dynamic=1`` with an
    empty ``act_scale``: the op computes the same fp32 scale per token (division, then the floor), so its codes
    are bit-identical to the graph's. The dynamic form is lowered only when the graph computes its scale in
@@ -162,10 +166,11 @@ def _dynamic_scale_check(s: ir.Value, x: ir.Value, result: MatchResult) -> Match
     return result
 
 
-def _fake_quant_source(x_dq: ir.Value, result: MatchResult) -> _ActSource | MatchResult:
+def _fake_quant_source(x_dq: ir.Value, result: MatchResult, classes: ScaleClasses) -> _ActSource | MatchResult:
     """The source of ``Mul(Clip(Round(Div(X, s)), -128, 127), s)``: MSQ's per-token form (mqc/graph/msq.py), with
-    ``s = Where(Equal(Unsqueeze(modality_ids, [-1]), 1), s_image, s_text)``, or the dynamic per-token form of
-    passes/cmc.py, with ``s = Max(Div(ReduceMax(Abs(X)), 127), 1e-12)``."""
+    ``s = Where(Equal(Unsqueeze(modality_ids, [-1]), 1), s_image, s_text)``, the sink form of passes/sink_scales.py,
+    ``s = Where(Unsqueeze(is_sink, [-1]), s_sink, <MSQ's Where>)``, or the dynamic per-token form of passes/cmc.py,
+    with ``s = Max(Div(ReduceMax(Abs(X)), 127), 1e-12)``."""
     mul = _producer(x_dq, "Mul")
     assert mul is not None
     clip = next((c for c in (_producer(i, "Clip") for i in mul.inputs) if c is not None), None)
@@ -192,6 +197,28 @@ def _fake_quant_source(x_dq: ir.Value, result: MatchResult) -> _ActSource | Matc
         if not check:
             return check
         return _ActSource(x, np.zeros(0, np.float32), None, dynamic=True)
+    sink = _sink_select(where)
+    if sink is not None:
+        mask, s_sink, inner = sink
+        msq = _msq_scales(inner, result)
+        if isinstance(msq, MatchResult):
+            return msq
+        s_text, s_image, ids = msq
+        if not s_sink > 0:
+            return result.fail("the sink scale is not a positive constant scalar", where)
+        class_ids = classes.get(mask, ids)
+        if class_ids is None:
+            return result.fail("the sink mask is not a known bool tensor (no per-token scale class for it)", where)
+        return _ActSource(x, np.array([s_text, s_image, s_sink], dtype=np.float32), class_ids)
+    msq = _msq_scales(where, result)
+    if isinstance(msq, MatchResult):
+        return msq
+    s_text, s_image, ids = msq
+    return _ActSource(x, np.array([s_text, s_image], dtype=np.float32), ids)
+
+
+def _msq_scales(where: ir.Node, result: MatchResult) -> tuple[np.float32, np.float32, ir.Value] | MatchResult:
+    """(s_text, s_image, modality_ids) of MSQ's ``Where(Equal(Unsqueeze(modality_ids, [-1]), 1), s_image, s_text)``."""
     s_image, s_text = _scalar(where.inputs[1]), _scalar(where.inputs[2])
     if s_image is None or s_text is None or not (s_image > 0 and s_text > 0):
         return result.fail("the MSQ scales are not two positive constant scalars", where)
@@ -203,13 +230,85 @@ def _fake_quant_source(x_dq: ir.Value, result: MatchResult) -> _ActSource | Matc
     ids = unsq.inputs[0]
     if ids is None or ids.dtype != ir.DataType.INT64:
         return result.fail("modality_ids is not int64", unsq)
-    return _ActSource(x, np.array([np.float32(s_text), np.float32(s_image)], dtype=np.float32), ids)
+    return np.float32(s_text), np.float32(s_image), ids
 
 
-def _activation_source(x_dq: ir.Value, result: MatchResult) -> _ActSource | MatchResult:
+def _sink_select(where: ir.Node | None) -> tuple[ir.Value, float, ir.Node] | None:
+    """(is_sink mask, s_sink, MSQ's Where) when ``where`` is passes/sink_scales.py's
+    ``Where(Unsqueeze(is_sink, [-1]), s_sink, Where(...))``, else None."""
+    if where is None or len(where.inputs) != 3:
+        return None
+    inner = _producer(where.inputs[2], "Where")
+    unsq = _producer(where.inputs[0], "Unsqueeze")
+    s_sink = _scalar(where.inputs[1])
+    if inner is None or unsq is None or s_sink is None or _int_list(_input(unsq, 1)) != [-1]:
+        return None
+    mask = unsq.inputs[0]
+    return (mask, s_sink, inner) if mask is not None else None
+
+
+class ScaleClasses:
+    """The per-token scale class the lowered ops read for a sink-scaled activation: 0 text, 1 image, 2 sink.
+
+    ``class_ids = Where(is_sink, 2, Cast(Equal(modality_ids, 1), int64))``, built once per (sink mask, modality
+    ids) pair before the rules run, so every QuantLinear of that pair reads one shared value; it feeds the op's
+    ``modality_ids`` input with ``act_scale = [s_text, s_image, s_sink]``. The class is what the graph selects:
+    a sink row takes s_sink whatever its modality, any other row s_image when its id is 1, else s_text.
+    """
+
+    def __init__(self, graph: ir.Graph) -> None:
+        self.values: dict[tuple[ir.Value, ir.Value], ir.Value] = {}
+        for node in list(graph):
+            sink = _sink_select(node) if node.op_type == "Where" and node.domain in ("", "ai.onnx") else None
+            if sink is None:
+                continue
+            mask, _, inner = sink
+            msq = _msq_scales(inner, MatchResult())
+            if isinstance(msq, MatchResult) or not _is_bool(mask) or (mask, msq[2]) in self.values:
+                continue
+            self.values[(mask, msq[2])] = self._build(graph, mask, msq[2], len(self.values))
+        if self.values:
+            graph.sort()  # the class nodes read the mask and the ids, which may be produced in either order
+
+    @staticmethod
+    def _build(graph: ir.Graph, mask: ir.Value, ids: ir.Value, index: int) -> ir.Value:
+        prefix = f"mqc_scale_class_{index}"
+        one = _int64_initializer(graph, f"{prefix}_image", 1)
+        two = _int64_initializer(graph, f"{prefix}_sink", 2)
+        is_image = ir.node("Equal", [ids, one], name=f"{prefix}/is_image")
+        image = ir.node("Cast", [is_image.outputs[0]], attributes={"to": ir.DataType.INT64}, name=f"{prefix}/image")
+        classes = ir.node("Where", [mask, two, image.outputs[0]], name=f"{prefix}/class")
+        classes.outputs[0].name = prefix
+        classes.outputs[0].dtype = ir.DataType.INT64
+        graph.extend([is_image, image, classes])
+        return classes.outputs[0]
+
+    def get(self, mask: ir.Value, ids: ir.Value) -> ir.Value | None:
+        return self.values.get((mask, ids))
+
+
+#: Ops whose output is bool: a sink mask saved without value types (passes/sink_scales.py builds it from Equal/Or).
+_BOOL_OPS = frozenset({"Equal", "Or", "And", "Not", "Xor", "Less", "LessOrEqual", "Greater", "GreaterOrEqual"})
+
+
+def _is_bool(value: ir.Value) -> bool:
+    if value.dtype is not None:
+        return value.dtype == ir.DataType.BOOL
+    producer = value.producer()
+    return producer is not None and producer.domain in ("", "ai.onnx") and producer.op_type in _BOOL_OPS
+
+
+def _int64_initializer(graph: ir.Graph, name: str, value: int) -> ir.Value:
+    init = ir.Value(name=name, shape=ir.Shape([]), type=ir.TensorType(ir.DataType.INT64))
+    init.const_value = ir.tensor(np.array(value, dtype=np.int64), name=name)
+    graph.register_initializer(init)
+    return init
+
+
+def _activation_source(x_dq: ir.Value, result: MatchResult, classes: ScaleClasses) -> _ActSource | MatchResult:
     """The activation source of ``x_dq = DQ(Q(X, s, 0), s, 0)`` or of a fake-quant Mul, else a failed match."""
     if _producer(x_dq, "Mul") is not None:
-        return _fake_quant_source(x_dq, result)
+        return _fake_quant_source(x_dq, result, classes)
     dq = _producer(x_dq, "DequantizeLinear")
     if dq is None:
         return result.fail("the MatMul input is not a DequantizeLinear (or fake-quant Mul) output", x_dq)
@@ -262,9 +361,11 @@ def _weight(w_dq: ir.Value, result: MatchResult) -> tuple[np.ndarray, int, np.nd
 class _QdqLinearToQuantLinear(pattern.RewriteRuleClassBase):
     """``[Add(] MatMul(x_dq, DequantizeLinear(W_q, s_w, z_w)) [, bias)]`` -> ``ai.mqc::QuantLinear``."""
 
-    def __init__(self, name: str, skips: dict[str, str], with_bias: bool, bias_first: bool = False) -> None:
+    def __init__(self, name: str, skips: dict[str, str], classes: ScaleClasses, with_bias: bool,
+                 bias_first: bool = False) -> None:
         super().__init__(name)
         self.skips = skips
+        self.classes = classes
         self.with_bias = with_bias
         self.bias_first = bias_first
 
@@ -286,7 +387,7 @@ class _QdqLinearToQuantLinear(pattern.RewriteRuleClassBase):
 
     def _check(self, x_dq, w_dq, bias) -> MatchResult:
         result = MatchResult()
-        source = _activation_source(x_dq, result)
+        source = _activation_source(x_dq, result, self.classes)
         if isinstance(source, MatchResult):
             return source
         weight = _weight(w_dq, result)
@@ -300,7 +401,7 @@ class _QdqLinearToQuantLinear(pattern.RewriteRuleClassBase):
         return result
 
     def rewrite(self, op, x_dq, w_dq, mm, bias=None, **_):
-        source = _activation_source(x_dq, MatchResult())
+        source = _activation_source(x_dq, MatchResult(), self.classes)
         w, bits, w_scale = _weight(w_dq, MatchResult())
         base = mm.name or w_dq.producer().inputs[0].name or "linear"  # unique per linear, even for shared weights
         if bits == 4 and w.shape[0] % 2:  # odd K (e.g. 2^k - 1 after the RMS split): a zero nibble pads the row
@@ -386,18 +487,19 @@ class _MatMulHadamardToHadamard(pattern.RewriteRuleClassBase):
         return op.Hadamard(x, op.initializer(ir.tensor(base, name=name), name=name), _domain=MQC_DOMAIN, _version=MQC_OPSET)
 
 
-def rule_sets(skips: dict[str, str]) -> list[pattern.RewriteRuleSet]:
+def rule_sets(skips: dict[str, str], classes: ScaleClasses) -> list[pattern.RewriteRuleSet]:
     """The rule sets in the order they run: online Hadamards, then the linears with a bias (over the whole graph),
     then the bare MatMuls."""
     return [
         pattern.RewriteRuleSet([_MatMulHadamardToHadamard.rule("online_hadamard_to_hadamard", skips)]),
         pattern.RewriteRuleSet(
             [
-                _QdqLinearToQuantLinear.rule("qdq_linear_bias_to_quant_linear", skips, with_bias=True),
-                _QdqLinearToQuantLinear.rule("qdq_bias_linear_to_quant_linear", skips, with_bias=True, bias_first=True),
+                _QdqLinearToQuantLinear.rule("qdq_linear_bias_to_quant_linear", skips, classes, with_bias=True),
+                _QdqLinearToQuantLinear.rule("qdq_bias_linear_to_quant_linear", skips, classes, with_bias=True,
+                                             bias_first=True),
             ]
         ),
-        pattern.RewriteRuleSet([_QdqLinearToQuantLinear.rule("qdq_linear_to_quant_linear", skips, with_bias=False)]),
+        pattern.RewriteRuleSet([_QdqLinearToQuantLinear.rule("qdq_linear_to_quant_linear", skips, classes, with_bias=False)]),
     ]
 
 
@@ -606,7 +708,8 @@ class LowerRuntimeOpsPass(MqcPass):
 
     def run(self, model: ir.Model) -> bool:
         skips: dict[str, str] = {}
-        counts = [rules.apply_to_model(model) for rules in rule_sets(skips)]
+        classes = ScaleClasses(model.graph)
+        counts = [rules.apply_to_model(model) for rules in rule_sets(skips, classes)]
         branches = _fold_branches(model.graph, skips) if counts[1] + counts[2] else 0
         norms = 0
         if self.params.fuse_norms and counts[1] + counts[2]:
@@ -617,8 +720,9 @@ class LowerRuntimeOpsPass(MqcPass):
             self.record.skip(node, reason)
         self.record.matched = count + len(skips)
         self.record.changed = count
-        if count:
+        if count or classes.values:  # the replaced quantizers, and scale-class nodes no op reads
             ir.passes.common.RemoveUnusedNodesPass()(model)
+        if count:
             ensure_opset(model, MQC_DOMAIN, MQC_OPSET)
             removed = remove_unused_initializers(model.graph)
             self.record.notes.append(

@@ -95,18 +95,27 @@ inline float dynamic_scale(float absmax) {
   return s < kDynamicMinScale ? kDynamicMinScale : s;
 }
 
-// ---- Modality selection ----------------------------------------------------------------------------------
-// A token is "image" (index 1 of a two-entry activation scale) when modality_ids says 1, or, for the split-index
-// form, when its position in the sequence is below the split. Everything else (and every token when neither
-// is given) uses index 0, the text scale.
+// ---- Scale class selection ---------------------------------------------------------------------------------
+// A token's class picks its static activation scale: 0 text, 1 image, 2 sink (passes/sink_scales.py's third
+// class: the attention-sink rows, e.g. position 0). modality_ids entries 1 and 2 name those classes, anything else
+// is text; the split-index form knows image only (positions below the split). Without either, every token is text.
+// A class beyond the op's scales falls back to index 0 (ActScales::of), so a two-scale op reads id 2 as text.
+constexpr int kTextClass = 0;
+constexpr int kImageClass = 1;
+constexpr int kSinkClass = 2;
+constexpr int kMaxScaleClasses = 3;
+
 struct ModalitySelector {
   const int64_t* ids = nullptr;  // one per token, or null
   int64_t split = -1;            // image tokens are positions [0, split) of each sequence; -1: unused
   int64_t seq_len = 1;           // S of X [B, S, K] (for the split form)
   inline int of(int64_t token) const {
-    if (ids) return ids[token] == 1 ? 1 : 0;
-    if (split >= 0) return (token % seq_len) < split ? 1 : 0;
-    return 0;
+    if (ids) {
+      const int64_t id = ids[token];
+      return id == kImageClass || id == kSinkClass ? static_cast<int>(id) : kTextClass;
+    }
+    if (split >= 0) return (token % seq_len) < split ? kImageClass : kTextClass;
+    return kTextClass;
   }
   bool active() const { return ids != nullptr || split >= 0; }
 };

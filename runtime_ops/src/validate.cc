@@ -135,8 +135,8 @@ ActScales read_act_scales(const char* op, const TensorDesc& as) {
 }
 
 void check_static_act_scale_shape(const char* op, const TensorDesc& as) {
-  if (as.size() != 1 && as.size() != 2)
-    fail(op, "act_scale must be float32 with 1 or 2 entries (text, image), got ", shape_str(as.shape));
+  if (as.size() < 1 || as.size() > kMaxScaleClasses)
+    fail(op, "act_scale must be float32 with 1 to 3 entries (text, image, sink), got ", shape_str(as.shape));
 }
 
 TokenModality check_modality(const char* op, const TensorDesc& ids, const TensorDesc& split,

@@ -81,11 +81,12 @@ enum HadamardInput : size_t { kHdX = 0, kHdMatrix, kHdNumInputs };
 enum RMSNormQuantInput : size_t { kRqX = 0, kRqGamma, kRqActScale, kRqModalityIds, kRqSplit, kRqNumInputs };
 
 // ---- Validated calls ---------------------------------------------------------------------------------------
-// Static activation scales, read from the host-resident act_scale: n = 0 (dynamic), 1 or 2 (text, image).
+// Static activation scales, read from the host-resident act_scale: n = 0 (dynamic), 1, 2 (text, image) or 3
+// (text, image, sink). A class without its own scale uses the text scale.
 struct ActScales {
   int n = 0;
-  float s[2] = {0.f, 0.f};
-  float of(int modality) const { return s[n == 2 ? modality : 0]; }
+  float s[kMaxScaleClasses] = {0.f, 0.f, 0.f};
+  float of(int cls) const { return s[cls < n ? cls : 0]; }
 };
 
 // Token modality: ids is modality_ids' data (host or device, not read here), split the value of the host-resident

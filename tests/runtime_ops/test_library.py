@@ -93,7 +93,7 @@ CUDA_INVALID_VALUE = 1  # cudaErrorInvalidValue: returned before anything is lau
     ([0.1, -2.0], 8, 0, "act_scale entries must be finite and > 0, got -2 at index 1"),
     ([float("nan")], 4, 0, "act_scale entries must be finite and > 0, got nan at index 0"),
     ([float("inf")], 8, 0, "act_scale entries must be finite and > 0, got inf at index 0"),
-    ([], 8, 0, "act_scale must be float32 with 1 or 2 entries (text, image), got [0]"),
+    ([], 8, 0, "act_scale must be float32 with 1 to 3 entries (text, image, sink), got [0]"),
     ([0.1, 0.2], 8, 1, "with dynamic=1 act_scale is not read"),
     ([0.1], 3, 0, "attribute bits must be 8 or 4, got 3"),
 ])

@@ -149,6 +149,31 @@ def test_per_modality_scales(form):
     np.testing.assert_allclose(y.reshape(-1, N), ref, rtol=RTOL, atol=RTOL * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("n_scales", [3, 2])
+def test_sink_class_scales(bits, n_scales):
+    """Three activation scales (text, image, sink) chosen per token by class ids 0, 1, 2 (passes/sink_scales.py,
+    lowered); any other id is text. A two-scale op reads id 2 as text, as before the third class existed."""
+    rng = np.random.default_rng(11 + bits)
+    B, S, K, N = 2, 9, 64, 48
+    w, packed = _weights(rng, N, K, bits)
+    w_scale = np.full(N, 0.01, np.float32)
+    scales = np.array([0.01, 0.2, 12.0], np.float32)[:n_scales]  # text, image, sink
+    ids = rng.integers(0, 2, size=(B, S)).astype(np.int64)
+    ids[:, 0] = 2  # the sink row
+    ids[1, 4] = 7  # not a class: text
+    x = (rng.standard_normal((B, S, K)) * np.where(ids == 2, 300.0, np.where(ids == 1, 20.0, 1.0))[..., None]
+         ).astype(np.float32)
+    model = quant_linear_model(K, N, bits=bits, optional=("modality_ids",), weight=packed)
+    y = session(model).run(None, {"X": x, "w_scale": w_scale, "act_scale": scales, "modality_ids": ids})[0]
+    classes = np.where(ids.reshape(-1) < n_scales, ids.reshape(-1), 0)
+    s_tok = scales[classes]
+    xq = _quantize_rows(x.reshape(-1, K), s_tok)
+    assert (n_scales == 3) == (np.abs(xq[0]).max() < 127)  # only the sink scale keeps row 0 unclipped
+    ref = int_reference(xq, w) * (s_tok.astype(np.float64)[:, None] * w_scale)
+    np.testing.assert_allclose(y.reshape(-1, N), ref, rtol=RTOL, atol=RTOL * np.abs(ref).max())
+
+
 def test_lowrank_branch_on_image_tokens_and_channel0_side_branch():
     rng = np.random.default_rng(5)
     S, K, N, r = 10, 64, 24, 4
@@ -178,7 +203,7 @@ def test_lowrank_branch_on_image_tokens_and_channel0_side_branch():
     [
         ("k_mismatch", "gives K=63 but W holds K=64"),
         ("bad_scale_len", "w_scale must have 32 entries"),
-        ("three_scales", "act_scale must be float32 with 1 or 2 entries"),
+        ("four_scales", "act_scale must be float32 with 1 to 3 entries"),
         ("ids_len", "modality_ids [1, 3] has 3 entries"),
     ],
 )
@@ -193,8 +218,8 @@ def test_clear_errors(change, message):
         feeds["X"] = feeds["X"][..., :63].copy()
     elif change == "bad_scale_len":
         feeds["w_scale"] = np.ones(N - 1, np.float32)
-    elif change == "three_scales":
-        feeds["act_scale"] = np.ones(3, np.float32)
+    elif change == "four_scales":
+        feeds["act_scale"] = np.ones(4, np.float32)
     elif change == "ids_len":
         feeds["modality_ids"] = np.zeros((1, 3), np.int64)
     with pytest.raises(Exception, match=message.replace("[", r"\[").replace("]", r"\]")):

@@ -176,7 +176,7 @@ struct QuantLinearKernel {
           else
             xr[k] = half_to_float(static_cast<const uint16_t*>(x.data)[m * Kx + k]);
         }
-        const bool lowrank_here = rank && (!sel.active() || sel.of(m) != 0);
+        const bool lowrank_here = rank && (!sel.active() || sel.of(m) == kImageClass);
         if (!lowrank_here && !srow) continue;
         for (int64_t n = 0; n < N; ++n) {
           y[n] = y_half ? half_to_float(static_cast<uint16_t*>(Y)[m * N + n]) : static_cast<float*>(Y)[m * N + n];

@@ -74,7 +74,8 @@ __attribute__((visibility("default"))) void mqc_cuda_quant_linear_grids(int64_t 
 }
 
 // x: [M, K] (x_kind 0 float, 1 half, 2 int8); w: [N, Kp] int8 or [N, Kp/2] uint8 (device layout); act_scale: HOST
-// n_act floats (1 or 2; with dynamic, null / 0 entries); ids: per-token int64 or null. dynamic != 0: per-token
+// n_act floats (1 to 3: text, image, sink; with dynamic, null / 0 entries); ids: per-token int64 (1 image,
+// 2 sink, else text) or null. dynamic != 0: per-token
 // scale from the row's absmax (float x only). lowrank_a [K, rank] and lowrank_b [rank, N], fp32 (rank 0: none):
 // MASQuant's CMC branch, added to the tokens with ids == 1 when ids is given, else to every token; it needs float
 // x. workspace: mqc_cuda_quant_linear_workspace bytes for the same rank.
@@ -88,7 +89,7 @@ __attribute__((visibility("default"))) int mqc_cuda_quant_linear_ex(int bits, co
   mqc::QuantLinearCall call;
   const int status = validated([&] {
     if (x_kind < 0 || x_kind > 2) mqc::fail("QuantLinear", "x_kind must be 0 (float), 1 (half) or 2 (int8)");
-    if (n_act < 0 || n_act > 2 || (n_act > 0 && !act_scale)) mqc::fail("QuantLinear", "act_scale must hold n_act floats");
+    if (n_act < 0 || n_act > mqc::kMaxScaleClasses || (n_act > 0 && !act_scale)) mqc::fail("QuantLinear", "act_scale must hold n_act floats");
     if (rank < 0) mqc::fail("QuantLinear", "rank must be >= 0");
     const mqc::QuantLinearAttrs attrs = mqc::check_quant_linear_attrs(bits, dynamic, x_dtype(x_kind));
     const std::vector<int64_t> w_shape = {N, bits == 8 ? K : (K + 1) / 2};

@@ -15,11 +15,27 @@ namespace cuda {
 constexpr int64_t kKAlign = 64;
 inline int64_t padded_k(int64_t K) { return (K + kKAlign - 1) / kKAlign * kKAlign; }
 
-// Token modality (mqc::TokenModality of validate.h): ids on the device (one int64 per token, 1 = image), or the
-// value of the host-resident split (image tokens are positions < split of each sequence of length seq_len; -1:
-// absent), or neither. Static activation scales (mqc::ActScales) come by value, validated on the host: the kernels
-// read s[modality] when n == 2, else s[0].
+// Token class (mqc::TokenModality of validate.h): ids on the device (one int64 per token: 1 image, 2 sink, else
+// text), or the value of the host-resident split (image tokens are positions < split of each sequence of length
+// seq_len; -1: absent), or neither. Static activation scales (mqc::ActScales) come by value, validated on the host:
+// a kernel reads s[class] when the op has a scale for that class, else s[0] (text), as ActScales::of on the host.
 using Modality = TokenModality;
+
+#ifdef __CUDACC__
+__device__ __forceinline__ int token_class(const Modality& mo, int64_t m) {
+  if (mo.ids) {
+    const int64_t id = mo.ids[m];
+    return id == kImageClass || id == kSinkClass ? static_cast<int>(id) : kTextClass;
+  }
+  if (mo.split >= 0) return (m % mo.seq_len) < mo.split ? kImageClass : kTextClass;
+  return kTextClass;
+}
+
+__device__ __forceinline__ float scale_of_token(const ActScales& act, const Modality& mo, int64_t m) {
+  const int c = token_class(mo, m);
+  return act.s[c < act.n ? c : 0];
+}
+#endif
 
 struct QuantLinearParams {
   int bits = 8;

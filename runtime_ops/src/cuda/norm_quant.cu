@@ -37,12 +37,7 @@ __global__ void rmsnorm_quant_kernel(const void* x, int64_t rows, int64_t K, con
     }
     __syncthreads();
     const float denom = sqrtf(partial[0] / static_cast<float>(K) + eps);
-    int sel = 0;
-    if (act.n == 2) {
-      if (mo.ids) sel = mo.ids[row] == 1;
-      else if (mo.split >= 0) sel = (row % mo.seq_len) < mo.split;
-    }
-    const float s = act.s[sel];
+    const float s = scale_of_token(act, mo, row);
     for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
       const float v = load_x<HALF>(x, row * K + k);
       float r = rintf(__fdiv_rn(__fdiv_rn(v, denom) * gamma[k], s));

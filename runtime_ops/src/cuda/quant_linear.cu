@@ -25,14 +25,8 @@ namespace {
 constexpr int BM = 128, BN = 128, BK = 64, PAD = 16, THREADS = 256;
 static_assert(BM == kGemmTile && BN == kGemmTile, "launch_geometry.h plans the prefill grid with this tile");
 
-__device__ __forceinline__ int token_modality(const Modality& mo, int64_t m) {
-  if (mo.ids) return mo.ids[m] == 1 ? 1 : 0;
-  if (mo.split >= 0) return (m % mo.seq_len) < mo.split ? 1 : 0;
-  return 0;
-}
-
 __device__ __forceinline__ float row_scale_of(const QuantLinearParams& p, int64_t m) {
-  return p.act.s[p.act.n == 2 ? token_modality(p.modality, m) : 0];
+  return scale_of_token(p.act, p.modality, m);
 }
 
 // Block-wide max of |x| over row m's K quantized channels (blockDim a multiple of 32). It compares the magnitude
@@ -328,7 +322,7 @@ __global__ void lowrank_t_kernel(QuantLinearParams p, float* T) {
   // CMC: the low-rank correction applies to non-text tokens; without modality inputs, to every token.
   const bool has_modality = p.modality.ids != nullptr || p.modality.split >= 0;
   for (int64_t m = blockIdx.x; m < p.M; m += gridDim.x) {  // one token per block and step
-    const bool on = !has_modality || token_modality(p.modality, m) != 0;
+    const bool on = !has_modality || token_class(p.modality, m) == kImageClass;
     for (int64_t r = threadIdx.x; r < p.rank; r += blockDim.x) {
       float s = 0.f;
       if (on) {
