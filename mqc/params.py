@@ -193,6 +193,11 @@ class SinkScalesParams(PassParams):
 
 
 @dataclass(frozen=True)
+class ActPrecisionParams(PassParams):
+    points: int = field(default=8, metadata=bounded(0))
+
+
+@dataclass(frozen=True)
 class LowerRuntimeOpsParams(PassParams):
     fuse_norms: bool = False
 
@@ -212,6 +217,7 @@ PASS_PARAMS: dict[str, type[PassParams]] = {
     "aifs": AifsParams,
     "rms_split": RmsSplitParams,
     "sink_scales": SinkScalesParams,
+    "act_precision": ActPrecisionParams,
     "lower_runtime_ops": LowerRuntimeOpsParams,
 }
 

@@ -59,6 +59,7 @@ PASS_MODULES: dict[str, str] = {
     "rms_split": "rms_split:RmsSplitPass",
     "lower_runtime_ops": "lower_runtime_ops:LowerRuntimeOpsPass",
     "sink_scales": "sink_scales:SinkScalesPass",
+    "act_precision": "act_precision:ActPrecisionPass",
 }
 _COMPONENT_KEYS = {"recipe", "overrides", "float"}
 _RECIPE_KEYS = {"name", "description", "extends", "passes", "append", "overrides", "components"}
