@@ -36,7 +36,7 @@ import onnx_ir as ir
 
 from mqc.calibration import IMAGE, MODALITY_INPUT, TEXT, capture
 from mqc.ir import add_initializer, constant_array, replace_initializer
-from mqc.pass_manager import MqcPass
+from mqc.pass_manager import MqcPass, declare_fatal
 
 PREFIX = "mqc_sink"
 #: The position ids AIFS's permutation produces (``passes/aifs.py``: ``GatherElements`` named ``position_ids``).
@@ -81,6 +81,23 @@ class SinkScalesPass(MqcPass):
     """Give the sink-position token rows their own static scale at every MSQ quantization point."""
 
     name = "sink_scales"
+    fatal_skips = declare_fatal(
+        no_msq_points="no MSQ quantization point (Where of a text and an image scale) to give a sink class",
+        no_position_ids="no position_ids input: sink rows cannot be selected statically",
+        no_modality_ids="no modality_ids input: the MSQ points it rewrites select per modality",
+    )
+
+    def requires(self, model: ir.Model) -> None:
+        graph = model.graph
+        names = {v.name for v in graph.inputs} | {v.name for node in graph for v in node.outputs}
+        if not names & {AIFS_POSITION_IDS, "position_ids"}:
+            raise self.refuse("no_position_ids", "the graph has no position_ids input: sink rows (position 0) cannot "
+                                                 "be selected statically")
+        if not names & {AIFS_MODALITY_IDS, MODALITY_INPUT}:
+            raise self.refuse("no_modality_ids", "the graph has no modality_ids input, so no MSQ point to rewrite")
+        if not _msq_points(graph):
+            raise self.refuse("no_msq_points", "no MSQ quantization point (static per-modality scales) in the graph: "
+                                               "run the linear quantizer with act_scales='per_modality' first")
 
     def variant(self) -> str:
         return (f"a third static class for the rows at positions {list(self.params.positions)} (PrefixQuant's outlier tokens, "
@@ -94,9 +111,7 @@ class SinkScalesPass(MqcPass):
         values.update({v.name: v for v in graph.inputs})
         positions = values.get(AIFS_POSITION_IDS) or values.get("position_ids")
         modality = values.get(AIFS_MODALITY_IDS) or values.get(MODALITY_INPUT)
-        if not points or positions is None or modality is None:
-            self.record.notes.append("no MSQ quantization point, position_ids or modality_ids: nothing to do")
-            return False
+        assert positions is not None and modality is not None  # requires
         scales = self._calibrate(model, points, positions.name, modality.name)
         is_sink = self._sink_mask(graph, positions, points)
         for point, (sink, text, image) in zip(points, scales, strict=True):

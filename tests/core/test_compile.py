@@ -151,8 +151,10 @@ def test_grouped_int4_weights_fuse_into_matmulnbits_and_keep_the_graphs_numerics
     """Per-group int4 weights stay [in, out], blocked on axis 0 with no Transpose: onnxruntime fuses them into
     MatMulNBits (instead of dequantizing every weight on each call), and at mqc.open_session's accuracy level the
     fused model computes what the unfused graph does. Float activations (masquant's dynamic form), as the fusion
-    needs: the quantizer is cmc's here (after MAS at its initial scales: cmc refuses a graph without MAS)."""
-    recipe = with_overrides(load_recipe("masquant-no-cmc"), {"cmc": {"group_size": 16}, "mas": {"learn": False}})
+    needs: cmc quantizes the MAS linears (after MAS at its initial scales: cmc refuses a graph without MAS), the
+    plain quantizer the others."""
+    overrides = {"cmc": {"group_size": 16}, "quantize_linears": {"group_size": 16}, "mas": {"learn": False}}
+    recipe = with_overrides(load_recipe("masquant-no-cmc"), overrides)
     mqc.compile(llama_decoder, tmp_path / "q.onnx", recipe)
     graph = onnx.load(str(tmp_path / "q.onnx")).graph
     dequants = [n for n in graph.node if n.name.endswith("/weight_dequant")]

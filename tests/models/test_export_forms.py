@@ -142,7 +142,9 @@ NEEDS_MODALITIES = sorted(name for name, recipe in RECIPES.items() if any(s["pas
 #: The vision-tower recipes convert LayerNorm to RMSNorm: they apply to towers, and refuse RMSNorm decoders.
 TOWER_RECIPES = sorted(name for name, recipe in RECIPES.items()
                        if any(s["pass"] == "ln_to_rmsnorm" for s in recipe.passes))
-DECODER_RECIPES = sorted(set(RECIPES) - set(NEEDS_MODALITIES) - set(TOWER_RECIPES))
+#: Sink scales split MSQ's per-modality scales at position 0: a graph without ``modality_ids`` has no MSQ point.
+SINK_RECIPES = sorted(name for name, recipe in RECIPES.items() if any(s["pass"] == "sink_scales" for s in recipe.passes))
+DECODER_RECIPES = sorted(set(RECIPES) - set(NEEDS_MODALITIES) - set(TOWER_RECIPES) - set(SINK_RECIPES))
 #: A single graph compiles with the recipe's own steps (components are for model folders): recipes with the same
 #: steps compile alike, so one of each set (the shortest name) runs on every form and the others on one form.
 TWINS = {name: min((other for other in DECODER_RECIPES if _steps(other) == _steps(name)), key=lambda n: (len(n), n))
@@ -181,7 +183,8 @@ def test_recipe_with_a_twins_steps_compiles_as_its_twin(recipe, form_graph, tmp_
 
 
 def test_every_builtin_recipe_is_in_the_corpus_matrix():
-    assert set(NEEDS_MODALITIES) | set(TOWER_RECIPES) | set(TWINS) == set(RECIPES)
+    assert set(NEEDS_MODALITIES) | set(TOWER_RECIPES) | set(SINK_RECIPES) | set(TWINS) == set(RECIPES)
+    assert "mquant-sink" in SINK_RECIPES
     assert {"masquant", "masquant-rot-g64"} <= set(NEEDS_MODALITIES) and set(TOWER_RECIPES) == {
         "mquant-vision", "vision-w8a8-rot"}
 
@@ -202,6 +205,13 @@ def test_masquant_recipe_refuses_a_text_only_form_with_its_reason(recipe, form, 
     reason = _refusal(form_graph(form), recipe, form.family, form.tied, tmp_path / "q.onnx")
     assert "pass mas cannot do its work on this model: the graph has no modality_ids input" in reason
     assert "--allow-partial" in reason
+
+
+@pytest.mark.parametrize("recipe", SINK_RECIPES)
+def test_sink_recipe_refuses_a_text_only_form_with_its_reason(recipe, form_graph, tmp_path):
+    form = FORMS[0]
+    reason = _refusal(form_graph(form), recipe, form.family, form.tied, tmp_path / "q.onnx")
+    assert "pass sink_scales cannot do its work on this model: the graph has no" in reason
 
 
 @pytest.mark.parametrize(("recipe", "form"), [(r, FORMS[-1 - i]) for i, r in enumerate(TOWER_RECIPES)],
