@@ -31,6 +31,7 @@ from onnxscript.rewriter import pattern
 from onnxscript.rewriter._basics import MatchingTracer, MatchStatus
 
 from mqc.calibration import TEXT, Calibrator, TapStats, TensorStats
+from mqc.distributed import LocalExecutor
 from mqc.errors import RecipeNotApplied, VerificationError
 from mqc.model_map import ModelMap, build_model_map
 from mqc.params import PASS_PARAMS, PassParams, parse_params
@@ -59,8 +60,12 @@ class CompileContext:
         providers: Sequence[str] = ("CPUExecutionProvider",),
         progress: Any = None,
         allow_partial: bool = False,
+        executor: LocalExecutor | None = None,
     ) -> None:
+        """``executor`` runs calibration and the passes' independent per-layer jobs (``mqc.distributed``; by
+        default in this process)."""
         self._feeds = feeds
+        self.executor = executor or LocalExecutor()
         self.allow_partial = allow_partial
         self.verify = verify
         self.verify_rtol = verify_rtol
@@ -99,7 +104,8 @@ class CompileContext:
         task = None
         if self.progress is not None:
             task = self.progress.add_task(label, total=self.num_samples)
-        stats = calibrator.run(self.feeds(), progress=(lambda: self.progress.advance(task)) if task is not None else None)
+        stats = self.executor.calibrate(calibrator, self.feeds(),
+                                        (lambda: self.progress.advance(task)) if task is not None else None)
         if task is not None:
             self.progress.remove_task(task)
         return stats

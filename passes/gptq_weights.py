@@ -83,8 +83,8 @@ class GptqWeightsPass(LinearQuantPass):
         for index, group in enumerate(groups):
             taps = list(dict.fromkeys(lin.input.name for lin in group))
             group_stats = self.ctx.calibrate(model, taps, gram_taps=taps, label=f"GPTQ Hessians {index + 1}/{len(groups)}")
+            self._quantize(group, group_stats, results)
             for lin in group:
-                self._quantize(lin, group_stats.get(lin.input.name), results)
                 if sequential and results.get(id(lin.node), (None,))[0] is not None:
                     float_weights[id(lin.node)] = lin.weight_array()
                     insert_weight_dequant(model.graph, lin, results[id(lin.node)][0])
@@ -96,25 +96,23 @@ class GptqWeightsPass(LinearQuantPass):
                 stats[name] = tap
         return self._emit(model, selected, stats, results, float_weights)
 
-    def _quantize(self, lin: Linear, tap: TapStats | None, results: dict) -> None:
-        """GPTQ-round ``lin`` against the Hessian of ``tap`` into ``results`` (nothing when no row reached it)."""
-        hessian, rows = hessian_from_tap(tap) if tap is not None else (None, 0)
-        if hessian is None:
-            return
-        weight = lin.weight_array()
-        scale = weight_scales(weight, self.params.weight_bits, self.params.group_size, self.params.weight_mse_clip)
-        try:
-            qweight, rel = gptq_quantize(
-                weight, hessian, self.params.weight_bits, self.params.group_size, act_order=self.params.act_order,
-                percdamp=self.params.percdamp, block_size=self.params.block_size, scale=scale,
-            )
-        except ValueError as exc:
-            self.record.skip(lin.name, f"GPTQ failed: {exc}")
-            results[id(lin.node)] = (None, {})
-            return
-        rtn = quantize_weight_rtn(weight, self.params.weight_bits, self.params.group_size, scale=scale)
-        rtn_rel = relative_output_error(weight, rtn.dequantize(), hessian)
-        results[id(lin.node)] = (qweight, {"gptq_rel_error": round(rel, 5), "rtn_rel_error": round(rtn_rel, 5), "hessian_rows": rows})
+    def _quantize(self, group: Sequence[Linear], stats: dict[str, TapStats], results: dict) -> None:
+        """GPTQ-round each linear of ``group`` against the Hessian of its input into ``results`` (nothing for one no
+        row reached); the linears are independent jobs, spread over the compile's executor."""
+        jobs = []
+        for lin in group:
+            tap = stats.get(lin.input.name)
+            hessian, rows = hessian_from_tap(tap) if tap is not None else (None, 0)
+            if hessian is not None:
+                jobs.append((lin, rows, (lin.weight_array(), hessian, self.params)))
+        outcomes = self.ctx.executor.map(gptq_linear, [job for _, _, job in jobs])
+        for (lin, rows, _), outcome in zip(jobs, outcomes, strict=True):
+            if isinstance(outcome, str):
+                self.record.skip(lin.name, f"GPTQ failed: {outcome}")
+                results[id(lin.node)] = (None, {})
+                continue
+            qweight, rel, rtn_rel = outcome
+            results[id(lin.node)] = (qweight, {"gptq_rel_error": round(rel, 5), "rtn_rel_error": round(rtn_rel, 5), "hessian_rows": rows})
 
     def _emit(
         self, model: ir.Model, selected: Sequence[Linear], stats: dict[str, TapStats], results: dict,
@@ -139,3 +137,18 @@ class GptqWeightsPass(LinearQuantPass):
             return weight, qweight, {"weight_method": "gptq", **figures}
 
         return self.emit(model, readers, stats, rounded)
+
+
+def gptq_linear(weight: np.ndarray, hessian: np.ndarray, params: Any) -> tuple[QuantizedWeight, float, float] | str:
+    """One linear's GPTQ weight with its relative output error and round-to-nearest's with the same scales, or why
+    GPTQ failed (an executor job: a pure function of its arguments)."""
+    scale = weight_scales(weight, params.weight_bits, params.group_size, params.weight_mse_clip)
+    try:
+        qweight, rel = gptq_quantize(
+            weight, hessian, params.weight_bits, params.group_size, act_order=params.act_order,
+            percdamp=params.percdamp, block_size=params.block_size, scale=scale,
+        )
+    except ValueError as exc:
+        return str(exc)
+    rtn = quantize_weight_rtn(weight, params.weight_bits, params.group_size, scale=scale)
+    return qweight, rel, relative_output_error(weight, rtn.dequantize(), hessian)
