@@ -1,6 +1,7 @@
 """Where a compile's heavy work runs: in this process, or spread over a Ray cluster, with the same bits out.
 
-Two kinds of work are spread (everything else, graph rewriting included, stays in the driver process):
+Two kinds of work are spread; everything else stays in the driver process: graph rewriting, CMC's low-rank SVDs,
+MAS's learning and its own activation captures, ``sink_scales``' captures, ``--verify`` runs and the quality gate.
 
 1. Calibration: the samples are split into contiguous shards, one Ray task each; every task runs the current
    model in onnxruntime over its shard and returns its statistics, which :func:`mqc.calibration.merge_shards`
@@ -8,14 +9,17 @@ Two kinds of work are spread (everything else, graph rewriting included, stays i
 2. Independent per-layer work a pass hands to :meth:`LocalExecutor.map` (GPTQ of the linears of one group, given
    their Hessians): one task per item, results in the order of the items.
 
-The model goes to the cluster once per graph revision: its weights as numpy arrays in Ray's object store (shared
-by the tasks of a node, not copied per task) and the graph without weights as one protobuf (so the 2 GB protobuf
-limit does not apply). Limits for large models: every node's object store must hold the weights once, and each
-worker's onnxruntime session builds its own copy of them (plan RAM for weights x (1 + workers per node)).
+The model goes to the cluster once per graph revision (a content digest of it decides): its weights as numpy
+arrays in Ray's object store (shared by the tasks of a node, not copied per task) and the graph without weights as
+one protobuf (so the 2 GB protobuf limit does not apply). Limits for large models: every node's object store must
+hold the weights, and a worker's onnxruntime session may keep its own copy of them (plan RAM for up to weights x
+(1 + workers per node)); the driver still holds the whole model, as in a single-process compile.
 
-Results equal the single-process compile bit for bit when both run the same code and libraries (workers are
-checked to run the driver's versions of mqc, numpy, onnx-ir and onnxruntime) with the same thread settings: each
-worker uses one thread (OpenMP, BLAS, onnxruntime's ``MQC_ORT_THREADS``).
+Results equal the single-process compile bit for bit when both run the same code and libraries (the workers are
+checked to run the driver's versions of mqc, numpy, onnx, onnx-ir and onnxruntime). Each worker uses one thread
+(OpenMP, BLAS, onnxruntime's ``MQC_ORT_THREADS``); that results do not depend on the thread count is the
+libraries' behaviour, not something mqc enforces (it held on the tested machine: a single-process compile with the
+default threads wrote the same bytes).
 """
 
 from __future__ import annotations
@@ -83,13 +87,15 @@ class RayExecutor(LocalExecutor):
         self._ray = ray
         runtime_env = {"env_vars": dict.fromkeys(THREAD_VARS, "1")}
         try:
-            if address == LOCAL:
-                ray.init(num_cpus=workers or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
-                         runtime_env=runtime_env)
+            if address == LOCAL:  # a new cluster even where RAY_ADDRESS names another
+                ray.init(address="local", num_cpus=workers or os.cpu_count() or 1, include_dashboard=False,
+                         log_to_driver=False, runtime_env=runtime_env)
             else:
                 ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise ClusterError(f"cannot connect to the Ray cluster at {address!r}: {exc}") from exc
+            raise ClusterError(f"cannot connect to the Ray cluster at {address!r}: {exc} (a cluster with token "
+                               "authentication, the default of `ray start` since Ray 2.59, also needs "
+                               "RAY_AUTH_MODE=token and its token in this environment)") from exc
         self.workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         self._model_digest: str | None = None
         self._model_ref: Any = None
