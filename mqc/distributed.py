@@ -25,9 +25,8 @@ default threads wrote the same bytes).
 from __future__ import annotations
 
 import hashlib
-import itertools
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence, Sized
 from importlib import metadata
 from typing import Any, TypeVar
 
@@ -112,13 +111,17 @@ class RayExecutor(LocalExecutor):
     def calibrate(self, calibrator: Calibrator, feeds: Iterable[Feed],
                   progress: Callable[[], None] | None = None) -> dict[str, TapStats]:
         ray = self._ray
-        samples = list(feeds)
+        samples = feeds if isinstance(feeds, Sized) else list(feeds)
+        ends = set(shard_bounds(len(samples), self.workers)[1:])
         model = self._model(calibrator.model)
         settings = CalibratorSettings.of(calibrator)
         task = ray.remote(num_cpus=1)(calibrate_shard)
-        pending = {}
-        for first, shard in contiguous_shards(samples, self.workers):
-            pending[task.remote(model, settings, shard, first)] = len(shard)
+        pending, shard = {}, []
+        for index, feed in enumerate(samples):  # each shard goes to the object store as it fills: one in memory here
+            shard.append(feed)
+            if index + 1 in ends:
+                pending[task.remote(model, settings, shard, index + 1 - len(shard))] = len(shard)
+                shard = []
         order = list(pending)
         while pending:  # advance the progress bar shard by shard as they finish
             done, _ = ray.wait(list(pending), num_returns=1)
@@ -167,10 +170,9 @@ def library_versions() -> dict[str, str | None]:
     return versions
 
 
-def contiguous_shards(samples: Sequence[Feed], count: int) -> list[tuple[int, list[Feed]]]:
-    """``samples`` in at most ``count`` contiguous shards of near-equal size, each with its first sample's index."""
-    bounds = np.linspace(0, len(samples), min(count, len(samples)) + 1).round().astype(int)
-    return [(int(a), list(samples[a:b])) for a, b in itertools.pairwise(bounds) if b > a]
+def shard_bounds(total: int, count: int) -> list[int]:
+    """Where ``total`` samples split into at most ``count`` contiguous shards of near-equal size: 0, ..., total."""
+    return sorted({int(b) for b in np.linspace(0, total, min(count, total) + 1).round()})
 
 
 class CalibratorSettings:
