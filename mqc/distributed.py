@@ -98,7 +98,11 @@ class RayExecutor(LocalExecutor):
         self.workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         self._model_digest: str | None = None
         self._model_ref: Any = None
-        self._check_versions()
+        try:
+            self._check_versions()
+        except BaseException:
+            ray.shutdown()
+            raise
 
     def _check_versions(self) -> None:
         expected = library_versions()
@@ -106,7 +110,7 @@ class RayExecutor(LocalExecutor):
         if found != expected:
             differ = {lib: (expected.get(lib), found.get(lib)) for lib in expected if expected.get(lib) != found.get(lib)}
             raise ClusterError(f"the Ray workers run other library versions than this process (driver, worker): "
-                                  f"{differ}; install the same ones on the cluster")
+                               f"{differ}; install the same ones on the cluster")
 
     def calibrate(self, calibrator: Calibrator, feeds: Iterable[Feed],
                   progress: Callable[[], None] | None = None) -> dict[str, TapStats]:
