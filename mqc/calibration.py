@@ -3,15 +3,24 @@
 The model is augmented with the tapped values as extra graph outputs and only those are requested from each run,
 so logits and KV-cache outputs are never kept. Every statistic is streaming (running maxima, a histogram that
 doubles its range when needed, a fixed-size reservoir of rows, optional Gram matrices), so memory is bounded by
-the number of taps, not by the size of the calibration set.
+the number of taps, not by the size of the calibration set (a Gram matrix's sum holds O(log samples) matrices:
+:meth:`SampleTreeSum.most_held`).
 
 Statistics are kept per modality. Each token row carries a modality id (0 text, 1 image) taken from the decoder's
 ``modality_ids`` input; a graph without that input (a vision encoder) sees only ``default_modality``.
+
+Every statistic is a function of the calibration samples, not of the order in which one process met them, so the
+samples can be split into contiguous shards (``mqc.distributed``) and the shards' statistics merged
+(:func:`merge_shards`) to the same bits as one pass over all of them: maxima are exact; the histogram's range is
+the smallest power of two above every magnitude, so doubling it merges bin pairs exactly; the reservoir keeps the
+rows with the smallest keys, each key drawn from (sample index, row); Gram matrices are summed over a fixed binary
+tree of sample indices (:class:`SampleTreeSum`).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,8 +42,91 @@ MAX_SAMPLE_BYTES = 4 << 30
 MAX_MAGNITUDE = float(np.sqrt(np.finfo(np.float32).max))
 #: Largest synthetic input (elements) built when no calibration data is given: 256 Mi float32 values.
 MAX_SYNTHETIC_ELEMENTS = 1 << 28
+#: Seed of the reservoir's row keys (with the sample index).
+RESERVOIR_SEED = 0
 
 FeedSource = Callable[[], Iterable[dict[str, np.ndarray]]]
+
+
+class SampleTreeSum:
+    """The sum of per-sample float64 matrices, added over a fixed binary tree of sample indices.
+
+    Floating-point addition is not associative, so a running sum would depend on where a sharded calibration split
+    the samples. Here node (level, j) covers samples [j·2^level, (j+1)·2^level) and its value is left + right (with
+    a child that saw no sample: the other child unchanged); the sum is the root's value. A shard holds the nodes it
+    completed (O(log n) matrices); shards of any contiguous split merge (:meth:`merged`) to the same bits as one
+    pass over all samples.
+    """
+
+    def __init__(self, start: int = 0) -> None:
+        """``start``: the first sample index this sum can see; nodes reaching below it belong to an earlier shard."""
+        self.start = start
+        self.end = start  # every sample before this one was added or is absent
+        self.blocks: list[tuple[int, int, np.ndarray]] = []  # completed nodes (level, j, value), in sample order
+
+    @classmethod
+    def of(cls, value: np.ndarray) -> SampleTreeSum:
+        """A sum already resolved to ``value``."""
+        out = cls()
+        out.blocks = [(0, 0, value)]
+        out.end = math.inf
+        return out
+
+    @staticmethod
+    def most_held(samples: int) -> int:
+        """The most matrices a sum over ``samples`` samples holds at once: the completed nodes before a sample (at
+        most one per bit of its index), that sample's matrix and one sum of two nodes being formed."""
+        return max(samples - 1, 0).bit_length() + 2
+
+    def add(self, sample: int, value: np.ndarray) -> None:
+        if sample < self.end:
+            raise ValueError(f"sample {sample} comes after sample {self.end - 1}: samples are added in order")
+        self._push((0, sample, value))
+
+    def _push(self, block: tuple[int, int, np.ndarray]) -> None:
+        level, index, _ = block
+        self._collapse(index << level)
+        self.blocks.append(block)
+        self.end = (index + 1) << level
+        self._collapse(self.end)
+
+    def _collapse(self, frontier: float) -> None:
+        """Complete the nodes above the last block whose samples before ``frontier`` have all been seen."""
+        while self.blocks:
+            level, index, value = self.blocks[-1]
+            parent_lo = (index >> 1) << (level + 1)
+            if index & 1:  # a right child: its left sibling is the block before, or absent
+                left = self.blocks[-2] if len(self.blocks) > 1 else None
+                if left is not None and left[:2] == (level, index - 1):
+                    self.blocks[-2:] = [(level + 1, index >> 1, left[2] + value)]
+                elif parent_lo >= self.start and (left is None or (left[1] + 1) << left[0] <= parent_lo):
+                    self.blocks[-1] = (level + 1, index >> 1, value)
+                else:  # the sibling reaches into an earlier shard
+                    return
+            elif parent_lo + (2 << level) <= frontier and (index or frontier != math.inf):
+                self.blocks[-1] = (level + 1, index >> 1, value)  # a left child whose right sibling is absent
+            else:
+                return
+
+    def merged(self, later: SampleTreeSum) -> SampleTreeSum:
+        """This shard's sum followed by the next contiguous shard's."""
+        out = SampleTreeSum(self.start)
+        for block in [*self.blocks, *later.blocks]:
+            out._push(block)
+        out.end = max(self.end, later.end)
+        return out
+
+    def total(self) -> np.ndarray | None:
+        """The root's value (None when no sample was added); the sum is complete from here on."""
+        if self.start != 0:
+            raise ValueError("a shard's partial sum has no total: merge it with the shards before it")
+        while len(self.blocks) > 1:
+            count = len(self.blocks)
+            self._collapse(math.inf)
+            if len(self.blocks) == count:
+                raise AssertionError("sample tree sum cannot complete its root")
+        self.end = math.inf
+        return self.blocks[0][2] if self.blocks else None
 
 
 @dataclass
@@ -49,59 +141,92 @@ class TensorStats:
     hist: np.ndarray = field(init=False)
     hist_range: float = 0.0
     sample: np.ndarray = field(init=False)
-    gram: np.ndarray | None = None
-    _rng: np.random.Generator = field(init=False, repr=False)
+    #: Each kept row's key and (sample index, row): the reservoir keeps the smallest keys, in sample order.
+    sample_keys: np.ndarray = field(init=False, repr=False)
+    sample_origin: np.ndarray = field(init=False, repr=False)
+    gram_sum: SampleTreeSum | None = field(default=None, repr=False)
+    _updates: int = field(default=0, repr=False)
 
     def __post_init__(self) -> None:
         self.channel_absmax = np.zeros(self.channels, dtype=np.float32)
         self.hist = np.zeros(HIST_BINS, dtype=np.int64)
         self.sample = np.zeros((0, self.channels), dtype=np.float32)
-        self._rng = np.random.default_rng(0)
+        self.sample_keys = np.zeros(0, dtype=np.float64)
+        self.sample_origin = np.zeros((0, 2), dtype=np.int64)
 
-    def track_gram(self) -> None:
-        if self.gram is None:
-            self.gram = np.zeros((self.channels, self.channels), dtype=np.float64)
+    @property
+    def gram(self) -> np.ndarray | None:
+        """Σ xᵀx over the rows (float64), when tracked."""
+        return None if self.gram_sum is None else self.gram_sum.total()
 
-    def update(self, rows: np.ndarray) -> None:
+    @gram.setter
+    def gram(self, value: np.ndarray | None) -> None:
+        self.gram_sum = None if value is None else SampleTreeSum.of(value)
+
+    def track_gram(self, first_sample: int = 0) -> None:
+        if self.gram_sum is None:
+            self.gram_sum = SampleTreeSum(first_sample)
+
+    def update(self, rows: np.ndarray, sample: int | None = None, keys: np.ndarray | None = None,
+               positions: np.ndarray | None = None) -> None:
+        """Add the rows one calibration sample gave this value; ``keys`` (the reservoir's) and ``positions`` (the
+        rows' places in the sample) default to ones drawn from the sample index (by default: the update count)."""
+        sample = self._updates if sample is None else sample
+        self._updates = sample + 1
         if rows.shape[0] == 0:
             return
+        if keys is None:
+            keys = row_keys(sample, rows.shape[0])
+            positions = np.arange(rows.shape[0])
         rows = rows.astype(np.float32, copy=False)
         magnitude = np.abs(rows)
         self.channel_absmax = np.maximum(self.channel_absmax, magnitude.max(axis=0))
         batch_max = float(magnitude.max())
         self.absmax = max(self.absmax, batch_max)
         self._grow_histogram(batch_max)
-        if self.hist_range > 0:
-            counts, _ = np.histogram(magnitude, bins=HIST_BINS, range=(0.0, self.hist_range))
-            self.hist += counts
-        self._reservoir(rows)
-        if self.gram is not None:  # one batch's product in fp32 (twice the BLAS rate), the running sum in fp64
-            np.add(self.gram, rows.T @ rows, out=self.gram)  # widened inside the add: no fp64 temporary
+        self.hist += _bin_counts(magnitude, self.hist_range)
+        origin = np.stack([np.full(rows.shape[0], sample, np.int64), np.asarray(positions, np.int64)], axis=1)
+        self._keep(rows, np.asarray(keys, np.float64), origin)
+        if self.gram_sum is not None:  # one sample's product in fp32 (twice the BLAS rate), summed in fp64
+            self.gram_sum.add(sample, (rows.T @ rows).astype(np.float64))
         self.rows += rows.shape[0]
 
     def _grow_histogram(self, needed: float) -> None:
-        if needed <= self.hist_range:
+        """Keep the range the smallest power of two above ``needed``: bins are then half-open, and doubling the
+        range merges bin pairs into the lower half with the counts a histogram at the new range would have."""
+        if needed < self.hist_range or needed == 0.0:
             return
-        if self.hist_range == 0.0:
-            self.hist_range = float(2.0 ** np.ceil(np.log2(max(needed, 1e-8))))
+        target = math.ldexp(1.0, math.frexp(needed)[1])
+        if self.hist_range == 0.0:  # only zeros so far: they stay in bin 0 at any range
+            self.hist_range = target
             return
-        while self.hist_range < needed:
-            # Doubling the range merges bin pairs into the lower half: counts stay exact.
+        while self.hist_range < target:
             self.hist = np.concatenate([self.hist.reshape(-1, 2).sum(axis=1), np.zeros(HIST_BINS // 2, np.int64)])
             self.hist_range *= 2.0
 
-    def _reservoir(self, rows: np.ndarray) -> None:
-        """Reservoir sampling (vectorised): every row seen so far is kept with equal probability."""
-        free = self.sample_rows - self.sample.shape[0]
-        if free > 0:
-            self.sample = np.concatenate([self.sample, rows[:free]])
-        rest = rows[max(free, 0) :]
-        if rest.shape[0] == 0:
-            return
-        seen = self.rows + max(free, 0) + np.arange(rest.shape[0])
-        slots = (self._rng.random(rest.shape[0]) * (seen + 1)).astype(np.int64)
-        keep = slots < self.sample_rows
-        self.sample[slots[keep]] = rest[keep]
+    def _keep(self, rows: np.ndarray, keys: np.ndarray, origin: np.ndarray) -> None:
+        """Bottom-k reservoir: of all rows seen, the ``sample_rows`` with the smallest keys, in sample order."""
+        sample = np.concatenate([self.sample, rows])
+        sample_keys = np.concatenate([self.sample_keys, keys])
+        sample_origin = np.concatenate([self.sample_origin, origin])
+        if sample.shape[0] > self.sample_rows:
+            kept = np.sort(np.lexsort((sample_origin[:, 1], sample_origin[:, 0], sample_keys))[: self.sample_rows])
+            sample, sample_keys, sample_origin = sample[kept], sample_keys[kept], sample_origin[kept]
+        self.sample, self.sample_keys, self.sample_origin = sample, sample_keys, sample_origin
+
+    def absorb(self, later: TensorStats) -> None:
+        """Add the statistics of a later contiguous shard of samples: the result is what one pass over both gives."""
+        self.rows += later.rows
+        self.absmax = max(self.absmax, later.absmax)
+        self.channel_absmax = np.maximum(self.channel_absmax, later.channel_absmax)
+        self._grow_histogram(later.absmax)
+        self.hist = self.hist + _rebin(later, self.hist_range)
+        self._keep(later.sample, later.sample_keys, later.sample_origin)
+        self._updates = max(self._updates, later._updates)
+        if self.gram_sum is not None and later.gram_sum is not None:
+            self.gram_sum = self.gram_sum.merged(later.gram_sum)
+        elif later.gram_sum is not None:
+            self.gram_sum = later.gram_sum
 
     def merged(self, other: TensorStats) -> TensorStats:
         """Statistics of the union of both row sets (used for one shared scale across modalities)."""
@@ -132,9 +257,25 @@ class TensorStats:
         raise ValueError(f"unknown activation calibration method {method!r}")
 
 
+def row_keys(sample: int, count: int) -> np.ndarray:
+    """The reservoir keys of the ``count`` rows of one calibration sample: uniform in [0, 1), from the index alone."""
+    return np.random.default_rng((RESERVOIR_SEED, sample)).random(count)
+
+
+def _bin_counts(magnitude: np.ndarray, hist_range: float) -> np.ndarray:
+    """Counts of ``magnitude`` (all below ``hist_range``) in HIST_BINS equal bins; the bin index is exact because the
+    range is a power of two. With range 0 every value is 0."""
+    if hist_range == 0.0:
+        counts = np.zeros(HIST_BINS, np.int64)
+        counts[0] = magnitude.size
+        return counts
+    bins = (magnitude.astype(np.float64) * (HIST_BINS / hist_range)).astype(np.int64)
+    return np.bincount(bins.reshape(-1), minlength=HIST_BINS)
+
+
 def _rebin(stats: TensorStats, target_range: float) -> np.ndarray:
-    if stats.hist_range == 0.0:
-        return np.zeros(HIST_BINS, np.int64)
+    if stats.hist_range == 0.0:  # zeros only, in bin 0 at any range
+        return stats.hist
     hist = stats.hist
     current = stats.hist_range
     while current < target_range:
@@ -207,22 +348,23 @@ class Calibrator:
         self.providers = list(providers)
         self.service = service
 
-    def run(self, feeds: Iterable[dict[str, np.ndarray]], progress: Callable[[], None] | None = None) -> dict[str, TapStats]:
+    def run(self, feeds: Iterable[dict[str, np.ndarray]], progress: Callable[[], None] | None = None,
+            first_sample: int = 0) -> dict[str, TapStats]:
+        """Statistics of the taps over ``feeds``, whose first is calibration sample number ``first_sample`` (a shard
+        of the samples starts later; :func:`merge_shards` joins the shards' statistics)."""
         stats: dict[str, TapStats] = {}
         runs = (self.service.run(self.model, self.taps, feeds) if self.service is not None
                 else capture(self.model, self.taps, feeds, self.providers))
-        for feed, outputs in runs:
-            self.accumulate(stats, feed, outputs)
+        for sample, (feed, outputs) in enumerate(runs, first_sample):
+            keys: dict[int, np.ndarray] = {}
+            for name, array in zip(self.taps, outputs, strict=True):
+                self._accumulate(stats, name, array, feed, sample, keys, first_sample)
             if progress is not None:
                 progress()
         return stats
 
-    def accumulate(self, stats: dict[str, TapStats], feed: dict[str, np.ndarray], outputs: Sequence[np.ndarray]) -> None:
-        """Add one sample's tapped values (in the order of ``self.taps``) to ``stats``."""
-        for name, array in zip(self.taps, outputs, strict=True):
-            self._accumulate(stats, name, array, feed)
-
-    def _accumulate(self, stats: dict[str, TapStats], name: str, array: np.ndarray, feed: dict[str, np.ndarray]) -> None:
+    def _accumulate(self, stats: dict[str, TapStats], name: str, array: np.ndarray, feed: dict[str, np.ndarray],
+                    sample: int, keys: dict[int, np.ndarray], first_sample: int) -> None:
         if array.ndim == 0:
             return
         if np.issubdtype(array.dtype, np.floating) and not float(np.max(np.abs(array), initial=0.0)) <= MAX_MAGNITUDE:
@@ -232,13 +374,34 @@ class Calibrator:
         rows = array.reshape(-1, channels)
         modalities = _row_modalities(feed, array.shape[:-1], self.default_modality)
         tap = stats.setdefault(name, TapStats(name, {}))
+        if rows.shape[0] not in keys:
+            keys[rows.shape[0]] = row_keys(sample, rows.shape[0])
         for modality in np.unique(modalities):
             entry = tap.by_modality.get(int(modality))
             if entry is None:
                 entry = tap.by_modality[int(modality)] = TensorStats(channels, self.sample_rows)
                 if name in self.gram_taps:
-                    entry.track_gram()
-            entry.update(rows[modalities == modality])
+                    entry.track_gram(first_sample)
+            positions = np.flatnonzero(modalities == modality)
+            entry.update(rows[positions], sample, keys[rows.shape[0]][positions], positions)
+
+
+def merge_shards(shards: Sequence[dict[str, TapStats]]) -> dict[str, TapStats]:
+    """The statistics of every shard of the calibration samples (contiguous, in sample order, the first from sample
+    0) joined into those of one pass over all of them, bit for bit (module docstring); the shards' entries are
+    reused. Taps and modalities keep the order of their first appearance, as one pass would have them."""
+    merged: dict[str, TapStats] = {}
+    for shard in shards:
+        for name, tap in shard.items():
+            into = merged.setdefault(name, TapStats(name, {}))
+            for modality, entry in tap.by_modality.items():
+                if modality in into.by_modality:
+                    into.by_modality[modality].absorb(entry)
+                    continue
+                if entry.gram_sum is not None:  # first seen in a later shard: the samples before it had no rows
+                    entry.gram_sum = SampleTreeSum().merged(entry.gram_sum)
+                into.by_modality[modality] = entry
+    return merged
 
 
 def capture(

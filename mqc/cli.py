@@ -130,12 +130,19 @@ def main(ctx: click.Context, debug: bool) -> None:
               "model's logits (or first output) SQNR vs float on held-out samples is below this, in dB.")
 @click.option("--max-kl", type=float, help="Quality gate: exit 3 (output kept as *.rejected) when the mean per-token "
               "KL(float || compiled) of the logits on held-out samples exceeds this.")
+@click.option("--ray", "ray_address", envvar="MQC_RAY_ADDRESS", metavar="ADDRESS",
+              help="Spread calibration and GPTQ over a Ray cluster (ray://HOST:10001, HOST:6379, auto), or `local` to "
+                   "start one here; the output is the same, bit for bit. Default: $MQC_RAY_ADDRESS, else one process.")
+@click.option("--ray-workers", type=click.IntRange(min=1),
+              help="With --ray: calibration shards at most (default: the cluster's CPUs); the size of a `local` cluster.")
 def compile_command(model: str, output: Path, recipe: str, calib: Path | None, samples: int, fmt: str,
                     exclude: tuple[str, ...], verify: bool, verify_rtol: float, bits: str | None,
                     acts: str | None, assignments: tuple[str, ...], allow_partial: bool,
-                    min_sqnr: float | None, max_kl: float | None) -> None:
+                    min_sqnr: float | None, max_kl: float | None, ray_address: str | None,
+                    ray_workers: int | None) -> None:
     """Compile MODEL (an .onnx file, a model directory or a packaged model name) into OUTPUT."""
     from mqc.compiler import compile as compile_model
+    from mqc.distributed import executor_for
     from mqc.quality_gate import Limits
     from mqc.recipes import load_recipe, with_acts, with_assignments, with_bits
 
@@ -146,10 +153,10 @@ def compile_command(model: str, output: Path, recipe: str, calib: Path | None, s
         chosen = with_acts(chosen, acts)
     if assignments:
         chosen = with_assignments(chosen, list(assignments))
-    with progress_bar() as progress:
+    with executor_for(ray_address, ray_workers) as executor, progress_bar() as progress:
         result = compile_model(model, output, chosen, calib=calib, num_samples=samples, fmt=fmt, exclude=exclude,
                                verify=verify, verify_rtol=verify_rtol, progress=progress, allow_partial=allow_partial,
-                               limits=Limits(min_sqnr, max_kl))
+                               limits=Limits(min_sqnr, max_kl), executor=executor)
     reports = result if isinstance(result, dict) else {Path(model).name: result}
     partial = [f"{name}: {what}" for name, report in reports.items() for what in report.not_applied()]
     if partial:

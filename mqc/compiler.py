@@ -28,6 +28,7 @@ import onnx
 import onnx_ir as ir
 
 from mqc.calibration import IMAGE, TEXT, load_feeds, random_feeds
+from mqc.distributed import LocalExecutor
 from mqc.errors import InputModelError, OutputPathError
 from mqc.graph.half_precision import widen_to_float32
 from mqc.ir import load_model, remove_unused_initializers, save_model
@@ -127,12 +128,14 @@ def compile_file(
     allow_partial: bool = False,
     limits: Limits = NO_LIMITS,
     gate_feeds: Callable[[], Iterable[dict[str, np.ndarray]]] | None = None,
+    executor: LocalExecutor | None = None,
 ) -> CompileReport:
     """Compile one ONNX file. ``feeds`` (a callable returning an iterable of feed dicts) overrides ``calib``.
 
     ``gate_feeds``, samples calibration never sees, are what the quality gate runs on; without them the gate holds
     back the last eighth of ``--calib`` files, runs on more synthetic inputs, or (``feeds`` from the API) on the first
-    calibration samples, recorded as not held out."""
+    calibration samples, recorded as not held out. ``executor`` runs calibration and per-layer jobs (in this
+    process by default; ``mqc.distributed.RayExecutor`` on a Ray cluster, with the same result)."""
     start = time.perf_counter()
     source, output = Path(source), Path(output)
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
@@ -170,7 +173,7 @@ def compile_file(
         held_out, disjoint = list(itertools.islice(feeds(), gate_size(num_samples))), False
     calibration.setdefault("samples", num_samples)
     context = CompileContext(feeds, verify=verify, verify_rtol=verify_rtol, default_modality=default_modality,
-                             exclude=exclude, progress=progress, allow_partial=allow_partial)
+                             exclude=exclude, progress=progress, allow_partial=allow_partial, executor=executor)
     context.num_samples = calibration.get("samples", num_samples)
     summary = {**build_model_map(model).summary(), **precision}
     gate_reference = _gate_reference(source, model, precision)
@@ -217,6 +220,7 @@ def compile_package(
     progress: Any = None,
     allow_partial: bool = False,
     limits: Limits = NO_LIMITS,
+    executor: LocalExecutor | None = None,
 ) -> dict[str, CompileReport]:
     """Compile every quantizable component of a model directory (or packaged model name) into ``output``."""
     hooks = package_hooks()
@@ -270,7 +274,7 @@ def compile_package(
                     num_samples=len(samples), fmt=fmt, exclude=exclude,
                     verify=verify, verify_rtol=verify_rtol, default_modality=modality, progress=progress,
                     allow_partial=allow_partial, limits=limits,
-                    gate_feeds=(lambda g=gate: g) if gate is not None else None,
+                    gate_feeds=(lambda g=gate: g) if gate is not None else None, executor=executor,
                 )
             except QualityRejected as exc:  # keep what was compiled beside the output, as <output>.rejected
                 os.replace(rejected_path(target), target)

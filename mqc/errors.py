@@ -43,6 +43,10 @@ class VerificationError(MqcError):
     """A function-preserving pass changed what the model computes (--verify)."""
 
 
+class ClusterError(MqcError):
+    """The Ray cluster (--ray) cannot be used: Ray missing, unreachable, or workers with other library versions."""
+
+
 #: Characters a terminal acts on: C0/C1 controls and the bidirectional overrides that reorder what is shown.
 _UNSAFE = {*range(0x00, 0x20), 0x7F, *range(0x80, 0xA0), *range(0x202A, 0x202F), *range(0x2066, 0x206A)}
 

@@ -37,6 +37,7 @@ from onnxscript.rewriter._basics import MatchingTracer, MatchStatus
 
 from mqc.calibration import TEXT, Calibrator, TapStats, TensorStats
 from mqc.calibration_service import CalibrationService, FeedCache
+from mqc.distributed import LocalExecutor
 from mqc.errors import InternalError, RecipeNotApplied, VerificationError
 from mqc.model_map import ModelMap, build_model_map
 from mqc.params import PASS_PARAMS, PassParams, parse_params
@@ -87,9 +88,13 @@ class CompileContext:
         progress: Any = None,
         allow_partial: bool = False,
         gram_budget: int = DEFAULT_GRAM_BUDGET,
+        executor: LocalExecutor | None = None,
     ) -> None:
+        """``executor`` runs calibration and the passes' independent per-layer jobs (``mqc.distributed``; by
+        default in this process)."""
         self._feeds = FeedCache(feeds)
         self.gram_budget = gram_budget
+        self.executor = executor or LocalExecutor()
         self.allow_partial = allow_partial
         self.verify = verify
         self.verify_rtol = verify_rtol
@@ -132,7 +137,8 @@ class CompileContext:
         task = None
         if self.progress is not None:
             task = self.progress.add_task(label, total=self.num_samples)
-        stats = calibrator.run(self.feeds(), progress=(lambda: self.progress.advance(task)) if task is not None else None)
+        stats = self.executor.calibrate(calibrator, self.feeds(),
+                                        (lambda: self.progress.advance(task)) if task is not None else None)
         if task is not None:
             self.progress.remove_task(task)
         return stats

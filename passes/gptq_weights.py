@@ -10,12 +10,14 @@ Rules, in order:
    refusal recorded; a group size that does not divide the input size means per-channel weights (noted).
 2. Hessians with bounded memory: the selected linears are grouped by whole decoder layers, consecutive layers
    in one calibration run as long as their Gram matrices fit the context's byte budget (``ctx.gram_budget``:
-   8·K² bytes per distinct input value and modality, two modalities when the graph has ``modality_ids``; a layer
-   larger than the budget is a run of its own; ``layers_per_group`` caps the layers per run). Linears without a
-   block index form one last group. Each run taps only that group's input values with Gram matrices (Σxᵀx per
-   modality, summed over modalities: one Hessian for both), so at most one group's K×K matrices live at a time.
-   H = 2/n·Σxᵀx. For tiny-vlm's decoder (30 layers, hidden 576, MLP 1536) all Hessians take 1.6 GB: one run
-   under the default 2 GiB budget.
+   8·K² bytes per distinct input value and modality, two modalities when the graph has ``modality_ids``, times
+   the matrices the shard-invariant sum of a Gram matrix holds at once, ``SampleTreeSum.most_held``: 7 for 32
+   samples; a layer larger than the budget is a run of its own; ``layers_per_group`` caps the layers per run).
+   Linears without a block index form one last group. Each run taps only that group's input values with Gram
+   matrices (Σxᵀx per modality, summed over modalities: one Hessian for both), so at most one group's K×K matrices
+   live at a time; each value's Hessian replaces its Gram matrices once the run is over. H = 2/n·Σxᵀx. For
+   tiny-vlm's decoder (30 layers, hidden 576, MLP 1536) the final Gram matrices take 1.6 GB, 11.3 GB while 32
+   samples are summed: six runs of at most five layers under the default 2 GiB budget.
 3. ``hessians`` says which activations the Hessians see (MQuant configures activation quantizers after GPTQ,
    §2.6, so both use float activations):
    * ``"sequential"`` (MQuant's released code, QuaRot's layer-wise GPTQ loop): one decoder layer per calibration
@@ -45,13 +47,14 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from mqc.calibration import TapStats
+from mqc.calibration import SampleTreeSum, TapStats
 from mqc.gptq import hessian_from_tap
 from mqc.graph.msq import modality_input
 from mqc.graph.qdq import insert_weight_dequant
 from mqc.ir import ensure_opset, remove_unused_initializers
 from mqc.linear_quant import LinearQuantPass
 from mqc.model_map import Linear
+from mqc.quant_strategy import WeightRounding
 from mqc.quantizer import QuantizedWeight
 
 
@@ -82,11 +85,13 @@ class GptqWeightsPass(LinearQuantPass):
         modalities = 2 if modality_input(model.graph) is not None else 1
         per_run = 1 if self.params.hessians == "sequential" else self.params.layers_per_group
         budget = None if self.params.hessians == "sequential" else self.ctx.gram_budget
+        samples = self.ctx.num_samples if self.ctx.num_samples is not None else sum(1 for _ in self.ctx.feeds())
+        held = SampleTreeSum.most_held(samples)
         groups: list[list[Linear]] = []
         run: list[Linear] = []
         run_layers = run_bytes = 0
         for layer in layers:
-            size = _gram_bytes(by_layer[layer], modalities)
+            size = held * _gram_bytes(by_layer[layer], modalities)
             full = per_run is not None and run_layers >= per_run
             if run and (full or (budget is not None and run_bytes + size > budget)):
                 groups.append(run)
@@ -106,8 +111,7 @@ class GptqWeightsPass(LinearQuantPass):
         float_weights: dict[int, np.ndarray] = {}
         handed = self.handed_statistics(model, selected)
         if handed is not None:
-            for value_name, lins in _readers(selected).items():
-                self._quantize(lins, handed.get(value_name), results)
+            self._quantize(_readers(selected), handed, results)
             return self._emit(model, selected, handed, results, float_weights)
         stats: dict[str, TapStats] = {}
         sequential = self.params.hessians == "sequential"
@@ -119,8 +123,7 @@ class GptqWeightsPass(LinearQuantPass):
         for index, group in enumerate(groups):
             taps = list(dict.fromkeys(lin.input.name for lin in group))
             group_stats = self.ctx.calibrate(model, taps, gram_taps=taps, label=f"GPTQ Hessians {index + 1}/{len(groups)}")
-            for value_name, lins in _readers(group).items():
-                self._quantize(lins, group_stats.get(value_name), results)
+            self._quantize(_readers(group), group_stats, results)
             for lin in group:
                 if sequential and results.get(id(lin.node), (None,))[0] is not None:
                     float_weights[id(lin.node)] = lin.weight_array()
@@ -128,29 +131,32 @@ class GptqWeightsPass(LinearQuantPass):
             if sequential:  # the replaced float weights: the next run's session must not reference them
                 remove_unused_initializers(model.graph)
                 self.ctx.invalidate()  # a new graph revision: the next run gets a new session
-            for name, tap in group_stats.items():
-                for entry in tap.by_modality.values():
-                    entry.gram = None  # keep the small statistics, drop the K×K matrices
-                stats[name] = tap
+            stats.update(group_stats)
         return self._emit(model, selected, stats, results, float_weights)
 
-    def _quantize(self, lins: Sequence[Linear], tap: TapStats | None, results: dict) -> None:
-        """GPTQ-round the readers ``lins`` of one value against the Hessian of ``tap`` into ``results`` (nothing when
-        no row reached it); they share the Hessian's factorization (``WeightRounding.round_readers``)."""
-        hessian, rows = hessian_from_tap(tap) if tap is not None else (None, 0)
-        if hessian is None:
-            return
-        try:
-            rounded = self.rounding.round_readers([lin.weight_array() for lin in lins], hessian,
-                                                  self.group_size_for(lins[0]))
-        except ValueError as exc:
-            for lin in lins:
-                self.record.skip(lin.name, f"GPTQ failed: {exc}")
-                results[id(lin.node)] = (None, {})
-            return
-        for lin, (qweight, figures) in zip(lins, rounded, strict=True):
-            figures.pop("weight_method")
-            results[id(lin.node)] = (qweight, {**figures, "hessian_rows": rows})
+    def _quantize(self, readers: dict[str, list[Linear]], stats: dict[str, TapStats], results: dict) -> None:
+        """GPTQ-round the linears of ``readers`` (by the value they read) against the Hessian of that value into
+        ``results`` (nothing where no row reached it). The readers of one value are one executor job and share the
+        Hessian's factorization (``WeightRounding.round_readers``); the jobs are spread over the compile's executor."""
+        jobs = []
+        for value_name, lins in readers.items():
+            tap = stats.get(value_name)
+            hessian, rows = hessian_from_tap(tap) if tap is not None else (None, 0)
+            for entry in tap.by_modality.values() if tap is not None else ():
+                entry.gram = None  # the Hessian replaces the K×K Gram matrices; the small statistics stay
+            if hessian is not None:
+                weights = [lin.weight_array() for lin in lins]
+                jobs.append((lins, rows, (self.rounding, weights, hessian, self.group_size_for(lins[0]))))
+        outcomes = self.ctx.executor.map(gptq_readers, [job for _, _, job in jobs])
+        for (lins, rows, _), outcome in zip(jobs, outcomes, strict=True):
+            if isinstance(outcome, str):
+                for lin in lins:
+                    self.record.skip(lin.name, f"GPTQ failed: {outcome}")
+                    results[id(lin.node)] = (None, {})
+                continue
+            for lin, (qweight, figures) in zip(lins, outcome, strict=True):
+                figures.pop("weight_method")
+                results[id(lin.node)] = (qweight, {**figures, "hessian_rows": rows})
 
     def _emit(
         self, model: ir.Model, selected: Sequence[Linear], stats: dict[str, TapStats], results: dict,
@@ -177,8 +183,18 @@ class GptqWeightsPass(LinearQuantPass):
         return self.emit(model, readers, stats, rounded)
 
 
+def gptq_readers(rounding: WeightRounding, weights: list[np.ndarray], hessian: np.ndarray,
+                 group_size: int | None) -> list[tuple[QuantizedWeight, dict[str, Any]]] | str:
+    """The GPTQ weights of the readers of one value with their figures (``WeightRounding.round_readers``), or why
+    GPTQ failed (an executor job: a pure function of its arguments)."""
+    try:
+        return rounding.round_readers(weights, hessian, group_size)
+    except ValueError as exc:
+        return str(exc)
+
+
 def _gram_bytes(linears: Sequence[Linear], modalities: int) -> int:
-    """Bytes of the float64 Gram matrices of the distinct inputs of ``linears``, one per modality."""
+    """Bytes of the float64 Gram matrices of the distinct inputs of ``linears``, one per modality (final sums)."""
     widths = {lin.input.name: lin.in_features for lin in linears}
     return sum(8 * k * k * modalities for k in widths.values())
 

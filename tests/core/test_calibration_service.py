@@ -9,7 +9,7 @@ import pytest
 from mqc.passes.gptq_weights import GptqWeightsPass
 from untrusted import linear_model
 
-from mqc.calibration import random_feeds
+from mqc.calibration import SampleTreeSum, random_feeds
 from mqc.calibration_service import FeedCache
 from mqc.ir import load_model
 from mqc.pass_manager import CompileContext, MqcPass, PassManager
@@ -105,7 +105,7 @@ def test_feeds_are_read_once_when_small_and_streamed_when_large():
 
 def test_gptq_hessian_runs_follow_the_gram_budget_and_give_the_same_weights(tiny_decoder):
     path = tiny_decoder("llama")  # 2 layers, hidden 64, MLP 128: 4 inputs per layer, 2 modalities
-    one_layer = 2 * 8 * (3 * 64 * 64 + 128 * 128)
+    one_layer = SampleTreeSum.most_held(2) * 2 * 8 * (3 * 64 * 64 + 128 * 128)  # as summed over 2 samples
     results = {}
     for budget in (one_layer, 2 * one_layer):
         model = load_model(path)

@@ -111,3 +111,39 @@ def test_sequential_hessians_differ_and_lower_the_last_layer_error(tiny_decoder,
 def test_variant_names_the_hessian_source():
     assert "sequential" in GptqWeightsPass(hessians="sequential").variant()
     assert "released code is sequential" in GptqWeightsPass(hessians="float").variant()
+
+
+def test_gptq_jobs_are_one_per_input_value_and_give_what_a_worker_gives(tiny_decoder):
+    """The executor gets one job per value (all its readers: q/k/v, gate/up), a picklable call of a module-level
+    function; what the pass used equals the job rerun after a pickle round trip (what a Ray worker runs) and
+    ``WeightRounding.round_readers`` called in this process."""
+    import pickle
+
+    from mqc.passes.gptq_weights import gptq_readers
+
+    from mqc.distributed import LocalExecutor
+
+    class RecordingExecutor(LocalExecutor):
+        def __init__(self) -> None:
+            self.calls: list[tuple] = []
+
+        def map(self, function, jobs):
+            outcomes = super().map(function, jobs)
+            self.calls.append((function, list(jobs), outcomes))
+            return outcomes
+
+    model = load_model(tiny_decoder("llama"))
+    executor = RecordingExecutor()
+    ctx = CompileContext(lambda: random_feeds(model, 2, seed=1), executor=executor)
+    (record,) = PassManager([GptqWeightsPass(weight_bits=4)], ctx).run(model)
+    ((function, jobs, outcomes),) = executor.calls
+    assert function is gptq_readers and record.changed == 14
+    assert sorted(len(weights) for _, weights, _, _ in jobs) == [1, 1, 1, 1, 2, 2, 3, 3]  # o, down; gate+up; qkv
+    for job, used in zip(jobs, outcomes, strict=True):
+        shipped_function, shipped_job = pickle.loads(pickle.dumps((function, job)))
+        alone = job[0].round_readers(*job[1:])
+        for again in (shipped_function(*shipped_job), alone):
+            for (qweight, figures), (used_q, used_figures) in zip(again, used, strict=True):
+                assert np.array_equal(qweight.q, used_q.q) and np.array_equal(qweight.scale, used_q.scale)
+                assert {**figures, "weight_method": "gptq"} == {**used_figures, "weight_method": "gptq"}
+    assert all({"gptq_rel_error", "rtn_rel_error", "hessian_rows"} <= set(row) for row in record.layers)
