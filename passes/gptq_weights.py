@@ -85,8 +85,7 @@ class GptqWeightsPass(LinearQuantPass):
         modalities = 2 if modality_input(model.graph) is not None else 1
         per_run = 1 if self.params.hessians == "sequential" else self.params.layers_per_group
         budget = None if self.params.hessians == "sequential" else self.ctx.gram_budget
-        samples = self.ctx.num_samples if self.ctx.num_samples is not None else sum(1 for _ in self.ctx.feeds())
-        held = SampleTreeSum.most_held(samples)
+        held = 1 if budget is None else SampleTreeSum.most_held(self._sample_count())
         groups: list[list[Linear]] = []
         run: list[Linear] = []
         run_layers = run_bytes = 0
@@ -104,6 +103,10 @@ class GptqWeightsPass(LinearQuantPass):
         if None in by_layer:
             groups.append(by_layer[None])
         return groups
+
+    def _sample_count(self) -> int:
+        """The calibration samples a run sums over (counted from the feeds where the context was not told)."""
+        return self.ctx.num_samples if self.ctx.num_samples is not None else sum(1 for _ in self.ctx.feeds())
 
     def run(self, model: ir.Model) -> bool:
         selected = self.selected_linears(model)
