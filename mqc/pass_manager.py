@@ -45,8 +45,20 @@ from mqc.report import PassRecord
 
 #: Relative output drift (max |a - b| / max |a|) a function-preserving pass may cause in fp32.
 DEFAULT_VERIFY_RTOL = 1e-4
-#: Bytes of Gram matrices one calibration run may hold (float64, per tapped value and modality): 2 GiB.
-DEFAULT_GRAM_BUDGET = 2 << 30
+#: The least Gram budget (bytes of float64 Gram matrices one calibration run may hold): 2 GiB.
+MIN_GRAM_BUDGET = 2 << 30
+
+
+def default_gram_budget() -> int:
+    """A quarter of the memory available when the compile starts (Linux ``MemAvailable``), at least 2 GiB: the Gram
+    matrices of a run are the largest transient a compile holds, and fewer runs mean fewer passes over the model."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        available = int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return MIN_GRAM_BUDGET
+    return max(MIN_GRAM_BUDGET, available // 4)
 
 
 class PassRefused(ir.passes.PreconditionError):
@@ -72,7 +84,8 @@ class CompileContext:
 
     Calibration goes through one :class:`~mqc.calibration_service.CalibrationService` (a session per graph
     revision, reused by every request on it); the feeds are read once (:class:`~mqc.calibration_service.FeedCache`).
-    ``gram_budget`` bounds the bytes of Gram matrices one calibration run may accumulate (GPTQ's Hessians).
+    ``gram_budget`` bounds the bytes of Gram matrices one calibration run may accumulate (GPTQ's Hessians; by
+    default :func:`default_gram_budget`).
     """
 
     def __init__(
@@ -87,13 +100,13 @@ class CompileContext:
         providers: Sequence[str] = ("CPUExecutionProvider",),
         progress: Any = None,
         allow_partial: bool = False,
-        gram_budget: int = DEFAULT_GRAM_BUDGET,
+        gram_budget: int | None = None,
         executor: LocalExecutor | None = None,
     ) -> None:
         """``executor`` runs calibration and the passes' independent per-layer jobs (``mqc.distributed``; by
         default in this process)."""
         self._feeds = FeedCache(feeds)
-        self.gram_budget = gram_budget
+        self.gram_budget = default_gram_budget() if gram_budget is None else gram_budget
         self.executor = executor or LocalExecutor()
         self.allow_partial = allow_partial
         self.verify = verify

@@ -17,7 +17,8 @@ Rules, in order:
    matrices (Σxᵀx per modality, summed over modalities: one Hessian for both), so at most one group's K×K matrices
    live at a time; each value's Hessian replaces its Gram matrices once the run is over. H = 2/n·Σxᵀx. For
    tiny-vlm's decoder (30 layers, hidden 576, MLP 1536) the final Gram matrices take 1.6 GB, 11.3 GB while 32
-   samples are summed: six runs of at most five layers under the default 2 GiB budget.
+   samples are summed: six runs of at most five layers under a 2 GiB budget, two on a machine with 24 GB free
+   (the default budget is a quarter of the memory available, at least 2 GiB).
 3. ``hessians`` says which activations the Hessians see (MQuant configures activation quantizers after GPTQ,
    §2.6, so both use float activations):
    * ``"sequential"`` (MQuant's released code, QuaRot's layer-wise GPTQ loop): one decoder layer per calibration
