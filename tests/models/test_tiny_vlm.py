@@ -75,7 +75,7 @@ def test_tiny_vlm_pipeline_answers(tmp_path_factory):
 
     d = resolve("tiny-vlm", progress=False)
     pipe = Pipeline(d, providers=["CPUExecutionProvider"])
-    items = list(vqa_test_set()[:96])
+    items = list(vqa_test_set()[:64])
     correct = 0
     for k in range(0, len(items), 16):
         chunk = items[k : k + 16]
