@@ -47,7 +47,7 @@ from mqc.pass_manager import CompileContext, MqcPass, PassManager, PassRecord
 #: Data-free graph passes: run once on the whole (lazily loaded) graph, they read no weight.
 GRAPH_PASSES = frozenset({"upgrade_opset", "fuse_norms"})
 #: Passes that quantize linear by linear from the statistics of their own inputs: they run block by block.
-PER_BLOCK_PASSES = frozenset({"quantize_linears"})
+PER_BLOCK_PASSES = frozenset({"quantize_linears", "gptq_weights"})
 INPUT_MODES = ("float", "quantized")
 #: How ``mqc explain`` names a pass streamed on the quantized blocks' outputs.
 QUANTIZED_INPUTS_VARIANT = ("layer-streamed: each block calibrated on the outputs of the quantized blocks before it "
@@ -56,6 +56,9 @@ QUANTIZED_INPUTS_VARIANT = ("layer-streamed: each block calibrated on the output
 STREAM_THRESHOLD_BYTES = 4 << 30
 #: Bytes of cached block inputs kept in memory; beyond it they are written to .npy files and memory-mapped.
 ACTIVATION_BUDGET_BYTES = 1 << 30
+#: Block sessions compute on the weights they are handed (memory-mapped) instead of keeping a prepacked copy, so a
+#: block costs its weights once; the results are the same bits (the byte-identity test compares them).
+SESSION_CONFIG = {"session.disable_prepacking": "1"}
 #: In-memory tensors from this size up are handed to onnxruntime by reference.
 BY_REFERENCE_BYTES = 64 * 1024
 
@@ -232,7 +235,7 @@ class BlockSession:
                                                              for d, v in model.opset_imports.items()])
         proto.ir_version = model.ir_version
         proto.functions.extend(ir.serde.serialize_function(f) for f in model.functions.values())
-        self.session = session_from_proto(proto, names, values, providers, optimization_level)
+        self.session = session_from_proto(proto, names, values, providers, optimization_level, config=SESSION_CONFIG)
         self.input_names = [value.name for value in block.inputs]
         self.outputs = list(outputs)
 
@@ -333,16 +336,16 @@ class StreamedContext(CompileContext):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.held_out: set[str] = set()
-        self.block_calibration: Callable[[list[str]], dict[str, TapStats]] | None = None
+        self.block_calibration: Callable[[list[str], list[str], int], dict[str, TapStats]] | None = None
 
     def excluded(self, name: str) -> bool:
         return name in self.held_out or super().excluded(name)
 
     def calibrate(self, model: ir.Model, taps: Sequence[str], gram_taps: Sequence[str] = (),
                   label: str = "calibrating", sample_rows: int = 64) -> dict[str, TapStats]:
-        if self.block_calibration is None or gram_taps or sample_rows != 64:
-            raise StreamingError("--stream: a pass asked for calibration the streamed compile does not provide")
-        return self.block_calibration(list(taps))
+        if self.block_calibration is None:
+            raise StreamingError("--stream: a pass asked for calibration outside the block being compiled")
+        return self.block_calibration(list(taps), list(gram_taps), sample_rows)
 
 
 class SpillFile:
@@ -381,6 +384,11 @@ class StreamedCompile:
             raise StreamingError(f"--stream-inputs {inputs!r}: choose one of {', '.join(INPUT_MODES)}")
         self.model = model
         self.graph_passes, self.block_passes = streaming_plan(passes)
+        sequential = [p.name for p in self.block_passes if getattr(p.params, "hessians", None) == "sequential"]
+        if sequential and inputs == "float":
+            raise StreamingError(f"--stream: {sequential[0]} with hessians='sequential' needs each block's Hessians "
+                                 "from the quantized blocks before it: add --stream-inputs quantized (or use "
+                                 "hessians='float')")
         self.context = context
         self.inputs = inputs
         self.folder = Path(tempfile.mkdtemp(prefix=".mqc-stream-", dir=work_folder))
@@ -432,16 +440,16 @@ class StreamedCompile:
             records.append(record)
         return records
 
-    def _calibrate(self, block: Block, taps: list[str], *, cache: ActivationCache, position: int,
-                   last: dict[str, int]) -> dict[str, TapStats]:
-        """Statistics of ``taps`` from one run of the block as it is now (float: the pass asks before it rewrites);
-        in float input mode the same run gives the outputs the next blocks read."""
+    def _calibrate(self, block: Block, taps: list[str], gram_taps: list[str], sample_rows: int, *,
+                   cache: ActivationCache, position: int, last: dict[str, int]) -> dict[str, TapStats]:
+        """Statistics of ``taps`` from one run of the block as it is now; in float input mode the block's first run
+        (before the pass rewrites anything) also gives the outputs the next blocks read."""
         inputs = {v.name for v in block.inputs}
         outputs = ([v.name for v in block.outputs if last.get(v.name, -1) > position]
-                   if self.inputs == "float" else [])
+                   if self.inputs == "float" and self._forwarded is None else [])
         wanted = list(dict.fromkeys([*(t for t in taps if t not in inputs), *outputs]))
         session = BlockSession(self.model, block, cache.samples[0], wanted, self.context.providers, "basic")
-        calibrator = Calibrator(self.model, taps, self.context.default_modality)
+        calibrator = Calibrator(self.model, taps, self.context.default_modality, gram_taps, sample_rows=sample_rows)
         stats: dict[str, TapStats] = {}
         forwarded = []
         for feed in cache.samples:
