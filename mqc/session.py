@@ -11,7 +11,7 @@ files, and weights a pass rewrote are handed over as in-memory initializers. Not
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -119,15 +119,12 @@ def session_for_model(model: ir.Model, providers: Sequence[str], optimization_le
 
 
 def session_from_proto(proto: onnx.ModelProto, names: Sequence[str], values: Sequence[Any], providers: Sequence[str],
-                       optimization_level: str = "all", external_folder: str | None = None,
-                       config: Mapping[str, str] | None = None):
+                       optimization_level: str = "all", external_folder: str | None = None):
     """A session on ``proto`` whose initializers ``names`` are the OrtValues ``values`` (shared, not copied);
-    ``config``: extra session configuration entries."""
+    external data references are read from ``external_folder``."""
     import onnxruntime as ort
 
     options = _options(optimization_level, None, any(op.domain == MQC_DOMAIN for op in proto.opset_import))
-    for key, setting in (config or {}).items():
-        options.add_session_config_entry(key, setting)
     if external_folder is not None:
         options.add_session_config_entry(_EXTERNAL_FOLDER_KEY, external_folder)
     if names:

@@ -27,6 +27,7 @@ Rules:
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
@@ -56,9 +57,6 @@ QUANTIZED_INPUTS_VARIANT = ("layer-streamed: each block calibrated on the output
 STREAM_THRESHOLD_BYTES = 4 << 30
 #: Bytes of cached block inputs kept in memory; beyond it they are written to .npy files and memory-mapped.
 ACTIVATION_BUDGET_BYTES = 1 << 30
-#: Block sessions compute on the weights they are handed (memory-mapped) instead of keeping a prepacked copy, so a
-#: block costs its weights once; the results are the same bits (the byte-identity test compares them).
-SESSION_CONFIG = {"session.disable_prepacking": "1"}
 #: In-memory tensors from this size up are handed to onnxruntime by reference.
 BY_REFERENCE_BYTES = 64 * 1024
 
@@ -199,7 +197,12 @@ class BlockPartition:
 
 
 class BlockSession:
-    """An onnxruntime session on one block's nodes, fed by name; large weights are handed over by reference."""
+    """An onnxruntime session on one block's nodes, fed by name.
+
+    Weights stored in the folder that holds most of the block's external data are left for onnxruntime to map
+    from their file: it prepacks them (as a whole-model session does, so the results are the same bits) and drops
+    the mapped originals, so a block costs its weights about once. Other large weights are handed over as
+    OrtValues, which onnxruntime copies."""
 
     def __init__(self, model: ir.Model, block: Block, examples: dict[str, np.ndarray], outputs: Sequence[str],
                  providers: Sequence[str], optimization_level: str) -> None:
@@ -212,30 +215,32 @@ class BlockSession:
         for value in block.inputs:
             graph.input.append(_value_info(value.name, examples[value.name]))
         graph.output.extend(onnx.ValueInfoProto(name=name) for name in outputs)
+        weights = list({id(v): v for node in block.nodes for v in node.inputs
+                        if v is not None and v.is_initializer()}.values())
+        folder = _main_folder(weights)
         names, values = [], []
         self.tensors: list[ir.ExternalTensor] = []
-        seen: set[int] = set()
-        for node in block.nodes:
-            for value in node.inputs:
-                if value is None or not value.is_initializer() or id(value) in seen:
-                    continue
-                seen.add(id(value))
-                tensor = value.const_value
-                if tensor.nbytes < BY_REFERENCE_BYTES and not isinstance(tensor, ir.ExternalTensor):
-                    graph.initializer.append(ir.serde.serialize_tensor(tensor))
-                    continue
+        for value in weights:
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor) and os.fspath(tensor.base_dir) == folder:
+                proto = ir.serde.serialize_tensor(tensor)  # a reference to its file: onnxruntime maps it
+            elif tensor.nbytes < BY_REFERENCE_BYTES and not isinstance(tensor, ir.ExternalTensor):
+                proto = ir.serde.serialize_tensor(tensor)
+            else:
                 if isinstance(tensor, ir.ExternalTensor):
                     self.tensors.append(tensor)
-                placeholder = ir.ExternalTensor(f"mqc-in-memory-{len(names)}", offset=0, length=tensor.nbytes,
-                                                dtype=tensor.dtype, shape=tensor.shape, name=value.name)
-                graph.initializer.append(ir.serde.serialize_tensor(placeholder))
+                proto = ir.serde.serialize_tensor(ir.ExternalTensor(
+                    f"mqc-in-memory-{len(names)}", offset=0, length=tensor.nbytes, dtype=tensor.dtype,
+                    shape=tensor.shape, name=value.name))
                 names.append(value.name)
                 values.append(ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(tensor.numpy())))
+            proto.name = value.name
+            graph.initializer.append(proto)
         proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid(d, v)
                                                              for d, v in model.opset_imports.items()])
         proto.ir_version = model.ir_version
         proto.functions.extend(ir.serde.serialize_function(f) for f in model.functions.values())
-        self.session = session_from_proto(proto, names, values, providers, optimization_level, config=SESSION_CONFIG)
+        self.session = session_from_proto(proto, names, values, providers, optimization_level, folder)
         self.input_names = [value.name for value in block.inputs]
         self.outputs = list(outputs)
 
@@ -244,10 +249,19 @@ class BlockSession:
         return dict(zip(self.outputs, results, strict=True))
 
     def close(self) -> None:
-        """Drop the session and unmap the external weights it read."""
+        """Drop the session and unmap the weights it was handed from memory maps."""
         self.session = None
-        for tensor in self.tensors:
-            tensor.release()
+        _release(self.tensors)
+
+
+def _main_folder(weights: Sequence[ir.Value]) -> str | None:
+    """The folder holding the most bytes of ``weights``' external data."""
+    sizes: dict[str, int] = {}
+    for value in weights:
+        if isinstance(value.const_value, ir.ExternalTensor):
+            folder = os.fspath(value.const_value.base_dir)
+            sizes[folder] = sizes.get(folder, 0) + value.const_value.nbytes
+    return max(sizes, key=sizes.__getitem__) if sizes else None
 
 
 def _value_info(name: str, example: np.ndarray) -> onnx.ValueInfoProto:
@@ -351,6 +365,8 @@ class StreamedContext(CompileContext):
 class SpillFile:
     """Tensors a pass created, appended to one file and replaced by memory-mapped external tensors."""
 
+    ALIGN = 4096
+
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.path = folder / "spill.data"
@@ -360,7 +376,9 @@ class SpillFile:
     def offload(self, value: ir.Value) -> None:
         tensor = value.const_value
         data = tensor.tobytes()
-        with open(self.path, "ab") as file:
+        self.offset = -(-self.offset // self.ALIGN) * self.ALIGN  # page-aligned: onnxruntime maps it in place
+        with open(self.path, "r+b") as file:
+            file.seek(self.offset)
             file.write(data)
         value.const_value = ir.ExternalTensor(self.path.name, offset=self.offset, length=len(data),
                                               dtype=tensor.dtype, shape=tensor.shape, name=tensor.name or value.name,
