@@ -20,7 +20,9 @@ Rules:
    (llm-compressor's sequential pipeline), so later layers calibrate on the activations they will see.
 6. After a block, the tensors the pass created go to a spill file beside the output and become memory-mapped
    external tensors; the float weights it read are unmapped. The output is saved by the standard writer, unmapping
-   each tensor once written. Peak memory is one block's weights (twice while it is quantized) plus the cache.
+   each tensor once written. Sessions leave the weights to onnxruntime, which maps and prepacks them as a whole-model
+   session does: peak memory is about twice the largest single weight (the mapped original and its packed copy,
+   for the ``lm_head``) plus the activation cache, whatever the depth.
 7. The quality gate runs the float source and the compiled model block by block on the held-out samples.
 """
 
@@ -76,7 +78,8 @@ def streaming_plan(passes: Sequence[MqcPass]) -> tuple[list[MqcPass], list[MqcPa
     blocked = [p.name for p in rest if p.name not in PER_BLOCK_PASSES]
     if blocked:
         raise StreamingError(
-            f"--stream: pass {blocked[0]} cannot run layer by layer (it needs the whole model: streamable passes are "
+            f"--stream: {'pass' if len(blocked) == 1 else 'passes'} {', '.join(blocked)} of the recipe cannot run "
+            f"layer by layer (they act on the whole model; streamable passes are "
             f"{', '.join(sorted(GRAPH_PASSES | PER_BLOCK_PASSES))}); compile without --stream")
     if not rest:
         raise StreamingError("--stream: the recipe has no per-linear pass to run layer by layer")
