@@ -3,7 +3,8 @@ layer-streamed (``mqc compile --stream``), against depth and width.
 
 Each model is built once with :mod:`mqc.models.synthetic` (random weights, external data) under ``--workdir``;
 each compile runs as its own ``mqc compile`` process under ``/usr/bin/time -v``, so its peak resident memory is its
-own. Calibration is synthetic (``--samples 4``, 16 tokens each). Results are merged into the JSON file by run name,
+own; its CPU time (user + system) is recorded beside the wall time, which other jobs on a shared machine
+stretch. Calibration is synthetic (``--samples 4``, 16 tokens each). Results are merged into the JSON file by run name,
 so runs can be done one at a time:
 
     python benchmarks/bench_scale.py --workdir /work/scale --runs smollm2-135m:30:w8a8:stream qwen2-1.5b:28:w8a8:whole
@@ -40,8 +41,9 @@ def _timed(command: list[str], env: dict[str, str], timeout: int) -> dict:
     wall = time.perf_counter() - start
     text = proc.stdout + proc.stderr
     peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
+    cpu = sum(float(m) for m in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", text))
     lines = [line for line in text.splitlines() if "onnxruntime" not in line and not line.startswith("\t")]
-    return {"exit": proc.returncode, "wall_s": round(wall, 1),
+    return {"exit": proc.returncode, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
             "peak_rss_gb": round(int(peak.group(1)) / 1024 ** 2, 3) if peak else None, "output": lines[-4:]}
 
 
@@ -121,12 +123,24 @@ def text_plot(data: dict, width: int = 50) -> str:
     runs = sorted(data["runs"].values(), key=lambda r: (r["hidden"], r["layers"], r["mode"], r["recipe"]))
     top_rss = max(r["peak_rss_gb"] or 0 for r in runs)
     top_wall = max(r["wall_s"] for r in runs)
-    lines = [f"{'run':34} {'peak RSS (GB)':>{width + 8}}   wall (s)"]
+    lines = [f"{'run':34} {'peak RSS (GB)':<{width + 7}}   wall (s)"]
     for r in runs:
         rss = r["peak_rss_gb"] or 0
         bar = "#" * max(1, round(width * rss / top_rss))
         wall_bar = "=" * max(1, round(20 * r["wall_s"] / top_wall))
         lines.append(f"{r['run']:34} {bar:<{width}} {rss:6.2f}   {wall_bar:<20} {r['wall_s']:7.1f}")
+    return "\n".join(lines)
+
+
+def markdown_table(data: dict) -> str:
+    """The runs as the BENCHMARKS.md table."""
+    runs = sorted(data["runs"].values(), key=lambda r: (r["hidden"], r["layers"], r["mode"], r["recipe"]))
+    lines = ["| shape | layers | recipe | mode | fp32 weights GB | largest block GB (layer / head) | wall s | CPU s | "
+             "peak RSS GB | exit |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        lines.append(f"| {r['shape']} | {r['layers']} | {r['recipe']} | {r['mode']} | {r['source_gb']:.2f} | "
+                     f"{r['layer_gb']:.3f} / {r['head_gb']:.3f} | {r['wall_s']:.1f} | {r.get('cpu_s', '')} | "
+                     f"{r['peak_rss_gb']:.2f} | {r['exit']} |")
     return "\n".join(lines)
 
 
@@ -138,19 +152,22 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=3600)
     parser.add_argument("--keep", action="store_true", help="Keep the compiled models (they are deleted by default).")
     parser.add_argument("--drop-models", action="store_true", help="Delete each source model after its runs.")
-    parser.add_argument("--plot", action="store_true", help="Print the text plot of the results file.")
+    parser.add_argument("--plot", action="store_true", help="Print the results file as a table and a text plot.")
     args = parser.parse_args()
     mqc = str(Path(sys.executable).with_name("mqc"))
     for spec in args.runs:
         record = run(spec, args.workdir, mqc, args.timeout, args.keep)
         merge(args.out, [record])
-        print(json.dumps({k: record[k] for k in ("run", "exit", "wall_s", "peak_rss_gb")}), flush=True)
+        print(json.dumps({k: record[k] for k in ("run", "exit", "wall_s", "cpu_s", "peak_rss_gb")}), flush=True)
     if args.drop_models:
         for spec in args.runs:
             shape_name, layers = spec.split(":")[:2]
             shutil.rmtree(args.workdir / f"{shape_name}-{layers}", ignore_errors=True)
     if args.plot and args.out.exists():
-        print(text_plot(json.loads(args.out.read_text())))
+        data = json.loads(args.out.read_text())
+        print(markdown_table(data))
+        print()
+        print(text_plot(data))
 
 
 if __name__ == "__main__":
