@@ -43,7 +43,7 @@ import onnx
 import onnx_ir as ir
 
 from mqc.calibration import Calibrator, TapStats
-from mqc.errors import RecipeError
+from mqc.errors import NothingToQuantizeError, RecipeError
 from mqc.model_map import WRITER_ROLES, build_model_map, residual_add_after, stream_entry
 from mqc.pass_manager import CompileContext, MqcPass, PassManager, PassRecord
 
@@ -279,7 +279,6 @@ class ActivationCache:
         self.samples = [dict(feed) for feed in samples]
         self.budget = budget
         self.in_memory = sum(a.nbytes for feed in self.samples for a in feed.values())
-        self.peak = self.in_memory
         self._folder: Path | None = None
         self._files = 0
 
@@ -293,7 +292,6 @@ class ActivationCache:
             array = np.load(path, mmap_mode="r")
         else:
             self.in_memory += array.nbytes
-            self.peak = max(self.peak, self.in_memory)
         self.samples[sample][name] = array
 
     def drop(self, names: Iterable[str]) -> None:
@@ -415,12 +413,9 @@ class StreamedCompile:
         self.folder = Path(tempfile.mkdtemp(prefix=".mqc-stream-", dir=work_folder))
         self.spill = SpillFile(self.folder)
         self.partition: BlockPartition | None = None
-        self.activation_peak = 0
         self._forwarded: list[dict[str, np.ndarray]] | None = None
 
     def run(self, on_pass: Callable[[MqcPass], None] | None = None) -> list[PassRecord]:
-        from mqc.errors import NothingToQuantizeError
-
         records = PassManager(self.graph_passes, self.context).run(self.model, on_pass=on_pass)
         self.partition = partition = BlockPartition(self.model)
         merged: list[PassRecord | None] = [None] * len(self.block_passes)
@@ -451,7 +446,6 @@ class StreamedCompile:
                 self._forward(partition.block(index), cache, position, last)
                 self._offload(weights)
         finally:
-            self.activation_peak = cache.peak
             cache.close()
         for record in merged:
             if record is None or not record.layers:
