@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import filecmp
 import itertools
+import json
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from mqc.models.synthetic import SHAPES, build_decoder
 from mqc.cli import main
 from mqc.compiler import compile_file
 from mqc.ir import load_model
-from mqc.streaming import ActivationCache, BlockPartition
+from mqc.streaming import ActivationCache, BlockPartition, StreamingError
 
 
 def _files(folder: Path) -> list[str]:
@@ -101,3 +102,31 @@ def test_synthetic_decoder_runs_in_onnxruntime_and_keeps_weights_external(synthe
     (moved,) = session.run(None, feed)
     np.testing.assert_allclose(moved[:, 0], logits[:, 0], rtol=1e-5, atol=1e-5)
     assert not np.allclose(moved[:, 4], logits[:, 4])
+
+
+def _gptq_recipe(folder: Path, hessians: str) -> Path:
+    path = folder / f"gptq-{hessians}.json"
+    path.write_text(json.dumps({
+        "name": f"w4a8-gptq-{hessians}", "description": "GPTQ int4 weights without rotation (streaming test).",
+        "passes": [{"pass": "upgrade_opset"}, {"pass": "fuse_norms"},
+                   {"pass": "gptq_weights", "weight_bits": 4, "act_bits": 8, "act_order": True, "hessians": hessians}]}))
+    return path
+
+
+def test_streamed_gptq_matches_the_whole_model_compile(tiny_decoder, tmp_path):
+    recipe = _gptq_recipe(tmp_path, "float")
+    for mode in ("whole", "streamed"):
+        (tmp_path / mode).mkdir()
+        compile_file(tiny_decoder("llama"), tmp_path / mode / "model.onnx", str(recipe), num_samples=4,
+                     stream=mode == "streamed")
+    for name in _files(tmp_path / "whole"):
+        assert filecmp.cmp(tmp_path / "whole" / name, tmp_path / "streamed" / name, shallow=False), name
+
+
+def test_sequential_gptq_hessians_need_quantized_block_inputs(tiny_decoder, tmp_path):
+    recipe = _gptq_recipe(tmp_path, "sequential")
+    with pytest.raises(StreamingError, match="--stream-inputs quantized"):
+        compile_file(tiny_decoder("llama"), tmp_path / "model.onnx", str(recipe), num_samples=2, stream=True)
+    report = compile_file(tiny_decoder("llama"), tmp_path / "model.onnx", str(recipe), num_samples=2, stream=True,
+                          stream_inputs="quantized")
+    assert "layer-streamed" in next(p for p in report.passes if p.name == "gptq_weights").variant
