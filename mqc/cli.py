@@ -135,11 +135,17 @@ def main(ctx: click.Context, debug: bool) -> None:
                    "start one here; the output is the same, bit for bit. Default: $MQC_RAY_ADDRESS, else one process.")
 @click.option("--ray-workers", type=click.IntRange(min=1),
               help="With --ray: calibration shards at most (default: the cluster's CPUs); the size of a `local` cluster.")
+@click.option("--stream/--no-stream", default=None,
+              help="Compile layer by layer with bounded memory (default: on above 4 GB of weights when the recipe "
+                   "can stream); a recipe that cannot stream is refused under --stream.")
+@click.option("--stream-inputs", type=click.Choice(["float", "quantized"]), default="float", show_default=True,
+              help="What block i+1 calibrates on under --stream: the float model's activations (the whole-model "
+                   "result, byte for byte) or the quantized blocks' outputs (sequential).")
 def compile_command(model: str, output: Path, recipe: str, calib: Path | None, samples: int, fmt: str,
                     exclude: tuple[str, ...], verify: bool, verify_rtol: float, bits: str | None,
                     acts: str | None, assignments: tuple[str, ...], allow_partial: bool,
                     min_sqnr: float | None, max_kl: float | None, ray_address: str | None,
-                    ray_workers: int | None) -> None:
+                    ray_workers: int | None, stream: bool | None, stream_inputs: str) -> None:
     """Compile MODEL (an .onnx file, a model directory or a packaged model name) into OUTPUT."""
     from mqc.compiler import compile as compile_model
     from mqc.distributed import executor_for
@@ -156,7 +162,9 @@ def compile_command(model: str, output: Path, recipe: str, calib: Path | None, s
     with executor_for(ray_address, ray_workers) as executor, progress_bar() as progress:
         result = compile_model(model, output, chosen, calib=calib, num_samples=samples, fmt=fmt, exclude=exclude,
                                verify=verify, verify_rtol=verify_rtol, progress=progress, allow_partial=allow_partial,
-                               limits=Limits(min_sqnr, max_kl), executor=executor)
+                               limits=Limits(min_sqnr, max_kl), executor=executor,
+                               **({"stream": stream, "stream_inputs": stream_inputs}
+                                  if stream is not None or stream_inputs != "float" else {}))
     reports = result if isinstance(result, dict) else {Path(model).name: result}
     partial = [f"{name}: {what}" for name, report in reports.items() for what in report.not_applied()]
     if partial:

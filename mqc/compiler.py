@@ -37,9 +37,27 @@ from mqc.model_map import build_model_map
 from mqc.outputs import FolderStaging, check_output_path
 from mqc.packages import component_paths, folder_entries, is_model_dir, package_hooks, read_manifest
 from mqc.pass_manager import DEFAULT_VERIFY_RTOL, CompileContext, PassManager
-from mqc.quality_gate import NO_LIMITS, Limits, QualityRejected, gate_size, hold_out, measure, rejected_path
+from mqc.quality_gate import (
+    NO_LIMITS,
+    Limits,
+    QualityRejected,
+    gate_size,
+    hold_out,
+    measure,
+    quality_figures,
+    rejected_path,
+)
 from mqc.recipes import Recipe, load_recipe, pass_class
 from mqc.report import REPORT_KEY, CompileReport
+from mqc.streaming import (
+    STREAM_THRESHOLD_BYTES,
+    StreamedCompile,
+    StreamedContext,
+    StreamingError,
+    release_after_write,
+    streaming_plan,
+    weight_bytes,
+)
 
 FORMATS = ("qdq", "mqc")
 #: Components of a model directory that get quantized, and the modality their tokens carry.
@@ -129,8 +147,13 @@ def compile_file(
     limits: Limits = NO_LIMITS,
     gate_feeds: Callable[[], Iterable[dict[str, np.ndarray]]] | None = None,
     executor: LocalExecutor | None = None,
+    stream: bool | None = None,
+    stream_inputs: str = "float",
 ) -> CompileReport:
     """Compile one ONNX file. ``feeds`` (a callable returning an iterable of feed dicts) overrides ``calib``.
+
+    ``stream``: compile layer by layer with bounded memory (:mod:`mqc.streaming`); None streams a model above
+    ``STREAM_THRESHOLD_BYTES`` of weights when its recipe can. ``stream_inputs``: what block i+1 calibrates on.
 
     ``gate_feeds``, samples calibration never sees, are what the quality gate runs on; without them the gate holds
     back the last eighth of ``--calib`` files, runs on more synthetic inputs, or (``feeds`` from the API) on the first
@@ -147,6 +170,7 @@ def compile_file(
     inputs = _input_files(source, model)
     if write:
         check_output_path(output, inputs)
+    streamed = _streams(stream, model, passes, precision, verify)
     calibration: dict[str, Any]
     hold_back = False
     if feeds is not None:
@@ -172,8 +196,9 @@ def compile_file(
     else:  # feeds given through the API without gate feeds: the gate checks on calibration samples, and says so
         held_out, disjoint = list(itertools.islice(feeds(), gate_size(num_samples))), False
     calibration.setdefault("samples", num_samples)
-    context = CompileContext(feeds, verify=verify, verify_rtol=verify_rtol, default_modality=default_modality,
-                             exclude=exclude, progress=progress, allow_partial=allow_partial, executor=executor)
+    context_class = StreamedContext if streamed else CompileContext
+    context = context_class(feeds, verify=verify, verify_rtol=verify_rtol, default_modality=default_modality,
+                            exclude=exclude, progress=progress, allow_partial=allow_partial, executor=executor)
     context.num_samples = calibration.get("samples", num_samples)
     summary = {**build_model_map(model).summary(), **precision}
     gate_reference = _gate_reference(source, model, precision)
@@ -190,22 +215,61 @@ def compile_file(
         if task is not None:
             progress.update(task, description=f"{recipe.name}: {mqc_pass.name}")
 
-    report.passes = PassManager(passes, context).run(model, on_pass=on_pass)
-    if task is not None:
-        progress.remove_task(task)
-    remove_unused_initializers(model.graph)  # e.g. norm gammas a fold replaced; onnxruntime warns about each
-    report.quality = measure(gate_reference, model, held_out, disjoint)
-    if gate_reference is not source:
-        report.quality["reference"] = "the float32 widening of the bfloat16 model (onnxruntime cannot run bfloat16)"
+    runner = (StreamedCompile(model, passes, context, stream_inputs, work_folder=output.parent if write else None)
+              if streamed else None)
+    try:
+        report.passes = (runner.run(on_pass=on_pass) if runner is not None
+                         else PassManager(passes, context).run(model, on_pass=on_pass))
+        if task is not None:
+            progress.remove_task(task)
+        remove_unused_initializers(model.graph)  # e.g. norm gammas a fold replaced; onnxruntime warns about each
+        if runner is None:
+            report.quality = measure(gate_reference, model, held_out, disjoint)
+            if gate_reference is not source:
+                report.quality["reference"] = ("the float32 widening of the bfloat16 model (onnxruntime cannot run "
+                                               "bfloat16)")
+        elif held_out:
+            report.quality = quality_figures(*runner.gate_outputs(source, held_out), disjoint)
+        else:
+            report.quality = {"skipped": "no samples to check on"}
+        _finish(report, model, limits, start, output, inputs, write, runner)
+    finally:
+        if runner is not None:
+            runner.close()
+    return report
+
+
+def _streams(stream: bool | None, model: ir.Model, passes: list, precision: dict[str, str], verify: bool) -> bool:
+    """Whether this compile runs layer by layer: asked for (checked), or by default above the size threshold."""
+    if stream is None:
+        if weight_bytes(model) < STREAM_THRESHOLD_BYTES or precision or verify:
+            return False
+        try:
+            streaming_plan(passes)
+        except StreamingError:
+            return False
+        return True
+    if stream:
+        streaming_plan(passes)
+        if precision:
+            raise StreamingError("--stream: half-precision models are not streamed; give the float32 export")
+        if verify:
+            raise StreamingError("--stream: --verify runs the whole model; it cannot be combined with --stream")
+    return stream
+
+
+def _finish(report: CompileReport, model: ir.Model, limits: Limits, start: float, output: Path, inputs: list[Path],
+            write: bool, runner: StreamedCompile | None) -> None:
+    """Store the report in the model, write it (or the rejected form) and raise the quality gate's rejection."""
     rejections = limits.violations(report.quality)
     report.seconds = round(time.perf_counter() - start, 2)
     model.metadata_props[REPORT_KEY] = _without_timings(report).to_json()
     if write:
-        save_model(model, rejected_path(output) if rejections else output, protected=inputs)
+        save_model(model, rejected_path(output) if rejections else output, protected=inputs,
+                   callback=release_after_write() if runner is not None else None)
     if rejections:
         kept = f"; the model is kept as {rejected_path(output)}" if write else ""
         raise QualityRejected(f"quality gate rejected {output.name}: {'; '.join(rejections)}{kept}", report)
-    return report
 
 
 def compile_package(
@@ -324,4 +388,6 @@ def compile(
     if path.suffix == ".onnx" or (os.path.lexists(path) and not path.is_dir()):
         return compile_file(path, output, recipe, **options)
     options.pop("calib", None)
+    if options.pop("stream", None) or options.pop("stream_inputs", "float") != "float":
+        raise StreamingError("--stream compiles one .onnx file (a decoder); give the component's file")
     return compile_package(source, output, recipe, **options)

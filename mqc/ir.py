@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -138,15 +139,18 @@ def default_opset(model: ir.Model) -> int:
     return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
 
 
-def save_model(model: ir.Model, path: str | Path, protected: Iterable[Path] = ()) -> Path:
-    """Save so that ``path`` is always either the previous output or the complete new one (:mod:`mqc.outputs`)."""
+def save_model(model: ir.Model, path: str | Path, protected: Iterable[Path] = (),
+               callback: Callable[[Any, Any], None] | None = None) -> Path:
+    """Save so that ``path`` is always either the previous output or the complete new one (:mod:`mqc.outputs`).
+
+    ``callback`` is called before each external tensor is written (the streamed compile unmaps the previous one)."""
     from mqc.outputs import AtomicModelWriter
 
     model.ir_version = OUTPUT_IR_VERSION
     clear_unknown_types(model)
     return AtomicModelWriter(Path(path), protected).write(
         lambda onnx_path, data_name: ir.save(model, onnx_path, external_data=data_name,
-                                             size_threshold_bytes=EXTERNAL_DATA_THRESHOLD))
+                                             size_threshold_bytes=EXTERNAL_DATA_THRESHOLD, callback=callback))
 
 
 def clear_unknown_types(model: ir.Model) -> None:

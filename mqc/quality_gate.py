@@ -131,7 +131,13 @@ def measure(source: Path | Any, compiled: ir.Model, held_out: list[dict[str, np.
     for feed in held_out:
         reference.append(reference_session.run([output], feed)[0])
         result.append(compiled_session.run([output], feed)[0])
-    quality: dict[str, Any] = {"output": output, "samples": len(held_out),
+    return quality_figures(reference, result, output, disjoint)
+
+
+def quality_figures(reference: list[np.ndarray], result: list[np.ndarray], output: str,
+                    disjoint: bool) -> dict[str, Any]:
+    """The report's quality entry from the float and compiled values of ``output`` on the held-out samples."""
+    quality: dict[str, Any] = {"output": output, "samples": len(reference),
                                "held_out": disjoint, **compare_outputs(reference, result, output == LOGITS)}
     if not disjoint:
         quality["note"] = "the gate ran on samples calibration also used (no held-out samples were given)"

@@ -108,8 +108,6 @@ def open_session(
 
 def session_for_model(model: ir.Model, providers: Sequence[str], optimization_level: str = "all"):
     """A session on the in-memory ``model`` without writing it anywhere (module docstring)."""
-    import onnxruntime as ort
-
     from mqc.ir import clear_unknown_types
 
     clear_unknown_types(model)
@@ -117,11 +115,20 @@ def session_for_model(model: ir.Model, providers: Sequence[str], optimization_le
     if len(folders) > 1:
         raise InputModelError(f"the model's external data comes from several folders: {sorted(folders)}")
     names, values, proto = _serialize_by_reference(model)
+    return session_from_proto(proto, names, values, providers, optimization_level, folders.pop() if folders else None)
+
+
+def session_from_proto(proto: onnx.ModelProto, names: Sequence[str], values: Sequence[Any], providers: Sequence[str],
+                       optimization_level: str = "all", external_folder: str | None = None):
+    """A session on ``proto`` whose initializers ``names`` are the OrtValues ``values`` (shared, not copied);
+    external data references are read from ``external_folder``."""
+    import onnxruntime as ort
+
     options = _options(optimization_level, None, any(op.domain == MQC_DOMAIN for op in proto.opset_import))
-    if folders:
-        options.add_session_config_entry(_EXTERNAL_FOLDER_KEY, folders.pop())
+    if external_folder is not None:
+        options.add_session_config_entry(_EXTERNAL_FOLDER_KEY, external_folder)
     if names:
-        options.add_external_initializers(names, values)
+        options.add_external_initializers(list(names), list(values))
     try:
         session = ort.InferenceSession(proto.SerializeToString(), options, providers=list(providers),
                                        disabled_optimizers=DISABLED_OPTIMIZERS)
