@@ -356,12 +356,18 @@ class Calibrator:
         runs = (self.service.run(self.model, self.taps, feeds) if self.service is not None
                 else capture(self.model, self.taps, feeds, self.providers))
         for sample, (feed, outputs) in enumerate(runs, first_sample):
-            keys: dict[int, np.ndarray] = {}
-            for name, array in zip(self.taps, outputs, strict=True):
-                self._accumulate(stats, name, array, feed, sample, keys, first_sample)
+            self.accumulate(stats, feed, outputs, sample, first_sample)
             if progress is not None:
                 progress()
         return stats
+
+    def accumulate(self, stats: dict[str, TapStats], feed: dict[str, np.ndarray], outputs: Sequence[np.ndarray],
+                   sample: int, first_sample: int = 0) -> None:
+        """Add calibration sample number ``sample`` (its tapped values, in the order of ``self.taps``) to ``stats``;
+        for callers that run the graph themselves (a streamed compile's block sessions)."""
+        keys: dict[int, np.ndarray] = {}
+        for name, array in zip(self.taps, outputs, strict=True):
+            self._accumulate(stats, name, array, feed, sample, keys, first_sample)
 
     def _accumulate(self, stats: dict[str, TapStats], name: str, array: np.ndarray, feed: dict[str, np.ndarray],
                     sample: int, keys: dict[int, np.ndarray], first_sample: int) -> None:

@@ -24,6 +24,7 @@ written).
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -49,16 +50,18 @@ DEFAULT_VERIFY_RTOL = 1e-4
 MIN_GRAM_BUDGET = 2 << 30
 
 
+@functools.cache
 def default_gram_budget() -> int:
-    """A quarter of the memory available when the compile starts (Linux ``MemAvailable``), at least 2 GiB: the Gram
-    matrices of a run are the largest transient a compile holds, and fewer runs mean fewer passes over the model."""
+    """A quarter of the memory available when first asked (Linux ``MemAvailable``), in whole GiB, at least 2 GiB: the
+    Gram matrices of a run are the largest transient a compile holds, and fewer runs mean fewer passes over the
+    model. Fixed for the process, so repeated compiles (and a Ray compile beside a local one) record the same."""
     try:
         with open("/proc/meminfo", encoding="ascii") as meminfo:
             fields = dict(line.split(":", 1) for line in meminfo)
         available = int(fields["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
         return MIN_GRAM_BUDGET
-    return max(MIN_GRAM_BUDGET, available // 4)
+    return max(MIN_GRAM_BUDGET, available // 4 >> 30 << 30)
 
 
 class PassRefused(ir.passes.PreconditionError):

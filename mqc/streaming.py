@@ -467,9 +467,9 @@ class StreamedCompile:
         calibrator = Calibrator(self.model, taps, self.context.default_modality, gram_taps, sample_rows=sample_rows)
         stats: dict[str, TapStats] = {}
         forwarded = []
-        for feed in cache.samples:
+        for sample, feed in enumerate(cache.samples):
             values = {**feed, **session.run(feed)}
-            calibrator.accumulate(stats, feed, [values[t] for t in calibrator.taps])
+            calibrator.accumulate(stats, feed, [values[t] for t in calibrator.taps], sample)
             forwarded.append({name: values[name] for name in outputs})
         session.close()
         if outputs:
