@@ -18,6 +18,11 @@ report with its timings) is not compared.
 
     python benchmarks/check_recipe_identity.py --out benchmarks/results/recipe_identity.json
     python benchmarks/check_recipe_identity.py --compare benchmarks/results/recipe_identity.json
+    python benchmarks/check_recipe_identity.py --models tiny-vlm \
+        --compare benchmarks/results/recipe_identity_vlm_baseline.json.gz     # every built-in recipe, --samples 2
+
+The tiny-VLM baseline (gzip) was taken at main ea473c7 (session 5) with one BLAS thread; every recipe of it compiled
+to the same digests after session 6's refactors (session 7).
 
 ``--compare`` recompiles the cases of the baseline, prints every difference and exits 1 on any.
 Each compile's seconds are printed and stored (a secondary output; they vary with the machine's load).
@@ -29,14 +34,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gzip
 import hashlib
 import io
 import json
+import os
 import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+# One BLAS thread: numpy's multi-threaded reductions (rotations, GPTQ, SVD) round differently with the thread count,
+# so digests taken at another thread count differ in the last bits of every rewritten weight.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
 import onnx
@@ -261,7 +272,11 @@ def main() -> int:
     parser.add_argument("--strict-names", action="store_true", help="A renamed node or value is a difference too.")
     args = parser.parse_args()
 
-    baseline = json.loads(args.compare.read_text()) if args.compare else None
+    baseline = None
+    if args.compare:
+        opener = gzip.open if args.compare.suffix == ".gz" else open
+        with opener(args.compare, "rt", encoding="utf-8") as file:
+            baseline = json.load(file)
     models = args.models.split(",")
     args.workdir.mkdir(parents=True, exist_ok=True)
     if baseline is not None:
