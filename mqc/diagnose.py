@@ -44,7 +44,7 @@ import onnx_ir as ir
 
 from mqc.calibration import IMAGE, MODALITY_INPUT, MODALITY_NAMES, TEXT, capture
 from mqc.errors import InputModelError
-from mqc.ir import constant_array
+from mqc.ir import constant_array, depends_on
 from mqc.model_map import build_model_map
 
 #: Below this cosine similarity of the float and compiled layer outputs, the bases differ (module docstring).
@@ -162,24 +162,9 @@ def _static_activation(value: ir.Value) -> tuple[ir.Value, int, ir.Value] | None
         return None
     qmax = _initializer(clip.inputs[2]) if len(clip.inputs) > 2 else None
     x, scale = div.inputs[0], producer.inputs[1]
-    if qmax is None or _depends_on(scale, x):
+    if qmax is None or depends_on(scale, x):
         return None
     return x, round(math.log2(float(qmax) + 1)) + 1, scale
-
-
-def _depends_on(value: ir.Value, source: ir.Value) -> bool:
-    """Whether ``source`` is an ancestor of ``value`` (a run-time scale computed from the activation)."""
-    seen, stack = set(), [value]
-    while stack:
-        current = stack.pop()
-        if current is source:
-            return True
-        producer = current.producer()
-        if producer is None or id(producer) in seen:
-            continue
-        seen.add(id(producer))
-        stack.extend(v for v in producer.inputs if v is not None)
-    return False
 
 
 def _layer_name(node: ir.Node) -> str:

@@ -176,6 +176,21 @@ def constant_array(value: ir.Value | None) -> np.ndarray | None:
     return None
 
 
+def depends_on(value: ir.Value, source: ir.Value) -> bool:
+    """Whether ``source`` is an ancestor of ``value`` (e.g. a run-time scale computed from the activation it scales)."""
+    seen, stack = set(), [value]
+    while stack:
+        current = stack.pop()
+        if current is source:
+            return True
+        producer = current.producer()
+        if producer is None or id(producer) in seen:
+            continue
+        seen.add(id(producer))
+        stack.extend(v for v in producer.inputs if v is not None)
+    return False
+
+
 def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     """Register ``array`` as a new initializer with a name unique in ``graph``."""
     unique = name

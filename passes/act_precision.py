@@ -31,7 +31,7 @@ import numpy as np
 import onnx_ir as ir
 
 from mqc.calibration import capture
-from mqc.ir import add_initializer, constant_array
+from mqc.ir import add_initializer, constant_array, depends_on
 from mqc.pass_manager import MqcPass
 
 INT8_MAX, INT16_MIN, INT16_MAX = 127.0, -32768.0, 32767.0
@@ -56,21 +56,6 @@ def _scalar(value: ir.Value | None) -> float | None:
     return float(array.reshape(())) if array is not None and array.size == 1 else None
 
 
-def _computed_from(scale: ir.Value, x: ir.Value) -> bool:
-    """Whether ``scale`` depends on ``x`` (a per-token dynamic scale)."""
-    stack, seen = [scale], set()
-    while stack:
-        value = stack.pop()
-        if value is x:
-            return True
-        producer = value.producer()
-        if producer is None or id(producer) in seen:
-            continue
-        seen.add(id(producer))
-        stack.extend(v for v in producer.inputs if v is not None)
-    return False
-
-
 def _fake_quant_point(div: ir.Node) -> _Point | str | None:
     """The fake-quant chain starting at ``div``; a reason string when it is a dynamic one; None if not a chain."""
     x, scale = div.inputs[0], div.inputs[1]
@@ -81,7 +66,7 @@ def _fake_quant_point(div: ir.Node) -> _Point | str | None:
         return None
     if (_scalar(clip.inputs[1]), _scalar(clip.inputs[2])) != (-INT8_MAX - 1, INT8_MAX):
         return None
-    if _computed_from(scale, x):
+    if depends_on(scale, x):
         return f"{x.name}: a per-token dynamic quantizer, not budgeted"
     return _Point(x, scale, "fake_quant", [div, clip, mul])
 
