@@ -28,6 +28,20 @@ def session(model: onnx.ModelProto, threads: int = 2, custom: bool = True, optim
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
+def file_outputs(path, feeds: dict, custom: bool) -> dict[str, np.ndarray]:
+    """Every output of the model at ``path`` on ``feeds`` (the graph's inputs only): with the runtime-ops library, or
+    unoptimized without it (the QDQ reference, unfused)."""
+    options = ort.SessionOptions()
+    if custom:
+        register_library(options)
+    else:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
+    values = session.run(None, {k: v for k, v in feeds.items() if k in names})
+    return {o.name: v for o, v in zip(session.get_outputs(), values, strict=True)}
+
+
 def quantize(x: np.ndarray, s) -> np.ndarray:
     """ONNX QuantizeLinear, zero point 0: round half to even, clip to int8 (division, like onnxruntime)."""
     return np.clip(np.rint(x.astype(np.float32) / np.float32(s)), -128, 127).astype(np.int8)

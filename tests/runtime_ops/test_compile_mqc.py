@@ -11,10 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
 from mqc.passes.lower_runtime_ops import lower_to_runtime_ops
-from mqc.runtime_ops import register_library
+from rtops_models import file_outputs
 
 from mqc.calibration import random_feeds
 from mqc.compiler import compile_file
@@ -23,17 +22,6 @@ from mqc.recipes import PASS_MODULES, Recipe, load_recipe
 
 RTOL = 1e-5
 
-
-def _outputs(path: Path, feeds: dict, custom: bool) -> dict[str, np.ndarray]:
-    options = ort.SessionOptions()
-    if custom:
-        register_library(options)
-    else:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    names = {i.name for i in session.get_inputs()}
-    values = session.run(None, {k: v for k, v in feeds.items() if k in names})
-    return {o.name: v for o, v in zip(session.get_outputs(), values, strict=True)}
 
 
 @pytest.mark.parametrize("recipe", ["w8a8", "w4a8-msq", "quarot"])
@@ -86,8 +74,8 @@ def test_branches_folded_into_quant_linear(recipe, folded, tiny_decoder, tmp_pat
 def assert_lowered_matches_qdq(qdq_path: Path, mqc_path: Path, feeds: list[dict], hadamard_fed: bool = False) -> None:
     """Every float output of the lowered model matches the QDQ model's on each feed (``_assert_rows_match``)."""
     for feed in feeds:
-        expected = _outputs(qdq_path, feed, custom=False)
-        got = _outputs(mqc_path, feed, custom=True)
+        expected = file_outputs(qdq_path, feed, custom=False)
+        got = file_outputs(mqc_path, feed, custom=True)
         for name, e in expected.items():
             if np.issubdtype(e.dtype, np.floating) and e.size:
                 _assert_rows_match(got[name], e, name, hadamard_fed)
@@ -135,8 +123,8 @@ def test_norms_fused_into_rmsnorm_quant(recipe, tiny_decoder, tmp_path):
     mqc_path = tmp_path / "fused.onnx"
     save_model(model, mqc_path)
     feeds = random_feeds(model, 2)[1]  # the sample with image tokens, for the modality-selected scales
-    expected = _outputs(qdq_path, feeds, custom=False)
-    got = _outputs(mqc_path, feeds, custom=True)
+    expected = file_outputs(qdq_path, feeds, custom=False)
+    got = file_outputs(mqc_path, feeds, custom=True)
     for name, e in expected.items():
         if np.issubdtype(e.dtype, np.floating) and e.size:
             np.testing.assert_allclose(got[name], e, rtol=0, atol=1e-3 * max(np.abs(e).max(), 1e-6), err_msg=name)

@@ -10,14 +10,11 @@ agree within the bound of test_compile_mqc.py's Hadamard-fed case and above 40 d
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
 from mqc.passes.lower_runtime_ops import lower_to_runtime_ops
-from mqc.runtime_ops import register_library
+from rtops_models import file_outputs
 
 from mqc.calibration import capture, random_feeds
 from mqc.compiler import compile_file
@@ -50,17 +47,6 @@ def _decode_step(prefill: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return step
 
 
-def _run(path: Path, feed: dict, custom: bool) -> dict[str, np.ndarray]:
-    options = ort.SessionOptions()
-    if custom:
-        register_library(options)
-    else:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    names = {i.name for i in session.get_inputs()}
-    values = session.run(None, {k: v for k, v in feed.items() if k in names})
-    return {o.name: v for o, v in zip(session.get_outputs(), values, strict=True)}
-
 
 @pytest.fixture(scope="module")
 def lowered(tiny_decoder, tmp_path_factory):
@@ -91,13 +77,13 @@ def test_every_sink_scaled_linear_is_one_quant_linear(lowered):
 def test_prefill_matches_qdq_through_aifs(lowered):
     qdq, mqc, _, _, feeds = lowered
     for feed in feeds:
-        _assert_close(_run(mqc, feed, custom=True), _run(qdq, feed, custom=False))
+        _assert_close(file_outputs(mqc, feed, custom=True), file_outputs(qdq, feed, custom=False))
 
 
 def test_decode_step_matches_qdq_and_reads_the_text_scale(lowered):
     qdq, mqc, model, _, feeds = lowered
     step = _decode_step(feeds[0])
-    _assert_close(_run(mqc, step, custom=True), _run(qdq, step, custom=False))
+    _assert_close(file_outputs(mqc, step, custom=True), file_outputs(qdq, step, custom=False))
     (_, (decode_class,)), = capture(model, ["mqc_scale_class_0"], [step])
     assert decode_class.reshape(-1).tolist() == [0]  # position 7, text: the text scale
     (_, (prefill_class, perm)), = capture(model, ["mqc_scale_class_0", "mqc_aifs_perm"], feeds[:1])
@@ -128,7 +114,7 @@ def test_norms_fused_with_three_scales(lowered):
     assert fused and all(n.inputs[2].const_value.numpy().size == 3 for n in fused), record.skipped
     path = save_model(model, qdq.with_name("fused.onnx"))
     for feed in (feeds[0], _decode_step(feeds[0])):
-        expected, got = _run(qdq, feed, custom=False), _run(path, feed, custom=True)
+        expected, got = file_outputs(qdq, feed, custom=False), file_outputs(path, feed, custom=True)
         for name, e in expected.items():
             if np.issubdtype(e.dtype, np.floating) and e.size:
                 np.testing.assert_allclose(got[name], e, rtol=0, atol=1e-3 * max(np.abs(e).max(), 1e-6), err_msg=name)
