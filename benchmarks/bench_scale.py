@@ -8,7 +8,7 @@ stretch. Calibration is synthetic (``--samples 4``, 16 tokens each). Results are
 so runs can be done one at a time:
 
     python benchmarks/bench_scale.py --workdir /work/scale --runs smollm2-135m:30:w8a8:stream qwen2-1.5b:28:w8a8:whole
-    python benchmarks/bench_scale.py --plot benchmarks/results/scale.json
+    python benchmarks/bench_scale.py --plot --svg benchmarks/results/scale.svg
 
 A run is SHAPE:LAYERS:RECIPE:MODE with MODE ``whole`` (today's compile) or ``stream``.
 """
@@ -118,18 +118,23 @@ def _memory_gb() -> float:
     return 0.0
 
 
-def text_plot(data: dict, width: int = 50) -> str:
-    """Peak RSS and wall time of every run as horizontal bars (matplotlib is not installed here)."""
-    runs = sorted(data["runs"].values(), key=lambda r: (r["hidden"], r["layers"], r["mode"], r["recipe"]))
-    top_rss = max(r["peak_rss_gb"] or 0 for r in runs)
-    top_wall = max(r["wall_s"] for r in runs)
-    lines = [f"{'run':34} {'peak RSS (GB)':<{width + 7}}   wall (s)"]
-    for r in runs:
-        rss = r["peak_rss_gb"] or 0
-        bar = "#" * max(1, round(width * rss / top_rss))
-        wall_bar = "=" * max(1, round(20 * r["wall_s"] / top_wall))
-        lines.append(f"{r['run']:34} {bar:<{width}} {rss:6.2f}   {wall_bar:<20} {r['wall_s']:7.1f}")
-    return "\n".join(lines)
+def svg_plot(data: dict) -> str:
+    """Wall time and peak RSS against the number of layers, one line per shape, recipe and mode (an SVG chart)."""
+    from mqc.plot import Panel, Series, render_svg
+
+    lines: dict[tuple[str, str, str], list[dict]] = {}
+    for r in data["runs"].values():
+        if r["exit"] == 0:
+            lines.setdefault((r["shape"], r["recipe"], r["mode"]), []).append(r)
+    panels = [Panel("compile wall time against depth", "decoder layers", "wall s"),
+              Panel("compile peak RSS against depth", "decoder layers", "peak RSS GB")]
+    for color, ((shape, recipe, mode), runs) in enumerate(sorted(lines.items())):
+        runs.sort(key=lambda r: r["layers"])
+        label = f"{shape} {recipe} {mode}"
+        dashed = mode == "whole"
+        panels[0].series.append(Series(label, [(r["layers"], r["wall_s"]) for r in runs], color, dashed))
+        panels[1].series.append(Series(label, [(r["layers"], r["peak_rss_gb"]) for r in runs], color, dashed))
+    return render_svg(panels)
 
 
 def markdown_table(data: dict) -> str:
@@ -152,7 +157,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=3600)
     parser.add_argument("--keep", action="store_true", help="Keep the compiled models (they are deleted by default).")
     parser.add_argument("--drop-models", action="store_true", help="Delete each source model after its runs.")
-    parser.add_argument("--plot", action="store_true", help="Print the results file as a table and a text plot.")
+    parser.add_argument("--plot", action="store_true", help="Print the results file as the BENCHMARKS.md table.")
+    parser.add_argument("--svg", type=Path, help="Draw the results file's time and peak RSS against depth here.")
     args = parser.parse_args()
     mqc = str(Path(sys.executable).with_name("mqc"))
     for spec in args.runs:
@@ -163,11 +169,11 @@ def main() -> None:
         for spec in args.runs:
             shape_name, layers = spec.split(":")[:2]
             shutil.rmtree(args.workdir / f"{shape_name}-{layers}", ignore_errors=True)
-    if args.plot and args.out.exists():
-        data = json.loads(args.out.read_text())
+    data = json.loads(args.out.read_text()) if args.out.exists() else None
+    if args.plot and data is not None:
         print(markdown_table(data))
-        print()
-        print(text_plot(data))
+    if args.svg is not None and data is not None:
+        args.svg.write_text(svg_plot(data))
 
 
 if __name__ == "__main__":

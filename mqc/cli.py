@@ -262,18 +262,23 @@ def _stored_report(file: Path):
 @click.option("--component", "components", multiple=True, help="Only this component of a model folder (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print the diagnosis as JSON instead of tables.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Also write the JSON to this file.")
+@click.option("--plot", type=click.Path(path_type=Path),
+              help="Also draw SQNR by layer, static vs dynamic scales, as an SVG chart in this file.")
 def diagnose(float_model: str, compiled: Path, samples: int, offset: int, calib: Path | None, top: int,
-             components: tuple[str, ...], as_json: bool, output: Path | None) -> None:
+             components: tuple[str, ...], as_json: bool, output: Path | None, plot: Path | None) -> None:
     """Per statically quantized layer of COMPILED and per modality: output SQNR with its static activation scale,
     the same with per-token dynamic scales (what-if), against FLOAT, and the tokens that set each range."""
     from mqc.diagnose import diagnose as run_diagnosis
-    from mqc.diagnose import render
+    from mqc.diagnose import plot_panels, render
     from mqc.errors import InputModelError, OutputPathError
+    from mqc.outputs import write_text_atomically
+    from mqc.plot import render_svg
 
     if samples < 1 or offset < 0 or top < 1:
         raise InputModelError("--samples and --top must be at least 1, --offset at least 0")
-    if output is not None and not output.parent.is_dir():
-        raise OutputPathError(f"output folder does not exist: {output.parent}")
+    for path in (output, plot):
+        if path is not None and not path.parent.is_dir():
+            raise OutputPathError(f"output folder does not exist: {path.parent}")
     with progress_bar() as progress:
         def tick(component: str, total: int):
             task = progress.add_task(f"diagnosing {component}", total=total)
@@ -285,9 +290,9 @@ def diagnose(float_model: str, compiled: Path, samples: int, offset: int, calib:
             raise InputModelError(str(exc)) from exc
     text = json.dumps(result, indent=2)
     if output is not None:
-        staged = output.with_name(f".{output.name}.tmp")
-        staged.write_text(text + "\n")
-        staged.replace(output)
+        write_text_atomically(output, text + "\n")
+    if plot is not None:
+        write_text_atomically(plot, render_svg(plot_panels(result)))
     if as_json:
         click.echo(text)
         return

@@ -34,6 +34,7 @@ signal over summed noise).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,7 @@ from mqc.calibration import IMAGE, MODALITY_INPUT, MODALITY_NAMES, TEXT, capture
 from mqc.errors import InputModelError
 from mqc.ir import constant_array, depends_on
 from mqc.model_map import build_model_map
+from mqc.plot import Panel, Series
 
 #: Below this cosine similarity of the float and compiled layer outputs, the bases differ (module docstring).
 BASIS_COSINE = 0.5
@@ -53,6 +55,7 @@ BASIS_COSINE = 0.5
 AIFS_PERMUTATION = "mqc_aifs_perm"
 WEIGHT_SUFFIX = ".weight_dq"
 FORMAT = "mqc-diagnose/1"
+_BLOCK_NUMBER = re.compile(r"layers?\.(\d+)\.")
 
 
 @dataclass
@@ -564,6 +567,37 @@ def render(result: dict[str, Any], console, worst: int = 10) -> None:
         console.print(_table(Table(title=f"{component}: the {len(ranked)} largest static-vs-dynamic gaps of the "
                                          "median token"), ranked))
         console.print(_table(Table(title=f"{component}: every layer"), rows))
+
+
+def plot_panels(result: dict[str, Any]) -> list[Panel]:
+    """One panel per component: the median token's output SQNR of every static layer, in graph order, with its
+    static scales (solid) and with per-token dynamic scales (dashed what-if), per modality."""
+    panels = []
+    for component, entry in result["components"].items():
+        layers = entry["layers"]
+        series = []
+        for color, modality in enumerate((MODALITY_NAMES[TEXT], MODALITY_NAMES[IMAGE])):
+            if not any(modality in layer["modalities"] for layer in layers):
+                continue
+            for key, kind, dashed in (("static_token_db", "static", False), ("dynamic_token_db", "dynamic", True)):
+                points = [(float(i), layer["modalities"].get(modality, {}).get(key)) for i, layer in enumerate(layers)]
+                series.append(Series(f"{modality}, {kind} scales", points, color, dashed))
+        panels.append(Panel(f"{component}: median-token output SQNR per static layer", "quantized layer (graph order)",
+                            "SQNR dB", series, _block_ticks(layers)))
+    return panels
+
+
+def _block_ticks(layers: list[dict[str, Any]], most: int = 16) -> list[tuple[float, str]] | None:
+    """x ticks at the first linear of every k-th numbered block (``layers.N.``), or None without block numbers."""
+    first: dict[int, int] = {}
+    for index, layer in enumerate(layers):
+        found = _BLOCK_NUMBER.search(layer["name"])
+        if found:
+            first.setdefault(int(found.group(1)), index)
+    if not first:
+        return None
+    every = max(1, math.ceil(len(first) / most))
+    return [(float(index), f"L{block}") for block, index in sorted(first.items()) if block % every == 0]
 
 
 def _table(table, rows) -> Any:

@@ -59,6 +59,17 @@ def check_output_path(path: Path, protected: Iterable[Path] = ()) -> None:
                                   "choose another -o path")
 
 
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write a small text output (a JSON report, an SVG chart) beside its target, then rename it into place."""
+    staged = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        staged.write_text(text)
+        staged.replace(path)
+    except OSError as exc:
+        staged.unlink(missing_ok=True)
+        raise OutputPathError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
 def _same_file(a: Path, b: Path) -> bool:
     if os.path.abspath(a) == os.path.abspath(b) or os.path.realpath(a) == os.path.realpath(b):
         return True

@@ -184,3 +184,25 @@ def test_cli_json_and_bad_input(mlp, tmp_path):
         bad = runner.invoke(main, ["diagnose", *args])
         assert bad.exit_code == 2 and "error" in bad.output, bad.output
     assert mlp["float"].read_bytes() == _two_layer_mlp(tmp_path / "again.onnx").read_bytes()  # input untouched
+
+
+def test_plot_draws_static_and_dynamic_sqnr_of_every_layer(mlp, tmp_path):
+    import xml.etree.ElementTree as ET
+
+    plot, data = tmp_path / "sqnr.svg", tmp_path / "diag.json"
+    done = CliRunner().invoke(main, ["diagnose", str(mlp["float"]), str(mlp["outlier"]), "--calib",
+                                     str(mlp["calib_outlier"]), "--samples", "2", "-o", str(data), "--plot", str(plot)])
+    assert done.exit_code == 0, done.output
+    layers = json.loads(data.read_text())["components"]["mlp.outlier.onnx"]["layers"]
+    lines = {p.get("data-label"): p.get("points").split() for p in ET.parse(plot).getroot().iter()
+             if p.tag.endswith("polyline")}
+    assert set(lines) == {"text, static scales", "text, dynamic scales"}
+    static = [float(xy.split(",")[1]) for xy in lines["text, static scales"]]
+    dynamic = [float(xy.split(",")[1]) for xy in lines["text, dynamic scales"]]
+    assert len(static) == len(dynamic) == len(layers) == 2
+    for layer, y_static, y_dynamic in zip(layers, static, dynamic, strict=True):  # higher dB is drawn higher up
+        figures = layer["modalities"]["text"]
+        assert (y_static < y_dynamic) == (figures["static_token_db"] > figures["dynamic_token_db"])
+    bad = CliRunner().invoke(main, ["diagnose", str(mlp["float"]), str(mlp["outlier"]), "--plot",
+                                    str(tmp_path / "missing" / "x.svg")])
+    assert bad.exit_code == 2 and "does not exist" in bad.output
