@@ -119,14 +119,17 @@ def session_for_model(model: ir.Model, providers: Sequence[str], optimization_le
 
 
 def session_from_proto(proto: onnx.ModelProto, names: Sequence[str], values: Sequence[Any], providers: Sequence[str],
-                       optimization_level: str = "all", external_folder: str | None = None):
+                       optimization_level: str = "all", external_folder: str | None = None, prepack: bool = True):
     """A session on ``proto`` whose initializers ``names`` are the OrtValues ``values`` (shared, not copied);
-    external data references are read from ``external_folder``."""
+    external data references are read from ``external_folder``. ``prepack=False`` keeps onnxruntime from making
+    packed copies of the weights (a one-off run then reads the mapped originals: half the memory of a big head)."""
     import onnxruntime as ort
 
     options = _options(optimization_level, None, any(op.domain == MQC_DOMAIN for op in proto.opset_import))
     if external_folder is not None:
         options.add_session_config_entry(_EXTERNAL_FOLDER_KEY, external_folder)
+    if not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     if names:
         options.add_external_initializers(list(names), list(values))
     try:
