@@ -15,6 +15,7 @@ so the two cannot share an environment.
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,10 @@ from pathlib import Path
 import numpy as np
 from mqc.models.testing import tiny_config, tiny_tokenizer
 
-EXPORTERS = ("dynamo", "torchscript", "genai")
+EXPORTERS = ("dynamo", "torchscript", "genai", "optimum")
+#: Optimum's exporter runs from its own environment (``make setup`` builds it from ``requirements-optimum.txt``):
+#: optimum-onnx 0.1.0 pins ``transformers<4.58`` and mqc needs transformers 5.
+OPTIMUM_VENV = Path(__file__).resolve().parent.parent / ".venv-optimum"
 
 
 @dataclass(frozen=True)
@@ -188,6 +192,49 @@ def _genai_export(form: ExportForm, model, out_dir: Path) -> Path:
     return target / "model.onnx"
 
 
+def optimum_cli() -> Path | None:
+    """``optimum-cli`` of the Optimum environment, or None where ``make setup`` has not built it."""
+    cli = OPTIMUM_VENV / "bin" / "optimum-cli"
+    return cli if cli.is_file() else None
+
+
+def _checkpoint_for_transformers4(model, folder: Path) -> Path:
+    """``model`` saved as a checkpoint transformers 4.57 loads: the safetensors as transformers 5 writes them, and
+    the config with the fields 4.57 reads (``rope_theta`` where 5 writes ``rope_parameters``; ``torch_dtype``)."""
+    import json
+
+    model.save_pretrained(folder)
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text())
+    rope = config.pop("rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"rope {rope['rope_type']!r}: only the default rope is written for transformers 4")
+    if "rope_theta" in rope:
+        config["rope_theta"] = rope["rope_theta"]
+    config["torch_dtype"] = config.pop("dtype", "float32")
+    config_file.write_text(json.dumps(config, indent=2))
+    return folder
+
+
+def _optimum_export(form: ExportForm, model, out_dir: Path) -> Path:
+    """Optimum's exporter on a checkpoint folder saved here, run as users run it: ``optimum-cli export onnx --task
+    text-generation-with-past`` (TorchScript underneath, opset 18, ``position_ids`` input, KV cache in and out)."""
+    import subprocess
+
+    cli = optimum_cli()
+    if cli is None:
+        raise FileNotFoundError(f"no Optimum environment at {OPTIMUM_VENV} (`make setup` builds it)")
+    if (form.inputs, form.kv_cache) != ("input_ids", True):
+        raise ValueError("the optimum forms are decoders with past taking input_ids (text-generation-with-past)")
+    checkpoint = _checkpoint_for_transformers4(model, out_dir / "hf")
+    target = out_dir / "optimum"
+    command = [str(cli), "export", "onnx", "-m", str(checkpoint), "--task", "text-generation-with-past", str(target)]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if done.returncode:
+        raise RuntimeError(f"optimum-cli export failed: {done.stderr[-2000:]}")
+    return target / "model.onnx"
+
+
 def export_form(form: ExportForm, out_dir: Path, seed: int = 0) -> Path:
     """Write ``form`` of the tiny ``form.family`` model (weights from :func:`build_model`) into ``out_dir``."""
     if form.exporter not in EXPORTERS:
@@ -197,11 +244,15 @@ def export_form(form: ExportForm, out_dir: Path, seed: int = 0) -> Path:
     if form.dtype != "float32":
         if form.exporter == "genai":
             raise ValueError("the genai forms are fp32 (the builder's fp16/bf16 targets are CUDA/DML builds)")
+        if form.exporter == "optimum":
+            raise ValueError("the optimum forms are fp32 (optimum-cli's --dtype fp16 export needs a CUDA device)")
         import torch
 
         model = model.to(getattr(torch, form.dtype))
     if form.exporter == "genai":
         return _genai_export(form, model, out_dir)
+    if form.exporter == "optimum":
+        return _optimum_export(form, model, out_dir)
     if form.kv_cache:
         if (form.exporter, form.inputs) != ("dynamo", "input_ids"):
             raise ValueError("the with-past forms are dynamo exports taking input_ids")
