@@ -453,3 +453,74 @@ def export_llava_style_tower(out_dir: Path, seed: int = 0) -> Path:
         torch.onnx.export(LlavaTower().eval(), (torch.randn(1, 3, 28, 28),), str(path), dynamo=False, opset_version=17,
                           input_names=["pixel_values"], output_names=["image_features"])
     return path
+
+
+def build_qwen2_vl(seed: int = 0):
+    """The tiny random Qwen2-VL of ``mqc.models.testing`` (vision: 2 blocks, width 32, merger to 64) with
+    non-trivial LayerNorm gammas and betas in its vision tower."""
+    import torch
+    from mqc.models.testing import build_tiny
+
+    model, _ = build_tiny("qwen2_vl", seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in model.model.visual.named_parameters():
+            if "norm" in name or "ln_q" in name:
+                base = 1.0 if name.endswith("weight") else 0.0
+                param.copy_(base + 0.3 * torch.randn(param.shape, generator=generator))
+    return model
+
+
+#: The image both Qwen2-VL tower forms take: 56x56 pixels, 4x4 patches of 14, merged 2x2 into 4 tokens.
+QWEN2_VL_IMAGE = (56, 56)
+
+
+def qwen2_vl_patches(pixels: np.ndarray, vision_config) -> np.ndarray:
+    """Qwen2VLImageProcessor's flattening of one normalized image [3, H, W]: the frame repeated over the temporal
+    patch, cut into patches in 2x2-merge order, one row per patch (what users feed the vision model)."""
+    p, m, t = vision_config.patch_size, vision_config.spatial_merge_size, vision_config.temporal_patch_size
+    c, h, w = pixels.shape
+    gh, gw = h // p, w // p
+    x = np.tile(pixels[None], (t, 1, 1, 1))
+    x = x.reshape(1, t, c, gh // m, m, p, gw // m, m, p).transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return np.ascontiguousarray(x.reshape(gh * gw, c * t * p * p), dtype=np.float32)
+
+
+def export_qwen2_vl_tower(out_dir: Path, seed: int = 0) -> Path:
+    """transformers' Qwen2-VL vision model as a user exports it with TorchScript at opset 17: the processor's
+    flattened patches and the image grid in (``pixel_values`` [16, 1176], ``image_grid_thw`` [[1, 4, 4]]), the
+    merger's output out (``image_embeds`` [4, 64]). The trace turns the grid into constants, so the graph takes
+    the patches only and is fixed to that grid."""
+    import torch
+
+    class VisionModel(torch.nn.Module):
+        def __init__(self, visual):
+            super().__init__()
+            self.visual = visual
+
+        def forward(self, pixel_values, image_grid_thw):
+            return self.visual(pixel_values, grid_thw=image_grid_thw).pooler_output
+
+    visual = build_qwen2_vl(seed).model.visual
+    pixels = np.random.default_rng(seed).standard_normal((3, *QWEN2_VL_IMAGE)).astype(np.float32)
+    patches = torch.from_numpy(qwen2_vl_patches(pixels, visual.config))
+    grid = torch.tensor([[1, QWEN2_VL_IMAGE[0] // 14, QWEN2_VL_IMAGE[1] // 14]])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "qwen2-vl-tower-torchscript.onnx"
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(VisionModel(visual).eval(), (patches, grid), str(path), dynamo=False, opset_version=17,
+                          input_names=["pixel_values", "image_grid_thw"], output_names=["image_embeds"])
+    return path
+
+
+def export_qwen2_vl_tower_reference(out_dir: Path, seed: int = 0) -> Path:
+    """The ``mqc export`` vision graph of the same weights as :func:`export_qwen2_vl_tower`: ``pixel_values``
+    [1, 3, 56, 56] in (patchified inside the graph), ``image_embeds`` [1, 4, 64] out."""
+    from mqc.models.export import export_vision
+    from mqc.models.qwen2_vl import plan, single_image_attention
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vision = plan(build_qwen2_vl(seed), QWEN2_VL_IMAGE).vision
+    with single_image_attention():
+        return export_vision(vision, QWEN2_VL_IMAGE, out_dir / "vision.onnx", dynamic_batch=False)

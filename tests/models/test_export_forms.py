@@ -391,3 +391,40 @@ def test_vision_recipes_refuse_these_towers_naming_the_node_and_w8a8_compiles_th
                          gate_feeds=lambda: images[8:])
     assert report.quality["sqnr_db"] > 25
     assert not any(p.name.startswith(tuple(TOWER_RECIPES)) for p in tmp_path.iterdir())  # refused: nothing written
+
+
+@pytest.fixture(scope="module")
+def qwen2_vl_towers(export_cache) -> tuple[Path, Path]:
+    """Qwen2-VL's vision tower as a user's TorchScript export writes it, and ``mqc export``'s of the same weights."""
+    from mqc.models import export_forms
+
+    return (export_cache.get("form-tower-qwen2-vl-torchscript", export_forms.export_qwen2_vl_tower),
+            export_cache.get("form-tower-qwen2-vl-reference", export_forms.export_qwen2_vl_tower_reference))
+
+
+@pytest.mark.parametrize("recipe", [*TOWER_RECIPES, "w8a8"])
+def test_qwen2_vl_tower_as_users_export_it_compiles_as_the_mqc_export_tower(recipe, qwen2_vl_towers, tmp_path):
+    """The user's graph takes the processor's flattened patches, mqc's the image: fed the same images, the recipe
+    does the same on both (records, rotation applied, output SQNR within 1 dB)."""
+    from mqc.models.export_forms import build_qwen2_vl, qwen2_vl_patches
+
+    user, reference = qwen2_vl_towers
+    vision_config = build_qwen2_vl().model.visual.config
+    rng = np.random.default_rng(5)
+    images = [rng.standard_normal((3, 56, 56)).astype(np.float32) for _ in range(10)]
+    feeds = {user: [{"pixel_values": qwen2_vl_patches(image, vision_config)} for image in images],
+             reference: [{"pixel_values": image[None]} for image in images]}
+    reports = {}
+    for source, samples in feeds.items():
+        reports[source] = mqc.compile(source, tmp_path / f"{source.stem}.onnx", recipe, feeds=lambda s=samples: s[:8],
+                                      num_samples=8, gate_feeds=lambda s=samples: s[8:], verify=True)
+    records = {source: {p.name: (p.changed, sorted(_without_names(s["reason"]) for s in p.skipped))
+                        for p in report.passes} for source, report in reports.items()}
+    assert records[user] == records[reference]
+    if recipe in TOWER_RECIPES:
+        assert records[user]["ln_to_rmsnorm"] == (5, []) and records[user]["hadamard_rotation"][0] > 0
+        assert not records[user]["hadamard_rotation"][1]
+    assert all(p.verify is None or p.verify["max_rel"] < 1e-4 for p in reports[user].passes)
+    gate, reference_gate = reports[user].quality, reports[reference].quality
+    assert gate["output"] == "image_embeds" and gate["sqnr_db"] > 12
+    assert abs(gate["sqnr_db"] - reference_gate["sqnr_db"]) <= 1.0, (gate, reference_gate)
