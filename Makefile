@@ -11,7 +11,8 @@ GENAI_EXTRA := $(if $(filter cpu,$(ORT)),$(comma)genai,)
 # Optimum's exporter (the Optimum export forms in the tests) pins transformers<4.58 and mqc needs transformers 5: a
 # venv of its own whose .pth adds the main venv's site-packages after its own, so torch & co. are the main ones and
 # only the packages pinned in requirements-optimum.txt (installed without their deps) shadow the main venv's.
-OPTIMUM_VENV := .venv-optimum  # models/export_forms.py looks for it here
+# models/export_forms.py looks for it here.
+OPTIMUM_VENV := .venv-optimum
 
 .PHONY: setup demo test test-quick lint bench clean
 

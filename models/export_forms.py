@@ -1,15 +1,25 @@
 """The ONNX graphs users bring: one tiny random decoder exported by the tools people use, for tests.
 
 ``mqc export`` writes one form (``inputs_embeds`` in, KV cache, weight transposes folded). Users export their own
-model with ``torch.onnx.export`` (dynamo or TorchScript) or onnxruntime-genai's model builder, and get other graphs
-of the same function: a tied ``lm_head`` reading ``Transpose(embedding table)``, ``input_ids`` in with the embedding
-``Gather`` inside, decomposed norms with casts, fused ``SkipSimplifiedLayerNormalization`` / ``GroupQueryAttention``.
-:class:`ExportForm` names one such variant; :func:`export_form` writes it from the weights :func:`build_model`
-makes, so every form of a family holds the same weights and a recipe's result on a form can be compared with its
-result on the ``mqc export`` graph (:func:`export_reference`). All offline; a few seconds per graph.
+model with ``torch.onnx.export`` (dynamo or TorchScript), Optimum's ``optimum-cli export onnx`` or onnxruntime-genai's
+model builder, and get other graphs of the same function: a tied ``lm_head`` reading ``Transpose(embedding table)``,
+``input_ids`` in with the embedding ``Gather`` inside, decomposed norms with casts, ``position_ids`` beside the KV
+cache, fused ``SkipSimplifiedLayerNormalization`` / ``GroupQueryAttention``. :class:`ExportForm` names one such
+variant; :func:`export_form` writes it from the weights :func:`build_model` makes, so every form of a family holds the
+same weights and a recipe's result on a form can be compared with its result on the ``mqc export`` graph
+(:func:`export_reference`). All offline; a few seconds per graph.
 
-Optimum (``optimum-onnx`` 0.1.0) is not in the corpus: it pins ``transformers<4.58`` and mqc needs transformers 5,
-so the two cannot share an environment.
+Optimum (``optimum-onnx`` 0.1.0, optimum 2.1.0) pins ``transformers<4.58`` and mqc needs transformers 5, so its
+exporter runs from ``.venv-optimum`` (``make setup``; pins in ``requirements-optimum.txt``: transformers 4.57.6
+over the main environment's torch), on a checkpoint folder saved here with the config fields transformers 4 reads.
+
+Vision towers: DINOv2 (opset 14, decomposed LayerNorm), a LLaVA-style CLIP tower, and Qwen2-VL's vision model as a
+user exports it with TorchScript (flattened patches in; :func:`export_qwen2_vl_tower`) beside ``mqc export``'s tower
+of the same weights. ``torch.onnx.export(dynamo=True)`` cannot export transformers' Qwen2-VL vision model, with the
+grid as an input or as a constant: torch.export stops at the per-image split of its attention,
+``torch.split(tensor, lengths.tolist(), dim=2)`` (modeling_qwen2_vl.py), with "GuardOnDataDependentSymNode: Could
+not guard on data-dependent expression Eq(u3, 0)" (torch 2.13.0, transformers 5.24.0); ``mqc export`` replaces
+that attention by one full-attention segment for its own export.
 """
 
 from __future__ import annotations
@@ -217,8 +227,9 @@ def _checkpoint_for_transformers4(model, folder: Path) -> Path:
 
 
 def _optimum_export(form: ExportForm, model, out_dir: Path) -> Path:
-    """Optimum's exporter on a checkpoint folder saved here, run as users run it: ``optimum-cli export onnx --task
-    text-generation-with-past`` (TorchScript underneath, opset 18, ``position_ids`` input, KV cache in and out)."""
+    """Optimum's exporter on a float32 checkpoint folder saved here, run as users run it: ``optimum-cli export onnx
+    --task text-generation-with-past --dtype fp32|fp16`` (TorchScript underneath, opset 18, ``position_ids`` input,
+    KV cache in and out)."""
     import subprocess
 
     cli = optimum_cli()
@@ -226,9 +237,15 @@ def _optimum_export(form: ExportForm, model, out_dir: Path) -> Path:
         raise FileNotFoundError(f"no Optimum environment at {OPTIMUM_VENV} (`make setup` builds it)")
     if (form.inputs, form.kv_cache) != ("input_ids", True):
         raise ValueError("the optimum forms are decoders with past taking input_ids (text-generation-with-past)")
+    dtypes = {"float32": "fp32", "float16": "fp16"}
+    if form.dtype not in dtypes:
+        # optimum-cli --dtype bf16 fails in TorchScript's serializer ("ScalarType ComplexDouble is an unexpected
+        # tensor scalar type"), as TorchScript fails on bfloat16 for every exporter here
+        raise ValueError(f"the optimum forms are {' or '.join(dtypes)}: optimum-cli's bf16 export fails on TorchScript")
     checkpoint = _checkpoint_for_transformers4(model, out_dir / "hf")
     target = out_dir / "optimum"
-    command = [str(cli), "export", "onnx", "-m", str(checkpoint), "--task", "text-generation-with-past", str(target)]
+    command = [str(cli), "export", "onnx", "-m", str(checkpoint), "--task", "text-generation-with-past",
+               "--dtype", dtypes[form.dtype], str(target)]
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if done.returncode:
         raise RuntimeError(f"optimum-cli export failed: {done.stderr[-2000:]}")
@@ -241,18 +258,16 @@ def export_form(form: ExportForm, out_dir: Path, seed: int = 0) -> Path:
         raise ValueError(f"unknown exporter {form.exporter!r}; choose from {EXPORTERS}")
     out_dir.mkdir(parents=True, exist_ok=True)
     model = build_model(form.family, form.tied, seed)
+    if form.exporter == "optimum":  # from the float32 checkpoint, the dtype is the exporter's --dtype
+        return _optimum_export(form, model, out_dir)
     if form.dtype != "float32":
         if form.exporter == "genai":
             raise ValueError("the genai forms are fp32 (the builder's fp16/bf16 targets are CUDA/DML builds)")
-        if form.exporter == "optimum":
-            raise ValueError("the optimum forms are fp32 (optimum-cli's --dtype fp16 export needs a CUDA device)")
         import torch
 
         model = model.to(getattr(torch, form.dtype))
     if form.exporter == "genai":
         return _genai_export(form, model, out_dir)
-    if form.exporter == "optimum":
-        return _optimum_export(form, model, out_dir)
     if form.kv_cache:
         if (form.exporter, form.inputs) != ("dynamo", "input_ids"):
             raise ValueError("the with-past forms are dynamo exports taking input_ids")
@@ -312,7 +327,8 @@ def prefill_feed(model_path: Path, ids: np.ndarray, table: np.ndarray, head_dim:
             feed[name] = np.zeros((1, seq), np.int64)
         elif name.startswith("past_key_values"):
             kv_heads = value.type.tensor_type.shape.dim[1].dim_value
-            feed[name] = np.zeros((1, kv_heads, 0, head_dim), np.float32)
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+            feed[name] = np.zeros((1, kv_heads, 0, head_dim), dtype)
         else:
             raise ValueError(f"{model_path}: no feed for input {name!r}")
     return feed

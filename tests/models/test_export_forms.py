@@ -272,7 +272,8 @@ def test_post_ln_encoder_is_refused_by_the_rotation_with_its_reason(tmp_path):
 
 HALF_FORMS = [ExportForm("llama", "torchscript", tied=True, inputs="input_ids", dtype="float16"),
               pytest.param(ExportForm("llama", "dynamo", tied=True, inputs="input_ids", dtype="bfloat16"),
-                           marks=pytest.mark.slow)]  # TorchScript cannot export bfloat16; dynamo takes ~10 s
+                           marks=pytest.mark.slow),  # TorchScript cannot export bfloat16; dynamo takes ~10 s
+              ExportForm("llama", "optimum", tied=True, inputs="input_ids", dtype="float16", kv_cache=True)]
 
 
 @pytest.mark.parametrize("form", HALF_FORMS, ids=lambda f: f.name)
