@@ -11,7 +11,8 @@ same weights and a recipe's result on a form can be compared with its result on 
 
 Optimum (``optimum-onnx`` 0.1.0, optimum 2.1.0) pins ``transformers<4.58`` and mqc needs transformers 5, so its
 exporter runs from ``.venv-optimum`` (``make setup``; pins in ``requirements-optimum.txt``: transformers 4.57.6
-over the main environment's torch), on a checkpoint folder saved here with the config fields transformers 4 reads.
+over the main environment's torch), on a float32 checkpoint folder saved here with the config fields transformers 4
+reads; ``--dtype fp16`` gives the float16 form, and ``--dtype bf16`` fails in TorchScript's serializer.
 
 Vision towers: DINOv2 (opset 14, decomposed LayerNorm), a LLaVA-style CLIP tower, and Qwen2-VL's vision model as a
 user exports it with TorchScript (flattened patches in; :func:`export_qwen2_vl_tower`) beside ``mqc export``'s tower
