@@ -240,9 +240,8 @@ def _optimum_export(form: ExportForm, model, out_dir: Path) -> Path:
         raise ValueError("the optimum forms are decoders with past taking input_ids (text-generation-with-past)")
     dtypes = {"float32": "fp32", "float16": "fp16"}
     if form.dtype not in dtypes:
-        # optimum-cli --dtype bf16 fails in TorchScript's serializer ("ScalarType ComplexDouble is an unexpected
-        # tensor scalar type"), as TorchScript fails on bfloat16 for every exporter here
-        raise ValueError(f"the optimum forms are {' or '.join(dtypes)}: optimum-cli's bf16 export fails on TorchScript")
+        raise ValueError(f"the optimum forms are {' or '.join(dtypes)}: optimum-cli --dtype bf16 fails in TorchScript's "
+                         "serializer (ScalarType ComplexDouble is an unexpected tensor scalar type)")
     checkpoint = _checkpoint_for_transformers4(model, out_dir / "hf")
     target = out_dir / "optimum"
     command = [str(cli), "export", "onnx", "-m", str(checkpoint), "--task", "text-generation-with-past",
@@ -521,7 +520,7 @@ def export_qwen2_vl_tower(out_dir: Path, seed: int = 0) -> Path:
     visual = build_qwen2_vl(seed).model.visual
     pixels = np.random.default_rng(seed).standard_normal((3, *QWEN2_VL_IMAGE)).astype(np.float32)
     patches = torch.from_numpy(qwen2_vl_patches(pixels, visual.config))
-    grid = torch.tensor([[1, QWEN2_VL_IMAGE[0] // 14, QWEN2_VL_IMAGE[1] // 14]])
+    grid = torch.tensor([[1, *(side // visual.config.patch_size for side in QWEN2_VL_IMAGE)]])
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "qwen2-vl-tower-torchscript.onnx"
     with warnings.catch_warnings(), torch.no_grad():

@@ -407,12 +407,12 @@ def qwen2_vl_towers(export_cache) -> tuple[Path, Path]:
 def test_qwen2_vl_tower_as_users_export_it_compiles_as_the_mqc_export_tower(recipe, qwen2_vl_towers, tmp_path):
     """The user's graph takes the processor's flattened patches, mqc's the image: fed the same images, the recipe
     does the same on both (records, rotation applied, output SQNR within 1 dB)."""
-    from mqc.models.export_forms import build_qwen2_vl, qwen2_vl_patches
+    from mqc.models.export_forms import QWEN2_VL_IMAGE, build_qwen2_vl, qwen2_vl_patches
 
     user, reference = qwen2_vl_towers
     vision_config = build_qwen2_vl().model.visual.config
     rng = np.random.default_rng(5)
-    images = [rng.standard_normal((3, 56, 56)).astype(np.float32) for _ in range(10)]
+    images = [rng.standard_normal((3, *QWEN2_VL_IMAGE)).astype(np.float32) for _ in range(10)]
     feeds = {user: [{"pixel_values": qwen2_vl_patches(image, vision_config)} for image in images],
              reference: [{"pixel_values": image[None]} for image in images]}
     reports = {}
