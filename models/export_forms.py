@@ -1,20 +1,32 @@
 """The ONNX graphs users bring: one tiny random decoder exported by the tools people use, for tests.
 
 ``mqc export`` writes one form (``inputs_embeds`` in, KV cache, weight transposes folded). Users export their own
-model with ``torch.onnx.export`` (dynamo or TorchScript) or onnxruntime-genai's model builder, and get other graphs
-of the same function: a tied ``lm_head`` reading ``Transpose(embedding table)``, ``input_ids`` in with the embedding
-``Gather`` inside, decomposed norms with casts, fused ``SkipSimplifiedLayerNormalization`` / ``GroupQueryAttention``.
-:class:`ExportForm` names one such variant; :func:`export_form` writes it from the weights :func:`build_model`
-makes, so every form of a family holds the same weights and a recipe's result on a form can be compared with its
-result on the ``mqc export`` graph (:func:`export_reference`). All offline; a few seconds per graph.
+model with ``torch.onnx.export`` (dynamo or TorchScript), Optimum's ``optimum-cli export onnx`` or onnxruntime-genai's
+model builder, and get other graphs of the same function: a tied ``lm_head`` reading ``Transpose(embedding table)``,
+``input_ids`` in with the embedding ``Gather`` inside, decomposed norms with casts, ``position_ids`` beside the KV
+cache, fused ``SkipSimplifiedLayerNormalization`` / ``GroupQueryAttention``. :class:`ExportForm` names one such
+variant; :func:`export_form` writes it from the weights :func:`build_model` makes, so every form of a family holds the
+same weights and a recipe's result on a form can be compared with its result on the ``mqc export`` graph
+(:func:`export_reference`). All offline; a few seconds per graph.
 
-Optimum (``optimum-onnx`` 0.1.0) is not in the corpus: it pins ``transformers<4.58`` and mqc needs transformers 5,
-so the two cannot share an environment.
+Optimum (``optimum-onnx`` 0.1.0, optimum 2.1.0) pins ``transformers<4.58`` and mqc needs transformers 5, so its
+exporter runs from ``.venv-optimum`` (``make setup``; pins in ``requirements-optimum.txt``: transformers 4.57.6
+over the main environment's torch), on a float32 checkpoint folder saved here with the config fields transformers 4
+reads; ``--dtype fp16`` gives the float16 form, and ``--dtype bf16`` fails in TorchScript's serializer.
+
+Vision towers: DINOv2 (opset 14, decomposed LayerNorm), a LLaVA-style CLIP tower, and Qwen2-VL's vision model as a
+user exports it with TorchScript (flattened patches in; :func:`export_qwen2_vl_tower`) beside ``mqc export``'s tower
+of the same weights. ``torch.onnx.export(dynamo=True)`` cannot export transformers' Qwen2-VL vision model, with the
+grid as an input or as a constant: torch.export stops at the per-image split of its attention,
+``torch.split(tensor, lengths.tolist(), dim=2)`` (modeling_qwen2_vl.py), with "GuardOnDataDependentSymNode: Could
+not guard on data-dependent expression Eq(u3, 0)" (torch 2.13.0, transformers 5.24.0); ``mqc export`` replaces
+that attention by one full-attention segment for its own export.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +34,10 @@ from pathlib import Path
 import numpy as np
 from mqc.models.testing import tiny_config, tiny_tokenizer
 
-EXPORTERS = ("dynamo", "torchscript", "genai")
+EXPORTERS = ("dynamo", "torchscript", "genai", "optimum")
+#: Optimum's exporter runs from its own environment (``make setup`` builds it from ``requirements-optimum.txt``):
+#: optimum-onnx 0.1.0 pins ``transformers<4.58`` and mqc needs transformers 5.
+OPTIMUM_VENV = Path(__file__).resolve().parent.parent / ".venv-optimum"
 
 
 @dataclass(frozen=True)
@@ -188,12 +203,63 @@ def _genai_export(form: ExportForm, model, out_dir: Path) -> Path:
     return target / "model.onnx"
 
 
+def optimum_cli() -> Path | None:
+    """``optimum-cli`` of the Optimum environment, or None where ``make setup`` has not built it."""
+    cli = OPTIMUM_VENV / "bin" / "optimum-cli"
+    return cli if cli.is_file() else None
+
+
+def _checkpoint_for_transformers4(model, folder: Path) -> Path:
+    """``model`` saved as a checkpoint transformers 4.57 loads: the safetensors as transformers 5 writes them, and
+    the config with the fields 4.57 reads (``rope_theta`` where 5 writes ``rope_parameters``; ``torch_dtype``)."""
+    import json
+
+    model.save_pretrained(folder)
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text())
+    rope = config.pop("rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"rope {rope['rope_type']!r}: only the default rope is written for transformers 4")
+    if "rope_theta" in rope:
+        config["rope_theta"] = rope["rope_theta"]
+    config["torch_dtype"] = config.pop("dtype", "float32")
+    config_file.write_text(json.dumps(config, indent=2))
+    return folder
+
+
+def _optimum_export(form: ExportForm, model, out_dir: Path) -> Path:
+    """Optimum's exporter on a float32 checkpoint folder saved here, run as users run it: ``optimum-cli export onnx
+    --task text-generation-with-past --dtype fp32|fp16`` (TorchScript underneath, opset 18, ``position_ids`` input,
+    KV cache in and out)."""
+    import subprocess
+
+    cli = optimum_cli()
+    if cli is None:
+        raise FileNotFoundError(f"no Optimum environment at {OPTIMUM_VENV} (`make setup` builds it)")
+    if (form.inputs, form.kv_cache) != ("input_ids", True):
+        raise ValueError("the optimum forms are decoders with past taking input_ids (text-generation-with-past)")
+    dtypes = {"float32": "fp32", "float16": "fp16"}
+    if form.dtype not in dtypes:
+        raise ValueError(f"the optimum forms are {' or '.join(dtypes)}: optimum-cli --dtype bf16 fails in TorchScript's "
+                         "serializer (ScalarType ComplexDouble is an unexpected tensor scalar type)")
+    checkpoint = _checkpoint_for_transformers4(model, out_dir / "hf")
+    target = out_dir / "optimum"
+    command = [str(cli), "export", "onnx", "-m", str(checkpoint), "--task", "text-generation-with-past",
+               "--dtype", dtypes[form.dtype], str(target)]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if done.returncode:
+        raise RuntimeError(f"optimum-cli export failed: {done.stderr[-2000:]}")
+    return target / "model.onnx"
+
+
 def export_form(form: ExportForm, out_dir: Path, seed: int = 0) -> Path:
     """Write ``form`` of the tiny ``form.family`` model (weights from :func:`build_model`) into ``out_dir``."""
     if form.exporter not in EXPORTERS:
         raise ValueError(f"unknown exporter {form.exporter!r}; choose from {EXPORTERS}")
     out_dir.mkdir(parents=True, exist_ok=True)
     model = build_model(form.family, form.tied, seed)
+    if form.exporter == "optimum":  # from the float32 checkpoint, the dtype is the exporter's --dtype
+        return _optimum_export(form, model, out_dir)
     if form.dtype != "float32":
         if form.exporter == "genai":
             raise ValueError("the genai forms are fp32 (the builder's fp16/bf16 targets are CUDA/DML builds)")
@@ -261,7 +327,8 @@ def prefill_feed(model_path: Path, ids: np.ndarray, table: np.ndarray, head_dim:
             feed[name] = np.zeros((1, seq), np.int64)
         elif name.startswith("past_key_values"):
             kv_heads = value.type.tensor_type.shape.dim[1].dim_value
-            feed[name] = np.zeros((1, kv_heads, 0, head_dim), np.float32)
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+            feed[name] = np.zeros((1, kv_heads, 0, head_dim), dtype)
         else:
             raise ValueError(f"{model_path}: no feed for input {name!r}")
     return feed
@@ -402,3 +469,74 @@ def export_llava_style_tower(out_dir: Path, seed: int = 0) -> Path:
         torch.onnx.export(LlavaTower().eval(), (torch.randn(1, 3, 28, 28),), str(path), dynamo=False, opset_version=17,
                           input_names=["pixel_values"], output_names=["image_features"])
     return path
+
+
+def build_qwen2_vl(seed: int = 0):
+    """The tiny random Qwen2-VL of ``mqc.models.testing`` (vision: 2 blocks, width 32, merger to 64) with
+    non-trivial LayerNorm gammas and betas in its vision tower."""
+    import torch
+    from mqc.models.testing import build_tiny
+
+    model, _ = build_tiny("qwen2_vl", seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in model.model.visual.named_parameters():
+            if "norm" in name or "ln_q" in name:
+                base = 1.0 if name.endswith("weight") else 0.0
+                param.copy_(base + 0.3 * torch.randn(param.shape, generator=generator))
+    return model
+
+
+#: The image both Qwen2-VL tower forms take: 56x56 pixels, 4x4 patches of 14, merged 2x2 into 4 tokens.
+QWEN2_VL_IMAGE = (56, 56)
+
+
+def qwen2_vl_patches(pixels: np.ndarray, vision_config) -> np.ndarray:
+    """Qwen2VLImageProcessor's flattening of one normalized image [3, H, W]: the frame repeated over the temporal
+    patch, cut into patches in 2x2-merge order, one row per patch (what users feed the vision model)."""
+    p, m, t = vision_config.patch_size, vision_config.spatial_merge_size, vision_config.temporal_patch_size
+    c, h, w = pixels.shape
+    gh, gw = h // p, w // p
+    x = np.tile(pixels[None], (t, 1, 1, 1))
+    x = x.reshape(1, t, c, gh // m, m, p, gw // m, m, p).transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return np.ascontiguousarray(x.reshape(gh * gw, c * t * p * p), dtype=np.float32)
+
+
+def export_qwen2_vl_tower(out_dir: Path, seed: int = 0) -> Path:
+    """transformers' Qwen2-VL vision model as a user exports it with TorchScript at opset 17: the processor's
+    flattened patches and the image grid in (``pixel_values`` [16, 1176], ``image_grid_thw`` [[1, 4, 4]]), the
+    merger's output out (``image_embeds`` [4, 64]). The trace turns the grid into constants, so the graph takes
+    the patches only and is fixed to that grid."""
+    import torch
+
+    class VisionModel(torch.nn.Module):
+        def __init__(self, visual):
+            super().__init__()
+            self.visual = visual
+
+        def forward(self, pixel_values, image_grid_thw):
+            return self.visual(pixel_values, grid_thw=image_grid_thw).pooler_output
+
+    visual = build_qwen2_vl(seed).model.visual
+    pixels = np.random.default_rng(seed).standard_normal((3, *QWEN2_VL_IMAGE)).astype(np.float32)
+    patches = torch.from_numpy(qwen2_vl_patches(pixels, visual.config))
+    grid = torch.tensor([[1, *(side // visual.config.patch_size for side in QWEN2_VL_IMAGE)]])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "qwen2-vl-tower-torchscript.onnx"
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(VisionModel(visual).eval(), (patches, grid), str(path), dynamo=False, opset_version=17,
+                          input_names=["pixel_values", "image_grid_thw"], output_names=["image_embeds"])
+    return path
+
+
+def export_qwen2_vl_tower_reference(out_dir: Path, seed: int = 0) -> Path:
+    """The ``mqc export`` vision graph of the same weights as :func:`export_qwen2_vl_tower`: ``pixel_values``
+    [1, 3, 56, 56] in (patchified inside the graph), ``image_embeds`` [1, 4, 64] out."""
+    from mqc.models.export import export_vision
+    from mqc.models.qwen2_vl import plan, single_image_attention
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vision = plan(build_qwen2_vl(seed), QWEN2_VL_IMAGE).vision
+    with single_image_attention():
+        return export_vision(vision, QWEN2_VL_IMAGE, out_dir / "vision.onnx", dynamic_batch=False)

@@ -30,7 +30,7 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MQC_
 
 ROOT = Path(__file__).resolve().parent.parent
 #: What an export depends on besides the library versions: the exporter and the test builders.
-EXPORT_SOURCES = ("mqc", "models", "tests/conftest.py", "tests/passes/vision_models.py")
+EXPORT_SOURCES = ("mqc", "models", "tests/conftest.py", "tests/passes/vision_models.py", "requirements-optimum.txt")
 EXPORT_LIBRARIES = ("torch", "transformers", "onnx", "onnxscript", "onnx-ir", "tokenizers")
 
 

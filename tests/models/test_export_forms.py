@@ -13,10 +13,12 @@ import onnx
 import pytest
 from click.testing import CliRunner
 from mqc.models.export_forms import (
+    OPTIMUM_VENV,
     ExportForm,
     embedding_table,
     export_form,
     export_reference,
+    optimum_cli,
     prefill_feed,
     token_windows,
 )
@@ -55,6 +57,8 @@ def form_graph(export_cache) -> Callable[[ExportForm], Path]:
     def get(form: ExportForm) -> Path:
         if form.exporter == "genai":
             pytest.importorskip("onnxruntime_genai", reason="the genai extra (onnxruntime-genai) is not installed")
+        if form.exporter == "optimum" and optimum_cli() is None:
+            pytest.skip(f"no Optimum environment at {OPTIMUM_VENV}: `make setup` builds it")
         return export_cache.get(f"form-{form.name}", lambda folder: export_form(form, folder))
 
     return get
@@ -119,6 +123,8 @@ FORMS = [
     ExportForm("qwen2", "genai", tied=False, inputs="input_ids"),
     ExportForm("llama", "dynamo", tied=True, inputs="input_ids", kv_cache=True),
     ExportForm("qwen2", "dynamo", tied=False, inputs="input_ids", kv_cache=True),
+    ExportForm("llama", "optimum", tied=True, inputs="input_ids", kv_cache=True),
+    ExportForm("qwen2", "optimum", tied=False, inputs="input_ids", kv_cache=True),
 ]
 
 
@@ -266,7 +272,8 @@ def test_post_ln_encoder_is_refused_by_the_rotation_with_its_reason(tmp_path):
 
 HALF_FORMS = [ExportForm("llama", "torchscript", tied=True, inputs="input_ids", dtype="float16"),
               pytest.param(ExportForm("llama", "dynamo", tied=True, inputs="input_ids", dtype="bfloat16"),
-                           marks=pytest.mark.slow)]  # TorchScript cannot export bfloat16; dynamo takes ~10 s
+                           marks=pytest.mark.slow),  # TorchScript cannot export bfloat16; dynamo takes ~10 s
+              ExportForm("llama", "optimum", tied=True, inputs="input_ids", dtype="float16", kv_cache=True)]
 
 
 @pytest.mark.parametrize("form", HALF_FORMS, ids=lambda f: f.name)
@@ -290,15 +297,28 @@ def test_half_precision_form_compiles_as_its_float32_graph(form, form_graph, com
                                                  else onnx.TensorProto.FLOAT)
 
 
+def _past_names(session) -> list[str]:
+    return [i.name for i in session.get_inputs() if i.name.startswith("past_key_values")]
+
+
+def _step_feed(session, ids: np.ndarray, seen: int, cache: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One call's feed: ``ids`` after ``seen`` cached tokens, with ``position_ids`` where the graph takes them
+    (Optimum's form does, the dynamo form derives positions from the mask)."""
+    feed = {"input_ids": ids[None], "attention_mask": np.ones((1, seen + len(ids)), np.int64), **cache}
+    if any(i.name == "position_ids" for i in session.get_inputs()):
+        feed["position_ids"] = np.arange(seen, seen + len(ids), dtype=np.int64)[None]
+    return feed
+
+
 def _decode(session, ids: np.ndarray, prefill: int, kv_heads: int) -> np.ndarray:
     """Logits of ``ids[prefill:]`` computed one token at a time through the graph's own KV cache."""
-    names = [i.name for i in session.get_inputs() if i.name.startswith("past_key_values")]
+    names = _past_names(session)
     cache = {name: np.zeros((1, kv_heads, 0, HEAD_DIM), np.float32) for name in names}
     steps = [ids[:prefill], *[ids[i:i + 1] for i in range(prefill, len(ids))]]
     logits, seen = [], 0
     for step in steps:
+        outputs = session.run(None, _step_feed(session, step, seen, cache))
         seen += len(step)
-        outputs = session.run(None, {"input_ids": step[None], "attention_mask": np.ones((1, seen), np.int64), **cache})
         cache = {name: out for name, out in zip(names, outputs[1:], strict=True)}
         logits.append(outputs[0][0, -len(step):])
     return np.concatenate(logits)[prefill:]
@@ -311,11 +331,10 @@ def test_compiled_with_past_form_decodes_through_its_cache_as_it_prefills(form, 
     compiled = _Compiled(form_graph(form), "mquant", form.family, form.tied, tmp_path / "q.onnx")
     assert compiled.records()["hadamard_rotation"][0] > 0
     session = mqc.open_session(tmp_path / "q.onnx")
-    kv_heads = session.get_inputs()[2].shape[1]
+    kv_heads = next(i for i in session.get_inputs() if i.name.startswith("past_key_values")).shape[1]
     ids = EVALUATION[0]
-    full = session.run(["logits"], {"input_ids": ids[None], "attention_mask": np.ones((1, len(ids)), np.int64),
-                                    **{i.name: np.zeros((1, kv_heads, 0, HEAD_DIM), np.float32)
-                                       for i in session.get_inputs()[2:]}})[0][0, 24:]
+    empty = {name: np.zeros((1, kv_heads, 0, HEAD_DIM), np.float32) for name in _past_names(session)}
+    full = session.run(["logits"], _step_feed(session, ids, 0, empty))[0][0, 24:]
     assert sqnr_db(full, _decode(session, ids, 24, kv_heads)) > 40
 
 
@@ -373,3 +392,40 @@ def test_vision_recipes_refuse_these_towers_naming_the_node_and_w8a8_compiles_th
                          gate_feeds=lambda: images[8:])
     assert report.quality["sqnr_db"] > 25
     assert not any(p.name.startswith(tuple(TOWER_RECIPES)) for p in tmp_path.iterdir())  # refused: nothing written
+
+
+@pytest.fixture(scope="module")
+def qwen2_vl_towers(export_cache) -> tuple[Path, Path]:
+    """Qwen2-VL's vision tower as a user's TorchScript export writes it, and ``mqc export``'s of the same weights."""
+    from mqc.models import export_forms
+
+    return (export_cache.get("form-tower-qwen2-vl-torchscript", export_forms.export_qwen2_vl_tower),
+            export_cache.get("form-tower-qwen2-vl-reference", export_forms.export_qwen2_vl_tower_reference))
+
+
+@pytest.mark.parametrize("recipe", [*TOWER_RECIPES, "w8a8"])
+def test_qwen2_vl_tower_as_users_export_it_compiles_as_the_mqc_export_tower(recipe, qwen2_vl_towers, tmp_path):
+    """The user's graph takes the processor's flattened patches, mqc's the image: fed the same images, the recipe
+    does the same on both (records, rotation applied, output SQNR within 1 dB)."""
+    from mqc.models.export_forms import QWEN2_VL_IMAGE, build_qwen2_vl, qwen2_vl_patches
+
+    user, reference = qwen2_vl_towers
+    vision_config = build_qwen2_vl().model.visual.config
+    rng = np.random.default_rng(5)
+    images = [rng.standard_normal((3, *QWEN2_VL_IMAGE)).astype(np.float32) for _ in range(10)]
+    feeds = {user: [{"pixel_values": qwen2_vl_patches(image, vision_config)} for image in images],
+             reference: [{"pixel_values": image[None]} for image in images]}
+    reports = {}
+    for source, samples in feeds.items():
+        reports[source] = mqc.compile(source, tmp_path / f"{source.stem}.onnx", recipe, feeds=lambda s=samples: s[:8],
+                                      num_samples=8, gate_feeds=lambda s=samples: s[8:], verify=True)
+    records = {source: {p.name: (p.changed, sorted(_without_names(s["reason"]) for s in p.skipped))
+                        for p in report.passes} for source, report in reports.items()}
+    assert records[user] == records[reference]
+    if recipe in TOWER_RECIPES:
+        assert records[user]["ln_to_rmsnorm"] == (5, []) and records[user]["hadamard_rotation"][0] > 0
+        assert not records[user]["hadamard_rotation"][1]
+    assert all(p.verify is None or p.verify["max_rel"] < 1e-4 for p in reports[user].passes)
+    gate, reference_gate = reports[user].quality, reports[reference].quality
+    assert gate["output"] == "image_embeds" and gate["sqnr_db"] > 12
+    assert abs(gate["sqnr_db"] - reference_gate["sqnr_db"]) <= 1.0, (gate, reference_gate)
