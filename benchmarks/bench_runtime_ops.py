@@ -11,15 +11,20 @@ tower) and decode (M = 1), in three formats measured side by side in one process
 * with ``--dynamic`` also ``qdq w8 dyn`` (the per-token dynamic activation fake-quant of passes/cmc.py, MASQuant's
   setting, in front of the same QDQ weight) and ``mqc w8 dyn`` / ``mqc w4 dyn`` (it lowered, ``dynamic=1``).
 
+``--group-size G`` instead times per-group against per-channel weights (QuantLinear ``group_size=G``, lowered from
+a blocked QDQ weight) at the decoder's linear shapes, static activations: ``float``, ``mqc w8`` / ``mqc w8 gG`` and
+``mqc w4`` / ``mqc w4 gG``, interleaved in the same way.
+
     python benchmarks/bench_runtime_ops.py --threads 2 --repeat 50 --markdown [--dynamic]
+    python benchmarks/bench_runtime_ops.py --threads 2 --repeat 30 --markdown --group-size 64
     python benchmarks/bench_runtime_ops.py --gpu      # on a CUDA machine with torch: kernels vs torch fp16 matmul
     bash benchmarks/gpu_check.sh                      # the same from a bare checkout: builds the library first
 
 The GPU mode calls the CUDA kernels through libmqc_ops_cuda.so's C entry points (ctypes) on torch tensors, checks
 each against a float64 reference on random (never zero) inputs, and times them with CUDA events against
 ``torch.matmul`` in fp16 (cuBLAS) at prefill (M = 512 to 8192) and decode (M = 1 to 16) shapes: QuantLinear with
-static and with dynamic per-token activation scales (W8A8, W4A8), dynamic with the CMC low-rank branch, Hadamard
-and RMSNorm+quant. It needs only torch and numpy (not mqc installed: the library is found through
+static and with dynamic per-token activation scales (W8A8, W4A8), per-group weights (``group_size``, static and
+dynamic, against the same weights per channel), dynamic with the CMC low-rank branch, Hadamard and RMSNorm+quant. It needs only torch and numpy (not mqc installed: the library is found through
 ``$MQC_RUNTIME_OPS_DIR`` or the checkout), exits with status 1 when a check fails, and ``--tables FILE`` also writes
 the markdown tables to FILE.
 """
@@ -76,17 +81,26 @@ def _float_model(w: np.ndarray, bias: np.ndarray) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=IR_VERSION)
 
 
-def _qdq_model(w: np.ndarray, bias: np.ndarray, act_scale: float, bits: int) -> onnx.ModelProto:
+def _qdq_model(w: np.ndarray, bias: np.ndarray, act_scale: float, bits: int, group_size: int = 0) -> onnx.ModelProto:
+    """The QDQ linear with weights per output channel, or per group of ``group_size`` input rows (ONNX blocked
+    quantization on axis 0 of the [K, N] weight)."""
     qmax = 127 if bits == 8 else 7
-    w_scale = (np.abs(w).max(axis=0) / qmax).astype(np.float32)
-    wq = np.clip(np.rint(w / w_scale), -qmax - 1, qmax)
+    K, N = w.shape
+    if group_size:
+        w_scale = (np.abs(w.reshape(K // group_size, group_size, N)).max(axis=1) / qmax).astype(np.float32)
+        wq = np.clip(np.rint(w / np.repeat(w_scale, group_size, axis=0)), -qmax - 1, qmax)
+        dequant = {"axis": 0, "block_size": group_size}
+    else:
+        w_scale = (np.abs(w).max(axis=0) / qmax).astype(np.float32)
+        wq = np.clip(np.rint(w / w_scale), -qmax - 1, qmax)
+        dequant = {"axis": 1}
     int_type = np.int8 if bits == 8 else ml_dtypes.int4
     inits = [numpy_helper.from_array(np.array(act_scale, np.float32), "xs"), numpy_helper.from_array(np.array(0, np.int8), "xz"),
              numpy_helper.from_array(wq.astype(int_type), "wq"), numpy_helper.from_array(w_scale, "ws"),
-             numpy_helper.from_array(np.zeros(w.shape[1], int_type), "wz"), numpy_helper.from_array(bias, "b")]
+             numpy_helper.from_array(np.zeros(w_scale.shape, int_type), "wz"), numpy_helper.from_array(bias, "b")]
     nodes = [helper.make_node("QuantizeLinear", ["X", "xs", "xz"], ["xq"]),
              helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xdq"]),
-             helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wdq"], axis=1),
+             helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wdq"], **dequant),
              helper.make_node("MatMul", ["xdq", "wdq"], ["mm"]), helper.make_node("Add", ["mm", "b"], ["Y"])]
     graph = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("X", TensorProto.FLOAT, None)],
                               [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)
@@ -189,6 +203,49 @@ def run_cpu(threads: int, repeat: int, shapes=CPU_SHAPES, dynamic: bool = False,
             print(f"{component:8s} {layer:22s} M={M:4d} K={K:5d} N={N:6d}  "
                   + "  ".join(f"{k} {v:8.3f} ms" for k, v in ms.items() if not k.endswith("min")), flush=True)
     return rows
+
+
+#: The decoder's linears (lm_head aside): the shapes of a per-group static W4A8 recipe's QuantLinears.
+GROUP_SHAPES = [s for s in CPU_SHAPES if s[0] == "decoder" and s[1] != "lm_head"]
+
+
+def run_cpu_groups(threads: int, repeat: int, group_size: int, spin: bool = True) -> list[dict]:
+    """Per-group (``group_size``) against per-channel QuantLinear at the decoder's shapes, static activations."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for component, layer, K, N, M_prefill in GROUP_SHAPES:
+        w = (rng.standard_normal((K, N)) * 0.05).astype(np.float32)
+        bias = (rng.standard_normal(N) * 0.1).astype(np.float32)
+        models = {"float": _float_model(w, bias)}
+        for bits in (8, 4):
+            models[f"mqc w{bits}"] = _lowered(_qdq_model(w, bias, 0.03, bits))
+            models[f"mqc w{bits} g"] = _lowered(_qdq_model(w, bias, 0.03, bits, group_size))
+        sessions = {k: _session(m, threads, spin) for k, m in models.items()}
+        for phase, M in (("prefill", M_prefill), ("decode", 1)):
+            x = rng.standard_normal((1, M, K)).astype(np.float32)
+            ms = _time_side_by_side(sessions, {"X": x}, repeat)
+            rows.append({"component": component, "layer": layer, "K": K, "N": N, "M": M, "phase": phase, **ms})
+            print(f"{layer:22s} M={M:4d} K={K:5d} N={N:6d}  "
+                  + "  ".join(f"{k} {v:8.3f} ms" for k, v in ms.items() if not k.endswith("min")), flush=True)
+    return rows
+
+
+def markdown_groups(rows: list[dict], threads: int, repeat: int, group_size: int) -> str:
+    out = [f"Machine: {cpu_machine()}; intra-op threads {threads}; {repeat} interleaved runs per cell: median "
+           f"(best) ms; the ratios use medians. Per-group weights: one scale per {group_size} input rows "
+           "(QuantLinear group_size), static per-tensor activations.", "",
+           f"| layer | M | K | N | float | mqc W8A8 | mqc W8A8 g{group_size} | mqc W4A8 | mqc W4A8 g{group_size} | "
+           "W8 group / channel | W4 group / channel |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def cell(r, k):
+        return f"{r[k]:.3f} ({r[k + ' min']:.3f})"
+
+    for r in rows:
+        out.append(f"| {r['layer']} | {r['M']} | {r['K']} | {r['N']} | {cell(r, 'float')} | {cell(r, 'mqc w8')} | "
+                   f"{cell(r, 'mqc w8 g')} | {cell(r, 'mqc w4')} | {cell(r, 'mqc w4 g')} | "
+                   f"{r['mqc w8 g'] / r['mqc w8']:.2f} | {r['mqc w4 g'] / r['mqc w4']:.2f} |")
+    return "\n".join(out)
 
 
 def markdown_cpu(rows: list[dict], threads: int, repeat: int) -> str:
@@ -652,6 +709,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu", action="store_true", help="GPU kernels vs torch fp16 matmul (needs torch with CUDA)")
     parser.add_argument("--quick", action="store_true", help="three shapes, few runs (a smoke test)")
     parser.add_argument("--dynamic", action="store_true", help="also per-token dynamic activations (QDQ and mqc)")
+    parser.add_argument("--group-size", type=int, default=0, metavar="G",
+                        help="CPU: per-group (G input rows per scale) against per-channel weights at the decoder's shapes")
     parser.add_argument("--decoder", metavar="MODEL", help="whole-decoder benchmark of a packaged model (e.g. tiny-vlm)")
     parser.add_argument("--workdir", type=Path, default=Path("build/bench_runtime_ops"), help="compiled decoders go here")
     parser.add_argument("--recipes", help="with --decoder: comma-separated recipes to compare instead of W8A8/W4A8")
@@ -671,6 +730,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.decoder:
         recipes = args.recipes.split(",") if args.recipes else None
         print(run_decoder(args.decoder, args.threads, args.repeat, args.workdir, recipes=recipes, spin=not args.no_spin))
+        return 0
+    if args.group_size:
+        rows = run_cpu_groups(args.threads, args.repeat, args.group_size, spin=not args.no_spin)
+        if args.markdown:
+            print()
+            print(markdown_groups(rows, args.threads, args.repeat, args.group_size))
         return 0
     shapes = CPU_SHAPES[2:4] + CPU_SHAPES[4:5] if args.quick else CPU_SHAPES
     rows = run_cpu(args.threads, 3 if args.quick else args.repeat, shapes, dynamic=args.dynamic, spin=not args.no_spin)

@@ -223,11 +223,14 @@ void gemv_w4(const GemmArgs& g, int64_t m, int64_t p) {
 }
 
 // ---- Per-group weights ------------------------------------------------------------------------------------
-// The integer loops above, one group of k at a time: at the end of each group the int32 accumulators, minus the
-// group's correction, are converted and multiplied into fp32 accumulators by the group's w_scale (one FMA per 16
-// columns), then cleared; y = f * s + bias at the end. Two sets of accumulators share the 32 registers, so the row
-// blocks are smaller than the per-channel kernels' (W8: 3 rows x 4 panels, W4: 2 x 4) and one row of W4 runs a
-// grouped gemv.
+// The integer loops above, one group of k at a time: each group's int32 accumulators start from 0, and at the
+// group's end, minus its correction, are converted and multiplied into fp32 sums by the group's w_scale (one FMA per
+// 16 columns); y = sum * s + bias at the end. Both sets live in registers, so the tiles are smaller than the
+// per-channel ones: W8 3 rows x 4 panels (12 + 12 accumulators, 4 weight vectors), W4 2 x 4 (its 8 unpacked nibble
+// vectors), and one row of W4 runs a grouped gemv. Measured alternatives on the test machine (AMD EPYC, Zen 4,
+// K 576, N 1536, M 256, groups of 64): the per-channel 6 x 4 tile with the fp32 sums in an L1 buffer was slower
+// (GCC then kept a stack copy of every int32 accumulator inside the k loop, or, with the int32 sums stored
+// after each group, paid two 512-bit stores per 16 columns and group).
 
 __attribute__((always_inline)) inline __mmask16 column_mask(const GemmArgs& g, int64_t n0) {
   const int64_t cnt = std::min<int64_t>(16, g.N - n0);
@@ -250,114 +253,86 @@ __attribute__((always_inline)) inline void store_row_grouped(const GemmArgs& g, 
 #define MQC_FACC_ROW(r) \
   __m512 f##r##0 = _mm512_setzero_ps(), f##r##1 = _mm512_setzero_ps(), f##r##2 = _mm512_setzero_ps(), \
          f##r##3 = _mm512_setzero_ps();
-
 #define MQC_FOLD_ONE(r, v) \
-  f##r##v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(c##r##v, CORR(v, r))), ws##v, f##r##v); \
-  c##r##v = _mm512_setzero_si512();
-
-#define MQC_FOLD_ROW(r)    \
-  if constexpr (MR > r) {  \
-    MQC_FOLD_ONE(r, 0)     \
+  f##r##v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(c##r##v, CORR(v, r))), \
+                            _mm512_maskz_loadu_ps(mask##v, wsg + 16 * (v)), f##r##v);
+#define MQC_FOLD_ROW(r)     \
+  if constexpr (MR > r) {   \
+    MQC_FOLD_ONE(r, 0)      \
     if constexpr (NV > 1) { \
-      MQC_FOLD_ONE(r, 1)   \
-      MQC_FOLD_ONE(r, 2)   \
-      MQC_FOLD_ONE(r, 3)   \
-    }                      \
+      MQC_FOLD_ONE(r, 1)    \
+      MQC_FOLD_ONE(r, 2)    \
+      MQC_FOLD_ONE(r, 3)    \
+    }                       \
+  }
+#define MQC_STORE_F_ROW(r)                                    \
+  if constexpr (MR > r) {                                     \
+    store_row_grouped(g, m + (r), n0, f##r##0);               \
+    if constexpr (NV > 1) {                                   \
+      store_row_grouped(g, m + (r), n0 + 16, f##r##1);        \
+      store_row_grouped(g, m + (r), n0 + 32, f##r##2);        \
+      store_row_grouped(g, m + (r), n0 + 48, f##r##3);        \
+    }                                                         \
   }
 
-#define MQC_STORE_GROUPED_ROW(r)                         \
-  if constexpr (MR > r) {                                \
-    store_row_grouped(g, m + (r), n0, f##r##0);          \
-    if constexpr (NV > 1) {                              \
-      store_row_grouped(g, m + (r), n0 + 16, f##r##1);   \
-      store_row_grouped(g, m + (r), n0 + 32, f##r##2);   \
-      store_row_grouped(g, m + (r), n0 + 48, f##r##3);   \
-    }                                                    \
-  }
-
-// The group's w_scale of the NV panels from n0 (masked at N: the scale rows hold N entries).
-#define MQC_GROUP_SCALES                                                                      \
-  const float* wsg = g.w_scale + grp * g.ldws + n0;                                           \
-  const __m512 ws0 = _mm512_maskz_loadu_ps(column_mask(g, n0), wsg);                          \
-  const __m512 ws1 = NV > 1 ? _mm512_maskz_loadu_ps(column_mask(g, n0 + 16), wsg + 16) : ws0; \
-  const __m512 ws2 = NV > 1 ? _mm512_maskz_loadu_ps(column_mask(g, n0 + 32), wsg + 32) : ws0; \
-  const __m512 ws3 = NV > 1 ? _mm512_maskz_loadu_ps(column_mask(g, n0 + 48), wsg + 48) : ws0;
-
-template <int MR, int NV>
-void tile_w8_grouped(const GemmArgs& g, int64_t m, int64_t p) {
+template <int MR, int NV, bool W4>
+void tile_grouped(const GemmArgs& g, int64_t m, int64_t p) {
   static_assert(MR >= 1 && MR <= 3 && (NV == 1 || NV == 4), "tile shape");
   const PackedWeights& W = *g.W;
-  const int64_t steps = W.group_size / 4, lda = g.lda, n0 = p * 16;
+  const int64_t steps = W.group_size / (W4 ? 8 : 4), lda = g.lda, n0 = p * 16;
   const uint8_t* B0 = W.panel(p);
   const uint8_t* B1 = NV > 1 ? W.panel(p + 1) : B0;
   const uint8_t* B2 = NV > 1 ? W.panel(p + 2) : B0;
   const uint8_t* B3 = NV > 1 ? W.panel(p + 3) : B0;
   const uint8_t* A = g.A + m * lda;
-  MQC_ACC_ROW(0) MQC_ACC_ROW(1) MQC_ACC_ROW(2)
+  const __mmask16 mask0 = column_mask(g, n0), mask1 = column_mask(g, n0 + 16), mask2 = column_mask(g, n0 + 32),
+                  mask3 = column_mask(g, n0 + 48);
   MQC_FACC_ROW(0) MQC_FACC_ROW(1) MQC_FACC_ROW(2)
   for (int64_t grp = 0; grp < W.groups; ++grp) {
-    for (int64_t q = grp * steps; q < (grp + 1) * steps; ++q) {
-      const __m512i b0 = _mm512_load_si512(B0 + q * 64);
-      __m512i b1 = b0, b2 = b0, b3 = b0;
-      if constexpr (NV > 1) {
-        b1 = _mm512_load_si512(B1 + q * 64);
-        b2 = _mm512_load_si512(B2 + q * 64);
-        b3 = _mm512_load_si512(B3 + q * 64);
+    MQC_ACC_ROW(0) MQC_ACC_ROW(1) MQC_ACC_ROW(2)
+    if constexpr (W4) {
+      const __m512i low4 = _mm512_set1_epi8(0x0F);
+      for (int64_t h = grp * steps; h < (grp + 1) * steps; ++h) {
+        const __m512i r0 = _mm512_load_si512(B0 + h * 64);
+        const __m512i lo0 = _mm512_and_si512(r0, low4), hi0 = _mm512_and_si512(_mm512_srli_epi16(r0, 4), low4);
+        __m512i lo1 = lo0, hi1 = hi0, lo2 = lo0, hi2 = hi0, lo3 = lo0, hi3 = hi0;
+        if constexpr (NV > 1) {
+          const __m512i r1 = _mm512_load_si512(B1 + h * 64), r2 = _mm512_load_si512(B2 + h * 64),
+                        r3 = _mm512_load_si512(B3 + h * 64);
+          lo1 = _mm512_and_si512(r1, low4);
+          hi1 = _mm512_and_si512(_mm512_srli_epi16(r1, 4), low4);
+          lo2 = _mm512_and_si512(r2, low4);
+          hi2 = _mm512_and_si512(_mm512_srli_epi16(r2, 4), low4);
+          lo3 = _mm512_and_si512(r3, low4);
+          hi3 = _mm512_and_si512(_mm512_srli_epi16(r3, 4), low4);
+        }
+        MQC_W4_ROW(0) MQC_W4_ROW(1) MQC_W4_ROW(2)
       }
-      MQC_W8_ROW(0) MQC_W8_ROW(1) MQC_W8_ROW(2)
-    }
-    const int32_t* cc = W.group_colcorr(grp) + n0;
-    const __m512i k0 = _mm512_loadu_si512(cc);
-    const __m512i k1 = NV > 1 ? _mm512_loadu_si512(cc + 16) : k0;
-    const __m512i k2 = NV > 1 ? _mm512_loadu_si512(cc + 32) : k0;
-    const __m512i k3 = NV > 1 ? _mm512_loadu_si512(cc + 48) : k0;
-    MQC_GROUP_SCALES
-#define CORR(v, r) k##v
-    MQC_FOLD_ROW(0) MQC_FOLD_ROW(1) MQC_FOLD_ROW(2)
-#undef CORR
-  }
-  MQC_STORE_GROUPED_ROW(0) MQC_STORE_GROUPED_ROW(1) MQC_STORE_GROUPED_ROW(2)
-}
-
-template <int NV>
-void tile_w4_grouped(const GemmArgs& g, int64_t m, int64_t p) {
-  static_assert(NV == 1 || NV == 4, "tile shape");
-  constexpr int MR = 2;
-  const PackedWeights& W = *g.W;
-  const int64_t steps = W.group_size / 8, lda = g.lda, n0 = p * 16;
-  const uint8_t* B0 = W.panel(p);
-  const uint8_t* B1 = NV > 1 ? W.panel(p + 1) : B0;
-  const uint8_t* B2 = NV > 1 ? W.panel(p + 2) : B0;
-  const uint8_t* B3 = NV > 1 ? W.panel(p + 3) : B0;
-  const uint8_t* A = g.A + m * lda;
-  const __m512i low4 = _mm512_set1_epi8(0x0F);
-  MQC_ACC_ROW(0) MQC_ACC_ROW(1)
-  MQC_FACC_ROW(0) MQC_FACC_ROW(1)
-  for (int64_t grp = 0; grp < W.groups; ++grp) {
-    for (int64_t h = grp * steps; h < (grp + 1) * steps; ++h) {
-      const __m512i r0 = _mm512_load_si512(B0 + h * 64);
-      const __m512i lo0 = _mm512_and_si512(r0, low4), hi0 = _mm512_and_si512(_mm512_srli_epi16(r0, 4), low4);
-      __m512i lo1 = lo0, hi1 = hi0, lo2 = lo0, hi2 = hi0, lo3 = lo0, hi3 = hi0;
-      if constexpr (NV > 1) {
-        const __m512i r1 = _mm512_load_si512(B1 + h * 64), r2 = _mm512_load_si512(B2 + h * 64),
-                      r3 = _mm512_load_si512(B3 + h * 64);
-        lo1 = _mm512_and_si512(r1, low4);
-        hi1 = _mm512_and_si512(_mm512_srli_epi16(r1, 4), low4);
-        lo2 = _mm512_and_si512(r2, low4);
-        hi2 = _mm512_and_si512(_mm512_srli_epi16(r2, 4), low4);
-        lo3 = _mm512_and_si512(r3, low4);
-        hi3 = _mm512_and_si512(_mm512_srli_epi16(r3, 4), low4);
+    } else {
+      for (int64_t q = grp * steps; q < (grp + 1) * steps; ++q) {
+        const __m512i b0 = _mm512_load_si512(B0 + q * 64);
+        __m512i b1 = b0, b2 = b0, b3 = b0;
+        if constexpr (NV > 1) {
+          b1 = _mm512_load_si512(B1 + q * 64);
+          b2 = _mm512_load_si512(B2 + q * 64);
+          b3 = _mm512_load_si512(B3 + q * 64);
+        }
+        MQC_W8_ROW(0) MQC_W8_ROW(1) MQC_W8_ROW(2)
       }
-      MQC_W4_ROW(0) MQC_W4_ROW(1)
     }
-    const __m512i s0 = _mm512_set1_epi32(8 * g.rowsum[m * W.groups + grp]);
-    const __m512i s1 = _mm512_set1_epi32(8 * g.rowsum[(m + 1) * W.groups + grp]);
-    MQC_GROUP_SCALES
-#define CORR(v, r) s##r
-    MQC_FOLD_ROW(0) MQC_FOLD_ROW(1)
+    const float* wsg = g.w_scale + grp * g.ldws + n0;
+    if constexpr (W4) {
+#define CORR(v, r) _mm512_set1_epi32(8 * g.rowsum[(m + (r)) * W.groups + grp])
+      MQC_FOLD_ROW(0) MQC_FOLD_ROW(1) MQC_FOLD_ROW(2)
 #undef CORR
+    } else {
+      const int32_t* cc = W.group_colcorr(grp) + n0;
+#define CORR(v, r) _mm512_loadu_si512(cc + 16 * (v))
+      MQC_FOLD_ROW(0) MQC_FOLD_ROW(1) MQC_FOLD_ROW(2)
+#undef CORR
+    }
   }
-  MQC_STORE_GROUPED_ROW(0) MQC_STORE_GROUPED_ROW(1)
+  MQC_STORE_F_ROW(0) MQC_STORE_F_ROW(1) MQC_STORE_F_ROW(2)
 }
 
 // W4, one row, per-group weights: gemv_w4's split low / high-nibble accumulators, folded at each group's end.
@@ -411,7 +386,11 @@ void gemv_w4_grouped(const GemmArgs& g, int64_t m, int64_t p) {
       }
     }
     const __m512i s = _mm512_set1_epi32(8 * g.rowsum[m * W.groups + grp]);
-    MQC_GROUP_SCALES
+    const float* wsg = g.w_scale + grp * g.ldws + n0;
+    const __m512 ws0 = _mm512_maskz_loadu_ps(column_mask(g, n0), wsg);
+    const __m512 ws1 = NV > 1 ? _mm512_maskz_loadu_ps(column_mask(g, n0 + 16), wsg + 16) : ws0;
+    const __m512 ws2 = NV > 1 ? _mm512_maskz_loadu_ps(column_mask(g, n0 + 32), wsg + 32) : ws0;
+    const __m512 ws3 = NV > 1 ? _mm512_maskz_loadu_ps(column_mask(g, n0 + 48), wsg + 48) : ws0;
     f0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(c0, s)), ws0, f0);
     if constexpr (NV > 1) {
       f1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(c1, s)), ws1, f1);
@@ -432,12 +411,12 @@ template <int NV, bool W4>
 void run_panels_grouped(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p) {
   int64_t m = m0;
   if constexpr (W4) {
-    for (; m + 2 <= m1; m += 2) tile_w4_grouped<NV>(g, m, p);
+    for (; m + 2 <= m1; m += 2) tile_grouped<2, NV, true>(g, m, p);
     for (; m < m1; ++m) gemv_w4_grouped<NV>(g, m, p);
   } else {
-    for (; m + 3 <= m1; m += 3) tile_w8_grouped<3, NV>(g, m, p);
-    for (; m + 2 <= m1; m += 2) tile_w8_grouped<2, NV>(g, m, p);
-    for (; m < m1; ++m) tile_w8_grouped<1, NV>(g, m, p);
+    for (; m + 3 <= m1; m += 3) tile_grouped<3, NV, false>(g, m, p);
+    for (; m + 2 <= m1; m += 2) tile_grouped<2, NV, false>(g, m, p);
+    for (; m < m1; ++m) tile_grouped<1, NV, false>(g, m, p);
   }
 }
 
