@@ -396,6 +396,10 @@ GPU_PREFILL = [(m, k, n) for m in (512, 2048, 4096, 8192) for (k, n) in ((2048, 
 GPU_DECODE = [(m, k, n) for m in (1, 4, 16) for (k, n) in ((2048, 2048), (4096, 4096), (8192, 8192), (4096, 11008))]
 #: (phase, M, K, N, rank) of the dynamic QuantLinear with MASQuant's CMC low-rank branch; prefill marks its first
 #: half as image tokens (modality_ids), decode passes no modality (the branch applies to every token).
+#: Per-group weights (QuantLinear group_size): (phase, M, K, N, group_size). K = 1056 is not a multiple of the CUDA
+#: kernels' 64-wide k tile (its zero padding belongs to no group) and N = 1000 leaves partial column tiles.
+GPU_GROUPS = [("prefill", 2048, 4096, 4096, 128), ("prefill", 4096, 4096, 11008, 128), ("prefill", 512, 1056, 1000, 32),
+              ("decode", 1, 4096, 4096, 128), ("decode", 16, 4096, 11008, 128), ("decode", 3, 1056, 1000, 32)]
 GPU_CMC = [("prefill", 2048, 4096, 4096, 64), ("decode", 1, 4096, 4096, 64), ("decode", 16, 4096, 4096, 64)]
 
 #: Bound on max |Y - ref| / max |ref| for QuantLinear with fp16 Y against the float64 reference. The reference
@@ -440,6 +444,9 @@ def _cuda_lib():
     # y_half, workspace, stream
     lib.mqc_cuda_quant_linear_ex.argtypes = [c_int, vp, c_int, i64, i64, i64, vp, fp, fp, c_int, vp, fp, c_int, fp, fp,
                                              i64, vp, c_int, vp, vp]
+    # bits, group_size, then mqc_cuda_quant_linear_ex's arguments from x on (w_scale [K / group_size, N])
+    lib.mqc_cuda_quant_linear_group.argtypes = [c_int, i64, vp, c_int, i64, i64, i64, vp, fp, fp, c_int, vp, fp, c_int,
+                                                fp, fp, i64, vp, c_int, vp, vp]
     lib.mqc_cuda_hadamard.argtypes = [vp, vp, c_int, i64, i64, i64, fp, vp]
     lib.mqc_cuda_rmsnorm_quant.argtypes = [vp, c_int, i64, i64, fp, fp, ctypes.c_float, vp, vp]
     lib.mqc_cuda_last_error.restype = ctypes.c_char_p
@@ -506,6 +513,25 @@ def _quantized_weights(w, bits: int, Kp: int):
         return wq, w_scale, wq_pad
     u = (wq_pad.to(torch.int16) & 0xF).to(torch.uint8)
     return wq, w_scale, (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
+
+
+def _grouped_weights(w, bits: int, Kp: int, group_size: int):
+    """``_quantized_weights`` with one scale per ``group_size`` input rows: codes [N, K] int8, scales [K / g, N]
+    fp32 (QuantLinear's w_scale layout), the same device layout, and the dequantization factor of every code as a
+    float64 [K, N] (each row's group scale) for the reference."""
+    import torch
+
+    K, N = w.shape
+    qmax = 127 if bits == 8 else 7
+    w_scale = (w.float().reshape(K // group_size, group_size, N).abs().amax(dim=1) / qmax).contiguous()
+    per_row = w_scale.repeat_interleave(group_size, dim=0)
+    wq = torch.clamp(torch.round(w.float() / per_row), -qmax - 1, qmax).to(torch.int8).t().contiguous()
+    wq_pad = torch.zeros(N, Kp, dtype=torch.int8, device=w.device)
+    wq_pad[:, :K] = wq
+    if bits == 4:
+        u = (wq_pad.to(torch.int16) & 0xF).to(torch.uint8)
+        wq_pad = (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
+    return wq, w_scale, wq_pad, per_row.double()
 
 
 def _workspace_mismatches(workspace, M: int, K: int, Kp: int, codes, scales) -> int:
@@ -607,6 +633,51 @@ def run_gpu(repeat: int) -> tuple[str, list[str]]:
                              f"{t_fp16 / d4:.2f} | {d8 / t8:.2f} | {d4 / t4:.2f} | {f8:.1e} | {f4:.1e} | {mism[1]} |")
             print(lines[-1], dyn_lines[-1], sep="\n", flush=True)
     lines += dyn_lines
+    # Per-group weights: every group's exact int32 sum times its scale, summed in fp32 (quant_linear.cu).
+    lines += ["", "Per-group weights (`mqc_cuda_quant_linear_group`, one scale per g input rows; static per-tensor "
+              "activation scale, and dynamic for W4A8), fp16 X and Y, against the same weights per channel:", "",
+              "| phase | M | K | N | g | W8A8 ms | W8A8 group ms | W4A8 ms | W4A8 group ms | W4A8 group dyn ms | "
+              "W8 group / channel | W4 group / channel | max rel err W8 g | max rel err W4 g | max rel err W4 g dyn | "
+              "code/scale mismatches |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for phase, M, K, N, gs in GPU_GROUPS:
+        x = _nonzero_randn((M, K), gen).half()
+        w = _nonzero_randn((K, N), gen, 0.05).half()
+        act_host = _host_scales(float(x.abs().max()) / 127)
+        Kp = lib.mqc_cuda_padded_k(K)
+        workspace = torch.empty(lib.mqc_cuda_quant_linear_workspace(M, K, 0), dtype=torch.uint8, device=dev)
+        y = torch.empty(M, N, dtype=torch.float16, device=dev)
+        static_s = torch.full((M, 1), float(act_host[0]), dtype=torch.float64, device=dev)
+        dyn_s = _dynamic_scales(x)
+        times, errs, n_bad = {}, {}, 0
+        for bits in (8, 4):
+            _, w_scale, packed = _quantized_weights(w, bits, Kp)
+            args = (bits, x.data_ptr(), 1, M, K, N, packed.data_ptr(), w_scale.data_ptr(), act_host, 1, None, None,
+                    y.data_ptr(), 1, workspace.data_ptr(), stream)
+            times[(bits, "channel")] = _cuda_time(_launcher(lib.mqc_cuda_quant_linear, args, "mqc_cuda_quant_linear",
+                                                            lib), repeat)
+            wq, g_scale, g_packed, per_row = _grouped_weights(w, bits, Kp, gs)
+            for dynamic in ((0, 1) if bits == 4 else (0,)):
+                args = (bits, gs, x.data_ptr(), 1, M, K, N, g_packed.data_ptr(), g_scale.data_ptr(),
+                        None if dynamic else act_host, 0 if dynamic else 1, None, None, dynamic, None, None, 0,
+                        y.data_ptr(), 1, workspace.data_ptr(), stream)
+                call = _launcher(lib.mqc_cuda_quant_linear_group, args, "mqc_cuda_quant_linear_group", lib)
+                call()
+                torch.cuda.synchronize()
+                s = dyn_s if dynamic else static_s
+                q = _fp32_codes(x, s)
+                bad = _workspace_mismatches(workspace, M, K, Kp, q, s)
+                key = (bits, "group dyn" if dynamic else "group")
+                errs[key] = _rel_err(y, (q @ (wq.double().t() * per_row)) * s)
+                check(f"group {phase} M={M} K={K} N={N} g={gs} W{bits}A8{' dyn' if dynamic else ''}", errs[key],
+                      GPU_REL_TOL, bad)
+                n_bad += bad
+                times[key] = _cuda_time(call, repeat)
+        lines.append(f"| {phase} | {M} | {K} | {N} | {gs} | {times[(8, 'channel')]:.4f} | {times[(8, 'group')]:.4f} | "
+                     f"{times[(4, 'channel')]:.4f} | {times[(4, 'group')]:.4f} | {times[(4, 'group dyn')]:.4f} | "
+                     f"{times[(8, 'group')] / times[(8, 'channel')]:.2f} | {times[(4, 'group')] / times[(4, 'channel')]:.2f} | "
+                     f"{errs[(8, 'group')]:.1e} | {errs[(4, 'group')]:.1e} | {errs[(4, 'group dyn')]:.1e} | {n_bad} |")
+        print(lines[-1], flush=True)
     # Dynamic activations with the CMC low-rank branch, checked against float64 (x @ L1) @ L2 on the image tokens.
     lines += ["", "Dynamic activations with MASQuant's CMC low-rank branch (`mqc_cuda_quant_linear_ex`, rank r; prefill: "
               "the first half of the tokens are image tokens via modality ids, decode: no modality, every token):", "",
