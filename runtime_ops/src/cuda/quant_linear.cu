@@ -179,7 +179,7 @@ __device__ __forceinline__ void gemm_block_tile(const QuantLinearParams& p, cons
   };
 
   int32_t acc[4][4][4];
-  float facc[GROUPED ? 4 : 1][GROUPED ? 4 : 1][GROUPED ? 4 : 1];  // per-group weights: the fp32 sum over groups
+  float facc[4][4][4];  // per-group weights: the fp32 sum over the groups (unused, so not allocated, otherwise)
 #pragma unroll
   for (int i = 0; i < 4; ++i)
 #pragma unroll
