@@ -138,6 +138,20 @@ def test_lowrank_and_channel0_branches_add_to_the_grouped_product():
     np.testing.assert_allclose(y, ref + branch, rtol=0, atol=1e-5 * np.abs(ref + branch).max() + bound.max())
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_computed_weight_is_packed_per_call_with_its_groups(bits):
+    """A W that is not a constant initializer is packed on each call, with the per-group corrections."""
+    rng = np.random.default_rng(5 + bits)
+    M, K, N, gs = 18, 128, 40, 32
+    w, packed = _weights(rng, N, K, bits)
+    model = quant_linear_model(K, N, bits=bits, const_weight=False, group_size=gs)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    ws = (rng.random((K // gs, N)) * 0.02 + 0.001).astype(np.float32)
+    s = np.float32(0.02)
+    y = session(model).run(None, {"X": x, "W": packed, "w_scale": ws, "act_scale": np.array([s])})[0]
+    _assert_within(y, *grouped_reference(quantize(x, s), w, ws, np.full(M, s), gs))
+
+
 def test_float16_activations_with_groups():
     """float16 X and Y: the same codes; the result rounds once more, to half precision."""
     rng = np.random.default_rng(11)
