@@ -11,15 +11,20 @@ tower) and decode (M = 1), in three formats measured side by side in one process
 * with ``--dynamic`` also ``qdq w8 dyn`` (the per-token dynamic activation fake-quant of passes/cmc.py, MASQuant's
   setting, in front of the same QDQ weight) and ``mqc w8 dyn`` / ``mqc w4 dyn`` (it lowered, ``dynamic=1``).
 
+``--group-size G`` instead times per-group against per-channel weights (QuantLinear ``group_size=G``, lowered from
+a blocked QDQ weight) at the decoder's linear shapes, static activations: ``float``, ``mqc w8`` / ``mqc w8 gG`` and
+``mqc w4`` / ``mqc w4 gG``, interleaved in the same way.
+
     python benchmarks/bench_runtime_ops.py --threads 2 --repeat 50 --markdown [--dynamic]
+    python benchmarks/bench_runtime_ops.py --threads 2 --repeat 30 --markdown --group-size 64
     python benchmarks/bench_runtime_ops.py --gpu      # on a CUDA machine with torch: kernels vs torch fp16 matmul
     bash benchmarks/gpu_check.sh                      # the same from a bare checkout: builds the library first
 
 The GPU mode calls the CUDA kernels through libmqc_ops_cuda.so's C entry points (ctypes) on torch tensors, checks
 each against a float64 reference on random (never zero) inputs, and times them with CUDA events against
 ``torch.matmul`` in fp16 (cuBLAS) at prefill (M = 512 to 8192) and decode (M = 1 to 16) shapes: QuantLinear with
-static and with dynamic per-token activation scales (W8A8, W4A8), dynamic with the CMC low-rank branch, Hadamard
-and RMSNorm+quant. It needs only torch and numpy (not mqc installed: the library is found through
+static and with dynamic per-token activation scales (W8A8, W4A8), per-group weights (``group_size``, static and
+dynamic, against the same weights per channel), dynamic with the CMC low-rank branch, Hadamard and RMSNorm+quant. It needs only torch and numpy (not mqc installed: the library is found through
 ``$MQC_RUNTIME_OPS_DIR`` or the checkout), exits with status 1 when a check fails, and ``--tables FILE`` also writes
 the markdown tables to FILE.
 """
@@ -76,17 +81,26 @@ def _float_model(w: np.ndarray, bias: np.ndarray) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=IR_VERSION)
 
 
-def _qdq_model(w: np.ndarray, bias: np.ndarray, act_scale: float, bits: int) -> onnx.ModelProto:
+def _qdq_model(w: np.ndarray, bias: np.ndarray, act_scale: float, bits: int, group_size: int = 0) -> onnx.ModelProto:
+    """The QDQ linear with weights per output channel, or per group of ``group_size`` input rows (ONNX blocked
+    quantization on axis 0 of the [K, N] weight)."""
     qmax = 127 if bits == 8 else 7
-    w_scale = (np.abs(w).max(axis=0) / qmax).astype(np.float32)
-    wq = np.clip(np.rint(w / w_scale), -qmax - 1, qmax)
+    K, N = w.shape
+    if group_size:
+        w_scale = (np.abs(w.reshape(K // group_size, group_size, N)).max(axis=1) / qmax).astype(np.float32)
+        wq = np.clip(np.rint(w / np.repeat(w_scale, group_size, axis=0)), -qmax - 1, qmax)
+        dequant = {"axis": 0, "block_size": group_size}
+    else:
+        w_scale = (np.abs(w).max(axis=0) / qmax).astype(np.float32)
+        wq = np.clip(np.rint(w / w_scale), -qmax - 1, qmax)
+        dequant = {"axis": 1}
     int_type = np.int8 if bits == 8 else ml_dtypes.int4
     inits = [numpy_helper.from_array(np.array(act_scale, np.float32), "xs"), numpy_helper.from_array(np.array(0, np.int8), "xz"),
              numpy_helper.from_array(wq.astype(int_type), "wq"), numpy_helper.from_array(w_scale, "ws"),
-             numpy_helper.from_array(np.zeros(w.shape[1], int_type), "wz"), numpy_helper.from_array(bias, "b")]
+             numpy_helper.from_array(np.zeros(w_scale.shape, int_type), "wz"), numpy_helper.from_array(bias, "b")]
     nodes = [helper.make_node("QuantizeLinear", ["X", "xs", "xz"], ["xq"]),
              helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xdq"]),
-             helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wdq"], axis=1),
+             helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wdq"], **dequant),
              helper.make_node("MatMul", ["xdq", "wdq"], ["mm"]), helper.make_node("Add", ["mm", "b"], ["Y"])]
     graph = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("X", TensorProto.FLOAT, None)],
                               [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)
@@ -189,6 +203,49 @@ def run_cpu(threads: int, repeat: int, shapes=CPU_SHAPES, dynamic: bool = False,
             print(f"{component:8s} {layer:22s} M={M:4d} K={K:5d} N={N:6d}  "
                   + "  ".join(f"{k} {v:8.3f} ms" for k, v in ms.items() if not k.endswith("min")), flush=True)
     return rows
+
+
+#: The decoder's linears (lm_head aside): the shapes of a per-group static W4A8 recipe's QuantLinears.
+GROUP_SHAPES = [s for s in CPU_SHAPES if s[0] == "decoder" and s[1] != "lm_head"]
+
+
+def run_cpu_groups(threads: int, repeat: int, group_size: int, spin: bool = True) -> list[dict]:
+    """Per-group (``group_size``) against per-channel QuantLinear at the decoder's shapes, static activations."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for component, layer, K, N, M_prefill in GROUP_SHAPES:
+        w = (rng.standard_normal((K, N)) * 0.05).astype(np.float32)
+        bias = (rng.standard_normal(N) * 0.1).astype(np.float32)
+        models = {"float": _float_model(w, bias)}
+        for bits in (8, 4):
+            models[f"mqc w{bits}"] = _lowered(_qdq_model(w, bias, 0.03, bits))
+            models[f"mqc w{bits} g"] = _lowered(_qdq_model(w, bias, 0.03, bits, group_size))
+        sessions = {k: _session(m, threads, spin) for k, m in models.items()}
+        for phase, M in (("prefill", M_prefill), ("decode", 1)):
+            x = rng.standard_normal((1, M, K)).astype(np.float32)
+            ms = _time_side_by_side(sessions, {"X": x}, repeat)
+            rows.append({"component": component, "layer": layer, "K": K, "N": N, "M": M, "phase": phase, **ms})
+            print(f"{layer:22s} M={M:4d} K={K:5d} N={N:6d}  "
+                  + "  ".join(f"{k} {v:8.3f} ms" for k, v in ms.items() if not k.endswith("min")), flush=True)
+    return rows
+
+
+def markdown_groups(rows: list[dict], threads: int, repeat: int, group_size: int) -> str:
+    out = [f"Machine: {cpu_machine()}; intra-op threads {threads}; {repeat} interleaved runs per cell: median "
+           f"(best) ms; the ratios use medians. Per-group weights: one scale per {group_size} input rows "
+           "(QuantLinear group_size), static per-tensor activations.", "",
+           f"| layer | M | K | N | float | mqc W8A8 | mqc W8A8 g{group_size} | mqc W4A8 | mqc W4A8 g{group_size} | "
+           "W8 group / channel | W4 group / channel |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def cell(r, k):
+        return f"{r[k]:.3f} ({r[k + ' min']:.3f})"
+
+    for r in rows:
+        out.append(f"| {r['layer']} | {r['M']} | {r['K']} | {r['N']} | {cell(r, 'float')} | {cell(r, 'mqc w8')} | "
+                   f"{cell(r, 'mqc w8 g')} | {cell(r, 'mqc w4')} | {cell(r, 'mqc w4 g')} | "
+                   f"{r['mqc w8 g'] / r['mqc w8']:.2f} | {r['mqc w4 g'] / r['mqc w4']:.2f} |")
+    return "\n".join(out)
 
 
 def markdown_cpu(rows: list[dict], threads: int, repeat: int) -> str:
@@ -339,6 +396,10 @@ GPU_PREFILL = [(m, k, n) for m in (512, 2048, 4096, 8192) for (k, n) in ((2048, 
 GPU_DECODE = [(m, k, n) for m in (1, 4, 16) for (k, n) in ((2048, 2048), (4096, 4096), (8192, 8192), (4096, 11008))]
 #: (phase, M, K, N, rank) of the dynamic QuantLinear with MASQuant's CMC low-rank branch; prefill marks its first
 #: half as image tokens (modality_ids), decode passes no modality (the branch applies to every token).
+#: Per-group weights (QuantLinear group_size): (phase, M, K, N, group_size). K = 1056 is not a multiple of the CUDA
+#: kernels' 64-wide k tile (its zero padding belongs to no group) and N = 1000 leaves partial column tiles.
+GPU_GROUPS = [("prefill", 2048, 4096, 4096, 128), ("prefill", 4096, 4096, 11008, 128), ("prefill", 512, 1056, 1000, 32),
+              ("decode", 1, 4096, 4096, 128), ("decode", 16, 4096, 11008, 128), ("decode", 3, 1056, 1000, 32)]
 GPU_CMC = [("prefill", 2048, 4096, 4096, 64), ("decode", 1, 4096, 4096, 64), ("decode", 16, 4096, 4096, 64)]
 
 #: Bound on max |Y - ref| / max |ref| for QuantLinear with fp16 Y against the float64 reference. The reference
@@ -383,6 +444,9 @@ def _cuda_lib():
     # y_half, workspace, stream
     lib.mqc_cuda_quant_linear_ex.argtypes = [c_int, vp, c_int, i64, i64, i64, vp, fp, fp, c_int, vp, fp, c_int, fp, fp,
                                              i64, vp, c_int, vp, vp]
+    # bits, group_size, then mqc_cuda_quant_linear_ex's arguments from x on (w_scale [K / group_size, N])
+    lib.mqc_cuda_quant_linear_group.argtypes = [c_int, i64, vp, c_int, i64, i64, i64, vp, fp, fp, c_int, vp, fp, c_int,
+                                                fp, fp, i64, vp, c_int, vp, vp]
     lib.mqc_cuda_hadamard.argtypes = [vp, vp, c_int, i64, i64, i64, fp, vp]
     lib.mqc_cuda_rmsnorm_quant.argtypes = [vp, c_int, i64, i64, fp, fp, ctypes.c_float, vp, vp]
     lib.mqc_cuda_last_error.restype = ctypes.c_char_p
@@ -449,6 +513,25 @@ def _quantized_weights(w, bits: int, Kp: int):
         return wq, w_scale, wq_pad
     u = (wq_pad.to(torch.int16) & 0xF).to(torch.uint8)
     return wq, w_scale, (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
+
+
+def _grouped_weights(w, bits: int, Kp: int, group_size: int):
+    """``_quantized_weights`` with one scale per ``group_size`` input rows: codes [N, K] int8, scales [K / g, N]
+    fp32 (QuantLinear's w_scale layout), the same device layout, and the dequantization factor of every code as a
+    float64 [K, N] (each row's group scale) for the reference."""
+    import torch
+
+    K, N = w.shape
+    qmax = 127 if bits == 8 else 7
+    w_scale = (w.float().reshape(K // group_size, group_size, N).abs().amax(dim=1) / qmax).contiguous()
+    per_row = w_scale.repeat_interleave(group_size, dim=0)
+    wq = torch.clamp(torch.round(w.float() / per_row), -qmax - 1, qmax).to(torch.int8).t().contiguous()
+    wq_pad = torch.zeros(N, Kp, dtype=torch.int8, device=w.device)
+    wq_pad[:, :K] = wq
+    if bits == 4:
+        u = (wq_pad.to(torch.int16) & 0xF).to(torch.uint8)
+        wq_pad = (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
+    return wq, w_scale, wq_pad, per_row.double()
 
 
 def _workspace_mismatches(workspace, M: int, K: int, Kp: int, codes, scales) -> int:
@@ -550,6 +633,51 @@ def run_gpu(repeat: int) -> tuple[str, list[str]]:
                              f"{t_fp16 / d4:.2f} | {d8 / t8:.2f} | {d4 / t4:.2f} | {f8:.1e} | {f4:.1e} | {mism[1]} |")
             print(lines[-1], dyn_lines[-1], sep="\n", flush=True)
     lines += dyn_lines
+    # Per-group weights: every group's exact int32 sum times its scale, summed in fp32 (quant_linear.cu).
+    lines += ["", "Per-group weights (`mqc_cuda_quant_linear_group`, one scale per g input rows; static per-tensor "
+              "activation scale, and dynamic for W4A8), fp16 X and Y, against the same weights per channel:", "",
+              "| phase | M | K | N | g | W8A8 ms | W8A8 group ms | W4A8 ms | W4A8 group ms | W4A8 group dyn ms | "
+              "W8 group / channel | W4 group / channel | max rel err W8 g | max rel err W4 g | max rel err W4 g dyn | "
+              "code/scale mismatches |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for phase, M, K, N, gs in GPU_GROUPS:
+        x = _nonzero_randn((M, K), gen).half()
+        w = _nonzero_randn((K, N), gen, 0.05).half()
+        act_host = _host_scales(float(x.abs().max()) / 127)
+        Kp = lib.mqc_cuda_padded_k(K)
+        workspace = torch.empty(lib.mqc_cuda_quant_linear_workspace(M, K, 0), dtype=torch.uint8, device=dev)
+        y = torch.empty(M, N, dtype=torch.float16, device=dev)
+        static_s = torch.full((M, 1), float(act_host[0]), dtype=torch.float64, device=dev)
+        dyn_s = _dynamic_scales(x)
+        times, errs, n_bad = {}, {}, 0
+        for bits in (8, 4):
+            _, w_scale, packed = _quantized_weights(w, bits, Kp)
+            args = (bits, x.data_ptr(), 1, M, K, N, packed.data_ptr(), w_scale.data_ptr(), act_host, 1, None, None,
+                    y.data_ptr(), 1, workspace.data_ptr(), stream)
+            times[(bits, "channel")] = _cuda_time(_launcher(lib.mqc_cuda_quant_linear, args, "mqc_cuda_quant_linear",
+                                                            lib), repeat)
+            wq, g_scale, g_packed, per_row = _grouped_weights(w, bits, Kp, gs)
+            for dynamic in ((0, 1) if bits == 4 else (0,)):
+                args = (bits, gs, x.data_ptr(), 1, M, K, N, g_packed.data_ptr(), g_scale.data_ptr(),
+                        None if dynamic else act_host, 0 if dynamic else 1, None, None, dynamic, None, None, 0,
+                        y.data_ptr(), 1, workspace.data_ptr(), stream)
+                call = _launcher(lib.mqc_cuda_quant_linear_group, args, "mqc_cuda_quant_linear_group", lib)
+                call()
+                torch.cuda.synchronize()
+                s = dyn_s if dynamic else static_s
+                q = _fp32_codes(x, s)
+                bad = _workspace_mismatches(workspace, M, K, Kp, q, s)
+                key = (bits, "group dyn" if dynamic else "group")
+                errs[key] = _rel_err(y, (q @ (wq.double().t() * per_row)) * s)
+                check(f"group {phase} M={M} K={K} N={N} g={gs} W{bits}A8{' dyn' if dynamic else ''}", errs[key],
+                      GPU_REL_TOL, bad)
+                n_bad += bad
+                times[key] = _cuda_time(call, repeat)
+        lines.append(f"| {phase} | {M} | {K} | {N} | {gs} | {times[(8, 'channel')]:.4f} | {times[(8, 'group')]:.4f} | "
+                     f"{times[(4, 'channel')]:.4f} | {times[(4, 'group')]:.4f} | {times[(4, 'group dyn')]:.4f} | "
+                     f"{times[(8, 'group')] / times[(8, 'channel')]:.2f} | {times[(4, 'group')] / times[(4, 'channel')]:.2f} | "
+                     f"{errs[(8, 'group')]:.1e} | {errs[(4, 'group')]:.1e} | {errs[(4, 'group dyn')]:.1e} | {n_bad} |")
+        print(lines[-1], flush=True)
     # Dynamic activations with the CMC low-rank branch, checked against float64 (x @ L1) @ L2 on the image tokens.
     lines += ["", "Dynamic activations with MASQuant's CMC low-rank branch (`mqc_cuda_quant_linear_ex`, rank r; prefill: "
               "the first half of the tokens are image tokens via modality ids, decode: no modality, every token):", "",
@@ -652,6 +780,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu", action="store_true", help="GPU kernels vs torch fp16 matmul (needs torch with CUDA)")
     parser.add_argument("--quick", action="store_true", help="three shapes, few runs (a smoke test)")
     parser.add_argument("--dynamic", action="store_true", help="also per-token dynamic activations (QDQ and mqc)")
+    parser.add_argument("--group-size", type=int, default=0, metavar="G",
+                        help="CPU: per-group (G input rows per scale) against per-channel weights at the decoder's shapes")
     parser.add_argument("--decoder", metavar="MODEL", help="whole-decoder benchmark of a packaged model (e.g. tiny-vlm)")
     parser.add_argument("--workdir", type=Path, default=Path("build/bench_runtime_ops"), help="compiled decoders go here")
     parser.add_argument("--recipes", help="with --decoder: comma-separated recipes to compare instead of W8A8/W4A8")
@@ -671,6 +801,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.decoder:
         recipes = args.recipes.split(",") if args.recipes else None
         print(run_decoder(args.decoder, args.threads, args.repeat, args.workdir, recipes=recipes, spin=not args.no_spin))
+        return 0
+    if args.group_size:
+        rows = run_cpu_groups(args.threads, args.repeat, args.group_size, spin=not args.no_spin)
+        if args.markdown:
+            print()
+            print(markdown_groups(rows, args.threads, args.repeat, args.group_size))
         return 0
     shapes = CPU_SHAPES[2:4] + CPU_SHAPES[4:5] if args.quick else CPU_SHAPES
     rows = run_cpu(args.threads, 3 if args.quick else args.repeat, shapes, dynamic=args.dynamic, spin=not args.no_spin)

@@ -23,6 +23,9 @@
 # python + torch import + CUDA init ~20 s; the benchmark ~30-60 s at the default 50 repeats. Its cost is the
 # prefill GEMMs: 16 shapes, 2 * sum(M) * sum(K * N) = 4.0 TOP per pass, times 4 mqc variants (W8/W4, static/dynamic)
 # at a pessimistic 50 TOPS is 0.32 s per repeat, plus the fp16 matmuls (~0.01 s): 53 passes (3 warm-up) ~ 17 s;
+# the per-group rows (GPU_GROUPS) add 0.44 TOP per pass times 5 variants (W8/W4 per channel and per group, W4
+# per group dynamic), about 2 s more at 50 TOPS, and check every per-group kernel (prefill tiles, decode GEMV,
+# a K not a multiple of the 64-wide k tile) against float64;
 # decode, CMC, Hadamard and RMSNorm rows are launch-bound (~160 timed cells x 53 x ~50 us ~ 0.5 s); the float64
 # references (~16 TFLOP on FP64 tensor cores) and the random inputs (on the GPU) take a few seconds. So about
 # 1.5 min in all, 2.5 min if the GEMM kernels reach only 25 TOPS; the 330 s budget caps the worst case under 6 min.

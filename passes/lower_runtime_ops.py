@@ -12,6 +12,8 @@ transposed weight ([N, K] int8, or [N, K/2] uint8 with two int4 per byte, low ni
 ``clip(rne(X / s_x)) @ W^T`` with int32 accumulation and ``acc * (s_x * s_w) + bias`` in fp32, so the integer
 part is bit-exact with the QDQ model and the outputs differ by fp32 rounding only (the QDQ MatMul sums
 products of dequantized values in another order): measured relative error below 1e-5 of the output range.
+Per-group weights (one scale per ``block_size`` input rows) become ``group_size=block_size`` with ``s_w`` of
+shape [K / group_size, N]: each group's int32 dot product is exact, ``s_x * sum_g acc_g * s_w[g]`` in fp32.
 
 Rules:
 1. ``MatMul(x_dq, w_dq)`` and ``Add(MatMul(x_dq, w_dq), bias)`` (either operand order) are lowered; the bias form
@@ -32,9 +34,14 @@ Rules:
    float32 (an fp16 graph rounds the scale to fp16, and its 1e-12 floor underflows to 0). Several linears may
    share one activation quantizer (q/k/v): each is lowered on its own and the quantizer is removed once no
    reader is left.
-3. ``w_dq`` must dequantize a constant 2-D INT8 or INT4 weight per output channel (``axis`` 1 or -1, no
-   ``block_size``) with zero points all 0. An INT4 weight with an odd K gets a zero pad nibble (the op accepts a
-   packed W one column longer than X's K).
+3. ``w_dq`` must dequantize a constant 2-D INT8 or INT4 weight with zero points all 0, per output channel
+   (``axis`` 1 or -1 of the [K, N] weight, no ``block_size``) or per group of input rows (ONNX blocked
+   quantization, mqc/graph/qdq.py's ``insert_weight_dequant``): ``DequantizeLinear(W_q [K, N], s [K/g, N],
+   axis=0, block_size=g)`` (its int4 form), or ``Transpose(DequantizeLinear(W_q [N, K], s [N, K/g], axis=1,
+   block_size=g), perm=[1, 0])`` (its int8 form); either becomes ``group_size=g`` with ``w_scale`` [K/g, N]. g
+   must divide K and be a multiple of 32 (the op's rule: the kernels' k steps never straddle a group); GPTQ and
+   RTN fall back to per-channel weights where g does not divide K. An INT4 weight with an odd K (per channel
+   only) gets a zero pad nibble (the op accepts a packed W one column longer than X's K).
 4. X must be float or float16 when its type is known (the op's float signatures; onnxruntime picks the one
    matching X at session creation); the output keeps X's type.
 5. The online Hadamard of passes/hadamard_rotation.py, ``MatMul(X, Mul(Cast(S), 1/sqrt(n)))`` with S an int8
@@ -56,8 +63,9 @@ Rules:
    correction on image tokens. With dynamic activations the branch has the same form but the QuantLinear has no
    modality input (its scale is per token): the branch's ``modality_ids`` becomes its input 5, which then only
    selects the low-rank tokens.
-Refused (recorded with the reason, the QDQ form stays): per-group weights, asymmetric or non-int8 activations,
-non-constant weights or scales, uint8 activations, transposed (Gemm-style, ``axis=0``) weights.
+Refused (recorded with the reason, the QDQ form stays): per-group weights whose group does not divide K or is
+not a multiple of 32, asymmetric or non-int8 activations, non-constant weights or scales, uint8 activations,
+transposed (Gemm-style, ``axis=0``) per-channel weights.
 """
 
 from __future__ import annotations
@@ -332,10 +340,36 @@ def _activation_source(x_dq: ir.Value, result: MatchResult, classes: ScaleClasse
     return _ActSource(x, q_scale.astype(np.float32).reshape(1), None)
 
 
-def _weight(w_dq: ir.Value, result: MatchResult) -> tuple[np.ndarray, int, np.ndarray] | MatchResult:
-    """(W [K, N] as int8 values, bits, s_w [N]) of a per-output-channel weight DequantizeLinear."""
-    dq = w_dq.producer()
-    assert dq is not None
+class _Weight(NamedTuple):
+    """A quantized weight as QuantLinear takes it."""
+
+    w: np.ndarray  # [K, N] int8 values
+    bits: int
+    scale: np.ndarray  # [N] per channel, [K / group_size, N] per group
+    group_size: int = 0
+
+
+#: QuantLinear's group_size must be a multiple of this (runtime_ops/src/validate.h, kWeightGroupAlign).
+WEIGHT_GROUP_ALIGN = 32
+
+
+def _weight_dequant(w_dq: ir.Value) -> tuple[ir.Node, bool] | None:
+    """(the weight's DequantizeLinear, whether a Transpose(perm=[1, 0]) sits between it and the MatMul)."""
+    node = w_dq.producer()
+    if node is not None and node.op_type == "Transpose" and node.domain in ("", "ai.onnx"):
+        perm = node.attributes.get_ints("perm", None)
+        dq = _producer(node.inputs[0], "DequantizeLinear")
+        return (dq, True) if dq is not None and perm is not None and list(perm) == [1, 0] else None
+    return (node, False) if node is not None and node.op_type == "DequantizeLinear" else None
+
+
+def _weight(w_dq: ir.Value, result: MatchResult) -> _Weight | MatchResult:
+    """The [K, N] weight, its bits and scales of a weight DequantizeLinear: per output channel, or per group of
+    input rows (blocked along K: axis 0 of a [K, N] weight, or axis 1 of an [N, K] one read through a Transpose)."""
+    found = _weight_dequant(w_dq)
+    if found is None:
+        return result.fail("the weight is not DequantizeLinear(W_q) or Transpose(DequantizeLinear(W_q), [1, 0])", w_dq)
+    dq, transposed = found
     w_q, w_scale = dq.inputs[0], dq.inputs[1]
     zero = dq.inputs[2] if len(dq.inputs) > 2 else None
     if w_q is None or w_q.dtype not in (ir.DataType.INT8, ir.DataType.INT4):
@@ -346,31 +380,52 @@ def _weight(w_dq: ir.Value, result: MatchResult) -> tuple[np.ndarray, int, np.nd
         return result.fail("the quantized weight or its scale is not a constant initializer", dq)
     if w.ndim != 2:
         return result.fail(f"the weight is not 2-D (shape {list(w.shape)})", dq)
-    block = dq.attributes.get_int("block_size", 0)
-    axis = dq.attributes.get_int("axis", 1)
-    if block:
-        return result.fail(f"per-group weights (block_size={block}) have no QuantLinear form", dq)
-    if axis not in (1, -1) or scale.shape != (w.shape[1],):
-        return result.fail(f"the weight scale is not per output channel of a [K, N] weight (axis={axis})", dq)
     if not _is_zero(zero):
         return result.fail("the weight zero point is not 0", dq)
     bits = 4 if w_q.dtype == ir.DataType.INT4 else 8
-    return w.astype(np.int8), bits, scale.astype(np.float32)
+    block = dq.attributes.get_int("block_size", 0)
+    axis = dq.attributes.get_int("axis", 1)
+    if block:
+        # the blocked axis must be K: axis 0 of [K, N], or axis 1 of [N, K] read through the Transpose
+        k_axis = 1 if transposed else 0
+        if axis % 2 != k_axis:
+            return result.fail(f"per-group weights blocked along the output axis (axis={axis}) have no QuantLinear form",
+                               dq)
+        w_kn, s_gn = (w.T, scale.T) if transposed else (w, scale)
+        K, N = w_kn.shape
+        if K % block or block % WEIGHT_GROUP_ALIGN:
+            return result.fail(f"per-group weights need a block_size dividing K={K} and a multiple of "
+                               f"{WEIGHT_GROUP_ALIGN}, got block_size={block}", dq)
+        if s_gn.shape != (K // block, N):
+            return result.fail(f"the per-group weight scale {list(scale.shape)} does not match the weight "
+                               f"{list(w.shape)} with block_size={block}", dq)
+        return _Weight(np.ascontiguousarray(w_kn).astype(np.int8), bits,
+                       np.ascontiguousarray(s_gn).astype(np.float32), block)
+    if transposed:
+        return result.fail("a transposed per-channel weight DequantizeLinear has no rule", dq)
+    if axis not in (1, -1) or scale.shape != (w.shape[1],):
+        return result.fail(f"the weight scale is not per output channel of a [K, N] weight (axis={axis})", dq)
+    return _Weight(w.astype(np.int8), bits, scale.astype(np.float32))
 
 
 class _QdqLinearToQuantLinear(pattern.RewriteRuleClassBase):
     """``[Add(] MatMul(x_dq, DequantizeLinear(W_q, s_w, z_w)) [, bias)]`` -> ``ai.mqc::QuantLinear``."""
 
     def __init__(self, name: str, skips: dict[str, str], classes: ScaleClasses, with_bias: bool,
-                 bias_first: bool = False) -> None:
+                 bias_first: bool = False, transposed_weight: bool = False) -> None:
         super().__init__(name)
         self.skips = skips
         self.classes = classes
         self.with_bias = with_bias
         self.bias_first = bias_first
+        self.transposed_weight = transposed_weight
 
     def pattern(self, op, x_dq, w_q, w_scale, w_zero, bias):
-        y = op.MatMul(x_dq, op.DequantizeLinear(w_q, w_scale, w_zero, _outputs=["w_dq"]), _outputs=["mm"])
+        if self.transposed_weight:  # insert_weight_dequant's int8 per-group form: the scales are [N, K / g]
+            w_dq = op.Transpose(op.DequantizeLinear(w_q, w_scale, w_zero), _outputs=["w_dq"])
+        else:
+            w_dq = op.DequantizeLinear(w_q, w_scale, w_zero, _outputs=["w_dq"])
+        y = op.MatMul(x_dq, w_dq, _outputs=["mm"])
         if not self.with_bias:
             return y
         return op.Add(bias, y) if self.bias_first else op.Add(y, bias)
@@ -393,16 +448,15 @@ class _QdqLinearToQuantLinear(pattern.RewriteRuleClassBase):
         weight = _weight(w_dq, result)
         if isinstance(weight, MatchResult):
             return weight
-        w, _, _ = weight
         if self.with_bias:
             b = constant_array(bias)
-            if b is None or b.shape != (w.shape[1],):
-                return result.fail(f"the Add operand is not a constant [{w.shape[1]}] bias", bias)
+            if b is None or b.shape != (weight.w.shape[1],):
+                return result.fail(f"the Add operand is not a constant [{weight.w.shape[1]}] bias", bias)
         return result
 
     def rewrite(self, op, x_dq, w_dq, mm, bias=None, **_):
         source = _activation_source(x_dq, MatchResult(), self.classes)
-        w, bits, w_scale = _weight(w_dq, MatchResult())
+        w, bits, w_scale, group_size = _weight(w_dq, MatchResult())
         base = mm.name or w_dq.producer().inputs[0].name or "linear"  # unique per linear, even for shared weights
         if bits == 4 and w.shape[0] % 2:  # odd K (e.g. 2^k - 1 after the RMS split): a zero nibble pads the row
             w = np.vstack([w, np.zeros((1, w.shape[1]), np.int8)])
@@ -418,7 +472,8 @@ class _QdqLinearToQuantLinear(pattern.RewriteRuleClassBase):
             inputs.append(op.initializer(ir.tensor(b, name=f"{base}.mqc_bias"), name=f"{base}.mqc_bias"))
         if source.modality_ids is not None:
             inputs += [None] * (5 - len(inputs)) + [source.modality_ids]
-        attributes = {"bits": bits, **({"dynamic": 1} if source.dynamic else {})}
+        attributes = {"bits": bits, **({"dynamic": 1} if source.dynamic else {}),
+                      **({"group_size": group_size} if group_size else {})}
         return op.QuantLinear(*inputs, **attributes, _domain=MQC_DOMAIN, _version=MQC_OPSET)
 
 
@@ -490,16 +545,21 @@ class _MatMulHadamardToHadamard(pattern.RewriteRuleClassBase):
 def rule_sets(skips: dict[str, str], classes: ScaleClasses) -> list[pattern.RewriteRuleSet]:
     """The rule sets in the order they run: online Hadamards, then the linears with a bias (over the whole graph),
     then the bare MatMuls."""
+    def linears(with_bias: bool) -> list:
+        forms = [("", False), ("_transposed_weight", True)]
+        rules = [_QdqLinearToQuantLinear.rule(f"qdq_linear{'_bias' if with_bias else ''}{suffix}_to_quant_linear",
+                                              skips, classes, with_bias=with_bias, transposed_weight=transposed)
+                 for suffix, transposed in forms]
+        if with_bias:
+            rules += [_QdqLinearToQuantLinear.rule(f"qdq_bias_linear{suffix}_to_quant_linear", skips, classes,
+                                                   with_bias=True, bias_first=True, transposed_weight=transposed)
+                      for suffix, transposed in forms]
+        return rules
+
     return [
         pattern.RewriteRuleSet([_MatMulHadamardToHadamard.rule("online_hadamard_to_hadamard", skips)]),
-        pattern.RewriteRuleSet(
-            [
-                _QdqLinearToQuantLinear.rule("qdq_linear_bias_to_quant_linear", skips, classes, with_bias=True),
-                _QdqLinearToQuantLinear.rule("qdq_bias_linear_to_quant_linear", skips, classes, with_bias=True,
-                                             bias_first=True),
-            ]
-        ),
-        pattern.RewriteRuleSet([_QdqLinearToQuantLinear.rule("qdq_linear_to_quant_linear", skips, classes, with_bias=False)]),
+        pattern.RewriteRuleSet(linears(with_bias=True)),
+        pattern.RewriteRuleSet(linears(with_bias=False)),
     ]
 
 
@@ -735,12 +795,12 @@ class LowerRuntimeOpsPass(MqcPass):
 
 
     def ensures(self, model: ir.Model) -> None:
-        """No QDQ linear (``MatMul(·, DequantizeLinear(W))``) is left that is not recorded as refused."""
+        """No QDQ linear (``MatMul(·, [Transpose(]DequantizeLinear(W)[)])``) is left that is not recorded as
+        refused."""
         refused = {skip["node"] for skip in self.record.skipped}
         for node in model.graph:
             weight = node.inputs[1] if node.op_type == "MatMul" and len(node.inputs) > 1 else None
-            producer = weight.producer() if weight is not None else None
-            if producer is None or producer.op_type != "DequantizeLinear":
+            if weight is None or _weight_dequant(weight) is None:
                 continue
             key = node.name or f"MatMul->{node.outputs[0].name}"
             if key not in refused:

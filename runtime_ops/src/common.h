@@ -141,15 +141,21 @@ inline int64_t numel(const std::vector<int64_t>& s) {
 //   W4: byte[((panel * G2 + h) * 16 + j) * 4 + t] = (W[.][8h + t] + 8) | (W[.][8h + 4 + t] + 8) << 4, G2 = Kp / 8
 // W4 keeps the unsigned nibble w + 8, so the dot product with signed activations is sum((w + 8) x) and the
 // kernel subtracts 8 * sum(x). W8 uses unsigned activations x + 128 and subtracts 128 * colsum(W) (colcorr).
+// Per-group weights (group_size > 0) keep this layout; the corrections are then per group: colcorr holds one row
+// of panels * 16 sums per group, and W4 subtracts 8 * the group's sum of x.
 struct PackedWeights {
   int bits = 8;
   int64_t N = 0, K = 0;   // logical shape of W [N, K]
   int64_t Kp = 0;         // K padded to 4 (W8) or 8 (W4)
   int64_t panels = 0;     // ceil(N / 16)
   int64_t panel_bytes = 0;
+  int64_t group_size = 0;  // 0: per channel (one group of K)
+  int64_t groups = 1;      // K / group_size, or 1
   std::vector<uint8_t> data;     // 64-byte aligned start (see aligned_data)
-  std::vector<int32_t> colcorr;  // 128 * sum_k W[n][k], padded to panels * 16 (W4: for the unpacked prefill path)
+  std::vector<int32_t> colcorr;  // [groups][panels * 16]: 128 * sum_k W[n][k] over the group's k (W4: for the
+                                 // unpacked prefill path)
   const uint8_t* panel(int64_t p) const { return aligned() + p * panel_bytes; }
+  const int32_t* group_colcorr(int64_t grp) const { return colcorr.data() + grp * panels * 16; }
   const uint8_t* aligned() const {
     auto a = reinterpret_cast<uintptr_t>(data.data());
     return data.data() + ((64 - (a & 63)) & 63);
@@ -157,7 +163,8 @@ struct PackedWeights {
 };
 
 // W8: w is [N, K] int8. W4: w is [N, ceil(K/2)] uint8, low nibble = even k, signed two's-complement nibbles.
-PackedWeights pack_weights(const void* w, int bits, int64_t N, int64_t K);
+// group_size: 0, or a divisor of K that is a multiple of 8 (validated: kWeightGroupAlign).
+PackedWeights pack_weights(const void* w, int bits, int64_t N, int64_t K, int64_t group_size = 0);
 
 // W4 panels [p0, p1) rewritten in the W8 layout (signed bytes) at out, (p1 - p0) * Kp * 16 bytes, 64-aligned.
 // Prefill unpacks each tile once per task and runs the W8 kernel on it; decode keeps reading nibbles.

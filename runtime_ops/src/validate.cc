@@ -159,26 +159,30 @@ TokenModality check_modality(const char* op, const TensorDesc& ids, const Tensor
 
 }  // namespace
 
-QuantLinearAttrs check_quant_linear_attrs(int64_t bits, int64_t dynamic, DType x) {
+QuantLinearAttrs check_quant_linear_attrs(int64_t bits, int64_t dynamic, int64_t group_size, DType x) {
   const char* op = "QuantLinear";
   if (bits != 8 && bits != 4) fail(op, "attribute bits must be 8 or 4, got ", bits);
   if (dynamic != 0 && dynamic != 1) fail(op, "attribute dynamic must be 0 or 1, got ", dynamic);
+  if (group_size < 0 || group_size % kWeightGroupAlign != 0)
+    fail(op, "attribute group_size must be 0 (per channel) or a positive multiple of ", kWeightGroupAlign, ", got ",
+         group_size);
   if (dynamic && x == DType::kInt8)
     fail(op, "dynamic=1 takes each token's scale from its float row, but X is int8 (already quantized, ",
          "e.g. by RMSNormQuant): give float or float16 X");
-  return QuantLinearAttrs{static_cast<int>(bits), dynamic == 1};
+  return QuantLinearAttrs{static_cast<int>(bits), dynamic == 1, group_size};
 }
 
 WeightDims check_quant_linear_weight(const QuantLinearAttrs& attrs, const TensorDesc& w) {
   const char* op = "QuantLinear";
   if (w.shape.size() != 2)
     fail(op, "W must be 2-D [N, K] (bits 8) or [N, K/2] (bits 4), got ", shape_str(w.shape));
-  if (attrs.bits == 8) {
-    if (w.type != DType::kInt8) fail(op, "bits=8 needs an int8 W, got ", dtype_name(w.type));
-    return WeightDims{w.shape[0], w.shape[1]};
-  }
-  if (w.type != DType::kUInt8) fail(op, "bits=4 needs a uint8 W (two int4 per byte), got ", dtype_name(w.type));
-  return WeightDims{w.shape[0], 2 * w.shape[1]};
+  if (attrs.bits == 8 && w.type != DType::kInt8) fail(op, "bits=8 needs an int8 W, got ", dtype_name(w.type));
+  if (attrs.bits == 4 && w.type != DType::kUInt8)
+    fail(op, "bits=4 needs a uint8 W (two int4 per byte), got ", dtype_name(w.type));
+  const WeightDims dims{w.shape[0], attrs.bits == 8 ? w.shape[1] : 2 * w.shape[1]};
+  if (attrs.group_size && dims.K % attrs.group_size != 0)
+    fail(op, "group_size=", attrs.group_size, " does not divide W's K=", dims.K, " (W ", shape_str(w.shape), ")");
+  return dims;
 }
 
 QuantLinearCall check_quant_linear_call(const QuantLinearAttrs& attrs, const WeightDims& w,
@@ -201,7 +205,18 @@ QuantLinearCall check_quant_linear_call(const QuantLinearAttrs& attrs, const Wei
   if (w.K != c.K && !(attrs.bits == 4 && w.K == c.K + 1 && c.K % 2 == 1))
     fail(op, "X ", shape_str(x.shape), (c.c0 ? " (channel 0 on the side branch)" : ""), " gives K=", c.K,
          " but W holds K=", w.K, (attrs.bits == 4 ? " (bits=4 packs two per byte)" : ""));
-  expect_entries(op, "w_scale", in[kQlWScale], c.N);
+  if (attrs.group_size) {
+    if (c.K % attrs.group_size != 0)
+      fail(op, "group_size=", attrs.group_size, " does not divide K=", c.K, " (X ", shape_str(x.shape),
+           (c.c0 ? ", channel 0 on the side branch" : ""), ")");
+    c.groups = c.K / attrs.group_size;
+    const std::vector<int64_t>& ws = in[kQlWScale].shape;
+    if (ws.size() != 2 || ws[0] != c.groups || ws[1] != c.N)
+      fail(op, "with group_size=", attrs.group_size, " w_scale must be [K/group_size, N] = [", c.groups, ", ", c.N,
+           "], got ", shape_str(ws));
+  } else {
+    expect_entries(op, "w_scale", in[kQlWScale], c.N);
+  }
   const TensorDesc& as = in[kQlActScale];
   if (attrs.dynamic) {
     if (as.size() > 1)
@@ -292,10 +307,11 @@ struct mqc_tensor_desc {
 
 // Validates one node of `op` as kernel creation then a call would (attributes and W first): 0 when valid, 1 with
 // the error message the onnxruntime kernels return (truncated to message_size) when not, 2 for an unknown op.
-// bits and dynamic are QuantLinear's attributes, epsilon RMSNormQuant's; the others ignore them.
+// bits, dynamic and group_size are QuantLinear's attributes, epsilon RMSNormQuant's; the others ignore them.
 __attribute__((visibility("default"))) int mqc_validate_node(const char* op, const mqc_tensor_desc* inputs,
                                                             int32_t n_inputs, int64_t bits, int64_t dynamic,
-                                                            float epsilon, char* message, size_t message_size) {
+                                                            int64_t group_size, float epsilon, char* message,
+                                                            size_t message_size) {
   std::vector<mqc::TensorDesc> in(static_cast<size_t>(n_inputs > 0 ? n_inputs : 0));
   for (size_t i = 0; i < in.size(); ++i) {
     const mqc_tensor_desc& d = inputs[i];
@@ -308,7 +324,7 @@ __attribute__((visibility("default"))) int mqc_validate_node(const char* op, con
     const std::string name = op ? op : "";
     if (in.empty() || !in[0].present) mqc::fail(name.c_str(), "input X is required");
     if (name == "QuantLinear") {
-      const mqc::QuantLinearAttrs attrs = mqc::check_quant_linear_attrs(bits, dynamic, in[0].type);
+      const mqc::QuantLinearAttrs attrs = mqc::check_quant_linear_attrs(bits, dynamic, group_size, in[0].type);
       const mqc::WeightDims w = mqc::check_quant_linear_weight(attrs, in.size() > 1 ? in[1] : mqc::TensorDesc{});
       mqc::check_quant_linear_call(attrs, w, in);
     } else if (name == "Hadamard") {

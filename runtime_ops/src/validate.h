@@ -102,7 +102,11 @@ struct TokenModality {
 struct QuantLinearAttrs {
   int bits = 8;
   bool dynamic = false;
+  int64_t group_size = 0;  // 0: one weight scale per output channel; else per group of group_size input rows
 };
+// group_size must be 0 or a positive multiple of kWeightGroupAlign: the CPU kernels step k by 4 (W8) / 8 (W4) bytes
+// and the CUDA kernels by 32 (mma.sync k and a GEMV lane's chunk), so a group never splits one of those steps.
+constexpr int64_t kWeightGroupAlign = 32;
 struct WeightDims {
   int64_t N = 0, K = 0;  // logical W [N, K]; bits 4 stores [N, ceil(K / 2)] bytes
 };
@@ -113,12 +117,13 @@ struct QuantLinearCall {
   int64_t K = 0;   // quantized channels, Kx - c0
   int64_t N = 0;
   int64_t rank = 0;  // low-rank branch r (0: none)
+  int64_t groups = 1;  // weight scale groups along K: K / group_size, or 1 per channel
   ActScales act;
   TokenModality modality;
 };
 
 // Kernel creation: attributes (x: the kernel's X type) and W (constant initializer or, on the CPU, per call).
-QuantLinearAttrs check_quant_linear_attrs(int64_t bits, int64_t dynamic, DType x);
+QuantLinearAttrs check_quant_linear_attrs(int64_t bits, int64_t dynamic, int64_t group_size, DType x);
 WeightDims check_quant_linear_weight(const QuantLinearAttrs& attrs, const TensorDesc& w);
 // Every call: the inputs in schema order (absent optional inputs have present = false), W checked by the above.
 QuantLinearCall check_quant_linear_call(const QuantLinearAttrs& attrs, const WeightDims& w,

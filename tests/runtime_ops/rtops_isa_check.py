@@ -30,7 +30,26 @@ def main() -> None:
                                           "act_scale": np.full(1, 0.03, np.float32)})[0]
             ref = int_reference(quantize(x, np.float32(0.03)), w) * np.float64(np.float32(0.03))
             np.testing.assert_allclose(y, ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
+        check_groups(rng, bits)
     print("ok")
+
+
+def check_groups(rng, bits: int) -> None:
+    """Per-group weights (group_size 32 / 64): each group's int32 dot product exact (one-hot scales), on decode
+    rows, odd row counts, N tails and M >= 16 (the W4 prefill's unpacked tiles)."""
+    for M, K, N, gs in [(1, 64, 17, 32), (7, 192, 130, 64), (21, 128, 65, 32)]:
+        lo, hi = (-128, 128) if bits == 8 else (-8, 8)
+        w = rng.integers(lo, hi, size=(N, K)).astype(np.int8)
+        model = quant_linear_model(K, N, bits=bits, x_type=TensorProto.INT8, group_size=gs,
+                                   weight=w if bits == 8 else pack_int4(w))
+        xq = rng.integers(-128, 128, size=(M, K)).astype(np.int8)
+        run = session(model).run
+        for j in range(K // gs):
+            one_hot = np.zeros((K // gs, N), np.float32)
+            one_hot[j] = 1.0
+            y = run(None, {"X": xq, "w_scale": one_hot, "act_scale": np.ones(1, np.float32)})[0]
+            cols = slice(j * gs, (j + 1) * gs)
+            np.testing.assert_array_equal(y, int_reference(xq[:, cols], w[:, cols]).astype(np.float32))
 
 
 if __name__ == "__main__":

@@ -53,13 +53,15 @@ def pack_int4(w: np.ndarray) -> np.ndarray:
     return (low | (high << 4)).astype(np.uint8)
 
 
-def quant_linear_model(K, N, bits=8, x_type=TensorProto.FLOAT, const_weight=True, optional=(), weight=None):
-    """A one-node ai.mqc::QuantLinear model; ``optional`` names the optional inputs given as graph inputs."""
+def quant_linear_model(K, N, bits=8, x_type=TensorProto.FLOAT, const_weight=True, optional=(), weight=None,
+                       **attributes):
+    """A one-node ai.mqc::QuantLinear model; ``optional`` names the optional inputs given as graph inputs,
+    ``attributes`` the node's other attributes (dynamic, group_size)."""
     names = ["X", "W", "w_scale", "act_scale", "bias", "modality_ids", "split", "lowrank_a", "lowrank_b", "side_row"]
     used = names[:4] + [n if n in optional else "" for n in names[4:]]
     while used[-1] == "":
         used.pop()
-    node = helper.make_node("QuantLinear", used, ["Y"], domain=DOMAIN, bits=bits)
+    node = helper.make_node("QuantLinear", used, ["Y"], domain=DOMAIN, bits=bits, **attributes)
     inputs = [helper.make_tensor_value_info("X", x_type, None)]
     inits = []
     w_type = TensorProto.INT8 if bits == 8 else TensorProto.UINT8

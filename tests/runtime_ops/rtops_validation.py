@@ -81,7 +81,7 @@ def validator(kind: str):
     fn = lib.mqc_validate_node
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_char_p, ctypes.POINTER(TensorDescC), ctypes.c_int32, ctypes.c_int64, ctypes.c_int64,
-                   ctypes.c_float, ctypes.c_char_p, ctypes.c_size_t]
+                   ctypes.c_int64, ctypes.c_float, ctypes.c_char_p, ctypes.c_size_t]
 
     def validate(node: Node) -> str:
         values = [None if v is None else np.require(v, requirements="C") for v in node.ordered()]  # keeps rank 0
@@ -95,7 +95,7 @@ def validator(kind: str):
             d.data = v.ctypes.data
         message = ctypes.create_string_buffer(1024)
         rc = fn(node.op.encode(), descs, len(values), node.attrs.get("bits", 8), node.attrs.get("dynamic", 0),
-                node.attrs.get("epsilon", 1e-6), message, len(message))
+                node.attrs.get("group_size", 0), node.attrs.get("epsilon", 1e-6), message, len(message))
         assert rc in (0, 1), f"mqc_validate_node returned {rc}"
         return message.value.decode() if rc else ""
 

@@ -41,6 +41,36 @@ def test_recipe_lowered_to_runtime_ops_matches_qdq(recipe, tiny_decoder, tmp_pat
     assert_lowered_matches_qdq(qdq_path, mqc_path, random_feeds(model, 1))
 
 
+#: Group-wise weight recipes of the tiny llama (hidden 64, intermediate 128: groups of 32 divide every K).
+GROUPED = [
+    "w4a8-msq:quantize_linears.group_size=32",  # int4 [K, N] blocked on axis 0; MSQ (text, image) scales
+    "w8a8:quantize_linears.group_size=32",  # int8 [N, K] blocked on axis 1 behind a Transpose; one static scale
+    "w4a8-rtn:quantize_linears.acts=dynamic:quantize_linears.group_size=32",  # dynamic per-token scales
+    "mquant:gptq_weights.group_size=32",  # GPTQ per group, online Hadamards, AIFS (static W4A8 with MSQ)
+]
+
+
+@pytest.mark.parametrize("recipe", GROUPED)
+def test_per_group_recipe_lowered_to_runtime_ops_matches_qdq(recipe, tiny_decoder, tmp_path):
+    """Every per-group QDQ linear becomes a QuantLinear with group_size 32 and [K / 32, N] scales."""
+    qdq_path = tmp_path / "grouped.qdq.onnx"
+    compile_file(tiny_decoder("llama"), qdq_path, recipe=recipe, fmt="qdq")
+    model = ir.load(str(qdq_path))
+    record = lower_to_runtime_ops(model)
+    ops = [n.op_type for n in model.graph]
+    assert "DequantizeLinear" not in ops and "QuantizeLinear" not in ops, record.skipped
+    linears = [n for n in model.graph if n.op_type == "QuantLinear"]
+    assert linears and all(n.attributes.get_int("group_size", 0) == 32 for n in linears)
+    for n in linears:
+        N, row_bytes = n.inputs[1].const_value.shape
+        K = row_bytes * (2 if n.attributes.get_int("bits") == 4 else 1)
+        assert tuple(n.inputs[2].const_value.shape) == (K // 32, N)
+    assert all(n.attributes.get_int("dynamic", 0) == ("acts=dynamic" in recipe) for n in linears)
+    mqc_path = tmp_path / "grouped.mqc.onnx"
+    save_model(model, mqc_path)
+    assert_lowered_matches_qdq(qdq_path, mqc_path, random_feeds(model, 2), hadamard_fed=recipe.startswith("mquant"))
+
+
 def _rms_everywhere() -> Recipe:
     """``mquant`` with the RMS split forced on every down_proj (the activation heuristic at ratio 0), so the
     side-branch rule has work."""

@@ -55,8 +55,8 @@ def test_cuda_library_is_built_and_runs_its_cpu_kernels_without_a_gpu():
     """CI has nvcc but no GPU: the CUDA library must build, load in a CPU-only onnxruntime, and serve the CPU EP."""
     path = rt.library_path("cuda")
     lib = ctypes.CDLL(str(path))
-    for symbol in ("RegisterCustomOps", "mqc_cuda_quant_linear", "mqc_cuda_quant_linear_ex", "mqc_cuda_hadamard",
-                   "mqc_cuda_rmsnorm_quant"):
+    for symbol in ("RegisterCustomOps", "mqc_cuda_quant_linear", "mqc_cuda_quant_linear_ex",
+                   "mqc_cuda_quant_linear_group", "mqc_cuda_hadamard", "mqc_cuda_rmsnorm_quant"):
         assert hasattr(lib, symbol), symbol
     assert lib.mqc_cuda_padded_k(ctypes.c_int64(100)) == 128
     rng = np.random.default_rng(0)
@@ -76,6 +76,8 @@ def _cuda_c_api():
     lib.mqc_cuda_last_error.restype = ctypes.c_char_p
     lib.mqc_cuda_quant_linear_ex.argtypes = [c_int, vp, c_int, i64, i64, i64, vp, vp, vp, c_int, vp, vp, c_int, vp, vp,
                                              i64, vp, c_int, vp, vp]
+    lib.mqc_cuda_quant_linear_group.argtypes = [c_int, i64, vp, c_int, i64, i64, i64, vp, vp, vp, c_int, vp, vp,
+                                                c_int, vp, vp, i64, vp, c_int, vp, vp]
     lib.mqc_cuda_rmsnorm_quant.argtypes = [vp, c_int, i64, i64, vp, vp, ctypes.c_float, vp, vp]
     lib.mqc_cuda_hadamard.argtypes = [vp, vp, c_int, i64, i64, i64, vp, vp]
     lib.mqc_cuda_grid_rows.argtypes = [i64, ctypes.POINTER(ctypes.c_uint32)]
@@ -113,6 +115,26 @@ def test_cuda_entry_points_refuse_through_the_shared_validator(scales, bits, dyn
     assert "act_scale entries must be finite and > 0, got 0" in lib.mqc_cuda_last_error().decode()
     assert lib.mqc_cuda_hadamard(dummy, dummy, 1, 4, 24, 1, None, None) == CUDA_INVALID_VALUE
     assert "last dimension 24 is not m * 2^k" in lib.mqc_cuda_last_error().decode()
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None and not os.path.exists("/usr/local/cuda/bin/nvcc"),
+                    reason="the CUDA library is only built where nvcc exists")
+@pytest.mark.parametrize(("group_size", "K", "message"), [
+    (48, 96, "attribute group_size must be 0 (per channel) or a positive multiple of 32, got 48"),
+    (-32, 96, "attribute group_size must be 0 (per channel) or a positive multiple of 32, got -32"),
+    (64, 96, "group_size=64 does not divide W's K=96"),
+])
+def test_cuda_group_entry_point_refuses_through_the_shared_validator(group_size, K, message):
+    """mqc_cuda_quant_linear_group (the benchmark's per-group entry point) checks group_size and the weight's K
+    with the onnxruntime kernels' validator before touching the GPU."""
+    lib = _cuda_c_api()
+    host = (ctypes.c_float * 1)(0.1)
+    dummy = ctypes.c_void_p(16)  # never dereferenced: the call is refused first
+    rc = lib.mqc_cuda_quant_linear_group(4, group_size, dummy, 0, 4, K, 16, dummy, dummy, host, 1, None, None, 0,
+                                         None, None, 0, dummy, 0, dummy, None)
+    assert rc == CUDA_INVALID_VALUE
+    error = lib.mqc_cuda_last_error().decode()
+    assert error.startswith("ai.mqc::QuantLinear: ") and message in error, error
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None and not os.path.exists("/usr/local/cuda/bin/nvcc"),

@@ -7,6 +7,7 @@ outputs agree to ``RTOL`` = 1e-5 of the output's magnitude in fp32, and to one f
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -18,7 +19,7 @@ from mqc.passes.lower_runtime_ops import (
     unpack_int4_rows,
 )
 from onnx import helper
-from rtops_models import int_reference, qdq_linear_model, quantize, random_linear, session
+from rtops_models import int_reference, make_model, qdq_linear_model, quantize, random_linear, session
 
 RTOL = 1e-5
 
@@ -109,26 +110,49 @@ def test_refusals_are_recorded_and_leave_the_qdq_form():
         np.testing.assert_allclose(b, a, rtol=0, atol=RTOL * np.abs(a).max())
 
 
-def test_per_group_weights_are_refused():
-    rng = np.random.default_rng(1)
-    K, N = 64, 16
+def _blocked_qdq(K: int, N: int, block: int, rng) -> onnx.ModelProto:
+    """Y = MatMul(DQ(Q(X)), DQ(W_q [K, N] int4, s [ceil(K / block), N], axis=0, block_size=block)): ONNX blocked
+    quantization along K (a partial last block when block does not divide K)."""
     wq, _ = random_linear(rng, K, N, 4)
-    nodes = [helper.make_node("QuantizeLinear", ["X", "s", "z"], ["xq"]), helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xdq"]),
-             helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wdq"], axis=0, block_size=32),
-             helper.make_node("MatMul", ["xdq", "wdq"], ["Y"])]
-    import ml_dtypes
-
-    inits = [onnx.numpy_helper.from_array(np.array(0.1, np.float32), "s"), onnx.numpy_helper.from_array(np.array(0, np.int8), "z"),
+    groups = -(-K // block)
+    nodes = [helper.make_node("QuantizeLinear", ["X", "s", "z"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xdq"]),
+             helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wdq"], axis=0, block_size=block),
+             helper.make_node("MatMul", ["xdq", "wdq"], ["Y"], name="blocked")]
+    inits = [onnx.numpy_helper.from_array(np.array(0.1, np.float32), "s"),
+             onnx.numpy_helper.from_array(np.array(0, np.int8), "z"),
              onnx.numpy_helper.from_array(wq.astype(ml_dtypes.int4), "w"),
-             onnx.numpy_helper.from_array(np.full((2, N), 0.01, np.float32), "ws"),
-             onnx.numpy_helper.from_array(np.zeros((2, N), ml_dtypes.int4), "wz")]
-    from rtops_models import make_model
+             onnx.numpy_helper.from_array((rng.random((groups, N)) * 0.02 + 0.001).astype(np.float32), "ws"),
+             onnx.numpy_helper.from_array(np.zeros((groups, N), ml_dtypes.int4), "wz")]
+    return make_model(nodes, [helper.make_tensor_value_info("X", onnx.TensorProto.FLOAT, None)],
+                      [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, None)], inits, mqc=False)
 
-    proto = make_model(nodes, [helper.make_tensor_value_info("X", onnx.TensorProto.FLOAT, None)],
-                       [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, None)], inits, mqc=False)
-    _lowered, record = lower(proto)
+
+def test_per_group_weights_become_group_size():
+    """A blocked weight DequantizeLinear (block 32 over K = 96) becomes QuantLinear group_size=32 with its
+    [K / 32, N] scales, equal to the QDQ model within fp32 rounding."""
+    rng = np.random.default_rng(1)
+    proto = _blocked_qdq(96, 40, 32, rng)
+    lowered, record = lower(proto)
+    assert record.changed == 1 and not record.skipped
+    (node,) = [n for n in lowered.graph.node if n.op_type == "QuantLinear"]
+    assert {a.name: a.i for a in node.attribute} == {"bits": 4, "group_size": 32}
+    w_scale = next(t for t in lowered.graph.initializer if t.name == node.input[2])
+    assert list(w_scale.dims) == [3, 40]
+    x = rng.standard_normal((5, 96)).astype(np.float32)
+    e = session(proto, custom=False).run(None, {"X": x})[0]
+    g = session(lowered).run(None, {"X": x})[0]
+    np.testing.assert_allclose(g, e, rtol=0, atol=RTOL * np.abs(e).max())
+
+
+@pytest.mark.parametrize(("K", "block", "reason"), [
+    (80, 32, "block_size dividing K=80 and a multiple of 32, got block_size=32"),  # partial last block
+    (64, 16, "block_size dividing K=64 and a multiple of 32, got block_size=16"),
+])
+def test_per_group_weights_the_op_cannot_take_are_refused(K, block, reason):
+    _lowered, record = lower(_blocked_qdq(K, 16, block, np.random.default_rng(K + block)))
     assert record.changed == 0
-    assert any("block_size" in s["reason"] for s in record.skipped)
+    assert [s["reason"] for s in record.skipped] == [f"qdq_linear_to_quant_linear: per-group weights need a {reason}"]
 
 
 def test_int4_packing_roundtrip():

@@ -1,8 +1,9 @@
 """``--format mqc`` of sink_scales' three-way scale selection: one QuantLinear per linear with act_scale (text, image,
 sink) and a shared per-token class input, equal to the QDQ form in prefill (through AIFS) and in KV-cache decode.
 
-The tiny llama compiled with ``mquant-sink`` on feeds whose first token carries a massive activation (an attention
-sink) and whose image tokens come last (AIFS moves them first). Reference: the QDQ model without onnxruntime's graph
+The tiny llama compiled with ``mquant-sink`` (GPTQ weights per output channel, and per group of 32 input rows: the
+group-wise static W4A8 form) on feeds whose first token carries a massive activation (an attention sink) and whose
+image tokens come last (AIFS moves them first). Reference: the QDQ model without onnxruntime's graph
 optimizations. mquant's online Hadamards run as ``ai.mqc::Hadamard`` (an FWHT) in the lowered model, so activations
 behind them differ in fp32 rounding and a value on a .5 boundary may take the neighbouring int8 code: the outputs
 agree within the bound of test_compile_mqc.py's Hadamard-fed case and above 40 dB SQNR.
@@ -48,16 +49,24 @@ def _decode_step(prefill: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 
-@pytest.fixture(scope="module")
-def lowered(tiny_decoder, tmp_path_factory):
+#: (recipe, the group_size every lowered QuantLinear must carry: 0 per channel)
+RECIPES = [("mquant-sink", 0), ("mquant-sink:gptq_weights.group_size=32", 32)]
+
+
+@pytest.fixture(scope="module", params=RECIPES, ids=["per-channel", "group-32"])
+def lowered(request, tiny_decoder, tmp_path_factory):
     """(QDQ path, lowered path, lowered model, lowering record, held-out feeds)."""
+    recipe, group_size = request.param
     root = tmp_path_factory.mktemp("sink-lowering")
     source = tiny_decoder("llama")
     feeds = _sink_feeds(load_model(source), 4, seed=1)
     qdq = root / "mquant-sink.qdq.onnx"
-    compile_file(source, qdq, "mquant-sink", feeds=lambda: feeds, num_samples=len(feeds), fmt="qdq")
+    compile_file(source, qdq, recipe, feeds=lambda: feeds, num_samples=len(feeds), fmt="qdq")
     model = ir.load(str(qdq))
+    assert {n.attributes.get_int("block_size", 0) for n in model.graph if n.op_type == "DequantizeLinear"
+            and n.inputs[0].dtype == ir.DataType.INT4} == {group_size}
     record = lower_to_runtime_ops(model)
+    assert {n.attributes.get_int("group_size", 0) for n in model.graph if n.op_type == "QuantLinear"} == {group_size}
     mqc = save_model(model, root / "mquant-sink.mqc.onnx")
     return qdq, mqc, model, record, _sink_feeds(load_model(source), 2, seed=7)
 

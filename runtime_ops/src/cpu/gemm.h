@@ -10,10 +10,11 @@ namespace mqc {
 struct GemmArgs {
   const uint8_t* A = nullptr;   // quantized activations [M, Kp]: x + 128 as uint8 (W8) or x as int8 (W4)
   int64_t lda = 0;              // = Kp
-  const int32_t* rowsum = nullptr;  // W4: sum_k x[m][k] per row
+  const int32_t* rowsum = nullptr;  // W4: sum_k x[m][k] per row; per-group W4: [M][W->groups], each group's sum
   const PackedWeights* W = nullptr;
   const float* row_scale = nullptr;  // activation scale of each row (modality-selected)
-  const float* w_scale = nullptr;    // [N]
+  const float* w_scale = nullptr;    // [N]; per-group weights: [W->groups][ldws], column n at w_scale[grp * ldws + n]
+  int64_t ldws = 0;
   const float* bias = nullptr;       // [N] or null
   void* Y = nullptr;                 // [M, ldy] float or half
   int64_t ldy = 0;
@@ -66,6 +67,26 @@ inline void epilogue_scalar(const int32_t* acc, int64_t n0, int64_t cnt, int32_t
     int64_t n = n0 + j;
     int32_t c = acc[j] - row_corr - (colcorr ? colcorr[n] : 0);
     float y = (float)c * (s * g.w_scale[n]);
+    if (g.bias) y += g.bias[n];
+    if (g.y_half)
+      static_cast<uint16_t*>(g.Y)[m * g.ldy + n] = float_to_half(y);
+    else
+      static_cast<float*>(g.Y)[m * g.ldy + n] = y;
+  }
+}
+
+// Per-group weights: one row segment's fp32 sum over the groups, f[j] += float(acc[j] - corr) * w_scale[grp, n0 + j].
+inline void fold_group_scalar(float* f, const int32_t* acc, int64_t n0, int64_t cnt, int32_t row_corr,
+                              const int32_t* colcorr, const float* ws) {
+  for (int64_t j = 0; j < cnt; ++j)
+    f[j] += (float)(acc[j] - row_corr - (colcorr ? colcorr[n0 + j] : 0)) * ws[n0 + j];
+}
+
+// Per-group weights: y = f * s + bias, f the fp32 sum over the groups (fold_group_scalar).
+inline void epilogue_grouped_scalar(const float* f, int64_t n0, int64_t cnt, float s, const GemmArgs& g, int64_t m) {
+  for (int64_t j = 0; j < cnt; ++j) {
+    const int64_t n = n0 + j;
+    float y = f[j] * s;
     if (g.bias) y += g.bias[n];
     if (g.y_half)
       static_cast<uint16_t*>(g.Y)[m * g.ldy + n] = float_to_half(y);

@@ -5,11 +5,15 @@
 
 namespace mqc {
 
-PackedWeights pack_weights(const void* w, int bits, int64_t N, int64_t K) {
+PackedWeights pack_weights(const void* w, int bits, int64_t N, int64_t K, int64_t group_size) {
   PackedWeights P;
   P.bits = bits;
   P.N = N;
   P.K = K;
+  P.group_size = group_size;
+  P.groups = group_size ? K / group_size : 1;
+  const int64_t gk = group_size ? group_size : (K > 0 ? K : 1);  // k per colcorr row
+  const int64_t ld = (N + 15) / 16 * 16;
   P.Kp = bits == 8 ? (K + 3) / 4 * 4 : (K + 7) / 8 * 8;
   P.panels = (N + 15) / 16;
   P.panel_bytes = bits == 8 ? P.Kp * 16 : P.Kp * 8;  // a multiple of 64 bytes
@@ -17,34 +21,30 @@ PackedWeights pack_weights(const void* w, int bits, int64_t N, int64_t K) {
   uint8_t* out = const_cast<uint8_t*>(P.aligned());
   if (bits == 8) {
     const int8_t* W = static_cast<const int8_t*>(w);
-    P.colcorr.assign(P.panels * 16, 0);
+    P.colcorr.assign(P.groups * ld, 0);
     for (int64_t n = 0; n < N; ++n) {
       const int64_t p = n / 16, j = n % 16;
-      int32_t sum = 0;
       for (int64_t k = 0; k < K; ++k) {
         const int8_t v = W[n * K + k];
-        sum += v;
+        P.colcorr[(k / gk) * ld + n] += 128 * v;
         out[p * P.panel_bytes + ((k / 4) * 16 + j) * 4 + k % 4] = (uint8_t)v;
       }
-      P.colcorr[n] = 128 * sum;
     }
   } else {
     const uint8_t* W = static_cast<const uint8_t*>(w);
     const int64_t row_bytes = (K + 1) / 2;
-    P.colcorr.assign(P.panels * 16, 0);
+    P.colcorr.assign(P.groups * ld, 0);
     for (int64_t n = 0; n < N; ++n) {
       const int64_t p = n / 16, j = n % 16;
-      int32_t sum = 0;
       for (int64_t k = 0; k < K; ++k) {
         const uint8_t byte = W[n * row_bytes + k / 2];
         const int nib = (k % 2 == 0) ? (byte & 0x0F) : (byte >> 4);
         const int val = ((nib ^ 8) - 8) + 8;  // signed nibble, stored as w + 8
-        sum += val - 8;
+        P.colcorr[(k / gk) * ld + n] += 128 * (val - 8);
         const int64_t h = k / 8, t = k % 8;
         uint8_t& dst = out[p * P.panel_bytes + (h * 16 + j) * 4 + (t % 4)];
         dst = t < 4 ? (uint8_t)((dst & 0xF0) | val) : (uint8_t)((dst & 0x0F) | (val << 4));
       }
-      P.colcorr[n] = 128 * sum;
     }
   }
   return P;

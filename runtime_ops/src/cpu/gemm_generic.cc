@@ -62,8 +62,59 @@ void tile_w4(const GemmArgs& g, int64_t m, int64_t p) {
     epilogue_scalar(acc[r], n0, cnt, 8 * g.rowsum[m + r], nullptr, g.row_scale[m + r], g, m + r);
 }
 
+// Per-group weights: the same integer loops, one group of k at a time; each group's int32 sums (minus its
+// correction) are scaled by the group's w_scale and summed in fp32, then y = sum * s + bias.
+template <int MR, bool W4>
+void tile_grouped(const GemmArgs& g, int64_t m, int64_t p) {
+  const PackedWeights& W = *g.W;
+  const int64_t steps = W.group_size / (W4 ? 8 : 4);  // k steps of 8 (W4) or 4 (W8) bytes per group
+  const int64_t n0 = p * 16, cnt = std::min<int64_t>(16, g.N - n0);
+  alignas(64) float f[MR][16];
+  alignas(64) int32_t acc[MR][16];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < 16; ++j) f[r][j] = 0.f;
+  const uint8_t* B = W.panel(p);
+  for (int64_t grp = 0; grp < W.groups; ++grp) {
+    for (int r = 0; r < MR; ++r)
+      for (int j = 0; j < 16; ++j) acc[r][j] = 0;
+    for (int64_t q = grp * steps; q < (grp + 1) * steps; ++q) {
+      const uint8_t* b = B + q * 64;
+      for (int r = 0; r < MR; ++r) {
+        const uint8_t* a = g.A + (m + r) * g.lda + q * (W4 ? 8 : 4);
+        for (int j = 0; j < 16; ++j) {
+          int32_t s = 0;
+          if constexpr (W4) {
+            const int8_t* x = reinterpret_cast<const int8_t*>(a);
+            for (int t = 0; t < 4; ++t) s += (b[j * 4 + t] & 0x0F) * x[t] + (b[j * 4 + t] >> 4) * x[4 + t];
+          } else {
+            const int8_t* w = reinterpret_cast<const int8_t*>(b);
+            for (int t = 0; t < 4; ++t) s += a[t] * w[j * 4 + t];
+          }
+          acc[r][j] += s;
+        }
+      }
+    }
+    const float* ws = g.w_scale + grp * g.ldws;
+    for (int r = 0; r < MR; ++r) {
+      if constexpr (W4)
+        fold_group_scalar(f[r], acc[r], n0, cnt, 8 * g.rowsum[(m + r) * W.groups + grp], nullptr, ws);
+      else
+        fold_group_scalar(f[r], acc[r], n0, cnt, 0, W.group_colcorr(grp), ws);
+    }
+  }
+  for (int r = 0; r < MR; ++r) epilogue_grouped_scalar(f[r], n0, cnt, g.row_scale[m + r], g, m + r);
+}
+
 template <bool W4>
 void gemm(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+  if (g.W->group_size) {
+    for (int64_t p = p0; p < p1; ++p) {
+      int64_t m = m0;
+      for (; m + 4 <= m1; m += 4) tile_grouped<4, W4>(g, m, p);
+      for (; m < m1; ++m) tile_grouped<1, W4>(g, m, p);
+    }
+    return;
+  }
   for (int64_t p = p0; p < p1; ++p) {
     int64_t m = m0;
     for (; m + 4 <= m1; m += 4) W4 ? tile_w4<4>(g, m, p) : tile_w8<4>(g, m, p);

@@ -15,7 +15,20 @@ namespace {
 // Validates W (shared rules) and packs it; used at kernel creation (constant W) and per call (computed W).
 PackedWeights pack_checked(const QuantLinearAttrs& attrs, const TensorDesc& w) {
   const WeightDims dims = check_quant_linear_weight(attrs, w);
-  return pack_weights(w.data, attrs.bits, dims.N, dims.K);
+  return pack_weights(w.data, attrs.bits, dims.N, dims.K, attrs.group_size);
+}
+
+// rowsum[m * groups + grp] = sum of row m's int8 codes in group grp (A: [M, Kp] signed codes), rows [m0, m1).
+void group_sums(const uint8_t* A, int64_t Kp, int64_t group_size, int64_t groups, int32_t* rowsum, int64_t m0,
+                int64_t m1) {
+  for (int64_t m = m0; m < m1; ++m) {
+    const int8_t* a = reinterpret_cast<const int8_t*>(A + m * Kp);
+    for (int64_t grp = 0; grp < groups; ++grp) {
+      int32_t sum = 0;
+      for (int64_t k = grp * group_size; k < (grp + 1) * group_size; ++k) sum += a[k];
+      rowsum[m * groups + grp] = sum;
+    }
+  }
 }
 
 // Y[m, :] = bias (or 0): a GEMM with an empty reduction (K = 0) contributes nothing else.
@@ -39,7 +52,8 @@ struct QuantLinearKernel {
 
   QuantLinearKernel(const OrtApi&, const OrtKernelInfo* info) {
     attrs = check_quant_linear_attrs(attr_int(info, "QuantLinear", "bits", 8),
-                                     attr_int(info, "QuantLinear", "dynamic", 0), kXType);
+                                     attr_int(info, "QuantLinear", "dynamic", 0),
+                                     attr_int(info, "QuantLinear", "group_size", 0), kXType);
     Ort::ConstValue w = constant_input(info, kQlW);
     if (present(w)) packed = std::make_shared<PackedWeights>(pack_checked(attrs, describe(w)));
   }
@@ -68,7 +82,8 @@ struct QuantLinearKernel {
                    static_cast<const float*>(in[kQlLowrankB].data), static_cast<const float*>(in[kQlSideRow].data), Y);
   }
 
-  // Y = (quantized X) @ W^T * (s_tok * w_scale) + bias, for K >= 1.
+  // Y = (quantized X) @ W^T * (s_tok * w_scale) + bias, for K >= 1; per-group weights:
+  // Y = s_tok * sum_g (int32 dot of group g) * w_scale[g, n] + bias.
   void quantized_product(Ort::KernelContext& ctx, const QuantLinearCall& call, const PackedWeights& Wp,
                          const TensorDesc& x, const float* w_scale, const float* bias, void* Y) const {
     const int bits = attrs.bits;
@@ -87,7 +102,9 @@ struct QuantLinearKernel {
     const bool w4_unpacked = bits == 4 && M >= 16;
     const bool offset128 = bits == 8 || w4_unpacked;
     std::vector<uint8_t> A(static_cast<size_t>(M * Kp));
-    std::vector<int32_t> rowsum(bits == 4 && !w4_unpacked ? M : 0);
+    const bool grouped = W->group_size != 0;
+    // W4 on nibbles subtracts 8 * sum(x): per row, or per row and group ([M][groups]) for per-group weights.
+    std::vector<int32_t> rowsum(bits == 4 && !w4_unpacked ? M * W->groups : 0);
     const int src_kind = std::is_same<Tin, float>::value ? 0 : (std::is_same<Tin, int8_t>::value ? 2 : 1);
     // Below about 128K multiply-adds (a decode step of a k/v projection) the thread-pool hand-off costs more
     // than it saves: run on the calling thread.
@@ -108,7 +125,8 @@ struct QuantLinearKernel {
       const int64_t m0 = b * qblock, m1 = std::min(M, m0 + qblock);
       if (dynamic) kern.dynamic_scales(x.data, src_kind, Kx, c0, K, row_scale.data(), m0, m1);
       kern.quantize(x.data, src_kind, Kx, c0, K, Kp, row_scale.data(), offset128, A.data(),
-                    rowsum.empty() ? nullptr : rowsum.data(), m0, m1);
+                    rowsum.empty() || grouped ? nullptr : rowsum.data(), m0, m1);
+      if (grouped && !rowsum.empty()) group_sums(A.data(), Kp, W->group_size, W->groups, rowsum.data(), m0, m1);
     });
 
     GemmArgs g;
@@ -118,6 +136,7 @@ struct QuantLinearKernel {
     g.W = W;
     g.row_scale = row_scale.data();
     g.w_scale = w_scale;
+    g.ldws = N;
     g.bias = bias;
     g.Y = Y;
     g.ldy = N;
@@ -148,9 +167,13 @@ struct QuantLinearKernel {
       tile_w.panels = p1 - p0;
       tile_w.panel_bytes = Kp * 16;
       tile_w.N = std::min<int64_t>(N - p0 * 16, tile_w.panels * 16);
+      tile_w.group_size = W->group_size;
+      tile_w.groups = W->groups;
       tile_w.data.resize(static_cast<size_t>(tile_w.panels * tile_w.panel_bytes + 64));
       kern.unpack_w4(*W, p0, p1, const_cast<uint8_t*>(tile_w.aligned()));
-      tile_w.colcorr.assign(W->colcorr.begin() + p0 * 16, W->colcorr.begin() + p1 * 16);
+      tile_w.colcorr.clear();  // [groups][this tile's columns]
+      for (int64_t grp = 0; grp < W->groups; ++grp)
+        tile_w.colcorr.insert(tile_w.colcorr.end(), W->group_colcorr(grp) + p0 * 16, W->group_colcorr(grp) + p1 * 16);
       GemmArgs gt = g;
       gt.W = &tile_w;
       gt.N = N - p0 * 16;

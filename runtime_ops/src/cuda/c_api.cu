@@ -73,15 +73,17 @@ __attribute__((visibility("default"))) void mqc_cuda_quant_linear_grids(int64_t 
   for (int i = 0; i < 3; ++i) out[3 * i] = all[i].x, out[3 * i + 1] = all[i].y, out[3 * i + 2] = all[i].z;
 }
 
-// x: [M, K] (x_kind 0 float, 1 half, 2 int8); w: [N, Kp] int8 or [N, Kp/2] uint8 (device layout); act_scale: HOST
+// x: [M, K] (x_kind 0 float, 1 half, 2 int8); w: [N, Kp] int8 or [N, Kp/2] uint8 (device layout); w_scale: [N]
+// per channel (group_size 0) or [K / group_size, N] per group of group_size input rows; act_scale: HOST
 // n_act floats (1 to 3: text, image, sink; with dynamic, null / 0 entries); ids: per-token int64 (1 image,
 // 2 sink, else text) or null. dynamic != 0: per-token
 // scale from the row's absmax (float x only). lowrank_a [K, rank] and lowrank_b [rank, N], fp32 (rank 0: none):
 // MASQuant's CMC branch, added to the tokens with ids == 1 when ids is given, else to every token; it needs float
 // x. workspace: mqc_cuda_quant_linear_workspace bytes for the same rank.
-__attribute__((visibility("default"))) int mqc_cuda_quant_linear_ex(int bits, const void* x, int x_kind, int64_t M,
-                                                                     int64_t K, int64_t N, const void* w,
-                                                                     const float* w_scale, const float* act_scale,
+__attribute__((visibility("default"))) int mqc_cuda_quant_linear_group(int bits, int64_t group_size, const void* x,
+                                                                        int x_kind, int64_t M, int64_t K, int64_t N,
+                                                                        const void* w, const float* w_scale,
+                                                                        const float* act_scale,
                                                                      int n_act, const int64_t* ids, const float* bias,
                                                                      int dynamic, const float* lowrank_a,
                                                                      const float* lowrank_b, int64_t rank, void* y,
@@ -91,14 +93,15 @@ __attribute__((visibility("default"))) int mqc_cuda_quant_linear_ex(int bits, co
     if (x_kind < 0 || x_kind > 2) mqc::fail("QuantLinear", "x_kind must be 0 (float), 1 (half) or 2 (int8)");
     if (n_act < 0 || n_act > mqc::kMaxScaleClasses || (n_act > 0 && !act_scale)) mqc::fail("QuantLinear", "act_scale must hold n_act floats");
     if (rank < 0) mqc::fail("QuantLinear", "rank must be >= 0");
-    const mqc::QuantLinearAttrs attrs = mqc::check_quant_linear_attrs(bits, dynamic, x_dtype(x_kind));
+    const mqc::QuantLinearAttrs attrs = mqc::check_quant_linear_attrs(bits, dynamic, group_size, x_dtype(x_kind));
     const std::vector<int64_t> w_shape = {N, bits == 8 ? K : (K + 1) / 2};
     const mqc::WeightDims dims =
         mqc::check_quant_linear_weight(attrs, desc(bits == 8 ? DType::kInt8 : DType::kUInt8, w_shape, w));
     std::vector<TensorDesc> in(mqc::kQlNumInputs);
     in[mqc::kQlX] = desc(x_dtype(x_kind), {M, K}, x);
     in[mqc::kQlW] = desc(bits == 8 ? DType::kInt8 : DType::kUInt8, w_shape, w);
-    in[mqc::kQlWScale] = desc(DType::kFloat, {N}, w_scale);
+    in[mqc::kQlWScale] = desc(DType::kFloat, group_size ? std::vector<int64_t>{K / group_size, N}
+                                                        : std::vector<int64_t>{N}, w_scale);
     in[mqc::kQlActScale] = desc(DType::kFloat, {n_act}, act_scale);
     in[mqc::kQlBias] = desc(DType::kFloat, {N}, bias, bias != nullptr);
     in[mqc::kQlModalityIds] = desc(DType::kInt64, {M}, ids, ids != nullptr);
@@ -119,6 +122,7 @@ __attribute__((visibility("default"))) int mqc_cuda_quant_linear_ex(int bits, co
   p.Kp = mqc::cuda::padded_k(call.K);
   p.w = w;
   p.w_scale = w_scale;
+  p.group_size = group_size;
   p.dynamic = dynamic != 0;
   p.act = call.act;
   p.modality = call.modality;
@@ -129,6 +133,18 @@ __attribute__((visibility("default"))) int mqc_cuda_quant_linear_ex(int bits, co
   p.y = y;
   p.y_half = y_half != 0;
   return mqc::cuda::quant_linear(p, workspace, stream);
+}
+
+// Per-channel weights: mqc_cuda_quant_linear_group with group_size = 0.
+__attribute__((visibility("default"))) int mqc_cuda_quant_linear_ex(int bits, const void* x, int x_kind, int64_t M,
+                                                                     int64_t K, int64_t N, const void* w,
+                                                                     const float* w_scale, const float* act_scale,
+                                                                     int n_act, const int64_t* ids, const float* bias,
+                                                                     int dynamic, const float* lowrank_a,
+                                                                     const float* lowrank_b, int64_t rank, void* y,
+                                                                     int y_half, void* workspace, void* stream) {
+  return mqc_cuda_quant_linear_group(bits, 0, x, x_kind, M, K, N, w, w_scale, act_scale, n_act, ids, bias, dynamic,
+                                     lowrank_a, lowrank_b, rank, y, y_half, workspace, stream);
 }
 
 // Static activation scales, no low-rank branch: mqc_cuda_quant_linear_ex with dynamic = 0 and rank = 0.

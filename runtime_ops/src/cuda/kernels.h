@@ -44,7 +44,8 @@ struct QuantLinearParams {
   int64_t M = 0, Kx = 0, K = 0, N = 0, Kp = 0;
   int64_t col0 = 0;          // 1 when channel 0 goes to the side branch
   const void* w = nullptr;   // device layout above
-  const float* w_scale = nullptr;
+  const float* w_scale = nullptr;  // [N], or [K / group_size, N] (row g: the scales of group g)
+  int64_t group_size = 0;          // 0: per channel; else a multiple of 32 dividing K (validate.h)
   ActScales act;           // unused when dynamic
   bool dynamic = false;  // s_tok = max(absmax of the row's K channels / 127, 1e-12), computed per row in fp32
   Modality modality;

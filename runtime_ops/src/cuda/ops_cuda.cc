@@ -68,7 +68,8 @@ struct CudaQuantLinearKernel {
   CudaQuantLinearKernel(const OrtApi&, const OrtKernelInfo* info) {
     const char* op = "QuantLinear";
     attrs = check_quant_linear_attrs(attr_int(info, "QuantLinear", "bits", 8),
-                                     attr_int(info, "QuantLinear", "dynamic", 0), kXType);
+                                     attr_int(info, "QuantLinear", "dynamic", 0),
+                                     attr_int(info, "QuantLinear", "group_size", 0), kXType);
     Ort::ConstValue wv = constant_input(info, kQlW);
     if (!present(wv)) fail(op, "the CUDA kernel needs W as a constant initializer (it is prepacked once)");
     const TensorDesc w = describe(wv);
@@ -105,6 +106,7 @@ struct CudaQuantLinearKernel {
     p.Kp = Kp;
     p.w = w_dev;
     p.w_scale = static_cast<const float*>(in[kQlWScale].data);
+    p.group_size = attrs.group_size;
     p.dynamic = attrs.dynamic;
     p.act = call.act;
     p.modality = call.modality;

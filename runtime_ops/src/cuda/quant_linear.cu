@@ -11,6 +11,13 @@
 // shared memory staged through registers, rows padded by 16 bytes (conflict-free 32-bit fragment loads).
 // Decode (M <= 16): one warp per output column streams the weight row with 16-byte loads and __dp4a; the weight
 // bytes are read once, so W4 (half the bytes) is the faster format.
+//
+// Per-group weights (group_size > 0, a multiple of 32): the prefill kernel folds its int32 accumulators into fp32
+// ones at every group's end (after the mma.sync step of 32 k that closes it: acc * w_scale[g, n], then clears
+// them), and the epilogue computes y = sum * s_tok + bias; so each group's integer dot product is exact and only
+// the fp32 sum over the groups rounds, as on the CPU. The decode kernel's lanes each take chunks of 16 (W8) or 32
+// (W4) k, which never straddle a group: each chunk's exact int32 partial is scaled by its group's w_scale and the
+// warp sums fp32 values (another fp32 summation order than the CPU's, same math).
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -114,7 +121,7 @@ __device__ __forceinline__ void store_out<__half>(__half* y, int64_t idx, float 
 
 // One BM x BN output tile at rows bm, columns bn. The k loop ends with a barrier, so a block may run this again for
 // another tile right away.
-template <bool W4, typename TOut>
+template <bool W4, bool GROUPED, typename TOut>
 __device__ __forceinline__ void gemm_block_tile(const QuantLinearParams& p, const int8_t* __restrict__ A,
                                                 const float* __restrict__ row_scale, int64_t bm, int64_t bn) {
   __shared__ __align__(16) int8_t As[2][BM][BK + PAD];
@@ -172,12 +179,41 @@ __device__ __forceinline__ void gemm_block_tile(const QuantLinearParams& p, cons
   };
 
   int32_t acc[4][4][4];
+  float facc[4][4][4];  // per-group weights: the fp32 sum over the groups (unused, so not allocated, otherwise)
 #pragma unroll
   for (int i = 0; i < 4; ++i)
 #pragma unroll
     for (int j = 0; j < 4; ++j)
 #pragma unroll
       for (int r = 0; r < 4; ++r) acc[i][j][r] = 0;
+  if constexpr (GROUPED) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) facc[i][j][r] = 0.f;
+  }
+  // acc (this thread's columns bn + warp_n * 32 + nt * 8 + t * 2 + j) += group grp's scale x acc; acc = 0.
+  auto fold_group = [&](int64_t grp) {
+    float ws[4][2];
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int64_t n = bn + warp_n * 32 + nt * 8 + t * 2 + j;
+        ws[nt][j] = n < p.N ? p.w_scale[grp * p.N + n] : 0.f;
+      }
+#pragma unroll
+    for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          facc[mt][nt][r] = fmaf(static_cast<float>(acc[mt][nt][r]), ws[nt][r & 1], facc[mt][nt][r]);
+          acc[mt][nt][r] = 0;
+        }
+  };
 
   load_global(0);
   store_shared(0);
@@ -208,6 +244,10 @@ __device__ __forceinline__ void gemm_block_tile(const QuantLinearParams& p, cons
       for (int mt = 0; mt < 4; ++mt)
 #pragma unroll
         for (int nt = 0; nt < 4; ++nt) mma_s8(acc[mt][nt], a[mt], b[nt][0], b[nt][1]);
+      if constexpr (GROUPED) {  // k steps past K (the zero padding to Kp) belong to no group and add nothing
+        const int64_t k_end = kt * BK + (ks + 1) * 32;
+        if (k_end <= p.K && k_end % p.group_size == 0) fold_group(k_end / p.group_size - 1);
+      }
     }
     if (kt + 1 < KT) store_shared(cur ^ 1);
     __syncthreads();
@@ -227,7 +267,11 @@ __device__ __forceinline__ void gemm_block_tile(const QuantLinearParams& p, cons
         for (int j = 0; j < 2; ++j) {
           const int64_t n = bn + warp_n * 32 + nt * 8 + t * 2 + j;
           if (n >= p.N) continue;
-          float v = static_cast<float>(acc[mt][nt][half * 2 + j]) * (s * p.w_scale[n]);
+          float v;
+          if constexpr (GROUPED)
+            v = facc[mt][nt][half * 2 + j] * s;
+          else
+            v = static_cast<float>(acc[mt][nt][half * 2 + j]) * (s * p.w_scale[n]);
           if (p.bias) v += p.bias[n];
           store_out(Y, m * p.N + n, v);
         }
@@ -237,22 +281,38 @@ __device__ __forceinline__ void gemm_block_tile(const QuantLinearParams& p, cons
 }
 
 // Column tiles on x; row tiles on y, strided beyond gridDim.y's cap (launch_geometry.h).
-template <bool W4, typename TOut>
+template <bool W4, bool GROUPED, typename TOut>
 __global__ void __launch_bounds__(THREADS) gemm_kernel(QuantLinearParams p, const int8_t* __restrict__ A,
                                                        const float* __restrict__ row_scale) {
   const int64_t row_tiles = (p.M + BM - 1) / BM;
   for (int64_t tile = blockIdx.y; tile < row_tiles; tile += gridDim.y)
-    gemm_block_tile<W4, TOut>(p, A, row_scale, tile * BM, static_cast<int64_t>(blockIdx.x) * BN);
+    gemm_block_tile<W4, GROUPED, TOut>(p, A, row_scale, tile * BM, static_cast<int64_t>(blockIdx.x) * BN);
 }
 
 // Decode: output column n of MMAX >= M rows, computed by one warp.
-template <int MMAX, bool W4, typename TOut>
+template <int MMAX, bool W4, bool GROUPED, typename TOut>
 __device__ __forceinline__ void gemv_column(const QuantLinearParams& p, const int8_t* __restrict__ A,
                                             const float* __restrict__ row_scale, int64_t n) {
   const int lane = threadIdx.x & 31;
   int32_t acc[MMAX];
+  float facc[GROUPED ? MMAX : 1];  // per-group weights: sum of each chunk's exact partial x its group's scale
 #pragma unroll
   for (int r = 0; r < MMAX; ++r) acc[r] = 0;
+  if constexpr (GROUPED) {
+#pragma unroll
+    for (int r = 0; r < MMAX; ++r) facc[r] = 0.f;
+  }
+  // After a chunk at k: fold the partials into facc with the chunk's group scale (padding past K adds zeros).
+  auto fold_chunk = [&](int64_t k) {
+    if constexpr (GROUPED) {
+      const float ws = k < p.K ? p.w_scale[(k / p.group_size) * p.N + n] : 0.f;
+#pragma unroll
+      for (int r = 0; r < MMAX; ++r) {
+        facc[r] = fmaf(static_cast<float>(acc[r]), ws, facc[r]);
+        acc[r] = 0;
+      }
+    }
+  };
   const uint8_t* W = static_cast<const uint8_t*>(p.w);
   if (!W4) {
     const uint8_t* wrow = W + n * p.Kp;
@@ -267,6 +327,7 @@ __device__ __forceinline__ void gemv_column(const QuantLinearParams& p, const in
         acc[r] = __dp4a(static_cast<int>(a.z), static_cast<int>(w.z), acc[r]);
         acc[r] = __dp4a(static_cast<int>(a.w), static_cast<int>(w.w), acc[r]);
       }
+      fold_chunk(k);
     }
   } else {
     const uint8_t* wrow = W + n * (p.Kp / 2);
@@ -291,17 +352,26 @@ __device__ __forceinline__ void gemv_column(const QuantLinearParams& p, const in
         acc[r] = __dp4a(static_cast<int>(a1.z), static_cast<int>(u[6]), acc[r]);
         acc[r] = __dp4a(static_cast<int>(a1.w), static_cast<int>(u[7]), acc[r]);
       }
+      fold_chunk(k);
     }
   }
   TOut* Y = static_cast<TOut*>(p.y);
 #pragma unroll
   for (int r = 0; r < MMAX; ++r) {
     if (r >= p.M) break;
-    int32_t v = acc[r];
+    float y;
+    if constexpr (GROUPED) {
+      float v = facc[r];
 #pragma unroll
-    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, off);
+      for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, off);
+      y = v * row_scale[r];
+    } else {
+      int32_t v = acc[r];
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, off);
+      y = static_cast<float>(v) * (row_scale[r] * p.w_scale[n]);
+    }
     if (lane == 0) {
-      float y = static_cast<float>(v) * (row_scale[r] * p.w_scale[n]);
       if (p.bias) y += p.bias[n];
       store_out(Y, r * p.N + n, y);
     }
@@ -309,12 +379,12 @@ __device__ __forceinline__ void gemv_column(const QuantLinearParams& p, const in
 }
 
 // One warp per output column; columns beyond the grid's cap are strided (launch_geometry.h).
-template <int MMAX, bool W4, typename TOut>
+template <int MMAX, bool W4, bool GROUPED, typename TOut>
 __global__ void __launch_bounds__(256) gemv_kernel(QuantLinearParams p, const int8_t* __restrict__ A,
                                                    const float* __restrict__ row_scale) {
   const int64_t warps = blockDim.x / 32;
   for (int64_t n = static_cast<int64_t>(blockIdx.x) * warps + (threadIdx.x >> 5); n < p.N; n += gridDim.x * warps)
-    gemv_column<MMAX, W4, TOut>(p, A, row_scale, n);
+    gemv_column<MMAX, W4, GROUPED, TOut>(p, A, row_scale, n);
 }
 
 template <int KIND>
@@ -373,17 +443,25 @@ inline dim3 dims(const Grid& g) { return dim3(g.x, g.y, g.z); }
 
 inline int64_t align256(int64_t v) { return (v + 255) / 256 * 256; }
 
-template <bool W4, typename TOut>
-void launch_gemm(const QuantLinearParams& p, const Grid& g, const int8_t* A, const float* rs, cudaStream_t st) {
+template <bool W4, bool GROUPED, typename TOut>
+void launch_gemm_as(const QuantLinearParams& p, const Grid& g, const int8_t* A, const float* rs, cudaStream_t st) {
   const dim3 grid = dims(g);
   if (p.M <= kGemvMaxRows) {
-    if (p.M <= 1) gemv_kernel<1, W4, TOut><<<grid, 32 * kGemvColumns, 0, st>>>(p, A, rs);
-    else if (p.M <= 4) gemv_kernel<4, W4, TOut><<<grid, 32 * kGemvColumns, 0, st>>>(p, A, rs);
-    else if (p.M <= 8) gemv_kernel<8, W4, TOut><<<grid, 32 * kGemvColumns, 0, st>>>(p, A, rs);
-    else gemv_kernel<16, W4, TOut><<<grid, 32 * kGemvColumns, 0, st>>>(p, A, rs);
+    if (p.M <= 1) gemv_kernel<1, W4, GROUPED, TOut><<<grid, 32 * kGemvColumns, 0, st>>>(p, A, rs);
+    else if (p.M <= 4) gemv_kernel<4, W4, GROUPED, TOut><<<grid, 32 * kGemvColumns, 0, st>>>(p, A, rs);
+    else if (p.M <= 8) gemv_kernel<8, W4, GROUPED, TOut><<<grid, 32 * kGemvColumns, 0, st>>>(p, A, rs);
+    else gemv_kernel<16, W4, GROUPED, TOut><<<grid, 32 * kGemvColumns, 0, st>>>(p, A, rs);
   } else {
-    gemm_kernel<W4, TOut><<<grid, THREADS, 0, st>>>(p, A, rs);
+    gemm_kernel<W4, GROUPED, TOut><<<grid, THREADS, 0, st>>>(p, A, rs);
   }
+}
+
+template <bool W4, typename TOut>
+void launch_gemm(const QuantLinearParams& p, const Grid& g, const int8_t* A, const float* rs, cudaStream_t st) {
+  if (p.group_size)
+    launch_gemm_as<W4, true, TOut>(p, g, A, rs, st);
+  else
+    launch_gemm_as<W4, false, TOut>(p, g, A, rs, st);
 }
 
 }  // namespace
