@@ -20,9 +20,10 @@ Rules:
    (llm-compressor's sequential pipeline), so later layers calibrate on the activations they will see.
 6. After a block, the tensors the pass created go to a spill file beside the output and become memory-mapped
    external tensors; the float weights it read are unmapped. The output is saved by the standard writer, unmapping
-   each tensor once written. Sessions leave the weights to onnxruntime, which maps and prepacks them as a whole-model
-   session does: peak memory is about twice the largest single weight (the mapped original and its packed copy,
-   for the ``lm_head``) plus the activation cache, whatever the depth.
+   each tensor once written. Calibration sessions leave the weights to onnxruntime, which maps and prepacks them as
+   a whole-model session does (so the statistics are the same bits): a block costs its mapped weights and their
+   packed copy while it runs. Peak memory is about one block (the largest: the ``lm_head``, in the gate) plus the
+   activation cache, whatever the depth.
 7. The quality gate runs the float source and the compiled model block by block on the held-out samples, without
    onnxruntime's weight prepacking (a packed copy of a 2 GB lm_head beside its mapped original set the peak).
 """
