@@ -77,6 +77,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter._basics import MatchResult
 
+from mqc.graph.markers import aifs_applied
 from mqc.ir import constant_array, ensure_opset, remove_unused_initializers
 from mqc.pass_manager import MqcPass
 from mqc.quantizer import MIN_SCALE
@@ -756,6 +757,14 @@ def _fuse_norm_quant(graph: ir.Graph, skips: dict[str, str]) -> int:
     return fused
 
 
+#: Why the lowered ops select scales per token instead of reading AIFS's contiguous layout (the ``split`` input).
+AIFS_LAYOUT_NOTE = (
+    "AIFS layout: the per-modality QuantLinears select their scale per token (AIFS's permuted modality ids, or the "
+    "sink class), not with the op's contiguous-block `split` input: a left-padded batch starts its image block at "
+    "a different offset in every row (pad | image | text) and the sink class is one token, so one split per batch "
+    "cannot describe it; the selection costs one int64 read per token row, beside a K-long dot product")
+
+
 class LowerRuntimeOpsPass(MqcPass):
     """Rewrite QDQ linears into ``ai.mqc::QuantLinear`` (see the module docstring for the rules).
 
@@ -791,6 +800,8 @@ class LowerRuntimeOpsPass(MqcPass):
                 f"{norms} norms fused into {MQC_DOMAIN}::RMSNormQuant; "
                 f"{removed} dead initializers removed"
             )
+            if aifs_applied(model.graph):
+                self.record.notes.append(AIFS_LAYOUT_NOTE)
         return count > 0
 
 

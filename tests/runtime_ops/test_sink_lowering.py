@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import pytest
-from mqc.passes.lower_runtime_ops import lower_to_runtime_ops
+from mqc.passes.lower_runtime_ops import AIFS_LAYOUT_NOTE, lower_to_runtime_ops
 from rtops_models import file_outputs
 
 from mqc.calibration import capture, random_feeds
@@ -81,6 +81,7 @@ def test_every_sink_scaled_linear_is_one_quant_linear(lowered):
     assert three and all(n.inputs[5].name == "mqc_scale_class_0" for n in three)
     # one class value for the whole graph: its Equal/Cast/Where run once, not once per linear
     assert ops.count("Cast") <= [n.op_type for n in load_model(qdq).graph].count("Cast") + 1
+    assert AIFS_LAYOUT_NOTE in record.notes  # explain says why AIFS's contiguous blocks are not read through `split`
 
 
 def test_prefill_matches_qdq_through_aifs(lowered):
