@@ -94,6 +94,9 @@ class LinearQuantPass(MqcPass):
             acts = "one static activation scale shared by both modalities (the released code's form)"
         if self.params.statistics == "before_cmc":
             acts += "; statistics of the graph before cmc's lowering (MASQuant's one calibration)"
+        if self.params.group_size is not None:
+            acts += (f"; int{self.params.weight_bits} weights per group of {self.params.group_size} input rows (an "
+                     "extension: both papers quantize weights per output channel)")
         return acts
 
     def select(self, linears: Sequence[Linear]) -> list[Linear]:

@@ -101,7 +101,8 @@ class RotateResidualPass(MqcPass):
     )
 
     def variant(self) -> str:
-        vo = "per-head V/O Hadamard on (the released code)" if self.params.rotate_vo else "per-head V/O Hadamard off"
+        vo = ("per-head V/O Hadamard on (the released code)" if self.params.rotate_vo
+              else "per-head V/O Hadamard off (the released code rotates V/O per head)")
         down = "online Hadamard before down_proj/fc2, zero-padded where no size fits (the released code)"
         return f"{vo}; {down}" if self.params.online_down else vo
 

@@ -113,6 +113,11 @@ def test_variant_names_the_hessian_source():
     assert "released code is sequential" in GptqWeightsPass(hessians="float").variant()
 
 
+def test_variant_labels_per_group_weights_as_an_extension():
+    assert "per group of 64 input rows (an extension" in GptqWeightsPass(group_size=64).variant()
+    assert "per group" not in GptqWeightsPass().variant()
+
+
 def test_gptq_jobs_are_one_per_input_value_and_give_what_a_worker_gives(tiny_decoder):
     """The executor gets one job per value (all its readers: q/k/v, gate/up), a picklable call of a module-level
     function; what the pass used equals the job rerun after a pickle round trip (what a Ray worker runs) and
