@@ -93,3 +93,15 @@ def test_ordinary_text_tokens_gain_in_the_diagnosis(compiled):
     text_new = next(x for x in new["layers"] if x["name"] == first)["modalities"]["text"]
     assert text_new["static_token_db"] > text_old["static_token_db"] + 3.0
     assert text_new["top_tokens"][0]["position"] == 0
+
+
+@pytest.mark.parametrize("recipe", ["mquant", "mquant-sink", "mquant-sink-g64"])
+def test_mquant_recipes_compile_fully_static(recipe, tiny_decoder, tmp_path):
+    """MQuant's promise: no activation scale is computed at run time, with or without the sink class and groups."""
+    source = tiny_decoder("llama")
+    feeds = _sink_feeds(load_model(source), 3, seed=2)
+    out = tmp_path / f"{recipe}.onnx"
+    compile_file(source, out, load_recipe(recipe), feeds=lambda: feeds, num_samples=len(feeds))
+    ops = {node.op_type for node in load_model(out).graph}
+    assert "Where" in ops and "Round" in ops  # MSQ's per-modality static fake-quant is there
+    assert not RUNTIME_SCALE_OPS & ops, sorted(RUNTIME_SCALE_OPS & ops)
