@@ -117,18 +117,22 @@ def dequantized_weight(node: ir.Node) -> np.ndarray | None:
     if q is None or scale is None or not _is_integer(q):
         return None
     zero = _initializer(producer.inputs[2]) if len(producer.inputs) > 2 else None
-    x = q.astype(np.float32) - (zero.astype(np.float32) if zero is not None else 0.0)
-    axis = producer.attributes.get_int("axis", 1) % max(x.ndim, 1)
+    axis = producer.attributes.get_int("axis", 1) % max(q.ndim, 1)
     block = producer.attributes.get_int("block_size", 0)
-    scale = scale.astype(np.float32)
-    if scale.size == 1:
-        weight = x * scale.reshape(())
-    elif block:
-        weight = x * np.repeat(scale, block, axis=axis)[tuple(slice(0, n) for n in x.shape)]
-    else:
-        shape = [1] * x.ndim
+
+    def spread(param: np.ndarray) -> np.ndarray:
+        """A scale or zero point broadcast to the weight's shape: per tensor, per axis, or per block on the axis."""
+        param = param.astype(np.float32)
+        if param.size == 1:
+            return param.reshape(())
+        if block:
+            return np.repeat(param, block, axis=axis)[tuple(slice(0, n) for n in q.shape)]
+        shape = [1] * q.ndim
         shape[axis] = -1
-        weight = x * scale.reshape(shape)
+        return param.reshape(shape)
+
+    x = q.astype(np.float32) - (spread(zero) if zero is not None else 0.0)
+    weight = x * spread(scale)
     if transposes % 2:
         weight = weight.T
     if node.op_type == "Gemm" and node.attributes.get_int("transB", 0):

@@ -206,3 +206,25 @@ def test_plot_draws_static_and_dynamic_sqnr_of_every_layer(mlp, tmp_path):
     bad = CliRunner().invoke(main, ["diagnose", str(mlp["float"]), str(mlp["outlier"]), "--plot",
                                     str(tmp_path / "missing" / "x.svg")])
     assert bad.exit_code == 2 and "does not exist" in bad.output
+
+
+def test_dequantized_weight_reads_blocked_scales_and_zero_points():
+    """Per-group weights (GPTQ group_size, ONNX blocked DequantizeLinear on the input axis) with zero points."""
+    import onnx_ir as ir
+
+    from mqc.diagnose import dequantized_weight
+
+    rng = np.random.default_rng(3)
+    q = rng.integers(-8, 8, size=(64, 8)).astype(np.int8)
+    scale = rng.uniform(0.01, 0.1, size=(2, 8)).astype(np.float32)
+    zero = rng.integers(-2, 3, size=(2, 8)).astype(np.int8)
+    graph = helper.make_graph(
+        [helper.make_node("DequantizeLinear", ["wq", "s", "z"], ["w"], axis=0, block_size=32),
+         helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")],
+        "blocked", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+        [numpy_helper.from_array(q, "wq"), numpy_helper.from_array(scale, "s"), numpy_helper.from_array(zero, "z")])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    matmul = next(node for node in model.graph if node.op_type == "MatMul")
+    expected = (q.astype(np.float32) - np.repeat(zero, 32, axis=0)) * np.repeat(scale, 32, axis=0)
+    np.testing.assert_array_equal(dequantized_weight(matmul), expected)
