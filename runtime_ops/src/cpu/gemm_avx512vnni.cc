@@ -53,6 +53,22 @@ inline int32_t load32(const uint8_t* p) {
     }                                                                             \
   }
 
+// The low (even k) and high (odd k) nibbles of step h of the NV panels B0..B3, as unsigned bytes for vpdpbusd.
+#define MQC_W4_UNPACK(h)                                                                              \
+  const __m512i r0 = _mm512_load_si512(B0 + (h) * 64);                                                \
+  const __m512i lo0 = _mm512_and_si512(r0, low4), hi0 = _mm512_and_si512(_mm512_srli_epi16(r0, 4), low4); \
+  __m512i lo1 = lo0, hi1 = hi0, lo2 = lo0, hi2 = hi0, lo3 = lo0, hi3 = hi0;                           \
+  if constexpr (NV > 1) {                                                                             \
+    const __m512i r1 = _mm512_load_si512(B1 + (h) * 64), r2 = _mm512_load_si512(B2 + (h) * 64),       \
+                  r3 = _mm512_load_si512(B3 + (h) * 64);                                              \
+    lo1 = _mm512_and_si512(r1, low4);                                                                 \
+    hi1 = _mm512_and_si512(_mm512_srli_epi16(r1, 4), low4);                                           \
+    lo2 = _mm512_and_si512(r2, low4);                                                                 \
+    hi2 = _mm512_and_si512(_mm512_srli_epi16(r2, 4), low4);                                           \
+    lo3 = _mm512_and_si512(r3, low4);                                                                 \
+    hi3 = _mm512_and_si512(_mm512_srli_epi16(r3, 4), low4);                                           \
+  }
+
 #define MQC_W4_ROW(r)                                                             \
   if constexpr (MR > r) {                                                         \
     const __m512i x0 = _mm512_set1_epi32(load32(A + (r) * lda + h * 8));          \
@@ -120,19 +136,7 @@ void tile_w4(const GemmArgs& g, int64_t m, int64_t p) {
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   MQC_ACC_ROW(0) MQC_ACC_ROW(1) MQC_ACC_ROW(2) MQC_ACC_ROW(3) MQC_ACC_ROW(4)
   for (int64_t h = 0; h < G2; ++h) {
-    const __m512i r0 = _mm512_load_si512(B0 + h * 64);
-    const __m512i lo0 = _mm512_and_si512(r0, low4), hi0 = _mm512_and_si512(_mm512_srli_epi16(r0, 4), low4);
-    __m512i lo1 = lo0, hi1 = hi0, lo2 = lo0, hi2 = hi0, lo3 = lo0, hi3 = hi0;
-    if constexpr (NV > 1) {
-      const __m512i r1 = _mm512_load_si512(B1 + h * 64), r2 = _mm512_load_si512(B2 + h * 64),
-                    r3 = _mm512_load_si512(B3 + h * 64);
-      lo1 = _mm512_and_si512(r1, low4);
-      hi1 = _mm512_and_si512(_mm512_srli_epi16(r1, 4), low4);
-      lo2 = _mm512_and_si512(r2, low4);
-      hi2 = _mm512_and_si512(_mm512_srli_epi16(r2, 4), low4);
-      lo3 = _mm512_and_si512(r3, low4);
-      hi3 = _mm512_and_si512(_mm512_srli_epi16(r3, 4), low4);
-    }
+    MQC_W4_UNPACK(h)
     MQC_W4_ROW(0) MQC_W4_ROW(1) MQC_W4_ROW(2) MQC_W4_ROW(3) MQC_W4_ROW(4)
   }
   const int64_t n0 = p * 16;
@@ -293,19 +297,7 @@ void tile_grouped(const GemmArgs& g, int64_t m, int64_t p) {
     if constexpr (W4) {
       const __m512i low4 = _mm512_set1_epi8(0x0F);
       for (int64_t h = grp * steps; h < (grp + 1) * steps; ++h) {
-        const __m512i r0 = _mm512_load_si512(B0 + h * 64);
-        const __m512i lo0 = _mm512_and_si512(r0, low4), hi0 = _mm512_and_si512(_mm512_srli_epi16(r0, 4), low4);
-        __m512i lo1 = lo0, hi1 = hi0, lo2 = lo0, hi2 = hi0, lo3 = lo0, hi3 = hi0;
-        if constexpr (NV > 1) {
-          const __m512i r1 = _mm512_load_si512(B1 + h * 64), r2 = _mm512_load_si512(B2 + h * 64),
-                        r3 = _mm512_load_si512(B3 + h * 64);
-          lo1 = _mm512_and_si512(r1, low4);
-          hi1 = _mm512_and_si512(_mm512_srli_epi16(r1, 4), low4);
-          lo2 = _mm512_and_si512(r2, low4);
-          hi2 = _mm512_and_si512(_mm512_srli_epi16(r2, 4), low4);
-          lo3 = _mm512_and_si512(r3, low4);
-          hi3 = _mm512_and_si512(_mm512_srli_epi16(r3, 4), low4);
-        }
+        MQC_W4_UNPACK(h)
         MQC_W4_ROW(0) MQC_W4_ROW(1) MQC_W4_ROW(2)
       }
     } else {
