@@ -150,6 +150,15 @@ void tile_w4(const GemmArgs& g, int64_t m, int64_t p) {
 #undef CORR
 }
 
+// One int4 step hh of panel B into the low- (l: low nibbles x x0) and high-nibble (u: 16 x high nibbles x x1)
+// accumulators of the one-row kernels gemv_w4 and gemv_w4_grouped.
+#define MQC_GEMV_STEP(B, hh, l, u)                                        \
+  {                                                                       \
+    const __m512i r = _mm512_load_si512((B) + (hh) * 64);                 \
+    l = _mm512_dpbusd_epi32(l, _mm512_and_si512(r, low4), x0);            \
+    u = _mm512_dpbusd_epi32(u, _mm512_and_si512(r, high4), x1);           \
+  }
+
 // W4, one row (decode). tile_w4<1, NV> chains its two VPDPBUSDs per step into one accumulator per panel, so a
 // panel costs 2 x Kp/8 instruction latencies, as many as W8's Kp/4: with the weights in cache W4 was no faster
 // than W8, and the decode shapes with N <= 576 run one panel per call (tasks of 1 or 2 panels), a single
@@ -173,12 +182,6 @@ void gemv_w4(const GemmArgs& g, int64_t m, int64_t p) {
   const __m512i low4 = _mm512_set1_epi8(0x0F), high4 = _mm512_set1_epi8(static_cast<char>(0xF0));
   const __m512i zero = _mm512_setzero_si512();
   __m512i c0 = zero, c1 = zero, c2 = zero, c3 = zero;
-#define MQC_GEMV_STEP(B, hh, l, u)                                        \
-  {                                                                       \
-    const __m512i r = _mm512_load_si512((B) + (hh) * 64);                 \
-    l = _mm512_dpbusd_epi32(l, _mm512_and_si512(r, low4), x0);            \
-    u = _mm512_dpbusd_epi32(u, _mm512_and_si512(r, high4), x1);           \
-  }
   for (int64_t hc = 0; hc < G2; hc += kChunk) {
     const int64_t he = std::min(G2, hc + kChunk);
     // l: low nibbles x x[0:4], u: 16 x high nibbles x x[4:8] of each step (NV == 1: l1, u1 take the odd steps)
@@ -215,7 +218,6 @@ void gemv_w4(const GemmArgs& g, int64_t m, int64_t p) {
       c3 = _mm512_add_epi32(c3, _mm512_add_epi32(l3, _mm512_srai_epi32(u3, 4)));
     }
   }
-#undef MQC_GEMV_STEP
   const int64_t n0 = p * 16;
   const __m512i s = _mm512_set1_epi32(8 * g.rowsum[m]);
   store_row(g, m, n0, c0, s);
@@ -342,12 +344,6 @@ void gemv_w4_grouped(const GemmArgs& g, int64_t m, int64_t p) {
   const __m512i low4 = _mm512_set1_epi8(0x0F), high4 = _mm512_set1_epi8(static_cast<char>(0xF0));
   const __m512i zero = _mm512_setzero_si512();
   __m512 f0 = _mm512_setzero_ps(), f1 = f0, f2 = f0, f3 = f0;
-#define MQC_GEMV_STEP(B, hh, l, u)                                        \
-  {                                                                       \
-    const __m512i r = _mm512_load_si512((B) + (hh) * 64);                 \
-    l = _mm512_dpbusd_epi32(l, _mm512_and_si512(r, low4), x0);            \
-    u = _mm512_dpbusd_epi32(u, _mm512_and_si512(r, high4), x1);           \
-  }
   for (int64_t grp = 0; grp < W.groups; ++grp) {
     __m512i c0 = zero, c1 = zero, c2 = zero, c3 = zero;
     for (int64_t hc = grp * steps; hc < (grp + 1) * steps; hc += kChunk) {
