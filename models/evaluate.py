@@ -42,6 +42,8 @@ from mqc.models.data import (
 from mqc.models.pipeline import Pipeline, log_softmax
 from mqc.models.prompting import normalize_answer
 
+from mqc.outputs import write_text_atomically
+
 
 def model_size_bytes(model_dir: Path) -> dict[str, int]:
     """Bytes on disk per component: the graph file plus its external-data files."""
@@ -293,7 +295,7 @@ def evaluate(
         },
     }
     if json_out:
-        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+        write_text_atomically(Path(json_out), json.dumps(result, indent=2) + "\n")
     return result
 
 
