@@ -129,22 +129,22 @@ def _factor(hessian: np.ndarray, act_order: bool, percdamp: float) -> HessianFac
 
 
 class _LastFactor:
-    """The factor of the most recent Hessian, returned again for a Hessian equal in content (and settings)."""
+    """The factor of the most recent Hessian, returned again for a Hessian equal in content (and settings).
+
+    The entry is one tuple, read and replaced whole, so jobs on several threads (``LocalExecutor.map``) never pair
+    one Hessian with another's factor."""
 
     def __init__(self) -> None:
-        self._hessian: np.ndarray | None = None
-        self._settings: tuple[bool, float] | None = None
-        self._factor: HessianFactor | None = None
+        self._last: tuple[np.ndarray, tuple[bool, float], HessianFactor] | None = None
 
     def get(self, hessian: np.ndarray, act_order: bool, percdamp: float) -> HessianFactor:
         settings = (act_order, percdamp)
-        last = self._hessian
-        if (self._factor is not None and settings == self._settings and last is not None
-                and last.shape == hessian.shape and np.array_equal(last, hessian)):
-            return self._factor
-        self._factor = None  # a failed factorization must not leave the previous one behind
+        last = self._last
+        if (last is not None and settings == last[1] and last[0].shape == hessian.shape
+                and np.array_equal(last[0], hessian)):
+            return last[2]
         factor = _factor(hessian, act_order, percdamp)
-        self._hessian, self._settings, self._factor = hessian, settings, factor
+        self._last = (hessian, settings, factor)
         return factor
 
 
