@@ -21,10 +21,11 @@ hold the weights, and a worker's onnxruntime session may keep its own copy of th
 (1 + workers per node)); the driver still holds the whole model, as in a single-process compile.
 
 Results equal the single-process compile bit for bit when both run the same code and libraries (the workers are
-checked to run the driver's versions of mqc, numpy, onnx, onnx-ir and onnxruntime). Each worker uses one thread
-(OpenMP, BLAS, onnxruntime's ``MQC_ORT_THREADS``); that results do not depend on the thread count is the
-libraries' behaviour, not something mqc enforces (it held on the tested machine: a single-process compile with the
-default threads wrote the same bytes).
+checked to run the driver's versions of mqc, numpy, onnx, onnx-ir and onnxruntime) on the same kind of CPU (BLAS
+picks its kernels by CPU). Each worker runs onnxruntime on one thread (its MatMuls give the same bits on any thread
+count) but BLAS on the driver's thread count: BLAS splits a Gram product xᵀx by its threads, and at real widths
+(576 and 1536 over 200 tokens) one thread and two gave other bits (measured with OpenBLAS 0.3.31, the numpy
+wheel's), so workers on one BLAS thread under a two-thread driver wrote other Hessians.
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ from mqc.errors import ClusterError, InputModelError
 ADDRESS_ENV = "MQC_RAY_ADDRESS"
 #: ``--ray local``: start a Ray cluster on this machine for the compile.
 LOCAL = "local"
-#: Thread pools each Ray worker limits to one thread.
-THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MQC_ORT_THREADS")
+#: Thread pools each Ray worker sizes: onnxruntime's to one thread, BLAS's to the driver's count (module docstring).
+ORT_THREADS_VAR = "MQC_ORT_THREADS"
+BLAS_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 #: Libraries whose versions decide the bits of a result: the workers must run the driver's.
 RESULT_LIBRARIES = ("mqc", "numpy", "onnx-ir", "onnx", "onnxruntime")
 
@@ -107,7 +109,7 @@ class RayExecutor(LocalExecutor):
             raise ClusterError(f"--ray-workers must be at least 1, got {workers}")
         super().__init__(threads=1)
         self._ray = ray
-        runtime_env = {"env_vars": dict.fromkeys(THREAD_VARS, "1")}
+        runtime_env = {"env_vars": {ORT_THREADS_VAR: "1", **dict.fromkeys(BLAS_THREAD_VARS, str(blas_threads()))}}
         try:
             if address == LOCAL:  # a new cluster even where RAY_ADDRESS names another
                 ray.init(address="local", num_cpus=workers or os.cpu_count() or 1, include_dashboard=False,
@@ -185,6 +187,24 @@ def executor_for(address: str | None, workers: int | None = None) -> LocalExecut
             raise ClusterError("--ray-workers needs --ray ADDRESS (or MQC_RAY_ADDRESS)")
         return LocalExecutor()
     return RayExecutor(address, workers)
+
+
+def blas_threads() -> int:
+    """The thread count of numpy's OpenBLAS in this process, read from the loaded library itself (the environment
+    variables only set it at load); 1 where the library does not say (another BLAS)."""
+    import ctypes
+
+    np.ones((2, 2)) @ np.ones((2, 2))  # BLAS is loaded by numpy's first product at the latest
+    with open("/proc/self/maps", encoding="utf-8") as maps:
+        paths = {line.split(maxsplit=5)[-1].strip() for line in maps if "openblas" in line.lower()}
+    for path in sorted(paths):
+        library = ctypes.CDLL(path)
+        for symbol in ("scipy_openblas_get_num_threads64_", "scipy_openblas_get_num_threads", "openblas_get_num_threads"):
+            getter = getattr(library, symbol, None)
+            if getter is not None:
+                getter.restype = ctypes.c_int
+                return max(1, int(getter()))
+    return 1
 
 
 def library_versions() -> dict[str, str | None]:

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -116,6 +119,40 @@ def test_statistics_are_exact():
     assert np.array_equal(stats.hist, expected)  # zeros of the first chunk included, no bin moved by doubling
     keys = np.concatenate([mqc.calibration.row_keys(i, 40) for i in range(4)])
     assert np.array_equal(stats.sample, np.concatenate(chunks)[np.sort(np.argsort(keys)[:16])])
+
+
+#: The driver of the test below, in a process of its own: the test process runs BLAS on one thread (conftest).
+WIDE_DRIVER = """
+import sys
+from pathlib import Path
+from mqc.calibration import Calibrator, random_feeds
+from mqc.distributed import RayExecutor, blas_threads
+from mqc.ir import load_model
+from mqc.model_map import build_model_map
+from mqc.models.synthetic import DecoderShape, build_decoder
+assert blas_threads() == 2, blas_threads()
+model = load_model(build_decoder(DecoderShape(1, 576, 1536, 9, 3, 96, qkv_bias=False), Path(sys.argv[1]) / "w.onnx"))
+taps = list(dict.fromkeys(lin.input.name for lin in build_model_map(model).linears))
+feeds = random_feeds(model, 2, seq_len=200)
+single = Calibrator(model, taps, gram_taps=taps).run(feeds)
+with RayExecutor("local", workers=2) as executor:
+    spread = executor.calibrate(Calibrator(model, taps, gram_taps=taps), feeds)
+for tap, stats in single.items():
+    for modality, entry in stats.by_modality.items():
+        assert entry.gram.tobytes() == spread[tap].by_modality[modality].gram.tobytes(), (tap, modality)
+print("same Gram matrices")
+"""
+
+
+@pytest.mark.slow
+def test_ray_workers_sum_gram_products_with_the_drivers_blas_threads(tmp_path):
+    """At SmolLM2's widths (576 / 1536) over 200 tokens BLAS splits a Gram product by its thread count: with the
+    driver on two BLAS threads, workers on one gave other Hessians; they now take the driver's count."""
+    pytest.importorskip("ray", reason="the distributed extra (pip install 'mqc[distributed]') is not installed")
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "2", "OMP_NUM_THREADS": "2"}
+    run = subprocess.run([sys.executable, "-c", WIDE_DRIVER, str(tmp_path)], env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert run.returncode == 0 and "same Gram matrices" in run.stdout, run.stdout[-2000:] + run.stderr[-3000:]
 
 
 def _thread_and_square(value: int) -> tuple[str, int]:
