@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -362,10 +364,13 @@ class Calibrator:
         providers: Sequence[str] = ("CPUExecutionProvider",),
         sample_rows: int = 64,
         service: CalibrationService | None = None,
+        threads: int | None = None,
     ) -> None:
         """``sample_rows``: size of each per-modality row reservoir (:class:`TensorStats`); passes that learn from
         calibration rows (MAS) ask for more than the default 64. ``service``: the compile's session cache
-        (:mod:`mqc.calibration_service`); without it each run builds its own session."""
+        (:mod:`mqc.calibration_service`); without it each run builds its own session. ``threads``: how many taps'
+        statistics are updated side by side (default: the CPUs this process may use)."""
+        self.threads = threads or len(os.sched_getaffinity(0))
         self.model = model
         self.sample_rows = sample_rows
         self.taps = list(dict.fromkeys(taps))
@@ -392,22 +397,31 @@ class Calibrator:
         """Add calibration sample number ``sample`` (its tapped values, in the order of ``self.taps``) to ``stats``;
         for callers that run the graph themselves (a streamed compile's block sessions)."""
         keys: dict[int, np.ndarray] = {}
+        jobs = []
         for name, array in zip(self.taps, outputs, strict=True):
-            self._accumulate(stats, name, array, feed, sample, keys, first_sample)
+            if array.ndim == 0:
+                continue
+            count = int(np.prod(array.shape[:-1]))
+            if count not in keys:
+                keys[count] = row_keys(sample, count)
+            tap = stats.setdefault(name, TapStats(name, {}))
+            jobs.append((tap, array, feed, sample, keys[count], first_sample))
+        if self.threads > 1 and len(jobs) > 1:  # taps are independent: each one's statistics see its samples in order
+            with ThreadPoolExecutor(min(self.threads, len(jobs)), thread_name_prefix="mqc-calibrate") as pool:
+                list(pool.map(lambda job: self._accumulate(*job), jobs))
+        else:
+            for job in jobs:
+                self._accumulate(*job)
 
-    def _accumulate(self, stats: dict[str, TapStats], name: str, array: np.ndarray, feed: dict[str, np.ndarray],
-                    sample: int, keys: dict[int, np.ndarray], first_sample: int) -> None:
-        if array.ndim == 0:
-            return
+    def _accumulate(self, tap: TapStats, array: np.ndarray, feed: dict[str, np.ndarray], sample: int,
+                    keys: np.ndarray, first_sample: int) -> None:
+        name = tap.name
         if np.issubdtype(array.dtype, np.floating) and not float(np.max(np.abs(array), initial=0.0)) <= MAX_MAGNITUDE:
             raise CalibrationError(f"calibration values of {name!r} are NaN, Inf or beyond {MAX_MAGNITUDE:.2g}: the "
                                    "calibration inputs overflow this model")
         channels = array.shape[-1]
         rows = array.reshape(-1, channels)
         modalities = _row_modalities(feed, array.shape[:-1], self.default_modality)
-        tap = stats.setdefault(name, TapStats(name, {}))
-        if rows.shape[0] not in keys:
-            keys[rows.shape[0]] = row_keys(sample, rows.shape[0])
         for modality in np.unique(modalities):
             entry = tap.by_modality.get(int(modality))
             if entry is None:
@@ -415,7 +429,7 @@ class Calibrator:
                 if name in self.gram_taps:
                     entry.track_gram(first_sample)
             positions = np.flatnonzero(modalities == modality)
-            entry.update(rows[positions], sample, keys[rows.shape[0]][positions], positions)
+            entry.update(rows[positions], sample, keys[positions], positions)
 
 
 def merge_shards(shards: Sequence[dict[str, TapStats]]) -> dict[str, TapStats]:

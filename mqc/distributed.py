@@ -237,7 +237,9 @@ class CalibratorSettings:
                    list(calibrator.providers), calibrator.sample_rows)
 
     def calibrator(self, model: ir.Model) -> Calibrator:
-        return Calibrator(model, self.taps, self.default_modality, self.gram_taps, self.providers, self.sample_rows)
+        """The calibrator of a worker's task: one CPU, so its taps are updated one after the other."""
+        return Calibrator(model, self.taps, self.default_modality, self.gram_taps, self.providers, self.sample_rows,
+                          threads=1)
 
 
 def calibrate_shard(packed: PackedModel, settings: CalibratorSettings, feeds: list[Feed],
