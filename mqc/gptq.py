@@ -25,6 +25,7 @@ All arithmetic is float64; the integer weight uses ``mqc.quantizer.quantize`` (r
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
@@ -101,7 +102,7 @@ def factor_hessian(hessian: np.ndarray, act_order: bool = True, percdamp: float 
     The factor of the last Hessian is kept (:class:`_LastFactor`): the linears reading one input reach GPTQ one
     after the other with equal Hessians, and the factorization is the costliest step for wide inputs.
     """
-    h = np.array(hessian, dtype=np.float64)
+    h = np.asarray(hessian, dtype=np.float64)
     if h.ndim != 2 or h.shape[0] != h.shape[1]:
         raise ValueError(f"hessian must be square, got {h.shape}")
     if percdamp < 0:
@@ -110,17 +111,25 @@ def factor_hessian(hessian: np.ndarray, act_order: bool = True, percdamp: float 
 
 
 def _factor(hessian: np.ndarray, act_order: bool, percdamp: float) -> HessianFactor:
-    h = hessian.copy()
-    k = h.shape[0]
-    dead = np.diag(h) == 0
-    h[dead, dead] = 1.0
-    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
-    h = h[np.ix_(perm, perm)]
-    h[np.diag_indices(k)] += percdamp * float(np.mean(np.diag(h)))
+    """The factor of H, holding at most four K×K float64 arrays besides ``hessian`` (7B's down_proj: K = 18,944,
+    2.9 GB each): each intermediate is dropped as soon as the next is computed."""
+    k = hessian.shape[0]
+    diagonal = np.diag(hessian).copy()
+    dead = diagonal == 0
+    diagonal[dead] = 1.0
+    perm = np.argsort(-diagonal, kind="stable") if act_order else np.arange(k)
+    h = hessian[np.ix_(perm, perm)]  # the private copy, permuted (fancy indexing copies)
+    on_diagonal = np.diag_indices(k)
+    h[on_diagonal] = diagonal[perm]  # dead inputs' H_ii = 1
+    h[on_diagonal] += percdamp * float(np.mean(np.diag(h)))
     try:
         lower = np.linalg.cholesky(h)
-        lower_inv = np.linalg.solve(lower, np.eye(k))  # H⁻¹ = L⁻ᵀ L⁻¹
-        u = np.linalg.cholesky(lower_inv.T @ lower_inv).T  # H⁻¹ = Uᵀ U, U upper
+        del h
+        lower_inv = np.linalg.inv(lower)  # H⁻¹ = L⁻ᵀ L⁻¹; inv is solve(L, I): LAPACK gesv with identity, one copy less
+        del lower
+        product = lower_inv.T @ lower_inv
+        del lower_inv
+        u = np.linalg.cholesky(product).T  # H⁻¹ = Uᵀ U, U upper
     except np.linalg.LinAlgError as exc:
         raise ValueError("Hessian is not positive definite after damping; increase percdamp") from exc
     for array in (dead, perm, u):
@@ -129,22 +138,25 @@ def _factor(hessian: np.ndarray, act_order: bool, percdamp: float) -> HessianFac
 
 
 class _LastFactor:
-    """The factor of the most recent Hessian, returned again for a Hessian equal in content (and settings)."""
+    """The factor of the most recent Hessian, returned again for a Hessian equal in content (and settings).
+
+    The Hessian is remembered by a digest of its bytes, not a copy (a copy of 7B's down_proj Hessian is 2.9 GB)."""
 
     def __init__(self) -> None:
-        self._hessian: np.ndarray | None = None
-        self._settings: tuple[bool, float] | None = None
+        self._key: tuple | None = None
         self._factor: HessianFactor | None = None
 
+    @staticmethod
+    def _digest(hessian: np.ndarray) -> bytes:
+        return hashlib.blake2b(np.ascontiguousarray(hessian).data, digest_size=32).digest()
+
     def get(self, hessian: np.ndarray, act_order: bool, percdamp: float) -> HessianFactor:
-        settings = (act_order, percdamp)
-        last = self._hessian
-        if (self._factor is not None and settings == self._settings and last is not None
-                and last.shape == hessian.shape and np.array_equal(last, hessian)):
+        key = (hessian.shape, act_order, percdamp, self._digest(hessian))
+        if self._factor is not None and key == self._key:
             return self._factor
-        self._factor = None  # a failed factorization must not leave the previous one behind
+        self._key = self._factor = None  # a failed factorization must not leave the previous one behind
         factor = _factor(hessian, act_order, percdamp)
-        self._hessian, self._settings, self._factor = hessian, settings, factor
+        self._key, self._factor = key, factor
         return factor
 
 
@@ -185,12 +197,12 @@ def gptq_quantize_readers(
     so each weight's columns see the same operations as alone), and each weight's block update is its own matmul
     of the shape it has alone.
     """
-    w_origs = [np.asarray(w, dtype=np.float64) for w in weights]
-    if not w_origs or any(w.ndim != 2 for w in w_origs):
-        raise ValueError(f"weights must be [K, N], got shapes {[w.shape for w in w_origs]}")
-    k = w_origs[0].shape[0]
-    if any(w.shape[0] != k for w in w_origs):
-        raise ValueError(f"weights read one input: all need {k} rows, got {[w.shape for w in w_origs]}")
+    shapes = [np.shape(w) for w in weights]
+    if not shapes or any(len(shape) != 2 for shape in shapes):
+        raise ValueError(f"weights must be [K, N], got shapes {shapes}")
+    k = shapes[0][0]
+    if any(shape[0] != k for shape in shapes):
+        raise ValueError(f"weights read one input: all need {k} rows, got {shapes}")
     h_orig = np.asarray(hessian, dtype=np.float64)
     if h_orig.shape != (k, k):
         raise ValueError(f"hessian must be [{k}, {k}], got {h_orig.shape}")
@@ -199,7 +211,8 @@ def gptq_quantize_readers(
     if percdamp < 0 or block_size < 1:
         raise ValueError("percdamp must be ≥ 0 and block_size ≥ 1")
     qrange(bits)  # validates the bit width
-    dead, perm, u = factor_hessian(h_orig, act_order, percdamp)
+    dead, perm, u = factor_hessian(h_orig, act_order, percdamp)  # before the float64 weights: the factor peaks
+    w_origs = [np.asarray(w, dtype=np.float64) for w in weights]
 
     # Rules 1-2 per weight: dead rows zeroed, fixed scales expanded to one scale row per input row.
     columns = np.cumsum([0, *(w.shape[1] for w in w_origs)])
@@ -250,4 +263,10 @@ def hessian_from_tap(tap: TapStats, modalities: Iterable[int] | None = None) -> 
     rows = sum(s.rows for s in entries)
     if not grams or rows == 0:
         return None, 0
-    return np.sum(grams, axis=0) * (2.0 / rows), rows
+    if len(grams) == 1:  # no stacked copy of a K×K Gram matrix (2.9 GB for 7B's down_proj)
+        return grams[0] * (2.0 / rows), rows
+    total = grams[0] + grams[1]  # summed in order, as np.sum over the stacked matrices does
+    for gram in grams[2:]:
+        total += gram
+    total *= 2.0 / rows
+    return total, rows
