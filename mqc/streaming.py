@@ -107,7 +107,8 @@ def streaming_plan(passes: Sequence[MqcPass]) -> StreamingPlan:
     if blocked:
         raise StreamingError(
             f"--stream: {'pass' if len(blocked) == 1 else 'passes'} {', '.join(blocked)} of the recipe cannot run "
-            f"layer by layer (they act on the whole model); a streamed recipe is {order}; compile without --stream")
+            f"layer by layer ({'it acts' if len(blocked) == 1 else 'they act'} on the whole model); a streamed recipe "
+            f"is {order}; compile without --stream")
     if misplaced:
         raise StreamingError(f"--stream: {', '.join(misplaced)} comes after a later stage of the recipe; a streamed "
                              f"recipe is {order}; compile without --stream")
