@@ -140,9 +140,11 @@ def _factor(hessian: np.ndarray, act_order: bool, percdamp: float) -> HessianFac
 class _LastFactor:
     """The factor of the most recent Hessian, returned again for a Hessian equal in content (and settings).
 
-    The Hessian is remembered by a digest of its bytes, not a copy (a copy of 7B's down_proj Hessian is 2.9 GB)."""
+    The Hessian is remembered by a digest of its bytes, not a copy. A factor above ``max_bytes`` is not kept past
+    its call: 7B's padded down_proj factor (3.2 GB) would otherwise stay resident while the next block calibrates."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_bytes: int = 256 << 20) -> None:
+        self.max_bytes = max_bytes
         self._key: tuple | None = None
         self._factor: HessianFactor | None = None
 
@@ -156,7 +158,8 @@ class _LastFactor:
             return self._factor
         self._key = self._factor = None  # a failed factorization must not leave the previous one behind
         factor = _factor(hessian, act_order, percdamp)
-        self._key, self._factor = key, factor
+        if factor.u.nbytes <= self.max_bytes:
+            self._key, self._factor = key, factor
         return factor
 
 
