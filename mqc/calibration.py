@@ -56,6 +56,11 @@ class SampleTreeSum:
     a child that saw no sample: the other child unchanged); the sum is the root's value. A shard holds the nodes it
     completed (O(log n) matrices); shards of any contiguous split merge (:meth:`merged`) to the same bits as one
     pass over all samples.
+
+    Matrices handed to :meth:`add` (float32 or float64: a float32 value is summed as its exact float64 widening)
+    become the sum's own, and a node it formed itself is summed into in place: the same bits as ``left + right``
+    without a new matrix per node or a float64 copy per sample. Values that came from :meth:`of` or another shard
+    are never written to.
     """
 
     def __init__(self, start: int = 0) -> None:
@@ -63,6 +68,11 @@ class SampleTreeSum:
         self.start = start
         self.end = start  # every sample before this one was added or is absent
         self.blocks: list[tuple[int, int, np.ndarray]] = []  # completed nodes (level, j, value), in sample order
+        self._owned: set[int] = set()  # ids of the values in ``blocks`` this sum may overwrite
+
+    def __getstate__(self) -> dict:
+        """A copy (another process's shard, a deep copy) owns nothing: its values may be shared."""
+        return {**self.__dict__, "_owned": set()}
 
     @classmethod
     def of(cls, value: np.ndarray) -> SampleTreeSum:
@@ -81,6 +91,7 @@ class SampleTreeSum:
     def add(self, sample: int, value: np.ndarray) -> None:
         if sample < self.end:
             raise ValueError(f"sample {sample} comes after sample {self.end - 1}: samples are added in order")
+        self._owned.add(id(value))
         self._push((0, sample, value))
 
     def _push(self, block: tuple[int, int, np.ndarray]) -> None:
@@ -98,7 +109,7 @@ class SampleTreeSum:
             if index & 1:  # a right child: its left sibling is the block before, or absent
                 left = self.blocks[-2] if len(self.blocks) > 1 else None
                 if left is not None and left[:2] == (level, index - 1):
-                    self.blocks[-2:] = [(level + 1, index >> 1, left[2] + value)]
+                    self.blocks[-2:] = [(level + 1, index >> 1, self._sum(left[2], value))]
                 elif parent_lo >= self.start and (left is None or (left[1] + 1) << left[0] <= parent_lo):
                     self.blocks[-1] = (level + 1, index >> 1, value)
                 else:  # the sibling reaches into an earlier shard
@@ -107,6 +118,16 @@ class SampleTreeSum:
                 self.blocks[-1] = (level + 1, index >> 1, value)  # a left child whose right sibling is absent
             else:
                 return
+
+    def _sum(self, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+        """left + right in float64, into ``left`` when the sum owns it; neither operand is held afterwards."""
+        self._owned.discard(id(right))
+        if id(left) in self._owned and left.dtype == np.float64:
+            return np.add(left, right, out=left)
+        self._owned.discard(id(left))
+        total = np.add(left, right, dtype=np.float64)
+        self._owned.add(id(total))
+        return total
 
     def merged(self, later: SampleTreeSum) -> SampleTreeSum:
         """This shard's sum followed by the next contiguous shard's."""
@@ -126,7 +147,12 @@ class SampleTreeSum:
             if len(self.blocks) == count:
                 raise AssertionError("sample tree sum cannot complete its root")
         self.end = math.inf
-        return self.blocks[0][2] if self.blocks else None
+        if not self.blocks:
+            return None
+        level, index, value = self.blocks[0]
+        if value.dtype != np.float64:  # a single sample's float32 product
+            self.blocks[0] = (level, index, value.astype(np.float64))
+        return self.blocks[0][2]
 
 
 @dataclass
@@ -188,7 +214,7 @@ class TensorStats:
         origin = np.stack([np.full(rows.shape[0], sample, np.int64), np.asarray(positions, np.int64)], axis=1)
         self._keep(rows, np.asarray(keys, np.float64), origin)
         if self.gram_sum is not None:  # one sample's product in fp32 (twice the BLAS rate), summed in fp64
-            self.gram_sum.add(sample, (rows.T @ rows).astype(np.float64))
+            self.gram_sum.add(sample, rows.T @ rows)
         self.rows += rows.shape[0]
 
     def _grow_histogram(self, needed: float) -> None:

@@ -7,7 +7,9 @@ MAS's learning and its own activation captures, ``sink_scales``' captures, ``--v
    model in onnxruntime over its shard and returns its statistics, which :func:`mqc.calibration.merge_shards`
    joins in sample order to exactly what one pass over all samples gives (how: ``mqc.calibration``'s docstring).
 2. Independent per-layer work a pass hands to :meth:`LocalExecutor.map` (GPTQ of one group: the readers of each
-   input value, given its Hessian): one task per item, results in the order of the items.
+   input value, given its Hessian): one task per item, results in the order of the items. In this process the
+   items run on a pool of threads, one per CPU (numpy and BLAS release the GIL in the heavy steps), as many at
+   once as the jobs' declared memory fits in the executor's budget.
 
 In this process calibration goes through the compile's calibration service (one onnxruntime session per graph
 revision, ``mqc.calibration_service``); a shard's task builds its own session on the worker.
@@ -30,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable, Iterable, Sequence, Sized
+from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from typing import Any, TypeVar
 
@@ -55,14 +58,30 @@ Feed = dict[str, np.ndarray]
 class LocalExecutor:
     """Runs everything in this process: the default, and the reference the Ray executor matches."""
 
+    def __init__(self, threads: int | None = None, memory_budget: int | None = None) -> None:
+        """``threads``: the pool :meth:`map` runs jobs on (default: the CPUs this process may use); ``memory_budget``:
+        bytes the jobs running at once may declare together (a compile context sets its Gram budget, a quarter of
+        the available memory, where none was given)."""
+        self.threads = threads or len(os.sched_getaffinity(0))
+        self.memory_budget = memory_budget
+
     def calibrate(self, calibrator: Calibrator, feeds: Iterable[Feed],
                   progress: Callable[[], None] | None = None) -> dict[str, TapStats]:
         """``calibrator``'s statistics over ``feeds`` (``progress`` is called once per sample)."""
         return calibrator.run(feeds, progress=progress)
 
-    def map(self, function: Callable[..., Result], jobs: Sequence[tuple]) -> list[Result]:
-        """``function(*job)`` for every job, in order; ``function`` must be importable by name (a worker runs it)."""
-        return [function(*job) for job in jobs]
+    def map(self, function: Callable[..., Result], jobs: Sequence[tuple],
+            job_bytes: Sequence[int] | None = None) -> list[Result]:
+        """``function(*job)`` for every job, results in job order; ``function`` must be importable by name (a worker
+        runs it) and a pure function of its arguments, so running jobs side by side gives the same results.
+        ``job_bytes``: the peak memory of each job, which bounds how many run at once."""
+        at_once = min(self.threads, len(jobs))
+        if job_bytes:  # without a budget, jobs that declare their memory run one at a time
+            at_once = min(at_once, max(1, (self.memory_budget or 0) // max(max(job_bytes), 1)))
+        if at_once <= 1:
+            return [function(*job) for job in jobs]
+        with ThreadPoolExecutor(at_once, thread_name_prefix="mqc-map") as pool:
+            return list(pool.map(lambda job: function(*job), jobs))
 
     def close(self) -> None:
         """Release what the executor holds (nothing here)."""
@@ -86,6 +105,7 @@ class RayExecutor(LocalExecutor):
             raise ClusterError("--ray needs Ray: pip install 'mqc[distributed]'") from exc
         if workers is not None and workers < 1:
             raise ClusterError(f"--ray-workers must be at least 1, got {workers}")
+        super().__init__(threads=1)
         self._ray = ray
         runtime_env = {"env_vars": dict.fromkeys(THREAD_VARS, "1")}
         try:
@@ -137,7 +157,8 @@ class RayExecutor(LocalExecutor):
                     progress()
         return merge_shards(ray.get(order))
 
-    def map(self, function: Callable[..., Result], jobs: Sequence[tuple]) -> list[Result]:
+    def map(self, function: Callable[..., Result], jobs: Sequence[tuple],
+            job_bytes: Sequence[int] | None = None) -> list[Result]:
         task = self._ray.remote(num_cpus=1)(function)
         return self._ray.get([task.remote(*job) for job in jobs])
 

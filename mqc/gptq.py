@@ -141,12 +141,13 @@ class _LastFactor:
     """The factor of the most recent Hessian, returned again for a Hessian equal in content (and settings).
 
     The Hessian is remembered by a digest of its bytes, not a copy. A factor above ``max_bytes`` is not kept past
-    its call: 7B's padded down_proj factor (3.2 GB) would otherwise stay resident while the next block calibrates."""
+    its call: 7B's padded down_proj factor (3.2 GB) would otherwise stay resident while the next block calibrates.
+    The entry is one tuple, read and replaced whole, so jobs on several threads (``LocalExecutor.map``) never pair
+    one Hessian with another's factor."""
 
     def __init__(self, max_bytes: int = 256 << 20) -> None:
         self.max_bytes = max_bytes
-        self._key: tuple | None = None
-        self._factor: HessianFactor | None = None
+        self._last: tuple[tuple, HessianFactor] | None = None
 
     @staticmethod
     def _digest(hessian: np.ndarray) -> bytes:
@@ -154,12 +155,11 @@ class _LastFactor:
 
     def get(self, hessian: np.ndarray, act_order: bool, percdamp: float) -> HessianFactor:
         key = (hessian.shape, act_order, percdamp, self._digest(hessian))
-        if self._factor is not None and key == self._key:
-            return self._factor
-        self._key = self._factor = None  # a failed factorization must not leave the previous one behind
+        last = self._last
+        if last is not None and last[0] == key:
+            return last[1]
         factor = _factor(hessian, act_order, percdamp)
-        if factor.u.nbytes <= self.max_bytes:
-            self._key, self._factor = key, factor
+        self._last = (key, factor) if factor.u.nbytes <= self.max_bytes else None
         return factor
 
 

@@ -111,6 +111,8 @@ class CompileContext:
         self._feeds = FeedCache(feeds)
         self.gram_budget = default_gram_budget() if gram_budget is None else gram_budget
         self.executor = executor or LocalExecutor()
+        if self.executor.memory_budget is None:
+            self.executor.memory_budget = self.gram_budget
         self.allow_partial = allow_partial
         self.verify = verify
         self.verify_rtol = verify_rtol

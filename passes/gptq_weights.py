@@ -151,7 +151,8 @@ class GptqWeightsPass(LinearQuantPass):
             if hessian is not None:
                 weights = [lin.weight_array() for lin in lins]
                 jobs.append((lins, rows, (self.rounding, weights, hessian, self.group_size_for(lins[0]))))
-        outcomes = self.ctx.executor.map(gptq_readers, [job for _, _, job in jobs])
+        outcomes = self.ctx.executor.map(gptq_readers, [job for _, _, job in jobs],
+                                         job_bytes=[gptq_job_bytes(job[1], job[2]) for _, _, job in jobs])
         for (lins, rows, _), outcome in zip(jobs, outcomes, strict=True):
             if isinstance(outcome, str):
                 for lin in lins:
@@ -195,6 +196,13 @@ def gptq_readers(rounding: WeightRounding, weights: list[np.ndarray], hessian: n
         return rounding.round_readers(weights, hessian, group_size)
     except ValueError as exc:
         return str(exc)
+
+
+def gptq_job_bytes(weights: Sequence[np.ndarray], hessian: np.ndarray) -> int:
+    """Peak float64 bytes of one ``gptq_readers`` job: the factorization's K×K copies (damped H, its Cholesky factor,
+    the inverse factor, H⁻¹ and U: five at most) and about six K×N working arrays per reader."""
+    k = hessian.shape[0]
+    return 8 * (5 * k * k + 6 * k * sum(w.shape[1] for w in weights))
 
 
 def _gram_bytes(linears: Sequence[Linear], modalities: int) -> int:

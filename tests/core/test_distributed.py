@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from mqc.calibration import (
     merge_shards,
 )
 from mqc.cli import main
+from mqc.distributed import LocalExecutor
 from mqc.ir import load_model
 from mqc.model_map import build_model_map
 
@@ -38,26 +40,35 @@ def _canonical_sum(values: dict[int, np.ndarray], lo: int, hi: int) -> np.ndarra
 
 
 def test_tree_sum_is_the_same_for_every_split_of_the_samples():
+    """Float32 samples (a Gram product) are summed as their float64 widening; a sum adds into the matrices it owns
+    in place, never into a shard's it merged."""
     rng = np.random.default_rng(0)
     for _ in range(400):
         count = int(rng.integers(1, 40))
         present = [i for i in range(count) if rng.random() < rng.choice([0.3, 1.0])]
-        values = {i: rng.standard_normal(3) * 10.0 ** rng.integers(-8, 8, size=3) for i in present}
-        expected = _canonical_sum(values, 0, 1 << math.ceil(math.log2(count)) if count > 1 else 1)
+        dtype = rng.choice([np.float32, np.float64])
+        values = {i: (rng.standard_normal(3) * 10.0 ** rng.integers(-8, 8, size=3)).astype(dtype) for i in present}
+        widened = {i: v.astype(np.float64) for i, v in values.items()}
+        expected = _canonical_sum(widened, 0, 1 << math.ceil(math.log2(count)) if count > 1 else 1)
         cuts = sorted({0, count, *rng.integers(0, count + 1, size=int(rng.integers(0, 5))).tolist()})
         shards = []
         for lo, hi in itertools.pairwise(cuts):
             shard = SampleTreeSum(lo)
             for i in present:
                 if lo <= i < hi:
-                    shard.add(i, values[i])
+                    shard.add(i, values[i].copy())
             assert len(shard.blocks) <= 2 * math.log2(count + 1) + 2  # O(log n) matrices held per shard
             shards.append(shard)
+        held = [[block[2].copy() for block in shard.blocks] for shard in shards]
         merged = shards[0]
         for shard in shards[1:]:
             merged = merged.merged(shard)
         total = merged.total()
-        assert (expected is None and total is None) or total.tobytes() == expected.tobytes()
+        assert (expected is None and total is None) or (total.dtype == np.float64
+                                                        and total.tobytes() == expected.tobytes())
+        if len(shards) > 1:
+            assert all(np.array_equal(block[2], before) for shard, kept in zip(shards, held, strict=True)
+                       for block, before in zip(shard.blocks, kept, strict=True))
     with pytest.raises(ValueError, match="in order"):
         tree = SampleTreeSum()
         tree.add(3, np.ones(1))
@@ -107,6 +118,21 @@ def test_statistics_are_exact():
     assert np.array_equal(stats.sample, np.concatenate(chunks)[np.sort(np.argsort(keys)[:16])])
 
 
+def _thread_and_square(value: int) -> tuple[str, int]:
+    return threading.current_thread().name, value * value
+
+
+def test_local_jobs_run_on_threads_as_far_as_their_memory_allows():
+    jobs = [(value,) for value in range(12)]
+    executor = LocalExecutor(threads=2, memory_budget=100)
+    side_by_side = executor.map(_thread_and_square, jobs, job_bytes=[50] * 12)
+    assert [square for _, square in side_by_side] == [v * v for v in range(12)]  # in job order
+    assert all(name.startswith("mqc-map") for name, _ in side_by_side)
+    one_at_a_time = executor.map(_thread_and_square, jobs, job_bytes=[50] * 11 + [60])  # two do not fit
+    assert {name for name, _ in one_at_a_time} == {threading.current_thread().name}
+    assert [square for _, square in one_at_a_time] == [v * v for v in range(12)]
+
+
 def test_ray_workers_need_an_address(llama_decoder, tmp_path, monkeypatch):
     monkeypatch.delenv("MQC_RAY_ADDRESS", raising=False)
     result = CliRunner().invoke(main, ["compile", str(llama_decoder), "-o", str(tmp_path / "x.onnx"),
@@ -116,9 +142,9 @@ def test_ray_workers_need_an_address(llama_decoder, tmp_path, monkeypatch):
 
 
 def _counted(run, calls: dict[str, int], method: str):
-    def counted(*args):
+    def counted(*args, **kwargs):
         calls[method] += 1
-        return run(*args)
+        return run(*args, **kwargs)
     return counted
 
 

@@ -130,10 +130,11 @@ def test_gptq_jobs_are_one_per_input_value_and_give_what_a_worker_gives(tiny_dec
 
     class RecordingExecutor(LocalExecutor):
         def __init__(self) -> None:
+            super().__init__()
             self.calls: list[tuple] = []
 
-        def map(self, function, jobs):
-            outcomes = super().map(function, jobs)
+        def map(self, function, jobs, job_bytes=None):
+            outcomes = super().map(function, jobs, job_bytes)
             self.calls.append((function, list(jobs), outcomes))
             return outcomes
 
