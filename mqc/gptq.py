@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import tempfile
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -110,9 +111,26 @@ def factor_hessian(hessian: np.ndarray, act_order: bool = True, percdamp: float 
     return _LAST_FACTOR.get(h, act_order, percdamp)
 
 
+#: Cholesky factors from this size up wait in a memory-mapped temporary file while numpy inverts them.
+PARK_BYTES = 1 << 30
+
+
+def _parked(array: np.ndarray) -> np.ndarray:
+    """``array`` moved to a memory-mapped temporary file when it is large: numpy's LAPACK wrappers copy their input
+    into a buffer of their own, so the input need not stay in anonymous memory too (its pages are clean file pages
+    the kernel can drop). The file is deleted when the mapping is."""
+    if array.nbytes < PARK_BYTES:
+        return array
+    with tempfile.TemporaryFile(prefix="mqc-gptq-") as file:
+        np.ascontiguousarray(array).tofile(file)
+        file.flush()
+        return np.asarray(np.memmap(file, dtype=array.dtype, mode="r", shape=array.shape))
+
+
 def _factor(hessian: np.ndarray, act_order: bool, percdamp: float) -> HessianFactor:
-    """The factor of H, holding at most four K×K float64 arrays besides ``hessian`` (7B's down_proj: K = 18,944,
-    2.9 GB each): each intermediate is dropped as soon as the next is computed."""
+    """The factor of H, holding at most four K×K float64 arrays in memory besides ``hessian`` (7B's padded
+    down_proj: K = 19,968, 3.2 GB each): each intermediate is dropped as soon as the next is computed, and a large
+    Cholesky factor waits on disk while it is inverted (:func:`_parked`)."""
     k = hessian.shape[0]
     diagonal = np.diag(hessian).copy()
     dead = diagonal == 0
@@ -123,7 +141,7 @@ def _factor(hessian: np.ndarray, act_order: bool, percdamp: float) -> HessianFac
     h[on_diagonal] = diagonal[perm]  # dead inputs' H_ii = 1
     h[on_diagonal] += percdamp * float(np.mean(np.diag(h)))
     try:
-        lower = np.linalg.cholesky(h)
+        lower = _parked(np.linalg.cholesky(h))
         del h
         lower_inv = np.linalg.inv(lower)  # H⁻¹ = L⁻ᵀ L⁻¹; inv is solve(L, I): LAPACK gesv with identity, one copy less
         del lower
