@@ -128,9 +128,9 @@ def _parked(array: np.ndarray) -> np.ndarray:
 
 
 def _factor(hessian: np.ndarray, act_order: bool, percdamp: float) -> HessianFactor:
-    """The factor of H, holding at most four K×K float64 arrays in memory besides ``hessian`` (7B's padded
-    down_proj: K = 19,968, 3.2 GB each): each intermediate is dropped as soon as the next is computed, and a large
-    Cholesky factor waits on disk while it is inverted (:func:`_parked`)."""
+    """The factor of H, holding at most four K×K float64 arrays besides ``hessian`` (7B's padded down_proj:
+    K = 19,968, 3.2 GB each), three of them in anonymous memory once the Cholesky factor is parked
+    (:func:`_parked`): each intermediate is dropped as soon as the next is computed."""
     k = hessian.shape[0]
     diagonal = np.diag(hessian).copy()
     dead = diagonal == 0
