@@ -25,7 +25,9 @@ All arithmetic is float64; the integer weight uses ``mqc.quantizer.quantize`` (r
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import tempfile
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -101,7 +103,7 @@ def factor_hessian(hessian: np.ndarray, act_order: bool = True, percdamp: float 
     The factor of the last Hessian is kept (:class:`_LastFactor`): the linears reading one input reach GPTQ one
     after the other with equal Hessians, and the factorization is the costliest step for wide inputs.
     """
-    h = np.array(hessian, dtype=np.float64)
+    h = np.asarray(hessian, dtype=np.float64)
     if h.ndim != 2 or h.shape[0] != h.shape[1]:
         raise ValueError(f"hessian must be square, got {h.shape}")
     if percdamp < 0:
@@ -109,18 +111,43 @@ def factor_hessian(hessian: np.ndarray, act_order: bool = True, percdamp: float 
     return _LAST_FACTOR.get(h, act_order, percdamp)
 
 
+#: Cholesky factors from this size up wait in a memory-mapped temporary file while numpy inverts them.
+PARK_BYTES = 1 << 30
+
+
+def _parked(array: np.ndarray) -> np.ndarray:
+    """``array`` moved to a memory-mapped temporary file when it is large: numpy's LAPACK wrappers copy their input
+    into a buffer of their own, so the input need not stay in anonymous memory too (its pages are clean file pages
+    the kernel can drop). The file is deleted when the mapping is."""
+    if array.nbytes < PARK_BYTES:
+        return array
+    with tempfile.TemporaryFile(prefix="mqc-gptq-") as file:
+        np.ascontiguousarray(array).tofile(file)
+        file.flush()
+        return np.asarray(np.memmap(file, dtype=array.dtype, mode="r", shape=array.shape))
+
+
 def _factor(hessian: np.ndarray, act_order: bool, percdamp: float) -> HessianFactor:
-    h = hessian.copy()
-    k = h.shape[0]
-    dead = np.diag(h) == 0
-    h[dead, dead] = 1.0
-    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
-    h = h[np.ix_(perm, perm)]
-    h[np.diag_indices(k)] += percdamp * float(np.mean(np.diag(h)))
+    """The factor of H, holding at most four K×K float64 arrays besides ``hessian`` (7B's padded down_proj:
+    K = 19,968, 3.2 GB each), three of them in anonymous memory once the Cholesky factor is parked
+    (:func:`_parked`): each intermediate is dropped as soon as the next is computed."""
+    k = hessian.shape[0]
+    diagonal = np.diag(hessian).copy()
+    dead = diagonal == 0
+    diagonal[dead] = 1.0
+    perm = np.argsort(-diagonal, kind="stable") if act_order else np.arange(k)
+    h = hessian[np.ix_(perm, perm)]  # the private copy, permuted (fancy indexing copies)
+    on_diagonal = np.diag_indices(k)
+    h[on_diagonal] = diagonal[perm]  # dead inputs' H_ii = 1
+    h[on_diagonal] += percdamp * float(np.mean(np.diag(h)))
     try:
-        lower = np.linalg.cholesky(h)
-        lower_inv = np.linalg.solve(lower, np.eye(k))  # H⁻¹ = L⁻ᵀ L⁻¹
-        u = np.linalg.cholesky(lower_inv.T @ lower_inv).T  # H⁻¹ = Uᵀ U, U upper
+        lower = _parked(np.linalg.cholesky(h))
+        del h
+        lower_inv = np.linalg.inv(lower)  # H⁻¹ = L⁻ᵀ L⁻¹; inv is solve(L, I): LAPACK gesv with identity, one copy less
+        del lower
+        product = lower_inv.T @ lower_inv
+        del lower_inv
+        u = np.linalg.cholesky(product).T  # H⁻¹ = Uᵀ U, U upper
     except np.linalg.LinAlgError as exc:
         raise ValueError("Hessian is not positive definite after damping; increase percdamp") from exc
     for array in (dead, perm, u):
@@ -131,20 +158,26 @@ def _factor(hessian: np.ndarray, act_order: bool, percdamp: float) -> HessianFac
 class _LastFactor:
     """The factor of the most recent Hessian, returned again for a Hessian equal in content (and settings).
 
+    The Hessian is remembered by a digest of its bytes, not a copy. A factor above ``max_bytes`` is not kept past
+    its call: 7B's padded down_proj factor (3.2 GB) would otherwise stay resident while the next block calibrates.
     The entry is one tuple, read and replaced whole, so jobs on several threads (``LocalExecutor.map``) never pair
     one Hessian with another's factor."""
 
-    def __init__(self) -> None:
-        self._last: tuple[np.ndarray, tuple[bool, float], HessianFactor] | None = None
+    def __init__(self, max_bytes: int = 256 << 20) -> None:
+        self.max_bytes = max_bytes
+        self._last: tuple[tuple, HessianFactor] | None = None
+
+    @staticmethod
+    def _digest(hessian: np.ndarray) -> bytes:
+        return hashlib.blake2b(np.ascontiguousarray(hessian).data, digest_size=32).digest()
 
     def get(self, hessian: np.ndarray, act_order: bool, percdamp: float) -> HessianFactor:
-        settings = (act_order, percdamp)
+        key = (hessian.shape, act_order, percdamp, self._digest(hessian))
         last = self._last
-        if (last is not None and settings == last[1] and last[0].shape == hessian.shape
-                and np.array_equal(last[0], hessian)):
-            return last[2]
+        if last is not None and last[0] == key:
+            return last[1]
         factor = _factor(hessian, act_order, percdamp)
-        self._last = (hessian, settings, factor)
+        self._last = (key, factor) if factor.u.nbytes <= self.max_bytes else None
         return factor
 
 
@@ -185,12 +218,12 @@ def gptq_quantize_readers(
     so each weight's columns see the same operations as alone), and each weight's block update is its own matmul
     of the shape it has alone.
     """
-    w_origs = [np.asarray(w, dtype=np.float64) for w in weights]
-    if not w_origs or any(w.ndim != 2 for w in w_origs):
-        raise ValueError(f"weights must be [K, N], got shapes {[w.shape for w in w_origs]}")
-    k = w_origs[0].shape[0]
-    if any(w.shape[0] != k for w in w_origs):
-        raise ValueError(f"weights read one input: all need {k} rows, got {[w.shape for w in w_origs]}")
+    shapes = [np.shape(w) for w in weights]
+    if not shapes or any(len(shape) != 2 for shape in shapes):
+        raise ValueError(f"weights must be [K, N], got shapes {shapes}")
+    k = shapes[0][0]
+    if any(shape[0] != k for shape in shapes):
+        raise ValueError(f"weights read one input: all need {k} rows, got {shapes}")
     h_orig = np.asarray(hessian, dtype=np.float64)
     if h_orig.shape != (k, k):
         raise ValueError(f"hessian must be [{k}, {k}], got {h_orig.shape}")
@@ -199,7 +232,8 @@ def gptq_quantize_readers(
     if percdamp < 0 or block_size < 1:
         raise ValueError("percdamp must be ≥ 0 and block_size ≥ 1")
     qrange(bits)  # validates the bit width
-    dead, perm, u = factor_hessian(h_orig, act_order, percdamp)
+    dead, perm, u = factor_hessian(h_orig, act_order, percdamp)  # before the float64 weights: the factor peaks
+    w_origs = [np.asarray(w, dtype=np.float64) for w in weights]
 
     # Rules 1-2 per weight: dead rows zeroed, fixed scales expanded to one scale row per input row.
     columns = np.cumsum([0, *(w.shape[1] for w in w_origs)])
@@ -250,4 +284,10 @@ def hessian_from_tap(tap: TapStats, modalities: Iterable[int] | None = None) -> 
     rows = sum(s.rows for s in entries)
     if not grams or rows == 0:
         return None, 0
-    return np.sum(grams, axis=0) * (2.0 / rows), rows
+    if len(grams) == 1:  # no stacked copy of a K×K Gram matrix (2.9 GB for 7B's down_proj)
+        return grams[0] * (2.0 / rows), rows
+    total = grams[0] + grams[1]  # summed in order, as np.sum over the stacked matrices does
+    for gram in grams[2:]:
+        total += gram
+    total *= 2.0 / rows
+    return total, rows

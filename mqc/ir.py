@@ -7,9 +7,11 @@ input file is only ever opened for reading.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -191,6 +193,29 @@ def depends_on(value: ir.Value, source: ir.Value) -> bool:
     return False
 
 
+#: Where initializers stored by :func:`add_initializer` / :func:`replace_initializer` go, inside
+#: :func:`initializers_stored_by` only: called with the value and the tensor it replaced (None for a new one).
+_INITIALIZER_STORE: ContextVar[Callable[[ir.Value, ir.TensorProtocol | None], None] | None] = ContextVar(
+    "mqc_initializer_store", default=None)
+
+
+@contextlib.contextmanager
+def initializers_stored_by(store: Callable[[ir.Value, ir.TensorProtocol | None], None]) -> Iterator[None]:
+    """Within the ``with``, hand every initializer a pass writes to ``store`` as soon as it is written (the streamed
+    compile moves rotated weights to its spill file one by one, instead of holding them all in memory)."""
+    token = _INITIALIZER_STORE.set(store)
+    try:
+        yield
+    finally:
+        _INITIALIZER_STORE.reset(token)
+
+
+def _stored(value: ir.Value, replaced: ir.TensorProtocol | None) -> None:
+    store = _INITIALIZER_STORE.get()
+    if store is not None:
+        store(value, replaced)
+
+
 def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     """Register ``array`` as a new initializer with a name unique in ``graph``."""
     unique = name
@@ -201,14 +226,17 @@ def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     value = ir.Value(name=unique, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
     value.const_value = ir.tensor(array, name=unique)
     graph.register_initializer(value)
+    _stored(value, None)
     return value
 
 
 def replace_initializer(value: ir.Value, array: np.ndarray) -> None:
     """Give an existing initializer new contents (shape and dtype may change)."""
+    replaced = value.const_value
     value.const_value = ir.tensor(array, name=value.name)
     value.shape = ir.Shape(array.shape)
     value.type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
+    _stored(value, replaced)
 
 
 def ensure_opset(model: ir.Model, domain: str, version: int) -> None:

@@ -9,17 +9,24 @@ Rules:
 2. A block runs as a standalone onnxruntime session built from its nodes (:class:`BlockSession`); its inputs
    (stream value plus side inputs: rotary tables, mask) are kept per calibration sample in an
    :class:`ActivationCache`, spilled to ``.npy`` files beyond a byte budget, and dropped after their last reader.
-3. Only recipes made of data-free graph passes (run on the whole graph: they read no weight) followed by per-linear
-   passes stream (:func:`streaming_plan`); any other pass (``hadamard_rotation`` rotates the whole residual stream)
-   is refused, never silently run whole.
+3. A streamed recipe is data-free graph passes (run on the whole graph: they read no weight), then whole-stream
+   weight passes (``norm_folding``, ``hadamard_rotation`` on the decoder: data-free too, but they rewrite weights of
+   every layer), then per-linear passes (:func:`streaming_plan`). Any other pass is refused, never silently run
+   whole: MQuant's and MASQuant's passes that calibrate on the whole model or rewrite it around activations
+   (``rms_split``, ``sink_scales``, ``aifs``, ``smoothquant``, ``mas``, ``cmc``, ...) do not stream.
 4. A per-linear pass runs once per block on the whole graph, with the linears of other blocks held out of its
    selection and its calibration answered from the block's statistics (:class:`StreamedContext`); its records are
    merged into one. The rewritten graph is therefore the one a whole-model compile builds, node for node.
 5. Inputs of block ``i+1`` (``inputs="float"``, the default): the float block ``i``'s outputs, so statistics and the
    compiled model are byte-identical to a whole-model compile. ``inputs="quantized"``: the quantized block's outputs
    (llm-compressor's sequential pipeline), so later layers calibrate on the activations they will see.
-6. After a block, the tensors the pass created go to a spill file beside the output and become memory-mapped
-   external tensors; the float weights it read are unmapped. The output is saved by the standard writer, unmapping
+6. The weight passes run once on the whole (lazily loaded) graph before the partition, inside
+   :func:`mqc.ir.initializers_stored_by`: every weight or bias they write goes to a spill file beside the output as
+   soon as it is written and becomes a memory-mapped external tensor, and the mapped tensor it replaced is unmapped,
+   so they hold about one weight (with its float64 temporaries) and the rotation matrix at a time. Their structural
+   edits (the online Hadamard before down_proj, the entry rotation) are ordinary graph nodes.
+   After a block, the tensors the per-linear pass created go to the same spill file; the float weights it read are
+   unmapped. The output is saved by the standard writer, unmapping
    each tensor once written. Calibration sessions leave the weights to onnxruntime, which maps and prepacks them as
    a whole-model session does (so the statistics are the same bits): a block costs its mapped weights and their
    packed copy while it runs. Peak memory is about one block (the largest: the ``lm_head``, in the gate) plus the
@@ -38,7 +45,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import onnx
@@ -46,13 +53,18 @@ import onnx_ir as ir
 
 from mqc.calibration import Calibrator, TapStats
 from mqc.errors import NothingToQuantizeError, RecipeError
+from mqc.ir import initializers_stored_by
 from mqc.model_map import WRITER_ROLES, build_model_map, residual_add_after, stream_entry
 from mqc.pass_manager import CompileContext, MqcPass, PassManager, PassRecord
 
 #: Data-free graph passes: run once on the whole (lazily loaded) graph, they read no weight.
 GRAPH_PASSES = frozenset({"upgrade_opset", "fuse_norms"})
+#: Data-free passes that rewrite weights along the whole residual stream: run once on the whole graph, each weight
+#: they write spilled as soon as it is written (module rule 6).
+WEIGHT_PASSES = frozenset({"norm_folding", "hadamard_rotation"})
 #: Passes that quantize linear by linear from the statistics of their own inputs: they run block by block.
 PER_BLOCK_PASSES = frozenset({"quantize_linears", "gptq_weights"})
+STAGES = (("graph", GRAPH_PASSES), ("weight", WEIGHT_PASSES), ("per-linear", PER_BLOCK_PASSES))
 INPUT_MODES = ("float", "quantized")
 #: How ``mqc explain`` names a pass streamed on the quantized blocks' outputs.
 QUANTIZED_INPUTS_VARIANT = ("layer-streamed: each block calibrated on the outputs of the quantized blocks before it "
@@ -69,23 +81,44 @@ class StreamingError(RecipeError):
     """The recipe or the model cannot be compiled layer by layer; the message says why."""
 
 
-def streaming_plan(passes: Sequence[MqcPass]) -> tuple[list[MqcPass], list[MqcPass]]:
-    """(graph passes, per-block passes) of a streamable recipe; :class:`StreamingError` naming the pass otherwise."""
-    graph_passes: list[MqcPass] = []
-    index = 0
-    while index < len(passes) and passes[index].name in GRAPH_PASSES:
-        graph_passes.append(passes[index])
-        index += 1
-    rest = list(passes[index:])
-    blocked = [p.name for p in rest if p.name not in PER_BLOCK_PASSES]
+class StreamingPlan(NamedTuple):
+    """A streamable recipe cut into its stages (module rule 3)."""
+
+    graph: list[MqcPass]
+    weight: list[MqcPass]
+    per_block: list[MqcPass]
+
+
+def streaming_plan(passes: Sequence[MqcPass]) -> StreamingPlan:
+    """The stages of a streamable recipe; :class:`StreamingError` naming the pass and why otherwise."""
+    stages: list[list[MqcPass]] = [[] for _ in STAGES]
+    blocked, misplaced = [], []
+    current = 0
+    for mqc_pass in passes:
+        stage = next((i for i, (_, names) in enumerate(STAGES) if mqc_pass.name in names), None)
+        if stage is None:
+            blocked.append(mqc_pass.name)
+        elif stage < current:
+            misplaced.append(mqc_pass.name)
+        else:
+            current = stage
+            stages[stage].append(mqc_pass)
+    order = ", then ".join(f"{kind} passes ({', '.join(sorted(names))})" for kind, names in STAGES)
     if blocked:
         raise StreamingError(
             f"--stream: {'pass' if len(blocked) == 1 else 'passes'} {', '.join(blocked)} of the recipe cannot run "
-            f"layer by layer (they act on the whole model; streamable passes are "
-            f"{', '.join(sorted(GRAPH_PASSES | PER_BLOCK_PASSES))}); compile without --stream")
-    if not rest:
+            f"layer by layer ({'it acts' if len(blocked) == 1 else 'they act'} on the whole model); a streamed recipe "
+            f"is {order}; compile without --stream")
+    if misplaced:
+        raise StreamingError(f"--stream: {', '.join(misplaced)} comes after a later stage of the recipe; a streamed "
+                             f"recipe is {order}; compile without --stream")
+    vision = [p.name for p in stages[1] if getattr(p.params, "tower", "auto") == "vision"]
+    if vision:
+        raise StreamingError(f"--stream: {vision[0]} with tower='vision' rotates a vision encoder, which is not "
+                             "streamed; compile without --stream")
+    if not stages[2]:
         raise StreamingError("--stream: the recipe has no per-linear pass to run layer by layer")
-    return graph_passes, rest
+    return StreamingPlan(*stages)
 
 
 def weight_bytes(model: ir.Model) -> int:
@@ -404,7 +437,8 @@ class StreamedCompile:
         if inputs not in INPUT_MODES:
             raise StreamingError(f"--stream-inputs {inputs!r}: choose one of {', '.join(INPUT_MODES)}")
         self.model = model
-        self.graph_passes, self.block_passes = streaming_plan(passes)
+        self.plan = streaming_plan(passes)
+        self.block_passes = self.plan.per_block
         sequential = [p.name for p in self.block_passes if getattr(p.params, "hessians", None) == "sequential"]
         if sequential and inputs == "float":
             raise StreamingError(f"--stream: {sequential[0]} with hessians='sequential' needs each block's Hessians "
@@ -415,10 +449,15 @@ class StreamedCompile:
         self.folder = Path(tempfile.mkdtemp(prefix=".mqc-stream-", dir=work_folder))
         self.spill = SpillFile(self.folder)
         self.partition: BlockPartition | None = None
+        self._replaced: list[ir.ExternalTensor] = []
         self._forwarded: list[dict[str, np.ndarray]] | None = None
 
     def run(self, on_pass: Callable[[MqcPass], None] | None = None) -> list[PassRecord]:
-        records = PassManager(self.graph_passes, self.context).run(self.model, on_pass=on_pass)
+        records = PassManager(self.plan.graph, self.context).run(self.model, on_pass=on_pass)
+        with initializers_stored_by(self._spill_written):
+            records += PassManager(self.plan.weight, self.context).run(self.model, on_pass=on_pass)
+        _release(self._replaced)
+        self._replaced = []
         self.partition = partition = BlockPartition(self.model)
         merged: list[PassRecord | None] = [None] * len(self.block_passes)
         cache = ActivationCache(list(self.context.feeds()))
@@ -490,6 +529,15 @@ class StreamedCompile:
         for sample, values in enumerate(computed or []):
             for name in names:
                 cache.put(sample, name, values[name])
+
+    def _spill_written(self, value: ir.Value, replaced: ir.TensorProtocol | None) -> None:
+        """A weight pass wrote ``value``: to the spill file if large. The mapped tensor it replaced is unmapped at
+        the next write (the writer may still hold a view of it now, which keeps a mapping open)."""
+        tensor = value.const_value
+        if tensor is not None and not isinstance(tensor, ir.ExternalTensor) and tensor.nbytes >= BY_REFERENCE_BYTES:
+            self.spill.offload(value)
+        _release(self._replaced)
+        self._replaced = [replaced] if isinstance(replaced, ir.ExternalTensor) else []
 
     def _offload(self, weights: list[ir.ExternalTensor]) -> None:
         """Tensors created while quantizing a block go to the spill file; the float weights it read are unmapped."""

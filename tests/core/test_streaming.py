@@ -10,14 +10,25 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from click.testing import CliRunner
-from mqc.models.synthetic import SHAPES, build_decoder
+from mqc.models.synthetic import SHAPES, DecoderShape, build_decoder
 
+from mqc.calibration import random_feeds
 from mqc.cli import main
 from mqc.compiler import compile_file
 from mqc.ir import load_model
-from mqc.streaming import ActivationCache, BlockPartition, StreamingError
+from mqc.recipes import Recipe, load_recipe
+from mqc.streaming import (
+    BY_REFERENCE_BYTES,
+    ActivationCache,
+    BlockPartition,
+    StreamedCompile,
+    StreamedContext,
+    StreamingError,
+    streaming_plan,
+)
 
 
 def _files(folder: Path) -> list[str]:
@@ -27,6 +38,16 @@ def _files(folder: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def synthetic_decoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_decoder("tiny", tmp_path_factory.mktemp("synthetic") / "decoder.onnx")
+
+
+#: Weights from 64 KiB up (spilled), and an MLP width with no Hadamard size (352, padded to 384 like 7B's 18,944).
+SPILLED_SHAPE = DecoderShape(layers=2, hidden=128, mlp=352, heads=4, kv_heads=2, vocab=256, qkv_bias=True,
+                             rope_theta=10000.0)
+
+
+@pytest.fixture(scope="module")
+def spilled_decoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_decoder(SPILLED_SHAPE, tmp_path_factory.mktemp("spilled") / "decoder.onnx")
 
 
 @pytest.mark.parametrize("model", ["tiny-llama", "synthetic"])
@@ -62,10 +83,78 @@ def test_quantized_inputs_mode_differs_and_is_labelled(tiny_decoder, tmp_path):
 
 def test_stream_refuses_a_recipe_that_needs_the_whole_model(synthetic_decoder, tmp_path):
     result = CliRunner().invoke(main, ["compile", str(synthetic_decoder), "-o", str(tmp_path / "q.onnx"),
-                                       "--recipe", "quarot", "--stream", "--samples", "2"])
+                                       "--recipe", "mquant", "--stream", "--samples", "2"])
     assert result.exit_code == 2
-    assert "passes norm_folding, hadamard_rotation of the recipe cannot run layer by layer" in result.output
+    assert "passes rms_split, aifs of the recipe cannot run layer by layer" in result.output
     assert not any(tmp_path.iterdir())
+
+
+def test_streaming_plan_cuts_quarot_into_its_stages_and_refuses_other_orders():
+    plan = streaming_plan(load_recipe("quarot").instantiate())
+    assert [[p.name for p in stage] for stage in plan] == [["upgrade_opset", "fuse_norms"],
+                                                          ["norm_folding", "hadamard_rotation"], ["gptq_weights"]]
+    swapped = Recipe("late-rotation", "a rotation after quantization", [
+        {"pass": "norm_folding"}, {"pass": "quantize_linears"}, {"pass": "hadamard_rotation"}])
+    with pytest.raises(StreamingError, match="hadamard_rotation comes after a later stage"):
+        streaming_plan(swapped.instantiate())
+    vision = Recipe("vision-rotation", "a vision tower's rotation", [
+        {"pass": "hadamard_rotation", "tower": "vision"}, {"pass": "quantize_linears"}])
+    with pytest.raises(StreamingError, match="tower='vision'"):
+        streaming_plan(vision.instantiate())
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "synthetic", "spilled"])
+def test_float_streamed_quarot_is_byte_identical_to_the_whole_model_compile(tiny_decoder, synthetic_decoder,
+                                                                            spilled_decoder, tmp_path, model):
+    """The rotation passes run once on the lazily loaded graph, their weights spilled one by one; the compiled
+    bytes are those of the whole-model compile (KV cache with per-head V/O Hadamards; external data; weights
+    spilled and read back from the spill file, a zero-padded online Hadamard)."""
+    source = {"tiny-llama": tiny_decoder("llama"), "synthetic": synthetic_decoder, "spilled": spilled_decoder}[model]
+    for mode in ("whole", "streamed"):
+        (tmp_path / mode).mkdir()
+        compile_file(source, tmp_path / mode / "model.onnx", "quarot", num_samples=4, stream=mode == "streamed")
+    assert _files(tmp_path / "whole") == _files(tmp_path / "streamed")
+    for name in _files(tmp_path / "whole"):
+        assert filecmp.cmp(tmp_path / "whole" / name, tmp_path / "streamed" / name, shallow=False), name
+    assert not list(tmp_path.glob("*/.mqc-stream-*"))  # the spill folder is gone
+
+
+class _CheckedSpill(StreamedCompile):
+    """A streamed compile that checks, at every weight a rotation pass writes, that nothing large is held in memory
+    and that the mapped tensors replaced before are unmapped."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.written: list[str] = []
+        self.replaced: list[ir.ExternalTensor] = []
+
+    def _spill_written(self, value, replaced) -> None:
+        super()._spill_written(value, replaced)
+        self.written.append(value.name)
+        held = [v.name for v in self.model.graph.initializers.values()
+                if not isinstance(v.const_value, ir.ExternalTensor) and v.const_value.nbytes >= BY_REFERENCE_BYTES]
+        assert not held, f"in memory after {value.name} was written: {held}"
+        assert all(tensor.raw is None for tensor in self.replaced), "a replaced weight is still mapped"
+        if isinstance(replaced, ir.ExternalTensor):
+            self.replaced.append(replaced)
+
+
+def test_rotation_passes_spill_each_weight_as_soon_as_it_is_written(spilled_decoder):
+    model = load_model(spilled_decoder)
+    samples = random_feeds(model, 2)
+    runner = _CheckedSpill(model, load_recipe("quarot").instantiate(), StreamedContext(lambda: samples))
+    try:
+        runner.run()
+        rotated = {v.name for v in model.graph.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)
+                   and Path(v.const_value.base_dir) == runner.folder}
+        assert len(runner.replaced) >= 2 * 7 + 1  # every linear of the 2 layers and the lm_head, at least once
+        assert all(tensor.raw is None for tensor in runner.replaced)  # unmapped
+        assert "mqc.H384.signs" in runner.written  # the online Hadamard's signs (352 padded to 384)
+        for value in model.graph.initializers.values():  # everything large lives in a file, not in memory
+            assert isinstance(value.const_value, ir.ExternalTensor) or value.const_value.nbytes < BY_REFERENCE_BYTES
+        assert rotated  # the rotated (then quantized) weights are mapped from the spill file
+    finally:
+        runner.close()
 
 
 def test_partition_cuts_prelude_layers_and_head(synthetic_decoder):
