@@ -56,6 +56,7 @@ from mqc.errors import NothingToQuantizeError, RecipeError
 from mqc.ir import initializers_stored_by
 from mqc.model_map import WRITER_ROLES, build_model_map, residual_add_after, stream_entry
 from mqc.pass_manager import CompileContext, MqcPass, PassManager, PassRecord
+from mqc.session import BY_REFERENCE_BYTES
 
 #: Data-free graph passes: run once on the whole (lazily loaded) graph, they read no weight.
 GRAPH_PASSES = frozenset({"upgrade_opset", "fuse_norms"})
@@ -73,8 +74,6 @@ QUANTIZED_INPUTS_VARIANT = ("layer-streamed: each block calibrated on the output
 STREAM_THRESHOLD_BYTES = 4 << 30
 #: Bytes of cached block inputs kept in memory; beyond it they are written to .npy files and memory-mapped.
 ACTIVATION_BUDGET_BYTES = 1 << 30
-#: In-memory tensors from this size up are handed to onnxruntime by reference.
-BY_REFERENCE_BYTES = 64 * 1024
 
 
 class StreamingError(RecipeError):
@@ -410,7 +409,10 @@ class SpillFile:
         self.offset = 0
 
     def offload(self, value: ir.Value) -> None:
+        """Move ``value``'s tensor here when it is in memory and large enough to be passed by reference."""
         tensor = value.const_value
+        if tensor is None or isinstance(tensor, ir.ExternalTensor) or tensor.nbytes < BY_REFERENCE_BYTES:
+            return
         data = tensor.tobytes()
         self.offset = -(-self.offset // self.ALIGN) * self.ALIGN  # page-aligned: onnxruntime maps it in place
         with open(self.path, "r+b") as file:
@@ -533,18 +535,14 @@ class StreamedCompile:
     def _spill_written(self, value: ir.Value, replaced: ir.TensorProtocol | None) -> None:
         """A weight pass wrote ``value``: to the spill file if large. The mapped tensor it replaced is unmapped at
         the next write (the writer may still hold a view of it now, which keeps a mapping open)."""
-        tensor = value.const_value
-        if tensor is not None and not isinstance(tensor, ir.ExternalTensor) and tensor.nbytes >= BY_REFERENCE_BYTES:
-            self.spill.offload(value)
+        self.spill.offload(value)
         _release(self._replaced)
         self._replaced = [replaced] if isinstance(replaced, ir.ExternalTensor) else []
 
     def _offload(self, weights: list[ir.ExternalTensor]) -> None:
         """Tensors created while quantizing a block go to the spill file; the float weights it read are unmapped."""
         for value in self.model.graph.initializers.values():
-            tensor = value.const_value
-            if tensor is not None and not isinstance(tensor, ir.ExternalTensor) and tensor.nbytes >= BY_REFERENCE_BYTES:
-                self.spill.offload(value)
+            self.spill.offload(value)
         _release(weights)
 
     def gate_outputs(self, source: Path, held_out: list[dict[str, np.ndarray]]
