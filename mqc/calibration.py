@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +31,7 @@ import onnx_ir as ir
 from mqc.calibration_service import CalibrationService, tapped_session
 from mqc.errors import CalibrationError
 from mqc.quantizer import qrange
+from mqc.threads import available_cpus, map_in_threads
 
 TEXT, IMAGE = 0, 1
 MODALITY_NAMES = {TEXT: "text", IMAGE: "image"}
@@ -370,7 +369,7 @@ class Calibrator:
         calibration rows (MAS) ask for more than the default 64. ``service``: the compile's session cache
         (:mod:`mqc.calibration_service`); without it each run builds its own session. ``threads``: how many taps'
         statistics are updated side by side (default: the CPUs this process may use)."""
-        self.threads = threads or len(os.sched_getaffinity(0))
+        self.threads = threads or available_cpus()
         self.model = model
         self.sample_rows = sample_rows
         self.taps = list(dict.fromkeys(taps))
@@ -406,12 +405,8 @@ class Calibrator:
                 keys[count] = row_keys(sample, count)
             tap = stats.setdefault(name, TapStats(name, {}))
             jobs.append((tap, array, feed, sample, keys[count], first_sample))
-        if self.threads > 1 and len(jobs) > 1:  # taps are independent: each one's statistics see its samples in order
-            with ThreadPoolExecutor(min(self.threads, len(jobs)), thread_name_prefix="mqc-calibrate") as pool:
-                list(pool.map(lambda job: self._accumulate(*job), jobs))
-        else:
-            for job in jobs:
-                self._accumulate(*job)
+        # taps are independent: each one's statistics see their samples in order
+        map_in_threads(lambda job: self._accumulate(*job), jobs, self.threads, "mqc-calibrate")
 
     def _accumulate(self, tap: TapStats, array: np.ndarray, feed: dict[str, np.ndarray], sample: int,
                     keys: np.ndarray, first_sample: int) -> None:

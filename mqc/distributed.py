@@ -33,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable, Iterable, Sequence, Sized
-from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from typing import Any, TypeVar
 
@@ -42,6 +41,7 @@ import onnx_ir as ir
 
 from mqc.calibration import Calibrator, TapStats, merge_shards
 from mqc.errors import ClusterError, InputModelError
+from mqc.threads import available_cpus, map_in_threads
 
 #: Environment variable naming the Ray cluster to compile on (``mqc compile --ray``).
 ADDRESS_ENV = "MQC_RAY_ADDRESS"
@@ -64,7 +64,7 @@ class LocalExecutor:
         """``threads``: the pool :meth:`map` runs jobs on (default: the CPUs this process may use); ``memory_budget``:
         bytes the jobs running at once may declare together (a compile context sets its Gram budget, a quarter of
         the available memory, where none was given)."""
-        self.threads = threads or len(os.sched_getaffinity(0))
+        self.threads = threads or available_cpus()
         self.memory_budget = memory_budget
 
     def calibrate(self, calibrator: Calibrator, feeds: Iterable[Feed],
@@ -77,13 +77,10 @@ class LocalExecutor:
         """``function(*job)`` for every job, results in job order; ``function`` must be importable by name (a worker
         runs it) and a pure function of its arguments, so running jobs side by side gives the same results.
         ``job_bytes``: the peak memory of each job, which bounds how many run at once."""
-        at_once = min(self.threads, len(jobs))
+        at_once = self.threads
         if job_bytes:  # without a budget, jobs that declare their memory run one at a time
             at_once = min(at_once, max(1, (self.memory_budget or 0) // max(max(job_bytes), 1)))
-        if at_once <= 1:
-            return [function(*job) for job in jobs]
-        with ThreadPoolExecutor(at_once, thread_name_prefix="mqc-map") as pool:
-            return list(pool.map(lambda job: function(*job), jobs))
+        return map_in_threads(lambda job: function(*job), jobs, at_once, "mqc-map")
 
     def close(self) -> None:
         """Release what the executor holds (nothing here)."""
@@ -190,11 +187,10 @@ def executor_for(address: str | None, workers: int | None = None) -> LocalExecut
 
 
 def blas_threads() -> int:
-    """The thread count of numpy's OpenBLAS in this process, read from the loaded library itself (the environment
-    variables only set it at load); 1 where the library does not say (another BLAS)."""
+    """The thread count of numpy's OpenBLAS in this process (loaded with numpy's core), read from the library
+    itself (the environment variables only set it at load); 1 where the library does not say (another BLAS)."""
     import ctypes
 
-    np.ones((2, 2)) @ np.ones((2, 2))  # BLAS is loaded by numpy's first product at the latest
     with open("/proc/self/maps", encoding="utf-8") as maps:
         paths = {line.split(maxsplit=5)[-1].strip() for line in maps if "openblas" in line.lower()}
     for path in sorted(paths):
