@@ -199,8 +199,8 @@ def gptq_readers(rounding: WeightRounding, weights: list[np.ndarray], hessian: n
 
 
 def gptq_job_bytes(weights: Sequence[np.ndarray], hessian: np.ndarray) -> int:
-    """Peak float64 bytes of one ``gptq_readers`` job: the factorization's K×K copies (damped H, its Cholesky factor,
-    the inverse factor, H⁻¹ and U: five at most) and about six K×N working arrays per reader."""
+    """Peak float64 bytes of one ``gptq_readers`` job: five K×K arrays (the Hessian and at most four more while
+    ``mqc.gptq`` factors it) and about six K×N working arrays per reader."""
     k = hessian.shape[0]
     return 8 * (5 * k * k + 6 * k * sum(w.shape[1] for w in weights))
 
