@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import tempfile
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -111,26 +110,14 @@ def factor_hessian(hessian: np.ndarray, act_order: bool = True, percdamp: float 
     return _LAST_FACTOR.get(h, act_order, percdamp)
 
 
-#: Cholesky factors from this size up wait in a memory-mapped temporary file while numpy inverts them.
-PARK_BYTES = 1 << 30
-
-
-def _parked(array: np.ndarray) -> np.ndarray:
-    """``array`` moved to a memory-mapped temporary file when it is large: numpy's LAPACK wrappers copy their input
-    into a buffer of their own, so the input need not stay in anonymous memory too (its pages are clean file pages
-    the kernel can drop). The file is deleted when the mapping is."""
-    if array.nbytes < PARK_BYTES:
-        return array
-    with tempfile.TemporaryFile(prefix="mqc-gptq-") as file:
-        np.ascontiguousarray(array).tofile(file)
-        file.flush()
-        return np.asarray(np.memmap(file, dtype=array.dtype, mode="r", shape=array.shape))
+#: Hessians from this size up are factored in place (:func:`_factor_in_place`): 11,586 inputs and wider, such as
+#: 7B's padded down_proj (K = 19,968, 3.2 GB per K×K float64 array).
+IN_PLACE_BYTES = 1 << 30
 
 
 def _factor(hessian: np.ndarray, act_order: bool, percdamp: float) -> HessianFactor:
-    """The factor of H, holding at most four K×K float64 arrays besides ``hessian`` (7B's padded down_proj:
-    K = 19,968, 3.2 GB each), three of them in anonymous memory once the Cholesky factor is parked
-    (:func:`_parked`): each intermediate is dropped as soon as the next is computed."""
+    """The factor of H. Below :data:`IN_PLACE_BYTES` through numpy, holding at most four K×K float64 arrays besides
+    ``hessian`` (each intermediate is dropped as soon as the next is computed); from it up in one array."""
     k = hessian.shape[0]
     diagonal = np.diag(hessian).copy()
     dead = diagonal == 0
@@ -141,18 +128,37 @@ def _factor(hessian: np.ndarray, act_order: bool, percdamp: float) -> HessianFac
     h[on_diagonal] = diagonal[perm]  # dead inputs' H_ii = 1
     h[on_diagonal] += percdamp * float(np.mean(np.diag(h)))
     try:
-        lower = _parked(np.linalg.cholesky(h))
-        del h
-        lower_inv = np.linalg.inv(lower)  # H⁻¹ = L⁻ᵀ L⁻¹; inv is solve(L, I): LAPACK gesv with identity, one copy less
-        del lower
-        product = lower_inv.T @ lower_inv
-        del lower_inv
-        u = np.linalg.cholesky(product).T  # H⁻¹ = Uᵀ U, U upper
+        if h.nbytes >= IN_PLACE_BYTES:
+            u = _factor_in_place(h)
+        else:
+            lower = np.linalg.cholesky(h)
+            del h
+            lower_inv = np.linalg.inv(lower)  # H⁻¹ = L⁻ᵀ L⁻¹; inv is solve(L, I): LAPACK gesv with identity
+            del lower
+            product = lower_inv.T @ lower_inv
+            del lower_inv
+            u = np.linalg.cholesky(product).T  # H⁻¹ = Uᵀ U, U upper
     except np.linalg.LinAlgError as exc:
         raise ValueError("Hessian is not positive definite after damping; increase percdamp") from exc
     for array in (dead, perm, u):
         array.flags.writeable = False  # shared by every later caller with an equal Hessian
     return HessianFactor(dead, perm, u)
+
+
+def _factor_in_place(h: np.ndarray) -> np.ndarray:
+    """U (upper, H⁻¹ = Uᵀ U) computed in the memory of the symmetric ``h`` with LAPACK: potrf (H = L Lᵀ), potri
+    (H⁻¹ from L), potrf again (H⁻¹ = L₂ L₂ᵀ, so U = L₂ᵀ): the chain of the GPTQ reference (cholesky,
+    cholesky_inverse, cholesky upper). One K×K array instead of numpy's four, and no explicit inverse; the
+    rounding differs from the numpy chain, which is why smaller Hessians keep that one (their compiles keep their
+    bytes). Raises ``LinAlgError`` when H is not positive definite."""
+    from scipy.linalg import lapack
+
+    a = h.T  # Fortran-ordered view of the same memory (h is symmetric): LAPACK works on it without a copy
+    for routine, name in ((lapack.dpotrf, "potrf"), (lapack.dpotri, "potri"), (lapack.dpotrf, "potrf")):
+        result, info = routine(a, lower=1, overwrite_a=1) if name == "potrf" else routine(a, lower=1, overwrite_c=1)
+        if info != 0 or not np.shares_memory(result, h):
+            raise np.linalg.LinAlgError(f"LAPACK {name} failed (info {info}) or did not work in place")
+    return h  # a's lower triangle is h's upper: L₂ᵀ; potrf (clean=1) zeroed the other triangle
 
 
 class _LastFactor:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from mqc.graph.weights import widened_product
 from mqc.ir import add_initializer, constant_array, replace_initializer
 from mqc.model_map import NORM_OPS, embedding_gather, module_path, scope_path
 
@@ -394,7 +395,7 @@ def absorb_into_embedding(graph: ir.Graph, entry: ir.Value, matrix: np.ndarray) 
     table = gather.inputs[0]
     array = constant_array(table)
     assert array is not None
-    rotated = (array.astype(np.float64) @ matrix).astype(array.dtype)
+    rotated = widened_product(array, matrix, array.dtype, split="rows")
     others = [u for u in table.uses() if u.node is not gather] or table in graph.outputs
     if others or table.const_value is None:
         copy = add_initializer(graph, f"{table.name}.rotated", rotated)

@@ -340,10 +340,29 @@ def sylvester(p: int) -> np.ndarray:
     return h
 
 
+def hadamard_signs(n: int) -> np.ndarray:
+    """The ±1 entries of H_n, i.e. kron(H_m, H_{2^k}), as int8 [n, n] (400 MB at n = 19,968, where int64 is 3.2 GB)."""
+    m, p = hadamard_factor(n)
+    return np.kron(_base_matrix_cached(m).astype(np.int8), sylvester(p).astype(np.int8))
+
+
 def hadamard_matrix(n: int) -> np.ndarray:
     """Normalised orthogonal H_n = kron(H_m, H_{2^k}) / sqrt(n), float64 [n, n]. Dense: prefer ``fwht`` for big n."""
-    m, p = hadamard_factor(n)
-    return np.kron(_base_matrix_cached(m), sylvester(p)).astype(np.float64) / math.sqrt(n)
+    return hadamard_signs(n).astype(np.float64) / math.sqrt(n)
+
+
+#: Largest n for which :func:`hadamard_transpose_times` multiplies by the dense H_n. Above it the fast transform is
+#: used: a dense float64 H is 3.2 GB at 7B's padded 19,968 and the product costs 2n²·N flops instead of about
+#: 2n·(log n + m)·N. At and below it the dense product stays, so compiles of smaller models keep their bytes.
+DENSE_TRANSFORM_MAX = 4096
+
+
+def hadamard_transpose_times(weight: np.ndarray) -> np.ndarray:
+    """H_nᵀ·W in float64 for W [n, N] (the online Hadamard's inverse folded into the weight after it)."""
+    n = weight.shape[0]
+    if n <= DENSE_TRANSFORM_MAX:
+        return hadamard_matrix(n).T @ weight.astype(np.float64)
+    return fwht(np.asarray(weight).T.astype(np.float64)).T  # (Wᵀ·H)ᵀ
 
 
 def random_hadamard(n: int, seed: int) -> np.ndarray:

@@ -65,9 +65,16 @@ from mqc.graph.stream import (
     stream_norms,
     trace_stream,
 )
-from mqc.graph.weights import live_uses, own_bias, own_weight, set_bias, set_weight
+from mqc.graph.weights import left_multiply_weight, live_uses, own_bias, own_weight, set_bias, set_weight
 from mqc.graph_forms import absorb_into_embedding
-from mqc.hadamard import hadamard_matrix, padded_size, random_hadamard, supported_size
+from mqc.hadamard import (
+    hadamard_matrix,
+    hadamard_signs,
+    hadamard_transpose_times,
+    padded_size,
+    random_hadamard,
+    supported_size,
+)
 from mqc.ir import add_initializer, constant_array, remove_unused_initializers
 from mqc.model_map import Linear, ModelMap, infer_head_layout, post_norm_reason, stream_entry
 from mqc.pass_manager import MqcPass, declare_fatal
@@ -131,7 +138,7 @@ class RotateResidualPass(MqcPass):
             self._rotate_entry(graph, entry, r1)
         for lin in readers:
             own_weight(graph, lin)
-            set_weight(lin, r1.T @ lin.weight_array().astype(np.float64))
+            left_multiply_weight(lin, r1.T)
             row(lin)["r1"] = "input"
         writers = closure.writers
         for lin in writers:
@@ -197,7 +204,7 @@ class RotateResidualPass(MqcPass):
             if lins:
                 for lin in lins:
                     own_weight(graph, lin)
-                    set_weight(lin, r_v.T @ lin.weight_array().astype(np.float64))
+                    left_multiply_weight(lin, r_v.T)
                     row = rows.setdefault(lin.name, {"name": lin.name})
                     row["r_v"] = "both sides" if "r_v" in row else "input side"  # e.g. ln_pre's centring linear
             else:
@@ -234,7 +241,7 @@ class RotateResidualPass(MqcPass):
     def _unrotate(self, graph: ir.Graph, node: ir.Node, r_v: np.ndarray) -> None:
         out = node.outputs[0]
         dtype = out.dtype.numpy() if out.dtype is not None else np.float32
-        r_t = self._scaled_sign_matrix(graph, "mqc.Rv_T", r_v.T, dtype)
+        r_t = self._scaled_sign_matrix(graph, "mqc.Rv_T", _signs(r_v.T), dtype)
         uses = live_uses(out, graph)
         matmul = ir.node("MatMul", [out, r_t], name=f"{node.name}/unrotate")
         matmul.outputs[0].name = f"{out.name}_unrotated"
@@ -348,7 +355,7 @@ class RotateResidualPass(MqcPass):
 
     def _rotate_entry(self, graph: ir.Graph, entry: ir.Value, r1: np.ndarray) -> None:
         dtype = entry.dtype.numpy() if entry.dtype is not None else np.float32
-        r_value = self._scaled_sign_matrix(graph, "mqc.R1", r1, dtype)
+        r_value = self._scaled_sign_matrix(graph, "mqc.R1", _signs(r1), dtype)
         uses = live_uses(entry, graph)
         node = ir.node("MatMul", [entry, r_value], name="mqc/rotate_residual_entry")
         node.outputs[0].name = f"{entry.name}_rotated"
@@ -358,8 +365,8 @@ class RotateResidualPass(MqcPass):
         for use in uses:
             use.node.replace_input_with(use.idx, node.outputs[0])
 
-    def _scaled_sign_matrix(self, graph: ir.Graph, name: str, matrix: np.ndarray, dtype: np.dtype) -> ir.Value:
-        """``Mul(Cast(S), 1/sqrt(n))`` for a matrix with entries ±1/sqrt(n), computed once per name.
+    def _scaled_sign_matrix(self, graph: ir.Graph, name: str, signs: np.ndarray, dtype: np.dtype) -> ir.Value:
+        """``Mul(Cast(S), 1/sqrt(n))`` for the ±1 int8 matrix S [n, n] of a rotation, computed once per name.
 
         Stored as ±1 int8, not as a float initializer: a ``MatMul`` with a constant float weight is a linear
         layer of the model map, and the rotation must not be quantized as one.
@@ -367,10 +374,8 @@ class RotateResidualPass(MqcPass):
         cache = self.__dict__.setdefault("_matrices", {})
         if name in cache:
             return cache[name]
-        n = matrix.shape[0]
-        signs = np.rint(matrix * np.sqrt(n))
-        assert np.array_equal(np.abs(signs), np.ones_like(signs)), "not a scaled ±1 matrix"
-        s_value = add_initializer(graph, f"{name}.signs", signs.astype(np.int8))
+        n = signs.shape[0]
+        s_value = add_initializer(graph, f"{name}.signs", signs)
         f_value = add_initializer(graph, f"{name}.scale", np.array(1.0 / np.sqrt(n), dtype=dtype))
         cast = ir.node("Cast", [s_value], attributes={"to": ir.DataType.from_numpy(np.dtype(dtype))}, name=f"{name}/cast")
         mul = ir.node("Mul", [cast.outputs[0], f_value], name=f"{name}/scale")
@@ -384,7 +389,7 @@ class RotateResidualPass(MqcPass):
         size = n if supported_size(n) else padded_size(n)
         x = lin.input
         dtype = constant_array(lin.weight).dtype
-        h_value = self._scaled_sign_matrix(graph, f"mqc.H{size}", hadamard_matrix(size), dtype)
+        h_value = self._scaled_sign_matrix(graph, f"mqc.H{size}", hadamard_signs(size), dtype)
         nodes = []
         if size != n:
             pads = add_initializer(graph, f"{lin.name}/hadamard_pads", np.array([0, size - n], dtype=np.int64))
@@ -407,7 +412,7 @@ class RotateResidualPass(MqcPass):
         if size != n:
             weight = np.vstack([weight, np.zeros((size - n, weight.shape[1]))])
         own_weight(graph, lin)
-        set_weight(lin, hadamard_matrix(size).T @ weight)
+        set_weight(lin, hadamard_transpose_times(weight))
         return {"online_hadamard": size, "online_hadamard_padded_from": n if size != n else None}
 
     def _rotate_head(self, graph: ir.Graph, lin: Linear, head_dim: int, kv_heads: int) -> dict[str, Any]:
@@ -426,3 +431,10 @@ class RotateResidualPass(MqcPass):
             weight = np.einsum("ji,bjo->bio", h, weight.reshape(blocks, head_dim, -1)).reshape(weight.shape)
         set_weight(lin, weight)
         return {"vo_hadamard": f"H{head_dim} on {blocks} {'output' if lin.role == 'v' else 'input'} blocks"}
+
+
+def _signs(matrix: np.ndarray) -> np.ndarray:
+    """The ±1 int8 entries of a rotation whose entries are ±1/sqrt(n) (R1, R_v)."""
+    signs = np.rint(matrix * np.sqrt(matrix.shape[0]))
+    assert np.array_equal(np.abs(signs), np.ones_like(signs)), "not a scaled ±1 matrix"
+    return signs.astype(np.int8)

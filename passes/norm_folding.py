@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from mqc.graph.weights import live_uses, own_weight, set_weight
+from mqc.graph.weights import live_uses, own_weight, scale_rows
 from mqc.ir import add_initializer, constant_array, remove_unused_initializers
 from mqc.model_map import Linear, Norm
 from mqc.pass_manager import MqcPass
@@ -56,7 +56,7 @@ class FoldNormsPass(MqcPass):
             for lin in readers:
                 if own_weight(graph, lin):
                     self.record.notes.append(f"{lin.name}: weight shared with another node, copied before folding (untied)")
-                set_weight(lin, gamma[:, None] * lin.weight_array().astype(np.float64))
+                scale_rows(lin, gamma)
             scale = norm.scale
             ones = add_initializer(graph, f"{norm.name}.weight_folded", np.ones_like(constant_array(scale)))
             index = 2 if norm.node.op_type.startswith("Skip") else 1

@@ -48,11 +48,57 @@ def own_bias(graph: ir.Graph, linear: Linear) -> None:
 
 
 def set_weight(linear: Linear, weight_in_out: np.ndarray) -> None:
-    """Store a new [in, out] weight into the linear's (private) initializer, in the layout the graph uses."""
+    """Store a new [in, out] weight into the linear's (private) initializer, in the layout the graph uses (an array
+    that owns its data in that layout and dtype is stored as is, not copied: it may be a 2 GB lm_head)."""
     old = constant_array(linear.weight)
     assert old is not None
     stored = weight_in_out.T if linear.transposed else weight_in_out
-    replace_initializer(linear.weight, np.ascontiguousarray(stored).astype(old.dtype))
+    owns_its_data = stored.base is None and stored.flags.c_contiguous and stored.dtype == old.dtype
+    replace_initializer(linear.weight, stored if owns_its_data else np.ascontiguousarray(stored).astype(old.dtype))
+
+
+#: Chunk of the float64 products below, in bytes of float64 output.
+PRODUCT_CHUNK_BYTES = 256 << 20
+
+
+def widened_product(left: np.ndarray, right: np.ndarray, dtype: np.dtype, split: str,
+                    chunk_bytes: int = PRODUCT_CHUNK_BYTES) -> np.ndarray:
+    """``left @ right`` in float64, returned in ``dtype``, computed a chunk of output columns (``split="columns"``)
+    or rows (``"rows"``) at a time, so a vocabulary-sized operand (a 7B's lm_head or embedding table, 2.2 GB in
+    fp32) is never widened whole: the one-shot form held its float64 copy and the float64 product, 8.7 GB. Each
+    output element is the same BLAS dot product either way; the bits equal the one-shot product's (tested)."""
+    rows, cols = left.shape[0], right.shape[1]
+    out = np.empty((rows, cols), dtype=dtype)
+    if split == "columns":
+        step = max(1, chunk_bytes // (8 * max(rows, 1)))
+        for c0 in range(0, cols, step):
+            out[:, c0:c0 + step] = left.astype(np.float64, copy=False) @ right[:, c0:c0 + step].astype(np.float64)
+    elif split == "rows":
+        step = max(1, chunk_bytes // (8 * max(cols, 1)))
+        for r0 in range(0, rows, step):
+            out[r0:r0 + step] = left[r0:r0 + step].astype(np.float64) @ right.astype(np.float64, copy=False)
+    else:
+        raise ValueError(f"split must be 'columns' or 'rows', got {split!r}")
+    return out
+
+
+def left_multiply_weight(linear: Linear, matrix: np.ndarray) -> None:
+    """W ← M·W for a [in, out] weight (a rotation of its input side), through :func:`widened_product` by columns.
+    A function of its own so that no view of the replaced (possibly mapped) weight outlives the call."""
+    weight = linear.weight_array()
+    set_weight(linear, widened_product(matrix, weight, weight.dtype, split="columns"))
+
+
+def scale_rows(linear: Linear, scale: np.ndarray) -> None:
+    """W ← diag(scale)·W for a [in, out] weight (a norm's gamma folded into its readers), in float64 a chunk of
+    columns at a time, stored in the weight's dtype (bits equal to the one-shot product's: it is elementwise)."""
+    weight = linear.weight_array()
+    column = np.asarray(scale, dtype=np.float64)[:, None]
+    out = np.empty(weight.shape, dtype=weight.dtype)
+    step = max(1, PRODUCT_CHUNK_BYTES // (8 * max(weight.shape[0], 1)))
+    for c0 in range(0, weight.shape[1], step):
+        out[:, c0:c0 + step] = column * weight[:, c0:c0 + step].astype(np.float64)
+    set_weight(linear, out)
 
 
 def set_bias(linear: Linear, bias: np.ndarray) -> None:

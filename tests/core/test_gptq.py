@@ -145,3 +145,26 @@ def test_hessian_accumulator_streams_exactly() -> None:
     assert acc.hessian().dtype == np.float64
     with pytest.raises(ValueError):
         acc.update(np.zeros((2, 11)))
+
+
+def test_in_place_factorization_matches_the_numpy_chain(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Wide Hessians (7B's down_proj) are factored in one array with LAPACK; the factor is the numpy chain's up to
+    rounding, upper triangular, and the GPTQ result the same."""
+    import mqc.gptq as gptq
+
+    x, w = _correlated(96, 24, 400, seed=8)
+    x[:, 7] = 0.0  # a dead input
+    h = _hessian(x)
+    reference = gptq._factor(h, True, 0.01)
+    expected = gptq_quantize(w, h, 4, mse_clip=False)
+    monkeypatch.setattr(gptq, "IN_PLACE_BYTES", 1)
+    in_place = gptq._factor(h, True, 0.01)
+    np.testing.assert_array_equal(in_place.perm, reference.perm)
+    np.testing.assert_array_equal(in_place.dead, reference.dead)
+    np.testing.assert_allclose(in_place.u, reference.u, rtol=1e-9, atol=1e-12)
+    assert not np.tril(in_place.u, -1).any()
+    gptq._LAST_FACTOR._last = None
+    result = gptq_quantize(w, h, 4, mse_clip=False)
+    np.testing.assert_array_equal(result.quantized.q, expected.quantized.q)
+    with pytest.raises(ValueError, match="positive definite"):
+        gptq._factor(-np.eye(8), False, 0.0)

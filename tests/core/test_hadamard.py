@@ -130,3 +130,18 @@ def test_channel_zero_outlier_of_plain_hadamard() -> None:
     y = had.fwht(x)
     np.testing.assert_allclose(y[0], np.sqrt(5120) * x.mean(), rtol=1e-12)
     assert abs(y[0]) > np.abs(y[1:]).max()
+
+
+@pytest.mark.parametrize("n", [12, 384, 1536])
+def test_hadamard_signs_are_the_matrix_entries(n: int) -> None:
+    signs = had.hadamard_signs(n)
+    assert signs.dtype == np.int8
+    np.testing.assert_array_equal(signs.astype(np.float64) / np.sqrt(n), had.hadamard_matrix(n))
+
+
+def test_transpose_times_uses_the_fast_transform_above_the_dense_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    w = np.random.default_rng(3).standard_normal((640, 9)).astype(np.float32)  # 640 = 20·32
+    dense = had.hadamard_matrix(640).T @ w.astype(np.float64)
+    np.testing.assert_array_equal(had.hadamard_transpose_times(w), dense)  # at or below the limit: the dense product
+    monkeypatch.setattr(had, "DENSE_TRANSFORM_MAX", 64)
+    np.testing.assert_allclose(had.hadamard_transpose_times(w), dense, rtol=0, atol=1e-12)
