@@ -10,7 +10,10 @@ so runs can be done one at a time:
     python benchmarks/bench_scale.py --workdir /work/scale --runs smollm2-135m:30:w8a8:stream qwen2-1.5b:28:w8a8:whole
     python benchmarks/bench_scale.py --plot --svg benchmarks/results/scale.svg
 
-A run is SHAPE:LAYERS:RECIPE:MODE with MODE ``whole`` (today's compile) or ``stream``.
+A run is SHAPE:LAYERS:RECIPE:MODE with MODE ``whole`` (the whole-model compile), ``stream`` or ``ray`` (the
+whole-model compile on a local Ray cluster of ``RAY_WORKERS`` workers). A Ray run's peak RSS is what
+``/usr/bin/time`` reports: the largest single process among the compile and the descendants it reaped, not the
+cluster's sum.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from mqc.models.synthetic import SHAPES, DecoderShape
 
 SAMPLES = 4
 SEQ_LEN = 16
+RAY_WORKERS = 2
 DEFAULT_OUT = Path(__file__).parent / "results" / "scale.json"
 
 
@@ -78,6 +82,8 @@ def run(spec: str, workdir: Path, mqc: str, timeout: int, keep: bool) -> dict:
     output.parent.mkdir(parents=True, exist_ok=True)
     command = [mqc, "compile", str(source), "-o", str(output), "--recipe", recipe, "--samples", str(SAMPLES),
                "--stream" if mode == "stream" else "--no-stream"]
+    if mode == "ray":
+        command += ["--ray", "local", "--ray-workers", str(RAY_WORKERS)]
     result = _timed(command, env, timeout)
     weights = sum(p.stat().st_size for p in source.parent.glob("decoder.onnx*"))
     record = {"run": spec, "shape": shape_name, "layers": int(layers), "hidden": shape.hidden, "mlp": shape.mlp,

@@ -50,8 +50,9 @@ LOCAL = "local"
 #: Thread pools each Ray worker sizes: onnxruntime's to one thread, BLAS's to the driver's count (module docstring).
 ORT_THREADS_VAR = "MQC_ORT_THREADS"
 BLAS_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-#: Libraries whose versions decide the bits of a result: the workers must run the driver's.
-RESULT_LIBRARIES = ("mqc", "numpy", "onnx-ir", "onnx", "onnxruntime")
+#: Libraries whose versions decide the bits of a result (scipy: the LAPACK of wide Hessians): the workers must run the
+#: driver's.
+RESULT_LIBRARIES = ("mqc", "numpy", "scipy", "onnx-ir", "onnx", "onnxruntime")
 
 Result = TypeVar("Result")
 Feed = dict[str, np.ndarray]

@@ -185,6 +185,10 @@ class RmsSplitParams(PassParams):
 @dataclass(frozen=True)
 class SinkScalesParams(PassParams):
     positions: tuple[int, ...] = (0,)
+    #: How each class's scale is set from its rows: their max |x| (the default), or the clip minimising the squared
+    #: rounding-plus-clipping error of the rows' |x| histogram (``mse``), or a percentile of it.
+    method: ActMethod = "minmax"
+    percentile: float = field(default=99.99, metadata=bounded(50.0, 100.0))
 
     def __post_init__(self) -> None:
         if not self.positions or any(p < 0 for p in self.positions):

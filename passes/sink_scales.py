@@ -20,8 +20,10 @@ Rules:
    (``mqc_aifs_position_ids``) when AIFS ran first; so the mask follows the tokens through AIFS's reordering.
    Run before AIFS in a recipe and AIFS rewires the mask's read itself.
 4. Calibration: one run of the current graph over the calibration feeds, tapping every quantization point's input
-   X with the position and modality ids the graph uses; each scale is the min/max of its rows (sink rows of any
-   modality; text and image rows that are not sinks). A class without rows keeps its old scale (recorded). The
+   X with the position and modality ids the graph uses; each scale is set from its rows (sink rows of any
+   modality; text and image rows that are not sinks) by ``method``: their max |x| (``minmax``, the default), or
+   from the |x| histogram the calibrator keeps (``mse``: the clip with the least expected squared rounding plus
+   clipping error; ``percentile``). A class without rows keeps its old scale (recorded). The
    graph is already quantized, so the inputs carry upstream rounding noise: where the sink did not set a range,
    the re-calibrated one can come out slightly wider than the float-calibrated one (a few %, on the tiny models).
 5. Not function-preserving: it changes the quantization grid only.
@@ -34,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from mqc.calibration import IMAGE, MODALITY_INPUT, TEXT, capture
+from mqc.calibration import IMAGE, MODALITY_INPUT, TEXT, TensorStats, capture
 from mqc.ir import add_initializer, constant_array, replace_initializer
 from mqc.pass_manager import MqcPass, declare_fatal
 
@@ -100,8 +102,10 @@ class SinkScalesPass(MqcPass):
                                                "run the linear quantizer with act_scales='per_modality' first")
 
     def variant(self) -> str:
+        ranges = {"minmax": "min/max ranges", "mse": "MSE-clipped ranges (histogram)",
+                  "percentile": f"{self.params.percentile} percentile ranges"}[self.params.method]
         return (f"a third static class for the rows at positions {list(self.params.positions)} (PrefixQuant's outlier tokens, "
-                "as a static scale rather than a float prefix)")
+                f"as a static scale rather than a float prefix); {ranges}")
 
     def run(self, model: ir.Model) -> bool:
         graph = model.graph
@@ -163,17 +167,28 @@ class SinkScalesPass(MqcPass):
 
     def _calibrate(self, model: ir.Model, points: list[_Point], positions: str, modality: str
                    ) -> list[tuple[float, float, float]]:
-        """Per point: max |x| over sink rows, non-sink text rows and non-sink image rows (rule 4)."""
+        """Per point: the clip of the sink rows, the non-sink text rows and the non-sink image rows (rule 4)."""
         taps = [positions, modality, *dict.fromkeys(p.x.name for p in points)]
-        maxima = {name: [0.0, 0.0, 0.0] for name in taps[2:]}
+        stats: dict[str, list[TensorStats | None]] = {name: [None, None, None] for name in taps[2:]}
         for _, values in capture(model, taps, self.ctx.feeds(), self.ctx.providers):
             pos, mod = values[0], values[1]
             for name, x in zip(taps[2:], values[2:], strict=True):
                 rows_pos = np.broadcast_to(pos, x.shape[:-1]).reshape(-1)
                 rows_mod = np.broadcast_to(mod, x.shape[:-1]).reshape(-1)
-                row_max = np.abs(x.reshape(-1, x.shape[-1])).max(axis=-1)
+                rows = x.reshape(-1, x.shape[-1])
                 sink = np.isin(rows_pos, list(self.params.positions))
                 for slot, select in enumerate((sink, ~sink & (rows_mod == TEXT), ~sink & (rows_mod == IMAGE))):
                     if select.any():
-                        maxima[name][slot] = max(maxima[name][slot], float(row_max[select].max()))
-        return [tuple(maxima[p.x.name]) for p in points]
+                        if stats[name][slot] is None:
+                            stats[name][slot] = TensorStats(rows.shape[-1], sample_rows=0)
+                        stats[name][slot].update(rows[select])
+        qmax = {p.x.name: p.qmax for p in points}
+        return [tuple(self._clip(s, qmax[p.x.name]) for s in stats[p.x.name]) for p in points]
+
+    def _clip(self, stats: TensorStats | None, qmax: float) -> float:
+        if stats is None:
+            return 0.0
+        if self.params.method == "minmax":
+            return stats.absmax  # the rows' max |x|, without the histogram's binning
+        return stats.clip_value(self.params.method, bits=int(qmax + 1).bit_length(),
+                                percentile=self.params.percentile)

@@ -105,3 +105,17 @@ def test_mquant_recipes_compile_fully_static(recipe, tiny_decoder, tmp_path):
     ops = {node.op_type for node in load_model(out).graph}
     assert "Where" in ops and "Round" in ops  # MSQ's per-modality static fake-quant is there
     assert not RUNTIME_SCALE_OPS & ops, sorted(RUNTIME_SCALE_OPS & ops)
+
+
+def test_mse_ranges_clip_inside_the_minmax_ranges(compiled):
+    """method=mse sets each class's clip from its |x| histogram: never above the rows' max, below it somewhere."""
+    from mqc.params import SinkScalesParams
+
+    _, before, _, minmax_record, feeds = compiled
+    model = load_model(before)
+    (record,) = PassManager([SinkScalesPass(SinkScalesParams(method="mse"))], CompileContext(lambda: feeds)).run(model)
+    assert "MSE-clipped" in SinkScalesPass(SinkScalesParams(method="mse")).variant()
+    for mse, minmax in zip(record.layers, minmax_record.layers, strict=True):
+        for key in ("act_absmax_sink", "act_absmax_text", "act_absmax_image"):
+            assert mse[key] <= minmax[key] * (1 + 1e-6)
+    assert any(m["act_absmax_text"] < 0.99 * n["act_absmax_text"] for m, n in zip(record.layers, minmax_record.layers))
