@@ -185,10 +185,13 @@ class RmsSplitParams(PassParams):
 @dataclass(frozen=True)
 class SinkScalesParams(PassParams):
     positions: tuple[int, ...] = (0,)
-    #: How each class's scale is set from its rows: their max |x| (the default), or the clip minimising the squared
-    #: rounding-plus-clipping error of the rows' |x| histogram (``mse``), or a percentile of it.
-    method: ActMethod = "minmax"
+    #: How each class's scale is set from its rows: their max |x| (the default); the clip minimising the squared
+    #: rounding-plus-clipping error of the rows' |x| histogram (``mse``) or a percentile of it; or ``trimmed``: the
+    #: max |x| of the rows left after dropping the outlier rows (a row max above ``outlier_ratio`` x the class's
+    #: median row max: massive-activation tokens away from the sink positions, which are then clipped).
+    method: Literal["minmax", "percentile", "mse", "trimmed"] = "minmax"
     percentile: float = field(default=99.99, metadata=bounded(50.0, 100.0))
+    outlier_ratio: float = field(default=8.0, metadata=bounded(1.0))
 
     def __post_init__(self) -> None:
         if not self.positions or any(p < 0 for p in self.positions):

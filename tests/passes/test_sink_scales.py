@@ -119,3 +119,27 @@ def test_mse_ranges_clip_inside_the_minmax_ranges(compiled):
         for key in ("act_absmax_sink", "act_absmax_text", "act_absmax_image"):
             assert mse[key] <= minmax[key] * (1 + 1e-6)
     assert any(m["act_absmax_text"] < 0.99 * n["act_absmax_text"] for m, n in zip(record.layers, minmax_record.layers, strict=True))
+
+
+def test_trimmed_ranges_leave_an_outlier_row_away_from_the_sink_out(compiled):
+    """A massive token at position 3 of one sample sets min/max text ranges; ``trimmed`` drops such rows from them
+    (they are clipped at run time) and records them; sink ranges are never trimmed."""
+    from mqc.params import SinkScalesParams
+
+    _, before, _, _, feeds = compiled
+    spiked = [{k: v.copy() for k, v in feed.items()} for feed in feeds]
+    spiked[1]["inputs_embeds"][:, 3, SPIKE_CHANNEL + 1] = 400.0
+    records = {}
+    for method in ("minmax", "trimmed"):  # the tiny model's norms bound the spike row's max at sqrt(64) = 8
+        params = SinkScalesParams(method=method, outlier_ratio=2.5)
+        (records[method],) = PassManager([SinkScalesPass(params)],
+                                         CompileContext(lambda: spiked)).run(load_model(before))
+    pairs = list(zip(records["minmax"].layers, records["trimmed"].layers, strict=True))
+    trimmed = [(m, t) for m, t in pairs if "outlier_rows_clipped_text" in t]
+    assert trimmed, [(m["act_absmax_text"], t["act_absmax_text"]) for m, t in pairs]
+    for minmax, kept in trimmed:
+        assert kept["act_absmax_text"] < 0.75 * minmax["act_absmax_text"] and kept["outlier_rows_clipped_text"] >= 1
+    assert "outlier_rows_clipped_text" in records["trimmed"].layers[0]  # layer 0's q/k/v input: the spiked row
+    assert all(t["act_absmax_text"] <= m["act_absmax_text"] and t["act_absmax_sink"] == m["act_absmax_sink"]
+               for m, t in pairs)
+    assert "outlier rows" in SinkScalesPass(SinkScalesParams(method="trimmed")).variant()
