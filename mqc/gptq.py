@@ -115,6 +115,11 @@ def factor_hessian(hessian: np.ndarray, act_order: bool = True, percdamp: float 
 IN_PLACE_BYTES = 1 << 30
 
 
+def factors_in_place(k: int) -> bool:
+    """True when a K×K Hessian is factored in place (:data:`IN_PLACE_BYTES`)."""
+    return 8 * k * k >= IN_PLACE_BYTES
+
+
 def _factor(hessian: np.ndarray, act_order: bool, percdamp: float) -> HessianFactor:
     """The factor of H. Below :data:`IN_PLACE_BYTES` through numpy, holding at most four K×K float64 arrays besides
     ``hessian`` (each intermediate is dropped as soon as the next is computed); from it up in one array."""
@@ -123,7 +128,7 @@ def _factor(hessian: np.ndarray, act_order: bool, percdamp: float) -> HessianFac
     dead = diagonal == 0
     diagonal[dead] = 1.0
     perm = np.argsort(-diagonal, kind="stable") if act_order else np.arange(k)
-    in_place = 8 * k * k >= IN_PLACE_BYTES
+    in_place = factors_in_place(k)
     order = perm[::-1] if in_place else perm  # the in-place route factors the reversed matrix (its docstring)
     h = hessian[np.ix_(order, order)]  # the private copy, permuted (fancy indexing copies)
     on_diagonal = np.diag_indices(k)

@@ -49,7 +49,7 @@ import numpy as np
 import onnx_ir as ir
 
 from mqc.calibration import SampleTreeSum, TapStats
-from mqc.gptq import IN_PLACE_BYTES, hessian_from_tap
+from mqc.gptq import factors_in_place, hessian_from_tap
 from mqc.graph.msq import modality_input
 from mqc.graph.qdq import insert_weight_dequant
 from mqc.ir import ensure_opset, remove_unused_initializers
@@ -202,7 +202,7 @@ def gptq_job_bytes(weights: Sequence[np.ndarray], hessian: np.ndarray) -> int:
     """Peak float64 bytes of one ``gptq_readers`` job: the Hessian and what ``mqc.gptq`` factors it with (at most
     four more K×K arrays, or one where it factors in place) and about six K×N working arrays per reader."""
     k = hessian.shape[0]
-    factoring = 1 if 8 * k * k >= IN_PLACE_BYTES else 4
+    factoring = 1 if factors_in_place(k) else 4
     return 8 * ((1 + factoring) * k * k + 6 * k * sum(w.shape[1] for w in weights))
 
 
