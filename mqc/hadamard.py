@@ -359,10 +359,11 @@ DENSE_TRANSFORM_MAX = 4096
 
 def hadamard_transpose_times(weight: np.ndarray) -> np.ndarray:
     """H_nᵀ·W in float64 for W [n, N] (the online Hadamard's inverse folded into the weight after it)."""
+    weight = np.asarray(weight, dtype=np.float64)  # no copy of a float64 weight (fwht makes its own)
     n = weight.shape[0]
     if n <= DENSE_TRANSFORM_MAX:
-        return hadamard_matrix(n).T @ weight.astype(np.float64)
-    return fwht(np.asarray(weight).T.astype(np.float64)).T  # (Wᵀ·H)ᵀ
+        return hadamard_matrix(n).T @ weight
+    return fwht(weight.T).T  # (Wᵀ·H)ᵀ
 
 
 def random_hadamard(n: int, seed: int) -> np.ndarray:

@@ -3,6 +3,8 @@ embedding shares its table with the lm_head), and only counts uses by nodes stil
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import onnx_ir as ir
 
@@ -61,6 +63,12 @@ def set_weight(linear: Linear, weight_in_out: np.ndarray) -> None:
 PRODUCT_CHUNK_BYTES = 256 << 20
 
 
+def _chunks(count: int, across: int, chunk_bytes: int = PRODUCT_CHUNK_BYTES) -> Iterator[slice]:
+    """Slices of ``count`` columns (or rows), each a float64 block of at most ``chunk_bytes`` with ``across`` rows."""
+    step = max(1, chunk_bytes // (8 * max(across, 1)))
+    return (slice(start, start + step) for start in range(0, count, step))
+
+
 def widened_product(left: np.ndarray, right: np.ndarray, dtype: np.dtype, split: str,
                     chunk_bytes: int = PRODUCT_CHUNK_BYTES) -> np.ndarray:
     """``left @ right`` in float64, returned in ``dtype``, computed a chunk of output columns (``split="columns"``)
@@ -70,13 +78,13 @@ def widened_product(left: np.ndarray, right: np.ndarray, dtype: np.dtype, split:
     rows, cols = left.shape[0], right.shape[1]
     out = np.empty((rows, cols), dtype=dtype)
     if split == "columns":
-        step = max(1, chunk_bytes // (8 * max(rows, 1)))
-        for c0 in range(0, cols, step):
-            out[:, c0:c0 + step] = left.astype(np.float64, copy=False) @ right[:, c0:c0 + step].astype(np.float64)
+        left = np.asarray(left, dtype=np.float64)
+        for part in _chunks(cols, rows, chunk_bytes):
+            out[:, part] = left @ right[:, part].astype(np.float64)
     elif split == "rows":
-        step = max(1, chunk_bytes // (8 * max(cols, 1)))
-        for r0 in range(0, rows, step):
-            out[r0:r0 + step] = left[r0:r0 + step].astype(np.float64) @ right.astype(np.float64, copy=False)
+        right = np.asarray(right, dtype=np.float64)
+        for part in _chunks(rows, cols, chunk_bytes):
+            out[part] = left[part].astype(np.float64) @ right
     else:
         raise ValueError(f"split must be 'columns' or 'rows', got {split!r}")
     return out
@@ -95,9 +103,8 @@ def scale_rows(linear: Linear, scale: np.ndarray) -> None:
     weight = linear.weight_array()
     column = np.asarray(scale, dtype=np.float64)[:, None]
     out = np.empty(weight.shape, dtype=weight.dtype)
-    step = max(1, PRODUCT_CHUNK_BYTES // (8 * max(weight.shape[0], 1)))
-    for c0 in range(0, weight.shape[1], step):
-        out[:, c0:c0 + step] = column * weight[:, c0:c0 + step].astype(np.float64)
+    for part in _chunks(weight.shape[1], weight.shape[0]):
+        out[:, part] = column * weight[:, part].astype(np.float64)
     set_weight(linear, out)
 
 
