@@ -123,7 +123,7 @@ class SinkScalesPass(MqcPass):
         positions = values.get(AIFS_POSITION_IDS) or values.get("position_ids")
         modality = values.get(AIFS_MODALITY_IDS) or values.get(MODALITY_INPUT)
         assert positions is not None and modality is not None  # requires
-        scales = self._calibrate(model, points, positions.name, modality.name)
+        scales, trimmed = self._calibrate(model, points, positions.name, modality.name)
         is_sink = self._sink_mask(graph, positions, points)
         for point, (sink, text, image) in zip(points, scales, strict=True):
             old_text = float(constant_array(point.scale_text)) * point.qmax
@@ -145,9 +145,9 @@ class SinkScalesPass(MqcPass):
             self.record.layers.append({"name": base, "act_absmax_sink": sink, "act_absmax_text": text,
                                        "act_absmax_image": image, "old_text_clip": old_text,
                                        "text_range_shrink": round(text / old_text, 4) if text and old_text else None,
-                                       **{f"outlier_rows_clipped_{label}": self.trimmed_rows[(point.x.name, slot)]
+                                       **{f"outlier_rows_clipped_{label}": trimmed[(point.x.name, slot)]
                                           for slot, label in ((1, "text"), (2, "image"))
-                                          if (point.x.name, slot) in self.trimmed_rows}})
+                                          if (point.x.name, slot) in trimmed}})
         self.record.changed = len(points)
         return True
 
@@ -176,40 +176,50 @@ class SinkScalesPass(MqcPass):
         return node.outputs[0]
 
     def _calibrate(self, model: ir.Model, points: list[_Point], positions: str, modality: str
-                   ) -> list[tuple[float, float, float]]:
-        """Per point: the clip of the sink rows, the non-sink text rows and the non-sink image rows (rule 4)."""
+                   ) -> tuple[list[tuple[float, float, float]], dict[tuple[str, int], int]]:
+        """Per point: the clip of the sink rows, the non-sink text rows and the non-sink image rows (rule 4); and
+        the outlier rows ``trimmed`` left out, by (point input, class slot)."""
         taps = [positions, modality, *dict.fromkeys(p.x.name for p in points)]
-        stats: dict[str, list[TensorStats | None]] = {name: [None, None, None] for name in taps[2:]}
         row_maxima: dict[str, list[list[np.ndarray]]] = {name: [[], [], []] for name in taps[2:]}
+        histograms = self.params.method in ("mse", "percentile")  # the other methods need the row maxima only
+        stats: dict[str, list[TensorStats | None]] = {name: [None, None, None] for name in taps[2:]}
         for _, values in capture(model, taps, self.ctx.feeds(), self.ctx.providers):
             pos, mod = values[0], values[1]
             for name, x in zip(taps[2:], values[2:], strict=True):
                 rows_pos = np.broadcast_to(pos, x.shape[:-1]).reshape(-1)
                 rows_mod = np.broadcast_to(mod, x.shape[:-1]).reshape(-1)
                 rows = x.reshape(-1, x.shape[-1])
+                row_max = np.abs(rows).max(axis=-1)
                 sink = np.isin(rows_pos, list(self.params.positions))
                 for slot, select in enumerate((sink, ~sink & (rows_mod == TEXT), ~sink & (rows_mod == IMAGE))):
                     if select.any():
-                        if stats[name][slot] is None:
-                            stats[name][slot] = TensorStats(rows.shape[-1], sample_rows=0)
-                        stats[name][slot].update(rows[select])
-                        row_maxima[name][slot].append(np.abs(rows[select]).max(axis=-1))
-        qmax = {p.x.name: p.qmax for p in points}
-        self.trimmed_rows = {}
-        return [tuple(self._clip(s, qmax[p.x.name], row_maxima[p.x.name][slot], p.x.name, slot)
-                      for slot, s in enumerate(stats[p.x.name])) for p in points]
+                        row_maxima[name][slot].append(row_max[select])
+                        if histograms:
+                            if stats[name][slot] is None:
+                                stats[name][slot] = TensorStats(rows.shape[-1], sample_rows=0)
+                            stats[name][slot].update(rows[select])
+        trimmed: dict[tuple[str, int], int] = {}
+        clips = []
+        for p in points:
+            clip = []
+            for slot, maxima in enumerate(row_maxima[p.x.name]):
+                value, dropped = self._clip(maxima, stats[p.x.name][slot], p.qmax, slot)
+                clip.append(value)
+                if dropped:
+                    trimmed[(p.x.name, slot)] = dropped
+            clips.append(tuple(clip))
+        return clips, trimmed
 
-    def _clip(self, stats: TensorStats | None, qmax: float, row_maxima: list[np.ndarray], name: str, slot: int
-              ) -> float:
-        if stats is None:
-            return 0.0
+    def _clip(self, row_maxima: list[np.ndarray], stats: TensorStats | None, qmax: float, slot: int
+              ) -> tuple[float, int]:
+        """One class's clip from its rows (0 without rows) and how many outlier rows ``trimmed`` left out."""
+        if not row_maxima:
+            return 0.0, 0
+        maxima = np.concatenate(row_maxima)
         if self.params.method == "minmax" or (self.params.method == "trimmed" and slot == 0):
-            return stats.absmax  # the rows' max |x|, without the histogram's binning (sink rows are never trimmed)
+            return float(maxima.max()), 0  # sink rows are never trimmed
         if self.params.method == "trimmed":
-            maxima = np.concatenate(row_maxima)
             kept = maxima <= self.params.outlier_ratio * float(np.median(maxima))
-            if not kept.all():
-                self.trimmed_rows[(name, slot)] = int((~kept).sum())
-            return float(maxima[kept].max())
-        return stats.clip_value(self.params.method, bits=int(qmax + 1).bit_length(),
-                                percentile=self.params.percentile)
+            return float(maxima[kept].max()), int((~kept).sum())
+        assert stats is not None
+        return stats.clip_value(self.params.method, bits=int(qmax + 1).bit_length(), percentile=self.params.percentile), 0
