@@ -49,6 +49,20 @@ def _text(value: Any, style: str = "") -> Text:
     return Text(printable(value if isinstance(value, str) else _fmt(value)), style=style)
 
 
+def weight_widths(rows: list[dict[str, Any]]) -> str | None:
+    """The mix of weight widths of the quantized layers (a mixed-precision budget's cost), or None for one width."""
+    sizes: dict[int, int] = {}
+    for row in rows:
+        if "w_bits" in row and "in" in row and "out" in row:
+            sizes[row["w_bits"]] = sizes.get(row["w_bits"], 0) + row["in"] * row["out"]
+    if len(sizes) < 2:
+        return None
+    total = sum(sizes.values())
+    mix = ", ".join(f"{100 * size / total:.1f} % at int{bits}" for bits, size in sorted(sizes.items()))
+    mean = sum(bits * size for bits, size in sizes.items()) / total
+    return f"{mix} of {total:,} quantized weights; {mean:.2f} bits per weight on average (scales not counted)"
+
+
 def render(report: CompileReport, console: Console, title: str = "") -> None:
     console.print(Text.assemble(_text(title or report.source, "bold"), ": recipe ", _text(report.recipe, "cyan"),
                                 ", format ", _text(report.format)))
@@ -67,6 +81,9 @@ def render(report: CompileReport, console: Console, title: str = "") -> None:
     if fatal.row_count:
         console.print(fatal)
     rows = report.layer_table()
+    widths = weight_widths(rows)
+    if widths:
+        console.print(Text.assemble("weights: ", _text(widths)))
     if rows:
         layers = Table(title="layers")
         present = [(key, label) for key, label in LAYER_COLUMNS if any(key in row for row in rows)]

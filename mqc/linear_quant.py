@@ -41,6 +41,7 @@ Rounding and activation quantizers are the shared strategies of :mod:`mqc.quant_
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -75,6 +76,11 @@ class LinearQuantPass(MqcPass):
     def rounding(self) -> WeightRounding:
         return WeightRounding.from_params(self.params, self.weight_method)
 
+    def rounding_for(self, lin: Linear) -> WeightRounding:
+        """The rounding of ``lin``: int8 where its role is in ``int8_roles``, else the pass's ``weight_bits``."""
+        rounding = self.rounding
+        return dataclasses.replace(rounding, bits=8) if lin.role in self.params.int8_roles else rounding
+
     @property
     def act_quantizer(self) -> ActivationQuantizer:
         return ActivationQuantizer.from_params(self.params)
@@ -97,6 +103,9 @@ class LinearQuantPass(MqcPass):
         if self.params.group_size is not None:
             acts += (f"; int{self.params.weight_bits} weights per group of {self.params.group_size} input rows (an "
                      "extension: both papers quantize weights per output channel)")
+        if self.params.int8_roles:
+            acts += (f"; int8 weights for the {', '.join(self.params.int8_roles)} linears (a mixed-precision weight "
+                     "budget, an extension: both papers use one weight width)")
         return acts
 
     def select(self, linears: Sequence[Linear]) -> list[Linear]:
@@ -164,11 +173,9 @@ class LinearQuantPass(MqcPass):
             readers.setdefault(lin.input.name, []).append(lin)
         if stats is None:
             stats = self.ctx.calibrate(model, list(readers), label="calibrating activations")
-        rounding = self.rounding
-
         def rounded(lin: Linear) -> tuple[np.ndarray, QuantizedWeight, dict[str, Any]]:
             weight = lin.weight_array()
-            qweight = rounding.rtn(weight, self.group_size_for(lin))
+            qweight = self.rounding_for(lin).rtn(weight, self.group_size_for(lin))
             insert_weight_dequant(model.graph, lin, qweight)
             return weight, qweight, {}
 
@@ -195,7 +202,7 @@ class LinearQuantPass(MqcPass):
                 weight, qweight, figures = quantized(lin)
                 self.record.layers.append({
                     **lin.to_dict(),
-                    "w_bits": self.params.weight_bits,
+                    "w_bits": qweight.bits,
                     "a_bits": self.params.act_bits,
                     **figures,
                     **inserted.figures,

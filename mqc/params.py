@@ -91,6 +91,8 @@ class LinearQuantParams(PassParams):
     acts: ActMode = "static"
     components: tuple[str, ...] | None = None
     statistics: StatisticsSource = "calibrate"
+    #: Roles whose weights are rounded to int8 instead of ``weight_bits`` (a mixed-precision weight budget).
+    int8_roles: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -140,17 +140,23 @@ class GptqWeightsPass(LinearQuantPass):
 
     def _quantize(self, readers: dict[str, list[Linear]], stats: dict[str, TapStats], results: dict) -> None:
         """GPTQ-round the linears of ``readers`` (by the value they read) against the Hessian of that value into
-        ``results`` (nothing where no row reached it). The readers of one value are one executor job and share the
-        Hessian's factorization (``WeightRounding.round_readers``); the jobs are spread over the compile's executor."""
+        ``results`` (nothing where no row reached it). The readers of one value of one weight width are one executor
+        job and share the Hessian's factorization (``WeightRounding.round_readers``); the jobs are spread over the
+        compile's executor."""
         jobs = []
         for value_name, lins in readers.items():
             tap = stats.get(value_name)
             hessian, rows = hessian_from_tap(tap) if tap is not None else (None, 0)
             for entry in tap.by_modality.values() if tap is not None else ():
                 entry.gram = None  # the Hessian replaces the K×K Gram matrices; the small statistics stay
-            if hessian is not None:
-                weights = [lin.weight_array() for lin in lins]
-                jobs.append((lins, rows, (self.rounding, weights, hessian, self.group_size_for(lins[0]))))
+            if hessian is None:
+                continue
+            by_rounding: dict[WeightRounding, list[Linear]] = {}  # int8_roles: one job per width, one Hessian
+            for lin in lins:
+                by_rounding.setdefault(self.rounding_for(lin), []).append(lin)
+            for rounding, group in by_rounding.items():
+                weights = [lin.weight_array() for lin in group]
+                jobs.append((group, rows, (rounding, weights, hessian, self.group_size_for(group[0]))))
         outcomes = self.ctx.executor.map(gptq_readers, [job for _, _, job in jobs],
                                          job_bytes=[gptq_job_bytes(job[1], job[2]) for _, _, job in jobs])
         for (lins, rows, _), outcome in zip(jobs, outcomes, strict=True):

@@ -153,3 +153,31 @@ def test_gptq_jobs_are_one_per_input_value_and_give_what_a_worker_gives(tiny_dec
                 assert np.array_equal(qweight.q, used_q.q) and np.array_equal(qweight.scale, used_q.scale)
                 assert {**figures, "weight_method": "gptq"} == {**used_figures, "weight_method": "gptq"}
     assert all({"gptq_rel_error", "rtn_rel_error", "hessian_rows"} <= set(row) for row in record.layers)
+
+
+def test_int8_roles_round_those_linears_to_int8_against_the_shared_hessian(tiny_decoder):
+    """``int8_roles=("v",)``: v_proj is GPTQ-rounded at int8 in its own job (q/k stay int4 against the same
+    Hessian, with the same bits as without the budget), recorded as W8, labelled, and summed up by explain."""
+    from mqc.explain import weight_widths
+
+    model_path = tiny_decoder("llama")
+    records = {}
+    for roles in ((), ("v",)):
+        model = load_model(model_path)
+        ctx = CompileContext(lambda model=model: random_feeds(model, 2, seed=1))
+        (records[roles],) = PassManager([GptqWeightsPass(weight_bits=4, int8_roles=roles)], ctx).run(model)
+        records[roles].model = model
+    plain, mixed = ({row["name"]: row for row in records[r].layers} for r in ((), ("v",)))
+    assert {row["w_bits"] for name, row in mixed.items() if name.endswith("v_proj")} == {8}
+    assert {row["w_bits"] for name, row in mixed.items() if not name.endswith("v_proj")} == {4}
+    for name, row in mixed.items():
+        if name.endswith("v_proj"):
+            assert row["gptq_rel_error"] < plain[name]["gptq_rel_error"] / 4
+        else:
+            assert row["gptq_rel_error"] == plain[name]["gptq_rel_error"]
+    dtypes = {t.name: t.dtype for t in records[("v",)].model.graph.initializers.values()
+              if t.name.endswith(".weight_q")}
+    assert {d.name for n, d in dtypes.items() if "v_proj" in n} == {"INT8"}
+    assert "int8 weights for the v linears" in GptqWeightsPass(int8_roles=("v",)).variant()
+    summary = weight_widths(records[("v",)].layers)
+    assert summary is not None and "at int8" in summary and weight_widths(records[()].layers) is None
