@@ -194,6 +194,11 @@ class SinkScalesParams(PassParams):
     method: Literal["minmax", "percentile", "mse", "trimmed"] = "minmax"
     percentile: float = field(default=99.99, metadata=bounded(50.0, 100.0))
     outlier_ratio: float = field(default=8.0, metadata=bounded(1.0))
+    #: ``output``: each text/image clip from ``method`` is then scaled by the ratio in ``CLIP_SEARCH_RATIOS`` that
+    #: gives the least squared error of the readers' outputs, ‖(fq(X) - X) W‖², on up to ``search_rows`` sampled
+    #: rows of the class (issue 14 point 5); ``none`` keeps the method's clip.
+    clip_search: Literal["none", "output"] = "none"
+    search_rows: int = field(default=512, metadata=bounded(16))
 
     def __post_init__(self) -> None:
         if not self.positions or any(p < 0 for p in self.positions):

@@ -31,7 +31,13 @@ Rules:
    class without rows keeps its old scale (recorded). The
    graph is already quantized, so the inputs carry upstream rounding noise: where the sink did not set a range,
    the re-calibrated one can come out slightly wider than the float-calibrated one (a few %, on the tiny models).
-5. Not function-preserving: it changes the quantization grid only.
+5. ``clip_search="output"`` (issue 14 point 5: ranges chosen for the layer's output, not its input): each text and
+   image clip of rule 4 is multiplied by the ratio of ``CLIP_SEARCH_RATIOS`` (1 included, so the search never
+   does worse on its rows) that minimises ‖(fq(X) − X) W‖² on up to ``search_rows`` rows of the class sampled
+   evenly from every calibration sample, W being the point's readers' dequantized weights side by side: the
+   error the readers' outputs see, which weighs each input channel by what the layer does with it. A point
+   whose readers are not all dequantized-weight linears keeps its clip (recorded). Sink clips are not searched.
+6. Not function-preserving: it changes the quantization grid only.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ import numpy as np
 import onnx_ir as ir
 
 from mqc.calibration import IMAGE, MODALITY_INPUT, TEXT, TensorStats, capture
+from mqc.diagnose import dequantized_weight
 from mqc.ir import add_initializer, constant_array, replace_initializer
 from mqc.pass_manager import MqcPass, declare_fatal
 
@@ -49,6 +56,9 @@ PREFIX = "mqc_sink"
 #: The position ids AIFS's permutation produces (``passes/aifs.py``: ``GatherElements`` named ``position_ids``).
 AIFS_POSITION_IDS = "mqc_aifs_position_ids"
 AIFS_MODALITY_IDS = "mqc_aifs_modality_ids"
+#: The clip multipliers ``clip_search="output"`` tries (rule 5): tighter clips, the method's own, and wider ones
+#: (which give back rows ``trimmed`` clipped where clipping them costs the output more).
+CLIP_SEARCH_RATIOS = (*np.round(np.arange(0.3, 1.0, 0.05), 2).tolist(), 1.0, 1.25, 1.5, 2.0)
 
 
 @dataclass
@@ -59,8 +69,10 @@ class _Point:
     where: ir.Node
     scale_image: ir.Value
     scale_text: ir.Value
+    qmin: float
     qmax: float
     readers: list[ir.Node]
+    linears: list[ir.Node]
 
 
 def _msq_points(graph: ir.Graph) -> list[_Point]:
@@ -78,9 +90,11 @@ def _msq_points(graph: ir.Graph) -> list[_Point]:
             continue
         clip = mul.inputs[0].producer()
         qmax = constant_array(clip.inputs[2]) if clip is not None and clip.op_type == "Clip" else None
-        if qmax is None:
+        qmin = constant_array(clip.inputs[1]) if qmax is not None else None
+        if qmax is None or qmin is None:
             continue
-        points.append(_Point(div.inputs[0], node, scale_image, scale_text, float(qmax), readers))
+        linears = [use.node for use in mul.outputs[0].uses()]
+        points.append(_Point(div.inputs[0], node, scale_image, scale_text, float(qmin), float(qmax), readers, linears))
     return points
 
 
@@ -111,6 +125,9 @@ class SinkScalesPass(MqcPass):
                   "percentile": f"{self.params.percentile} percentile ranges",
                   "trimmed": f"text/image ranges without outlier rows (row max above {self.params.outlier_ratio}x the "
                              "median row max; clipped at run time)"}[self.params.method]
+        if self.params.clip_search == "output":
+            ranges += (", each text/image clip then scaled for the least output error of its linears on sampled rows "
+                       "(an extension)")
         return (f"a third static class for the rows at positions {list(self.params.positions)} (PrefixQuant's outlier tokens, "
                 f"as a static scale rather than a float prefix); {ranges}")
 
@@ -123,7 +140,7 @@ class SinkScalesPass(MqcPass):
         positions = values.get(AIFS_POSITION_IDS) or values.get("position_ids")
         modality = values.get(AIFS_MODALITY_IDS) or values.get(MODALITY_INPUT)
         assert positions is not None and modality is not None  # requires
-        scales, trimmed = self._calibrate(model, points, positions.name, modality.name)
+        scales, trimmed, searched = self._calibrate(model, points, positions.name, modality.name)
         is_sink = self._sink_mask(graph, positions, points)
         for point, (sink, text, image) in zip(points, scales, strict=True):
             old_text = float(constant_array(point.scale_text)) * point.qmax
@@ -147,7 +164,8 @@ class SinkScalesPass(MqcPass):
                                        "text_range_shrink": round(text / old_text, 4) if text and old_text else None,
                                        **{f"outlier_rows_clipped_{label}": trimmed[(point.x.name, slot)]
                                           for slot, label in ((1, "text"), (2, "image"))
-                                          if (point.x.name, slot) in trimmed}})
+                                          if (point.x.name, slot) in trimmed},
+                                       **searched.get(point.x.name, {})})
         self.record.changed = len(points)
         return True
 
@@ -176,11 +194,14 @@ class SinkScalesPass(MqcPass):
         return node.outputs[0]
 
     def _calibrate(self, model: ir.Model, points: list[_Point], positions: str, modality: str
-                   ) -> tuple[list[tuple[float, float, float]], dict[tuple[str, int], int]]:
-        """Per point: the clip of the sink rows, the non-sink text rows and the non-sink image rows (rule 4); and
-        the outlier rows ``trimmed`` left out, by (point input, class slot)."""
+                   ) -> tuple[list[tuple[float, float, float]], dict[tuple[str, int], int], dict[str, dict]]:
+        """Per point: the clip of the sink rows, the non-sink text rows and the non-sink image rows (rules 4-5);
+        the outlier rows ``trimmed`` left out, by (point input, class slot); and the output search's figures."""
         taps = [positions, modality, *dict.fromkeys(p.x.name for p in points)]
         row_maxima: dict[str, list[list[np.ndarray]]] = {name: [[], [], []] for name in taps[2:]}
+        search = self.params.clip_search == "output"
+        per_sample = -(-self.params.search_rows // max(self.ctx.num_samples or 32, 1))
+        sampled: dict[str, list[list[np.ndarray]]] = {name: [[], [], []] for name in taps[2:]}
         histograms = self.params.method in ("mse", "percentile")  # the other methods need the row maxima only
         stats: dict[str, list[TensorStats | None]] = {name: [None, None, None] for name in taps[2:]}
         for _, values in capture(model, taps, self.ctx.feeds(), self.ctx.providers):
@@ -194,6 +215,10 @@ class SinkScalesPass(MqcPass):
                 for slot, select in enumerate((sink, ~sink & (rows_mod == TEXT), ~sink & (rows_mod == IMAGE))):
                     if select.any():
                         row_maxima[name][slot].append(row_max[select])
+                        if search and slot:
+                            picked = np.flatnonzero(select)
+                            step = max(1, -(-picked.size // per_sample))
+                            sampled[name][slot].append(rows[picked[::step]].copy())
                         if histograms:
                             if stats[name][slot] is None:
                                 stats[name][slot] = TensorStats(rows.shape[-1], sample_rows=0)
@@ -207,8 +232,41 @@ class SinkScalesPass(MqcPass):
                 clip.append(value)
                 if dropped:
                     trimmed[(p.x.name, slot)] = dropped
-            clips.append(tuple(clip))
-        return clips, trimmed
+            clips.append(clip)
+        searched: dict[str, dict] = {}
+        if search:
+            for p, clip in zip(points, clips, strict=True):
+                searched[p.x.name] = self._search(p, clip, sampled[p.x.name])
+                clip[1:] = [searched[p.x.name].get(f"{label}_clip", value)
+                            for label, value in (("text", clip[1]), ("image", clip[2]))]
+        return [tuple(clip) for clip in clips], trimmed, searched
+
+    def _search(self, point: _Point, clip: list[float], rows: list[list[np.ndarray]]) -> dict[str, float | str]:
+        """Rule 5 for one point: the text and image clips with the least output error, and the figures."""
+        weights = [dequantized_weight(node) if node.op_type in ("MatMul", "Gemm") else None for node in point.linears]
+        if not weights or any(w is None for w in weights):
+            return {"clip_search": "skipped: a reader is not a linear with a dequantized constant weight"}
+        w = np.concatenate(weights, axis=1).astype(np.float64)
+        figures: dict[str, float | str] = {}
+        for slot, label in ((1, "text"), (2, "image")):
+            if not rows[slot] or clip[slot] <= 0.0:
+                continue
+            x = np.concatenate(rows[slot]).astype(np.float64)
+            reference = np.square(x @ w).sum()
+            errors = []
+            for ratio in CLIP_SEARCH_RATIOS:
+                scale = clip[slot] * ratio / point.qmax
+                error = np.clip(np.rint(x / scale), point.qmin, point.qmax) * scale - x
+                errors.append(float(np.square(error @ w).sum()))
+            best = int(np.argmin(errors))
+            method_error = errors[CLIP_SEARCH_RATIOS.index(1.0)]
+            figures.update({f"{label}_clip": clip[slot] * CLIP_SEARCH_RATIOS[best],
+                            f"clip_ratio_{label}": CLIP_SEARCH_RATIOS[best],
+                            f"output_sqnr_gain_db_{label}": round(10 * np.log10(method_error / errors[best]), 3)
+                            if errors[best] > 0 else 0.0,
+                            f"output_sqnr_db_{label}": round(10 * np.log10(reference / errors[best]), 2)
+                            if errors[best] > 0 else float("inf")})
+        return figures
 
     def _clip(self, row_maxima: list[np.ndarray], stats: TensorStats | None, qmax: float, slot: int
               ) -> tuple[float, int]:
