@@ -17,8 +17,8 @@ from rtops_models import file_outputs
 
 from mqc.calibration import random_feeds
 from mqc.compiler import compile_file
-from mqc.ir import save_model
-from mqc.recipes import PASS_MODULES, Recipe, load_recipe
+from mqc.ir import load_model, save_model
+from mqc.recipes import PASS_MODULES, Recipe, load_recipe, with_assignments
 
 RTOL = 1e-5
 
@@ -158,3 +158,18 @@ def test_norms_fused_into_rmsnorm_quant(recipe, tiny_decoder, tmp_path):
     for name, e in expected.items():
         if np.issubdtype(e.dtype, np.floating) and e.size:
             np.testing.assert_allclose(got[name], e, rtol=0, atol=1e-3 * max(np.abs(e).max(), 1e-6), err_msg=name)
+
+
+def test_mixed_weight_widths_lower_and_match_the_qdq_model(tiny_decoder, tmp_path):
+    """``int8_roles``: int8 v_proj weights per group beside int4 ones lower to QuantLinears of both widths, with the
+    QDQ model's outputs."""
+    recipe = with_assignments(load_recipe("quarot"), ["gptq_weights.group_size=32", 'gptq_weights.int8_roles=["v"]'])
+    qdq_path, mqc_path = tmp_path / "qdq.onnx", tmp_path / "mqc.onnx"
+    compile_file(tiny_decoder("llama"), qdq_path, recipe=recipe, fmt="qdq")
+    report = compile_file(tiny_decoder("llama"), mqc_path, recipe=recipe, fmt="mqc")
+    lowering = next(p for p in report.passes if p.name == "lower_runtime_ops")
+    widths = {row["name"]: row["w_bits"] for p in report.passes if p.name == "gptq_weights" for row in p.layers}
+    assert {w for n, w in widths.items() if n.endswith("v_proj")} == {8} and set(widths.values()) == {4, 8}
+    ops = [node.op_type for node in load_model(mqc_path).graph]
+    assert ops.count("QuantLinear") == len(widths) and lowering.changed >= len(widths), lowering.skipped
+    assert_lowered_matches_qdq(qdq_path, mqc_path, random_feeds(load_model(qdq_path), 2), hadamard_fed=True)
