@@ -226,12 +226,17 @@ def gptq_quantize_readers(
     block_size: int = 128,
     mse_clip: bool = True,
     scales: Sequence[np.ndarray] | None = None,
+    group_scales: str = "static",
 ) -> list[GPTQResult]:
     """:func:`gptq_quantize` of several weights that read one input (one Hessian), each exactly as alone.
 
     H is factored once; the row loop of rule 6 runs once over the weights side by side (every step is per column,
     so each weight's columns see the same operations as alone), and each weight's block update is its own matmul
     of the shape it has alone.
+
+    ``group_scales="dynamic"`` (groups, no act-order; GPTQ's reference loop): each group's scales are searched when
+    the loop reaches the group, on its rows as the error feedback has updated them, instead of up front on the
+    original weight (rule 2); ``scales`` is then not used.
     """
     shapes = [np.shape(w) for w in weights]
     if not shapes or any(len(shape) != 2 for shape in shapes):
@@ -247,6 +252,9 @@ def gptq_quantize_readers(
     if percdamp < 0 or block_size < 1:
         raise ValueError("percdamp must be ≥ 0 and block_size ≥ 1")
     qrange(bits)  # validates the bit width
+    dynamic = group_scales == "dynamic"
+    if dynamic and (group_size is None or act_order or block_size % group_size):
+        raise ValueError("dynamic group scales need a group size that divides block_size and act_order off")
     dead, perm, u = factor_hessian(h_orig, act_order, percdamp)  # before the float64 weights: the factor peaks
     w_origs = [np.asarray(w, dtype=np.float64) for w in weights]
 
@@ -254,7 +262,9 @@ def gptq_quantize_readers(
     columns = np.cumsum([0, *(w.shape[1] for w in w_origs)])
     w = np.concatenate(w_origs, axis=1)
     w[dead, :] = 0.0
-    if scales is None:  # a caller that also needs the RTN baseline passes the scales it searched once
+    if dynamic:  # filled group by group in the row loop
+        scales = [np.zeros((k // group_size, c1 - c0), np.float32) for c0, c1 in itertools.pairwise(columns)]
+    elif scales is None:  # a caller that also needs the RTN baseline passes the scales it searched once
         scales = [weight_scales(w[:, c0:c1].astype(np.float32), bits, group_size, mse_clip)
                   for c0, c1 in itertools.pairwise(columns)]  # float32 [G, N] each
     row_scale = np.concatenate([np.repeat(sc, k if group_size is None else group_size, axis=0) for sc in scales],
@@ -272,6 +282,12 @@ def gptq_quantize_readers(
         err = np.zeros_like(block)
         u_blk = u[b0:b1, b0:b1]
         for i in range(b1 - b0):
+            if dynamic and i % group_size == 0:  # the group's scales from its rows as updated so far
+                group = (b0 + i) // group_size
+                for c, (c0, c1) in enumerate(itertools.pairwise(columns)):
+                    scales[c][group] = weight_scales(block[i : i + group_size, c0:c1].astype(np.float32), bits,
+                                                     group_size, mse_clip)[0]
+                    row_scale[b0 + i : b0 + i + group_size, c0:c1] = scales[c][group]
             row = block[i]
             qi = quantize(row, row_scale[b0 + i], bits)
             q_int[b0 + i] = qi

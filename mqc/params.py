@@ -110,6 +110,15 @@ class GptqWeightsParams(LinearQuantParams):
     #: At most this many decoder layers per Hessian run (None: as many as the context's Gram budget holds).
     layers_per_group: int | None = field(default=None, metadata=bounded(1))
     hessians: HessianSource = "float"
+    #: ``static``: group scales searched on the original weight before the row loop (act-order compatible);
+    #: ``dynamic``: each group's searched when GPTQ reaches it, on its error-updated rows (needs act_order off).
+    group_scales: Literal["static", "dynamic"] = "static"
+
+    def __post_init__(self) -> None:
+        if self.group_scales == "dynamic" and (self.act_order or self.group_size is None
+                                               or self.block_size % self.group_size):
+            raise RecipeError("pass gptq_weights, key 'group_scales': 'dynamic' needs act_order false and a "
+                              "group_size that divides block_size")
 
 
 @dataclass(frozen=True)

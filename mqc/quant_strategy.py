@@ -48,6 +48,7 @@ class WeightRounding:
     act_order: bool = True
     percdamp: float = 0.01
     block_size: int = 128
+    group_scales: Literal["static", "dynamic"] = "static"
 
     @classmethod
     def from_params(cls, params: Any, method: str = "rtn") -> WeightRounding:
@@ -56,6 +57,7 @@ class WeightRounding:
             bits=params.weight_bits, method=method, group_size=params.group_size,  # type: ignore[arg-type]
             mse_clip=getattr(params, "weight_mse_clip", False), act_order=getattr(params, "act_order", True),
             percdamp=getattr(params, "percdamp", 0.01), block_size=getattr(params, "block_size", 128),
+            group_scales=getattr(params, "group_scales", "static"),
         )
 
     def group_for(self, in_features: int) -> int | None:
@@ -91,7 +93,8 @@ class WeightRounding:
             raise ValueError("GPTQ needs a Hessian and no calibration row reached the input")
         scales = [weight_scales(weight, self.bits, group_size, self.mse_clip) for weight in weights]
         rounded = gptq_quantize_readers(weights, hessian, self.bits, group_size, act_order=self.act_order,
-                                        percdamp=self.percdamp, block_size=self.block_size, scales=scales)
+                                        percdamp=self.percdamp, block_size=self.block_size, scales=scales,
+                                        group_scales=self.group_scales)
         results = []
         for weight, scale, (qweight, rel) in zip(weights, scales, rounded, strict=True):
             rtn = quantize_weight_rtn(weight, self.bits, group_size, scale=scale)

@@ -75,6 +75,9 @@ class GptqWeightsPass(LinearQuantPass):
         else:
             hessians = ("GPTQ Hessians all from the float graph, as many decoder layers per calibration run as the Gram "
                         "budget holds (the released code is sequential: hessians='sequential')")
+        if self.params.group_scales == "dynamic":
+            hessians += ("; group scales searched as GPTQ reaches each group, on its error-updated rows, without "
+                         "act-order (GPTQ's reference loop; MQuant's weights are per channel)")
         return f"{super().variant()}; {hessians}"
 
     def _groups(self, model: ir.Model, linears: Sequence[Linear]) -> list[list[Linear]]:
