@@ -94,7 +94,7 @@ class WeightRounding:
         scales = [weight_scales(weight, self.bits, group_size, self.mse_clip) for weight in weights]
         rounded = gptq_quantize_readers(weights, hessian, self.bits, group_size, act_order=self.act_order,
                                         percdamp=self.percdamp, block_size=self.block_size, scales=scales,
-                                        group_scales=self.group_scales)
+                                        group_scales=self.group_scales if group_size is not None else "static")
         results = []
         for weight, scale, (qweight, rel) in zip(weights, scales, rounded, strict=True):
             rtn = quantize_weight_rtn(weight, self.bits, group_size, scale=scale)

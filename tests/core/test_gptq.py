@@ -196,3 +196,16 @@ def test_dynamic_group_scales_follow_the_updated_rows():
     with pytest.raises(RecipeError, match="group_scales"):
         GptqWeightsParams(group_size=64, group_scales="dynamic")  # act_order defaults to true
     assert GptqWeightsParams(group_size=64, act_order=False, group_scales="dynamic").group_scales == "dynamic"
+
+
+def test_dynamic_group_scales_fall_back_to_static_per_channel_weights():
+    """A linear whose input size the group does not divide is rounded per channel (noted by the pass): with
+    ``group_scales="dynamic"`` it is GPTQ-rounded like any per-channel weight, not refused."""
+    from mqc.quant_strategy import WeightRounding
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((48, 8)).astype(np.float32)
+    x = rng.standard_normal((200, 48))
+    rounding = WeightRounding(4, "gptq", 64, act_order=False, group_scales="dynamic")
+    ((qweight, _),) = rounding.round_readers([w], 2 * x.T @ x / 200, rounding.group_for(48))
+    assert qweight.group_size is None and qweight.scale.shape == (8,)
