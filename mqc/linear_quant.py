@@ -173,6 +173,7 @@ class LinearQuantPass(MqcPass):
             readers.setdefault(lin.input.name, []).append(lin)
         if stats is None:
             stats = self.ctx.calibrate(model, list(readers), label="calibrating activations")
+
         def rounded(lin: Linear) -> tuple[np.ndarray, QuantizedWeight, dict[str, Any]]:
             weight = lin.weight_array()
             qweight = self.rounding_for(lin).rtn(weight, self.group_size_for(lin))

@@ -236,17 +236,20 @@ class SinkScalesPass(MqcPass):
         searched: dict[str, dict] = {}
         if search:
             for p, clip in zip(points, clips, strict=True):
-                searched[p.x.name] = self._search(p, clip, sampled[p.x.name])
-                clip[1:] = [searched[p.x.name].get(f"{label}_clip", value)
-                            for label, value in (("text", clip[1]), ("image", clip[2]))]
+                better, searched[p.x.name] = self._search(p, clip, sampled[p.x.name])
+                for slot, value in better.items():
+                    clip[slot] = value
         return [tuple(clip) for clip in clips], trimmed, searched
 
-    def _search(self, point: _Point, clip: list[float], rows: list[list[np.ndarray]]) -> dict[str, float | str]:
-        """Rule 5 for one point: the text and image clips with the least output error, and the figures."""
+    def _search(self, point: _Point, clip: list[float], rows: list[list[np.ndarray]]
+                ) -> tuple[dict[int, float], dict[str, float | str]]:
+        """Rule 5 for one point: the text and image clips with the least output error, by class slot, and the
+        figures to record."""
         weights = [dequantized_weight(node) if node.op_type in ("MatMul", "Gemm") else None for node in point.linears]
         if not weights or any(w is None for w in weights):
-            return {"clip_search": "skipped: a reader is not a linear with a dequantized constant weight"}
+            return {}, {"clip_search": "skipped: a reader is not a linear with a dequantized constant weight"}
         w = np.concatenate(weights, axis=1).astype(np.float64)
+        better: dict[int, float] = {}
         figures: dict[str, float | str] = {}
         for slot, label in ((1, "text"), (2, "image")):
             if not rows[slot] or clip[slot] <= 0.0:
@@ -260,13 +263,13 @@ class SinkScalesPass(MqcPass):
                 errors.append(float(np.square(error @ w).sum()))
             best = int(np.argmin(errors))
             method_error = errors[CLIP_SEARCH_RATIOS.index(1.0)]
-            figures.update({f"{label}_clip": clip[slot] * CLIP_SEARCH_RATIOS[best],
-                            f"clip_ratio_{label}": CLIP_SEARCH_RATIOS[best],
+            better[slot] = clip[slot] * CLIP_SEARCH_RATIOS[best]
+            figures.update({f"clip_ratio_{label}": CLIP_SEARCH_RATIOS[best],
                             f"output_sqnr_gain_db_{label}": round(10 * np.log10(method_error / errors[best]), 3)
                             if errors[best] > 0 else 0.0,
                             f"output_sqnr_db_{label}": round(10 * np.log10(reference / errors[best]), 2)
                             if errors[best] > 0 else float("inf")})
-        return figures
+        return better, figures
 
     def _clip(self, row_maxima: list[np.ndarray], stats: TensorStats | None, qmax: float, slot: int
               ) -> tuple[float, int]:
