@@ -23,7 +23,7 @@ import numpy as np
 from mqc.passes import gptq_weights
 
 import mqc.streaming as streaming
-from mqc.calibration import TensorStats
+from mqc.calibration import Calibrator, TensorStats
 from mqc.compiler import compile_file
 
 PHASE = ["start"]
@@ -56,27 +56,64 @@ def anonymous_mappings(min_mb: int) -> list[tuple[str, int]]:
 
 
 def held_arrays(min_bytes: int) -> list[tuple[tuple[int, ...], str, list[str]]]:
-    """Base arrays of ``min_bytes`` or more reachable from a gc-tracked object directly or through one untracked
-    tuple/dict/list, with the holders' type names."""
+    """Base arrays of ``min_bytes`` or more reachable from Python, with the type names on one path to each: a walk
+    from every gc-tracked object and every thread's executing frames (their locals, which ``gc.get_objects`` does
+    not list) through any depth of containers, tracked or not."""
+    import sys
+
     found: dict[int, tuple[tuple[int, ...], str, list[str]]] = {}
-
-    def note(array: np.ndarray, holder: str) -> None:
-        base = array
-        while isinstance(base.base, np.ndarray):
-            base = base.base
-        if base.nbytes >= min_bytes:
-            found.setdefault(id(base), (base.shape, str(base.dtype), []))[2].append(holder)
-
-    for owner in gc.get_objects():
-        for item in gc.get_referents(owner):
-            if isinstance(item, np.ndarray):
-                note(item, type(owner).__name__)
-            elif isinstance(item, (tuple, list, dict)) and not gc.is_tracked(item):
-                inner = item.values() if isinstance(item, dict) else item
-                for value in inner:
-                    if isinstance(value, np.ndarray):
-                        note(value, f"{type(owner).__name__}>{type(item).__name__}")
+    seen: set[int] = set()
+    frames = []
+    for frame in sys._current_frames().values():
+        while frame is not None:
+            frames.append(frame)
+            frame = frame.f_back
+    queue = [(obj, type(obj).__name__) for obj in [*gc.get_objects(), *frames, *(f.f_locals for f in frames)]]
+    while queue:
+        obj, path = queue.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, np.ndarray):
+            base = obj
+            while isinstance(base.base, np.ndarray):
+                base = base.base
+            if base.nbytes >= min_bytes:
+                found.setdefault(id(base), (base.shape, str(base.dtype), []))[2].append(path)
+            continue
+        if isinstance(obj, (str, bytes, int, float, type)):
+            continue
+        label = path if len(path) < 120 else path[:117] + "..."
+        queue.extend((ref, f"{label}>{type(ref).__name__}") for ref in gc.get_referents(obj) if id(ref) not in seen)
     return list(found.values())
+
+
+def malloc_mapped_gb() -> tuple[float, int]:
+    """The C allocator's own count of its mmap'd chunks (glibc ``mallinfo2``: hblkhd in GB, hblks): memory the
+    allocator handed out and that was not freed, as opposed to mappings some library made itself."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                          "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = MallInfo2
+    info = libc.mallinfo2()
+    return info.hblkhd / 2**30, info.hblks
+
+
+def live_sessions() -> dict[str, int]:
+    """Live onnxruntime session and OrtValue wrappers (their native memory is invisible to the array walk)."""
+    import onnxruntime as ort
+
+    counts = {"InferenceSession": 0, "OrtValue": 0}
+    for obj in gc.get_objects():
+        if isinstance(obj, ort.InferenceSession):
+            counts["InferenceSession"] += 1
+        elif isinstance(obj, ort.OrtValue):
+            counts["OrtValue"] += 1
+    return counts
 
 
 def gram_holders() -> int:
@@ -85,8 +122,13 @@ def gram_holders() -> int:
                if isinstance(obj, TensorStats) and obj.gram_sum is not None and obj.gram_sum.blocks)
 
 
+#: Phase labels after whose end the arrays Python holds are walked too (``--walk-after``), and the array size.
+WALK_AFTER: set[str] = set()
+WALK_BYTES = [200 << 20]
+
+
 def labelled(owner: type, name: str, label: str) -> None:
-    """Wrap ``owner.name`` so the sampler reports ``label`` while it runs."""
+    """Wrap ``owner.name`` so the sampler reports ``label`` while it runs, and report the memory at its end."""
     original = getattr(owner, name)
 
     def wrapper(self, *args, **kwargs):
@@ -95,6 +137,12 @@ def labelled(owner: type, name: str, label: str) -> None:
             return original(self, *args, **kwargs)
         finally:
             PHASE[0] = previous
+            gc.collect()
+            mapped, chunks = malloc_mapped_gb()
+            print(f"  end of {label}: anon {process_memory()['RssAnon']:.2f} GB; malloc's mapped chunks "
+                  f"{mapped:.2f} GB in {chunks}", flush=True)
+            if label in WALK_AFTER:
+                print(f"   arrays: {held_arrays(WALK_BYTES[0])}", flush=True)
 
     setattr(owner, name, wrapper)
 
@@ -121,8 +169,16 @@ def main() -> None:
     parser.add_argument("--array-mb", type=int, default=200)
     parser.add_argument("--map-mb", type=int, default=400)
     parser.add_argument("--every", type=float, default=5.0, help="sampler period, seconds")
+    parser.add_argument("--walk-after", action="append", default=[],
+                        help="also walk the arrays Python holds at the end of this phase (repeatable)")
     args = parser.parse_args()
 
+    WALK_AFTER.update(args.walk_after)
+    WALK_BYTES[0] = args.array_mb << 20
+    labelled(streaming.BlockSession, "__init__", "block session opened")
+    labelled(streaming.BlockSession, "run", "block session run")
+    labelled(streaming.BlockSession, "close", "block session closed")
+    labelled(Calibrator, "accumulate", "statistics of a sample")
     labelled(streaming.StreamedCompile, "_calibrate", "block calibration")
     labelled(streaming.StreamedCompile, "_forward", "block forward")
     labelled(gptq_weights.GptqWeightsPass, "_quantize", "gptq jobs")
@@ -136,6 +192,7 @@ def main() -> None:
         print(f"AFTER BLOCK {done[0]} t={time.time() - START:.0f}s anon {memory['RssAnon']:.2f} GB peak "
               f"{memory['VmHWM']:.2f}; TensorStats with Gram nodes: {gram_holders()}", flush=True)
         print(f"   arrays: {held_arrays(args.array_mb << 20)}", flush=True)
+        print(f"   malloc's mapped chunks (GB, count): {malloc_mapped_gb()}; live: {live_sessions()}", flush=True)
         print(f"   anonymous mappings: {anonymous_mappings(args.map_mb)}", flush=True)
         done[0] += 1
         PHASE[0] = f"after block {done[0]}"

@@ -83,16 +83,20 @@ def lowrank_compensation(
     if rank < 0:
         raise ValueError(f"rank must be ≥ 0, got {rank}")
     k = dw.shape[0]
-    if whiten:
-        if gram is None:
-            raise ValueError("whitening needs the Gram matrix")
-        if np.shape(gram) != (k, k):
-            raise ValueError(f"gram must be [{k}, {k}], got {np.shape(gram)}")
-        t, t_inv = whitening(gram, damp=damp, rtol=rtol)
-        target = t @ dw
-    else:
-        t_inv = None
-        target = dw
+    if not whiten:
+        return truncated(dw, None, None, rank)
+    if gram is None:
+        raise ValueError("whitening needs the Gram matrix")
+    if np.shape(gram) != (k, k):
+        raise ValueError(f"gram must be [{k}, {k}], got {np.shape(gram)}")
+    return truncated(dw, *whitening(gram, damp=damp, rtol=rtol), rank)
+
+
+def truncated(dw: np.ndarray, t: np.ndarray | None, t_inv: np.ndarray | None,
+              rank: int) -> tuple[np.ndarray, np.ndarray, LowRankInfo]:
+    """Theorem 2's factors of ``dw`` [K, N] for a whitening (T, T⁻¹) computed once (several weights reading one
+    input share it), or the plain truncated SVD when ``t`` is None."""
+    target = dw if t is None else t @ dw
     u, s, vt = np.linalg.svd(target, full_matrices=False)
     r = min(rank, s.size)
     l1 = u[:, :r] if t_inv is None else t_inv @ u[:, :r]
@@ -100,7 +104,7 @@ def lowrank_compensation(
     energy = s**2
     info = LowRankInfo(
         rank=r,
-        whitened=whiten,
+        whitened=t is not None,
         singular_values=s,
         residual=float(energy[r:].sum()),
         total=float(energy.sum()),

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from mqc.graph.markers import LOWRANK_KEY
 from mqc.ir import constant_array
 
 ROLE_PATTERNS: list[tuple[str, str]] = [
@@ -376,6 +377,9 @@ def build_model_map(model: ir.Model) -> ModelMap:
     norms: list[Norm] = []
     embeddings: list[ir.Node] = []
     for node in graph:
+        if LOWRANK_KEY in node.metadata_props:
+            refused.append(Skip(node.name or node.op_type, "a low-rank error-compensation branch (stays in float)"))
+            continue
         linear, reason = _as_linear(node)
         if linear is not None:
             linear.role = _role_from_name(linear.name) or "other"

@@ -113,6 +113,9 @@ class GptqWeightsParams(LinearQuantParams):
     #: ``static``: group scales searched on the original weight before the row loop (act-order compatible);
     #: ``dynamic``: each group's searched when GPTQ reaches it, on its error-updated rows (needs act_order off).
     group_scales: Literal["static", "dynamic"] = "static"
+    #: Rank of a float branch x·L1·L2 added to each GPTQ linear that compensates its weight's rounding error
+    #: (whitened SVD of W − Ŵ against the linear's Hessian; 0: none).
+    error_rank: int = field(default=0, metadata=bounded(0))
 
     def __post_init__(self) -> None:
         if self.group_scales == "dynamic" and (self.act_order or self.group_size is None

@@ -38,6 +38,15 @@ Rules, in order:
 6. ``statistics="before_cmc"`` (MASQuant's plain linears after ``cmc``, ``masquant-gptq``): the Hessians and
    activation statistics are the ones cmc took of the graph before its lowering (it keeps Gram matrices when it
    rounds B by GPTQ itself); no calibration runs and ``hessians`` does not apply.
+7. ``error_rank`` r > 0 (an extension: MASQuant's CMC machinery, ``mqc.lowrank``, applied to the weight rounding
+   error of every token, in the spirit of LQER): each GPTQ linear gets a float branch
+   ``y = MatMul(x_q, Ŵ) + MatMul(MatMul(x, L1), L2)`` reading its unquantized input x, with L1 L2 the best rank-r
+   approximation of W − Ŵ in the norm of its calibration rows (whitened SVD against the same Hessian GPTQ used,
+   Theorem 2: the branch removes the largest part of ‖X(W − Ŵ)‖ any rank-r matrix can). Still fully static (no
+   run-time scale); the branch's MatMuls carry ``mqc.lowrank`` and are not linears of the model map. Records
+   ``error_rank`` and ``error_retained`` (the share of the calibration-row error energy the branch removes). In
+   ``hessians="sequential"`` mode the branches enter the graph after the last layer, so later layers' Hessians do
+   not see them.
 """
 
 from __future__ import annotations
@@ -50,13 +59,18 @@ import onnx_ir as ir
 
 from mqc.calibration import SampleTreeSum, TapStats
 from mqc.gptq import factors_in_place, hessian_from_tap
+from mqc.graph.markers import LOWRANK_KEY
 from mqc.graph.msq import modality_input
 from mqc.graph.qdq import insert_weight_dequant
-from mqc.ir import ensure_opset, remove_unused_initializers
+from mqc.ir import add_initializer, ensure_opset, remove_unused_initializers
 from mqc.linear_quant import LinearQuantPass
+from mqc.lowrank import truncated, whitening
 from mqc.model_map import Linear
 from mqc.quant_strategy import WeightRounding
 from mqc.quantizer import QuantizedWeight
+
+#: The low-rank factors (L1 [K, r], L2 [r, N]) of one linear's weight rounding error.
+Factors = tuple[np.ndarray, np.ndarray]
 
 
 class GptqWeightsPass(LinearQuantPass):
@@ -75,6 +89,10 @@ class GptqWeightsPass(LinearQuantPass):
         else:
             hessians = ("GPTQ Hessians all from the float graph, as many decoder layers per calibration run as the Gram "
                         "budget holds (the released code is sequential: hessians='sequential')")
+        if self.params.error_rank:
+            hessians += (f"; a float rank-{self.params.error_rank} branch per linear compensating its weight rounding "
+                         "error (whitened SVD against its Hessian: MASQuant's CMC machinery applied to every token's "
+                         "weight error, an extension in the spirit of LQER; neither paper has it)")
         if self.params.group_scales == "dynamic":
             hessians += ("; group scales searched as GPTQ reaches each group, on its error-updated rows, without "
                          "act-order (GPTQ's reference loop; MQuant's weights are per channel)")
@@ -114,6 +132,7 @@ class GptqWeightsPass(LinearQuantPass):
 
     def run(self, model: ir.Model) -> bool:
         selected = self.selected_linears(model)
+        self._factors: dict[int, Factors] = {}  # rule 7, by linear node
         results: dict[int, tuple[QuantizedWeight | None, dict[str, float]]] = {}
         float_weights: dict[int, np.ndarray] = {}
         handed = self.handed_statistics(model, selected)
@@ -159,7 +178,8 @@ class GptqWeightsPass(LinearQuantPass):
                 by_rounding.setdefault(self.rounding_for(lin), []).append(lin)
             for rounding, group in by_rounding.items():
                 weights = [lin.weight_array() for lin in group]
-                jobs.append((group, rows, (rounding, weights, hessian, self.group_size_for(group[0]))))
+                jobs.append((group, rows, (rounding, weights, hessian, self.group_size_for(group[0]),
+                                           self.params.error_rank)))
         outcomes = self.ctx.executor.map(gptq_readers, [job for _, _, job in jobs],
                                          job_bytes=[gptq_job_bytes(job[1], job[2]) for _, _, job in jobs])
         for (lins, rows, _), outcome in zip(jobs, outcomes, strict=True):
@@ -168,9 +188,11 @@ class GptqWeightsPass(LinearQuantPass):
                     self.record.skip(lin.name, f"GPTQ failed: {outcome}")
                     results[id(lin.node)] = (None, {})
                 continue
-            for lin, (qweight, figures) in zip(lins, outcome, strict=True):
+            for lin, (qweight, figures, factors) in zip(lins, outcome, strict=True):
                 figures.pop("weight_method")
                 results[id(lin.node)] = (qweight, {**figures, "hessian_rows": rows})
+                if factors is not None:
+                    self._factors[id(lin.node)] = factors
 
     def _emit(
         self, model: ir.Model, selected: Sequence[Linear], stats: dict[str, TapStats], results: dict,
@@ -185,6 +207,9 @@ class GptqWeightsPass(LinearQuantPass):
                     self.record.skip(lin.name, "no calibration data reached its input (or it is all zeros)")
                 continue
             readers.setdefault(lin.input.name, []).append(lin)
+            factors = self._factors.pop(id(lin.node), None)
+            if factors is not None:
+                _add_lowrank_branch(graph, lin, *factors)
 
         def rounded(lin: Linear) -> tuple[np.ndarray, QuantizedWeight, dict[str, Any]]:
             qweight, figures = results[id(lin.node)]
@@ -197,14 +222,44 @@ class GptqWeightsPass(LinearQuantPass):
         return self.emit(model, readers, stats, rounded)
 
 
-def gptq_readers(rounding: WeightRounding, weights: list[np.ndarray], hessian: np.ndarray,
-                 group_size: int | None) -> list[tuple[QuantizedWeight, dict[str, Any]]] | str:
-    """The GPTQ weights of the readers of one value with their figures (``WeightRounding.round_readers``), or why
-    GPTQ failed (an executor job: a pure function of its arguments)."""
+def gptq_readers(rounding: WeightRounding, weights: list[np.ndarray], hessian: np.ndarray, group_size: int | None,
+                 error_rank: int = 0) -> list[tuple[QuantizedWeight, dict[str, Any], Factors | None]] | str:
+    """The GPTQ weights of the readers of one value with their figures (``WeightRounding.round_readers``) and, with
+    ``error_rank``, the low-rank factors of their rounding errors (rule 7); or why GPTQ failed (an executor job: a
+    pure function of its arguments)."""
     try:
-        return rounding.round_readers(weights, hessian, group_size)
+        rounded = rounding.round_readers(weights, hessian, group_size)
     except ValueError as exc:
         return str(exc)
+    if not error_rank:
+        return [(qweight, figures, None) for qweight, figures in rounded]
+    whitener = whitening(hessian)  # one eigendecomposition for every reader of the value
+    results = []
+    for weight, (qweight, figures) in zip(weights, rounded, strict=True):
+        error = np.asarray(weight, dtype=np.float64) - qweight.dequantize().astype(np.float64)
+        l1, l2, info = truncated(error, *whitener, error_rank)
+        figures = {**figures, "error_rank": info.rank, "error_retained": round(info.retained, 5)}
+        results.append((qweight, figures, (l1.astype(np.float32), l2.astype(np.float32))))
+    return results
+
+
+def _add_lowrank_branch(graph: ir.Graph, lin: Linear, l1: np.ndarray, l2: np.ndarray) -> None:
+    """Rule 7: ``y = MatMul(x, Ŵ) + MatMul(MatMul(x, L1), L2)`` on the linear's unquantized input x, before its bias."""
+    out = lin.node.outputs[0]
+    first = ir.node("MatMul", [lin.input, add_initializer(graph, f"{lin.name}.error_lowrank_a", l1)],
+                    name=f"{lin.name}/error_lowrank_a")
+    second = ir.node("MatMul", [first.outputs[0], add_initializer(graph, f"{lin.name}.error_lowrank_b", l2)],
+                     name=f"{lin.name}/error_lowrank_b")
+    add = ir.node("Add", [out, second.outputs[0]], name=f"{lin.name}/error_lowrank_add")
+    for node in (first, second):
+        node.metadata_props[LOWRANK_KEY] = lin.name
+    for name, node in (("lowrank_mid", first), ("lowrank_out", second), ("compensated", add)):
+        node.outputs[0].name = f"{lin.name}/{name}"
+    add.outputs[0].dtype, add.outputs[0].shape = out.dtype, out.shape
+    for use in list(out.uses()):
+        if use.node is not add:
+            use.node.replace_input_with(use.idx, add.outputs[0])
+    graph.insert_after(lin.node, [first, second, add])
 
 
 def gptq_job_bytes(weights: Sequence[np.ndarray], hessian: np.ndarray) -> int:

@@ -15,6 +15,9 @@ MAS_SMOOTH_KEY = "mqc.mas"
 MAS_LINEAR_KEY = "mqc.mas_linear"
 #: On cmc's float compensation MatMuls (value ``"compensation"``): linear quantizers leave them in float.
 CMC_KEY = "mqc.cmc"
+#: On the two MatMuls of a low-rank branch that compensates a quantized weight's error (``gptq_weights``'s
+#: ``error_rank``; value: the compensated linear's name): they stay in float and are not linears of the model map.
+LOWRANK_KEY = "mqc.lowrank"
 #: On the AIFS token-sort node.
 AIFS_KEY = "mqc.aifs"
 #: ``model.meta`` key (in memory, never saved): the statistics ``cmc`` took of the graph before lowering the MAS

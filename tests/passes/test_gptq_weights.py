@@ -144,12 +144,13 @@ def test_gptq_jobs_are_one_per_input_value_and_give_what_a_worker_gives(tiny_dec
     (record,) = PassManager([GptqWeightsPass(weight_bits=4)], ctx).run(model)
     ((function, jobs, outcomes),) = executor.calls
     assert function is gptq_readers and record.changed == 14
-    assert sorted(len(weights) for _, weights, _, _ in jobs) == [1, 1, 1, 1, 2, 2, 3, 3]  # o, down; gate+up; qkv
+    assert sorted(len(weights) for _, weights, *_ in jobs) == [1, 1, 1, 1, 2, 2, 3, 3]  # o, down; gate+up; qkv
     for job, used in zip(jobs, outcomes, strict=True):
         shipped_function, shipped_job = pickle.loads(pickle.dumps((function, job)))
-        alone = job[0].round_readers(*job[1:])
+        alone = [(*rounded, None) for rounded in job[0].round_readers(*job[1:4])]
         for again in (shipped_function(*shipped_job), alone):
-            for (qweight, figures), (used_q, used_figures) in zip(again, used, strict=True):
+            for (qweight, figures, factors), (used_q, used_figures, _) in zip(again, used, strict=True):
+                assert factors is None  # error_rank 0
                 assert np.array_equal(qweight.q, used_q.q) and np.array_equal(qweight.scale, used_q.scale)
                 assert {**figures, "weight_method": "gptq"} == {**used_figures, "weight_method": "gptq"}
     assert all({"gptq_rel_error", "rtn_rel_error", "hessian_rows"} <= set(row) for row in record.layers)
@@ -181,3 +182,34 @@ def test_int8_roles_round_those_linears_to_int8_against_the_shared_hessian(tiny_
     assert "int8 weights for the v linears" in GptqWeightsPass(int8_roles=("v",)).variant()
     summary = weight_widths(records[("v",)].layers)
     assert summary is not None and "at int8" in summary and weight_widths(records[()].layers) is None
+
+
+def test_error_rank_adds_a_float_branch_that_brings_the_output_closer_to_float(tiny_decoder, tmp_path):
+    """``error_rank``: the same GPTQ weights plus a marked float x·L1·L2 branch per linear; the compiled logits get
+    closer to float, the branches are not linears of the model map, and the figures and the label say so."""
+    from mqc.graph.markers import LOWRANK_KEY
+    from mqc.model_map import build_model_map
+
+    source = tiny_decoder("llama")
+    feeds = random_feeds(load_model(source), 3, seed=123)
+    ref = _logits(source, feeds)
+    sqnr, weights = {}, {}
+    for rank in (0, 8):
+        model = load_model(source)
+        ctx = CompileContext(lambda model=model: random_feeds(model, 2, seed=1))
+        (record,) = PassManager([GptqWeightsPass(weight_bits=4, error_rank=rank)], ctx).run(model)
+        path = tmp_path / f"r{rank}.onnx"
+        mqc.ir.save_model(model, path)
+        sqnr[rank] = sqnr_db(ref, _logits(path, feeds))
+        weights[rank] = {t.name: t.const_value.numpy().tobytes() for t in model.graph.initializers.values()
+                         if t.name.endswith(".weight_q")}
+        if rank:
+            branches = [n for n in model.graph if LOWRANK_KEY in n.metadata_props]
+            assert len(branches) == 2 * record.changed == 28
+            assert [lin.role for lin in build_model_map(model).linears] == ["lm_head"]  # no branch
+            rows = record.layers
+            assert {row["error_rank"] for row in rows} == {8}
+            assert all(0 < row["error_retained"] < 1 for row in rows)
+    assert weights[8] == weights[0]
+    assert sqnr[8] > sqnr[0] + 0.5, sqnr
+    assert "float rank-8 branch per linear" in GptqWeightsPass(error_rank=8).variant()

@@ -173,3 +173,18 @@ def test_mixed_weight_widths_lower_and_match_the_qdq_model(tiny_decoder, tmp_pat
     ops = [node.op_type for node in load_model(mqc_path).graph]
     assert ops.count("QuantLinear") == len(widths) and lowering.changed >= len(widths), lowering.skipped
     assert_lowered_matches_qdq(qdq_path, mqc_path, random_feeds(load_model(qdq_path), 2), hadamard_fed=True)
+
+
+def test_error_compensation_branches_stay_beside_their_quant_linears(tiny_decoder, tmp_path):
+    """``error_rank``: every linear still lowers to a QuantLinear; its float low-rank branch stays as two MatMuls
+    and an Add beside it (QuantLinear's own low-rank input is for image tokens only), with the QDQ model's outputs."""
+    recipe = with_assignments(load_recipe("quarot"), ["gptq_weights.error_rank=4"])
+    qdq_path, mqc_path = tmp_path / "qdq.onnx", tmp_path / "mqc.onnx"
+    compile_file(tiny_decoder("llama"), qdq_path, recipe=recipe, fmt="qdq")
+    report = compile_file(tiny_decoder("llama"), mqc_path, recipe=recipe, fmt="mqc")
+    quantized = sum(len(p.layers) for p in report.passes if p.name == "gptq_weights")
+    ops = [node.op_type for node in load_model(mqc_path).graph]
+    assert ops.count("QuantLinear") == quantized
+    branches = [node for node in load_model(mqc_path).graph if "mqc.lowrank" in node.metadata_props]
+    assert len(branches) == 2 * quantized and {node.op_type for node in branches} == {"MatMul"}
+    assert_lowered_matches_qdq(qdq_path, mqc_path, random_feeds(load_model(qdq_path), 2), hadamard_fed=True)
