@@ -126,6 +126,10 @@ def session_from_proto(proto: onnx.ModelProto, names: Sequence[str], values: Seq
     import onnxruntime as ort
 
     options = _options(optimization_level, None, any(op.domain == MQC_DOMAIN for op in proto.opset_import))
+    # No CPU arena: a compile opens and closes many sessions, and the arena's regions outlived the closed ones (a
+    # streamed 7B-shaped compile kept 8.3 GB per decoder layer, the run-time Hadamard's float32 H among them;
+    # BENCHMARKS.md, session 12). Allocation strategy does not change what a session computes.
+    options.enable_cpu_mem_arena = False
     if external_folder is not None:
         options.add_session_config_entry(_EXTERNAL_FOLDER_KEY, external_folder)
     if not prepack:
