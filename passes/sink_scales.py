@@ -18,7 +18,11 @@ Rules:
    scale, which changes nothing a real token sees.
 3. P is ``position_ids`` as the graph's own ops read it: the graph input, or AIFS's permuted copy
    (``mqc_aifs_position_ids``) when AIFS ran first; so the mask follows the tokens through AIFS's reordering.
-   Run before AIFS in a recipe and AIFS rewires the mask's read itself.
+   Run before AIFS in a recipe and AIFS rewires the mask's read itself. A graph without ``position_ids`` (an
+   exporter that computes the positions inside) gets P from ``attention_mask`` [B, past + S] as Hugging Face models
+   compute theirs, ``CumSum(attention_mask, 1) - 1`` over the last S columns (S from ``modality_ids``): the first
+   real token of each sequence is 0, left padding is -1 (never a sink), a decode step is past its prompt. Such a
+   graph has no AIFS (AIFS needs ``position_ids``), so the tokens are in their original order.
 4. Calibration: one run of the current graph over the calibration feeds, tapping every quantization point's input
    X with the position and modality ids the graph uses; each scale is set from its rows (sink rows of any
    modality; text and image rows that are not sinks) by ``method``: their max |x| (``minmax``, the default), or
@@ -98,22 +102,42 @@ def _msq_points(graph: ir.Graph) -> list[_Point]:
     return points
 
 
+def _positions_from_mask(graph: ir.Graph, mask: ir.Value, modality: ir.Value) -> ir.Value:
+    """Rule 3's P for a graph without position ids: ``Slice(CumSum(attention_mask, 1) - 1, -S)``, S the tokens."""
+    def const(name: str, array: np.ndarray) -> ir.Value:
+        return add_initializer(graph, f"{PREFIX}_{name}", array)
+
+    nodes = [ir.node("Cast", [mask], attributes={"to": ir.DataType.INT64}, name=f"{PREFIX}/mask_int64")]
+    nodes.append(ir.node("CumSum", [nodes[-1].outputs[0], const("axis", np.array(1, np.int64))],
+                         name=f"{PREFIX}/mask_cumsum"))
+    nodes.append(ir.node("Sub", [nodes[-1].outputs[0], const("one", np.array(1, np.int64))],
+                         name=f"{PREFIX}/all_positions"))
+    nodes.append(ir.node("Shape", [modality], attributes={"start": 1, "end": 2}, name=f"{PREFIX}/tokens"))
+    nodes.append(ir.node("Neg", [nodes[-1].outputs[0]], name=f"{PREFIX}/minus_tokens"))
+    nodes.append(ir.node("Slice", [nodes[2].outputs[0], nodes[-1].outputs[0],
+                                   const("end", np.array([np.iinfo(np.int64).max], np.int64)),
+                                   const("slice_axis", np.array([1], np.int64))], name=f"{PREFIX}/positions"))
+    nodes[-1].outputs[0].name = f"{PREFIX}_positions"
+    graph.insert_before(next(iter(graph)), nodes)
+    return nodes[-1].outputs[0]
+
+
 class SinkScalesPass(MqcPass):
     """Give the sink-position token rows their own static scale at every MSQ quantization point."""
 
     name = "sink_scales"
     fatal_skips = declare_fatal(
         no_msq_points="no MSQ quantization point (Where of a text and an image scale) to give a sink class",
-        no_position_ids="no position_ids input: sink rows cannot be selected statically",
+        no_position_ids="no position_ids or attention_mask input: sink rows cannot be selected statically",
         no_modality_ids="no modality_ids input: the MSQ points it rewrites select per modality",
     )
 
     def requires(self, model: ir.Model) -> None:
         graph = model.graph
         names = {v.name for v in graph.inputs} | {v.name for node in graph for v in node.outputs}
-        if not names & {AIFS_POSITION_IDS, "position_ids"}:
-            raise self.refuse("no_position_ids", "the graph has no position_ids input: sink rows (position 0) cannot "
-                                                 "be selected statically")
+        if not names & {AIFS_POSITION_IDS, "position_ids", "attention_mask"}:
+            raise self.refuse("no_position_ids", "the graph has no position_ids or attention_mask input: sink rows "
+                                                 "(position 0) cannot be selected statically")
         if not names & {AIFS_MODALITY_IDS, MODALITY_INPUT}:
             raise self.refuse("no_modality_ids", "the graph has no modality_ids input, so no MSQ point to rewrite")
         if not _msq_points(graph):
@@ -139,7 +163,10 @@ class SinkScalesPass(MqcPass):
         values.update({v.name: v for v in graph.inputs})
         positions = values.get(AIFS_POSITION_IDS) or values.get("position_ids")
         modality = values.get(AIFS_MODALITY_IDS) or values.get(MODALITY_INPUT)
-        assert positions is not None and modality is not None  # requires
+        assert modality is not None  # requires
+        if positions is None:
+            positions = _positions_from_mask(graph, values["attention_mask"], modality)
+            self.record.notes.append("no position_ids input: sink positions from CumSum(attention_mask) - 1 (rule 3)")
         scales, trimmed, searched = self._calibrate(model, points, positions.name, modality.name)
         is_sink = self._sink_mask(graph, positions, points)
         for point, (sink, text, image) in zip(points, scales, strict=True):

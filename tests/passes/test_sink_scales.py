@@ -168,3 +168,66 @@ def test_output_clip_search_lowers_the_readers_output_error(compiled):
     assert any(row["clip_ratio_text"] != 1.0 for row in record.layers)
     ops = {node.op_type for node in model.graph}
     assert not RUNTIME_SCALE_OPS & ops  # still fully static
+
+
+def _without_position_ids(path, out):
+    """The graph of ``path`` as an exporter that computes the positions inside would write it: ``position_ids`` is
+    ``Range(past, past + S)`` from the attention mask's and the embeddings' shapes instead of an input."""
+    import onnx_ir as ir
+
+    from mqc.ir import add_initializer
+
+    model = load_model(path)
+    graph = model.graph
+    pos = next(v for v in graph.inputs if v.name == "position_ids")
+    mask = next(v for v in graph.inputs if v.name == "attention_mask")
+    embeds = next(v for v in graph.inputs if v.name == "inputs_embeds")
+    one = add_initializer(graph, "test_one", np.array(1, np.int64))
+    nodes = [ir.node("Shape", [mask], attributes={"start": 1, "end": 2}),
+             ir.node("Shape", [embeds], attributes={"start": 1, "end": 2})]
+    nodes.append(ir.node("Sub", [nodes[0].outputs[0], nodes[1].outputs[0]]))
+    nodes += [ir.node("Squeeze", [nodes[2].outputs[0]]), ir.node("Squeeze", [nodes[0].outputs[0]])]
+    nodes.append(ir.node("Range", [nodes[3].outputs[0], nodes[4].outputs[0], one]))
+    zero = add_initializer(graph, "test_axes", np.array([0], np.int64))
+    nodes.append(ir.node("Unsqueeze", [nodes[-1].outputs[0], zero]))
+    graph.insert_before(next(iter(graph)), nodes)
+    pos.replace_all_uses_with(nodes[-1].outputs[0])
+    graph.inputs.remove(pos)
+    return save_model(model, out)
+
+
+def test_a_graph_without_position_ids_takes_its_sink_positions_from_the_attention_mask(compiled, tmp_path):
+    """No position_ids input: the sink rows are found from CumSum(attention_mask) - 1, with the same scales and
+    outputs as the graph that is fed its positions, and a decode step still takes the text scale."""
+    original, _, _, _, feeds = compiled
+    plain = load_recipe("w4a8-msq")
+    source = _without_position_ids(original, tmp_path / "no_pos.onnx")
+    no_pos_feeds = [{k: v for k, v in f.items() if k != "position_ids"} for f in feeds]
+    quantized = tmp_path / "no_pos_q.onnx"
+    compile_file(source, quantized, plain, feeds=lambda: no_pos_feeds, num_samples=len(feeds))
+    with_pos = tmp_path / "with_pos_q.onnx"
+    compile_file(original, with_pos, plain, feeds=lambda: feeds, num_samples=len(feeds))
+    records, outputs = [], []
+    for path, fed in ((with_pos, feeds), (quantized, no_pos_feeds)):
+        model = load_model(path)
+        (rec,) = PassManager([SinkScalesPass()], CompileContext(lambda fed=fed: fed)).run(model)
+        records.append(rec)
+        point = rec.layers[0]["name"]
+        (_, (logits, scale)), = capture(model, ["logits", f"{point}_sink_scale"], fed[:1])
+        outputs.append((logits, scale.reshape(-1)))
+    assert "attention_mask" in records[1].notes[-1]
+    assert [r["act_absmax_sink"] for r in records[1].layers] == [r["act_absmax_sink"] for r in records[0].layers]
+    np.testing.assert_array_equal(outputs[1][0], outputs[0][0])
+    assert outputs[1][1][0] > 2 * outputs[1][1][1:].max()  # the first token takes the sink scale
+    model = load_model(quantized)
+    PassManager([SinkScalesPass()], CompileContext(lambda: no_pos_feeds)).run(model)
+    past = 7
+    step = dict(no_pos_feeds[0])
+    for name, value in step.items():
+        if "past" in name:
+            step[name] = np.zeros((*value.shape[:2], past, value.shape[3]), value.dtype)
+    step.update(inputs_embeds=step["inputs_embeds"][:, :1].copy(), attention_mask=np.ones((1, past + 1), np.int64),
+                modality_ids=np.zeros((1, 1), np.int64))
+    point = records[1].layers[0]["name"]
+    (_, (scale,)), = capture(model, [f"{point}_sink_scale"], [step])
+    assert float(scale.reshape(-1)[0]) == pytest.approx(records[1].layers[0]["act_absmax_text"] / 127, rel=1e-5)
