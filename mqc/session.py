@@ -10,7 +10,9 @@ files, and weights a pass rewrote are handed over as in-memory initializers. Not
 
 from __future__ import annotations
 
+import functools
 import os
+import platform
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -54,6 +56,29 @@ def default_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
+@functools.cache
+def fused_int8_is_exact() -> bool:
+    """Whether onnxruntime's fused int8 GEMMs sum exactly on this CPU. Its x86 kernels without VNNI add pairs of
+    u8 x s8 products in int16 (``vpmaddubsw``), which saturates: on such a CPU a static W8A8 QDQ vision tower ran at
+    16.4 dB SQNR fused against 33.3 dB with the QDQ nodes left unfused (BENCHMARKS.md, session 12). Unknown x86
+    CPUs count as inexact; other architectures as exact."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return True
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags))
+
+
+def keep_qdq_exact(options) -> None:
+    """Leave QuantizeLinear/DequantizeLinear unfused where the fused int8 GEMMs saturate (:func:`fused_int8_is_exact`):
+    the model's own numerics, at float speed."""
+    if not fused_int8_is_exact():
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
+
+
 def _options(optimization_level: str, intra_op_threads: int | None, runtime_ops: bool):
     import onnxruntime as ort
 
@@ -67,6 +92,7 @@ def _options(optimization_level: str, intra_op_threads: int | None, runtime_ops:
     # float (the per-modality fake-quant form); its default accuracy level 4 then re-quantizes the activation to
     # int8 blocks the graph never asked for. Level 1 keeps the graph's own numerics.
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+    keep_qdq_exact(options)
     threads = intra_op_threads or _env_threads()
     if threads:
         options.intra_op_num_threads = threads

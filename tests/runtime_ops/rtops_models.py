@@ -9,6 +9,8 @@ import onnxruntime as ort
 from mqc.runtime_ops import DOMAIN, register_library
 from onnx import TensorProto, helper, numpy_helper
 
+from mqc.session import keep_qdq_exact
+
 IR_VERSION = 10  # onnxruntime <= 1.31 reads IR <= 13; onnx 1.23 writes 14 by default
 
 
@@ -23,6 +25,7 @@ def session(model: onnx.ModelProto, threads: int = 2, custom: bool = True, optim
     options.intra_op_num_threads = threads
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    keep_qdq_exact(options)  # the QDQ reference must not saturate (a CPU without VNNI)
     if custom:
         register_library(options, kind="cpu")
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
