@@ -181,7 +181,7 @@ class GptqWeightsPass(LinearQuantPass):
                 jobs.append((group, rows, (rounding, weights, hessian, self.group_size_for(group[0]),
                                            self.params.error_rank)))
         outcomes = self.ctx.executor.map(gptq_readers, [job for _, _, job in jobs],
-                                         job_bytes=[gptq_job_bytes(job[1], job[2]) for _, _, job in jobs])
+                                         job_bytes=[gptq_job_bytes(*job[1:3], job[4]) for _, _, job in jobs])
         for (lins, rows, _), outcome in zip(jobs, outcomes, strict=True):
             if isinstance(outcome, str):
                 for lin in lins:
@@ -262,11 +262,12 @@ def _add_lowrank_branch(graph: ir.Graph, lin: Linear, l1: np.ndarray, l2: np.nda
     graph.insert_after(lin.node, [first, second, add])
 
 
-def gptq_job_bytes(weights: Sequence[np.ndarray], hessian: np.ndarray) -> int:
+def gptq_job_bytes(weights: Sequence[np.ndarray], hessian: np.ndarray, error_rank: int = 0) -> int:
     """Peak float64 bytes of one ``gptq_readers`` job: the Hessian and what ``mqc.gptq`` factors it with (at most
-    four more K×K arrays, or one where it factors in place) and about six K×N working arrays per reader."""
+    four more K×K arrays, or one where it factors in place) and about six K×N working arrays per reader; with
+    ``error_rank``, the whitening's K×K arrays (the eigenvectors, T and T⁻¹) after the factor is dropped."""
     k = hessian.shape[0]
-    factoring = 1 if factors_in_place(k) else 4
+    factoring = max(1 if factors_in_place(k) else 4, 3 if error_rank else 0)
     return 8 * ((1 + factoring) * k * k + 6 * k * sum(w.shape[1] for w in weights))
 
 
