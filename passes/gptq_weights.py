@@ -132,8 +132,7 @@ class GptqWeightsPass(LinearQuantPass):
 
     def run(self, model: ir.Model) -> bool:
         selected = self.selected_linears(model)
-        self._factors: dict[int, Factors] = {}  # rule 7, by linear node
-        results: dict[int, tuple[QuantizedWeight | None, dict[str, float]]] = {}
+        results: dict[int, tuple[QuantizedWeight | None, dict[str, float], Factors | None]] = {}
         float_weights: dict[int, np.ndarray] = {}
         handed = self.handed_statistics(model, selected)
         if handed is not None:
@@ -186,13 +185,11 @@ class GptqWeightsPass(LinearQuantPass):
             if isinstance(outcome, str):
                 for lin in lins:
                     self.record.skip(lin.name, f"GPTQ failed: {outcome}")
-                    results[id(lin.node)] = (None, {})
+                    results[id(lin.node)] = (None, {}, None)
                 continue
             for lin, (qweight, figures, factors) in zip(lins, outcome, strict=True):
                 figures.pop("weight_method")
-                results[id(lin.node)] = (qweight, {**figures, "hessian_rows": rows})
-                if factors is not None:
-                    self._factors[id(lin.node)] = factors
+                results[id(lin.node)] = (qweight, {**figures, "hessian_rows": rows}, factors)
 
     def _emit(
         self, model: ir.Model, selected: Sequence[Linear], stats: dict[str, TapStats], results: dict,
@@ -207,12 +204,12 @@ class GptqWeightsPass(LinearQuantPass):
                     self.record.skip(lin.name, "no calibration data reached its input (or it is all zeros)")
                 continue
             readers.setdefault(lin.input.name, []).append(lin)
-            factors = self._factors.pop(id(lin.node), None)
+            factors = results[id(lin.node)][2]
             if factors is not None:
                 _add_lowrank_branch(graph, lin, *factors)
 
         def rounded(lin: Linear) -> tuple[np.ndarray, QuantizedWeight, dict[str, Any]]:
-            qweight, figures = results[id(lin.node)]
+            qweight, figures, _ = results[id(lin.node)]
             weight = float_weights.get(id(lin.node))  # sequential: the dequant is in the graph already
             if weight is None:
                 weight = lin.weight_array()
@@ -253,13 +250,18 @@ def _add_lowrank_branch(graph: ir.Graph, lin: Linear, l1: np.ndarray, l2: np.nda
     add = ir.node("Add", [out, second.outputs[0]], name=f"{lin.name}/error_lowrank_add")
     for node in (first, second):
         node.metadata_props[LOWRANK_KEY] = lin.name
-    for name, node in (("lowrank_mid", first), ("lowrank_out", second), ("compensated", add)):
+    for name, node in (("lowrank_mid", first), ("lowrank_out", second)):
         node.outputs[0].name = f"{lin.name}/{name}"
-    add.outputs[0].dtype, add.outputs[0].shape = out.dtype, out.shape
-    for use in list(out.uses()):
-        if use.node is not add:
-            use.node.replace_input_with(use.idx, add.outputs[0])
+    compensated = add.outputs[0]
+    compensated.dtype, compensated.shape = out.dtype, out.shape
     graph.insert_after(lin.node, [first, second, add])
+    out.replace_all_uses_with(compensated, replace_graph_outputs=True)  # a graph output too (a bias-less head)
+    add.replace_input_with(0, out)
+    if compensated.is_graph_output():  # the output keeps its name
+        name, out.name = out.name, f"{lin.name}/uncompensated"
+        compensated.name = name
+    else:
+        compensated.name = f"{lin.name}/compensated"
 
 
 def gptq_job_bytes(weights: Sequence[np.ndarray], hessian: np.ndarray, error_rank: int = 0) -> int:

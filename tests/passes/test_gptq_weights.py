@@ -213,3 +213,28 @@ def test_error_rank_adds_a_float_branch_that_brings_the_output_closer_to_float(t
     assert weights[8] == weights[0]
     assert sqnr[8] > sqnr[0] + 0.5, sqnr
     assert "float rank-8 branch per linear" in GptqWeightsPass(error_rank=8).variant()
+
+
+def test_error_branch_of_a_linear_whose_output_is_the_graph_output_reaches_it(tmp_path):
+    """A bias-less linear writing a graph output: the compensated value becomes that output, under its name."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((64, 32)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "proj.weight"], ["y"], name="proj")], "one",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 32])],
+                              [numpy_helper.from_array(weight, "proj.weight")])
+    source = tmp_path / "one.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), source)
+    feeds = [{"x": rng.standard_normal((1, 16, 64)).astype(np.float32)} for _ in range(4)]
+    ref = np.concatenate([f["x"] @ weight for f in feeds])
+    sqnr = {}
+    for rank in (0, 8):
+        model = load_model(source)
+        PassManager([GptqWeightsPass(weight_bits=4, error_rank=rank)], CompileContext(lambda: feeds)).run(model)
+        assert [v.name for v in model.graph.outputs] == ["y"]
+        path = mqc.ir.save_model(model, tmp_path / f"r{rank}.onnx")
+        session = mqc.open_session(path)
+        sqnr[rank] = sqnr_db(ref, np.concatenate([session.run(["y"], f)[0] for f in feeds]))
+    assert sqnr[8] > sqnr[0] + 0.5, sqnr
