@@ -104,22 +104,24 @@ def _msq_points(graph: ir.Graph) -> list[_Point]:
 
 def _positions_from_mask(graph: ir.Graph, mask: ir.Value, modality: ir.Value) -> ir.Value:
     """Rule 3's P for a graph without position ids: ``Slice(CumSum(attention_mask, 1) - 1, -S)``, S the tokens."""
+    nodes: list[ir.Node] = []
+
+    def op(op_type: str, inputs: list[ir.Value], name: str, **attributes) -> ir.Value:
+        nodes.append(ir.node(op_type, inputs, attributes=attributes, name=f"{PREFIX}/{name}"))
+        return nodes[-1].outputs[0]
+
     def const(name: str, array: np.ndarray) -> ir.Value:
         return add_initializer(graph, f"{PREFIX}_{name}", array)
 
-    nodes = [ir.node("Cast", [mask], attributes={"to": ir.DataType.INT64}, name=f"{PREFIX}/mask_int64")]
-    nodes.append(ir.node("CumSum", [nodes[-1].outputs[0], const("axis", np.array(1, np.int64))],
-                         name=f"{PREFIX}/mask_cumsum"))
-    nodes.append(ir.node("Sub", [nodes[-1].outputs[0], const("one", np.array(1, np.int64))],
-                         name=f"{PREFIX}/all_positions"))
-    nodes.append(ir.node("Shape", [modality], attributes={"start": 1, "end": 2}, name=f"{PREFIX}/tokens"))
-    nodes.append(ir.node("Neg", [nodes[-1].outputs[0]], name=f"{PREFIX}/minus_tokens"))
-    nodes.append(ir.node("Slice", [nodes[2].outputs[0], nodes[-1].outputs[0],
-                                   const("end", np.array([np.iinfo(np.int64).max], np.int64)),
-                                   const("slice_axis", np.array([1], np.int64))], name=f"{PREFIX}/positions"))
-    nodes[-1].outputs[0].name = f"{PREFIX}_positions"
+    mask = op("Cast", [mask], "mask_int64", to=ir.DataType.INT64)
+    counted = op("CumSum", [mask, const("axis", np.array(1, np.int64))], "mask_cumsum")
+    every_position = op("Sub", [counted, const("one", np.array(1, np.int64))], "all_positions")
+    minus_tokens = op("Neg", [op("Shape", [modality], "tokens", start=1, end=2)], "minus_tokens")
+    positions = op("Slice", [every_position, minus_tokens, const("end", np.array([np.iinfo(np.int64).max], np.int64)),
+                             const("slice_axis", np.array([1], np.int64))], "positions")
+    positions.name = f"{PREFIX}_positions"
     graph.insert_before(next(iter(graph)), nodes)
-    return nodes[-1].outputs[0]
+    return positions
 
 
 class SinkScalesPass(MqcPass):
