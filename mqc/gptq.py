@@ -20,6 +20,9 @@ Rules, in the order ``gptq_quantize`` applies them:
    remaining rows of the block by U_{i, j>i} ⊗ e_i; after the block the accumulated errors update all later rows at
    once (a single matmul), which is mathematically the same as row-by-row propagation.
 
+7. ``refit_scales`` (optional, after the loop): with the codes fixed, the scales that minimise the output error
+   solve a small least-squares problem per output channel; GPTQ may then run again under the fitted scales.
+
 All arithmetic is float64; the integer weight uses ``mqc.quantizer.quantize`` (round half to even, clamp).
 """
 
@@ -305,6 +308,38 @@ def gptq_quantize_readers(
                                     group_size=group_size)
         results.append(GPTQResult(quantized, relative_output_error(w_orig, quantized.dequantize(), h_orig)))
     return results
+
+
+def refit_scales(weight: np.ndarray, quantized: QuantizedWeight, hessian: np.ndarray) -> QuantizedWeight:
+    """Rule 7: the scales that minimise ‖X(W − Ŵ)‖_F for GPTQ's integer codes, per output channel.
+
+    With the codes q fixed, Ŵ[:, o] = Σ_g s[g, o]·q_g[:, o] is linear in the channel's G group scales, so the best
+    scales solve the G×G normal equations (q_gᵀ H q_h) s = q_gᵀ H w. GPTQ fixes its scales before choosing the codes;
+    this step gives the scales back their freedom afterwards and cannot raise the error on the calibration rows.
+    A tiny ridge towards the old scales keeps all-zero groups at their scale; a scale that would turn non-positive
+    keeps its old value (the runtime kernels take positive scales).
+    """
+    w = np.asarray(weight, dtype=np.float64)
+    h = np.asarray(hessian, dtype=np.float64)
+    q = quantized.q.astype(np.float64)
+    k, n = q.shape
+    g = k if quantized.group_size is None else quantized.group_size
+    groups = k // g
+    old = np.asarray(quantized.scale, dtype=np.float64).reshape(groups, n)
+    normal = np.empty((n, groups, groups))
+    for j in range(groups):  # H q_j, column by column of groups: K·K·N multiply-adds in all
+        hq = h[:, j * g:(j + 1) * g] @ q[j * g:(j + 1) * g]
+        normal[:, :, j] = (q * hq).reshape(groups, g, n).sum(axis=1).T
+    rhs = (q * (h @ w)).reshape(groups, g, n).sum(axis=1).T  # [N, G]
+    diag = np.einsum("ngg->ng", normal)
+    ridge = 1e-9 * (diag + diag.mean(axis=1, keepdims=True) + 1e-30)
+    normal[:, np.arange(groups), np.arange(groups)] += ridge
+    fitted = np.linalg.solve(normal, (rhs + ridge * old.T)[..., None])[..., 0].T  # [G, N]
+    fitted = np.where(fitted > 0, fitted, old).astype(np.float32)
+    scale = fitted if quantized.group_size is not None else fitted[0]
+    candidate = QuantizedWeight(q=quantized.q, scale=scale, bits=quantized.bits, group_size=quantized.group_size)
+    before = relative_output_error(w, quantized.dequantize(), h)
+    return candidate if relative_output_error(w, candidate.dequantize(), h) <= before else quantized
 
 
 def hessian_from_tap(tap: TapStats, modalities: Iterable[int] | None = None) -> tuple[np.ndarray | None, int]:

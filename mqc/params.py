@@ -116,6 +116,9 @@ class GptqWeightsParams(LinearQuantParams):
     #: Rank of a float branch x·L1·L2 added to each GPTQ linear that compensates its weight's rounding error
     #: (whitened SVD of W − Ŵ against the linear's Hessian; 0: none).
     error_rank: int = field(default=0, metadata=bounded(0))
+    #: Rounds of refitting the scales to GPTQ's integer codes by least squares against the Hessian, each after a
+    #: GPTQ run with the scales the last round fitted (0: GPTQ's scales as searched up front).
+    scale_refit: int = field(default=0, metadata=bounded(0))
 
     def __post_init__(self) -> None:
         if self.group_scales == "dynamic" and (self.act_order or self.group_size is None

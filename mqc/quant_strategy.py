@@ -27,7 +27,7 @@ import numpy as np
 import onnx_ir as ir
 
 from mqc.calibration import IMAGE, MODALITY_NAMES, TEXT, TapStats
-from mqc.gptq import gptq_quantize_readers, relative_output_error
+from mqc.gptq import gptq_quantize_readers, refit_scales, relative_output_error
 from mqc.graph.msq import insert_activation_msq, value_rank
 from mqc.graph.qdq import dynamic_fake_quant, insert_activation_dynamic, insert_activation_qdq
 from mqc.quantizer import QuantizedWeight, fake_quantize, qrange, quantize_weight_rtn, weight_scales
@@ -49,6 +49,7 @@ class WeightRounding:
     percdamp: float = 0.01
     block_size: int = 128
     group_scales: Literal["static", "dynamic"] = "static"
+    scale_refit: int = 0
 
     @classmethod
     def from_params(cls, params: Any, method: str = "rtn") -> WeightRounding:
@@ -57,7 +58,7 @@ class WeightRounding:
             bits=params.weight_bits, method=method, group_size=params.group_size,  # type: ignore[arg-type]
             mse_clip=getattr(params, "weight_mse_clip", False), act_order=getattr(params, "act_order", True),
             percdamp=getattr(params, "percdamp", 0.01), block_size=getattr(params, "block_size", 128),
-            group_scales=getattr(params, "group_scales", "static"),
+            group_scales=getattr(params, "group_scales", "static"), scale_refit=getattr(params, "scale_refit", 0),
         )
 
     def group_for(self, in_features: int) -> int | None:
@@ -99,9 +100,29 @@ class WeightRounding:
         for weight, scale, (qweight, rel) in zip(weights, scales, rounded, strict=True):
             rtn = quantize_weight_rtn(weight, self.bits, group_size, scale=scale)
             rtn_rel = relative_output_error(weight, rtn.dequantize(), hessian)
-            results.append((qweight, {"weight_method": "gptq", "gptq_rel_error": round(rel, 5),
-                                      "rtn_rel_error": round(rtn_rel, 5)}))
+            figures = {"weight_method": "gptq", "gptq_rel_error": round(rel, 5), "rtn_rel_error": round(rtn_rel, 5)}
+            if self.scale_refit:
+                qweight, refit_rel = self._refit(weight, qweight, rel, hessian, group_size)
+                figures.update(gptq_rel_error=round(refit_rel, 5), gptq_rel_error_unrefit=round(rel, 5))
+            results.append((qweight, figures))
         return results
+
+    def _refit(self, weight: np.ndarray, qweight: QuantizedWeight, rel: float, hessian: np.ndarray,
+               group_size: int | None) -> tuple[QuantizedWeight, float]:
+        """``scale_refit`` rounds of least-squares scales for GPTQ's codes (:func:`mqc.gptq.refit_scales`), each
+        after a GPTQ run with the last round's scales; the weight with the lowest output error of all rounds."""
+        best, best_rel = qweight, rel
+        for round_ in range(self.scale_refit):
+            if round_:  # codes chosen again under the scales the last round fitted
+                (qweight, _), = gptq_quantize_readers([weight], hessian, self.bits, group_size,
+                                                       act_order=self.act_order, percdamp=self.percdamp,
+                                                       block_size=self.block_size,
+                                                       scales=[qweight.scale.reshape(-1, qweight.q.shape[1])])
+            qweight = refit_scales(weight, qweight, hessian)
+            refit_rel = relative_output_error(weight, qweight.dequantize(), hessian)
+            if refit_rel < best_rel:
+                best, best_rel = qweight, refit_rel
+        return best, best_rel
 
 
 @dataclass

@@ -93,6 +93,9 @@ class GptqWeightsPass(LinearQuantPass):
             hessians += (f"; a float rank-{self.params.error_rank} branch per linear compensating its weight rounding "
                          "error (whitened SVD against its Hessian: MASQuant's CMC machinery applied to every token's "
                          "weight error, an extension in the spirit of LQER; neither paper has it)")
+        if self.params.scale_refit:
+            hessians += (f"; the scales refitted to GPTQ's integer codes by least squares against the Hessian, "
+                         f"{self.params.scale_refit} round(s) alternating with GPTQ (an extension; neither paper has it)")
         if self.params.group_scales == "dynamic":
             hessians += ("; group scales searched as GPTQ reaches each group, on its error-updated rows, without "
                          "act-order (GPTQ's reference loop; MQuant's weights are per channel)")

@@ -5,8 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mqc.gptq import HessianAccumulator, gptq_quantize, gptq_quantize_readers, relative_output_error
-from mqc.quantizer import qrange, quantize, quantize_weight_rtn, scale_from_absmax
+from mqc.gptq import (
+    HessianAccumulator,
+    gptq_quantize,
+    gptq_quantize_readers,
+    refit_scales,
+    relative_output_error,
+)
+from mqc.quant_strategy import WeightRounding
+from mqc.quantizer import QuantizedWeight, qrange, quantize, quantize_weight_rtn, scale_from_absmax
 
 
 def _correlated(k: int, n: int, t: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -209,3 +216,41 @@ def test_dynamic_group_scales_fall_back_to_static_per_channel_weights():
     rounding = WeightRounding(4, "gptq", 64, act_order=False, group_scales="dynamic")
     ((qweight, _),) = rounding.round_readers([w], 2 * x.T @ x / 200, rounding.group_for(48))
     assert qweight.group_size is None and qweight.scale.shape == (8,)
+
+
+@pytest.mark.parametrize("group_size", [None, 16])
+def test_refitted_scales_are_the_least_squares_optimum_for_the_codes(group_size: int | None) -> None:
+    x, w = _correlated(64, 24, 600, seed=11)
+    h = _hessian(x)
+    quantized = gptq_quantize(w, h, 4, group_size=group_size).quantized
+    refit = refit_scales(w, quantized, h)
+    np.testing.assert_array_equal(refit.q, quantized.q)
+    fitted = relative_output_error(w, refit.dequantize(), h)
+    assert fitted < relative_output_error(w, quantized.dequantize(), h)
+    rng = np.random.default_rng(3)
+    for _ in range(5):  # no nearby scales do better: the fitted ones are the minimum, not just an improvement
+        nudged = refit.scale * (1 + 1e-3 * rng.standard_normal(refit.scale.shape)).astype(np.float32)
+        moved = QuantizedWeight(q=refit.q, scale=nudged, bits=4, group_size=group_size)
+        assert relative_output_error(w, moved.dequantize(), h) >= fitted - 1e-9
+
+
+def test_refit_keeps_the_scale_of_an_all_zero_group() -> None:
+    x, w = _correlated(32, 8, 300, seed=5)
+    h = _hessian(x)
+    quantized = gptq_quantize(w, h, 4, group_size=16).quantized
+    quantized.q[:16, 0] = 0  # channel 0's first group rounds to zero: nothing to fit
+    refit = refit_scales(w, quantized, h)
+    assert refit.scale[0, 0] == quantized.scale[0, 0]
+    assert np.all(refit.scale > 0)
+
+
+def test_scale_refit_rounds_lower_the_output_error_monotonically() -> None:
+    x, w = _correlated(96, 32, 800, seed=2)
+    h = _hessian(x)
+    errors = []
+    for rounds in (0, 1, 3):
+        rounding = WeightRounding(bits=4, method="gptq", group_size=32, mse_clip=True, scale_refit=rounds)
+        (qweight, figures), = rounding.round_readers([w], h, 32)
+        assert figures["gptq_rel_error"] == pytest.approx(relative_output_error(w, qweight.dequantize(), h), abs=1e-5)
+        errors.append(figures["gptq_rel_error"])
+    assert errors[0] > errors[1] >= errors[2]
