@@ -5,7 +5,7 @@ folders are evaluated in one `mqc.models.evaluate.evaluate` run next to the floa
 perplexity, top-1 agreement and KL vs float, size, latency. Compile time and peak RSS are measured per recipe in a
 subprocess of its own.
 
-    python benchmarks/bench_recipes.py --limit 200 --recipes w8a8 w4a8-rtn smoothquant quarot mquant \
+    python benchmarks/bench_recipes.py --limit 200 --recipes w8a8 w4a8-rtn smoothquant quarot mquant-paper \
         --out benchmarks/results/recipes_tiny_vlm.json
 
 A recipe may carry parameter overrides, ``NAME:PASS.PARAM=VALUE:...`` (values parsed as JSON), e.g. the CMC rank
@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 DEFAULT_RECIPES = [
-    "w8a8", "w4a8-rtn", "smoothquant", "quarot", "mquant-static", "mquant-msq-aifs", "mquant", "mquant-w8a8-vision",
+    "w8a8", "w4a8-rtn", "smoothquant", "quarot", "mquant-static", "mquant-msq-aifs", "mquant-paper", "mquant", "mquant-w8a8-vision",
     "masquant", "masquant-static", "masquant-no-cmc", "masquant-cmc-nowhite",
 ]
 

@@ -56,10 +56,10 @@ from onnx import numpy_helper
 #: Recipes on the tiny llama: every built-in recipe of the baseline, plus CLI forms.
 LLAMA_FORMS = [
     "masquant --bits w8a8", "masquant --acts static", "masquant --bits w8a8 --acts static",
-    "mquant --bits w8a8", "masquant-rot --acts static",
+    "mquant-paper --bits w8a8", "masquant-rot --acts static",
 ]
 #: The tiny-VLM subset run by default.
-VLM_DEFAULT = ["mquant", "quarot", "w8a8", "masquant-rot-g64", "masquant", "smoothquant"]
+VLM_DEFAULT = ["mquant-paper", "quarot", "w8a8", "masquant-rot-g64", "masquant", "smoothquant"]
 #: Recipes that were removed because a CLI form reproduces them: name -> the form that replaces it.
 REPLACED: dict[str, str] = {}
 

@@ -110,7 +110,8 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--recipe", default="w8a8", show_default=True,
               help="Recipe name (see `mqc recipes`) or a recipe .json file, optionally NAME:PASS.KEY=VALUE[:...].")
 @click.option("--calib", type=click.Path(path_type=Path), help="Calibration samples: an .npz or a folder of .npz (single-file input).")
-@click.option("--samples", default=32, show_default=True, type=click.IntRange(min=1), help="Calibration samples to use.")
+@click.option("--samples", type=click.IntRange(min=1),
+              help="Calibration samples to use (default: the number the recipe was chosen with, else 32).")
 @click.option("--format", "fmt", type=click.Choice(["qdq", "mqc"]), default="qdq", show_default=True,
               help="qdq: standard ONNX ops; mqc: the project's runtime-ops library.")
 @click.option("--exclude", multiple=True, help="Regex of layer names to keep in float (repeatable).")
@@ -141,7 +142,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--stream-inputs", type=click.Choice(["float", "quantized"]), default="float", show_default=True,
               help="What block i+1 calibrates on under --stream: the float model's activations (the whole-model "
                    "result, byte for byte) or the quantized blocks' outputs (sequential).")
-def compile_command(model: str, output: Path, recipe: str, calib: Path | None, samples: int, fmt: str,
+def compile_command(model: str, output: Path, recipe: str, calib: Path | None, samples: int | None, fmt: str,
                     exclude: tuple[str, ...], verify: bool, verify_rtol: float, bits: str | None,
                     acts: str | None, assignments: tuple[str, ...], allow_partial: bool,
                     min_sqnr: float | None, max_kl: float | None, ray_address: str | None,

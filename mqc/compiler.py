@@ -135,7 +135,7 @@ def compile_file(
     recipe: str | Recipe = "w8a8",
     calib: str | Path | None = None,
     feeds: Callable[[], Iterable[dict[str, np.ndarray]]] | None = None,
-    num_samples: int = DEFAULT_SAMPLES,
+    num_samples: int | None = None,
     fmt: str = "qdq",
     exclude: Sequence[str] = (),
     verify: bool = False,
@@ -162,6 +162,7 @@ def compile_file(
     start = time.perf_counter()
     source, output = Path(source), Path(output)
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    num_samples = num_samples or recipe.samples or DEFAULT_SAMPLES  # the recipe's choice unless asked otherwise
     if write:
         check_output_path(output, [source])
     passes = recipe.instantiate() + _lowering_passes(fmt)
@@ -276,7 +277,7 @@ def compile_package(
     source: str | Path,
     output: str | Path,
     recipe: str | Recipe = "w8a8",
-    num_samples: int = DEFAULT_SAMPLES,
+    num_samples: int | None = None,
     fmt: str = "qdq",
     exclude: Sequence[str] = (),
     verify: bool = False,
@@ -289,6 +290,7 @@ def compile_package(
     """Compile every quantizable component of a model directory (or packaged model name) into ``output``."""
     hooks = package_hooks()
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    num_samples = num_samples or recipe.samples or DEFAULT_SAMPLES  # the recipe's choice unless asked otherwise
     try:
         model_dir = Path(os.path.abspath(hooks.resolve(str(source))))
     except FileNotFoundError as exc:

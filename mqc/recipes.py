@@ -62,7 +62,7 @@ PASS_MODULES: dict[str, str] = {
     "act_precision": "act_precision:ActPrecisionPass",
 }
 _COMPONENT_KEYS = {"recipe", "overrides", "float"}
-_RECIPE_KEYS = {"name", "description", "extends", "passes", "append", "overrides", "components"}
+_RECIPE_KEYS = {"name", "description", "extends", "passes", "append", "overrides", "components", "samples"}
 
 
 @dataclass
@@ -73,6 +73,8 @@ class Recipe:
     description: str
     passes: list[dict[str, Any]] = field(default_factory=list)
     components: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: The calibration samples the recipe's settings were chosen with (``--samples`` overrides; None: the default).
+    samples: int | None = None
     params: list[PassParams] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -104,6 +106,8 @@ class Recipe:
         data: dict[str, Any] = {"name": self.name, "description": self.description, "passes": self.passes}
         if self.components:
             data["components"] = self.components
+        if self.samples is not None:
+            data["samples"] = self.samples
         return data
 
 
@@ -179,7 +183,10 @@ def _parse(text: str, origin: str, seen: tuple[str, ...] = ()) -> Recipe:
     _check_components(own_components, name)
     components = {**(base.components if base is not None else {}), **own_components}
     description = data.get("description", base.description if base is not None else "")
-    recipe = Recipe(name, description, _check_steps(passes, name), components)
+    samples = data.get("samples", base.samples if base is not None else None)
+    if samples is not None and (not isinstance(samples, int) or isinstance(samples, bool) or samples < 1):
+        raise RecipeError(f"recipe {name}: 'samples' is a whole number of calibration samples >= 1, got {samples!r}")
+    recipe = Recipe(name, description, _check_steps(passes, name), components, samples)
     overrides = data.get("overrides", {})
     if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
         raise RecipeError(f"recipe {name}: 'overrides' maps pass names to parameter objects, got {overrides!r}")
@@ -229,7 +236,7 @@ def with_overrides(recipe: Recipe, overrides: dict[str, dict[str, Any]], name: s
         raise RecipeError(f"recipe {recipe.name}: overrides pass {absent[0]!r}, which the recipe does not run "
                           f"(its passes: {', '.join(step['pass'] for step in recipe.passes)})")
     steps = [{**step, **overrides.get(step["pass"], {})} for step in recipe.passes]
-    return Recipe(name or recipe.name, recipe.description, steps, recipe.components)
+    return Recipe(name or recipe.name, recipe.description, steps, recipe.components, recipe.samples)
 
 
 def parse_assignment(text: str) -> tuple[str, str, Any]:
@@ -261,7 +268,7 @@ def with_assignments(recipe: Recipe, assignments: list[str], name: str | None = 
         if pass_name not in PASS_MODULES:
             raise RecipeError(f"--set {text!r}: unknown pass {pass_name!r}; known: {', '.join(sorted(PASS_MODULES))}")
         overrides.setdefault(pass_name, {})[key] = value
-    changed = Recipe(recipe.name, recipe.description, recipe.passes, components)
+    changed = Recipe(recipe.name, recipe.description, recipe.passes, components, recipe.samples)
     return with_overrides(changed, overrides, name=name or f"{recipe.name} --set {' '.join(assignments)}")
 
 
@@ -311,7 +318,7 @@ def with_bits(recipe: Recipe, setting: str) -> Recipe:
         for name, params in _bit_overrides(base.passes, bits["vision"]).items():
             overrides.setdefault(name, {}).update(params)
         vision["overrides"] = overrides
-    return Recipe(f"{recipe.name} --bits {setting}", recipe.description, language.passes, components)
+    return Recipe(f"{recipe.name} --bits {setting}", recipe.description, language.passes, components, recipe.samples)
 
 
 def with_acts(recipe: Recipe, mode: str) -> Recipe:

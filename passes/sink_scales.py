@@ -42,6 +42,15 @@ Rules:
    error the readers' outputs see, which weighs each input channel by what the layer does with it. A point
    whose readers are not all dequantized-weight linears keeps its clip (recorded). Sink clips are not searched.
 6. Not function-preserving: it changes the quantization grid only.
+7. A graph without ``modality_ids`` (a text-only decoder, or an exporter that does not make the modality an input)
+   has one class besides the sink: the linear quantizer left one static per-tensor int8 QDQ pair at each point
+   (``QuantizeLinear`` with a constant scalar scale and zero point 0, read by ``DequantizeLinear``s only). Each pair
+   on a [batch, seq, features] input is first put into MSQ's form with an all-text modality, ``ConstantOfShape``
+   zeros of the tokens' shape (from ``input_ids`` or ``inputs_embeds``), and the same scale for both classes; the
+   rules above then apply unchanged, and ``lower_runtime_ops`` lowers it like any sink-scaled point. Pairs on
+   other ranks, at other widths or writing graph outputs stay as they are (counted). On onnxruntime's QDQ path the
+   converted points run as float fake-quant ops instead of fused int8 kernels, as MSQ's do; ``--format mqc`` runs
+   them in ``QuantLinear``.
 """
 
 from __future__ import annotations
@@ -53,13 +62,16 @@ import onnx_ir as ir
 
 from mqc.calibration import IMAGE, MODALITY_INPUT, TEXT, TensorStats, capture
 from mqc.diagnose import dequantized_weight
-from mqc.ir import add_initializer, constant_array, replace_initializer
+from mqc.graph.msq import insert_activation_msq, is_image_mask, value_rank
+from mqc.ir import add_initializer, constant_array, remove_unused_initializers, replace_initializer
 from mqc.pass_manager import MqcPass, declare_fatal
 
 PREFIX = "mqc_sink"
 #: The position ids AIFS's permutation produces (``passes/aifs.py``: ``GatherElements`` named ``position_ids``).
 AIFS_POSITION_IDS = "mqc_aifs_position_ids"
 AIFS_MODALITY_IDS = "mqc_aifs_modality_ids"
+#: Rule 7: the graph inputs the all-text modality takes its [batch, seq] shape from, in order of preference.
+TOKEN_INPUTS = ("inputs_embeds", "input_ids")
 #: The clip multipliers ``clip_search="output"`` tries (rule 5): tighter clips, the method's own, and wider ones
 #: (which give back rows ``trimmed`` clipped where clipping them costs the output more).
 CLIP_SEARCH_RATIOS = (*np.round(np.arange(0.3, 1.0, 0.05), 2).tolist(), 1.0, 1.25, 1.5, 2.0)
@@ -102,6 +114,26 @@ def _msq_points(graph: ir.Graph) -> list[_Point]:
     return points
 
 
+def _static_qdq_points(graph: ir.Graph) -> tuple[list[tuple[ir.Node, list[ir.Node]]], int]:
+    """Rule 7's int8 per-tensor QDQ pairs (the QuantizeLinear and its DequantizeLinears) on [batch, seq, features]
+    inputs, and how many other QuantizeLinears there are."""
+    pairs, left = [], 0
+    for node in graph:
+        if node.op_type != "QuantizeLinear" or node.domain not in ("", "ai.onnx"):
+            continue
+        scale = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
+        zero = constant_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+        dequants = [use.node for use in node.outputs[0].uses()]
+        if (scale is None or scale.size != 1 or zero is None or zero.dtype != np.int8 or zero.reshape(()) != 0
+                or value_rank(node.inputs[0]) != 3 or not dequants
+                or any(d.op_type != "DequantizeLinear" or d.inputs[1] is not node.inputs[1] or d.outputs[0].is_graph_output()
+                       for d in dequants)):
+            left += 1
+            continue
+        pairs.append((node, dequants))
+    return pairs, left
+
+
 def _positions_from_mask(graph: ir.Graph, mask: ir.Value, modality: ir.Value) -> ir.Value:
     """Rule 3's P for a graph without position ids: ``Slice(CumSum(attention_mask, 1) - 1, -S)``, S the tokens."""
     nodes: list[ir.Node] = []
@@ -131,7 +163,8 @@ class SinkScalesPass(MqcPass):
     fatal_skips = declare_fatal(
         no_msq_points="no MSQ quantization point (Where of a text and an image scale) to give a sink class",
         no_position_ids="no position_ids or attention_mask input: sink rows cannot be selected statically",
-        no_modality_ids="no modality_ids input: the MSQ points it rewrites select per modality",
+        no_modality_ids="no modality_ids input and no input_ids/inputs_embeds to give an all-text modality the "
+                        "tokens' shape (rule 7)",
     )
 
     def requires(self, model: ir.Model) -> None:
@@ -140,11 +173,14 @@ class SinkScalesPass(MqcPass):
         if not names & {AIFS_POSITION_IDS, "position_ids", "attention_mask"}:
             raise self.refuse("no_position_ids", "the graph has no position_ids or attention_mask input: sink rows "
                                                  "(position 0) cannot be selected statically")
-        if not names & {AIFS_MODALITY_IDS, MODALITY_INPUT}:
-            raise self.refuse("no_modality_ids", "the graph has no modality_ids input, so no MSQ point to rewrite")
-        if not _msq_points(graph):
-            raise self.refuse("no_msq_points", "no MSQ quantization point (static per-modality scales) in the graph: "
-                                               "run the linear quantizer with act_scales='per_modality' first")
+        text_only = not names & {AIFS_MODALITY_IDS, MODALITY_INPUT}
+        if text_only and not {v.name for v in graph.inputs} & set(TOKEN_INPUTS):
+            raise self.refuse("no_modality_ids", "the graph has no modality_ids input, and no input_ids or "
+                                                 "inputs_embeds input to give an all-text modality its shape")
+        if not _msq_points(graph) and not (text_only and _static_qdq_points(graph)[0]):
+            raise self.refuse("no_msq_points", "no static activation quantization point in the graph (MSQ's "
+                                               "per-modality scales, or int8 per-tensor QDQ on a graph without "
+                                               "modality_ids): run the linear quantizer with static scales first")
 
     def variant(self) -> str:
         ranges = {"minmax": "min/max ranges", "mse": "MSE-clipped ranges (histogram)",
@@ -159,16 +195,18 @@ class SinkScalesPass(MqcPass):
 
     def run(self, model: ir.Model) -> bool:
         graph = model.graph
-        points = _msq_points(graph)
-        self.record.matched = len(points)
         values = {v.name: v for node in graph for v in node.outputs}
         values.update({v.name: v for v in graph.inputs})
         positions = values.get(AIFS_POSITION_IDS) or values.get("position_ids")
         modality = values.get(AIFS_MODALITY_IDS) or values.get(MODALITY_INPUT)
-        assert modality is not None  # requires
+        if modality is None:  # rule 7
+            modality = self._text_only(graph, next(values[n] for n in TOKEN_INPUTS if n in values))
+        points = _msq_points(graph)
+        self.record.matched = len(points)
         if positions is None:
             positions = _positions_from_mask(graph, values["attention_mask"], modality)
             self.record.notes.append("no position_ids input: sink positions from CumSum(attention_mask) - 1 (rule 3)")
+        graph.sort()  # rules 3 and 7 put their nodes first; they may read each other's values
         scales, trimmed, searched = self._calibrate(model, points, positions.name, modality.name)
         is_sink = self._sink_mask(graph, positions, points)
         for point, (sink, text, image) in zip(points, scales, strict=True):
@@ -197,6 +235,30 @@ class SinkScalesPass(MqcPass):
                                        **searched.get(point.x.name, {})})
         self.record.changed = len(points)
         return True
+
+    def _text_only(self, graph: ir.Graph, tokens: ir.Value) -> ir.Value:
+        """Rule 7: an all-text modality_ids [B, S] from ``tokens``' shape, and the static QDQ pairs in MSQ's form."""
+        shape = ir.node("Shape", [tokens], attributes={"start": 0, "end": 2}, name=f"{PREFIX}/token_shape")
+        zeros = ir.node("ConstantOfShape", [shape.outputs[0]],
+                        attributes={"value": ir.tensor(np.zeros(1, np.int64))}, name=f"{PREFIX}/text_only_modality")
+        modality = zeros.outputs[0]
+        modality.name, modality.dtype = f"{PREFIX}_text_only_modality_ids", ir.DataType.INT64
+        graph.insert_before(next(iter(graph)), [shape, zeros])
+        is_image = is_image_mask(graph, modality)
+        pairs, left = _static_qdq_points(graph)
+        for quant, dequants in pairs:
+            x, scale = quant.inputs[0], float(constant_array(quant.inputs[1]).reshape(()))
+            readers = []
+            for dequant in dequants:
+                for use in list(dequant.outputs[0].uses()):
+                    use.node.replace_input_with(use.idx, x)
+                    readers.append(use.node)
+            graph.remove([*dequants, quant], safe=True)
+            insert_activation_msq(graph, x, scale, scale, 8, readers, is_image)
+        remove_unused_initializers(graph)  # the pairs' scales and zero points
+        self.record.notes.append(f"no modality_ids: {len(pairs)} static int8 per-tensor points put in MSQ's form with "
+                                 f"an all-text modality (rule 7); {left} QDQ pairs left as they are")
+        return modality
 
     def _sink_mask(self, graph: ir.Graph, positions: ir.Value, points: list[_Point]) -> ir.Value:
         nodes, hits = [], None

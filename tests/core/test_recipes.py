@@ -10,6 +10,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
+import mqc
 from mqc.cli import main
 from mqc.errors import RecipeError
 from mqc.params import PASS_PARAMS
@@ -137,3 +138,21 @@ def test_cli_recipes_name_prints_the_resolved_recipe():
     cmc = next(s for s in data["passes"] if s["pass"] == "cmc")
     assert (cmc["weight_bits"], cmc["acts"], cmc["min_rank"]) == (8, "static", 16)
     assert data["components"] == {"vision": {"float": True}}
+
+
+def test_a_recipe_carries_the_calibration_size_it_was_chosen_with(tiny_decoder, tmp_path):
+    flagship = load_recipe("mquant")
+    assert flagship.samples == 128 and flagship.passes == load_recipe("mquant-sink-g64").passes
+    assert load_recipe("mquant-paper").samples is None
+    assert with_bits(with_assignments(flagship, ["gptq_weights.group_size=32"]), "w8a8").samples == 128
+    assert json.loads(CliRunner().invoke(main, ["recipes", "mquant"]).output)["samples"] == 128
+    for bad in (0, 2.5, True, "many"):
+        path = tmp_path / "bad.json"
+        path.write_text(json.dumps({"name": "bad", "extends": "w8a8", "samples": bad}))
+        with pytest.raises(RecipeError, match="recipe bad: 'samples' is a whole number"):
+            load_recipe(str(path))
+    few = tmp_path / "few.json"
+    few.write_text(json.dumps({"name": "few", "extends": "w8a8", "samples": 3}))
+    out = tmp_path / "q.onnx"
+    assert mqc.compile(tiny_decoder("llama"), out, str(few)).calibration["samples"] == 3  # no --samples: the recipe's
+    assert mqc.compile(tiny_decoder("llama"), out, str(few), num_samples=2).calibration["samples"] == 2

@@ -85,7 +85,7 @@ def test_stream_refuses_a_recipe_that_needs_the_whole_model(synthetic_decoder, t
     result = CliRunner().invoke(main, ["compile", str(synthetic_decoder), "-o", str(tmp_path / "q.onnx"),
                                        "--recipe", "mquant", "--stream", "--samples", "2"])
     assert result.exit_code == 2
-    assert "passes rms_split, aifs of the recipe cannot run layer by layer" in result.output
+    assert "passes rms_split, aifs, sink_scales of the recipe cannot run layer by layer" in result.output
     assert not any(tmp_path.iterdir())
 
 

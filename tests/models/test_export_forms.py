@@ -148,9 +148,11 @@ NEEDS_MODALITIES = sorted(name for name, recipe in RECIPES.items() if any(s["pas
 #: The vision-tower recipes convert LayerNorm to RMSNorm: they apply to towers, and refuse RMSNorm decoders.
 TOWER_RECIPES = sorted(name for name, recipe in RECIPES.items()
                        if any(s["pass"] == "ln_to_rmsnorm" for s in recipe.passes))
-#: Sink scales split MSQ's per-modality scales at position 0: a graph without ``modality_ids`` has no MSQ point.
+#: Sink scales give position 0 its own static scale; on a graph without ``modality_ids`` they first put the
+#: per-tensor QDQ points in MSQ's form with an all-text modality (passes/sink_scales.py rule 7), so they run on
+#: every form like the other decoder recipes.
 SINK_RECIPES = sorted(name for name, recipe in RECIPES.items() if any(s["pass"] == "sink_scales" for s in recipe.passes))
-DECODER_RECIPES = sorted(set(RECIPES) - set(NEEDS_MODALITIES) - set(TOWER_RECIPES) - set(SINK_RECIPES))
+DECODER_RECIPES = sorted(set(RECIPES) - set(NEEDS_MODALITIES) - set(TOWER_RECIPES))
 #: A single graph compiles with the recipe's own steps (components are for model folders): recipes with the same
 #: steps compile alike, so one of each set (the shortest name) runs on every form and the others on one form.
 TWINS = {name: min((other for other in DECODER_RECIPES if _steps(other) == _steps(name)), key=lambda n: (len(n), n))
@@ -167,6 +169,9 @@ def test_recipe_on_form_matches_the_mqc_export_graph(form, recipe, form_graph, c
     reference = compiled_reference(recipe, form.family, form.tied)
     compiled = _Compiled(form_graph(form), recipe, form.family, form.tied, tmp_path / "q.onnx")
     assert compiled.records() == reference.records()
+    if recipe in SINK_RECIPES:  # rule 7 on a graph without modality_ids: position 0 got its own static scale
+        sink = next(p for p in compiled.report.passes if p.name == "sink_scales")
+        assert sink.changed > 0 and "no modality_ids" in sink.notes[0], sink.notes
     if "hadamard_rotation" in reference.records():
         changed, skips = compiled.records()["hadamard_rotation"]
         if form.family in ROTATED_FAMILIES:
@@ -189,8 +194,8 @@ def test_recipe_with_a_twins_steps_compiles_as_its_twin(recipe, form_graph, tmp_
 
 
 def test_every_builtin_recipe_is_in_the_corpus_matrix():
-    assert set(NEEDS_MODALITIES) | set(TOWER_RECIPES) | set(SINK_RECIPES) | set(TWINS) == set(RECIPES)
-    assert "mquant-sink" in SINK_RECIPES
+    assert set(NEEDS_MODALITIES) | set(TOWER_RECIPES) | set(TWINS) == set(RECIPES)
+    assert {"mquant", "mquant-sink"} <= set(SINK_RECIPES) and "mquant" in COMPILED_ON_EVERY_FORM
     assert {"masquant", "masquant-rot-g64"} <= set(NEEDS_MODALITIES) and set(TOWER_RECIPES) == {
         "mquant-vision", "vision-w8a8-rot"}
 
@@ -211,13 +216,6 @@ def test_masquant_recipe_refuses_a_text_only_form_with_its_reason(recipe, form, 
     reason = _refusal(form_graph(form), recipe, form.family, form.tied, tmp_path / "q.onnx")
     assert "pass mas cannot do its work on this model: the graph has no modality_ids input" in reason
     assert "--allow-partial" in reason
-
-
-@pytest.mark.parametrize("recipe", SINK_RECIPES)
-def test_sink_recipe_refuses_a_text_only_form_with_its_reason(recipe, form_graph, tmp_path):
-    form = FORMS[0]
-    reason = _refusal(form_graph(form), recipe, form.family, form.tied, tmp_path / "q.onnx")
-    assert "pass sink_scales cannot do its work on this model: the graph has no" in reason
 
 
 @pytest.mark.parametrize(("recipe", "form"), [(r, FORMS[-1 - i]) for i, r in enumerate(TOWER_RECIPES)],

@@ -73,13 +73,7 @@ def test_decode_steps_use_the_text_scale(compiled):
     _, _, after, record, feeds = compiled
     model = load_model(after)
     point = record.layers[0]["name"]
-    past = 7
-    step = {k: v for k, v in feeds[0].items()}
-    for name, value in step.items():
-        if "past" in name:
-            step[name] = np.zeros((*value.shape[:2], past, value.shape[3]), value.dtype)
-    step.update(inputs_embeds=step["inputs_embeds"][:, :1].copy(), attention_mask=np.ones((1, past + 1), np.int64),
-                position_ids=np.array([[past]], np.int64), modality_ids=np.zeros((1, 1), np.int64))
+    step = _decode_step(feeds[0], 7, position_ids=np.array([[7]], np.int64), modality_ids=np.zeros((1, 1), np.int64))
     (_, (scale,)), = capture(model, [f"{point}_sink_scale"], [step])
     assert float(scale.reshape(-1)[0]) == pytest.approx(record.layers[0]["act_absmax_text"] / 127, rel=1e-5)
 
@@ -95,7 +89,7 @@ def test_ordinary_text_tokens_gain_in_the_diagnosis(compiled):
     assert text_new["top_tokens"][0]["position"] == 0
 
 
-@pytest.mark.parametrize("recipe", ["mquant", "mquant-sink", "mquant-sink-g64"])
+@pytest.mark.parametrize("recipe", ["mquant-paper", "mquant-sink", "mquant"])
 def test_mquant_recipes_compile_fully_static(recipe, tiny_decoder, tmp_path):
     """MQuant's promise: no activation scale is computed at run time, with or without the sink class and groups."""
     source = tiny_decoder("llama")
@@ -196,6 +190,17 @@ def _without_position_ids(path, out):
     return save_model(model, out)
 
 
+def _decode_step(prefill: dict[str, np.ndarray], past: int, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+    """One decode step after ``past`` cached tokens (zero caches), shaped from a prefill feed."""
+    step = dict(prefill)
+    for name, value in step.items():
+        if "past" in name:
+            step[name] = np.zeros((*value.shape[:2], past, value.shape[3]), value.dtype)
+    step.update(inputs_embeds=step["inputs_embeds"][:, :1].copy(), attention_mask=np.ones((1, past + 1), np.int64),
+                **inputs)
+    return step
+
+
 def test_a_graph_without_position_ids_takes_its_sink_positions_from_the_attention_mask(compiled, tmp_path):
     """No position_ids input: the sink rows are found from CumSum(attention_mask) - 1, with the same scales and
     outputs as the graph that is fed its positions, and a decode step still takes the text scale."""
@@ -221,13 +226,51 @@ def test_a_graph_without_position_ids_takes_its_sink_positions_from_the_attentio
     assert outputs[1][1][0] > 2 * outputs[1][1][1:].max()  # the first token takes the sink scale
     model = load_model(quantized)
     PassManager([SinkScalesPass()], CompileContext(lambda: no_pos_feeds)).run(model)
-    past = 7
-    step = dict(no_pos_feeds[0])
-    for name, value in step.items():
-        if "past" in name:
-            step[name] = np.zeros((*value.shape[:2], past, value.shape[3]), value.dtype)
-    step.update(inputs_embeds=step["inputs_embeds"][:, :1].copy(), attention_mask=np.ones((1, past + 1), np.int64),
-                modality_ids=np.zeros((1, 1), np.int64))
+    step = _decode_step(no_pos_feeds[0], 7, modality_ids=np.zeros((1, 1), np.int64))
     point = records[1].layers[0]["name"]
     (_, (scale,)), = capture(model, [f"{point}_sink_scale"], [step])
     assert float(scale.reshape(-1)[0]) == pytest.approx(records[1].layers[0]["act_absmax_text"] / 127, rel=1e-5)
+
+
+def _text_only(path, out):
+    """The graph of ``path`` as a text-only export writes it: no ``modality_ids`` input."""
+    model = load_model(path)
+    graph = model.graph
+    ids = next(v for v in graph.inputs if v.name == "modality_ids")
+    assert not list(ids.uses()), "the float decoder does not read modality_ids"
+    graph.inputs.remove(ids)
+    return save_model(model, out)
+
+
+def test_a_text_only_graph_gets_a_sink_class_on_its_per_tensor_points(tiny_decoder, tmp_path):
+    """No modality_ids (rule 7): the linear quantizer's per-tensor QDQ points become MSQ's form with an all-text
+    modality, computing what the QDQ pairs computed; then the first token gets its own static scale, the graph
+    stays static and a decode step takes the text scale. The flagship recipe compiles such a graph."""
+    original = tiny_decoder("llama")
+    source = _text_only(original, tmp_path / "text_only.onnx")
+    feeds = [{k: v for k, v in f.items() if k != "modality_ids"} for f in _sink_feeds(load_model(original), 3, seed=4)]
+    qdq = tmp_path / "qdq.onnx"
+    compile_file(source, qdq, load_recipe("w4a8-msq"), feeds=lambda: feeds, num_samples=len(feeds))
+    converted = load_model(qdq)
+    SinkScalesPass()._text_only(converted.graph, next(v for v in converted.graph.inputs if v.name == "inputs_embeds"))
+    converted.graph.sort()
+    (_, (expected,)), = capture(load_model(qdq), ["logits"], feeds[:1])
+    (_, (same,)), = capture(converted, ["logits"], feeds[:1])
+    np.testing.assert_allclose(same, expected, rtol=1e-4, atol=1e-4)
+    assert not any(node.op_type == "QuantizeLinear" for node in converted.graph)
+
+    model = load_model(qdq)
+    (record,) = PassManager([SinkScalesPass()], CompileContext(lambda: feeds)).run(model)
+    assert record.changed > 0 and "no modality_ids" in record.notes[0]
+    first = record.layers[0]
+    assert first["act_absmax_sink"] > 2 * first["act_absmax_text"]  # the spike at position 0 has its own range
+    assert min(layer["text_range_shrink"] for layer in record.layers) < 0.5
+    assert not RUNTIME_SCALE_OPS & {node.op_type for node in model.graph}
+    step = _decode_step(feeds[0], 5, position_ids=np.array([[5]], np.int64))
+    (_, (scale,)), = capture(model, [f"{first['name']}_sink_scale"], [step])
+    assert float(scale.reshape(-1)[0]) == pytest.approx(first["act_absmax_text"] / 127, rel=1e-5)
+
+    out = tmp_path / "mquant.onnx"
+    report = compile_file(source, out, load_recipe("mquant"), feeds=lambda: feeds, num_samples=len(feeds))
+    assert next(p for p in report.passes if p.name == "sink_scales").changed > 0
+    assert not RUNTIME_SCALE_OPS & {node.op_type for node in load_model(out).graph}

@@ -46,7 +46,7 @@ GROUPED = [
     "w4a8-msq:quantize_linears.group_size=32",  # int4 [K, N] blocked on axis 0; MSQ (text, image) scales
     "w8a8:quantize_linears.group_size=32",  # int8 [N, K] blocked on axis 1 behind a Transpose; one static scale
     "w4a8-rtn:quantize_linears.acts=dynamic:quantize_linears.group_size=32",  # dynamic per-token scales
-    "mquant:gptq_weights.group_size=32",  # GPTQ per group, online Hadamards, AIFS (static W4A8 with MSQ)
+    "mquant-paper:gptq_weights.group_size=32",  # GPTQ per group, online Hadamards, AIFS (static W4A8 with MSQ)
 ]
 
 
@@ -71,10 +71,31 @@ def test_per_group_recipe_lowered_to_runtime_ops_matches_qdq(recipe, tiny_decode
     assert_lowered_matches_qdq(qdq_path, mqc_path, random_feeds(model, 2), hadamard_fed=recipe.startswith("mquant"))
 
 
+def test_flagship_on_a_text_only_graph_lowered_to_runtime_ops_matches_qdq(tiny_decoder, tmp_path):
+    """``mquant`` on a graph without modality_ids (passes/sink_scales.py rule 7): the sink-scaled per-tensor points
+    lower to QuantLinears with [text, text, sink] scales and a class input, and compute what the QDQ model does."""
+    model = load_model(tiny_decoder("llama"))
+    model.graph.inputs.remove(next(v for v in model.graph.inputs if v.name == "modality_ids"))
+    source = save_model(model, tmp_path / "text_only.onnx")
+    feeds = random_feeds(model, 4, seed=3)
+    for feed in feeds:
+        feed["inputs_embeds"][:, 0, 3] = 300.0  # a sink at position 0
+    qdq_path = tmp_path / "mquant.qdq.onnx"
+    compile_file(source, qdq_path, recipe="mquant", feeds=lambda: feeds[:3], num_samples=3)
+    lowered = ir.load(str(qdq_path))
+    record = lower_to_runtime_ops(lowered)
+    linears = [n for n in lowered.graph if n.op_type == "QuantLinear"]
+    assert linears and not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in lowered.graph), record.skipped
+    assert any(len(n.inputs[3].const_value.numpy().reshape(-1)) == 3 for n in linears)  # text, image (= text), sink
+    mqc_path = tmp_path / "mquant.mqc.onnx"
+    save_model(lowered, mqc_path)
+    assert_lowered_matches_qdq(qdq_path, mqc_path, feeds[3:], hadamard_fed=True)
+
+
 def _rms_everywhere() -> Recipe:
-    """``mquant`` with the RMS split forced on every down_proj (the activation heuristic at ratio 0), so the
+    """``mquant-paper`` with the RMS split forced on every down_proj (the activation heuristic at ratio 0), so the
     side-branch rule has work."""
-    base = load_recipe("mquant")
+    base = load_recipe("mquant-paper")
     passes = [dict(p, ratio=0.0, criterion="activation") if p["pass"] == "rms_split" else p for p in base.passes]
     return Recipe(name="mquant-rms-everywhere", description=base.description, passes=passes)
 
