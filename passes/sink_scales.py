@@ -199,14 +199,16 @@ class SinkScalesPass(MqcPass):
         values.update({v.name: v for v in graph.inputs})
         positions = values.get(AIFS_POSITION_IDS) or values.get("position_ids")
         modality = values.get(AIFS_MODALITY_IDS) or values.get(MODALITY_INPUT)
-        if modality is None:  # rule 7
+        text_only = modality is None
+        if text_only:  # rule 7
             modality = self._text_only(graph, next(values[n] for n in TOKEN_INPUTS if n in values))
         points = _msq_points(graph)
         self.record.matched = len(points)
         if positions is None:
             positions = _positions_from_mask(graph, values["attention_mask"], modality)
             self.record.notes.append("no position_ids input: sink positions from CumSum(attention_mask) - 1 (rule 3)")
-        graph.sort()  # rules 3 and 7 put their nodes first; they may read each other's values
+        if text_only:
+            graph.sort()  # rule 3's nodes went first and read rule 7's modality
         scales, trimmed, searched = self._calibrate(model, points, positions.name, modality.name)
         is_sink = self._sink_mask(graph, positions, points)
         for point, (sink, text, image) in zip(points, scales, strict=True):
