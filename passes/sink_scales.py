@@ -22,7 +22,10 @@ Rules:
    exporter that computes the positions inside) gets P from ``attention_mask`` [B, past + S] as Hugging Face models
    compute theirs, ``CumSum(attention_mask, 1) - 1`` over the last S columns (S from ``modality_ids``): the first
    real token of each sequence is 0, left padding is -1 (never a sink), a decode step is past its prompt. Such a
-   graph has no AIFS (AIFS needs ``position_ids``), so the tokens are in their original order.
+   graph has no AIFS (AIFS needs ``position_ids``), so the tokens are in their original order. A graph with
+   neither input and no past key/value inputs (``input_ids -> logits``, as ``torch.onnx.export`` writes a model
+   called on its tokens alone) always sees positions ``0 .. S-1``: P is ``Range(0, S)``; with a cache and no
+   mask the positions of a step are unknown, and the pass refuses.
 4. Calibration: one run of the current graph over the calibration feeds, tapping every quantization point's input
    X with the position and modality ids the graph uses; each scale is set from its rows (sink rows of any
    modality; text and image rows that are not sinks) by ``method``: their max |x| (``minmax``, the default), or
@@ -134,6 +137,26 @@ def _static_qdq_points(graph: ir.Graph) -> tuple[list[tuple[ir.Node, list[ir.Nod
     return pairs, left
 
 
+def _has_cache(graph: ir.Graph) -> bool:
+    return any("past" in v.name for v in graph.inputs)
+
+
+def _positions_from_range(graph: ir.Graph, modality: ir.Value) -> ir.Value:
+    """Rule 3's P for a graph without position ids, mask or cache: ``Unsqueeze(Range(0, S, 1), [0])``."""
+    def const(name: str, array: np.ndarray) -> ir.Value:
+        return add_initializer(graph, f"{PREFIX}_{name}", array)
+
+    tokens = ir.node("Shape", [modality], attributes={"start": 1, "end": 2}, name=f"{PREFIX}/range_tokens")
+    count = ir.node("Squeeze", [tokens.outputs[0]], name=f"{PREFIX}/range_count")
+    span = ir.node("Range", [const("range_start", np.array(0, np.int64)), count.outputs[0],
+                             const("range_step", np.array(1, np.int64))], name=f"{PREFIX}/range")
+    rows = ir.node("Unsqueeze", [span.outputs[0], const("range_axes", np.array([0], np.int64))],
+                   name=f"{PREFIX}/range_positions")
+    rows.outputs[0].name = f"{PREFIX}_positions"
+    graph.insert_before(next(iter(graph)), [tokens, count, span, rows])
+    return rows.outputs[0]
+
+
 def _positions_from_mask(graph: ir.Graph, mask: ir.Value, modality: ir.Value) -> ir.Value:
     """Rule 3's P for a graph without position ids: ``Slice(CumSum(attention_mask, 1) - 1, -S)``, S the tokens."""
     nodes: list[ir.Node] = []
@@ -162,7 +185,8 @@ class SinkScalesPass(MqcPass):
     name = "sink_scales"
     fatal_skips = declare_fatal(
         no_msq_points="no MSQ quantization point (Where of a text and an image scale) to give a sink class",
-        no_position_ids="no position_ids or attention_mask input: sink rows cannot be selected statically",
+        no_position_ids="no position_ids or attention_mask input on a graph with a KV cache: sink rows cannot be "
+                        "selected statically",
         no_modality_ids="no modality_ids input and no input_ids/inputs_embeds to give an all-text modality the "
                         "tokens' shape (rule 7)",
     )
@@ -170,9 +194,10 @@ class SinkScalesPass(MqcPass):
     def requires(self, model: ir.Model) -> None:
         graph = model.graph
         names = {v.name for v in graph.inputs} | {v.name for node in graph for v in node.outputs}
-        if not names & {AIFS_POSITION_IDS, "position_ids", "attention_mask"}:
+        if not names & {AIFS_POSITION_IDS, "position_ids", "attention_mask"} and _has_cache(graph):
             raise self.refuse("no_position_ids", "the graph has no position_ids or attention_mask input: sink rows "
-                                                 "(position 0) cannot be selected statically")
+                                                 "(position 0) of a step after the cache cannot be selected "
+                                                 "statically")
         text_only = not names & {AIFS_MODALITY_IDS, MODALITY_INPUT}
         if text_only and not {v.name for v in graph.inputs} & set(TOKEN_INPUTS):
             raise self.refuse("no_modality_ids", "the graph has no modality_ids input, and no input_ids or "
@@ -204,9 +229,12 @@ class SinkScalesPass(MqcPass):
             modality = self._text_only(graph, next(values[n] for n in TOKEN_INPUTS if n in values))
         points = _msq_points(graph)
         self.record.matched = len(points)
-        if positions is None:
+        if positions is None and "attention_mask" in values:
             positions = _positions_from_mask(graph, values["attention_mask"], modality)
             self.record.notes.append("no position_ids input: sink positions from CumSum(attention_mask) - 1 (rule 3)")
+        elif positions is None:
+            positions = _positions_from_range(graph, modality)
+            self.record.notes.append("no position_ids, attention_mask or cache input: sink positions 0 .. S-1 (rule 3)")
         if text_only:
             graph.sort()  # rule 3's nodes went first and read rule 7's modality
         scales, trimmed, searched = self._calibrate(model, points, positions.name, modality.name)

@@ -274,3 +274,25 @@ def test_a_text_only_graph_gets_a_sink_class_on_its_per_tensor_points(tiny_decod
     report = compile_file(source, out, load_recipe("mquant"), feeds=lambda: feeds, num_samples=len(feeds))
     assert next(p for p in report.passes if p.name == "sink_scales").changed > 0
     assert not RUNTIME_SCALE_OPS & {node.op_type for node in load_model(out).graph}
+
+
+def test_a_graph_without_positions_mask_or_cache_takes_positions_0_to_s(tmp_path):
+    """Rule 3's last case (``input_ids -> logits`` exports): P = Range(0, S) from the tokens' count; with a cache
+    and neither input the pass refuses, naming why."""
+    import onnx_ir as ir
+    from mqc.passes.sink_scales import _positions_from_range
+
+    from mqc.pass_manager import PassRefused
+
+    ids = ir.Value(name="input_ids", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(["batch", "seq"]))
+    same = ir.node("Identity", [ids])
+    graph = ir.Graph([ids], [same.outputs[0]], nodes=[same], opset_imports={"": 20})
+    positions = _positions_from_range(graph, ids)
+    graph.outputs.append(positions)
+    model = ir.Model(graph, ir_version=10)
+    (_, (got,)), = capture(model, [positions.name], [{"input_ids": np.zeros((2, 5), np.int64)}])
+    np.testing.assert_array_equal(got, np.arange(5)[None, :])
+    past = ir.Value(name="past_key_values.0.key", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1, 2, 0, 4]))
+    graph.inputs.append(past)
+    with pytest.raises(PassRefused, match="no position_ids or attention_mask input"):
+        SinkScalesPass().requires(model)
