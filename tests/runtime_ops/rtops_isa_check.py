@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 
@@ -31,7 +32,25 @@ def main() -> None:
             ref = int_reference(quantize(x, np.float32(0.03)), w) * np.float64(np.float32(0.03))
             np.testing.assert_allclose(y, ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
         check_groups(rng, bits)
+        check_extremes(bits)
     print("ok")
+
+
+def check_extremes(bits: int) -> None:
+    """Every code at its bound: the largest sums the int16 stages of the AVX2 kernels can meet (W4: 4 steps of
+    15 x -128 per lane before widening), decode and prefill rows, K with a partial last chunk, per channel and
+    per group."""
+    N = 24
+    wmin, wmax = (-128, 127) if bits == 8 else (-8, 7)
+    for K, gs in ((1032, 0), (1024, 256)):
+        for wv, xv, M in itertools.product((wmin, wmax), (-128, 127), (1, 20)):
+            w = np.full((N, K), wv, np.int8)
+            xq = np.full((M, K), xv, np.int8)
+            model = quant_linear_model(K, N, bits=bits, x_type=TensorProto.INT8, group_size=gs,
+                                       weight=w if bits == 8 else pack_int4(w))
+            scales = np.ones((K // gs, N) if gs else N, np.float32)
+            y = session(model).run(None, {"X": xq, "w_scale": scales, "act_scale": np.ones(1, np.float32)})[0]
+            np.testing.assert_array_equal(y, int_reference(xq, w).astype(np.float32))
 
 
 def check_groups(rng, bits: int) -> None:

@@ -1,5 +1,5 @@
 // CPU int8 GEMM on packed weights: C[m, n] = sum_k A[m, k] * W[n, k] with int32 accumulation, then the
-// dequantizing epilogue. Implementations: portable C++ (compiled twice: baseline and AVX2) and AVX512-VNNI.
+// dequantizing epilogue. Implementations: portable C++, AVX2 and AVX512-VNNI, chosen at run time.
 #pragma once
 
 #include "common.h"
@@ -45,6 +45,9 @@ struct CpuKernels {
   QuantizeRowsFn quantize;
   DynamicScalesFn dynamic_scales;
   UnpackW4Fn unpack_w4;  // see unpack_w4_panels in common.h
+  // W4 prefill (M >= 16) unpacks each weight tile to bytes and runs gemm_w8: true where the nibble kernel is
+  // slower than unpacking (VNNI: its byte dot product takes W8 as fast), false where W8 costs more (AVX2).
+  bool w4_prefill_unpacks;
 };
 
 // Best implementation for the running CPU (MQC_CPU_ISA=generic|avx2|avx512vnni overrides, for tests).

@@ -514,7 +514,8 @@ void unpack_w4(const PackedWeights& W, int64_t p0, int64_t p1, uint8_t* out) {
 
 }  // namespace
 
-const CpuKernels kKernels = {"avx512vnni", gemm_w8, gemm_w4, quantize_rows, dynamic_scales, unpack_w4};
+const CpuKernels kKernels = {"avx512vnni", gemm_w8, gemm_w4, quantize_rows, dynamic_scales, unpack_w4,
+                             /*w4_prefill_unpacks=*/true};
 
 }  // namespace avx512vnni
 }  // namespace mqc

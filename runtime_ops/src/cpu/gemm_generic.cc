@@ -1,14 +1,9 @@
-// Portable CPU kernels on the packed layout (common.h). This file is compiled twice: at the baseline ISA
-// (namespace mqc::generic) and with -mavx2 -mfma (namespace mqc::avx2); the inner loops over 16 columns and
-// 4 bytes are written so that the compiler vectorizes them (widening multiply-add of int8 into int32).
+// Portable CPU kernels on the packed layout (common.h), for CPUs without AVX2 (and MQC_CPU_ISA=generic); the
+// inner loops over 16 columns and 4 bytes are written so that the compiler can vectorize them.
 #include "cpu/gemm.h"
 
-#ifndef MQC_GENERIC_NS
-#define MQC_GENERIC_NS generic
-#endif
-
 namespace mqc {
-namespace MQC_GENERIC_NS {
+namespace generic {
 namespace {
 
 template <int MR>
@@ -173,10 +168,8 @@ void dynamic_scales(const void* X, int src_kind, int64_t ldx, int64_t col0, int6
 
 }  // namespace
 
-#define MQC_STR2(x) #x
-#define MQC_STR(x) MQC_STR2(x)
-const CpuKernels kKernels = {MQC_STR(MQC_GENERIC_NS), gemm_w8, gemm_w4, quantize_rows, dynamic_scales,
-                             unpack_w4_panels};
+const CpuKernels kKernels = {"generic", gemm_w8, gemm_w4, quantize_rows, dynamic_scales, unpack_w4_panels,
+                             /*w4_prefill_unpacks=*/true};
 
-}  // namespace MQC_GENERIC_NS
+}  // namespace generic
 }  // namespace mqc
