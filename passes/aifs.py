@@ -195,7 +195,7 @@ class AifsPass(MqcPass):
         inv.name = f"{PREFIX}_inverse"
         # Row r of a flattened [B*seq, ...] tensor is token (r // seq, r % seq): one Gather of whole rows reorders the
         # embeddings and the logits (GatherElements needs its index expanded to the data's shape, [B, seq, vocab] int64
-        # for the logits: 18 % of the tiny VLM's prefill).
+        # for the logits; 43 tokens of the tiny VLM's vocabulary: 4.4 ms against 1.4 ms, one thread).
         row_base = b("Mul", [b("Unsqueeze", [b("Range", [zero, b("Squeeze", [batch_1d], "batch"), one], "batch_range"),
                                              i64("axis1_u", [1])], "batch_range_u"), seq], "row_base")
         flat = i64("flat", [-1])
