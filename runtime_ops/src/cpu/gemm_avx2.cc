@@ -46,13 +46,7 @@ inline void store8(const GemmArgs& g, int64_t m, int64_t n0, __m256 y) {
   }
   alignas(32) float buf[8];
   _mm256_store_ps(buf, y);
-  for (int64_t j = 0; j < cnt; ++j) {
-    const float v = g.bias ? buf[j] + g.bias[n0 + j] : buf[j];
-    if (g.y_half)
-      static_cast<uint16_t*>(g.Y)[m * g.ldy + n0 + j] = float_to_half(v);
-    else
-      static_cast<float*>(g.Y)[m * g.ldy + n0 + j] = v;
-  }
+  epilogue_grouped_scalar(buf, n0, cnt, 1.f, g, m);  // y * 1 + bias, stored as float or half
 }
 
 // Loads 8 fp32 values at p, the lanes from cnt on as 0 (w_scale has exactly N entries).

@@ -3,6 +3,7 @@
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
+#define MQC_FWHT_AVX2 1
 #endif
 
 #include "cpu/kernels_cpu.h"
@@ -25,8 +26,7 @@ MQC_CLONES static void fwht(float* x, int64_t L) {
       }
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define MQC_FWHT_AVX2 1
+#ifdef MQC_FWHT_AVX2
 // The same butterflies in the same order per element (so the same bits): the stages of span 1, 2 and 4 stay inside
 // one 8-float vector (a lane shuffle, an add, a subtract and a blend each), which the compiler leaves scalar in
 // fwht's generic loop; the wider stages add and subtract whole vectors.

@@ -97,8 +97,9 @@ struct QuantLinearKernel {
 
     const CpuKernels& kern = cpu_kernels();
     const int64_t Kp = W->Kp;
-    // W4 prefill on VNNI: each task unpacks its weight tile to int8 once and runs the W8 kernel (the nibble kernel
-    // unpacks in registers for every 5 rows, which costs more than it saves once the weights sit in cache).
+    // W4 prefill where the kernels ask for it (VNNI, portable): each task unpacks its weight tile to int8 once and
+    // runs the W8 kernel (the VNNI nibble kernel unpacks in registers for every 5 rows, which costs more than it
+    // saves once the weights sit in cache).
     const bool w4_unpacked = bits == 4 && M >= 16 && kern.w4_prefill_unpacks;
     const bool offset128 = bits == 8 || w4_unpacked;
     std::vector<uint8_t> A(static_cast<size_t>(M * Kp));
