@@ -38,7 +38,8 @@ $(OPTIMUM_VENV)/.installed: requirements-optimum.txt | $(VENV)/.mqc-installed
 	$(PY) -m pip --python $(OPTIMUM_VENV)/bin/python install -q --no-deps -r requirements-optimum.txt
 	touch $@
 
-demo: setup
+# The demo needs only the main venv; Optimum's is for the export-form tests.
+demo: $(VENV)/.mqc-installed
 	$(VENV)/bin/mqc demo
 
 # Two xdist workers for the two cores. worksteal balances by test, not by file: the tiny exports are shared through

@@ -216,3 +216,32 @@ def test_export_command_from_checkpoint_folder(family, tmp_path):
     with torch.no_grad():
         ref = model(input_ids=torch.from_numpy(prompt.ids)[None]).logits.numpy()
     assert np.abs(logits - ref).max() <= TOL
+
+
+def test_guarded_optimizer_writes_onnxscripts_graph(tmp_path):
+    """``onnx_utils.onnxscript_optimize`` (rules tried on their root op only) = ``onnxscript.optimizer.optimize``."""
+    import onnx_ir as ir
+    import onnxscript.optimizer
+    from mqc.models import onnx_utils
+
+    class HalvesAndLinear(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            first, second = x[..., :4], x[..., 4:]  # two Slices of one tensor: SlicesSplit's pattern
+            rotated = torch.cat([-second, first], dim=-1)
+            return self.linear(rotated).reshape(x.shape[0], -1, 2, 4).transpose(1, 2).to(torch.float64).float()
+
+    batch = torch.export.Dim("batch")
+    program = torch.onnx.export(HalvesAndLinear(), (torch.randn(2, 3, 8),), dynamo=True, optimize=False,
+                                dynamic_shapes=({0: batch},))
+    path = tmp_path / "unoptimized.onnx"
+    ir.save(program.model, path)
+    stock, guarded = ir.load(path), ir.load(path)
+    unoptimized = len(stock.graph)
+    onnxscript.optimizer.optimize(stock, num_iterations=2)
+    onnx_utils.onnxscript_optimize(guarded, num_iterations=2)
+    assert len(guarded.graph) < unoptimized
+    assert ir.serde.serialize_model(guarded) == ir.serde.serialize_model(stock)
