@@ -32,7 +32,7 @@ from mqc.packages import LabelledFeed
 
 #: Every TEXT_EVERY-th decoder sample of a VLM is a text-only window.
 TEXT_EVERY = 4
-#: Length of a text-only calibration window, in tokens.
+#: Length of a text-only calibration window, in tokens, unless the recipe asks for another (``text_window``).
 TEXT_TOKENS = 96
 
 
@@ -47,19 +47,20 @@ def _train_items(num: int, seed: int) -> list[VQAItem]:
     return [items[i] for i in rng.permutation(len(items))[:num]]
 
 
-def _text_windows(pipe, text: str, num: int, seed: int) -> list[np.ndarray]:
+def _text_windows(pipe, text: str, num: int, seed: int, length: int) -> list[np.ndarray]:
     ids = pipe.encode(text)
     rng = np.random.default_rng(seed + 1)
-    starts = rng.integers(0, max(1, len(ids) - TEXT_TOKENS), size=num)
-    return [ids[s : s + TEXT_TOKENS] for s in starts]
+    starts = rng.integers(0, max(1, len(ids) - length), size=num)
+    return [ids[s : s + length] for s in starts]
 
 
 def calibration_feeds(model_dir: Path, component: str, num_samples: int, seed: int = 0,
-                      providers=None) -> Iterator[dict[str, np.ndarray]]:
-    """One onnxruntime feed dict per sample for ``component`` ("vision", "embed" or "decoder")."""
+                      providers=None, text_window: int = TEXT_TOKENS) -> Iterator[dict[str, np.ndarray]]:
+    """One onnxruntime feed dict per sample for ``component`` ("vision", "embed" or "decoder"); text-only samples
+    are ``text_window`` tokens long."""
     source = _FeedBuilder(model_dir, providers)
     items = _train_items(source.image_samples(component, num_samples), seed) if source.has_vision else []
-    for labelled in source.feeds(component, num_samples, items, calibration_text(), seed):
+    for labelled in source.feeds(component, num_samples, items, calibration_text(), seed, text_window):
         yield labelled.feed
 
 
@@ -73,7 +74,7 @@ def validation_feeds(model_dir: Path, component: str, num_samples: int, offset: 
     if len(items) < count:
         raise ValueError(f"the validation split has {len(vqa_val_set())} questions; offset {offset} leaves "
                          f"{len(items)}, {count} asked")
-    return list(source.feeds(component, num_samples, items, validation_text(), seed=offset))
+    return list(source.feeds(component, num_samples, items, validation_text(), offset, TEXT_TOKENS))
 
 
 class _FeedBuilder:
@@ -99,13 +100,13 @@ class _FeedBuilder:
         return num_samples if not self.has_vision else num_samples // TEXT_EVERY
 
     def feeds(self, component: str, num_samples: int, items: Sequence[VQAItem], text: str,
-              seed: int) -> Iterator[LabelledFeed]:
+              seed: int, text_window: int) -> Iterator[LabelledFeed]:
         pipe = self.pipe
         if component == "vision":
             for it in items:
                 yield LabelledFeed({"pixel_values": pipe.pixel_values([it.image_path])}, f"image {it.image_id}", [])
             return
-        texts = iter(_text_windows(pipe, text, self._text_samples(num_samples), seed))
+        texts = iter(_text_windows(pipe, text, self._text_samples(num_samples), seed, text_window))
         images = iter(items)
         eos = pipe.manifest.get("eos_token_ids") or []
         for k in range(num_samples):

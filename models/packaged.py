@@ -129,10 +129,10 @@ def register_with_core() -> None:
     """Lend core compile its packaged names and calibration feeds (:mod:`mqc.packages`)."""
     from mqc.packages import PackageHooks, register_package_hooks
 
-    def feeds(model_dir: Path, component: str, num_samples: int):
+    def feeds(model_dir: Path, component: str, num_samples: int, **options):
         from mqc.models.calibration import calibration_feeds
 
-        return calibration_feeds(model_dir, component, num_samples)
+        return calibration_feeds(model_dir, component, num_samples, **options)
 
     def held_out(model_dir: Path, component: str, num_samples: int, offset: int = 0):
         from mqc.models.calibration import validation_feeds

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import sys
@@ -20,7 +21,8 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from mqc.errors import InternalError, MqcError, printable
+from mqc.errors import InputModelError, InternalError, MqcError, printable
+from mqc.recipes import MIN_TEXT_WINDOW
 
 console = Console(stderr=True, soft_wrap=True)  # one message, one line, also in logs and pipes
 
@@ -112,6 +114,9 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--calib", type=click.Path(path_type=Path), help="Calibration samples: an .npz or a folder of .npz (single-file input).")
 @click.option("--samples", type=click.IntRange(min=1),
               help="Calibration samples to use (default: the number the recipe was chosen with, else 32).")
+@click.option("--text-window", type=click.IntRange(min=MIN_TEXT_WINDOW),
+              help="Tokens per text-only calibration sample of a packaged model's decoder (default: the recipe's "
+                   "text_window, else 96).")
 @click.option("--format", "fmt", type=click.Choice(["qdq", "mqc"]), default="qdq", show_default=True,
               help="qdq: standard ONNX ops; mqc: the project's runtime-ops library.")
 @click.option("--exclude", multiple=True, help="Regex of layer names to keep in float (repeatable).")
@@ -146,7 +151,7 @@ def compile_command(model: str, output: Path, recipe: str, calib: Path | None, s
                     exclude: tuple[str, ...], verify: bool, verify_rtol: float, bits: str | None,
                     acts: str | None, assignments: tuple[str, ...], allow_partial: bool,
                     min_sqnr: float | None, max_kl: float | None, ray_address: str | None,
-                    ray_workers: int | None, stream: bool | None, stream_inputs: str) -> None:
+                    ray_workers: int | None, stream: bool | None, stream_inputs: str, text_window: int | None) -> None:
     """Compile MODEL (an .onnx file, a model directory or a packaged model name) into OUTPUT."""
     from mqc.compiler import compile as compile_model
     from mqc.distributed import executor_for
@@ -160,6 +165,11 @@ def compile_command(model: str, output: Path, recipe: str, calib: Path | None, s
         chosen = with_acts(chosen, acts)
     if assignments:
         chosen = with_assignments(chosen, list(assignments))
+    if text_window is not None:
+        if Path(model).suffix == ".onnx":
+            raise InputModelError("--text-window sets the text samples a model folder's package builds; an .onnx "
+                                  "file calibrates on --calib")
+        chosen = dataclasses.replace(chosen, text_window=text_window)
     with executor_for(ray_address, ray_workers) as executor, progress_bar() as progress:
         result = compile_model(model, output, chosen, calib=calib, num_samples=samples, fmt=fmt, exclude=exclude,
                                verify=verify, verify_rtol=verify_rtol, progress=progress, allow_partial=allow_partial,
@@ -208,7 +218,6 @@ def _summary(name: str, report) -> None:
 def explain(target: str, as_json: bool, recipe: str | None, calib: Path | None) -> None:
     """Explain what each pass did to TARGET (a compiled .onnx or compiled model directory)."""
     from mqc.compiler import compile_file
-    from mqc.errors import InputModelError
     from mqc.explain import render, to_json
     from mqc.ir import load_model
     from mqc.packages import component_paths, is_model_dir, read_manifest
@@ -243,7 +252,6 @@ def explain(target: str, as_json: bool, recipe: str | None, calib: Path | None) 
 
 
 def _stored_report(file: Path):
-    from mqc.errors import InputModelError
     from mqc.report import read_report
 
     try:
@@ -271,7 +279,7 @@ def diagnose(float_model: str, compiled: Path, samples: int, offset: int, calib:
     the same with per-token dynamic scales (what-if), against FLOAT, and the tokens that set each range."""
     from mqc.diagnose import diagnose as run_diagnosis
     from mqc.diagnose import plot_panels, render
-    from mqc.errors import InputModelError, OutputPathError
+    from mqc.errors import OutputPathError
     from mqc.outputs import write_text_atomically
     from mqc.plot import render_svg
 
@@ -380,7 +388,6 @@ def demo(model: str, recipe: str, fmt: str, limit: int, ppl_tokens: int, samples
 
 def _demo_format(fmt: str) -> str:
     """The format the demo compiles to: ``mqc`` needs the runtime-ops library (built by ``make setup``)."""
-    from mqc.errors import InputModelError
     from mqc.runtime_ops import RuntimeOpsNotBuiltError, library_path
 
     if fmt == "qdq":

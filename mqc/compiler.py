@@ -291,6 +291,7 @@ def compile_package(
     hooks = package_hooks()
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     num_samples = num_samples or recipe.samples or DEFAULT_SAMPLES  # the recipe's choice unless asked otherwise
+    window = {"text_window": recipe.text_window} if recipe.text_window else {}
     try:
         model_dir = Path(os.path.abspath(hooks.resolve(str(source))))
     except FileNotFoundError as exc:
@@ -329,7 +330,7 @@ def compile_package(
             if component_recipe is None:
                 kept_float.append(component)
                 continue
-            samples = list(hooks.calibration_feeds(model_dir, component, num_samples))
+            samples = list(hooks.calibration_feeds(model_dir, component, num_samples, **window))
             gate = ([labelled.feed for labelled in hooks.validation_feeds(model_dir, component, gate_size(num_samples))]
                     if hooks.validation_feeds is not None else None)
             target = staging.path / relative
@@ -349,7 +350,7 @@ def compile_package(
                 os.replace(staging.path, kept)
                 raise QualityRejected(f"{component}: {exc}; the model directory is kept as {kept}", exc.report) from None
             reports[component].calibration.update({"source": f"{manifest.get('name', model_dir.name)} calibration "
-                                                   "set (easy-vqa train split + text)"})
+                                                   "set (easy-vqa train split + text)", **window})
         _copy_float_components(model_dir, staging.path, [files[c] for c in files if c not in reports])
         manifest["compiled"] = {"recipe": recipe.name, "format": fmt, "source": model_dir.name,
                                 "components": sorted(reports), "float_components": kept_float,

@@ -25,7 +25,9 @@ MANIFEST = "manifest.json"
 #: Largest manifest mqc reads (a real one is a few kB).
 MAX_MANIFEST_BYTES = 1 << 20
 
-FeedBuilder = Callable[[Path, str, int], Iterable[dict[str, np.ndarray]]]
+#: ``(folder, component, samples, **options)``; options a package may honour: ``text_window`` (tokens per
+#: text-only decoder sample).
+FeedBuilder = Callable[..., Iterable[dict[str, np.ndarray]]]
 
 
 @dataclass

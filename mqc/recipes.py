@@ -61,8 +61,11 @@ PASS_MODULES: dict[str, str] = {
     "sink_scales": "sink_scales:SinkScalesPass",
     "act_precision": "act_precision:ActPrecisionPass",
 }
+#: The shortest text-only calibration window a recipe may ask for, in tokens.
+MIN_TEXT_WINDOW = 16
 _COMPONENT_KEYS = {"recipe", "overrides", "float"}
-_RECIPE_KEYS = {"name", "description", "extends", "passes", "append", "overrides", "components", "samples"}
+_RECIPE_KEYS = {"name", "description", "extends", "passes", "append", "overrides", "components", "samples",
+                "text_window"}
 
 
 @dataclass
@@ -75,6 +78,8 @@ class Recipe:
     components: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: The calibration samples the recipe's settings were chosen with (``--samples`` overrides; None: the default).
     samples: int | None = None
+    #: Tokens per text-only calibration sample of a packaged model's decoder (None: the package's default).
+    text_window: int | None = None
     params: list[PassParams] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -108,6 +113,8 @@ class Recipe:
             data["components"] = self.components
         if self.samples is not None:
             data["samples"] = self.samples
+        if self.text_window is not None:
+            data["text_window"] = self.text_window
         return data
 
 
@@ -186,7 +193,12 @@ def _parse(text: str, origin: str, seen: tuple[str, ...] = ()) -> Recipe:
     samples = data.get("samples", base.samples if base is not None else None)
     if samples is not None and (not isinstance(samples, int) or isinstance(samples, bool) or samples < 1):
         raise RecipeError(f"recipe {name}: 'samples' is a whole number of calibration samples >= 1, got {samples!r}")
-    recipe = Recipe(name, description, _check_steps(passes, name), components, samples)
+    text_window = data.get("text_window", base.text_window if base is not None else None)
+    if text_window is not None and (not isinstance(text_window, int) or isinstance(text_window, bool)
+                                    or text_window < MIN_TEXT_WINDOW):
+        raise RecipeError(f"recipe {name}: 'text_window' is a whole number of tokens >= {MIN_TEXT_WINDOW}, "
+                          f"got {text_window!r}")
+    recipe = Recipe(name, description, _check_steps(passes, name), components, samples, text_window)
     overrides = data.get("overrides", {})
     if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
         raise RecipeError(f"recipe {name}: 'overrides' maps pass names to parameter objects, got {overrides!r}")
@@ -236,7 +248,8 @@ def with_overrides(recipe: Recipe, overrides: dict[str, dict[str, Any]], name: s
         raise RecipeError(f"recipe {recipe.name}: overrides pass {absent[0]!r}, which the recipe does not run "
                           f"(its passes: {', '.join(step['pass'] for step in recipe.passes)})")
     steps = [{**step, **overrides.get(step["pass"], {})} for step in recipe.passes]
-    return Recipe(name or recipe.name, recipe.description, steps, recipe.components, recipe.samples)
+    return Recipe(name or recipe.name, recipe.description, steps, recipe.components, recipe.samples,
+                  recipe.text_window)
 
 
 def parse_assignment(text: str) -> tuple[str, str, Any]:
@@ -268,7 +281,7 @@ def with_assignments(recipe: Recipe, assignments: list[str], name: str | None = 
         if pass_name not in PASS_MODULES:
             raise RecipeError(f"--set {text!r}: unknown pass {pass_name!r}; known: {', '.join(sorted(PASS_MODULES))}")
         overrides.setdefault(pass_name, {})[key] = value
-    changed = Recipe(recipe.name, recipe.description, recipe.passes, components, recipe.samples)
+    changed = Recipe(recipe.name, recipe.description, recipe.passes, components, recipe.samples, recipe.text_window)
     return with_overrides(changed, overrides, name=name or f"{recipe.name} --set {' '.join(assignments)}")
 
 
@@ -318,7 +331,8 @@ def with_bits(recipe: Recipe, setting: str) -> Recipe:
         for name, params in _bit_overrides(base.passes, bits["vision"]).items():
             overrides.setdefault(name, {}).update(params)
         vision["overrides"] = overrides
-    return Recipe(f"{recipe.name} --bits {setting}", recipe.description, language.passes, components, recipe.samples)
+    return Recipe(f"{recipe.name} --bits {setting}", recipe.description, language.passes, components, recipe.samples,
+                  recipe.text_window)
 
 
 def with_acts(recipe: Recipe, mode: str) -> Recipe:

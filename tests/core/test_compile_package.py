@@ -55,3 +55,17 @@ def test_component_kept_in_float(tiny_model_dir, tmp_path):
     assert manifest["compiled"]["float_components"] == ["vision"]
     assert read_report(str(tmp_path / "out" / "vision.onnx")) is None
     assert (tmp_path / "out" / "vision.onnx").read_bytes() == (source / "vision.onnx").read_bytes()
+
+
+def test_a_recipes_text_window_sets_the_decoders_text_samples(tiny_model_dir, tmp_path):
+    from mqc.models.calibration import TEXT_EVERY, TEXT_TOKENS
+
+    source = tiny_model_dir("llava")
+    for window in (TEXT_TOKENS, 40):
+        feeds = list(calibration_feeds(source, "decoder", TEXT_EVERY, text_window=window))
+        assert feeds[TEXT_EVERY - 1]["modality_ids"].shape == (1, window)  # the text-only sample
+        assert feeds[0]["modality_ids"].any()  # an image question, whatever the window
+    recipe = tmp_path / "long-text.json"
+    recipe.write_text(json.dumps({"name": "long-text", "extends": "w8a8", "text_window": 40}))
+    reports = mqc.compile(source, tmp_path / "out", str(recipe), num_samples=TEXT_EVERY)
+    assert reports["decoder"].calibration["text_window"] == 40

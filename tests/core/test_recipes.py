@@ -156,3 +156,18 @@ def test_a_recipe_carries_the_calibration_size_it_was_chosen_with(tiny_decoder, 
     out = tmp_path / "q.onnx"
     assert mqc.compile(tiny_decoder("llama"), out, str(few)).calibration["samples"] == 3  # no --samples: the recipe's
     assert mqc.compile(tiny_decoder("llama"), out, str(few), num_samples=2).calibration["samples"] == 2
+
+
+def test_text_window_is_inherited_and_checked(tmp_path):
+    base = tmp_path / "base.json"
+    base.write_text(json.dumps({"name": "base", "extends": "mquant", "text_window": 256}))
+    child = tmp_path / "child.json"
+    child.write_text(json.dumps({"name": "child", "extends": str(base)}))
+    assert load_recipe(str(child)).text_window == 256
+    assert with_bits(with_assignments(load_recipe(str(child)), ["gptq_weights.group_size=32"]), "w8a8").text_window == 256
+    for bad in (8, 40.5, True):
+        base.write_text(json.dumps({"name": "base", "extends": "w8a8", "text_window": bad}))
+        with pytest.raises(RecipeError, match="'text_window' is a whole number of tokens >= 16"):
+            load_recipe(str(base))
+    result = CliRunner().invoke(main, ["compile", "model.onnx", "-o", str(tmp_path / "q.onnx"), "--text-window", "64"])
+    assert result.exit_code != 0 and "--text-window sets the text samples" in result.output
