@@ -8,8 +8,9 @@ map reads. Instead we export unoptimized and apply, in order:
    initializer that keeps the original name (``model.layers.0.self_attn.q_proj.weight``, now laid out
    ``[in, out]`` as MatMul's right operand). When the original is also read untransposed elsewhere, the folded copy
    is named ``<name>.T`` instead.
-2. ``onnxscript.optimizer.optimize``: constant folding of shape arithmetic and dead-code removal. Weights are no
-   longer behind transposes, so it has nothing to rename.
+2. onnxscript's optimizer (:func:`onnxscript_optimize`: the same passes, each rewrite rule tried only where its
+   root op is): constant folding of shape arithmetic and dead-code removal. Weights are no longer behind
+   transposes, so it has nothing to rename.
 3. ``add_unused_input``: graph inputs the exporter dropped because the float graph ignores them (``modality_ids``).
 4. ``finalize``: IR version 10 (onnxruntime 1.31 reads at most 13), then save, with external data above 1.5 GB.
 """
@@ -99,7 +100,8 @@ def onnxscript_optimize(model: ir.Model, num_iterations: int) -> None:
 
     The same passes in the same order as onnxscript's ``optimize_ir`` (a test compares the graphs). The guard is
     the first check the rule's own matcher makes, so no match changes; it matters for ``SlicesSplit``, whose
-    two-output pattern indexes the whole graph for every node it is tried on: 83 of the decoder export's 155 s.
+    two-output pattern indexes the whole graph for every node it is tried on (the decoder's optimize: 75.9 s
+    stock, 13.2 s guarded).
     """
     import onnx_ir.passes.common as common
     from onnxscript import rewriter
