@@ -149,8 +149,10 @@ def compile_file(
     executor: LocalExecutor | None = None,
     stream: bool | None = None,
     stream_inputs: str = "float",
+    feeds_origin: dict[str, Any] | None = None,
 ) -> CompileReport:
-    """Compile one ONNX file. ``feeds`` (a callable returning an iterable of feed dicts) overrides ``calib``.
+    """Compile one ONNX file. ``feeds`` (a callable returning an iterable of feed dicts) overrides ``calib``;
+    ``feeds_origin`` says in the report what they are (default: ``{"source": "model package"}``).
 
     ``stream``: compile layer by layer with bounded memory (:mod:`mqc.streaming`); None streams a model above
     ``STREAM_THRESHOLD_BYTES`` of weights when its recipe can. ``stream_inputs``: what block i+1 calibrates on.
@@ -175,7 +177,7 @@ def compile_file(
     calibration: dict[str, Any]
     hold_back = False
     if feeds is not None:
-        calibration = {"source": "model package"}
+        calibration = dict(feeds_origin or {"source": "model package"})
     elif calib is not None:
         files = load_feeds(calib, model, limit=num_samples)
         feeds = lambda: files  # noqa: E731
@@ -291,7 +293,6 @@ def compile_package(
     hooks = package_hooks()
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     num_samples = num_samples or recipe.samples or DEFAULT_SAMPLES  # the recipe's choice unless asked otherwise
-    window = {"text_window": recipe.text_window} if recipe.text_window else {}
     try:
         model_dir = Path(os.path.abspath(hooks.resolve(str(source))))
     except FileNotFoundError as exc:
@@ -330,6 +331,7 @@ def compile_package(
             if component_recipe is None:
                 kept_float.append(component)
                 continue
+            window = {"text_window": recipe.text_window} if recipe.text_window and component == "decoder" else {}
             samples = list(hooks.calibration_feeds(model_dir, component, num_samples, **window))
             gate = ([labelled.feed for labelled in hooks.validation_feeds(model_dir, component, gate_size(num_samples))]
                     if hooks.validation_feeds is not None else None)
@@ -342,6 +344,8 @@ def compile_package(
                     verify=verify, verify_rtol=verify_rtol, default_modality=modality, progress=progress,
                     allow_partial=allow_partial, limits=limits,
                     gate_feeds=(lambda g=gate: g) if gate is not None else None, executor=executor,
+                    feeds_origin={"source": f"{manifest.get('name', model_dir.name)} calibration set (easy-vqa train "
+                                            "split + text)", **window},
                 )
             except QualityRejected as exc:  # keep what was compiled beside the output, as <output>.rejected
                 os.replace(rejected_path(target), target)
@@ -349,8 +353,6 @@ def compile_package(
                 shutil.rmtree(kept, ignore_errors=True)
                 os.replace(staging.path, kept)
                 raise QualityRejected(f"{component}: {exc}; the model directory is kept as {kept}", exc.report) from None
-            reports[component].calibration.update({"source": f"{manifest.get('name', model_dir.name)} calibration "
-                                                   "set (easy-vqa train split + text)", **window})
         _copy_float_components(model_dir, staging.path, [files[c] for c in files if c not in reports])
         manifest["compiled"] = {"recipe": recipe.name, "format": fmt, "source": model_dir.name,
                                 "components": sorted(reports), "float_components": kept_float,

@@ -68,4 +68,7 @@ def test_a_recipes_text_window_sets_the_decoders_text_samples(tiny_model_dir, tm
     recipe = tmp_path / "long-text.json"
     recipe.write_text(json.dumps({"name": "long-text", "extends": "w8a8", "text_window": 40}))
     reports = mqc.compile(source, tmp_path / "out", str(recipe), num_samples=TEXT_EVERY)
-    assert reports["decoder"].calibration["text_window"] == 40
+    stored = read_report(str(tmp_path / "out" / "decoder.onnx"))  # what explain shows
+    assert stored.calibration == reports["decoder"].calibration
+    assert stored.calibration["text_window"] == 40 and "calibration set" in stored.calibration["source"]
+    assert "text_window" not in reports["vision"].calibration
