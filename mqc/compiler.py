@@ -205,6 +205,7 @@ def compile_file(
     context.num_samples = calibration.get("samples", num_samples)
     summary = {**build_model_map(model).summary(), **precision}
     gate_reference = _gate_reference(source, model, precision)
+    context.reference = gate_reference
     nested = _linears_in_subgraphs(model)
     if nested:
         summary["left_float_in_subgraphs"] = nested

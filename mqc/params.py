@@ -227,6 +227,17 @@ class ActPrecisionParams(PassParams):
 
 
 @dataclass(frozen=True)
+class ScaleTuningParams(PassParams):
+    #: Passes over the calibration samples, one sample per Adam step.
+    epochs: int = field(default=1, metadata=bounded(1))
+    #: Adam's step size on θ, the log of each scale's multiplier.
+    lr: float = field(default=1e-3, metadata=bounded(0.0, 1.0, low_open=True))
+    seed: int = 0
+    #: The largest difference of the torch replay's logits from onnxruntime's, relative to the largest logit.
+    replay_tolerance: float = field(default=1e-2, metadata=bounded(0.0, low_open=True))
+
+
+@dataclass(frozen=True)
 class LowerRuntimeOpsParams(PassParams):
     fuse_norms: bool = False
 
@@ -247,6 +258,7 @@ PASS_PARAMS: dict[str, type[PassParams]] = {
     "rms_split": RmsSplitParams,
     "sink_scales": SinkScalesParams,
     "act_precision": ActPrecisionParams,
+    "scale_tuning": ScaleTuningParams,
     "lower_runtime_ops": LowerRuntimeOpsParams,
 }
 

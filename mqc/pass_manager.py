@@ -125,6 +125,9 @@ class CompileContext:
         self._map: ModelMap | None = None
         self._verify_feeds: list[dict[str, np.ndarray]] | None = None
         self.num_samples: int | None = None
+        #: The float model the compile started from (its path, or a session on its float32 widening): what the
+        #: quality gate and ``scale_tuning`` compare against; None when the caller gave none.
+        self.reference: Any = None
 
     def feeds(self) -> Iterable[dict[str, np.ndarray]]:
         return self._feeds()

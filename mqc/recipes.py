@@ -60,6 +60,7 @@ PASS_MODULES: dict[str, str] = {
     "lower_runtime_ops": "lower_runtime_ops:LowerRuntimeOpsPass",
     "sink_scales": "sink_scales:SinkScalesPass",
     "act_precision": "act_precision:ActPrecisionPass",
+    "scale_tuning": "scale_tuning:ScaleTuningPass",
 }
 #: The shortest text-only calibration window a recipe may ask for, in tokens.
 MIN_TEXT_WINDOW = 16

@@ -121,13 +121,44 @@ def _ops() -> dict[str, Callable]:
     def gelu(node: ir.Node, x: Any) -> Any:
         return F.gelu(x, approximate=_attr(node, "approximate", "none"))
 
+    def ste_round(node: ir.Node, x: Any) -> Any:
+        """Round half to even (as ONNX) forward; identity backward, so gradients pass static fake quantizers."""
+        return (torch.round(x) - x).detach() + x
+
+    def clip(node: ir.Node, x: Any, low: Any = None, high: Any = None) -> Any:
+        return torch.clamp(x, min=low, max=high)
+
+    def per_axis(node: ir.Node, param: Any, x: Any) -> Any:
+        """A per-tensor or per-axis quantization parameter, broadcast against ``x``."""
+        if param.dim() == 0 or param.numel() == 1:
+            return param.reshape(())
+        shape = [1] * x.dim()
+        shape[_attr(node, "axis", 1) % x.dim()] = -1
+        return param.reshape(shape)
+
+    def quantize(node: ir.Node, x: Any, scale: Any, zero: Any = None) -> Any:
+        """QuantizeLinear as float codes (straight-through rounding); the pair's DequantizeLinear reads them."""
+        info = torch.iinfo(zero.dtype if zero is not None else torch.uint8)
+        offset = per_axis(node, zero.to(x.dtype), x) if zero is not None else 0.0
+        return torch.clamp(ste_round(node, x / per_axis(node, scale, x)) + offset, info.min, info.max)
+
+    def dequantize(node: ir.Node, q: Any, scale: Any, zero: Any = None) -> Any:
+        q = q.to(scale.dtype)
+        offset = per_axis(node, zero.to(q.dtype), q) if zero is not None else 0.0
+        return (q - offset) * per_axis(node, scale, q)
+
+    def flatten(node: ir.Node, x: Any) -> Any:
+        axis = _attr(node, "axis", 1) % (x.dim() + 1) if x.dim() else 0
+        return x.reshape(int(np.prod(x.shape[:axis])), -1)
+
     return {
         "Add": lambda n, a, b: a + b, "Sub": lambda n, a, b: a - b, "Mul": lambda n, a, b: a * b,
         "Div": lambda n, a, b: a / b, "Pow": lambda n, a, b: torch.pow(a, b), "Neg": lambda n, a: -a,
         "Sqrt": lambda n, a: torch.sqrt(a), "Reciprocal": lambda n, a: torch.reciprocal(a),
         "Abs": lambda n, a: a.abs(), "Exp": lambda n, a: torch.exp(a), "Log": lambda n, a: torch.log(a),
         "Sigmoid": lambda n, a: torch.sigmoid(a), "Tanh": lambda n, a: torch.tanh(a), "Erf": lambda n, a: torch.erf(a),
-        "Relu": lambda n, a: torch.relu(a), "Softplus": lambda n, a: F.softplus(a), "Gelu": gelu,
+        "Relu": lambda n, a: torch.relu(a), "Round": ste_round, "Clip": clip, "Flatten": flatten,
+        "QuantizeLinear": quantize, "DequantizeLinear": dequantize, "Softplus": lambda n, a: F.softplus(a), "Gelu": gelu,
         "Cos": lambda n, a: torch.cos(a), "Sin": lambda n, a: torch.sin(a), "Identity": lambda n, a: a,
         "Max": lambda n, *xs: _fold(torch.maximum, xs), "Min": lambda n, *xs: _fold(torch.minimum, xs),
         "Where": lambda n, c, a, b: torch.where(c, a, b), "IsNaN": lambda n, a: torch.isnan(a),

@@ -1,0 +1,285 @@
+"""Scale tuning: the integer weights' scales trained end to end against the float model, their codes fixed (issue 14:
+on the packaged tiny VLM the int4 weights, not the static activations, set the remaining perplexity loss of the
+static W4A8 decoder; an extension beyond MQuant and MASQuant, after EfficientQAT's E2E-QP, arXiv 2407.11062, which
+trains only the quantization step sizes, end to end, once the integer weights are fixed).
+
+GPTQ chooses each linear's codes and scales for that linear's own output error; the errors of 200 linears then add up
+through the residual stream. This pass keeps every integer code and trains the scales of all quantized weights
+together, on what the model finally computes: its next-token distribution against the float model's.
+
+Rules:
+1. Input: a quantized graph whose linears read ``DequantizeLinear(integer initializer, float scale)`` (per channel
+   or per group of input rows, possibly behind a ``Transpose``), a graph output ``logits`` and the compile's float
+   reference (the source model: same inputs, same ``logits``). The replay starts at the decoder's hidden states: the
+   ``inputs_embeds`` input, or the output of the embedding lookup that reads ``input_ids``.
+2. The graph from there to ``logits`` is replayed in torch (:mod:`mqc.torch_replay`): the graph's own ops, static
+   activation fake-quant with straight-through rounding, and every value that does not depend on the hidden states
+   (masks, rotary tables, modality and sink scales, empty caches) captured from onnxruntime per sample. Before any
+   training the replay of the unchanged graph is compared with onnxruntime's logits; a replay that differs by more
+   than ``replay_tolerance`` (relative to the logits' largest magnitude) refuses the pass.
+3. Each weight scale s becomes s·exp(θ), θ one number per scale element, starting at 0; the codes stay. Loss: the
+   KL divergence of the compiled model's next-token distribution from the float reference's, averaged over the text
+   positions of a calibration sample (image positions predict nothing); Adam, ``epochs`` passes over the samples in
+   a seeded order, one sample per step.
+4. The tuned scales are written only if the mean KL over all calibration samples went down (both figures recorded,
+   with the median and largest scale change per role); otherwise the graph is left as it was.
+5. Not function-preserving: it changes the weights' scales. The graph stays static: only constants change, so
+   ``--format mqc`` lowers the tuned scales like any others.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from mqc.calibration import MODALITY_INPUT, TEXT
+from mqc.ir import constant_array, replace_initializer
+from mqc.pass_manager import MqcPass, declare_fatal
+from mqc.torch_replay import GraphSlice
+
+LOGITS = "logits"
+
+
+@dataclass
+class _Weight:
+    """One dequantized weight the replay reads: its codes, its scale initializer and how they make [in, out]."""
+
+    value: ir.Value  # what the MatMul reads
+    scale: ir.Value  # the DequantizeLinear's scale initializer
+    codes: np.ndarray  # float32, the integer codes in the DequantizeLinear's layout
+    axis: int
+    block: int
+    transposed: bool
+    role: str
+
+
+def _dequantized_weights(nodes: list[ir.Node], roles: dict[int, str]) -> list[_Weight]:
+    """The weights of the slice's MatMuls that are ``DequantizeLinear`` of integer codes (rule 1); ``roles`` by
+    MatMul node id (the model map's)."""
+    found: dict[str, _Weight] = {}
+    for node in nodes:
+        if node.op_type != "MatMul" or node.inputs[1] is None or node.inputs[1].name in found:
+            continue
+        value, producer, transposes = node.inputs[1], node.inputs[1].producer(), 0
+        while producer is not None and producer.op_type == "Transpose":
+            transposes += 1
+            producer = producer.inputs[0].producer()
+        if producer is None or producer.op_type != "DequantizeLinear" or len(producer.inputs) < 2:
+            continue
+        codes, scale = constant_array(producer.inputs[0]), constant_array(producer.inputs[1])
+        if codes is None or scale is None or codes.ndim != 2 or not np.issubdtype(scale.dtype, np.floating):
+            continue
+        if not (np.issubdtype(codes.dtype, np.integer) or codes.dtype.name in ("int4", "uint4")):
+            continue
+        zero = constant_array(producer.inputs[2]) if len(producer.inputs) > 2 else None
+        if zero is not None and np.any(zero.astype(np.int64) != 0):
+            continue
+        found[value.name] = _Weight(
+            value, producer.inputs[1], codes.astype(np.float32), producer.attributes.get_int("axis", 1) % 2,
+            producer.attributes.get_int("block_size", 0), bool(transposes % 2), roles.get(id(node), "other"))
+    return list(found.values())
+
+
+def _hidden_input(graph: ir.Graph) -> ir.Value | None:
+    """Where the decoder's hidden states start (rule 1)."""
+    inputs = {v.name: v for v in graph.inputs}
+    if "inputs_embeds" in inputs:
+        return inputs["inputs_embeds"]
+    ids = inputs.get("input_ids")
+    if ids is None:
+        return None
+    lookup = next((u.node for u in ids.uses() if u.node.op_type == "Gather" and u.idx == 1), None)
+    return lookup.outputs[0] if lookup is not None else None
+
+
+class _TunedWeights:
+    """θ per weight scale, and the torch weights [in, out] they give (rule 3)."""
+
+    def __init__(self, weights: list[_Weight]) -> None:
+        import torch
+
+        self.weights = weights
+        self.codes = [torch.from_numpy(w.codes) for w in weights]
+        self.scales = [torch.from_numpy(np.array(constant_array(w.scale), np.float32)) for w in weights]
+        self.theta = [torch.nn.Parameter(torch.zeros_like(s)) for s in self.scales]
+
+    def _spread(self, w: _Weight, scale: Any) -> Any:
+        if scale.dim() == 0:
+            return scale
+        if w.block:
+            return scale.repeat_interleave(w.block, dim=w.axis).narrow(w.axis, 0, w.codes.shape[w.axis])
+        return scale.reshape([-1, 1] if w.axis == 0 else [1, -1])
+
+    def tensors(self) -> dict[str, Any]:
+        import torch
+
+        out = {}
+        for w, codes, scale, theta in zip(self.weights, self.codes, self.scales, self.theta, strict=True):
+            weight = codes * self._spread(w, scale * torch.exp(theta))
+            out[w.value.name] = weight.T if w.transposed else weight
+        return out
+
+    def tuned_scales(self) -> list[np.ndarray]:
+        import torch
+
+        with torch.no_grad():
+            return [(s * torch.exp(t)).numpy() for s, t in zip(self.scales, self.theta, strict=True)]
+
+
+def _text_positions(feed: dict[str, np.ndarray], length: int) -> np.ndarray:
+    """Indices of the positions whose next-token prediction counts: the text tokens (all when no modality input)."""
+    modality = feed.get(MODALITY_INPUT)
+    if modality is None:
+        return np.arange(length)
+    return np.flatnonzero(np.asarray(modality).reshape(-1)[-length:] == TEXT)
+
+
+def _kl(logits: Any, reference: Any) -> Any:
+    """Mean over rows of KL(reference || logits), both [rows, vocab]."""
+    import torch
+
+    log_p = torch.log_softmax(reference.double(), dim=-1)
+    log_q = torch.log_softmax(logits.double(), dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(dim=-1).mean()
+
+
+class ScaleTuningPass(MqcPass):
+    """Train every integer weight's scales end to end on the KL to the float model, codes fixed (module docstring)."""
+
+    name = "scale_tuning"
+    fatal_skips = declare_fatal(
+        no_reference="the compile has no float reference model to tune against",
+        no_logits="the graph has no 'logits' output",
+        no_hidden_input="the graph has neither an inputs_embeds input nor an embedding lookup of input_ids",
+        no_weights="no linear reads a DequantizeLinear of integer codes between the hidden states and the logits",
+        not_replayable="the graph between the hidden states and the logits cannot be replayed in torch",
+    )
+
+    def variant(self) -> str:
+        return ("an extension beyond both papers (EfficientQAT's E2E-QP, arXiv 2407.11062): every integer weight's "
+                f"scales trained end to end on the KL to the float model, codes fixed ({self.params.epochs} epochs, "
+                f"lr {self.params.lr:g} on log-scales)")
+
+    def run(self, model: ir.Model) -> bool:
+        import torch
+
+        start = time.perf_counter()
+        graph = model.graph
+        reference = getattr(self.ctx, "reference", None)
+        if reference is None:
+            raise self.refuse("no_reference", "scale_tuning needs the compile's float source model (mqc compile sets it)")
+        logits = next((v for v in graph.outputs if v.name == LOGITS), None)
+        if logits is None:
+            raise self.refuse("no_logits", f"outputs are {[v.name for v in graph.outputs]}")
+        hidden = _hidden_input(graph)
+        if hidden is None:
+            raise self.refuse("no_hidden_input", "no inputs_embeds input and no Gather reading input_ids")
+        graph_slice = GraphSlice(graph, hidden, logits)
+        why = graph_slice.check()
+        if why is not None:
+            raise self.refuse("not_replayable", why)
+        roles = {id(lin.node): lin.role for lin in self.ctx.model_map(model).linears}
+        weights = _dequantized_weights(graph_slice.nodes, roles)
+        if not weights:
+            raise self.refuse("no_weights", "nothing to tune")
+        weight_names = {w.value.name for w in weights}
+        captured = [name for name in graph_slice.externals if name not in weight_names]
+        torch.manual_seed(self.params.seed)
+
+        samples = self._samples(model, hidden.name, captured, reference)
+        tuned = _TunedWeights(weights)
+        replay_error = self._replay_error(graph_slice, tuned, samples)
+        self.record.notes.append(f"replay of the unchanged graph against onnxruntime: largest logit difference "
+                                 f"{replay_error:.2e} of the largest logit")
+        if replay_error > self.params.replay_tolerance:
+            raise self.refuse("not_replayable", f"the torch replay differs from onnxruntime by {replay_error:.2e} of "
+                              f"the largest logit (tolerance {self.params.replay_tolerance:g})")
+        kl_before = self._mean_kl(graph_slice, tuned, samples)
+        optimizer = torch.optim.Adam(tuned.theta, lr=self.params.lr)
+        order = torch.Generator().manual_seed(self.params.seed)
+        steps = 0
+        for _ in range(self.params.epochs):
+            for k in torch.randperm(len(samples), generator=order).tolist():
+                sample = samples[k]
+                optimizer.zero_grad()
+                out = graph_slice.run(sample["hidden"], {**sample["externals"], **tuned.tensors()})
+                loss = _kl(out.reshape(-1, out.shape[-1])[sample["rows"]], sample["reference"])
+                loss.backward()
+                optimizer.step()
+                steps += 1
+        kl_after = self._mean_kl(graph_slice, tuned, samples)
+        self.record.matched = len(weights)
+        self.record.notes.append(f"mean KL to the float model on {len(samples)} calibration samples: "
+                                 f"{kl_before:.4f} before, {kl_after:.4f} after {steps} steps")
+        self.record.layers.append({"kl_before": round(kl_before, 6), "kl_after": round(kl_after, 6), "steps": steps,
+                                   "replay_error": replay_error, "seconds": round(time.perf_counter() - start, 1),
+                                   **self._changes(tuned)})
+        if not kl_after < kl_before:
+            self.record.notes.append("KL did not go down: the scales are left as they were")
+            return False
+        for weight, scale in zip(weights, tuned.tuned_scales(), strict=True):
+            replace_initializer(weight.scale, scale.astype(constant_array(weight.scale).dtype))
+        self.record.changed = len(weights)
+        return True
+
+    def _samples(self, model: ir.Model, hidden: str, captured: list[str], reference: Any) -> list[dict[str, Any]]:
+        """Per calibration sample: the hidden states, the captured externals, the counted rows and the float logits."""
+        import torch
+
+        from mqc.session import open_session
+
+        float_session = open_session(reference) if isinstance(reference, str | Path) else reference
+        float_inputs = {i.name for i in float_session.get_inputs()}
+        samples = []
+        taps = [hidden, *captured, LOGITS]
+        for feed, values in self.ctx.capture(model, taps):
+            tensors = dict(zip(taps, values, strict=True))
+            (float_logits,) = float_session.run([LOGITS], {k: v for k, v in feed.items() if k in float_inputs})
+            length = float_logits.shape[-2]
+            rows = torch.from_numpy(_text_positions(feed, length))
+            samples.append({
+                "hidden": torch.from_numpy(tensors[hidden]),
+                "externals": {name: torch.from_numpy(np.array(tensors[name])) for name in captured},
+                "rows": rows,
+                "reference": torch.from_numpy(float_logits.reshape(-1, float_logits.shape[-1]))[rows],
+                "onnxruntime": torch.from_numpy(tensors[LOGITS]),
+            })
+        return samples
+
+    @staticmethod
+    def _replay_error(graph_slice: GraphSlice, tuned: _TunedWeights, samples: list[dict[str, Any]]) -> float:
+        import torch
+
+        worst = 0.0
+        with torch.no_grad():
+            weights = tuned.tensors()
+            for sample in samples[:2]:
+                out = graph_slice.run(sample["hidden"], {**sample["externals"], **weights})
+                ref = sample["onnxruntime"]
+                worst = max(worst, float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)))
+        return worst
+
+    @staticmethod
+    def _mean_kl(graph_slice: GraphSlice, tuned: _TunedWeights, samples: list[dict[str, Any]]) -> float:
+        import torch
+
+        with torch.no_grad():
+            weights = tuned.tensors()
+            losses = [float(_kl(graph_slice.run(s["hidden"], {**s["externals"], **weights}).reshape(
+                -1, s["reference"].shape[-1])[s["rows"]], s["reference"])) for s in samples]
+        return float(np.mean(losses))
+
+    @staticmethod
+    def _changes(tuned: _TunedWeights) -> dict[str, Any]:
+        """Median and largest |scale change| per role, in %."""
+        by_role: dict[str, list[np.ndarray]] = {}
+        for weight, theta in zip(tuned.weights, tuned.theta, strict=True):
+            by_role.setdefault(weight.role, []).append(np.abs(np.expm1(theta.detach().numpy())).reshape(-1))
+        return {"scale_change_pct": {role: {"median": round(100 * float(np.median(np.concatenate(v))), 3),
+                                            "max": round(100 * float(np.max(np.concatenate(v))), 3)}
+                                     for role, v in sorted(by_role.items())}}

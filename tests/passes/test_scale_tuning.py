@@ -1,0 +1,100 @@
+"""Scale tuning: the integer weights' scales trained end to end on the KL to the float model, codes fixed."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from mqc.passes.scale_tuning import ScaleTuningPass
+
+from mqc.calibration import capture, random_feeds
+from mqc.compiler import compile_file
+from mqc.diagnose import dequantized_weight
+from mqc.errors import RecipeNotApplied
+from mqc.ir import load_model, save_model
+from mqc.pass_manager import CompileContext, PassManager
+from mqc.recipes import load_recipe
+
+RUNTIME_SCALE_OPS = {"Abs", "ReduceMax", "ReduceMin", "DynamicQuantizeLinear"}
+
+
+def _text_logits(path, feeds) -> np.ndarray:
+    """The logits of the text positions, where the pass measures its KL."""
+    return np.concatenate([values[0][feed["modality_ids"] == 0]
+                           for feed, values in capture(load_model(path), ["logits"], feeds)])
+
+
+def _kl(reference: np.ndarray, logits: np.ndarray) -> float:
+    def log_softmax(x: np.ndarray) -> np.ndarray:
+        x = x.astype(np.float64) - x.max(axis=-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+    log_p, log_q = log_softmax(reference), log_softmax(logits)
+    return float((np.exp(log_p) * (log_p - log_q)).sum(axis=-1).mean())
+
+
+@pytest.fixture(scope="module")
+def tuned(tiny_decoder, tmp_path_factory):
+    """The tiny llama compiled with static W4A8 (MSQ, sink class), then scale_tuning on a copy."""
+    root = tmp_path_factory.mktemp("scale_tuning")
+    source = tiny_decoder("llama")
+    calib = random_feeds(load_model(source), 6, seed=1)
+    before = root / "before.onnx"
+    compile_file(source, before, load_recipe("mquant-sink-g64"), feeds=lambda: calib, num_samples=len(calib))
+    model = load_model(before)
+    context = CompileContext(lambda: calib)
+    context.reference = source
+    (record,) = PassManager([ScaleTuningPass(epochs=3, lr=2e-2)], context).run(model)
+    after = save_model(model, root / "after.onnx")
+    return source, before, after, record, calib
+
+
+def test_the_replay_matches_onnxruntime_and_the_calibration_kl_goes_down(tuned):
+    _, _, _, record, _ = tuned
+    (figures,) = record.layers
+    assert figures["replay_error"] < 1e-3
+    assert figures["kl_after"] < 0.9 * figures["kl_before"]
+    assert record.changed == record.matched > 0
+
+
+def test_only_scales_change_and_the_graph_stays_static(tuned):
+    _, before, after, _, _ = tuned
+    old, new = load_model(before), load_model(after)
+    assert [n.op_type for n in old.graph] == [n.op_type for n in new.graph]
+    assert not RUNTIME_SCALE_OPS & {node.op_type for node in new.graph}
+    changed = 0
+    for a, b in zip(old.graph, new.graph, strict=True):
+        if a.op_type == "DequantizeLinear" and a.inputs[0].const_value is not None:
+            np.testing.assert_array_equal(a.inputs[0].const_value.numpy(), b.inputs[0].const_value.numpy())
+            changed += not np.array_equal(a.inputs[1].const_value.numpy(), b.inputs[1].const_value.numpy())
+    assert changed > 0
+    assert any(dequantized_weight(n) is not None for n in new.graph if n.op_type == "MatMul")
+
+
+def test_onnxruntime_sees_the_kl_drop(tuned):
+    source, before, after, _, calib = tuned
+    reference = _text_logits(source, calib)
+    assert _kl(reference, _text_logits(after, calib)) < 0.9 * _kl(reference, _text_logits(before, calib))
+
+
+def test_compile_gives_the_pass_its_reference_and_explain_has_the_figures(tiny_decoder, tmp_path):
+    source = tiny_decoder("llama")
+    calib = random_feeds(load_model(source), 3, seed=2)
+    recipe = tmp_path / "tuned.json"
+    recipe.write_text(json.dumps({"name": "tuned", "description": "test", "extends": "w4a8-rtn",
+                                  "append": [{"pass": "scale_tuning", "epochs": 1}]}))
+    report = compile_file(source, tmp_path / "out.onnx", load_recipe(str(recipe)), feeds=lambda: calib,
+                          num_samples=len(calib))
+    record = report.passes[-1]
+    assert record.name == "scale_tuning" and "E2E-QP" in record.variant
+    assert record.layers[0]["kl_before"] > 0
+
+
+def test_without_a_reference_it_refuses(tiny_decoder, tmp_path):
+    source = tiny_decoder("llama")
+    calib = random_feeds(load_model(source), 2, seed=1)
+    compiled = tmp_path / "w4.onnx"
+    compile_file(source, compiled, load_recipe("w4a8-rtn"), feeds=lambda: calib, num_samples=len(calib))
+    with pytest.raises(RecipeNotApplied, match="float source model"):
+        PassManager([ScaleTuningPass()], CompileContext(lambda: calib)).run(load_model(compiled))
