@@ -15,14 +15,18 @@ Rules:
 2. The graph from there to ``logits`` is replayed in torch (:mod:`mqc.torch_replay`): the graph's own ops, static
    activation fake-quant with straight-through rounding, and every value that does not depend on the hidden states
    (masks, rotary tables, modality and sink scales, empty caches) captured from onnxruntime per sample. Before any
-   training the replay of the unchanged graph is compared with onnxruntime's logits; a replay that differs by more
-   than ``replay_tolerance`` (relative to the logits' largest magnitude) refuses the pass.
+   training the replay of the unchanged graph is compared with onnxruntime's logits on the first samples; a KL above
+   ``replay_tolerance`` refuses the pass. The two never agree exactly: torch and onnxruntime sum in different orders,
+   a value within a rounding error of a code boundary rounds the other way, and a code flipped at a coarse static
+   scale (the sink row) moves every later token. On the packaged VLM decoder that costs KL 0.025 (the compiled
+   model's own KL to float is about 0.09), while every op's output matches onnxruntime's to float precision.
 3. Each weight scale s becomes s·exp(θ), θ one number per scale element, starting at 0; the codes stay. Loss: the
    KL divergence of the compiled model's next-token distribution from the float reference's, averaged over the text
    positions of a calibration sample (image positions predict nothing); Adam, ``epochs`` passes over the samples in
    a seeded order, one sample per step.
-4. The tuned scales are written only if the mean KL over all calibration samples went down (both figures recorded,
-   with the median and largest scale change per role); otherwise the graph is left as it was.
+4. The tuned scales are kept only if onnxruntime's mean KL over all calibration samples went down with them (the
+   replay is a guide, the compiled graph decides; both figures recorded, with the median and largest scale change
+   per role); otherwise the graph is left as it was.
 5. Not function-preserving: it changes the weights' scales. The graph stays static: only constants change, so
    ``--format mqc`` lowers the tuned scales like any others.
 """
@@ -43,6 +47,8 @@ from mqc.pass_manager import MqcPass, declare_fatal
 from mqc.torch_replay import GraphSlice
 
 LOGITS = "logits"
+#: Samples the replay of the unchanged graph is compared with onnxruntime on (rule 2).
+REPLAY_CHECK_SAMPLES = 2
 
 
 @dataclass
@@ -139,6 +145,14 @@ def _text_positions(feed: dict[str, np.ndarray], length: int) -> np.ndarray:
     return np.flatnonzero(np.asarray(modality).reshape(-1)[-length:] == TEXT)
 
 
+def _rows(logits: Any, rows: Any) -> Any:
+    """The given positions' rows of [batch, seq, vocab] logits (numpy or torch), as a torch [rows, vocab]."""
+    import torch
+
+    logits = torch.from_numpy(logits) if isinstance(logits, np.ndarray) else logits
+    return logits.reshape(-1, logits.shape[-1])[rows]
+
+
 def _kl(logits: Any, reference: Any) -> Any:
     """Mean over rows of KL(reference || logits), both [rows, vocab]."""
     import torch
@@ -191,17 +205,42 @@ class ScaleTuningPass(MqcPass):
         captured = [name for name in graph_slice.externals if name not in weight_names]
         torch.manual_seed(self.params.seed)
 
-        samples = self._samples(model, hidden.name, captured, reference)
+        samples, kl_before = self._samples(model, hidden.name, captured, reference)
         tuned = _TunedWeights(weights)
-        replay_error = self._replay_error(graph_slice, tuned, samples)
-        self.record.notes.append(f"replay of the unchanged graph against onnxruntime: largest logit difference "
-                                 f"{replay_error:.2e} of the largest logit")
-        if replay_error > self.params.replay_tolerance:
-            raise self.refuse("not_replayable", f"the torch replay differs from onnxruntime by {replay_error:.2e} of "
-                              f"the largest logit (tolerance {self.params.replay_tolerance:g})")
-        kl_before = self._mean_kl(graph_slice, tuned, samples)
+        replay_kl = self._replay_kl(graph_slice, tuned, samples)
+        self.record.notes.append(f"replay of the unchanged graph: KL {replay_kl:.4f} from onnxruntime's logits on "
+                                 f"{REPLAY_CHECK_SAMPLES} samples (the compiled model's own KL to float: {kl_before:.4f})")
+        if replay_kl > self.params.replay_tolerance:
+            raise self.refuse("not_replayable", f"the torch replay's logits are KL {replay_kl:.4f} from onnxruntime's "
+                              f"(tolerance {self.params.replay_tolerance:g})")
+        steps = self._train(graph_slice, tuned, samples)
+        old_scales = [constant_array(w.scale) for w in weights]
+        for weight, scale, old in zip(weights, tuned.tuned_scales(), old_scales, strict=True):
+            replace_initializer(weight.scale, scale.astype(old.dtype))
+        self.ctx.invalidate()
+        kl_after = self._onnxruntime_kl(model, samples)
+        self.record.matched = len(weights)
+        self.record.notes.append(f"onnxruntime's mean KL to the float model on {len(samples)} calibration samples' "
+                                 f"text positions: {kl_before:.4f} before, {kl_after:.4f} after {steps} steps")
+        self.record.layers.append({"kl_before": round(kl_before, 6), "kl_after": round(kl_after, 6), "steps": steps,
+                                   "replay_kl": round(replay_kl, 6), "seconds": round(time.perf_counter() - start, 1),
+                                   **self._changes(tuned)})
+        if kl_after < kl_before:
+            self.record.changed = len(weights)
+            return True
+        for weight, old in zip(weights, old_scales, strict=True):
+            replace_initializer(weight.scale, old)
+        self.record.notes.append("KL did not go down: the scales are left as they were")
+        return False
+
+    def _train(self, graph_slice: GraphSlice, tuned: _TunedWeights, samples: list[dict[str, Any]]) -> int:
+        """Adam on θ, one sample per step (rule 3); the number of steps."""
+        import torch
+
         optimizer = torch.optim.Adam(tuned.theta, lr=self.params.lr)
         order = torch.Generator().manual_seed(self.params.seed)
+        progress = self.ctx.progress
+        task = progress.add_task("scale_tuning", total=self.params.epochs * len(samples)) if progress else None
         steps = 0
         for _ in range(self.params.epochs):
             for k in torch.randperm(len(samples), generator=order).tolist():
@@ -212,66 +251,56 @@ class ScaleTuningPass(MqcPass):
                 loss.backward()
                 optimizer.step()
                 steps += 1
-        kl_after = self._mean_kl(graph_slice, tuned, samples)
-        self.record.matched = len(weights)
-        self.record.notes.append(f"mean KL to the float model on {len(samples)} calibration samples: "
-                                 f"{kl_before:.4f} before, {kl_after:.4f} after {steps} steps")
-        self.record.layers.append({"kl_before": round(kl_before, 6), "kl_after": round(kl_after, 6), "steps": steps,
-                                   "replay_error": replay_error, "seconds": round(time.perf_counter() - start, 1),
-                                   **self._changes(tuned)})
-        if not kl_after < kl_before:
-            self.record.notes.append("KL did not go down: the scales are left as they were")
-            return False
-        for weight, scale in zip(weights, tuned.tuned_scales(), strict=True):
-            replace_initializer(weight.scale, scale.astype(constant_array(weight.scale).dtype))
-        self.record.changed = len(weights)
-        return True
+                if task is not None:
+                    progress.advance(task)
+        if task is not None:
+            progress.remove_task(task)
+        return steps
 
-    def _samples(self, model: ir.Model, hidden: str, captured: list[str], reference: Any) -> list[dict[str, Any]]:
-        """Per calibration sample: the hidden states, the captured externals, the counted rows and the float logits."""
+    def _samples(self, model: ir.Model, hidden: str, captured: list[str],
+                 reference: Any) -> tuple[list[dict[str, Any]], float]:
+        """Per calibration sample: the hidden states, the captured externals, the counted rows and the float logits
+        there (onnxruntime's compiled logits too, for the first samples' replay check); and onnxruntime's mean KL."""
         import torch
 
         from mqc.session import open_session
 
         float_session = open_session(reference) if isinstance(reference, str | Path) else reference
         float_inputs = {i.name for i in float_session.get_inputs()}
-        samples = []
+        samples, losses = [], []
         taps = [hidden, *captured, LOGITS]
         for feed, values in self.ctx.capture(model, taps):
             tensors = dict(zip(taps, values, strict=True))
             (float_logits,) = float_session.run([LOGITS], {k: v for k, v in feed.items() if k in float_inputs})
-            length = float_logits.shape[-2]
-            rows = torch.from_numpy(_text_positions(feed, length))
-            samples.append({
+            rows = torch.from_numpy(_text_positions(feed, float_logits.shape[-2]))
+            sample = {
                 "hidden": torch.from_numpy(tensors[hidden]),
                 "externals": {name: torch.from_numpy(np.array(tensors[name])) for name in captured},
                 "rows": rows,
-                "reference": torch.from_numpy(float_logits.reshape(-1, float_logits.shape[-1]))[rows],
-                "onnxruntime": torch.from_numpy(tensors[LOGITS]),
-            })
-        return samples
+                "reference": _rows(float_logits, rows),
+            }
+            compiled = _rows(tensors[LOGITS], rows)
+            losses.append(float(_kl(compiled, sample["reference"])))
+            if len(samples) < REPLAY_CHECK_SAMPLES:
+                sample["onnxruntime"] = compiled
+            samples.append(sample)
+        return samples, float(np.mean(losses))
+
+    def _onnxruntime_kl(self, model: ir.Model, samples: list[dict[str, Any]]) -> float:
+        """onnxruntime's mean KL of the current graph to the float logits on the samples (rule 4)."""
+        losses = [float(_kl(_rows(values[0], s["rows"]), s["reference"]))
+                  for s, (_, values) in zip(samples, self.ctx.capture(model, [LOGITS]), strict=True)]
+        return float(np.mean(losses))
 
     @staticmethod
-    def _replay_error(graph_slice: GraphSlice, tuned: _TunedWeights, samples: list[dict[str, Any]]) -> float:
-        import torch
-
-        worst = 0.0
-        with torch.no_grad():
-            weights = tuned.tensors()
-            for sample in samples[:2]:
-                out = graph_slice.run(sample["hidden"], {**sample["externals"], **weights})
-                ref = sample["onnxruntime"]
-                worst = max(worst, float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)))
-        return worst
-
-    @staticmethod
-    def _mean_kl(graph_slice: GraphSlice, tuned: _TunedWeights, samples: list[dict[str, Any]]) -> float:
+    def _replay_kl(graph_slice: GraphSlice, tuned: _TunedWeights, samples: list[dict[str, Any]]) -> float:
+        """Mean KL of the replay's logits from onnxruntime's on the first samples (rule 2)."""
         import torch
 
         with torch.no_grad():
             weights = tuned.tensors()
-            losses = [float(_kl(graph_slice.run(s["hidden"], {**s["externals"], **weights}).reshape(
-                -1, s["reference"].shape[-1])[s["rows"]], s["reference"])) for s in samples]
+            losses = [float(_kl(_rows(graph_slice.run(s["hidden"], {**s["externals"], **weights}), s["rows"]),
+                                s["onnxruntime"])) for s in samples[:REPLAY_CHECK_SAMPLES]]
         return float(np.mean(losses))
 
     @staticmethod
