@@ -229,9 +229,10 @@ class ActPrecisionParams(PassParams):
 @dataclass(frozen=True)
 class ScaleTuningParams(PassParams):
     #: Passes over the calibration samples, one sample per Adam step.
-    epochs: int = field(default=1, metadata=bounded(1))
-    #: Adam's step size on θ, the log of each scale's multiplier.
-    lr: float = field(default=1e-3, metadata=bounded(0.0, 1.0, low_open=True))
+    epochs: int = field(default=2, metadata=bounded(1))
+    #: Adam's step size on θ, the log of each scale's multiplier (1e-3 first raised the packaged decoder's
+    #: calibration KL from 0.068 to 0.21 in one epoch: Adam's first steps move every scale by about lr).
+    lr: float = field(default=1e-4, metadata=bounded(0.0, 1.0, low_open=True))
     seed: int = 0
     #: The largest KL of the torch replay's logits from onnxruntime's on the unchanged graph (rule 2).
     replay_tolerance: float = field(default=0.05, metadata=bounded(0.0, low_open=True))

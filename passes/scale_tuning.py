@@ -26,7 +26,7 @@ Rules:
    a seeded order, one sample per step.
 4. The tuned scales are kept only if onnxruntime's mean KL over all calibration samples went down with them (the
    replay is a guide, the compiled graph decides; both figures recorded, with the median and largest scale change
-   per role); otherwise the graph is left as it was.
+   per weight shape); otherwise the graph is left as it was.
 5. Not function-preserving: it changes the weights' scales. The graph stays static: only constants change, so
    ``--format mqc`` lowers the tuned scales like any others.
 """
@@ -61,12 +61,16 @@ class _Weight:
     axis: int
     block: int
     transposed: bool
-    role: str
+
+    @property
+    def shape(self) -> str:
+        """[in x out], how the record groups the scale changes (a quantized graph's model map no longer has roles)."""
+        rows, cols = self.codes.shape
+        return f"{cols}x{rows}" if self.transposed else f"{rows}x{cols}"
 
 
-def _dequantized_weights(nodes: list[ir.Node], roles: dict[int, str]) -> list[_Weight]:
-    """The weights of the slice's MatMuls that are ``DequantizeLinear`` of integer codes (rule 1); ``roles`` by
-    MatMul node id (the model map's)."""
+def _dequantized_weights(nodes: list[ir.Node]) -> list[_Weight]:
+    """The weights of the slice's MatMuls that are ``DequantizeLinear`` of integer codes (rule 1)."""
     found: dict[str, _Weight] = {}
     for node in nodes:
         if node.op_type != "MatMul" or node.inputs[1] is None or node.inputs[1].name in found:
@@ -87,7 +91,7 @@ def _dequantized_weights(nodes: list[ir.Node], roles: dict[int, str]) -> list[_W
             continue
         found[value.name] = _Weight(
             value, producer.inputs[1], codes.astype(np.float32), producer.attributes.get_int("axis", 1) % 2,
-            producer.attributes.get_int("block_size", 0), bool(transposes % 2), roles.get(id(node), "other"))
+            producer.attributes.get_int("block_size", 0), bool(transposes % 2))
     return list(found.values())
 
 
@@ -197,8 +201,7 @@ class ScaleTuningPass(MqcPass):
         why = graph_slice.check()
         if why is not None:
             raise self.refuse("not_replayable", why)
-        roles = {id(lin.node): lin.role for lin in self.ctx.model_map(model).linears}
-        weights = _dequantized_weights(graph_slice.nodes, roles)
+        weights = _dequantized_weights(graph_slice.nodes)
         if not weights:
             raise self.refuse("no_weights", "nothing to tune")
         weight_names = {w.value.name for w in weights}
@@ -305,10 +308,10 @@ class ScaleTuningPass(MqcPass):
 
     @staticmethod
     def _changes(tuned: _TunedWeights) -> dict[str, Any]:
-        """Median and largest |scale change| per role, in %."""
-        by_role: dict[str, list[np.ndarray]] = {}
+        """Median and largest |scale change| per weight shape [in x out], in %."""
+        by_shape: dict[str, list[np.ndarray]] = {}
         for weight, theta in zip(tuned.weights, tuned.theta, strict=True):
-            by_role.setdefault(weight.role, []).append(np.abs(np.expm1(theta.detach().numpy())).reshape(-1))
-        return {"scale_change_pct": {role: {"median": round(100 * float(np.median(np.concatenate(v))), 3),
-                                            "max": round(100 * float(np.max(np.concatenate(v))), 3)}
-                                     for role, v in sorted(by_role.items())}}
+            by_shape.setdefault(weight.shape, []).append(np.abs(np.expm1(theta.detach().numpy())).reshape(-1))
+        return {"scale_change_pct": {shape: {"median": round(100 * float(np.median(np.concatenate(v))), 3),
+                                             "max": round(100 * float(np.max(np.concatenate(v))), 3)}
+                                     for shape, v in sorted(by_shape.items())}}
