@@ -233,6 +233,9 @@ class ScaleTuningParams(PassParams):
     #: Adam's step size on θ, the log of each scale's multiplier (1e-3 first raised the packaged decoder's
     #: calibration KL from 0.068 to 0.21 in one epoch: Adam's first steps move every scale by about lr).
     lr: float = field(default=1e-4, metadata=bounded(0.0, 1.0, low_open=True))
+    #: One trained multiplier per scale element (``scale``: every group of every channel), or per output channel
+    #: (``channel``: shared by the channel's groups; fewer parameters for the same calibration tokens).
+    granularity: Literal["scale", "channel"] = "scale"
     seed: int = 0
     #: The largest KL of the torch replay's logits from onnxruntime's on the unchanged graph (rule 2).
     replay_tolerance: float = field(default=0.05, metadata=bounded(0.0, low_open=True))

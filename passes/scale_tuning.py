@@ -110,13 +110,22 @@ def _hidden_input(graph: ir.Graph) -> ir.Value | None:
 class _TunedWeights:
     """θ per weight scale, and the torch weights [in, out] they give (rule 3)."""
 
-    def __init__(self, weights: list[_Weight]) -> None:
+    def __init__(self, weights: list[_Weight], granularity: str = "scale") -> None:
+        """``granularity``: one θ per scale element (``scale``), or per output channel, shared by its groups."""
         import torch
 
         self.weights = weights
         self.codes = [torch.from_numpy(w.codes) for w in weights]
         self.scales = [torch.from_numpy(np.array(constant_array(w.scale), np.float32)) for w in weights]
-        self.theta = [torch.nn.Parameter(torch.zeros_like(s)) for s in self.scales]
+        self.theta = [torch.nn.Parameter(torch.zeros(self._theta_shape(w, s, granularity)))
+                      for w, s in zip(weights, self.scales, strict=True)]
+
+    @staticmethod
+    def _theta_shape(weight: _Weight, scale: Any, granularity: str) -> tuple[int, ...]:
+        shape = list(scale.shape)
+        if granularity == "channel" and weight.block and len(shape) == 2:
+            shape[weight.axis] = 1  # the groups of a channel lie along the blocked axis
+        return tuple(shape)
 
     def _spread(self, w: _Weight, scale: Any) -> Any:
         if scale.dim() == 0:
@@ -209,7 +218,7 @@ class ScaleTuningPass(MqcPass):
         torch.manual_seed(self.params.seed)
 
         samples, kl_before = self._samples(model, hidden.name, captured, reference)
-        tuned = _TunedWeights(weights)
+        tuned = _TunedWeights(weights, self.params.granularity)
         replay_kl = self._replay_kl(graph_slice, tuned, samples)
         self.record.notes.append(f"replay of the unchanged graph: KL {replay_kl:.4f} from onnxruntime's logits on "
                                  f"{REPLAY_CHECK_SAMPLES} samples (the compiled model's own KL to float: {kl_before:.4f})")

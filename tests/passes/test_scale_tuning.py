@@ -98,3 +98,22 @@ def test_without_a_reference_it_refuses(tiny_decoder, tmp_path):
     compile_file(source, compiled, load_recipe("w4a8-rtn"), feeds=lambda: calib, num_samples=len(calib))
     with pytest.raises(RecipeNotApplied, match="float source model"):
         PassManager([ScaleTuningPass()], CompileContext(lambda: calib)).run(load_model(compiled))
+
+
+def test_channel_granularity_moves_every_group_of_a_channel_together(tiny_decoder, tmp_path):
+    source = tiny_decoder("llama")
+    calib = random_feeds(load_model(source), 3, seed=3)
+    compiled = tmp_path / "g64.onnx"
+    compile_file(source, compiled, load_recipe("mquant-sink-g64"), feeds=lambda: calib, num_samples=len(calib))
+    model = load_model(compiled)
+    before = {n.name: n.inputs[1].const_value.numpy().copy() for n in model.graph
+              if n.op_type == "DequantizeLinear" and n.attributes.get_int("block_size", 0)}
+    context = CompileContext(lambda: calib)
+    context.reference = source
+    (record,) = PassManager([ScaleTuningPass(epochs=2, lr=2e-2, granularity="channel")], context).run(model)
+    assert record.changed > 0 and before
+    for node in model.graph:
+        if node.name in before:
+            ratio = node.inputs[1].const_value.numpy() / before[node.name]  # [groups, out]
+            np.testing.assert_allclose(ratio, np.broadcast_to(ratio[:1], ratio.shape), rtol=1e-6)
+            assert not np.allclose(ratio, 1.0)
