@@ -189,8 +189,9 @@ class ScaleTuningPass(MqcPass):
 
     def variant(self) -> str:
         return ("an extension beyond both papers (EfficientQAT's E2E-QP, arXiv 2407.11062): every integer weight's "
-                f"scales trained end to end on the KL to the float model, codes fixed ({self.params.epochs} epochs, "
-                f"lr {self.params.lr:g} on log-scales)")
+                f"scales trained end to end on the KL to the float model, codes fixed (one multiplier per "
+                f"{'output channel' if self.params.granularity == 'channel' else 'scale element'}, "
+                f"{self.params.epochs} epochs, lr {self.params.lr:g} on log-scales)")
 
     def run(self, model: ir.Model) -> bool:
         import torch
