@@ -25,8 +25,8 @@ Rules:
    positions of a calibration sample (image positions predict nothing); Adam, ``epochs`` passes over the samples in
    a seeded order, one sample per step.
 4. The tuned scales are kept only if onnxruntime's mean KL over all calibration samples went down with them (the
-   replay is a guide, the compiled graph decides; both figures recorded, with the median and largest scale change
-   per weight shape); otherwise the graph is left as it was.
+   replay is a guide, the compiled graph decides; both figures recorded, with each linear's median and largest scale
+   change); otherwise the graph is left as it was.
 5. Not function-preserving: it changes the weights' scales. The graph stays static: only constants change, so
    ``--format mqc`` lowers the tuned scales like any others.
 """
@@ -47,6 +47,8 @@ from mqc.pass_manager import MqcPass, declare_fatal
 from mqc.torch_replay import GraphSlice
 
 LOGITS = "logits"
+#: How the linear quantizers name a weight's DequantizeLinear: ``<linear>/weight_dequant``.
+WEIGHT_DEQUANT_SUFFIX = "/weight_dequant"
 #: Samples the replay of the unchanged graph is compared with onnxruntime on (rule 2).
 REPLAY_CHECK_SAMPLES = 2
 
@@ -55,6 +57,7 @@ REPLAY_CHECK_SAMPLES = 2
 class _Weight:
     """One dequantized weight the replay reads: its codes, its scale initializer and how they make [in, out]."""
 
+    name: str  # the linear's name, as the quantizer's layer rows have it
     value: ir.Value  # what the MatMul reads
     scale: ir.Value  # the DequantizeLinear's scale initializer
     codes: np.ndarray  # float32, the integer codes in the DequantizeLinear's layout
@@ -62,11 +65,6 @@ class _Weight:
     block: int
     transposed: bool
 
-    @property
-    def shape(self) -> str:
-        """[in x out], how the record groups the scale changes (a quantized graph's model map no longer has roles)."""
-        rows, cols = self.codes.shape
-        return f"{cols}x{rows}" if self.transposed else f"{rows}x{cols}"
 
 
 def _dequantized_weights(nodes: list[ir.Node]) -> list[_Weight]:
@@ -90,7 +88,7 @@ def _dequantized_weights(nodes: list[ir.Node]) -> list[_Weight]:
         if zero is not None and np.any(zero.astype(np.int64) != 0):
             continue
         found[value.name] = _Weight(
-            value, producer.inputs[1], codes.astype(np.float32), producer.attributes.get_int("axis", 1) % 2,
+            producer.name.removesuffix(WEIGHT_DEQUANT_SUFFIX) if producer.name else value.name, value, producer.inputs[1], codes.astype(np.float32), producer.attributes.get_int("axis", 1) % 2,
             producer.attributes.get_int("block_size", 0), bool(transposes % 2))
     return list(found.values())
 
@@ -221,8 +219,8 @@ class ScaleTuningPass(MqcPass):
         samples, kl_before = self._samples(model, hidden.name, captured, reference)
         tuned = _TunedWeights(weights, self.params.granularity)
         replay_kl = self._replay_kl(graph_slice, tuned, samples)
-        self.record.notes.append(f"replay of the unchanged graph: KL {replay_kl:.4f} from onnxruntime's logits on "
-                                 f"{REPLAY_CHECK_SAMPLES} samples (the compiled model's own KL to float: {kl_before:.4f})")
+        self.record.notes.append(f"replay of the unchanged graph: KL {replay_kl:.3g} from onnxruntime's logits on "
+                                 f"{REPLAY_CHECK_SAMPLES} samples (the compiled model's own KL to float: {kl_before:.4g})")
         if replay_kl > self.params.replay_tolerance:
             raise self.refuse("not_replayable", f"the torch replay's logits are KL {replay_kl:.4f} from onnxruntime's "
                               f"(tolerance {self.params.replay_tolerance:g})")
@@ -234,10 +232,10 @@ class ScaleTuningPass(MqcPass):
         kl_after = self._onnxruntime_kl(model, samples)
         self.record.matched = len(weights)
         self.record.notes.append(f"onnxruntime's mean KL to the float model on {len(samples)} calibration samples' "
-                                 f"text positions: {kl_before:.4f} before, {kl_after:.4f} after {steps} steps")
-        self.record.layers.append({"kl_before": round(kl_before, 6), "kl_after": round(kl_after, 6), "steps": steps,
-                                   "replay_kl": round(replay_kl, 6), "seconds": round(time.perf_counter() - start, 1),
-                                   **self._changes(tuned)})
+                                 f"text positions: {kl_before:.4g} before, {kl_after:.4g} after {steps} steps")
+        self.record.layers.extend(self._changes(tuned))
+        self.record.notes.append(f"{time.perf_counter() - start:.0f} s; median |scale change| "
+                                 f"{np.median([layer['scale_change_median_pct'] for layer in self.record.layers]):.3f} %")
         if kl_after < kl_before:
             self.record.changed = len(weights)
             return True
@@ -317,11 +315,11 @@ class ScaleTuningPass(MqcPass):
         return float(np.mean(losses))
 
     @staticmethod
-    def _changes(tuned: _TunedWeights) -> dict[str, Any]:
-        """Median and largest |scale change| per weight shape [in x out], in %."""
-        by_shape: dict[str, list[np.ndarray]] = {}
+    def _changes(tuned: _TunedWeights) -> list[dict[str, Any]]:
+        """Per tuned linear (the quantizer's layer rows): median and largest |scale change|, in %."""
+        rows = []
         for weight, theta in zip(tuned.weights, tuned.theta, strict=True):
-            by_shape.setdefault(weight.shape, []).append(np.abs(np.expm1(theta.detach().numpy())).reshape(-1))
-        return {"scale_change_pct": {shape: {"median": round(100 * float(np.median(np.concatenate(v))), 3),
-                                             "max": round(100 * float(np.max(np.concatenate(v))), 3)}
-                                     for shape, v in sorted(by_shape.items())}}
+            change = 100 * np.abs(np.expm1(theta.detach().numpy()))
+            rows.append({"name": weight.name, "scale_change_median_pct": round(float(np.median(change)), 4),
+                         "scale_change_max_pct": round(float(np.max(change)), 4)})
+        return rows

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -52,10 +53,13 @@ def tuned(tiny_decoder, tmp_path_factory):
 
 def test_the_replay_matches_onnxruntime_and_the_calibration_kl_goes_down(tuned):
     _, _, _, record, _ = tuned
-    (figures,) = record.layers
-    assert figures["replay_kl"] < 1e-4
-    assert figures["kl_after"] < 0.9 * figures["kl_before"]
-    assert record.changed == record.matched > 0
+    notes = " ".join(record.notes)
+    replay = float(re.search(r"unchanged graph: KL (\S+) from", notes).group(1))
+    kl_before, kl_after = (float(v) for v in re.search(r"text positions: (\S+) before, (\S+) after", notes).groups())
+    assert replay < 1e-4
+    assert kl_after < 0.9 * kl_before
+    assert record.changed == record.matched == len(record.layers) > 0
+    assert all(layer["scale_change_max_pct"] > 0 for layer in record.layers)
 
 
 def test_only_scales_change_and_the_graph_stays_static(tuned):
@@ -88,7 +92,11 @@ def test_compile_gives_the_pass_its_reference_and_explain_has_the_figures(tiny_d
                           num_samples=len(calib))
     record = report.passes[-1]
     assert record.name == "scale_tuning" and "E2E-QP" in record.variant
-    assert record.layers[0]["kl_before"] > 0
+    assert any("text positions" in note for note in record.notes)
+    quantized = {layer["name"] for p in report.passes[:-1] for layer in p.layers}
+    assert record.layers and {layer["name"] for layer in record.layers} <= quantized  # the quantizer's rows
+    rows = {row["name"]: row for row in report.layer_table()}
+    assert all("scale_change_median_pct" in rows[name] for name in quantized)
 
 
 def test_without_a_reference_it_refuses(tiny_decoder, tmp_path):
