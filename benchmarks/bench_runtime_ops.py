@@ -400,7 +400,10 @@ GPU_DECODE = [(m, k, n) for m in (1, 4, 16) for (k, n) in ((2048, 2048), (4096, 
 #: kernels' 64-wide k tile (its zero padding belongs to no group) and N = 1000 leaves partial column tiles.
 GPU_GROUPS = [("prefill", 2048, 4096, 4096, 128), ("prefill", 4096, 4096, 11008, 128), ("prefill", 512, 1056, 1000, 32),
               ("decode", 1, 4096, 4096, 128), ("decode", 16, 4096, 11008, 128), ("decode", 3, 1056, 1000, 32)]
-GPU_CMC = [("prefill", 2048, 4096, 4096, 64), ("decode", 1, 4096, 4096, 64), ("decode", 16, 4096, 4096, 64)]
+#: The last two rows check the low-rank kernel's edges: a rank above its 64-wide rank block and not a multiple of 32,
+#: a token count that leaves a partial 8-token tile, and K split in 4 partial sums (launch_geometry.h).
+GPU_CMC = [("prefill", 2048, 4096, 4096, 64), ("decode", 1, 4096, 4096, 64), ("decode", 16, 4096, 4096, 64),
+           ("prefill", 100, 1056, 1000, 80), ("decode", 3, 1056, 1000, 80)]
 
 #: Bound on max |Y - ref| / max |ref| for QuantLinear with fp16 Y against the float64 reference. The reference
 #: recomputes the int8 codes as the kernel must (fp32 IEEE division, half-to-even; the codes and row scales the
@@ -719,6 +722,31 @@ def run_gpu(repeat: int) -> tuple[str, list[str]]:
         lines.append(f"| {phase} | {M} | {K} | {N} | {rank} | {base:.4f} | {t8:.4f} | {t4:.4f} | {t8 - base:.4f} | "
                      f"{errs[8]:.1e} | {errs[4]:.1e} | {n_bad} |")
         print(lines[-1], flush=True)
+    # Hadamard on the pass structure's edges (hadamard.cu: radix-8 passes, then a radix-4/2/1 one; H_m mix or not),
+    # fp32 and fp16, and in place, against float64 x @ kron(H_m, H_L) / sqrt(n).
+    hadamard_edges = 0
+    for n, m in ((1, 1), (2, 1), (8, 1), (16, 1), (32, 1), (12, 12), (24, 12), (320, 20), (1536, 12), (28 * 512, 28)):
+        L = n // m
+        hs = torch.ones(1, 1, dtype=torch.float64)
+        while hs.shape[0] < L:
+            hs = torch.cat([torch.cat([hs, hs], 1), torch.cat([hs, -hs], 1)], 0)
+        hm = torch.where(torch.rand(m, m, generator=gen, device=dev) < 0.5, -1.0, 1.0) if m > 1 else None
+        full = torch.kron(hm.double().cpu() if hm is not None else torch.ones(1, 1, dtype=torch.float64), hs) / n**0.5
+        for half, in_place in ((False, False), (True, False), (False, True)):
+            x = _nonzero_randn((5, n), gen)
+            x = x.half() if half else x
+            ref = x.double().cpu() @ full
+            y = x if in_place else torch.empty_like(x)
+            err = lib.mqc_cuda_hadamard(x.data_ptr(), y.data_ptr(), int(half), 5, n, m,
+                                        hm.data_ptr() if hm is not None else None, stream)
+            if err:
+                raise RuntimeError(f"mqc_cuda_hadamard failed with cudaError {err}: {lib.mqc_cuda_last_error().decode()}")
+            torch.cuda.synchronize()
+            rel = float((y.double().cpu() - ref).abs().max() / ref.abs().max())
+            check(f"Hadamard n={n} m={m} {'fp16' if half else 'fp32'}{' in place' if in_place else ''}", rel,
+                  GPU_REL_TOL if half else 1e-5)
+            hadamard_edges += 1
+    print(f"Hadamard edge shapes: {hadamard_edges} checks", flush=True)
     # Hadamard and RMSNorm+quant: effective bandwidth against a device-to-device copy of the same bytes.
     lines += ["", "| kernel | rows | n | ms | GB/s | copy GB/s | fraction of copy | max abs err |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for rows, n in ((4096, 4096), (8192, 4096), (4096, 28 * 512)):
@@ -744,6 +772,7 @@ def run_gpu(repeat: int) -> tuple[str, list[str]]:
         sample = slice(0, 8)
         ref = x[sample].double().cpu() @ full
         err = float((y[sample].double().cpu() - ref).abs().max())
+        check(f"Hadamard rows={rows} n={n} m={m}", err / float(ref.abs().max()), GPU_REL_TOL)
         t = _cuda_time(had, repeat)
         bw = 2 * x.numel() * 2 / t / 1e6
         lines.append(f"| Hadamard fp16 (m={m}) | {rows} | {n} | {t:.4f} | {bw:.0f} | {bw_copy:.0f} | {bw / bw_copy:.2f} | {err:.1e} |")
@@ -760,13 +789,17 @@ def run_gpu(repeat: int) -> tuple[str, list[str]]:
         torch.cuda.synchronize()
         xd = x.double()
         refq = torch.clamp(torch.round(xd / torch.sqrt((xd * xd).mean(-1, keepdim=True) + 1e-6) * gamma.double() / 0.05), -128, 127)
-        qerr = float((q.double() - refq).abs().max())
+        qdiff = (q.double() - refq).abs()
+        qerr = float(qdiff.max())
+        # fp32 against float64: a code may differ by one where the scaled value lies within rounding of a half.
+        off_by_one = int((qdiff > 0).sum())
+        check(f"RMSNorm+quant rows={rows} n={n}", qerr, 1.0, 0 if off_by_one <= q.numel() // 10000 else off_by_one)
         t = _cuda_time(norm, repeat)
         bw = (x.numel() * 2 + q.numel()) / t / 1e6
         lines.append(f"| RMSNorm+quant fp16->int8 | {rows} | {n} | {t:.4f} | {bw:.0f} | {bw_copy:.0f} | {bw / bw_copy:.2f} | {qerr:.0f} code |")
         print("\n".join(lines[-2:]), flush=True)
-    verdict = (f"Correctness: all {checks} QuantLinear checks passed." if not failures else
-               f"Correctness: {len(failures)} of {checks} QuantLinear checks FAILED: " + "; ".join(failures[:8])
+    verdict = (f"Correctness: all {checks} checks passed." if not failures else
+               f"Correctness: {len(failures)} of {checks} checks FAILED: " + "; ".join(failures[:8])
                + ("; ..." if len(failures) > 8 else ""))
     lines += ["", verdict]
     return "\n".join(lines), failures

@@ -18,17 +18,8 @@
 # Outputs: $OUT/gpu_check.log (everything) and $OUT/gpu_tables.md (the markdown tables; when the benchmark does not
 # finish, the rows it printed). Exit status: the benchmark's (1: a correctness check failed) or the failed step's.
 #
-# Duration on an H100/H200 (estimate; this script has not run on one yet): configure + build ~25 s (measured 6 s +
-# 22 s on two busy CPU cores here, quant_linear.cu the longest unit at 9 s; ninja runs the units in parallel);
-# python + torch import + CUDA init ~20 s; the benchmark ~30-60 s at the default 50 repeats. Its cost is the
-# prefill GEMMs: 16 shapes, 2 * sum(M) * sum(K * N) = 4.0 TOP per pass, times 4 mqc variants (W8/W4, static/dynamic)
-# at a pessimistic 50 TOPS is 0.32 s per repeat, plus the fp16 matmuls (~0.01 s): 53 passes (3 warm-up) ~ 17 s;
-# the per-group rows (GPU_GROUPS) add 0.44 TOP per pass times 5 variants (W8/W4 per channel and per group, W4
-# per group dynamic), about 2 s more at 50 TOPS, and check every per-group kernel (prefill tiles, decode GEMV,
-# a K not a multiple of the 64-wide k tile) against float64;
-# decode, CMC, Hadamard and RMSNorm rows are launch-bound (~160 timed cells x 53 x ~50 us ~ 0.5 s); the float64
-# references (~16 TFLOP on FP64 tensor cores) and the random inputs (on the GPU) take a few seconds. So about
-# 1.5 min in all, 2.5 min if the GEMM kernels reach only 25 TOPS; the 330 s budget caps the worst case under 6 min.
+# Duration measured on an H200 (session 17, four runs): 29 to 38 s in all: configure 4 s, build 14-19 s (16 cores),
+# benchmark 15-19 s at the default 50 repeats (176 checks). The 330 s budget caps a slower machine or a hang.
 #
 # Environment: OUT, MQC_ORT_INCLUDE_DIR, MQC_CUDA_ARCHS (skips the detection, e.g. 90a), MQC_GPU_REPEAT (default
 # 50), MQC_GPU_BUILD_DIR (default build/gpu_check, kept between calls on a warm machine), PYTHON.

@@ -153,7 +153,7 @@ def test_cuda_launch_grids_stay_within_the_device_limits(M, N):
     for x, y, z in (rows, gemm, epilogue):
         assert 1 <= x <= 2**31 - 1 and 1 <= y <= 65_535 and z == 1
     assert rows[0] == min(M, 2**31 - 1) and rows[1] == 1
-    assert epilogue == [(N + 255) // 256, min(M, 65_535), 1]
+    assert epilogue == [(N + 255) // 256, min((M + 7) // 8, 65_535), 1]
     if M <= 16:
         assert gemm == [(N + 7) // 8, 1, 1]
     else:

@@ -55,6 +55,7 @@ __attribute__((visibility("default"))) int64_t mqc_cuda_padded_k(int64_t K) { re
 __attribute__((visibility("default"))) int64_t mqc_cuda_quant_linear_workspace(int64_t M, int64_t K, int64_t rank) {
   QuantLinearParams p;
   p.M = M;
+  p.K = K;
   p.Kp = mqc::cuda::padded_k(K);
   p.rank = rank;
   return mqc::cuda::quant_linear_workspace_bytes(p);

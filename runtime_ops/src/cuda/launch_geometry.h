@@ -42,13 +42,39 @@ inline Grid column_row_grid(int64_t column_blocks, int64_t row_blocks) {
 constexpr int64_t kGemmTile = 128;         // prefill block tile, rows and columns
 constexpr int64_t kGemvColumns = 8;        // decode: one warp per column, 8 warps per block
 constexpr int64_t kEpilogueColumns = 256;  // branches and K = 0 fill: one thread per column
+constexpr int64_t kEpilogueRows = 8;       // ... and per 8 tokens (each lowrank_b value read once for 8)
 constexpr int64_t kGemvMaxRows = 16;       // M <= 16 runs the decode kernel
 
 struct QuantLinearGrids {
-  Grid rows;      // quantize, low-rank T: one block per token
+  Grid rows;      // quantize: one block per token
   Grid gemm;      // prefill (M > 16) or decode (M <= 16)
-  Grid epilogue;  // channel-0 and low-rank branches, K = 0 bias fill: column blocks x tokens
+  Grid epilogue;  // channel-0 and low-rank branches, K = 0 bias fill: column blocks x 8-token tiles
 };
+
+// CMC's T = X @ lowrank_a (quant_linear.cu): 64 x 64 (token x rank) tiles on x, the reduction over K split in
+// `lowrank_k_splits` chunks on y, so that decode (one token) still spreads over many blocks. Each split writes its
+// partial T and a second kernel sums them in split order: deterministic, no atomics.
+constexpr int64_t kLowRankTile = 64;
+constexpr int64_t kLowRankMinChunk = 256;  // k values per split, at least
+constexpr int64_t kLowRankMaxSplits = 64;
+constexpr int64_t kLowRankTargetBlocks = 256;
+
+inline int64_t lowrank_tiles(int64_t M, int64_t rank) {
+  return ((M + kLowRankTile - 1) / kLowRankTile) * ((rank + kLowRankTile - 1) / kLowRankTile);
+}
+
+inline int64_t lowrank_k_splits(int64_t M, int64_t K, int64_t rank) {
+  const int64_t tiles = lowrank_tiles(M, rank);
+  int64_t s = (kLowRankTargetBlocks + tiles - 1) / tiles;
+  const int64_t by_chunk = K / kLowRankMinChunk;
+  if (s > by_chunk) s = by_chunk;
+  if (s > kLowRankMaxSplits) s = kLowRankMaxSplits;
+  return s < 1 ? 1 : s;
+}
+
+inline Grid lowrank_grid(int64_t M, int64_t K, int64_t rank) {
+  return column_row_grid(lowrank_tiles(M, rank), lowrank_k_splits(M, K, rank));
+}
 
 inline QuantLinearGrids quant_linear_grids(int64_t M, int64_t N) {
   QuantLinearGrids g;
@@ -57,7 +83,7 @@ inline QuantLinearGrids quant_linear_grids(int64_t M, int64_t N) {
     g.gemm = row_grid((N + kGemvColumns - 1) / kGemvColumns);
   else
     g.gemm = column_row_grid((N + kGemmTile - 1) / kGemmTile, (M + kGemmTile - 1) / kGemmTile);
-  g.epilogue = column_row_grid((N + kEpilogueColumns - 1) / kEpilogueColumns, M);
+  g.epilogue = column_row_grid((N + kEpilogueColumns - 1) / kEpilogueColumns, (M + kEpilogueRows - 1) / kEpilogueRows);
   return g;
 }
 

@@ -148,9 +148,11 @@ struct CudaHadamardKernel {
     Ort::KernelContext ctx(context);
     const std::vector<TensorDesc> in = describe_inputs(ctx, hadamard_schema());
     const HadamardCall call = check_hadamard_call(in);
-    // A device limit, not a rule of the op: the kernel keeps one row in shared memory (227 KB on sm_80+).
-    if (call.n * 4 > 227 * 1024)
-      fail("Hadamard", "last dimension ", call.n, " exceeds the CUDA kernel's shared-memory row (58112)");
+    // A device limit, not a rule of the op: the kernel keeps one row and H_m in shared memory (227 KB on sm_80+).
+    const int64_t h_floats = in[kHdMatrix].present ? call.m * call.m : 0;
+    if ((call.n + h_floats) * 4 > 227 * 1024)
+      fail("Hadamard", "last dimension ", call.n, " with H_m of size ", call.m,
+           " exceeds the CUDA kernel's shared memory (row + H_m <= 58112 floats)");
     const float* hm = nullptr;
     if (in[kHdMatrix].present) hm = h_dev ? static_cast<const float*>(h_dev) : static_cast<const float*>(in[kHdMatrix].data);
     Ort::UnownedValue y = ctx.GetOutput(0, in[kHdX].shape);

@@ -387,45 +387,111 @@ __global__ void __launch_bounds__(256) gemv_kernel(QuantLinearParams p, const in
     gemv_column<MMAX, W4, GROUPED, TOut>(p, A, row_scale, n);
 }
 
+// CMC's T = X @ lowrank_a: a shared-memory tiled fp32 GEMM, one 64-token x 64-rank tile and one split of K per block
+// (launch_geometry.h), each thread 4 x 4 outputs (tokens ty + 16 i, ranks tx + 16 j: conflict-free reads), k in
+// steps of 32 in a fixed order. Writes T itself when K is not split, else the split's partial T [split][M][rank].
+// The correction applies to non-text tokens (their X is read as 0 otherwise); without modality inputs, to every one.
 template <int KIND>
-__global__ void lowrank_t_kernel(QuantLinearParams p, float* T) {
-  // CMC: the low-rank correction applies to non-text tokens; without modality inputs, to every token.
+__global__ void __launch_bounds__(256) lowrank_t_kernel(QuantLinearParams p, float* out, int64_t splits) {
+  constexpr int kTile = static_cast<int>(kLowRankTile), kStep = 32;
+  __shared__ float xs[kStep][kTile + 1];
+  __shared__ float as[kStep][kTile];
+  __shared__ bool on[kTile];
+  const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
   const bool has_modality = p.modality.ids != nullptr || p.modality.split >= 0;
-  for (int64_t m = blockIdx.x; m < p.M; m += gridDim.x) {  // one token per block and step
-    const bool on = !has_modality || token_class(p.modality, m) == kImageClass;
-    for (int64_t r = threadIdx.x; r < p.rank; r += blockDim.x) {
-      float s = 0.f;
-      if (on) {
-        for (int64_t k = 0; k < p.K; ++k) {
-          const int64_t idx = m * p.Kx + p.col0 + k;
-          const float x =
-              KIND == 0 ? static_cast<const float*>(p.x)[idx] : __half2float(static_cast<const __half*>(p.x)[idx]);
-          s += x * p.lowrank_a[k * p.rank + r];
-        }
-      }
-      T[m * p.rank + r] = s;
+  const int64_t chunk = (p.K + splits - 1) / splits;
+  const int64_t k_begin = blockIdx.y * chunk, k_end = k_begin + chunk < p.K ? k_begin + chunk : p.K;
+  float* part = out + static_cast<int64_t>(blockIdx.y) * p.M * p.rank;
+  const int64_t rank_tiles = (p.rank + kTile - 1) / kTile, tiles = (p.M + kTile - 1) / kTile * rank_tiles;
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int64_t m0 = tile / rank_tiles * kTile, r0 = tile % rank_tiles * kTile;
+    if (threadIdx.x < kTile) {
+      const int64_t m = m0 + threadIdx.x;
+      on[threadIdx.x] = m < p.M && (!has_modality || token_class(p.modality, m) == kImageClass);
     }
+    float acc[4][4] = {};
+    for (int64_t k0 = k_begin; k0 < k_end; k0 += kStep) {
+      __syncthreads();  // on[] is written; the previous step's tiles are read
+      for (int e = threadIdx.x; e < kTile * kStep; e += blockDim.x) {
+        const int t = e / kStep, kk = e % kStep;
+        const int64_t k = k0 + kk;
+        float v = 0.f;
+        if (on[t] && k < k_end) {
+          const int64_t idx = (m0 + t) * p.Kx + p.col0 + k;
+          v = KIND == 0 ? static_cast<const float*>(p.x)[idx] : __half2float(static_cast<const __half*>(p.x)[idx]);
+        }
+        xs[kk][t] = v;
+        const int ka = e / kTile, r = e % kTile;
+        as[ka][r] = (k0 + ka < k_end && r0 + r < p.rank) ? p.lowrank_a[(k0 + ka) * p.rank + r0 + r] : 0.f;
+      }
+      __syncthreads();
+#pragma unroll 8
+      for (int kk = 0; kk < kStep; ++kk) {
+        float xv[4], av[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) xv[i] = xs[kk][ty + 16 * i], av[i] = as[kk][tx + 16 * i];
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) acc[i][j] += xv[i] * av[j];
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int64_t m = m0 + ty + 16 * i, r = r0 + tx + 16 * j;
+        if (m < p.M && r < p.rank) part[m * p.rank + r] = acc[i][j];
+      }
+    __syncthreads();  // the next tile rewrites on[]
   }
 }
 
-// Column blocks on x, tokens on y, strided beyond gridDim.y's cap of 65,535 (launch_geometry.h).
+// T = the sum of the splits' partial T, in split order.
+__global__ void lowrank_sum_kernel(const float* parts, int64_t splits, int64_t count, float* T) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float s = 0.f;
+    for (int64_t sp = 0; sp < splits; ++sp) s += parts[sp * count + i];
+    T[i] = s;
+  }
+}
+
+// Column blocks on x, 8-token tiles on y, strided beyond gridDim.y's cap of 65,535 (launch_geometry.h). Each
+// lowrank_b value is read once for the tile's tokens; a token's sum keeps the order Y + T_0 B_0 + T_1 B_1 + ...
 template <int KIND, typename TOut>
 __global__ void branches_kernel(QuantLinearParams p, const float* T) {
+  constexpr int kRows = static_cast<int>(kEpilogueRows);
   const int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (n >= p.N) return;
   TOut* Y = static_cast<TOut*>(p.y);
-  for (int64_t m = blockIdx.y; m < p.M; m += gridDim.y) {
-    float y;
-    if constexpr (sizeof(TOut) == 2) y = __half2float(Y[m * p.N + n]); else y = Y[m * p.N + n];
-    if (T)
-      for (int64_t r = 0; r < p.rank; ++r) y += T[m * p.rank + r] * p.lowrank_b[r * p.N + n];
-    if (p.side_row) {
-      const int64_t idx = m * p.Kx;
-      const float x0 =
-          KIND == 0 ? static_cast<const float*>(p.x)[idx] : __half2float(static_cast<const __half*>(p.x)[idx]);
-      y += x0 * p.side_row[n];
+  for (int64_t m0 = static_cast<int64_t>(blockIdx.y) * kRows; m0 < p.M; m0 += static_cast<int64_t>(gridDim.y) * kRows) {
+    const int rows = p.M - m0 < kRows ? static_cast<int>(p.M - m0) : kRows;
+    float y[kRows];
+#pragma unroll
+    for (int t = 0; t < kRows; ++t) {
+      if (t >= rows) break;
+      if constexpr (sizeof(TOut) == 2) y[t] = __half2float(Y[(m0 + t) * p.N + n]); else y[t] = Y[(m0 + t) * p.N + n];
     }
-    store_out(Y, m * p.N + n, y);
+    if (T) {
+      for (int64_t r = 0; r < p.rank; ++r) {
+        const float b = p.lowrank_b[r * p.N + n];
+#pragma unroll
+        for (int t = 0; t < kRows; ++t)
+          if (t < rows) y[t] += T[(m0 + t) * p.rank + r] * b;
+      }
+    }
+#pragma unroll
+    for (int t = 0; t < kRows; ++t) {
+      if (t >= rows) break;
+      if (p.side_row) {
+        const int64_t idx = (m0 + t) * p.Kx;
+        const float x0 =
+            KIND == 0 ? static_cast<const float*>(p.x)[idx] : __half2float(static_cast<const __half*>(p.x)[idx]);
+        y[t] += x0 * p.side_row[n];
+      }
+      store_out(Y, (m0 + t) * p.N + n, y[t]);
+    }
   }
 }
 
@@ -436,7 +502,8 @@ __global__ void bias_fill_kernel(QuantLinearParams p) {
   if (n >= p.N) return;
   TOut* Y = static_cast<TOut*>(p.y);
   const float b = p.bias ? p.bias[n] : 0.f;
-  for (int64_t m = blockIdx.y; m < p.M; m += gridDim.y) store_out(Y, m * p.N + n, b);
+  for (int64_t m0 = static_cast<int64_t>(blockIdx.y) * kEpilogueRows; m0 < p.M; m0 += static_cast<int64_t>(gridDim.y) * kEpilogueRows)
+    for (int64_t m = m0; m < m0 + kEpilogueRows && m < p.M; ++m) store_out(Y, m * p.N + n, b);
 }
 
 inline dim3 dims(const Grid& g) { return dim3(g.x, g.y, g.z); }
@@ -464,10 +531,16 @@ void launch_gemm(const QuantLinearParams& p, const Grid& g, const int8_t* A, con
     launch_gemm_as<W4, false, TOut>(p, g, A, rs, st);
 }
 
+// Partial T of the K splits (none when K is not split), after T.
+int64_t lowrank_parts_bytes(const QuantLinearParams& p) {
+  const int64_t splits = p.rank ? lowrank_k_splits(p.M, p.K, p.rank) : 1;
+  return splits > 1 ? align256(splits * p.M * p.rank * 4) : 0;
+}
+
 }  // namespace
 
 int64_t quant_linear_workspace_bytes(const QuantLinearParams& p) {
-  return align256(p.M * p.Kp) + align256(p.M * 4) + align256(p.M * p.rank * 4);
+  return align256(p.M * p.Kp) + align256(p.M * 4) + align256(p.M * p.rank * 4) + lowrank_parts_bytes(p);
 }
 
 int quant_linear(const QuantLinearParams& p, void* workspace, void* stream) {
@@ -494,8 +567,15 @@ int quant_linear(const QuantLinearParams& p, void* workspace, void* stream) {
   }
   if ((p.rank || p.side_row) && p.x_kind != 2) {
     if (p.rank) {
-      if (p.x_kind == 0) lowrank_t_kernel<0><<<rows, 128, 0, st>>>(p, T);
-      else lowrank_t_kernel<1><<<rows, 128, 0, st>>>(p, T);
+      const int64_t splits = lowrank_k_splits(p.M, p.K, p.rank);
+      float* parts = splits > 1 ? reinterpret_cast<float*>(reinterpret_cast<char*>(T) + align256(p.M * p.rank * 4)) : T;
+      const dim3 lowrank = dims(lowrank_grid(p.M, p.K, p.rank));
+      if (p.x_kind == 0) lowrank_t_kernel<0><<<lowrank, 256, 0, st>>>(p, parts, splits);
+      else lowrank_t_kernel<1><<<lowrank, 256, 0, st>>>(p, parts, splits);
+      if (splits > 1) {
+        const int64_t count = p.M * p.rank;
+        lowrank_sum_kernel<<<dims(row_grid((count + 255) / 256)), 256, 0, st>>>(parts, splits, count, T);
+      }
     }
     if (p.x_kind == 0)
       p.y_half ? branches_kernel<0, __half><<<epilogue, epilogue_threads, 0, st>>>(p, T)
