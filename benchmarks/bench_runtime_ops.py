@@ -393,13 +393,17 @@ def run_decoder(name: str, threads: int, repeat: int, workdir: Path, samples: in
 # ---- GPU --------------------------------------------------------------------------------------------------------
 
 GPU_PREFILL = [(m, k, n) for m in (512, 2048, 4096, 8192) for (k, n) in ((2048, 2048), (4096, 4096), (8192, 8192), (4096, 11008))]
+#: Decode rows: M <= 4 runs the __dp4a kernel, 5 to 16 the tensor-core one (quant_linear.cu); the last row checks the
+#: latter's edges: rows 8 to 15 partly empty, a partial 32-column block, and a k step count not a multiple of 32.
 GPU_DECODE = [(m, k, n) for m in (1, 4, 16) for (k, n) in ((2048, 2048), (4096, 4096), (8192, 8192), (4096, 11008))]
+GPU_DECODE += [(11, 1056, 1000)]
 #: (phase, M, K, N, rank) of the dynamic QuantLinear with MASQuant's CMC low-rank branch; prefill marks its first
 #: half as image tokens (modality_ids), decode passes no modality (the branch applies to every token).
 #: Per-group weights (QuantLinear group_size): (phase, M, K, N, group_size). K = 1056 is not a multiple of the CUDA
 #: kernels' 64-wide k tile (its zero padding belongs to no group) and N = 1000 leaves partial column tiles.
 GPU_GROUPS = [("prefill", 2048, 4096, 4096, 128), ("prefill", 4096, 4096, 11008, 128), ("prefill", 512, 1056, 1000, 32),
-              ("decode", 1, 4096, 4096, 128), ("decode", 16, 4096, 11008, 128), ("decode", 3, 1056, 1000, 32)]
+              ("decode", 1, 4096, 4096, 128), ("decode", 16, 4096, 11008, 128), ("decode", 3, 1056, 1000, 32),
+              ("decode", 11, 1056, 1000, 32)]
 #: The last two rows check the low-rank kernel's edges: a rank above its 64-wide rank block and not a multiple of 32,
 #: a token count that leaves a partial 8-token tile, and K split in 4 partial sums (launch_geometry.h).
 GPU_CMC = [("prefill", 2048, 4096, 4096, 64), ("decode", 1, 4096, 4096, 64), ("decode", 16, 4096, 4096, 64),

@@ -139,7 +139,7 @@ def test_cuda_group_entry_point_refuses_through_the_shared_validator(group_size,
 
 @pytest.mark.skipif(shutil.which("nvcc") is None and not os.path.exists("/usr/local/cuda/bin/nvcc"),
                     reason="the CUDA library is only built where nvcc exists")
-@pytest.mark.parametrize("M", [1, 16, 17, 65_535, 65_536, 70_001, 128 * 65_535 + 1, 2**31 + 5])
+@pytest.mark.parametrize("M", [1, 4, 5, 16, 17, 65_535, 65_536, 70_001, 128 * 65_535 + 1, 2**31 + 5])
 @pytest.mark.parametrize("N", [1, 4096])
 def test_cuda_launch_grids_stay_within_the_device_limits(M, N):
     """Every QuantLinear launch (rows, GEMM/GEMV, epilogue) and the row kernels keep gridDim.x <= 2^31 - 1 and
@@ -154,8 +154,10 @@ def test_cuda_launch_grids_stay_within_the_device_limits(M, N):
         assert 1 <= x <= 2**31 - 1 and 1 <= y <= 65_535 and z == 1
     assert rows[0] == min(M, 2**31 - 1) and rows[1] == 1
     assert epilogue == [(N + 255) // 256, min((M + 7) // 8, 65_535), 1]
-    if M <= 16:
+    if M <= 4:
         assert gemm == [(N + 7) // 8, 1, 1]
+    elif M <= 16:
+        assert gemm == [(N + 31) // 32, 1, 1]
     else:
         assert gemm == [(N + 127) // 128, min((M + 127) // 128, 65_535), 1]
     xyz = (ctypes.c_uint32 * 3)()

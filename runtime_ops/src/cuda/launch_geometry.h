@@ -40,7 +40,9 @@ inline Grid column_row_grid(int64_t column_blocks, int64_t row_blocks) {
 
 // QuantLinear's launches for M tokens and N output channels (quant_linear.cu). Block shapes are fixed there.
 constexpr int64_t kGemmTile = 128;         // prefill block tile, rows and columns
-constexpr int64_t kGemvColumns = 8;        // decode: one warp per column, 8 warps per block
+constexpr int64_t kGemvColumns = 8;        // decode, M <= 4: one warp per column, 8 warps per block
+constexpr int64_t kGemvMaxDp4aRows = 4;    // decode above this: tensor cores, 32 columns per block
+constexpr int64_t kGemvMmaColumns = 32;
 constexpr int64_t kEpilogueColumns = 256;  // branches and K = 0 fill: one thread per column
 constexpr int64_t kEpilogueRows = 8;       // ... and per 8 tokens (each lowrank_b value read once for 8)
 constexpr int64_t kGemvMaxRows = 16;       // M <= 16 runs the decode kernel
@@ -79,8 +81,10 @@ inline Grid lowrank_grid(int64_t M, int64_t K, int64_t rank) {
 inline QuantLinearGrids quant_linear_grids(int64_t M, int64_t N) {
   QuantLinearGrids g;
   g.rows = row_grid(M);
-  if (M <= kGemvMaxRows)
+  if (M <= kGemvMaxDp4aRows)
     g.gemm = row_grid((N + kGemvColumns - 1) / kGemvColumns);
+  else if (M <= kGemvMaxRows)
+    g.gemm = row_grid((N + kGemvMmaColumns - 1) / kGemvMmaColumns);
   else
     g.gemm = column_row_grid((N + kGemmTile - 1) / kGemmTile, (M + kGemmTile - 1) / kGemmTile);
   g.epilogue = column_row_grid((N + kEpilogueColumns - 1) / kEpilogueColumns, (M + kEpilogueRows - 1) / kEpilogueRows);

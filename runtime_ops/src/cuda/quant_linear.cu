@@ -9,17 +9,20 @@
 //
 // Prefill (M > 16): 128x128x64 block tiles, 8 warps of 64x32, mma.sync.m16n8k32 s8 -> s32, double-buffered
 // shared memory staged through registers, rows padded by 16 bytes (conflict-free 32-bit fragment loads).
-// Decode (M <= 16): one warp per output column streams the weight row with 16-byte loads and __dp4a; the weight
-// bytes are read once, so W4 (half the bytes) is the faster format.
+// Decode, M <= 4: one warp per output column streams the weight row with 16-byte loads and __dp4a; the weight
+// bytes are read once, so W4 (half the bytes) is the faster format. 5 <= M <= 16: mma.sync.m16n8k32 with the rows
+// as m16 and 32 columns per block as four n8 tiles, the k steps spread over the block's warps (gemv_mma_kernel).
 //
 // Per-group weights (group_size > 0, a multiple of 32): the prefill kernel folds its int32 accumulators into fp32
 // ones at every group's end (after the mma.sync step of 32 k that closes it: acc * w_scale[g, n], then clears
 // them), and the epilogue computes y = sum * s_tok + bias; so each group's integer dot product is exact and only
-// the fp32 sum over the groups rounds, as on the CPU. The decode kernel's lanes each take chunks of 16 (W8) or 32
-// (W4) k, which never straddle a group: each chunk's exact int32 partial is scaled by its group's w_scale and the
-// warp sums fp32 values (another fp32 summation order than the CPU's, same math).
+// the fp32 sum over the groups rounds, as on the CPU. The decode kernels take chunks of 16 or 32 k, which never
+// straddle a group: each chunk's exact int32 partial is scaled by its group's w_scale and fp32 values are summed
+// (another fp32 summation order than the CPU's, same math).
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+#include <type_traits>
 
 #include "common.h"
 #include "cuda/kernels.h"
@@ -289,21 +292,66 @@ __global__ void __launch_bounds__(THREADS) gemm_kernel(QuantLinearParams p, cons
     gemm_block_tile<W4, GROUPED, TOut>(p, A, row_scale, tile * BM, static_cast<int64_t>(blockIdx.x) * BN);
 }
 
-// Decode: output column n of MMAX >= M rows, computed by one warp.
-template <int MMAX, bool W4, bool GROUPED, typename TOut>
-__device__ __forceinline__ void gemv_column(const QuantLinearParams& p, const int8_t* __restrict__ A,
-                                            const float* __restrict__ row_scale, int64_t n) {
-  const int lane = threadIdx.x & 31;
-  int32_t acc[MMAX];
-  float facc[GROUPED ? MMAX : 1];  // per-group weights: sum of each chunk's exact partial x its group's scale
+// Decode with 1 to 4 rows: one warp per output column n of MMAX >= M rows. Lane l takes 16 (W8) or 32 (W4) k
+// values at k = l * step + j * 32 * step: one chunk of 32 * step k per pass of the warp.
+template <bool W4>
+constexpr int kGemvLaneK = W4 ? 32 : 16;
+
+// One lane's k values at k of column n's weight row, against the rows' activations at a + r * Kp, into the exact
+// int32 sums acc.
+template <int MMAX, bool W4>
+__device__ __forceinline__ void gemv_lane_step(const QuantLinearParams& p, const uint8_t* __restrict__ wrow, int64_t k,
+                                               const int8_t* __restrict__ a, int32_t (&acc)[MMAX]) {
+  auto load_a = [&](int r, int offset) { return __ldg(reinterpret_cast<const uint4*>(a + r * p.Kp + offset)); };
+  if constexpr (!W4) {
+    const uint4 w = __ldg(reinterpret_cast<const uint4*>(wrow + k));
 #pragma unroll
-  for (int r = 0; r < MMAX; ++r) acc[r] = 0;
-  if constexpr (GROUPED) {
+    for (int r = 0; r < MMAX; ++r) {
+      if (r >= p.M) break;
+      const uint4 x = load_a(r, 0);
+      acc[r] = __dp4a(static_cast<int>(x.x), static_cast<int>(w.x), acc[r]);
+      acc[r] = __dp4a(static_cast<int>(x.y), static_cast<int>(w.y), acc[r]);
+      acc[r] = __dp4a(static_cast<int>(x.z), static_cast<int>(w.z), acc[r]);
+      acc[r] = __dp4a(static_cast<int>(x.w), static_cast<int>(w.w), acc[r]);
+    }
+  } else {
+    const uint4 w = __ldg(reinterpret_cast<const uint4*>(wrow + k / 2));
+    uint32_t u[8];
+    unpack_int4(w.x, u[0], u[1]);
+    unpack_int4(w.y, u[2], u[3]);
+    unpack_int4(w.z, u[4], u[5]);
+    unpack_int4(w.w, u[6], u[7]);
 #pragma unroll
-    for (int r = 0; r < MMAX; ++r) facc[r] = 0.f;
+    for (int r = 0; r < MMAX; ++r) {
+      if (r >= p.M) break;
+      const uint4 a0 = load_a(r, 0), a1 = load_a(r, 16);
+      acc[r] = __dp4a(static_cast<int>(a0.x), static_cast<int>(u[0]), acc[r]);
+      acc[r] = __dp4a(static_cast<int>(a0.y), static_cast<int>(u[1]), acc[r]);
+      acc[r] = __dp4a(static_cast<int>(a0.z), static_cast<int>(u[2]), acc[r]);
+      acc[r] = __dp4a(static_cast<int>(a0.w), static_cast<int>(u[3]), acc[r]);
+      acc[r] = __dp4a(static_cast<int>(a1.x), static_cast<int>(u[4]), acc[r]);
+      acc[r] = __dp4a(static_cast<int>(a1.y), static_cast<int>(u[5]), acc[r]);
+      acc[r] = __dp4a(static_cast<int>(a1.z), static_cast<int>(u[6]), acc[r]);
+      acc[r] = __dp4a(static_cast<int>(a1.w), static_cast<int>(u[7]), acc[r]);
+    }
   }
-  // After a chunk at k: fold the partials into facc with the chunk's group scale (padding past K adds zeros).
-  auto fold_chunk = [&](int64_t k) {
+}
+
+// A column's sums: exact int32 ones (per channel), or fp32 ones that each lane step folds in with its group's scale
+// (per group: padding past K adds zeros).
+template <int MMAX, bool GROUPED>
+struct GemvSums {
+  int32_t acc[MMAX];
+  float facc[GROUPED ? MMAX : 1];
+
+  __device__ __forceinline__ GemvSums() {
+#pragma unroll
+    for (int r = 0; r < MMAX; ++r) acc[r] = 0;
+#pragma unroll
+    for (int r = 0; r < (GROUPED ? MMAX : 1); ++r) facc[r] = 0.f;
+  }
+
+  __device__ __forceinline__ void fold(const QuantLinearParams& p, int64_t k, int64_t n) {
     if constexpr (GROUPED) {
       const float ws = k < p.K ? p.w_scale[(k / p.group_size) * p.N + n] : 0.f;
 #pragma unroll
@@ -312,85 +360,167 @@ __device__ __forceinline__ void gemv_column(const QuantLinearParams& p, const in
         acc[r] = 0;
       }
     }
-  };
-  const uint8_t* W = static_cast<const uint8_t*>(p.w);
-  if (!W4) {
-    const uint8_t* wrow = W + n * p.Kp;
-    for (int64_t k = lane * 16; k < p.Kp; k += 32 * 16) {
-      const uint4 w = __ldg(reinterpret_cast<const uint4*>(wrow + k));
+  }
+
+  // Warp sums, then lane 0 applies the scales and the bias and stores the column.
+  template <typename TOut>
+  __device__ __forceinline__ void store(const QuantLinearParams& p, const float* __restrict__ row_scale, int64_t n) {
+    TOut* Y = static_cast<TOut*>(p.y);
+    const int lane = threadIdx.x & 31;
 #pragma unroll
-      for (int r = 0; r < MMAX; ++r) {
-        if (r >= p.M) break;
-        const uint4 a = __ldg(reinterpret_cast<const uint4*>(A + r * p.Kp + k));
-        acc[r] = __dp4a(static_cast<int>(a.x), static_cast<int>(w.x), acc[r]);
-        acc[r] = __dp4a(static_cast<int>(a.y), static_cast<int>(w.y), acc[r]);
-        acc[r] = __dp4a(static_cast<int>(a.z), static_cast<int>(w.z), acc[r]);
-        acc[r] = __dp4a(static_cast<int>(a.w), static_cast<int>(w.w), acc[r]);
-      }
-      fold_chunk(k);
-    }
-  } else {
-    const uint8_t* wrow = W + n * (p.Kp / 2);
-    for (int64_t k = lane * 32; k < p.Kp; k += 32 * 32) {
-      const uint4 w = __ldg(reinterpret_cast<const uint4*>(wrow + k / 2));
-      uint32_t u[8];
-      unpack_int4(w.x, u[0], u[1]);
-      unpack_int4(w.y, u[2], u[3]);
-      unpack_int4(w.z, u[4], u[5]);
-      unpack_int4(w.w, u[6], u[7]);
+    for (int r = 0; r < MMAX; ++r) {
+      if (r >= p.M) break;
+      float y;
+      if constexpr (GROUPED) {
+        float v = facc[r];
 #pragma unroll
-      for (int r = 0; r < MMAX; ++r) {
-        if (r >= p.M) break;
-        const uint4 a0 = __ldg(reinterpret_cast<const uint4*>(A + r * p.Kp + k));
-        const uint4 a1 = __ldg(reinterpret_cast<const uint4*>(A + r * p.Kp + k + 16));
-        acc[r] = __dp4a(static_cast<int>(a0.x), static_cast<int>(u[0]), acc[r]);
-        acc[r] = __dp4a(static_cast<int>(a0.y), static_cast<int>(u[1]), acc[r]);
-        acc[r] = __dp4a(static_cast<int>(a0.z), static_cast<int>(u[2]), acc[r]);
-        acc[r] = __dp4a(static_cast<int>(a0.w), static_cast<int>(u[3]), acc[r]);
-        acc[r] = __dp4a(static_cast<int>(a1.x), static_cast<int>(u[4]), acc[r]);
-        acc[r] = __dp4a(static_cast<int>(a1.y), static_cast<int>(u[5]), acc[r]);
-        acc[r] = __dp4a(static_cast<int>(a1.z), static_cast<int>(u[6]), acc[r]);
-        acc[r] = __dp4a(static_cast<int>(a1.w), static_cast<int>(u[7]), acc[r]);
+        for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, off);
+        y = v * row_scale[r];
+      } else {
+        int32_t v = acc[r];
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, off);
+        y = static_cast<float>(v) * (row_scale[r] * p.w_scale[n]);
       }
-      fold_chunk(k);
+      if (lane == 0) {
+        if (p.bias) y += p.bias[n];
+        store_out(Y, r * p.N + n, y);
+      }
     }
   }
-  TOut* Y = static_cast<TOut*>(p.y);
-#pragma unroll
-  for (int r = 0; r < MMAX; ++r) {
-    if (r >= p.M) break;
-    float y;
-    if constexpr (GROUPED) {
-      float v = facc[r];
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, off);
-      y = v * row_scale[r];
-    } else {
-      int32_t v = acc[r];
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, off);
-      y = static_cast<float>(v) * (row_scale[r] * p.w_scale[n]);
-    }
-    if (lane == 0) {
-      if (p.bias) y += p.bias[n];
-      store_out(Y, r * p.N + n, y);
-    }
-  }
+};
+
+template <bool W4>
+__device__ __forceinline__ const uint8_t* weight_row(const QuantLinearParams& p, int64_t n) {
+  return static_cast<const uint8_t*>(p.w) + n * (W4 ? p.Kp / 2 : p.Kp);
 }
 
-// One warp per output column; columns beyond the grid's cap are strided (launch_geometry.h).
+// 1 to 4 rows: one warp per output column, the activations (L1-resident) read again for every column, four lane
+// steps' loads in flight; columns beyond the grid's cap are strided (launch_geometry.h).
 template <int MMAX, bool W4, bool GROUPED, typename TOut>
 __global__ void __launch_bounds__(256) gemv_kernel(QuantLinearParams p, const int8_t* __restrict__ A,
                                                    const float* __restrict__ row_scale) {
+  constexpr int step = kGemvLaneK<W4>;
   const int64_t warps = blockDim.x / 32;
-  for (int64_t n = static_cast<int64_t>(blockIdx.x) * warps + (threadIdx.x >> 5); n < p.N; n += gridDim.x * warps)
-    gemv_column<MMAX, W4, GROUPED, TOut>(p, A, row_scale, n);
+  const int lane = threadIdx.x & 31;
+  for (int64_t n = static_cast<int64_t>(blockIdx.x) * warps + (threadIdx.x >> 5); n < p.N; n += gridDim.x * warps) {
+    GemvSums<MMAX, GROUPED> sums;
+    const uint8_t* wrow = weight_row<W4>(p, n);
+#pragma unroll 4
+    for (int64_t k = lane * step; k < p.Kp; k += 32 * step) {
+      gemv_lane_step<MMAX, W4>(p, wrow, k, A + k, sums.acc);
+      sums.fold(p, k, n);
+    }
+    sums.template store<TOut>(p, row_scale, n);
+  }
 }
 
-// CMC's T = X @ lowrank_a: a shared-memory tiled fp32 GEMM, one 64-token x 64-rank tile and one split of K per block
-// (launch_geometry.h), each thread 4 x 4 outputs (tokens ty + 16 i, ranks tx + 16 j: conflict-free reads), k in
-// steps of 32 in a fixed order. Writes T itself when K is not split, else the split's partial T [split][M][rank].
-// The correction applies to non-text tokens (their X is read as 0 otherwise); without modality inputs, to every one.
+__device__ __forceinline__ uint32_t load_u32(const void* p) { return __ldg(static_cast<const uint32_t*>(p)); }
+__device__ __forceinline__ uint32_t load_u16(const void* p) { return __ldg(static_cast<const unsigned short*>(p)); }
+
+// Decode with 5 to 16 rows on the tensor cores: the rows, zero beyond M, are the m16 of mma.m16n8k32 and a block
+// takes kGemvMmaColumns columns, kGemvMmaTiles n8 tiles per warp that share each A fragment (the activations are
+// read from L2 once per 32 columns, not once per column as with a warp per column: 0.35x of fp16 at M = 16 on an
+// H200). The 8 warps take every 8th 32-k step, kGemvMmaBatch steps' loads in flight at a time, and their tiles are
+// added in warp order. Per channel the int32 sums are exact (the same result as gemv_kernel); per group each step
+// (inside one group: group sizes are multiples of 32) is folded into fp32 with its group's scales.
+constexpr int kGemvMmaBatch = 4;
+constexpr int kGemvMmaTiles = static_cast<int>(kGemvMmaColumns / 8);
+
+template <bool W4, bool GROUPED, typename TOut>
+__global__ void __launch_bounds__(256) gemv_mma_kernel(QuantLinearParams p, const int8_t* __restrict__ A,
+                                                       const float* __restrict__ row_scale) {
+  constexpr int kWarps = 8, kBatch = kGemvMmaBatch, kTiles = kGemvMmaTiles, kCols = 8 * kTiles;
+  using Sum = typename std::conditional<GROUPED, float, int32_t>::type;
+  __shared__ Sum tiles[kWarps][16][kCols];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int64_t steps = p.Kp / 32;
+  const bool lo_ok = g < p.M, hi_ok = g + 8 < p.M;
+  const int8_t* a_lo = A + static_cast<int64_t>(g) * p.Kp + 4 * t;
+  const int8_t* a_hi = A + static_cast<int64_t>(g + 8) * p.Kp + 4 * t;
+  for (int64_t n0 = static_cast<int64_t>(blockIdx.x) * kCols; n0 < p.N; n0 += static_cast<int64_t>(gridDim.x) * kCols) {
+    // Tile i: this lane's B column is n0 + 8i + g; its C columns are n0 + 8i + 2t and + 1.
+    const uint8_t* wrow[kTiles];
+    bool col_ok[kTiles];
+#pragma unroll
+    for (int i = 0; i < kTiles; ++i) {
+      col_ok[i] = n0 + 8 * i + g < p.N;
+      wrow[i] = weight_row<W4>(p, col_ok[i] ? n0 + 8 * i + g : 0);
+    }
+    int32_t c[kTiles][4] = {};
+    float f[kTiles][4] = {};
+    for (int64_t s0 = warp; s0 < steps; s0 += kWarps * kBatch) {
+      uint32_t a[kBatch][4], b[kBatch][kTiles][2];
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) {
+        const int64_t k = (s0 + j * kWarps) * 32;
+        const bool in = k < p.Kp;
+        a[j][0] = in && lo_ok ? load_u32(a_lo + k) : 0u;
+        a[j][1] = in && hi_ok ? load_u32(a_hi + k) : 0u;
+        a[j][2] = in && lo_ok ? load_u32(a_lo + k + 16) : 0u;
+        a[j][3] = in && hi_ok ? load_u32(a_hi + k + 16) : 0u;
+#pragma unroll
+        for (int i = 0; i < kTiles; ++i) {
+          const bool ok = in && col_ok[i];
+          if constexpr (W4) {  // k .. k+3 and k+16 .. k+19 of the column: two packed bytes each
+            uint32_t unused;
+            unpack_int4(ok ? load_u16(wrow[i] + k / 2 + 2 * t) : 0u, b[j][i][0], unused);
+            unpack_int4(ok ? load_u16(wrow[i] + k / 2 + 8 + 2 * t) : 0u, b[j][i][1], unused);
+          } else {
+            b[j][i][0] = ok ? load_u32(wrow[i] + k + 4 * t) : 0u;
+            b[j][i][1] = ok ? load_u32(wrow[i] + k + 16 + 4 * t) : 0u;
+          }
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) {
+        const int64_t k = (s0 + j * kWarps) * 32;
+        if (k >= p.Kp) break;
+#pragma unroll
+        for (int i = 0; i < kTiles; ++i) {
+          if constexpr (GROUPED) {
+            int32_t step[4] = {0, 0, 0, 0};
+            mma_s8(step, a[j], b[j][i][0], b[j][i][1]);
+            const int64_t row = (k / p.group_size) * p.N;  // past K (the zero padding): no group, adds zeros
+            const int64_t n_even = n0 + 8 * i + 2 * t;
+            const float w0 = k < p.K && n_even < p.N ? p.w_scale[row + n_even] : 0.f;
+            const float w1 = k < p.K && n_even + 1 < p.N ? p.w_scale[row + n_even + 1] : 0.f;
+            f[i][0] = fmaf(static_cast<float>(step[0]), w0, f[i][0]);
+            f[i][1] = fmaf(static_cast<float>(step[1]), w1, f[i][1]);
+            f[i][2] = fmaf(static_cast<float>(step[2]), w0, f[i][2]);
+            f[i][3] = fmaf(static_cast<float>(step[3]), w1, f[i][3]);
+          } else {
+            mma_s8(c[i], a[j], b[j][i][0], b[j][i][1]);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kTiles; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int row = g + (e >= 2 ? 8 : 0), col = 8 * i + 2 * t + (e & 1);
+        if constexpr (GROUPED) tiles[warp][row][col] = f[i][e];
+        else tiles[warp][row][col] = c[i][e];
+      }
+    __syncthreads();
+    for (int o = threadIdx.x; o < 16 * kCols; o += blockDim.x) {
+      const int row = o / kCols, col = o % kCols;
+      const int64_t n = n0 + col;
+      if (row < p.M && n < p.N) {
+        Sum sum = 0;
+        for (int w = 0; w < kWarps; ++w) sum += tiles[w][row][col];
+        float y;
+        if constexpr (GROUPED) y = sum * row_scale[row];
+        else y = static_cast<float>(sum) * (row_scale[row] * p.w_scale[n]);
+        if (p.bias) y += p.bias[n];
+        store_out(static_cast<TOut*>(p.y), row * p.N + n, y);
+      }
+    }
+    __syncthreads();  // the next columns rewrite tiles
+  }
+}
+
 template <int KIND>
 __global__ void __launch_bounds__(256) lowrank_t_kernel(QuantLinearParams p, float* out, int64_t splits) {
   constexpr int kTile = static_cast<int>(kLowRankTile), kStep = 32;
@@ -515,9 +645,8 @@ void launch_gemm_as(const QuantLinearParams& p, const Grid& g, const int8_t* A, 
   const dim3 grid = dims(g);
   if (p.M <= kGemvMaxRows) {
     if (p.M <= 1) gemv_kernel<1, W4, GROUPED, TOut><<<grid, 32 * kGemvColumns, 0, st>>>(p, A, rs);
-    else if (p.M <= 4) gemv_kernel<4, W4, GROUPED, TOut><<<grid, 32 * kGemvColumns, 0, st>>>(p, A, rs);
-    else if (p.M <= 8) gemv_kernel<8, W4, GROUPED, TOut><<<grid, 32 * kGemvColumns, 0, st>>>(p, A, rs);
-    else gemv_kernel<16, W4, GROUPED, TOut><<<grid, 32 * kGemvColumns, 0, st>>>(p, A, rs);
+    else if (p.M <= kGemvMaxDp4aRows) gemv_kernel<4, W4, GROUPED, TOut><<<grid, 32 * kGemvColumns, 0, st>>>(p, A, rs);
+    else gemv_mma_kernel<W4, GROUPED, TOut><<<grid, 256, 0, st>>>(p, A, rs);
   } else {
     gemm_kernel<W4, GROUPED, TOut><<<grid, THREADS, 0, st>>>(p, A, rs);
   }
