@@ -750,7 +750,50 @@ def run_gpu(repeat: int) -> tuple[str, list[str]]:
             check(f"Hadamard n={n} m={m} {'fp16' if half else 'fp32'}{' in place' if in_place else ''}", rel,
                   GPU_REL_TOL if half else 1e-5)
             hadamard_edges += 1
+    # An X that starts off a 16-byte boundary (the first pass's vector loads fall back to scalar ones).
+    for half in (False, True):
+        n, rows = 64, 5
+        buf = _nonzero_randn((rows * n + 1,), gen)
+        buf = buf.half() if half else buf
+        x = buf[1:].view(rows, n)
+        y = torch.empty(rows, n, dtype=x.dtype, device=dev)
+        hs = torch.ones(1, 1, dtype=torch.float64)
+        while hs.shape[0] < n:
+            hs = torch.cat([torch.cat([hs, hs], 1), torch.cat([hs, -hs], 1)], 0)
+        ref = x.double().cpu() @ (hs / n**0.5)
+        err = lib.mqc_cuda_hadamard(x.data_ptr(), y.data_ptr(), int(half), rows, n, 1, None, stream)
+        if err:
+            raise RuntimeError(f"mqc_cuda_hadamard failed with cudaError {err}: {lib.mqc_cuda_last_error().decode()}")
+        torch.cuda.synchronize()
+        rel = float((y.double().cpu() - ref).abs().max() / ref.abs().max())
+        check(f"Hadamard n={n} unaligned {'fp16' if half else 'fp32'}", rel, GPU_REL_TOL if half else 1e-5)
+        hadamard_edges += 1
     print(f"Hadamard edge shapes: {hadamard_edges} checks", flush=True)
+    # RMSNorm+quant on both kernels' edges (norm_quant.cu): the register kernel's block and chunk sizes, the general
+    # kernel for K not a multiple of 8, K beyond the register kernel, and an unaligned X; fp32 and fp16.
+    norm_edges = 0
+    for K, offset in ((8, 0), (24, 0), (1000, 0), (1001, 0), (4104, 0), (16384, 0), (16392, 0), (4096, 1)):
+        for half in (False, True):
+            rows = 7
+            buf = _nonzero_randn((rows * K + offset,), gen)
+            buf = buf.half() if half else buf
+            x = buf[offset:].view(rows, K)
+            gamma = torch.rand(K, generator=gen, device=dev) + 0.5
+            q = torch.empty(rows, K, dtype=torch.int8, device=dev)
+            err = lib.mqc_cuda_rmsnorm_quant(x.data_ptr(), int(half), rows, K, gamma.data_ptr(), _host_scales(0.02),
+                                             1e-6, q.data_ptr(), stream)
+            if err:
+                raise RuntimeError(f"mqc_cuda_rmsnorm_quant failed with cudaError {err}: {lib.mqc_cuda_last_error().decode()}")
+            torch.cuda.synchronize()
+            xd = x.double()
+            ref = torch.clamp(torch.round(xd / torch.sqrt((xd * xd).mean(-1, keepdim=True) + 1e-6) * gamma.double() / 0.02),
+                              -128, 127)
+            diff = (q.double() - ref).abs()
+            off = int((diff > 0).sum())
+            check(f"RMSNorm+quant K={K}{' unaligned' if offset else ''} {'fp16' if half else 'fp32'}", float(diff.max()),
+                  1.0, 0 if off <= max(1, q.numel() // 1000) else off)
+            norm_edges += 1
+    print(f"RMSNorm+quant edge shapes: {norm_edges} checks", flush=True)
     # Hadamard and RMSNorm+quant: effective bandwidth against a device-to-device copy of the same bytes.
     lines += ["", "| kernel | rows | n | ms | GB/s | copy GB/s | fraction of copy | max abs err |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for rows, n in ((4096, 4096), (8192, 4096), (4096, 28 * 512)):

@@ -8,6 +8,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cstdint>
+
 #include "cuda/kernels.h"
 #include "cuda/launch_geometry.h"
 
@@ -27,6 +29,30 @@ template <bool HALF>
 __device__ __forceinline__ void store_y(void* y, int64_t i, float v) {
   if constexpr (HALF) static_cast<__half*>(y)[i] = __float2half_rn(v);
   else static_cast<float*>(y)[i] = v;
+}
+
+// x[i .. i+8) with 16-byte loads when that address is 16-byte aligned; false (nothing loaded) otherwise.
+template <bool HALF>
+__device__ __forceinline__ bool load8_aligned(const void* x, int64_t i, float (&v)[8]) {
+  const char* ptr = static_cast<const char*>(x) + i * (HALF ? 2 : 4);
+  if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return false;
+  const uint4* w = reinterpret_cast<const uint4*>(ptr);
+  if constexpr (HALF) {
+    const uint4 raw = __ldg(w);
+    const __half2* h = reinterpret_cast<const __half2*>(&raw);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 f = __half22float2(h[j]);
+      v[2 * j] = f.x;
+      v[2 * j + 1] = f.y;
+    }
+  } else {
+    const uint4 a = __ldg(w), b = __ldg(w + 1);
+    const uint32_t u[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = __uint_as_float(u[j]);
+  }
+  return true;
 }
 
 // The stages h, 2h, ..., (R/2)h of the FWHT on R values taken at stride h (v[i] is element base + i * h).
@@ -54,8 +80,12 @@ __device__ __forceinline__ void fwht_pass(const void* x, void* y, float* z, int6
     const int low = g & (h - 1);
     const int base = (g - low) * R + low;
     float v[R];
+    bool loaded = false;
+    if constexpr (FROM_GLOBAL && R == 8) loaded = h == 1 && load8_aligned<HALF>(x, row_offset + base, v);
+    if (!loaded) {
 #pragma unroll
-    for (int i = 0; i < R; ++i) v[i] = FROM_GLOBAL ? load_x<HALF>(x, row_offset + base + i * h) : z[base + i * h];
+      for (int i = 0; i < R; ++i) v[i] = FROM_GLOBAL ? load_x<HALF>(x, row_offset + base + i * h) : z[base + i * h];
+    }
     butterflies<R>(v);
 #pragma unroll
     for (int i = 0; i < R; ++i) {
