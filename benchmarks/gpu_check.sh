@@ -18,7 +18,7 @@
 # Outputs: $OUT/gpu_check.log (everything) and $OUT/gpu_tables.md (the markdown tables; when the benchmark does not
 # finish, the rows it printed). Exit status: the benchmark's (1: a correctness check failed) or the failed step's.
 #
-# Duration measured on an H200 (session 17, eight runs): 27 to 38 s in all: configure 4 s, build 14-19 s (16 cores),
+# Duration measured on an H200 (session 17, nine runs): 27 to 38 s in all: configure 4 s, build 14-19 s (16 cores),
 # benchmark 15-19 s at the default 50 repeats (201 checks). The 330 s budget caps a slower machine or a hang.
 #
 # Environment: OUT, MQC_ORT_INCLUDE_DIR, MQC_CUDA_ARCHS (skips the detection, e.g. 90a), MQC_GPU_REPEAT (default

@@ -12,6 +12,7 @@
 
 #include "cuda/kernels.h"
 #include "cuda/launch_geometry.h"
+#include "cuda/vec8.h"
 
 namespace mqc {
 namespace cuda {
@@ -37,21 +38,10 @@ __device__ __forceinline__ bool load8_aligned(const void* x, int64_t i, float (&
   const char* ptr = static_cast<const char*>(x) + i * (HALF ? 2 : 4);
   if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return false;
   const uint4* w = reinterpret_cast<const uint4*>(ptr);
-  if constexpr (HALF) {
-    const uint4 raw = __ldg(w);
-    const __half2* h = reinterpret_cast<const __half2*>(&raw);
+  uint4 raw[kVec8Words<HALF>];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float2 f = __half22float2(h[j]);
-      v[2 * j] = f.x;
-      v[2 * j + 1] = f.y;
-    }
-  } else {
-    const uint4 a = __ldg(w), b = __ldg(w + 1);
-    const uint32_t u[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-#pragma unroll
-    for (int j = 0; j < 8; ++j) v[j] = __uint_as_float(u[j]);
-  }
+  for (int j = 0; j < kVec8Words<HALF>; ++j) raw[j] = __ldg(w + j);
+  unpack8<HALF>(raw, v);
   return true;
 }
 

@@ -9,6 +9,7 @@
 
 #include "cuda/kernels.h"
 #include "cuda/launch_geometry.h"
+#include "cuda/vec8.h"
 
 namespace mqc {
 namespace cuda {
@@ -52,28 +53,6 @@ __global__ void rmsnorm_quant_kernel(const void* x, int64_t rows, int64_t K, con
   }
 }
 
-// 8 values of a 16-byte-aligned chunk: one word of 8 fp16, or two words of 4 fp32.
-template <bool HALF>
-__device__ __forceinline__ void unpack8(const uint4 (&raw)[HALF ? 1 : 2], float (&v)[8]) {
-  if constexpr (HALF) {
-    const __half2* h = reinterpret_cast<const __half2*>(&raw[0]);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 f = __half22float2(h[i]);
-      v[2 * i] = f.x;
-      v[2 * i + 1] = f.y;
-    }
-  } else {
-#pragma unroll
-    for (int w = 0; w < 2; ++w) {
-      v[4 * w] = __uint_as_float(raw[w].x);
-      v[4 * w + 1] = __uint_as_float(raw[w].y);
-      v[4 * w + 2] = __uint_as_float(raw[w].z);
-      v[4 * w + 3] = __uint_as_float(raw[w].w);
-    }
-  }
-}
-
 // Rows of K = 8j <= 8 * CHUNKS * blockDim.x values with 16-byte aligned X, gamma and Q: each thread keeps its
 // CHUNKS chunks of 8 consecutive values in registers as loaded (fp16 packed), so X is read once with 16-byte loads
 // and Q written with 8-byte stores; the row's sum of squares goes through one shared-memory round. Small blocks
@@ -82,7 +61,7 @@ template <bool HALF, int CHUNKS>
 __global__ void __launch_bounds__(256) rmsnorm_quant_vec_kernel(const void* x, int64_t rows, int64_t K,
                                                                 const float* gamma, ActScales act, Modality mo,
                                                                 float eps, int8_t* q) {
-  constexpr int kWords = HALF ? 1 : 2;  // 16-byte words per chunk of 8 values
+  constexpr int kWords = kVec8Words<HALF>;  // 16-byte words per chunk of 8 values
   __shared__ float partial[8];
   const int warps = blockDim.x / 32;
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
