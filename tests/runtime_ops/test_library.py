@@ -163,3 +163,19 @@ def test_cuda_launch_grids_stay_within_the_device_limits(M, N):
     xyz = (ctypes.c_uint32 * 3)()
     lib.mqc_cuda_grid_rows(M, xyz)
     assert list(xyz) == [min(M, 2**31 - 1), 1, 1]
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None and not os.path.exists("/usr/local/cuda/bin/nvcc"),
+                    reason="the CUDA library is only built where nvcc exists")
+def test_cuda_workspace_holds_the_low_rank_branch_split_partial_sums():
+    """With few tokens the CMC branch's T = X @ A splits K over up to 64 blocks, each writing a partial T [M, rank]
+    into the workspace (launch_geometry.h). The workspace size must follow K: sized without it (found on an H200),
+    the partial sums overran it. One token, rank 64: K = 4096 splits in 16, K = 256 does not split."""
+    lib = _cuda_c_api()
+    lib.mqc_cuda_quant_linear_workspace.restype = ctypes.c_int64
+    lib.mqc_cuda_quant_linear_workspace.argtypes = [ctypes.c_int64] * 3
+    unsplit = lib.mqc_cuda_quant_linear_workspace(1, 256, 64)
+    split = lib.mqc_cuda_quant_linear_workspace(1, 4096, 64)
+    codes_growth = 4096 - 256  # one token's int8 codes
+    assert split - unsplit >= codes_growth + 16 * 64 * 4
+    assert lib.mqc_cuda_quant_linear_workspace(1, 4096, 0) < split - 16 * 64 * 4
