@@ -66,7 +66,6 @@ class _Weight:
     transposed: bool
 
 
-
 def _dequantized_weights(nodes: list[ir.Node]) -> list[_Weight]:
     """The weights of the slice's MatMuls that are ``DequantizeLinear`` of integer codes (rule 1)."""
     found: dict[str, _Weight] = {}
@@ -87,9 +86,10 @@ def _dequantized_weights(nodes: list[ir.Node]) -> list[_Weight]:
         zero = constant_array(producer.inputs[2]) if len(producer.inputs) > 2 else None
         if zero is not None and np.any(zero.astype(np.int64) != 0):
             continue
-        found[value.name] = _Weight(
-            producer.name.removesuffix(WEIGHT_DEQUANT_SUFFIX) if producer.name else value.name, value, producer.inputs[1], codes.astype(np.float32), producer.attributes.get_int("axis", 1) % 2,
-            producer.attributes.get_int("block_size", 0), bool(transposes % 2))
+        name = producer.name.removesuffix(WEIGHT_DEQUANT_SUFFIX) if producer.name else value.name
+        found[value.name] = _Weight(name, value, producer.inputs[1], codes.astype(np.float32),
+                                    producer.attributes.get_int("axis", 1) % 2,
+                                    producer.attributes.get_int("block_size", 0), bool(transposes % 2))
     return list(found.values())
 
 
@@ -196,7 +196,7 @@ class ScaleTuningPass(MqcPass):
 
         start = time.perf_counter()
         graph = model.graph
-        reference = getattr(self.ctx, "reference", None)
+        reference = self.ctx.reference
         if reference is None:
             raise self.refuse("no_reference", "scale_tuning needs the compile's float source model (mqc compile sets it)")
         logits = next((v for v in graph.outputs if v.name == LOGITS), None)
@@ -258,7 +258,7 @@ class ScaleTuningPass(MqcPass):
                 sample = samples[k]
                 optimizer.zero_grad()
                 out = graph_slice.run(sample["hidden"], {**sample["externals"], **tuned.tensors()})
-                loss = _kl(out.reshape(-1, out.shape[-1])[sample["rows"]], sample["reference"])
+                loss = _kl(_rows(out, sample["rows"]), sample["reference"])
                 loss.backward()
                 optimizer.step()
                 steps += 1

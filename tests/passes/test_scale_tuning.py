@@ -15,6 +15,7 @@ from mqc.diagnose import dequantized_weight
 from mqc.errors import RecipeNotApplied
 from mqc.ir import load_model, save_model
 from mqc.pass_manager import CompileContext, PassManager
+from mqc.quality_gate import compare_outputs
 from mqc.recipes import load_recipe
 
 RUNTIME_SCALE_OPS = {"Abs", "ReduceMax", "ReduceMin", "DynamicQuantizeLinear"}
@@ -27,12 +28,8 @@ def _text_logits(path, feeds) -> np.ndarray:
 
 
 def _kl(reference: np.ndarray, logits: np.ndarray) -> float:
-    def log_softmax(x: np.ndarray) -> np.ndarray:
-        x = x.astype(np.float64) - x.max(axis=-1, keepdims=True)
-        return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-
-    log_p, log_q = log_softmax(reference), log_softmax(logits)
-    return float((np.exp(log_p) * (log_p - log_q)).sum(axis=-1).mean())
+    """Mean per-position KL(reference || logits), as the quality gate reports it."""
+    return compare_outputs([reference], [logits], logits=True)["kl"]
 
 
 @pytest.fixture(scope="module")

@@ -12,19 +12,13 @@
 
 #include "cuda/kernels.h"
 #include "cuda/launch_geometry.h"
-#include "cuda/vec8.h"
+#include "cuda/row_io.h"
 
 namespace mqc {
 namespace cuda {
 namespace {
 
 constexpr int kMixOutputs = 8;  // H_m mix: outputs of one column accumulated per thread at a time
-
-template <bool HALF>
-__device__ __forceinline__ float load_x(const void* x, int64_t i) {
-  if constexpr (HALF) return __half2float(static_cast<const __half*>(x)[i]);
-  else return static_cast<const float*>(x)[i];
-}
 
 template <bool HALF>
 __device__ __forceinline__ void store_y(void* y, int64_t i, float v) {

@@ -74,10 +74,6 @@ inline int64_t lowrank_k_splits(int64_t M, int64_t K, int64_t rank) {
   return s < 1 ? 1 : s;
 }
 
-inline Grid lowrank_grid(int64_t M, int64_t K, int64_t rank) {
-  return column_row_grid(lowrank_tiles(M, rank), lowrank_k_splits(M, K, rank));
-}
-
 inline QuantLinearGrids quant_linear_grids(int64_t M, int64_t N) {
   QuantLinearGrids g;
   g.rows = row_grid(M);

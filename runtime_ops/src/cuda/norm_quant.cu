@@ -1,7 +1,7 @@
 // CUDA fused RMSNorm + static activation quantization: one block per row, fp32 sum of squares by warp shuffles,
 // then q = clip(rne(x / sqrt(mean(x^2) + eps) * gamma / s_tok)) written as int8. Rows of a multiple of 8 values up
 // to 16384 with aligned buffers take the register kernel (X read once, vector loads and stores); others the general
-// one (X read twice, scalar).
+// one (X read twice, scalar); both compute each code with norm_code.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -9,16 +9,16 @@
 
 #include "cuda/kernels.h"
 #include "cuda/launch_geometry.h"
-#include "cuda/vec8.h"
+#include "cuda/row_io.h"
 
 namespace mqc {
 namespace cuda {
 namespace {
 
-template <bool HALF>
-__device__ __forceinline__ float load_x(const void* x, int64_t i) {
-  if constexpr (HALF) return __half2float(static_cast<const __half*>(x)[i]);
-  else return static_cast<const float*>(x)[i];
+// The int8 code of value v of a row with RMS denominator denom: clip(rne(v / denom * gamma / s)), IEEE divisions.
+__device__ __forceinline__ int8_t norm_code(float v, float denom, float gamma, float s) {
+  const float r = rintf(__fdiv_rn(__fdiv_rn(v, denom) * gamma, s));
+  return static_cast<int8_t>(static_cast<int>(fminf(fmaxf(r, -128.f), 127.f)));
 }
 
 // One row per block and step: rows beyond the grid's cap are strided (launch_geometry.h).
@@ -44,10 +44,7 @@ __global__ void rmsnorm_quant_kernel(const void* x, int64_t rows, int64_t K, con
     const float denom = sqrtf(partial[0] / static_cast<float>(K) + eps);
     const float s = scale_of_token(act, mo, row);
     for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
-      const float v = load_x<HALF>(x, row * K + k);
-      float r = rintf(__fdiv_rn(__fdiv_rn(v, denom) * gamma[k], s));
-      r = fminf(fmaxf(r, -128.f), 127.f);
-      q[row * K + k] = static_cast<int8_t>(static_cast<int>(r));
+      q[row * K + k] = norm_code(load_x<HALF>(x, row * K + k), denom, gamma[k], s);
     }
     __syncthreads();  // the next row reuses partial
   }
@@ -97,11 +94,8 @@ __global__ void __launch_bounds__(256) rmsnorm_quant_vec_kernel(const void* x, i
       const float g[8] = {g0.x, g0.y, g0.z, g0.w, g1.x, g1.y, g1.z, g1.w};
       uint32_t packed[2] = {0u, 0u};
 #pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        float r = rintf(__fdiv_rn(__fdiv_rn(v[e], denom) * g[e], s));
-        r = fminf(fmaxf(r, -128.f), 127.f);
-        packed[e / 4] |= (static_cast<uint32_t>(static_cast<int>(r)) & 0xFFu) << (8 * (e % 4));
-      }
+      for (int e = 0; e < 8; ++e)
+        packed[e / 4] |= static_cast<uint32_t>(static_cast<uint8_t>(norm_code(v[e], denom, g[e], s))) << (8 * (e % 4));
       reinterpret_cast<uint2*>(q + row * K)[c] = make_uint2(packed[0], packed[1]);
     }
     __syncthreads();  // the next row reuses partial

@@ -41,14 +41,20 @@ __device__ __forceinline__ float row_scale_of(const QuantLinearParams& p, int64_
 
 // Block-wide max of |x| over row m's K quantized channels (blockDim a multiple of 32). It compares the magnitude
 // bits as unsigned integers, the numeric order of non-NaN floats, as the CPU kernels do.
+// Element idx of a float X (KIND 0: fp32, 1: fp16).
+template <int KIND>
+__device__ __forceinline__ float x_value(const QuantLinearParams& p, int64_t idx) {
+  if constexpr (KIND == 0) return static_cast<const float*>(p.x)[idx];
+  else return __half2float(static_cast<const __half*>(p.x)[idx]);
+}
+
 template <int KIND>
 __device__ float row_absmax(const QuantLinearParams& p, int64_t m) {
   __shared__ unsigned warp_top[32];
   unsigned top = 0;
   for (int64_t k = threadIdx.x; k < p.K; k += blockDim.x) {
     const int64_t idx = m * p.Kx + p.col0 + k;
-    const float v =
-        KIND == 0 ? static_cast<const float*>(p.x)[idx] : __half2float(static_cast<const __half*>(p.x)[idx]);
+    const float v = x_value<KIND>(p, idx);
     top = max(top, __float_as_uint(v) & 0x7FFFFFFFu);
   }
   top = __reduce_max_sync(0xFFFFFFFFu, top);
@@ -87,8 +93,7 @@ __global__ void quantize_kernel(QuantLinearParams p, int8_t* A, float* row_scale
         if (KIND == 2) {
           q = static_cast<const int8_t*>(p.x)[idx];
         } else {
-          const float v =
-              KIND == 0 ? static_cast<const float*>(p.x)[idx] : __half2float(static_cast<const __half*>(p.x)[idx]);
+          const float v = x_value<KIND>(p, idx);
           float r = rintf(__fdiv_rn(v, s));  // IEEE division and half-to-even, as onnxruntime's QuantizeLinear
           r = fminf(fmaxf(r, -128.f), 127.f);
           q = static_cast<int8_t>(static_cast<int>(r));
@@ -521,6 +526,10 @@ __global__ void __launch_bounds__(256) gemv_mma_kernel(QuantLinearParams p, cons
   }
 }
 
+// CMC's T = X @ lowrank_a: a shared-memory tiled fp32 GEMM, one 64-token x 64-rank tile and one split of K per block
+// (launch_geometry.h), each thread 4 x 4 outputs (tokens ty + 16 i, ranks tx + 16 j: conflict-free reads), k in
+// steps of 32 in a fixed order. Writes T itself when K is not split, else the split's partial T [split][M][rank].
+// The correction applies to non-text tokens (their X is read as 0 otherwise); without modality inputs, to every one.
 template <int KIND>
 __global__ void __launch_bounds__(256) lowrank_t_kernel(QuantLinearParams p, float* out, int64_t splits) {
   constexpr int kTile = static_cast<int>(kLowRankTile), kStep = 32;
@@ -547,8 +556,7 @@ __global__ void __launch_bounds__(256) lowrank_t_kernel(QuantLinearParams p, flo
         const int64_t k = k0 + kk;
         float v = 0.f;
         if (on[t] && k < k_end) {
-          const int64_t idx = (m0 + t) * p.Kx + p.col0 + k;
-          v = KIND == 0 ? static_cast<const float*>(p.x)[idx] : __half2float(static_cast<const __half*>(p.x)[idx]);
+          v = x_value<KIND>(p, (m0 + t) * p.Kx + p.col0 + k);
         }
         xs[kk][t] = v;
         const int ka = e / kTile, r = e % kTile;
@@ -615,10 +623,7 @@ __global__ void branches_kernel(QuantLinearParams p, const float* T) {
     for (int t = 0; t < kRows; ++t) {
       if (t >= rows) break;
       if (p.side_row) {
-        const int64_t idx = (m0 + t) * p.Kx;
-        const float x0 =
-            KIND == 0 ? static_cast<const float*>(p.x)[idx] : __half2float(static_cast<const __half*>(p.x)[idx]);
-        y[t] += x0 * p.side_row[n];
+        y[t] += x_value<KIND>(p, (m0 + t) * p.Kx) * p.side_row[n];
       }
       store_out(Y, (m0 + t) * p.N + n, y[t]);
     }
@@ -698,7 +703,7 @@ int quant_linear(const QuantLinearParams& p, void* workspace, void* stream) {
     if (p.rank) {
       const int64_t splits = lowrank_k_splits(p.M, p.K, p.rank);
       float* parts = splits > 1 ? reinterpret_cast<float*>(reinterpret_cast<char*>(T) + align256(p.M * p.rank * 4)) : T;
-      const dim3 lowrank = dims(lowrank_grid(p.M, p.K, p.rank));
+      const dim3 lowrank = dims(column_row_grid(lowrank_tiles(p.M, p.rank), splits));
       if (p.x_kind == 0) lowrank_t_kernel<0><<<lowrank, 256, 0, st>>>(p, parts, splits);
       else lowrank_t_kernel<1><<<lowrank, 256, 0, st>>>(p, parts, splits);
       if (splits > 1) {

@@ -1,12 +1,20 @@
-// Eight consecutive fp16 or fp32 values as 16-byte words (one of 8 fp16, two of 4 fp32): the vector loads of the
-// row kernels (Hadamard's first pass, RMSNorm+quant's register kernel).
+// Loads of the row kernels (Hadamard, RMSNorm+quant) from fp16 or fp32 rows: one value, or eight consecutive ones
+// as 16-byte words (one of 8 fp16, two of 4 fp32).
 #pragma once
 
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cstdint>
+
 namespace mqc {
 namespace cuda {
+
+template <bool HALF>
+__device__ __forceinline__ float load_x(const void* x, int64_t i) {
+  if constexpr (HALF) return __half2float(static_cast<const __half*>(x)[i]);
+  else return static_cast<const float*>(x)[i];
+}
 
 template <bool HALF>
 constexpr int kVec8Words = HALF ? 1 : 2;
